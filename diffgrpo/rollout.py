@@ -1,0 +1,173 @@
+"""Group rollouts: G stochastic sampling chains per condition that share their initial noise.
+
+Why: GRPO compares samples *within* a group, so the members of a group must differ only through
+the stochastic steps (and, optionally, a perturbed condition), never through x_T; and different
+groups, on this process or on another, must not share noise (a classic multi-GPU bug). Groups
+are identified by an explicit integer id, never by the content of their condition.
+
+Every chain runs the same K steps; we record x_T..x_0, the log-probability of each step under
+the sampling (old) policy, and each step's x0 prediction (used by tasks for hard negatives).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from diffgrpo.config import SamplerConfig
+from diffgrpo.sde import step_with_logprob
+
+ModelFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""(x_t (N, *S), t (N,), cond (N, ...)) -> model output (N, *S)."""
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """A batch of N = B x G sampling chains over K steps; sample shape S."""
+
+    states: Tensor
+    """(N, K+1, *S) x_T, ..., x_0 (the chain's states in sampling order)."""
+    timesteps: Tensor
+    """(K+1,) the timestep of each state; step k goes from timesteps[k] to timesteps[k+1]."""
+    log_probs: Tensor
+    """(N, K) float32 log pi_old(x_{k+1} | x_k, c); 0 for deterministic steps."""
+    x0_preds: Tensor
+    """(N, K, *S) the model's x0 estimate at each step."""
+    is_stochastic: Tensor
+    """(K,) bool: steps with std > 0; only these carry a density and enter the loss."""
+    group_ids: Tensor
+    """(N,) long: members of one group share an id and their initial noise."""
+    cond: Tensor
+    """(N, ...) the model conditioning each chain used (after any perturbation)."""
+
+    @property
+    def samples(self) -> Tensor:
+        """(N, *S) the final samples x_0."""
+        return self.states[:, -1]
+
+    @property
+    def num_steps(self) -> int:
+        return self.log_probs.shape[1]
+
+
+def make_generator(seed: int, *stream: int | str, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch.Generator seeded from (seed, *stream), e.g. (seed, "rollout", process_index).
+
+    Why: every random draw in diffgrpo comes from an explicit generator, so runs are reproducible
+    and processes get independent streams by passing their index.
+    """
+    key = ":".join(str(part) for part in (seed, *stream)).encode()
+    derived = int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(derived)
+    return generator
+
+
+def group_ids_for(num_conditions: int, group_size: int, *, offset: int = 0, device=None) -> Tensor:
+    """(B*G,) ids [o, o, ..., o+1, o+1, ...]: members of condition b get id offset + b.
+
+    Use ``offset = (iteration * num_processes + process_index) * num_conditions`` for ids that are
+    unique across processes and iterations.
+    """
+    return torch.arange(num_conditions, device=device).repeat_interleave(group_size) + offset
+
+
+def shared_initial_noise(group_ids: Tensor, sample_shape: tuple[int, ...], generator: torch.Generator,
+                         dtype: torch.dtype = torch.float32) -> Tensor:
+    """x_T for every chain: one standard normal draw per distinct group id, copied to its members."""
+    unique_ids, member_to_group = torch.unique(group_ids, return_inverse=True)
+    noise = torch.randn((len(unique_ids), *sample_shape), generator=generator,
+                        device=generator.device, dtype=dtype)  # (num_groups, *S)
+    return noise[member_to_group.to(noise.device)]  # (N, *S)
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+@torch.no_grad()
+def rollout(
+    model_fn: ModelFn,
+    scheduler,
+    cond: Tensor,
+    group_ids: Tensor,
+    timesteps: Tensor,
+    sample_shape: tuple[int, ...],
+    *,
+    generator: torch.Generator,
+    sampler: SamplerConfig,
+    micro_batch_size: int | None = None,
+) -> Trajectory:
+    """Sample N chains (N = len(group_ids)) with group-shared initial noise.
+
+    ``micro_batch_size`` splits the N chains into fixed chunks for the network call; the policy
+    update re-scores with the same chunks so that the network sees identical batches and the
+    on-policy importance ratio is exactly 1.
+    """
+    n = group_ids.shape[0]
+    if cond.shape[0] != n:
+        raise ValueError(f"cond has {cond.shape[0]} rows but group_ids has {n}; expand the conditions "
+                         "to one row per group member (diffgrpo.task.repeat_batch) before rollout.")
+    timesteps = torch.as_tensor(timesteps)
+    if timesteps.ndim != 1 or len(timesteps) < 2:
+        raise ValueError(f"timesteps must be a 1-D sequence of K+1 >= 2 values, got shape {tuple(timesteps.shape)}")
+    device = cond.device
+    x = shared_initial_noise(group_ids, sample_shape, generator).to(device)
+    states, log_probs, x0_preds, stochastic = [x], [], [], []
+    chunks = _chunks(n, micro_batch_size or n)
+    for k in range(len(timesteps) - 1):
+        t = timesteps[k].to(device).expand(n)
+        t_next = timesteps[k + 1].to(device).expand(n)
+        outputs = []
+        for part in chunks:
+            out = model_fn(x[part], t[part], cond[part])
+            outputs.append(step_with_logprob(
+                scheduler, out, t[part], x[part], eta=sampler.eta, generator=generator,
+                next_timestep=t_next[part], method=sampler.method,
+                log_prob_reduction=sampler.log_prob_reduction,
+                egoallo_denominator_offset=sampler.egoallo_denominator_offset,
+            ))
+        x = torch.cat([o.prev_sample for o in outputs]).to(x.dtype)
+        states.append(x)
+        log_probs.append(torch.cat([o.log_prob for o in outputs]))
+        x0_preds.append(torch.cat([o.x0_pred for o in outputs]))
+        stochastic.append(bool(torch.cat([o.is_stochastic for o in outputs]).all()))
+    return Trajectory(
+        states=torch.stack(states, dim=1),
+        timesteps=timesteps.to(device),
+        log_probs=torch.stack(log_probs, dim=1).float(),
+        x0_preds=torch.stack(x0_preds, dim=1),
+        is_stochastic=torch.tensor(stochastic, device=device),
+        group_ids=group_ids.to(device),
+        cond=cond,
+    )
+
+
+def score_step(
+    model_fn: ModelFn,
+    scheduler,
+    trajectory: Trajectory,
+    step: int,
+    rows: slice,
+    *,
+    sampler: SamplerConfig,
+):
+    """Re-score step ``step`` of chains ``rows`` under the current model (with gradients).
+
+    Returns the StepOutput whose ``log_prob`` (rows,) is log pi_theta(x_{k+1} | x_k, c) of the
+    recorded transition. Pure in (x_k, t_k, t_{k+1}): no scheduler counters are touched.
+    """
+    x_t = trajectory.states[rows, step]
+    n = x_t.shape[0]
+    t = trajectory.timesteps[step].expand(n)
+    t_next = trajectory.timesteps[step + 1].expand(n)
+    out = model_fn(x_t, t, trajectory.cond[rows])
+    return step_with_logprob(
+        scheduler, out, t, x_t, eta=sampler.eta, prev_sample=trajectory.states[rows, step + 1],
+        next_timestep=t_next, method=sampler.method, log_prob_reduction=sampler.log_prob_reduction,
+        egoallo_denominator_offset=sampler.egoallo_denominator_offset,
+    )
