@@ -53,8 +53,15 @@ SMPLH_NUM_VERTICES = 6890
 # Eye vertices of the real SMPL-H mesh (right eye 6260/6262, left eye 2800/2802); the CPF is
 # their mean, following EgoAllo's convention.
 SMPLH_EYE_VERTEX_IDS: tuple[int, ...] = (6260, 6262, 2800, 2802)
-REQUIRED_KEYS: tuple[str, ...] = ("v_template", "shapedirs", "posedirs", "J_regressor", "weights",
-                                  "kintree_table", "f")
+REQUIRED_KEYS: tuple[str, ...] = (
+    "v_template",
+    "shapedirs",
+    "posedirs",
+    "J_regressor",
+    "weights",
+    "kintree_table",
+    "f",
+)
 CPF_OFFSET_KEY = "cpf_offset_head"
 ENV_BODY_MODEL_PATH = "DIFFGRPO_SMPLH_PATH"
 BUNDLED_BODY_MODEL = Path(__file__).resolve().parent / "assets" / "smplh_cmu_skeleton.npz"
@@ -99,18 +106,24 @@ class JointPoses:
 
 def _read_model_file(path: Path) -> dict[str, np.ndarray]:
     if not path.exists():
-        raise FileNotFoundError(f"SMPL-H body model not found at {path}. {SMPLH_DOWNLOAD_HINT} "
-                                f"Point ${ENV_BODY_MODEL_PATH} or the `path` argument at the file.")
+        raise FileNotFoundError(
+            f"SMPL-H body model not found at {path}. {SMPLH_DOWNLOAD_HINT} "
+            f"Point ${ENV_BODY_MODEL_PATH} or the `path` argument at the file."
+        )
     with np.load(path, allow_pickle=False) as npz:
         data = {k: npz[k] for k in npz.files}
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if missing:
-        raise KeyError(f"{path} is not an SMPL-H .npz: missing keys {missing} (has {sorted(data)}). "
-                       f"Expected the keys of the 'Extended SMPL+H model' npz: {list(REQUIRED_KEYS)}.")
+        raise KeyError(
+            f"{path} is not an SMPL-H .npz: missing keys {missing} (has {sorted(data)}). "
+            f"Expected the keys of the 'Extended SMPL+H model' npz: {list(REQUIRED_KEYS)}."
+        )
     parents = tuple(int(p) for p in data["kintree_table"][0][1:])
     if data["J_regressor"].shape[0] != NUM_JOINTS or parents != SMPLH_PARENTS[1:]:
-        raise ValueError(f"{path}: kinematic tree with {data['J_regressor'].shape[0]} joints does not "
-                         f"match SMPL-H's 52-joint tree; is this an SMPL or SMPL-X file instead of SMPL-H?")
+        raise ValueError(
+            f"{path}: kinematic tree with {data['J_regressor'].shape[0]} joints does not "
+            f"match SMPL-H's 52-joint tree; is this an SMPL or SMPL-X file instead of SMPL-H?"
+        )
     return data
 
 
@@ -134,8 +147,17 @@ def _smplx_layer(data: dict[str, np.ndarray], path: Path, dtype: torch.dtype) ->
     if data["v_template"].shape[0] != SMPLH_NUM_VERTICES:
         names = smplx.vertex_ids.vertex_ids["smplh"].keys()
         kwargs = dict(vertex_ids={name: 0 for name in names}, use_feet_keypoints=False, use_hands=False)
-    return layer_cls(model_path=str(path), data_struct=Struct(**fields), num_betas=num_betas, use_pca=False,
-                     flat_hand_mean=True, gender="neutral", dtype=dtype, batch_size=1, **kwargs)
+    return layer_cls(
+        model_path=str(path),
+        data_struct=Struct(**fields),
+        num_betas=num_betas,
+        use_pca=False,
+        flat_hand_mean=True,
+        gender="neutral",
+        dtype=dtype,
+        batch_size=1,
+        **kwargs,
+    )
 
 
 class BodyModel(torch.nn.Module):
@@ -172,8 +194,10 @@ class BodyModel(torch.nn.Module):
     # ---------------------------------------------------------------- shape
     def _check_betas(self, betas: Tensor) -> None:
         if betas.shape[-1] != self.num_betas:
-            raise ValueError(f"got betas with {betas.shape[-1]} coefficients, this body model ({self.source}) "
-                             f"has {self.num_betas}; pad or truncate the betas to {self.num_betas}.")
+            raise ValueError(
+                f"got betas with {betas.shape[-1]} coefficients, this body model ({self.source}) "
+                f"has {self.num_betas}; pad or truncate the betas to {self.num_betas}."
+            )
 
     def shaped_joints(self, betas: Tensor) -> Tensor:
         """Rest (zero-pose) joint positions in the model frame, metres: (..., B) -> (..., 52, 3)."""
@@ -186,7 +210,9 @@ class BodyModel(torch.nn.Module):
             t = self.cpf_template
         else:
             self._check_betas(betas)
-            t = self.cpf_template + torch.einsum("cb,...b->...c", self.cpf_shapedirs, betas.to(self.cpf_template))
+            t = self.cpf_template + torch.einsum(
+                "cb,...b->...c", self.cpf_shapedirs, betas.to(self.cpf_template)
+            )
         eye = torch.eye(3, dtype=t.dtype, device=t.device).expand(*t.shape[:-1], 3, 3)
         return make_transform(eye, t)
 
@@ -202,9 +228,14 @@ class BodyModel(torch.nn.Module):
 
     def _full_rotmats(self, local_rotmats: Tensor) -> Tensor:
         n = local_rotmats.shape[-3]
-        if local_rotmats.shape[-2:] != (3, 3) or n not in (NUM_BODY_JOINTS, NUM_BODY_JOINTS + NUM_HAND_JOINTS):
-            raise ValueError(f"local_rotmats must be (..., 21, 3, 3) (body) or (..., 51, 3, 3) (body + hands), "
-                             f"got {tuple(local_rotmats.shape)}.")
+        if local_rotmats.shape[-2:] != (3, 3) or n not in (
+            NUM_BODY_JOINTS,
+            NUM_BODY_JOINTS + NUM_HAND_JOINTS,
+        ):
+            raise ValueError(
+                f"local_rotmats must be (..., 21, 3, 3) (body) or (..., 51, 3, 3) (body + hands), "
+                f"got {tuple(local_rotmats.shape)}."
+            )
         if n == NUM_BODY_JOINTS:  # zero-pose (identity) hands
             eye = torch.eye(3, dtype=local_rotmats.dtype, device=local_rotmats.device)
             hands = eye.expand(*local_rotmats.shape[:-3], NUM_HAND_JOINTS, 3, 3)
@@ -232,8 +263,9 @@ class BodyModel(torch.nn.Module):
         L = self._full_rotmats(local_rotmats)
         J = self._joints(betas, shaped_joints).to(L)
         offsets = J - J[..., list((0, *SMPLH_PARENTS[1:])), :]  # (..., 52, 3); row 0 unused
-        batch = torch.broadcast_shapes(L.shape[:-3], J.shape[:-2],
-                                       () if T_world_root is None else T_world_root.shape[:-2])
+        batch = torch.broadcast_shapes(
+            L.shape[:-3], J.shape[:-2], () if T_world_root is None else T_world_root.shape[:-2]
+        )
         if T_world_root is None:
             R0 = torch.eye(3, dtype=L.dtype, device=L.device).expand(*batch, 3, 3)
             t0 = torch.zeros(*batch, 3, dtype=L.dtype, device=L.device)
@@ -257,7 +289,7 @@ class BodyModel(torch.nn.Module):
         return JointPoses(R_world_joint=torch.stack(R, dim=-3), t_world_joint=torch.stack(t, dim=-2))
 
     def T_root_head(self, body_rotmats: Tensor, betas: Tensor) -> Tensor:
-        """Head joint pose relative to the pelvis frame (identity root): (..., >=21, 3, 3), (..., B) -> (..., 4, 4).
+        """Head joint pose in the pelvis frame (identity root): (..., 21|51, 3, 3), (..., B) -> (..., 4, 4).
 
         Only the pelvis-to-head chain (spine1, spine2, spine3, neck, head) is evaluated.
         """
@@ -277,7 +309,7 @@ class BodyModel(torch.nn.Module):
         return make_transform(R.expand(*batch, 3, 3), t.expand(*batch, 3))
 
     def T_world_cpf_from_root(self, T_world_root: Tensor, body_rotmats: Tensor, betas: Tensor) -> Tensor:
-        """Headset pose from the body: T_world_cpf = T_world_root @ T_root_head @ T_head_cpf. -> (..., 4, 4)."""
+        """Headset pose from the body, (..., 4, 4): T_world_cpf = T_world_root @ T_root_head @ T_head_cpf."""
         return T_world_root @ self.T_root_head(body_rotmats, betas) @ self.T_head_cpf(betas)
 
     def root_from_cpf(self, T_world_cpf: Tensor, body_rotmats: Tensor, betas: Tensor) -> Tensor:
@@ -285,11 +317,14 @@ class BodyModel(torch.nn.Module):
 
         T_world_root = T_world_cpf @ inv(T_head_cpf) @ inv(T_root_head).
         """
-        return (T_world_cpf @ invert_transform(self.T_head_cpf(betas))
-                @ invert_transform(self.T_root_head(body_rotmats, betas)))
+        return (
+            T_world_cpf
+            @ invert_transform(self.T_head_cpf(betas))
+            @ invert_transform(self.T_root_head(body_rotmats, betas))
+        )
 
     def T_world_root_from_amass(self, root_orient_rotmat: Tensor, trans: Tensor, betas: Tensor) -> Tensor:
-        """AMASS (root_orient, trans) -> pelvis pose: [R | trans + J_0(betas)]. (..., 3, 3), (..., 3), (..., B)."""
+        """AMASS (root_orient (..., 3, 3), trans (..., 3)) -> pelvis pose [R | trans + J_0(betas)]."""
         return make_transform(root_orient_rotmat, trans + self.shaped_joints(betas)[..., 0, :])
 
     def amass_trans_from_root(self, T_world_root: Tensor, betas: Tensor) -> Tensor:
@@ -297,8 +332,12 @@ class BodyModel(torch.nn.Module):
         return T_world_root[..., :3, 3] - self.shaped_joints(betas)[..., 0, :]
 
 
-def load_body_model(path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu") -> BodyModel:
+def load_body_model(
+    path: str | os.PathLike | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> BodyModel:
     """Load an SMPL-H ``.npz`` (real or bundled) as a :class:`BodyModel`.
 
     path: file to load; default :func:`default_body_model_path` ($DIFFGRPO_SMPLH_PATH or bundled).
@@ -310,11 +349,17 @@ def load_body_model(path: str | os.PathLike | None = None, *, dtype: torch.dtype
     layer = _smplx_layer(data, path, dtype)
     cpf = data.get(CPF_OFFSET_KEY)
     if cpf is None and data["v_template"].shape[0] != SMPLH_NUM_VERTICES:
-        raise KeyError(f"{path}: a {data['v_template'].shape[0]}-vertex model needs a '{CPF_OFFSET_KEY}' key "
-                       f"(3,) with the eye midpoint relative to the head joint; only the 6,890-vertex SMPL-H "
-                       f"mesh has known eye vertices.")
-    logger.debug("loaded SMPL-H body model %s (%d vertices, %d betas)", path, data["v_template"].shape[0],
-                 layer.num_betas)
+        raise KeyError(
+            f"{path}: a {data['v_template'].shape[0]}-vertex model needs a '{CPF_OFFSET_KEY}' key "
+            f"(3,) with the eye midpoint relative to the head joint; only the 6,890-vertex SMPL-H "
+            f"mesh has known eye vertices."
+        )
+    logger.debug(
+        "loaded SMPL-H body model %s (%d vertices, %d betas)",
+        path,
+        data["v_template"].shape[0],
+        layer.num_betas,
+    )
     return BodyModel(layer, cpf, path).to(device)
 
 

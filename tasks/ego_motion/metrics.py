@@ -142,7 +142,7 @@ def umeyama_similarity(
 
 def mpjpe(
     pred_joints: Float[Tensor, "B T 22 3"], gt_joints: Float[Tensor, "B T 22 3"]
-) -> Float[Tensor, "B"]:
+) -> Float[Tensor, " B"]:
     """Mean per-joint position error in mm: mean over frames and the 22 joints of ||pred - gt||.
 
     No alignment: the root comes from the head, so global errors are part of the task.
@@ -157,7 +157,7 @@ def pa_mpjpe(
     pred_joints: Float[Tensor, "B T 22 3"],
     gt_joints: Float[Tensor, "B T 22 3"],
     direction: Literal["pred_to_gt", "gt_to_pred"] = "pred_to_gt",
-) -> Float[Tensor, "B"]:
+) -> Float[Tensor, " B"]:
     """Procrustes-aligned MPJPE in mm: per-frame similarity alignment over the 22 joints, then MPJPE.
 
     Why: separates the body pose error from the global rotation/translation/scale error.
@@ -184,7 +184,7 @@ def pa_mpjpe(
 
 def mpjve(
     pred_joints: Float[Tensor, "B T 22 3"], gt_joints: Float[Tensor, "B T 22 3"], fps: float
-) -> Float[Tensor, "B"]:
+) -> Float[Tensor, " B"]:
     """Mean per-joint velocity error in mm/s.
 
     Velocities are forward differences (x[t+1] - x[t]) * fps, giving T - 1 per joint; the error
@@ -201,7 +201,7 @@ def mpjve(
 
 def mpjre(
     pred_local_R: Float[Tensor, "B T 21 3 3"], gt_local_R: Float[Tensor, "B T 21 3 3"]
-) -> Float[Tensor, "B"]:
+) -> Float[Tensor, " B"]:
     """Mean per-joint rotation error in degrees: geodesic angle of R_gt^T R_pred, over 21 joints.
 
     Inputs are local (parent-relative) rotation matrices of the 21 body joints, pelvis excluded
@@ -220,7 +220,7 @@ def mpjre(
 
 def head_position_error(
     pred_head_positions: Float[Tensor, "B T 3"], gt_head_positions: Float[Tensor, "B T 3"]
-) -> Float[Tensor, "B"]:
+) -> Float[Tensor, " B"]:
     """Mean head position error in mm over frames.
 
     Why: the root is recovered from the head, so a body whose head misses the input head shows
@@ -241,7 +241,7 @@ def head_position_error(
 
 def head_orientation_error(
     pred_R_world_head: Float[Tensor, "B T 3 3"], gt_R_world_head: Float[Tensor, "B T 3 3"]
-) -> Float[Tensor, "B"]:
+) -> Float[Tensor, " B"]:
     """Mean head orientation error in degrees: geodesic angle of R_gt^T R_pred, mean over frames.
 
     Inputs are world-frame rotations of the same head frame for both (the head joint's global
@@ -263,7 +263,7 @@ def head_orientation_error(
 # Physical plausibility of the prediction alone
 
 
-def jitter(joints: Float[Tensor, "B T 22 3"], fps: float) -> Float[Tensor, "B"]:
+def jitter(joints: Float[Tensor, "B T 22 3"], fps: float) -> Float[Tensor, " B"]:
     """Mean jerk magnitude in m/s^3 (SI, no scale factor): mean over T-3 frames and 22 joints.
 
     Jerk is the third forward difference (x[t+3] - 3 x[t+2] + 3 x[t+1] - x[t]) * fps^3, which is
@@ -276,7 +276,7 @@ def jitter(joints: Float[Tensor, "B T 22 3"], fps: float) -> Float[Tensor, "B"]:
     return jerk.norm(dim=-1).mean(dim=(1, 2))
 
 
-def ground_penetration(joints: Float[Tensor, "B T 22 3"]) -> Float[Tensor, "B"]:
+def ground_penetration(joints: Float[Tensor, "B T 22 3"]) -> Float[Tensor, " B"]:
     """Mean penetration depth of the feet below the floor z = 0, in metres.
 
     GP = mean over all T frames and the 4 foot joints (``FOOT_JOINTS``: ankles, toes) of
@@ -289,7 +289,7 @@ def ground_penetration(joints: Float[Tensor, "B T 22 3"]) -> Float[Tensor, "B"]:
     return (-feet_z).clamp_min(0.0).mean(dim=(1, 2))
 
 
-def foot_skating(joints: Float[Tensor, "B T 22 3"]) -> Float[Tensor, "B"]:
+def foot_skating(joints: Float[Tensor, "B T 22 3"]) -> Float[Tensor, " B"]:
     """Foot skating in metres: height-weighted horizontal foot travel, summed over time and feet.
 
     Why: a foot near the floor should not slide. Steps:

@@ -13,8 +13,11 @@ The network predicts the flow-matching velocity v = noise - x0 at timestep t = s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
+import torch
 from diffusers import UNet2DModel
 
 CONDITION_CHANNELS = 3
@@ -37,25 +40,33 @@ class ShapesModelConfig:
 
     def __post_init__(self) -> None:
         if not self.block_out_channels:
-            raise ValueError("block_out_channels is empty; pass at least one level, e.g. --model.block-out-channels 32 64")
+            raise ValueError("block_out_channels is empty; pass at least one level, "
+                             "e.g. --model.block-out-channels 32 64")
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
-            raise ValueError(f"block_out_channels {bad} are not divisible by norm_num_groups={self.norm_num_groups}; "
-                             "change --model.norm-num-groups or the channel counts.")
+            raise ValueError(f"block_out_channels {bad} are not divisible by "
+                             f"norm_num_groups={self.norm_num_groups}; change --model.norm-num-groups "
+                             "or the channel counts.")
         if self.layers_per_block < 1:
             raise ValueError(f"layers_per_block must be >= 1, got {self.layers_per_block}")
 
 
-def build_model(cfg: ShapesModelConfig, image_size_px: int = 16) -> UNet2DModel:
+def build_model(cfg: ShapesModelConfig, image_size_px: int = 16, seed: int | None = None) -> UNet2DModel:
     """A freshly initialised UNet taking (N, 4, S, S) inputs and returning (N, 1, S, S) velocities.
 
     Each extra level halves the resolution, so ``image_size_px`` must be divisible by
-    2 ** (len(block_out_channels) - 1).
+    2 ** (len(block_out_channels) - 1). ``seed`` makes the initial weights reproducible without
+    touching the global RNG (diffusers initialises from it and takes no generator); None draws
+    them from the global RNG as usual.
     """
     levels = len(cfg.block_out_channels)
     if image_size_px % (2 ** (levels - 1)):
         raise ValueError(f"image_size_px={image_size_px} cannot be halved {levels - 1} times; use fewer "
                          "--model.block-out-channels levels or a power-of-two image size.")
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build_model(cfg, image_size_px)
     return UNet2DModel(
         sample_size=image_size_px,
         in_channels=1 + CONDITION_CHANNELS,
@@ -70,6 +81,35 @@ def build_model(cfg: ShapesModelConfig, image_size_px: int = 16) -> UNet2DModel:
     )
 
 
-def load_model(path: str) -> UNet2DModel:
-    """Load a UNet written by ``save_pretrained`` (config.json + safetensors weights)."""
-    return UNet2DModel.from_pretrained(path)
+TASK_CONFIG_FILE = "shapes_task.json"
+"""Written beside the weights: the task settings the prior was trained for (image size, radii)."""
+
+
+def save_prior(model: UNet2DModel, task_config: object, output_dir: str | Path) -> Path:
+    """Write the UNet (config.json + diffusion_pytorch_model.safetensors) and the task config.
+
+    ``task_config`` is a :class:`tasks.shapes.task.ShapesTaskConfig` (typed loosely here to keep
+    imports one-way: task.py does not import the model and vice versa).
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir, safe_serialization=True)
+    (output_dir / TASK_CONFIG_FILE).write_text(json.dumps(asdict(task_config), indent=2))
+    return output_dir
+
+
+def load_prior(output_dir: str | Path) -> tuple[UNet2DModel, dict]:
+    """The UNet saved by :func:`save_prior` and its task config as a dict of keyword arguments.
+
+    Build the matching task with ``ShapesTask(ShapesTaskConfig(**kwargs))`` (the JSON list of
+    radii is turned back into a tuple here).
+    """
+    output_dir = Path(output_dir)
+    if not (output_dir / "config.json").exists():
+        raise FileNotFoundError(f"no shapes prior in {output_dir} (config.json missing); train one with "
+                                f"`python recipes/pretrain_shapes.py --output-dir {output_dir}`.")
+    model = UNet2DModel.from_pretrained(output_dir)
+    task_kwargs = json.loads((output_dir / TASK_CONFIG_FILE).read_text())
+    if "radius_range_px" in task_kwargs:
+        task_kwargs["radius_range_px"] = tuple(task_kwargs["radius_range_px"])
+    return model, task_kwargs

@@ -25,6 +25,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from torch import Tensor, nn
 
+from diffgrpo.config import SamplerConfig
+from diffgrpo.rollout import group_ids_for, rollout
 from diffgrpo.task import Batch
 from tasks.shapes.rewards import centroid_error_px, image_to_mask, mask_area_px2, soft_iou
 
@@ -59,12 +61,14 @@ class ShapesTaskConfig:
                              "fix --task.radius-range-px.")
         if 2 * (r_max + 0.5) > self.image_size_px:
             raise ValueError(f"a disc of radius {r_max} px (plus its half-pixel soft edge) does not fit in "
-                             f"{self.image_size_px} px; lower --task.radius-range-px or raise --task.image-size-px.")
+                             f"{self.image_size_px} px; lower --task.radius-range-px or raise "
+                             "--task.image-size-px.")
         if self.train_seed == self.test_seed:
-            raise ValueError(f"train_seed and test_seed are both {self.train_seed}: the splits would coincide; "
-                             "pass a different --task.test-seed.")
+            raise ValueError(f"train_seed and test_seed are both {self.train_seed}: the splits would "
+                             "coincide; pass a different --task.test-seed.")
         if self.num_train < 1 or self.num_test < 1:
-            raise ValueError(f"splits must be non-empty, got num_train={self.num_train}, num_test={self.num_test}")
+            raise ValueError(f"splits must be non-empty, got num_train={self.num_train}, "
+                             f"num_test={self.num_test}; fix --task.num-train / --task.num-test.")
         if self.num_sampling_steps < 1:
             raise ValueError(f"num_sampling_steps must be >= 1, got {self.num_sampling_steps}")
 
@@ -95,8 +99,8 @@ def render_disc_mask(cond_px: Tensor, image_size_px: int) -> Tensor:
     """Anti-aliased coverage (B, S, S) in [0, 1] of discs (B, 3) = (cx, cy, r) in pixels.
 
     Each pixel's coverage is clamp(r + 0.5 - d, 0, 1) with d the distance from its centre to
-    (cx, cy): a one-pixel linear ramp across the edge. Its area is pi r^2 and its centroid is
-    (cx, cy) up to a few hundredths of a pixel for r >= 2.
+    (cx, cy): a one-pixel linear ramp across the edge. For r >= 2 its area is pi r^2 within 5 %
+    (1 % on average) and its centroid is (cx, cy) within 0.05 px.
     """
     x, y = pixel_centres(image_size_px, device=cond_px.device, dtype=cond_px.dtype)
     cx, cy, r = (cond_px[:, k, None, None] for k in range(3))
@@ -168,8 +172,8 @@ class ShapesTask:
 
     def with_raw_condition(self, batch: Batch, raw: Tensor) -> Batch:
         if raw.shape != batch["cond_px"].shape:
-            raise ValueError(f"raw condition has shape {tuple(raw.shape)}, expected {tuple(batch['cond_px'].shape)} "
-                             "(B, 1, 3); perturbers must keep the shape.")
+            raise ValueError(f"raw condition has shape {tuple(raw.shape)}, expected "
+                             f"{tuple(batch['cond_px'].shape)} (B, 1, 3); perturbers must keep the shape.")
         return {**batch, "cond_px": raw}
 
     def encode_condition(self, batch: Batch) -> Tensor:
@@ -180,19 +184,20 @@ class ShapesTask:
     def predict(self, model: nn.Module, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         """Velocity (N, 1, S, S) for x_t (N, 1, S, S) at t (N,) with condition maps (N, 3, S, S)."""
         if x_t.shape[1:] != self.sample_shape or cond.shape[0] != x_t.shape[0] or t.shape != x_t.shape[:1]:
-            raise ValueError(f"predict got x_t {tuple(x_t.shape)}, t {tuple(t.shape)}, cond {tuple(cond.shape)}; "
-                             f"expected (N, *{self.sample_shape}), (N,), (N, 3, S, S).")
+            raise ValueError(f"predict got x_t {tuple(x_t.shape)}, t {tuple(t.shape)}, "
+                             f"cond {tuple(cond.shape)}; expected (N, *{self.sample_shape}), (N,), "
+                             "(N, 3, S, S).")
         model_input = torch.cat([x_t, cond.to(x_t.dtype)], dim=1)  # (N, 4, S, S)
         return model(model_input, t).sample
 
     # -- outputs -----------------------------------------------------------------------------------
     def decode(self, x0: Tensor, batch: Batch) -> Mapping[str, Tensor]:
-        """``mask`` (N, S, S) in [0, 1] from samples (N, 1, S, S); ``target_mask`` likewise."""
-        return {"mask": image_to_mask(x0), "target_mask": image_to_mask(batch["target"])}
+        """``mask`` (N, S, S): the coverage in [0, 1] drawn by samples (N, 1, S, S)."""
+        return {"mask": image_to_mask(x0)}
 
     def evaluate(self, decoded: Mapping[str, Tensor], batch: Batch) -> dict[str, Tensor]:
         """Per-sample (N,) soft IoU, centroid error in pixels, area error in square pixels."""
-        mask, target = decoded["mask"], decoded["target_mask"]
+        mask, target = decoded["mask"], image_to_mask(batch["target"])
         return {
             "iou": soft_iou(mask, target),
             "centroid_error_px": centroid_error_px(mask, target),
@@ -214,3 +219,23 @@ def _seeded(seed: int) -> torch.Generator:
 def disc_area_px2(radius_px: Tensor) -> Tensor:
     """Exact area pi r^2 of a disc, the value the rendered coverage approximates."""
     return math.pi * radius_px**2
+
+
+@torch.no_grad()
+def sample_images(task: ShapesTask, model: nn.Module, batch: Batch, *, generator: torch.Generator,
+                  sampler: SamplerConfig, micro_batch_size: int | None = None) -> Tensor:
+    """Final samples (B, 1, S, S), one chain per example of ``batch``, run by ``diffgrpo.rollout``.
+
+    Why a helper: pretraining evaluation needs plain (ungrouped) sampling; it is a group size of
+    one in the core's rollout, so the chain is the very one GRPO will sample. ``sampler.eta = 0``
+    gives the deterministic flow ODE (Euler), ``eta > 0`` the flow SDE used for GRPO.
+    """
+    cond = task.encode_condition(batch)  # (B, 3, S, S)
+    group_ids = group_ids_for(cond.shape[0], 1, device=cond.device)
+    trajectory = rollout(
+        lambda x_t, t, c: task.predict(model, x_t, t, c), task.make_scheduler(), cond, group_ids,
+        task.sampling_timesteps(), task.sample_shape, generator=generator, sampler=sampler,
+        micro_batch_size=micro_batch_size,
+    )
+    return trajectory.samples
+

@@ -1,0 +1,67 @@
+"""Held-out evaluation: one seeded sample per condition, the task's metrics averaged.
+
+Why seeded: base and post-trained models are compared on the same conditions *and* the same
+initial noise, so the difference between them is the training, not the draw.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from diffgrpo.config import SamplerConfig
+from diffgrpo.rollout import make_generator, rollout
+from diffgrpo.task import Task
+
+
+@torch.no_grad()
+def evaluate(
+    task: Task,
+    model: nn.Module,
+    scheduler,
+    *,
+    split: str = "test",
+    sampler: SamplerConfig,
+    seed: int,
+    batch_size: int = 32,
+    max_examples: int | None = None,
+    accelerator=None,
+    autocast=contextlib.nullcontext,
+    progress: bool = True,
+) -> dict[str, Tensor]:
+    """Per-example metrics (num_examples,) for ``split``, gathered over processes.
+
+    Process r evaluates examples r, r + P, r + 2P, ...; each example's noise comes from a
+    generator seeded by (seed, example index), so results do not depend on the process count.
+    """
+    n_total = task.num_examples(split) if max_examples is None else min(max_examples, task.num_examples(split))
+    rank = accelerator.process_index if accelerator is not None else 0
+    world = accelerator.num_processes if accelerator is not None else 1
+    indices = torch.arange(rank, n_total, world)
+    device = accelerator.device if accelerator is not None else torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    per_metric: dict[str, list[Tensor]] = {}
+    batches = indices.split(batch_size)
+    for idx in tqdm(batches, desc=f"eval {split}", disable=not progress or rank != 0, leave=False):
+        batch = {k: v.to(device) for k, v in task.load_examples(split, idx).items()}
+        cond = task.encode_condition(batch)
+        samples = []
+        for j, example in enumerate(idx.tolist()):
+            gen = make_generator(seed, "eval", example, device=device)
+            with autocast():
+                traj = rollout(lambda x, t, c: task.predict(model, x, t, c), scheduler, cond[j : j + 1],
+                               torch.tensor([example], device=device), task.sampling_timesteps(), task.sample_shape,
+                               generator=gen, sampler=sampler)
+            samples.append(traj.samples)
+        decoded = task.decode(torch.cat(samples), batch)
+        for name, value in task.evaluate(decoded, batch).items():
+            per_metric.setdefault(name, []).append(value.float())
+    model.train(was_training)
+    out = {name: torch.cat(values) for name, values in per_metric.items()}
+    if accelerator is not None and world > 1:
+        out = {name: accelerator.gather_for_metrics(value) for name, value in out.items()}
+    return out

@@ -1,0 +1,259 @@
+"""GRPO surrogate over denoising steps (plain ratio or PPO clip) plus KL to a frozen reference.
+
+Why: the paper maximises J = (1/G) sum_i (1/n) sum_t ratio_{i,t} A_i over the n stochastic
+steps, ratio = pi_theta(x_{t-1} | x_t, c) / pi_old(x_{t-1} | x_t, c), without clipping or KL
+(method.md section 6, step 5); both are offered as options because other settings need them.
+
+Averaging: per sample over its trained steps, then over the samples that enter the loss
+(mask True). Samples with no trained step are left out of the sample mean. When nothing is
+selected (e.g. every group dropped as zero-std) the loss is an exact 0 that still carries a
+graph, so a training step can call backward() unconditionally.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+from typing_extensions import assert_never
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """GRPO objective options."""
+
+    clip_range: float | tuple[float, float] | None = None
+    """None: plain ratio * A (the paper). eps: PPO clip of the ratio to [1 - eps, 1 + eps].
+    (eps_low, eps_high): asymmetric clip to [1 - eps_low, 1 + eps_high]. The ratio's scale
+    depends on whether step log-probs are summed or averaged over dimensions; pick eps for one."""
+    kl_coef: float = 0.0
+    """Weight beta of the per-step KL to the reference, added to the loss (needs `kl`)."""
+
+    def __post_init__(self) -> None:
+        if self.clip_range is not None:
+            low, high = self.bounds()
+            if not (math.isfinite(low) and math.isfinite(high) and 0 <= low < 1 < high):
+                raise ValueError(
+                    f"clip_range={self.clip_range!r} gives ratio bounds [{low}, {high}]; expected "
+                    "0 <= 1 - eps_low < 1 < 1 + eps_high, i.e. eps (or each of eps_low, eps_high) in (0, 1]"
+                )
+        if not (math.isfinite(self.kl_coef) and self.kl_coef >= 0):
+            raise ValueError(f"kl_coef={self.kl_coef!r} must be finite and >= 0")
+
+    def bounds(self) -> tuple[float, float]:
+        """Ratio bounds (low, high) of the clip; (0, inf) without clipping."""
+        if self.clip_range is None:
+            return 0.0, math.inf
+        if isinstance(self.clip_range, tuple):
+            if len(self.clip_range) != 2:
+                raise ValueError(f"clip_range={self.clip_range!r} must be (eps_low, eps_high)")
+            eps_low, eps_high = self.clip_range
+        else:
+            eps_low = eps_high = self.clip_range
+        return 1.0 - float(eps_low), 1.0 + float(eps_high)
+
+
+@dataclass(frozen=True)
+class LossStats:
+    """Detached 0-dim diagnostics over the (sample, step) terms that entered the loss."""
+
+    loss: Tensor
+    ratio_mean: Tensor
+    ratio_max_dev: Tensor
+    """max |ratio - 1|: should be 0 (to float32 rounding) on the first update after sampling."""
+    clip_frac: Tensor
+    """Fraction of terms where the clipped branch wins the min (their gradient is 0)."""
+    kl: Tensor
+    """Mean per-step KL to the reference (0 when no `kl` was given)."""
+    approx_kl: Tensor
+    """Mean of (ratio - 1) - log(ratio), a non-negative estimate of KL(pi_old || pi_theta)."""
+    num_terms: Tensor
+
+    def to_dict(self) -> dict[str, float]:
+        return {name: float(getattr(self, name)) for name in self.__dataclass_fields__}
+
+
+def gaussian_step_kl(
+    mean: Float[Tensor, "N K *D"],
+    mean_ref: Float[Tensor, "N K *D"],
+    std: Float[Tensor, "..."] | float,
+    reduction: Literal["sum", "mean"] = "sum",
+) -> Float[Tensor, "N K"]:
+    """KL(N(mean, std^2 I) || N(mean_ref, std^2 I)) per step, in nats.
+
+    Why: policy and reference steps share the sampler's std, so the KL is exactly
+    ||mean - mean_ref||^2 / (2 std^2) -- with the 1/(2 std^2) scaling that tiny late-step stds
+    make large. `reduction` must match how step log-probs are reduced over dimensions:
+    "sum" gives the KL of the joint step, "mean" the per-dimension average. `std` broadcasts
+    against `mean` (e.g. shape (N, K, 1, ...)) and must be > 0: leave deterministic steps out.
+    """
+    if mean.shape != mean_ref.shape or mean.ndim < 2:
+        raise ValueError(
+            f"mean {tuple(mean.shape)} and mean_ref {tuple(mean_ref.shape)} must match, shaped (N, K, ...)"
+        )
+    std = torch.as_tensor(std, dtype=torch.float32, device=mean.device)
+    if not bool((std > 0).all()):
+        raise ValueError("std must be > 0 at every step; exclude deterministic (std 0) steps before the KL")
+    diff = mean.float() - mean_ref.float()
+    per_dim = diff * diff / (2.0 * std * std)
+    per_dim = per_dim.expand(mean.shape).reshape(*mean.shape[:2], -1)
+    if reduction == "sum":
+        return per_dim.sum(dim=-1)
+    if reduction == "mean":
+        return per_dim.mean(dim=-1)
+    assert_never(reduction)
+
+
+def grpo_loss(
+    log_prob: Float[Tensor, "N K"],
+    log_prob_old: Float[Tensor, "N K"],
+    advantages: Float[Tensor, " N"],
+    *,
+    mask: Bool[Tensor, " N"] | None = None,
+    step_mask: Bool[Tensor, "N K"] | Bool[Tensor, " K"] | None = None,
+    kl: Float[Tensor, "N K"] | None = None,
+    cfg: LossConfig,
+) -> tuple[Tensor, LossStats]:
+    """Loss = -J + beta * KL, J = mean_i mean_t min(r A_i, clip(r) A_i), r = exp(log_prob - log_prob_old).
+
+    Args:
+        log_prob: step log-densities under the current policy, with gradient.
+        log_prob_old: the same steps under pi_old, recorded at sampling time (detached here).
+        advantages: one per sample (detached here).
+        mask: samples that enter the loss (AdvantageResult.mask).
+        step_mask: trained steps, shared (K,) or per sample (N, K); see `select_steps`.
+        kl: per-step KL to the reference (`gaussian_step_kl`), required when kl_coef > 0.
+    """
+    if log_prob.ndim != 2 or log_prob_old.shape != log_prob.shape:
+        raise ValueError(
+            f"log_prob {tuple(log_prob.shape)} and log_prob_old {tuple(log_prob_old.shape)} "
+            "must both be (N, K)"
+        )
+    n, k = log_prob.shape
+    if advantages.shape != (n,):
+        raise ValueError(f"advantages has shape {tuple(advantages.shape)}, expected ({n},)")
+    device = log_prob.device
+    terms = torch.ones(n, k, dtype=torch.bool, device=device)  # [N, K] terms in the objective
+    if mask is not None:
+        if mask.shape != (n,) or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be bool of shape ({n},), got {mask.dtype} {tuple(mask.shape)}")
+        terms = terms & mask[:, None]
+    if step_mask is not None:
+        if step_mask.dtype != torch.bool or step_mask.shape not in ((k,), (n, k)):
+            raise ValueError(
+                f"step_mask must be bool of shape ({k},) or ({n}, {k}), got {step_mask.dtype} "
+                f"{tuple(step_mask.shape)}"
+            )
+        terms = terms & step_mask
+    if kl is not None and kl.shape != (n, k):
+        raise ValueError(f"kl has shape {tuple(kl.shape)}, expected ({n}, {k}) like log_prob")
+    if cfg.kl_coef > 0 and kl is None:
+        raise ValueError(
+            f"kl_coef={cfg.kl_coef} needs the per-step `kl` (see gaussian_step_kl); or set kl_coef=0"
+        )
+    log_prob_old = log_prob_old.detach().float()
+    advantages = advantages.detach().float()
+    if not bool(torch.isfinite(log_prob_old).all() & torch.isfinite(advantages).all()):
+        raise ValueError("log_prob_old or advantages contain NaN or inf")
+
+    log_ratio = log_prob.float() - log_prob_old  # [N, K]
+    ratio = torch.exp(log_ratio)
+    adv = advantages[:, None]  # [N, 1]
+    surrogate = ratio * adv
+    low, high = cfg.bounds()
+    if cfg.clip_range is not None:
+        clipped = ratio.clamp(low, high) * adv
+        objective = torch.minimum(surrogate, clipped)
+        clip_active = clipped < surrogate
+    else:
+        objective = surrogate
+        clip_active = torch.zeros_like(terms)
+
+    # Per-sample mean over its trained steps, then mean over samples with at least one step.
+    weight = terms.float()
+    steps_per_sample = weight.sum(dim=1)  # [N]
+    has_steps = steps_per_sample > 0
+    num_samples = has_steps.sum().clamp(min=1)
+    term_weight = weight / (steps_per_sample.clamp(min=1)[:, None] * num_samples)  # [N, K], sums to 1 (or 0)
+
+    loss = -(objective * term_weight).sum()
+    if kl is not None:
+        kl_mean = (kl.float() * term_weight).sum()
+    else:
+        kl_mean = torch.zeros((), device=device)
+    if cfg.kl_coef > 0:
+        loss = loss + cfg.kl_coef * kl_mean
+
+    with torch.no_grad():
+        num_terms = weight.sum()
+        denom = num_terms.clamp(min=1)
+        dev = ((ratio - 1).abs() * weight).amax() if n * k else ratio.new_zeros(())
+        stats = LossStats(
+            loss=loss.detach(),
+            ratio_mean=(ratio * weight).sum() / denom,
+            ratio_max_dev=dev,
+            clip_frac=(clip_active.float() * weight).sum() / denom,
+            kl=kl_mean.detach(),
+            approx_kl=(((ratio - 1) - log_ratio) * weight).sum() / denom,
+            num_terms=num_terms,
+        )
+    return loss, stats
+
+
+def select_steps(
+    num_steps: int,
+    mode: Literal["all", "random_fraction", "window"] = "all",
+    *,
+    fraction: float = 1.0,
+    window: tuple[int, int] | None = None,
+    generator: torch.Generator | None = None,
+    is_stochastic: Bool[Tensor, " K"] | None = None,
+) -> Bool[Tensor, " K"]:
+    """Which of the K recorded steps to train on, as a (K,) bool mask.
+
+    Why: training on a subset or window of denoising steps cuts the cost of re-scoring, and
+    deterministic steps (std 0) have no density and must never enter the loss. Step index k is
+    the position along the K axis of the rollout (k = 0 is the first, noisiest step).
+
+    all: every stochastic step. random_fraction: round(fraction * S) of the S stochastic steps
+    (at least 1), uniformly without replacement using `generator`. window: stochastic steps
+    with start <= k < end.
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps={num_steps!r} must be an int >= 1")
+    if is_stochastic is None:
+        stochastic = torch.ones(num_steps, dtype=torch.bool)
+    else:
+        if is_stochastic.shape != (num_steps,) or is_stochastic.dtype != torch.bool:
+            raise ValueError(f"is_stochastic must be a bool tensor of shape ({num_steps},)")
+        stochastic = is_stochastic.cpu()
+    candidates = stochastic.nonzero().flatten()
+    if candidates.numel() == 0:
+        raise ValueError("is_stochastic marks no step as stochastic; nothing can be trained")
+    if mode == "all":
+        selected = stochastic.clone()
+    elif mode == "random_fraction":
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction={fraction!r} must be in (0, 1] for mode='random_fraction'")
+        if generator is None:
+            raise ValueError("mode='random_fraction' needs an explicit torch.Generator")
+        count = max(1, round(fraction * candidates.numel()))
+        order = torch.randperm(candidates.numel(), generator=generator, device=generator.device).cpu()
+        selected = torch.zeros(num_steps, dtype=torch.bool)
+        selected[candidates[order[:count]]] = True
+    elif mode == "window":
+        if window is None or len(window) != 2 or not 0 <= window[0] < window[1] <= num_steps:
+            raise ValueError(f"window={window!r} must be (start, end) with 0 <= start < end <= {num_steps}")
+        selected = torch.zeros(num_steps, dtype=torch.bool)
+        selected[window[0] : window[1]] = True
+        selected &= stochastic
+        if not bool(selected.any()):
+            raise ValueError(f"window={window} contains no stochastic step; move or widen it")
+    else:
+        assert_never(mode)
+    device = is_stochastic.device if is_stochastic is not None else torch.device("cpu")
+    return selected.to(device)
