@@ -81,11 +81,10 @@ def gaussian_log_prob(
     if std.numel() == batch:  # one std per element (what steps return): reduce first, fewer full passes
         safe_std, positive = safe_std.reshape(batch), positive.reshape(batch)
         sq_dist = (x - mean).square().reshape(batch, -1).sum(1)
-        out = -0.5 * (sq_dist / safe_std) / safe_std - dims * (safe_std.log() + _LOG_SQRT_2PI)
+        out = (-0.5 * (sq_dist / safe_std) / safe_std - dims * (safe_std.log() + _LOG_SQRT_2PI)) * positive
     else:
         elementwise = -0.5 * ((x - mean) / safe_std).square() - safe_std.log() - _LOG_SQRT_2PI
         out = (elementwise * positive).reshape(batch, -1).sum(dim=1)
-    out = out * positive if std.numel() == batch else out
     return out / dims if reduction == "mean" else out
 
 

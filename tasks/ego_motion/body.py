@@ -71,13 +71,6 @@ SMPLH_DOWNLOAD_HINT = (
     f"{BUNDLED_BODY_MODEL} (rebuild it with `python -m tasks.ego_motion.build_body_model`)."
 )
 
-# Joints ordered by depth in the kinematic tree, grouped so each level only needs its parents.
-_DEPTH = [0] * NUM_JOINTS
-for _j in range(1, NUM_JOINTS):
-    _DEPTH[_j] = _DEPTH[SMPLH_PARENTS[_j]] + 1
-_LEVELS: tuple[tuple[int, ...], ...] = tuple(
-    tuple(j for j in range(NUM_JOINTS) if _DEPTH[j] == d) for d in range(1, max(_DEPTH) + 1)
-)
 _HEAD_CHAIN: tuple[int, ...] = (3, 6, 9, 12, HEAD_JOINT)  # spine1 .. head, each the parent's child
 
 
@@ -274,18 +267,14 @@ class BodyModel(torch.nn.Module):
             t0 = T_world_root[..., :3, 3].to(L).expand(*batch, 3)
         L = L.expand(*batch, NUM_JOINTS - 1, 3, 3)
         offsets = offsets.expand(*batch, NUM_JOINTS, 3)
-        R = [R0] + [None] * (NUM_JOINTS - 1)  # type: list
-        t = [t0] + [None] * (NUM_JOINTS - 1)  # type: list
-        for level in _LEVELS:
-            idx = list(level)
-            par = [SMPLH_PARENTS[j] for j in level]
-            R_par = torch.stack([R[p] for p in par], dim=-3)  # (..., n, 3, 3)
-            t_par = torch.stack([t[p] for p in par], dim=-2)  # (..., n, 3)
-            R_new = R_par @ L[..., [j - 1 for j in idx], :, :]
-            t_new = t_par + (R_par @ offsets[..., idx, :, None])[..., 0]
-            for k, j in enumerate(idx):
-                R[j] = R_new[..., k, :, :]
-                t[j] = t_new[..., k, :]
+        # One joint at a time in tree order (parents first). Per-level batching was tried: gathering
+        # and splitting levels leaves oddly strided views that make CPU matmuls ~20x slower.
+        R: list[Tensor] = [R0]
+        t: list[Tensor] = [t0]
+        for j in range(1, NUM_JOINTS):
+            p = SMPLH_PARENTS[j]
+            R.append(R[p] @ L[..., j - 1, :, :])
+            t.append(t[p] + (R[p] @ offsets[..., j, :, None])[..., 0])
         return JointPoses(R_world_joint=torch.stack(R, dim=-3), t_world_joint=torch.stack(t, dim=-2))
 
     def T_root_head(self, body_rotmats: Tensor, betas: Tensor) -> Tensor:

@@ -163,7 +163,7 @@ def _project(rotmats: Tensor) -> Tensor:
     return project_to_so3(rotmats)
 
 
-def loss_weights(include_hands: bool, dtype: torch.dtype = torch.float32) -> Float[Tensor, "D"]:
+def loss_weights(include_hands: bool, dtype: torch.dtype = torch.float32) -> Float[Tensor, " D"]:
     """Per-dimension weights of the x0 regression loss (method.md section 5), shape (D,).
 
     Why: rotations dominate what the prior must get right; betas are nearly constant within a
@@ -179,7 +179,7 @@ def loss_weights(include_hands: bool, dtype: torch.dtype = torch.float32) -> Flo
     return w.to(dtype)
 
 
-def timestep_loss_weights(alphas_cumprod: Float[Tensor, "N"], floor: float = 0.01) -> Float[Tensor, "N"]:
+def timestep_loss_weights(alphas_cumprod: Float[Tensor, " N"], floor: float = 0.01) -> Float[Tensor, " N"]:
     """Loss weight of every training noise level, indexed like ``scheduler.alphas_cumprod``.
 
     Why: with x0-prediction, an SNR weight w_t = abar_t / (1 - abar_t) turns the x0 error into the
@@ -193,8 +193,10 @@ def timestep_loss_weights(alphas_cumprod: Float[Tensor, "N"], floor: float = 0.0
     ``floor=0`` for the raw normalised SNR. Computed in float64, returned in the input dtype.
     """
     if alphas_cumprod.ndim != 1:
-        raise ValueError(f"alphas_cumprod has shape {tuple(alphas_cumprod.shape)}, expected (N,); "
-                         f"pass scheduler.alphas_cumprod of a diffusers DDPM/DDIM scheduler.")
+        raise ValueError(
+            f"alphas_cumprod has shape {tuple(alphas_cumprod.shape)}, expected (N,); "
+            f"pass scheduler.alphas_cumprod of a diffusers DDPM/DDIM scheduler."
+        )
     if not 0.0 <= floor <= 1.0:
         raise ValueError(f"floor={floor} is outside [0, 1]; the method uses 0.01.")
     abar = alphas_cumprod.double()
@@ -210,7 +212,7 @@ def sampling_timesteps(
     num_steps: int = 30,
     num_train_timesteps: int = 1000,
     convention: TimestepConvention = "egoallo",
-) -> Int[Tensor, "K+1"]:
+) -> Int[Tensor, " K+1"]:
     """The K + 1 timesteps of the sampling chain, noisiest first (K = num_steps network calls).
 
     Why quadratic spacing: steps are dense near t = 0, where the pose details are settled, and

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from typing_extensions import assert_never
 
-from tasks.ego_motion.motion import motion_dim, modality_slices
+from tasks.ego_motion.motion import modality_slices, motion_dim
 
 NormPlacement = Literal["post", "pre"]
 
@@ -116,8 +116,9 @@ class DenoiserConfig:
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 ok = True
             if not ok:
-                raise TypeError(f"DenoiserConfig.{key}={value!r} has type {type(value).__name__}, "
-                                f"expected {expected.__name__}.")
+                raise TypeError(
+                    f"DenoiserConfig.{key}={value!r} has type {type(value).__name__}, expected {expected.__name__}."
+                )
         return cls(**values)
 
 
@@ -126,7 +127,7 @@ class DenoiserConfig:
 
 
 def rope_cos_sin(
-    positions: Float[Tensor, "L"], head_dim: int, base: float = 10000.0
+    positions: Float[Tensor, " L"], head_dim: int, base: float = 10000.0
 ) -> tuple[Float[Tensor, "L Dh/2"], Float[Tensor, "L Dh/2"]]:
     """Cosines and sines of the RoPE angles, position * base^(-2i / head_dim), in float32.
 
@@ -151,7 +152,7 @@ def apply_rope(x: Float[Tensor, "B H L Dh"], cos: Float[Tensor, "L Dh/2"], sin: 
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
-def timestep_embedding(t: Float[Tensor, "B"], num_features: int) -> Float[Tensor, "B F"]:
+def timestep_embedding(t: Float[Tensor, " B"], num_features: int) -> Float[Tensor, "B F"]:
     """Sinusoidal features of the (integer or real) timestep, periods from 2 pi to 2 pi * 10^4."""
     half = num_features // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
@@ -287,23 +288,31 @@ class MotionDenoiser(nn.Module):
     def _check_inputs(self, x_t: Tensor, t: Tensor, cond: Tensor, attn_mask: Tensor | None) -> None:
         D, C = self.config.motion_dim, self.config.cond_dim
         if x_t.ndim != 3 or x_t.shape[-1] != D:
-            raise ValueError(f"x_t has shape {tuple(x_t.shape)}, expected (B, T, {D}) for include_hands="
-                             f"{self.config.include_hands}; check DenoiserConfig.include_hands.")
+            raise ValueError(
+                f"x_t has shape {tuple(x_t.shape)}, expected (B, T, {D}) for include_hands="
+                f"{self.config.include_hands}; check DenoiserConfig.include_hands."
+            )
         B, T, _ = x_t.shape
         if cond.shape != (B, T, C):
-            raise ValueError(f"cond has shape {tuple(cond.shape)}, expected (B, T, cond_dim) = {(B, T, C)} "
-                             f"to match x_t; set DenoiserConfig.cond_dim or encode one condition per frame.")
+            raise ValueError(
+                f"cond has shape {tuple(cond.shape)}, expected (B, T, cond_dim) = {(B, T, C)} "
+                f"to match x_t; set DenoiserConfig.cond_dim or encode one condition per frame."
+            )
         if t.shape != (B,):
-            raise ValueError(f"t has shape {tuple(t.shape)}, expected ({B},): one timestep per sample; "
-                             f"use t.expand({B}) for a shared timestep.")
+            raise ValueError(
+                f"t has shape {tuple(t.shape)}, expected ({B},): one timestep per sample; "
+                f"use t.expand({B}) for a shared timestep."
+            )
         if attn_mask is not None and (attn_mask.shape != (B, T) or attn_mask.dtype != torch.bool):
-            raise ValueError(f"attn_mask has shape {tuple(attn_mask.shape)} and dtype {attn_mask.dtype}, "
-                             f"expected bool ({B}, {T}) with True at valid frames.")
+            raise ValueError(
+                f"attn_mask has shape {tuple(attn_mask.shape)} and dtype {attn_mask.dtype}, "
+                f"expected bool ({B}, {T}) with True at valid frames."
+            )
 
     def forward(
         self,
         x_t: Float[Tensor, "B T D"],
-        t: Float[Tensor, "B"],
+        t: Float[Tensor, " B"],
         cond: Float[Tensor, "B T C"],
         attn_mask: Bool[Tensor, "B T"] | None = None,
     ) -> Float[Tensor, "B T D"]:
@@ -361,8 +370,10 @@ def load_denoiser(path: str | Path, device: torch.device | str = "cpu") -> Motio
     with safe_open(str(path), framework="pt", device=str(device)) as f:
         metadata = f.metadata() or {}
         if _CONFIG_METADATA_KEY not in metadata:
-            raise ValueError(f"{path} has no '{_CONFIG_METADATA_KEY}' metadata, so it was not written by "
-                             f"save_denoiser; build MotionDenoiser(config) and load_state_dict yourself.")
+            raise ValueError(
+                f"{path} has no '{_CONFIG_METADATA_KEY}' metadata, so it was not written by "
+                f"save_denoiser; build MotionDenoiser(config) and load_state_dict yourself."
+            )
         tensors = {name: f.get_tensor(name) for name in f.keys()}
     config = DenoiserConfig.from_dict(json.loads(metadata[_CONFIG_METADATA_KEY]))
     model = MotionDenoiser(config).to(device)

@@ -17,8 +17,9 @@ from tasks.ego_motion.network import (
     save_denoiser,
 )
 
-TINY = DenoiserConfig(width=32, ff_dim=64, num_heads=2, num_encoder_layers=1, num_decoder_layers=1,
-                      cond_dim=10, timestep_features=16)
+TINY = DenoiserConfig(
+    width=32, ff_dim=64, num_heads=2, num_encoder_layers=1, num_decoder_layers=1, cond_dim=10, timestep_features=16
+)
 
 
 def _inputs(cfg: DenoiserConfig, B: int, T: int, seed: int = 0):
