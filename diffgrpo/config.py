@@ -61,8 +61,9 @@ class PerturbConfig:
     """Perturber from the registry: none, gaussian or perlin."""
     scale: float = 0.0
     """lambda: amplitude of the added noise, in the raw condition's units."""
-    frequency: float = 0.05
-    """Perlin only: noise cycles per frame along the condition's time axis."""
+    frequency: float = 1.0 / 32.0
+    """Perlin only: lattice cells per frame along the condition's time axis (about one smooth bump
+    per cell: 1/32 gives a bump roughly every second at 30 fps)."""
     octaves: int = 1
     """Perlin only: number of octaves."""
 

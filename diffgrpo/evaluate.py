@@ -1,7 +1,7 @@
-"""Held-out evaluation: one seeded sample per condition, the task's metrics averaged.
+"""Held-out evaluation: one seeded sample per condition, the task's metrics per example.
 
 Why seeded: base and post-trained models are compared on the same conditions *and* the same
-initial noise, so the difference between them is the training, not the draw.
+noise, so the difference between them is the training, not the draw.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ def evaluate(
 ) -> dict[str, Tensor]:
     """Per-example metrics (num_examples,) for ``split``, gathered over processes.
 
-    Process r evaluates examples r, r + P, r + 2P, ...; each example's noise comes from a
-    generator seeded by (seed, example index), so results do not depend on the process count.
+    Process r of P evaluates examples r, r + P, ... in batches of ``batch_size``; a batch's noise
+    comes from a generator seeded by (seed, its first example index). The draw therefore depends
+    on batch size and process count: compare models evaluated with the same settings.
     """
     n_total = task.num_examples(split) if max_examples is None else min(max_examples, task.num_examples(split))
     rank = accelerator.process_index if accelerator is not None else 0
@@ -49,15 +50,11 @@ def evaluate(
     for idx in tqdm(batches, desc=f"eval {split}", disable=not progress or rank != 0, leave=False):
         batch = {k: v.to(device) for k, v in task.load_examples(split, idx).items()}
         cond = task.encode_condition(batch)
-        samples = []
-        for j, example in enumerate(idx.tolist()):
-            gen = make_generator(seed, "eval", example, device=device)
-            with autocast():
-                traj = rollout(lambda x, t, c: task.predict(model, x, t, c), scheduler, cond[j : j + 1],
-                               torch.tensor([example], device=device), task.sampling_timesteps(), task.sample_shape,
-                               generator=gen, sampler=sampler)
-            samples.append(traj.samples)
-        decoded = task.decode(torch.cat(samples), batch)
+        gen = make_generator(seed, "eval", int(idx[0]), device=device)
+        with autocast():
+            traj = rollout(lambda x, t, c: task.predict(model, x, t, c), scheduler, cond, idx.to(device),
+                           task.sampling_timesteps(), task.sample_shape, generator=gen, sampler=sampler)
+        decoded = task.decode(traj.samples, batch)
         for name, value in task.evaluate(decoded, batch).items():
             per_metric.setdefault(name, []).append(value.float())
     model.train(was_training)

@@ -188,6 +188,9 @@ def step_with_logprob(
                s = 0 where abar' = 1 (a step into the clean end, e.g. t = 0 -> final, is deterministic).
       flow_sde, cps: see `flow_sde_mean_std`, `cps_mean_std`; a step into sigma' = 0 is deterministic.
     x0 follows the scheduler's `clip_sample` / `thresholding` settings, as diffusers' `step()` does.
+    `log_prob_reduction`: "sum" (default: the exact density) or "mean" (per dimension, see
+    `gaussian_log_prob`). A sampled `prev_sample` comes back in the sample's dtype and is scored as
+    returned, so re-scoring it later reproduces `log_prob` exactly.
     """
     if method is None:
         method = _default_method(scheduler)
@@ -282,6 +285,12 @@ def _check_method(scheduler: object, method: str) -> Literal["ddpm", "flow"]:
         raise ValueError(
             f"method {method!r} does not apply to {type(scheduler).__name__}; pass one of {allowed} "
             "or use a scheduler of the matching family."
+        )
+    variance_type = getattr(scheduler.config, "variance_type", "fixed_small")
+    if method == "ddpm" and variance_type not in ("fixed_small", "fixed_small_log"):
+        raise ValueError(
+            f"method 'ddpm' is the exact posterior (variance_type='fixed_small') but the scheduler has "
+            f"variance_type={variance_type!r}; build it with variance_type='fixed_small' or use 'ddim'."
         )
     if family == "flow" and scheduler.config.invert_sigmas:
         raise ValueError("invert_sigmas=True (sigma rising 0 -> 1) is not supported; build the scheduler "

@@ -67,6 +67,9 @@ class Config:
     """Sample the test split after training and report IoU / centroid / area errors."""
     use_progress_bar: bool = True
     """Show a tqdm progress bar."""
+    num_threads: int | None = None
+    """CPU threads for torch (torch.set_num_threads); None keeps torch's default. On a CPU shared
+    with other jobs, 1 avoids thread oversubscription, which can slow each step several-fold."""
     task: ShapesTaskConfig = field(default_factory=ShapesTaskConfig)
     model: ShapesModelConfig = field(default_factory=ShapesModelConfig)
 
@@ -76,6 +79,8 @@ class Config:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ValueError(f"--learning-rate must be > 0, got {self.learning_rate}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"--num-threads must be >= 1 (or omitted for torch's default), got {self.num_threads}")
         if not 0 <= self.warmup_steps < self.steps:
             raise ValueError(f"--warmup-steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
 
@@ -177,6 +182,8 @@ def _jsonable(value):
 
 
 def main(cfg: Config) -> None:
+    if cfg.num_threads is not None:
+        torch.set_num_threads(cfg.num_threads)  # process-wide, so set here in the entry point only
     result = pretrain(cfg)
     window = result.losses[-cfg.log_every :]
     print(f"trained {cfg.steps} steps in {result.seconds:.1f} s; final loss (mean of last {len(window)}) "

@@ -14,6 +14,7 @@ from torch.distributions import Normal
 from diffgrpo.sde import StepOutput, gaussian_log_prob, step_with_logprob
 
 N_DRAWS = 20_000
+REDUCTIONS = st.sampled_from(["sum", "mean"])
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -343,11 +344,14 @@ def test_bf16_model_output_gives_float32_density() -> None:
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.integers(1, 4), st.integers(1, 5), st.floats(0.05, 3.0), st.sampled_from(["sum", "mean"]))
-def test_gaussian_log_prob_matches_normal(batch: int, dims: int, scale: float, reduction: str) -> None:
+@given(st.integers(1, 4), st.integers(1, 5), st.floats(0.05, 3.0), REDUCTIONS, st.booleans())
+def test_gaussian_log_prob_matches_normal(
+    batch: int, dims: int, scale: float, reduction: str, per_element_std: bool
+) -> None:
     g = _gen(batch * 100 + dims)
     mean, x = torch.randn(batch, dims, 2, generator=g), torch.randn(batch, dims, 2, generator=g)
-    std = scale * (0.5 + torch.rand(batch, 1, 1, generator=g))
+    std_shape = (batch, 1, 1) if per_element_std else (batch, dims, 2)
+    std = scale * (0.5 + torch.rand(std_shape, generator=g))
     ref = Normal(mean.double(), std.double().expand_as(mean)).log_prob(x.double()).reshape(batch, -1)
     ref = ref.sum(1) if reduction == "sum" else ref.mean(1)
     assert torch.allclose(gaussian_log_prob(x, mean, std, reduction).double(), ref, rtol=1e-5, atol=1e-5)
@@ -384,5 +388,12 @@ def test_bad_inputs_raise_clear_errors() -> None:
         step_with_logprob(ddim, out, 501, x_t, generator=[_gen(0), _gen(1), _gen(2)])
     with pytest.raises(ValueError, match="log_prob_reduction='avg'"):
         step_with_logprob(ddim, out, 501, x_t, log_prob_reduction="avg")
+    with pytest.raises(ValueError, match="variance_type='fixed_large'; build it with variance_type="):
+        step_with_logprob(DDPMScheduler(variance_type="fixed_large"), out, 500, x_t)
+    nan_out = out.clone()
+    nan_out[0, 1] = float("nan")  # element 0 steps into sigma' = 0 (std 0): NaN must not hide as log_prob 0
+    with pytest.raises(ValueError, match=r"model_output has NaN/inf at batch elements \[0\]"):
+        t, t_next = torch.tensor([90.0, 500.0]), torch.tensor([0.0, 400.0])
+        step_with_logprob(flow, nan_out, t, x_t, next_timestep=t_next)
     with pytest.raises(ValueError, match="unsupported scheduler"):
         step_with_logprob(object(), out, 501, x_t)

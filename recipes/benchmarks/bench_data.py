@@ -84,8 +84,8 @@ def to_markdown(cfg: Config, rows: list[dict[str, float]]) -> str:
         f"Ego-motion data pipeline ({cfg.source_root.name}; {platform.processor() or platform.machine()}, "
         f"torch threads {torch.get_num_threads()}, batch {cfg.batch_size}, {cfg.num_batches} batches)",
         "",
-        "| T | files | frames @30 fps | train windows (incl. mirrored) | test windows | build train (s) "
-        "| build test (s) | reopen cache (s) | windows/s from cache | ms / batch |",
+        "| T | files | frames @30 fps in windowed clips | train windows (incl. mirrored) | test windows "
+        "| build train (s) | build test (s) | reopen cache (s) | windows/s from cache | ms / batch |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -263,8 +263,8 @@ class BodyModel(torch.nn.Module):
             R0 = torch.eye(3, dtype=L.dtype, device=L.device).expand(*batch, 3, 3)
             t0 = torch.zeros(*batch, 3, dtype=L.dtype, device=L.device)
         else:
-            R0 = T_world_root[..., :3, :3].to(L).expand(*batch, 3, 3)
-            t0 = T_world_root[..., :3, 3].to(L).expand(*batch, 3)
+            R0 = T_world_root[..., :3, :3].to(L).expand(*batch, 3, 3).contiguous()
+            t0 = T_world_root[..., :3, 3].to(L).expand(*batch, 3).contiguous()
         L = L.expand(*batch, NUM_JOINTS - 1, 3, 3)
         offsets = offsets.expand(*batch, NUM_JOINTS, 3)
         # One joint at a time in tree order (parents first). Per-level batching was tried: gathering

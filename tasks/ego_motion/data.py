@@ -18,15 +18,18 @@ hands 90, ``trans`` (N, 3) metres, ``betas`` (10 or 16,), ``gender``, ``mocap_fr
    on z = 0); ``refloor="lowest_foot_joint"`` instead shifts each sequence so its lowest ankle/toe
    joint touches z = 0. Either way a sequence whose lowest foot joint is more than
    ``FLOOR_WARNING_M`` from z = 0 is logged, since its contacts will be wrong.
-5. Contacts of the 21 non-root body joints: speed below and height above the floor below the
-   thresholds of the joint's family (:class:`ContactThresholds`). They only see the floor: a hand
-   on a table is not a contact.
+5. Contacts of the 21 non-root body joints: 1 where both the joint's speed and its height above
+   z = 0 are below its family's thresholds (:class:`ContactThresholds`: ankles 0.15 m, toes 0.10 m,
+   knees and wrists 0.15 m, other joints 0.20 m; 0.3 m/s for ankles and toes, 0.2 m/s otherwise).
+   They only see the floor: a hand on a table is not a contact.
 6. Headset: ``T_world_cpf = T_world_root @ T_root_head @ T_head_cpf`` (``BodyModel.T_world_cpf_from_root``),
    i.e. the FK head joint pose times the fixed CPF offset.
 7. Windows start every ``stride`` frames at frame s: ``T_world_cpf`` = frames s..s+T and the
    targets = frames s+1..s+T. ``start_frame`` stores s. A tail shorter than a stride is dropped.
 8. Train only (``include_mirrored``): a left/right mirrored copy of every window (body.py's
    mirroring; FK, contacts and headset recomputed from the mirrored rotations and root).
+
+Files named ``shape.npz`` (AMASS's per-subject betas, no motion) are not sequences and are not listed.
 
 Splits: the bundled CMU clips (default) use ``assets/split.json`` ({"train": [...], "test": [...]},
 clip names with or without ``.npz``); a directory of AMASS files can instead use EgoAllo's
@@ -55,6 +58,8 @@ from pathlib import Path
 from typing import Literal
 
 import datasets
+import numpy as np
+import pyarrow as pa
 import torch
 from torch import Tensor
 from tqdm import tqdm
@@ -84,6 +89,7 @@ NUM_BETAS = 16
 NUM_METRIC_JOINTS = 1 + NUM_BODY_JOINTS  # pelvis + 21 body joints
 AMASS_POSE_DIM = 3 * (1 + NUM_BODY_JOINTS + NUM_HAND_JOINTS)  # 156
 EGOALLO_TEST_SUBSETS: tuple[str, ...] = ("Transitions_mocap", "SSM_synced")
+AMASS_SHAPE_FILE = "shape.npz"
 BUNDLED_CMU_DIR = Path(__file__).resolve().parent / "assets" / "cmu"
 BUNDLED_SPLIT_FILE = BUNDLED_CMU_DIR.parent / "split.json"
 ENV_CACHE_ROOT = "DIFFGRPO_CACHE"
@@ -194,7 +200,8 @@ class DataSource:
                                     f"DataSource(root=...) pointing at a folder of AMASS .npz files.")
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
-        all_files = sorted(p for p in root.rglob("*.npz") if p.is_file())
+        # AMASS keeps each subject's betas in a motion-less shape.npz beside the motions: not a sequence.
+        all_files = sorted(p for p in root.rglob("*.npz") if p.is_file() and p.name != AMASS_SHAPE_FILE)
         if self.split_rule == "split_json":
             chosen = self._files_from_split_file(root, all_files, split)
         elif self.split_rule == "egoallo":
@@ -347,6 +354,8 @@ def load_sequence(path: Path, model: BodyModel, cfg: WindowConfig, name: str | N
         raise SkippedSequence(f"too short: {rotmats.shape[0]} frames at 30 fps (from {raw.num_frames} at "
                               f"{raw.mocap_framerate:g} fps), a window needs {cfg.window_frames + 1}")
     # 10-beta files: the missing coefficients are zero (the mean shape along those directions).
+    if len(raw.betas) < NUM_BETAS:
+        logger.info("%s: %d betas, zero-padded to %d", path, len(raw.betas), NUM_BETAS)
     betas = torch.nn.functional.pad(torch.as_tensor(raw.betas, dtype=torch.float32),
                                     (0, NUM_BETAS - len(raw.betas)))
     T_world_root = model.T_world_root_from_amass(rotmats[:, 0], trans, _model_betas(model, betas))
@@ -391,6 +400,7 @@ def iter_windows(seq: MotionSequence, window_frames: int, stride_frames: int, mi
 
 
 def window_features(window_frames: int) -> datasets.Features:
+    """Arrow schema of one window row (fixed shapes, float32 arrays; see :class:`EgoMotionWindows`)."""
     T = window_frames
     f32 = "float32"
     return datasets.Features({
@@ -489,8 +499,11 @@ def build_windows_dataset(files: Sequence[Path], root: Path, model: BodyModel, c
                    "settings": dataclasses.asdict(cfg), "split": split}
         (scratch / "dataset" / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
         del ds
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(scratch / "dataset", out_dir)
+        if (out_dir / SUMMARY_FILE).exists():  # another process finished the same build first: keep theirs
+            logger.info("ego_motion %s: %s was built concurrently; using that copy", split, out_dir)
+        else:
+            shutil.rmtree(out_dir, ignore_errors=True)  # leftovers of an interrupted build
+            os.replace(scratch / "dataset", out_dir)
     finally:
         torch.set_num_threads(num_threads)
         shutil.rmtree(scratch, ignore_errors=True)
@@ -505,6 +518,11 @@ class EgoMotionWindows:
     T_world_cpf (B, T+1, 4, 4), betas (B, 16), body_rotmats (B, T, 21, 3, 3), hand_rotmats
     (B, T, 30, 3, 3), contacts (B, T, 21), T_world_root (B, T, 4, 4), joints_world (B, T, 22, 3),
     start_frame (B,) int64 (frame of T_world_cpf[:, 0]; targets start one frame later), mirrored (B,) bool.
+
+    ``dataset`` is the same data as a ``with_format("torch")`` HF dataset. ``get`` returns identical
+    tensors but gathers rows from zero-copy numpy views of the memory-mapped Arrow columns: the
+    torch formatter converts fixed-shape arrays row by row, about 50x slower for batches of 64
+    (recipes/benchmarks/bench_data.py).
     """
 
     def __init__(self, dataset: datasets.Dataset, *, path: Path, summary: dict, from_cache: bool):
@@ -512,24 +530,59 @@ class EgoMotionWindows:
         self.summary = summary
         self.from_cache = from_cache
         """True when the windows were loaded from an existing cache, False when built now."""
-        self._names = dataset["sequence"]
-        self._torch = dataset.with_format("torch", columns=list(TENSOR_COLUMNS))
         self.window_frames = int(summary["settings"]["window_frames"])
+        self.dataset = dataset.with_format("torch", columns=list(TENSOR_COLUMNS))
+        self._names = dataset["sequence"]
+        table = dataset.data.table  # memory-mapped pyarrow.Table (no indices mapping after load_from_disk)
+        self._chunk_starts = np.cumsum([0] + [len(c) for c in table.column(TENSOR_COLUMNS[0]).chunks])
+        self._columns = {name: [_numpy_view(c, _feature_shape(dataset.features[name]))
+                                for c in table.column(name).chunks] for name in TENSOR_COLUMNS}
 
     def __len__(self) -> int:
-        return len(self._torch)
+        return int(self._chunk_starts[-1])
 
     def get(self, indices: Sequence[int] | Tensor) -> dict[str, Tensor]:
-        """Batched windows at ``indices`` (any order, repeats allowed)."""
-        idx = [int(i) for i in (indices.tolist() if isinstance(indices, Tensor) else indices)]
-        if idx and not (-len(self) <= min(idx) and max(idx) < len(self)):
+        """Batched windows at ``indices`` (any order, repeats and negative indices allowed)."""
+        idx = np.asarray(indices.cpu() if isinstance(indices, Tensor) else indices, dtype=np.int64).reshape(-1)
+        if idx.size and not (idx.min() >= -len(self) and idx.max() < len(self)):
             raise IndexError(f"window indices must be in [-{len(self)}, {len(self)}), "
-                             f"got {min(idx)}..{max(idx)}.")
-        return dict(self._torch[idx])
+                             f"got {idx.min()}..{idx.max()}.")
+        idx = idx % max(len(self), 1)
+        chunk = np.searchsorted(self._chunk_starts, idx, side="right") - 1
+        out = {}
+        for name, views in self._columns.items():
+            if len(views) == 1:
+                out[name] = torch.from_numpy(views[0][idx])
+                continue
+            batch = np.empty((idx.size, *views[0].shape[1:]), dtype=views[0].dtype)
+            for c in np.unique(chunk):
+                rows = chunk == c
+                batch[rows] = views[c][idx[rows] - self._chunk_starts[c]]
+            out[name] = torch.from_numpy(batch)
+        return out
 
     def sequence_names(self, indices: Sequence[int]) -> list[str]:
         """Source sequence of each window (path relative to the source root, no ``.npz``)."""
         return [self._names[int(i)] for i in indices]
+
+
+def _feature_shape(feature: object) -> tuple[int, ...]:
+    if isinstance(feature, datasets.Array2D | datasets.Array3D | datasets.Array4D):
+        return tuple(feature.shape)
+    if isinstance(feature, datasets.List):
+        return (feature.length,)
+    return ()
+
+
+def _numpy_view(chunk: pa.Array, shape: tuple[int, ...]) -> np.ndarray:
+    """(rows, *shape) numpy view of an Arrow column chunk of nested fixed-shape lists; copies only bools."""
+    rows = len(chunk)
+    if isinstance(chunk, pa.ExtensionArray):
+        chunk = chunk.storage
+    while pa.types.is_list(chunk.type) or pa.types.is_fixed_size_list(chunk.type):
+        chunk = chunk.flatten()  # respects the chunk's offset: still zero-copy
+    values = chunk.to_numpy(zero_copy_only=not pa.types.is_boolean(chunk.type))
+    return values.reshape(rows, *shape)
 
 
 def load_windows(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -84,12 +85,12 @@ class DenoiserConfig:
 
     @classmethod
     def reference(cls, include_hands: bool = False) -> DenoiserConfig:
-        """The published size: W 512, FF 2048, 4 heads, 6 + 6 layers (about 46.6 M parameters)."""
+        """The published size: W 512, FF 2048, 4 heads, 6 + 6 layers (47.2 M parameters)."""
         return cls(include_hands=include_hands)
 
     @classmethod
     def demo(cls, include_hands: bool = False) -> DenoiserConfig:
-        """A small model of the same architecture for the 2-CPU-core demo (W 128, 2 + 2 layers)."""
+        """A small model of the same architecture for the 2-CPU-core demo (W 128, 2 + 2 layers, 1.19 M parameters)."""
         return cls(
             width=128, ff_dim=512, num_heads=4, num_encoder_layers=2, num_decoder_layers=2,
             include_hands=include_hands, timestep_features=128,
@@ -110,11 +111,12 @@ class DenoiserConfig:
         unknown = sorted(set(values) - set(defaults))
         if unknown:
             raise ValueError(f"unknown DenoiserConfig keys {unknown}; known keys are {sorted(defaults)}.")
+        values = dict(values)
         for key, value in values.items():
             expected = type(defaults[key])
             ok = isinstance(value, expected) and (expected is bool or not isinstance(value, bool))
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
-                ok = True
+                ok, values[key] = True, float(value)
             if not ok:
                 raise TypeError(
                     f"DenoiserConfig.{key}={value!r} has type {type(value).__name__}, expected {expected.__name__}."
@@ -206,7 +208,7 @@ class _Residual(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.placement = placement
 
-    def forward(self, x: Tensor, branch: Any) -> Tensor:
+    def forward(self, x: Tensor, branch: Callable[[Tensor], Tensor]) -> Tensor:
         if self.placement == "post":
             return self.norm(x + branch(x))
         elif self.placement == "pre":

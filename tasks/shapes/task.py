@@ -226,8 +226,9 @@ def sample_images(task: ShapesTask, model: nn.Module, batch: Batch, *, generator
                   sampler: SamplerConfig, micro_batch_size: int | None = None) -> Tensor:
     """Final samples (B, 1, S, S), one chain per example of ``batch``, run by ``diffgrpo.rollout``.
 
-    Why a helper: pretraining evaluation needs plain (ungrouped) sampling; it is a group size of
-    one in the core's rollout, so the chain is the very one GRPO will sample. ``sampler.eta = 0``
+    Why a helper: looking at (or plotting) what a model draws needs plain, ungrouped sampling; it
+    is a group size of one in the core's rollout, so the chain is the very one GRPO samples
+    (held-out metrics use ``diffgrpo.evaluate``, which seeds each example's noise). ``sampler.eta = 0``
     gives the deterministic flow ODE (Euler), ``eta > 0`` the flow SDE used for GRPO.
     """
     cond = task.encode_condition(batch)  # (B, 3, S, S)

@@ -80,7 +80,9 @@ def test_body_only_input_means_zero_hands(bundled):
     full = bundled.forward_kinematics(R[:, 1:], betas=betas, T_world_root=T).t_world_joint
     body_only = bundled.forward_kinematics(R[:, 1:22], betas=betas, T_world_root=T).t_world_joint
     assert torch.allclose(full, body_only, atol=1e-12)
-    shaped = bundled.forward_kinematics(R[:, 1:22], shaped_joints=bundled.shaped_joints(betas), T_world_root=T)
+    shaped = bundled.forward_kinematics(
+        R[:, 1:22], shaped_joints=bundled.shaped_joints(betas), T_world_root=T
+    )
     assert torch.allclose(shaped.t_world_joint, full, atol=1e-12)
 
 
@@ -145,8 +147,9 @@ def test_mirrored_motion_fk_is_mirrored_fk(bundled, num_rot):
     T_world_root = make_transform(R[:, 0], transl)
     local = R[:, 1 : 1 + num_rot]
     fk = bundled.forward_kinematics(local, betas=betas, T_world_root=T_world_root)
-    fk_m = bundled.forward_kinematics(mirror_local_rotations(local), betas=betas,
-                                      T_world_root=mirror_root_pose(T_world_root))
+    fk_m = bundled.forward_kinematics(
+        mirror_local_rotations(local), betas=betas, T_world_root=mirror_root_pose(T_world_root)
+    )
     assert torch.allclose(fk_m.t_world_joint, mirror_joint_positions(fk.t_world_joint), atol=1e-10)
     # Mirroring twice is the identity.
     assert torch.allclose(mirror_local_rotations(mirror_local_rotations(local)), local, atol=1e-12)

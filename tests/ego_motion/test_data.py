@@ -13,6 +13,7 @@ import logging
 import math
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -33,7 +34,6 @@ from tasks.ego_motion.geometry import (
     SMPLH_PARENTS,
     axis_angle_to_matrix,
     geodesic_angle,
-    matrix_to_axis_angle,
 )
 
 T = 16  # window frames in these tests
@@ -313,9 +313,22 @@ def test_cache_reused_when_unchanged_and_rebuilt_on_change(tmp_path, body_path, 
     assert load_windows("train", source=source, config=cfg, body_model_path=body_path).from_cache
 
 
+def test_floor_is_trusted_with_a_warning_or_refloored(tmp_path, model, caplog):
+    n = 40
+    path = _write_amass(tmp_path / "lifted.npz", np.zeros((n, 51, 3)), _standing_trans(n) + [0.0, 0.0, 0.5])
+    with caplog.at_level(logging.WARNING, logger="tasks.ego_motion.data"):
+        kept = data.load_sequence(path, model, WindowConfig(window_frames=T))
+    assert any("lifted.npz: lowest foot joint is at z = 0.530" in r.getMessage() for r in caplog.records)
+    assert kept.contacts.sum() == 0  # 0.5 m above the floor: no contact
+    floored = data.load_sequence(path, model, WindowConfig(window_frames=T, refloor="lowest_foot_joint"))
+    assert floored.joints_world[:, list(data.FOOT_JOINTS), 2].min().abs() < 1e-6
+    torch.testing.assert_close(floored.T_world_cpf[:, 2, 3], kept.T_world_cpf[:, 2, 3] - 0.53, atol=1e-5, rtol=0)
+    assert floored.contacts[:, [9, 10]].all()  # toes now on the floor and still
+
+
 def test_egoallo_split_by_top_level_subdataset(tmp_path):
     for rel in ("Transitions_mocap/s1/a_poses.npz", "SSM_synced/s2/b_poses.npz", "CMU/01/c_poses.npz",
-                "BMLmovi/d_poses.npz"):
+                "BMLmovi/d_poses.npz", "CMU/01/shape.npz"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"")
     source = DataSource(root=tmp_path, split_rule="egoallo")
@@ -325,9 +338,17 @@ def test_egoallo_split_by_top_level_subdataset(tmp_path):
         DataSource(root=tmp_path, split_file=None).files("train")
 
 
-def test_axis_angle_round_trip_of_stored_rotations(moving):
-    """Stored body rotations are proper rotations (orthonormal, det +1) after the float32 round trip."""
-    rot = moving["test"].get([0])["body_rotmats"].double()
-    eye = torch.eye(3, dtype=torch.float64)
-    torch.testing.assert_close(rot @ rot.transpose(-1, -2), eye.expand_as(rot), atol=1e-5, rtol=0)
-    assert matrix_to_axis_angle(rot).isfinite().all()
+def test_get_equals_torch_formatted_dataset_rows_across_chunks(moving):
+    """The zero-copy ``get`` returns exactly the HF torch-formatted rows, also over several Arrow chunks."""
+    test = moving["test"]
+    two_chunks = datasets.concatenate_datasets([datasets.load_from_disk(str(test.path))] * 2)
+    windows = data.EgoMotionWindows(two_chunks, path=test.path, summary=test.summary, from_cache=True)
+    assert len(windows) == 2 * len(test) and len(windows._columns["betas"]) == 2
+    idx = [len(test) + 1, 0, -1, 1, 1]
+    batch = windows.get(torch.tensor(idx))
+    ref = windows.dataset[[i % len(windows) for i in idx]]
+    assert set(batch) == set(data.TENSOR_COLUMNS)
+    for name, value in batch.items():
+        assert value.dtype == ref[name].dtype and torch.equal(value, ref[name]), name
+    with pytest.raises(IndexError, match="window indices"):
+        windows.get([len(windows)])
