@@ -98,13 +98,15 @@ class TTOConfig:
     """Contact-weighted squared horizontal step of the ankles and toes (m^2)."""
     position_smoothness_of: Literal["correction", "motion"] = "correction"
     """'correction': first differences of p - p_sampled (no pull on real motion); 'motion': of p itself."""
-    optimizer: Literal["adam", "lbfgs"] = "adam"
-    """'adam': torch.optim.Adam, every sequence optimised independently of the rest of the batch;
-    'lbfgs': torch.optim.LBFGS with strong-Wolfe line search (one line search shared by the batch)."""
-    num_iterations: int = 100
-    """Adam steps or L-BFGS iterations (each up to ~1.25 objective evaluations)."""
-    learning_rate: float = 0.01
-    """Adam's step size in radians of ``delta``; for L-BFGS use 1.0 (its natural scale)."""
+    optimizer: Literal["lbfgs", "adam"] = "lbfgs"
+    """'lbfgs': torch.optim.LBFGS with strong-Wolfe line search: the objective never goes up, but one
+    line search is shared by the batch, so a sequence's result depends slightly on its batch mates.
+    'adam': torch.optim.Adam, each sequence independent of the batch, but its fixed-size first steps
+    can make an already smooth sample worse; it needs ~100 steps (set learning_rate=0.01)."""
+    num_iterations: int = 30
+    """L-BFGS iterations (about 1.1 objective evaluations each) or Adam steps."""
+    learning_rate: float = 1.0
+    """L-BFGS initial step length (1.0, its natural scale) or Adam's step size in radians (0.01)."""
     lbfgs_history_size: int = 20
     """Number of past updates L-BFGS keeps for its curvature estimate."""
 
@@ -280,7 +282,7 @@ def optimize_motion(
             1e-3; the sampler's SVD projection gives that).
         contacts: (B, T, 21) predicted contact probabilities of joints 1..21; only the ankles and
             toes are used. Values are clamped into [0, 1] (the prior's raw output may overshoot).
-        cfg: weights and optimiser; defaults to the paper's weights with 100 Adam steps.
+        cfg: weights and optimiser; defaults to the paper's weights with 30 L-BFGS iterations.
 
     Returns:
         :class:`TTOResult` with the refined rotations, the recovered root and joints, and the
@@ -326,7 +328,8 @@ def _run_optimizer(problem: _Problem, delta0: Tensor) -> Tensor:
     """Minimise the summed (over the batch) objective over ``delta``; returns the detached optimum.
 
     The sequences are independent, so summing their objectives gives each its own gradient; Adam's
-    per-coordinate steps keep them fully independent, L-BFGS shares one line search per iteration.
+    per-coordinate steps keep them fully independent, L-BFGS shares its curvature history and line
+    search across the batch (a block-diagonal problem, so this only changes step lengths).
     """
     cfg = problem.cfg
     with torch.enable_grad():

@@ -1,0 +1,108 @@
+"""How much of a GRPO iteration is the library's own work, outside the network's passes?
+
+One iteration of the shapes task (rollout, rewards, advantages, policy update) is timed as a
+whole, and separately the time spent inside the network's forward passes (``task.predict``)
+and inside ``backward()``. The rest (step densities, noise, rewards, advantages, optimiser,
+bookkeeping) is the overhead; the goal is under 5 %.
+
+    python recipes/benchmarks/bench_grpo_overhead.py [--output docs/benchmarks.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from contextlib import contextmanager
+
+import torch
+from accelerate import Accelerator
+
+from diffgrpo.config import GRPOConfig, OptimConfig, SamplerConfig
+from diffgrpo.rewards import RewardSet
+from diffgrpo.rollout import make_generator
+from diffgrpo.train_step import collect, make_perturber, policy_update
+from diffgrpo.trainer import make_optimizer, parse_reward_specs
+from tasks.shapes.model import ShapesModelConfig, build_model
+from tasks.shapes.task import ShapesTask
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    @contextmanager
+    def measure(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+def run(iterations: int, conditions: int, group_size: int, threads: int) -> dict[str, float]:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    task = ShapesTask()
+    model = build_model(ShapesModelConfig(), seed=0)
+    cfg = GRPOConfig(num_iterations=iterations, conditions_per_iteration=conditions, group_size=group_size,
+                     micro_batch_size=conditions * group_size, sampler=SamplerConfig(eta=0.7),
+                     optim=OptimConfig(learning_rate=1e-4), rewards=("shapes_disc",))
+    accelerator = Accelerator(cpu=True)
+    optimizer, schedule = make_optimizer(model, cfg)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    rewards = RewardSet.from_specs(parse_reward_specs(cfg.rewards))
+    forward, backward = Timer(), Timer()
+    predict = task.predict
+    task.predict = lambda m, x, t, c: _timed(forward, predict, m, x, t, c)  # type: ignore[method-assign]
+    accel_backward = accelerator.backward
+    accelerator.backward = lambda loss: _timed(backward, accel_backward, loss)  # type: ignore[method-assign]
+    scheduler = task.make_scheduler()
+    generator = make_generator(0, "bench")
+    totals = []
+    for it in range(iterations + 1):  # the first iteration warms up and is not counted
+        if it == 1:
+            forward.seconds = backward.seconds = 0.0
+        start = time.perf_counter()
+        batch = task.load_examples("train", torch.arange(conditions) + it * conditions)
+        data = collect(task, model, scheduler, batch, cfg=cfg, rewards=rewards, perturber=make_perturber(cfg),
+                       generator=generator, group_id_offset=it * conditions)
+        policy_update(task, model, scheduler, data, optimizer, cfg=cfg, generator=generator, accelerator=accelerator,
+                      lr_scheduler=schedule)
+        if it >= 1:
+            totals.append(time.perf_counter() - start)
+    total = sum(totals)
+    outside = total - forward.seconds - backward.seconds
+    return {"iteration_s": total / iterations, "forward_s": forward.seconds / iterations,
+            "backward_s": backward.seconds / iterations, "outside_share": outside / total}
+
+
+def _timed(timer: Timer, fn, *args):
+    with timer.measure():
+        return fn(*args)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--conditions", type=int, default=8)
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", default=None, help="append the markdown table to this file")
+    args = parser.parse_args()
+    r = run(args.iterations, args.conditions, args.group_size, args.threads)
+    table = (
+        f"| shapes GRPO iteration (B={args.conditions}, G={args.group_size}, 10 steps, CPU, {args.threads} threads) "
+        "| time (s) |\n|---|---:|\n"
+        f"| whole iteration | {r['iteration_s']:.3f} |\n| network forward passes | {r['forward_s']:.3f} |\n"
+        f"| backward passes | {r['backward_s']:.3f} |\n"
+        f"| **outside forward/backward** | **{r['iteration_s'] - r['forward_s'] - r['backward_s']:.3f} "
+        f"({100 * r['outside_share']:.1f} %)** |\n"
+    )
+    print(table)
+    if args.output:
+        with open(args.output, "a") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

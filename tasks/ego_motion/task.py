@@ -1,0 +1,339 @@
+"""The ego-motion task as a :class:`diffgrpo.task.Task`: head trajectory in, full-body motion out.
+
+Why an adapter: the GRPO core (rollouts, advantages, loss) knows nothing of bodies. This module
+is the one place that says what the core's tensors mean here: which data a batch holds, which
+part of it is the perturbable condition (the head *translation*, MotionGRPO section 8), how the
+EgoAllo-style denoiser is called, and how a packed sample becomes a body in the world.
+
+Frames, units and shapes (B windows, N = B x G samples, T motion frames, 30 fps, world +Z up,
+metres, floor at z = 0):
+
+- A batch is :meth:`~tasks.ego_motion.data.EgoMotionWindows.get`'s dict: ``T_world_cpf``
+  (B, T+1, 4, 4) headset poses; ground truth ``joints_world`` (B, T, 22, 3), ``body_rotmats``
+  (B, T, 21, 3, 3), ``betas`` (B, 16), ``contacts`` (B, T, 21), ``T_world_root`` (B, T, 4, 4),
+  ``hand_rotmats``, ``start_frame``, ``mirrored``.
+- Frame alignment: a window holds T+1 head poses for T motion frames; motion frame t belongs to
+  head pose t+1 (pose 0 only conditions frame 0 through the relative-pose features). Decoding
+  therefore recovers the root of frame t from ``T_world_cpf[:, t + 1]``.
+- A sample x0 is the packed motion (T, 226) of ``motion.py`` (betas | 21 rotations row-major |
+  21 contacts), (T, 496) with hands.
+- Timesteps are diffusers indices (999, 840, ..., 0, -1; ``motion.sampling_timesteps``), the
+  numbering the prior was trained with (``prior.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from diffusers import DDPMScheduler
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from diffgrpo.config import SamplerConfig
+from diffgrpo.task import Batch
+from tasks.ego_motion import metrics
+from tasks.ego_motion.body import BodyModel, load_body_model
+from tasks.ego_motion.condition import encode_head_trajectory
+from tasks.ego_motion.data import (
+    BUNDLED_CMU_DIR,
+    BUNDLED_SPLIT_FILE,
+    NUM_BETAS,
+    TARGET_FPS,
+    DataSource,
+    EgoMotionWindows,
+    WindowConfig,
+    load_windows,
+)
+from tasks.ego_motion.geometry import HEAD_JOINT, NUM_BODY_JOINTS, make_transform
+from tasks.ego_motion.motion import MotionSample, motion_dim, sampling_timesteps
+from tasks.ego_motion.prior import make_scheduler
+
+DEMO_PRIOR_PATH = Path(__file__).resolve().parent / "assets" / "demo_prior.safetensors"
+"""The shipped demo prior (``DenoiserConfig.demo()`` trained on the bundled CMU clips, 64-frame windows)."""
+SPLITS = ("train", "test")
+METRIC_UNITS: dict[str, str] = {
+    "mpjpe_mm": "mm",
+    "pa_mpjpe_mm": "mm",
+    "mpjve_mm_per_s": "mm/s",
+    "mpjre_deg": "deg",
+    "jitter_m_per_s3": "m/s^3",
+    "ground_penetration_m": "m",
+    "foot_skating_m": "m",
+    "head_position_error_mm": "mm",
+    "head_orientation_error_deg": "deg",
+}
+"""Every key :meth:`EgoMotionTask.evaluate` returns, in table order, with its unit."""
+PLAUSIBILITY_METRICS: tuple[str, ...] = ("jitter_m_per_s3", "ground_penetration_m", "foot_skating_m")
+"""Metrics of the motion alone (no ground truth needed); :func:`plausibility_metrics` computes them."""
+
+
+@dataclass(frozen=True)
+class EgoMotionTaskConfig:
+    """Data, body model and sampler of the ego-motion task; every field is a CLI flag of the recipes."""
+
+    window_frames: int = 64
+    """T, motion frames per window (the demo prior uses 64; EgoAllo's reference 128)."""
+    train_stride_frames: int | None = None
+    """Frames between train window starts; None -> window_frames // 2."""
+    test_stride_frames: int | None = None
+    """Frames between test window starts; None -> window_frames (each test frame evaluated once)."""
+    include_mirrored: bool = True
+    """Add left/right mirrored copies of the train windows (never of the test windows)."""
+    include_hands: bool = False
+    """Generate the 30 hand rotations too (D = 496); must match the prior's DenoiserConfig."""
+    data_root: Path = BUNDLED_CMU_DIR
+    """Folder of AMASS-layout .npz files (default: the bundled CMU clips)."""
+    split_rule: Literal["split_json", "egoallo"] = "split_json"
+    """'split_json': clip names in split_file; 'egoallo': test = Transitions_mocap, SSM_synced."""
+    split_file: Path | None = BUNDLED_SPLIT_FILE
+    """JSON {"train": [...], "test": [...]} of clip names (split_rule='split_json' only)."""
+    body_model_path: Path | None = None
+    """SMPL-H .npz; None -> $DIFFGRPO_SMPLH_PATH or the bundled skeleton model."""
+    cache_dir: Path | None = None
+    """Window cache; None -> $DIFFGRPO_CACHE/ego_motion or ~/.cache/diffgrpo/ego_motion."""
+    num_sampling_steps: int = 30
+    """K network calls per sample: timesteps k^2 for k = K..0 (the first raised to the noisiest level)."""
+    sampler_eta: float = 0.8
+    """Scale of the single-step DDPM posterior std (EgoAllo's 0.8)."""
+    use_egoallo_offset: bool = True
+    """Keep the '+0.1' in the eps denominator sqrt(1 - abar_t + 0.1) of EgoAllo's released sampler."""
+    log_prob_reduction: Literal["sum", "mean"] = "mean"
+    """Per-step log-density over the T x D entries: 'mean' (GRPO default, size-independent) or 'sum'."""
+
+    def __post_init__(self) -> None:
+        if self.window_frames < 4:
+            raise ValueError(f"window_frames={self.window_frames}: jitter needs at least 4 frames per window; "
+                             "pass --task.window-frames 32 or more.")
+        if not 1 <= self.num_sampling_steps <= 31:
+            raise ValueError(f"num_sampling_steps={self.num_sampling_steps} must be in [1, 31] (k^2 <= 1000 "
+                             "training steps); EgoAllo uses 30.")
+        if self.sampler_eta < 0:
+            raise ValueError(f"sampler_eta={self.sampler_eta} must be >= 0 (0 = deterministic DDIM-like chain).")
+
+    def window_config(self) -> WindowConfig:
+        return WindowConfig(window_frames=self.window_frames, train_stride_frames=self.train_stride_frames,
+                            test_stride_frames=self.test_stride_frames, include_mirrored=self.include_mirrored)
+
+    def data_source(self) -> DataSource:
+        return DataSource(root=self.data_root, split_rule=self.split_rule, split_file=self.split_file)
+
+    def sampler_config(self) -> SamplerConfig:
+        """EgoAllo's step (method 'egoallo') with this config's eta and '+0.1' offset."""
+        return SamplerConfig(method="egoallo", eta=self.sampler_eta, log_prob_reduction=self.log_prob_reduction,
+                             egoallo_denominator_offset=0.1 if self.use_egoallo_offset else 0.0)
+
+
+class EgoMotionTask:
+    """Implements :class:`diffgrpo.task.Task` for egocentric body recovery (see the module docstring).
+
+    ``body`` may be passed to share one loaded body model; windows are loaded (or built and
+    cached) on first use of a split.
+    """
+
+    def __init__(self, cfg: EgoMotionTaskConfig | None = None, *, body: BodyModel | None = None) -> None:
+        self.cfg = cfg or EgoMotionTaskConfig()
+        self.body = body if body is not None else load_body_model(self.cfg.body_model_path)
+        if self.body.num_betas < NUM_BETAS:
+            raise ValueError(f"body model {self.body.source} has {self.body.num_betas} betas but the prior predicts "
+                             f"{NUM_BETAS}; use an SMPL-H file with 16 shape coefficients (--task.body-model-path).")
+        self.sample_shape: tuple[int, ...] = (self.cfg.window_frames, motion_dim(self.cfg.include_hands))
+        self.fps = TARGET_FPS
+        self._windows: dict[str, EgoMotionWindows] = {}
+
+    # -- diffusion ---------------------------------------------------------------------------------
+    def make_scheduler(self) -> DDPMScheduler:
+        """The prior's cosine DDPM schedule with x0-prediction (``prior.make_scheduler``)."""
+        scheduler = make_scheduler()
+        if scheduler.config.prediction_type != "sample":
+            raise ValueError(f"prior.make_scheduler() predicts {scheduler.config.prediction_type!r}; the ego-motion "
+                             "denoiser predicts x0, so the scheduler needs prediction_type='sample'.")
+        return scheduler
+
+    def sampling_timesteps(self) -> Tensor:
+        """(K+1,) diffusers indices 999, 840, 783, ..., 3, 0, -1: EgoAllo's k^2 schedule minus one.
+
+        The last step (0 -> -1, into abar = 1) is deterministic and carries no log-probability.
+        """
+        return sampling_timesteps(self.cfg.num_sampling_steps, convention="diffusers")
+
+    def sampler_config(self) -> SamplerConfig:
+        return self.cfg.sampler_config()
+
+    # -- data --------------------------------------------------------------------------------------
+    def windows(self, split: str) -> EgoMotionWindows:
+        """The cached windows of ``split`` ("train" includes mirrored copies, "test" does not)."""
+        if split not in SPLITS:
+            raise KeyError(f"unknown split {split!r}; the ego-motion task has {SPLITS}.")
+        if split not in self._windows:
+            self._windows[split] = load_windows(split, source=self.cfg.data_source(),  # type: ignore[arg-type]
+                                                config=self.cfg.window_config(),
+                                                body_model_path=self.cfg.body_model_path,
+                                                cache_dir=self.cfg.cache_dir)
+        return self._windows[split]
+
+    def num_examples(self, split: str) -> int:
+        return len(self.windows(split))
+
+    def load_examples(self, split: str, indices: Tensor) -> Batch:
+        """Windows at ``indices`` (B,) of ``split``; keys and shapes in the module docstring."""
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        if indices.ndim != 1:
+            raise ValueError(f"indices must be 1-D (B,), got shape {tuple(indices.shape)}.")
+        return self.windows(split).get(indices)
+
+    def raw_condition(self, batch: Batch) -> Float[Tensor, "B Tp1 3"]:
+        """Head (CPF) translations ``T_world_cpf[..., :3, 3]`` (B, T+1, 3), world metres.
+
+        Why translation only: MotionGRPO perturbs the head position and keeps its orientation.
+        """
+        return batch["T_world_cpf"][..., :3, 3]
+
+    def with_raw_condition(self, batch: Batch, raw: Float[Tensor, "B Tp1 3"]) -> Batch:
+        """A copy of ``batch`` whose head translations are ``raw``; head rotations and targets unchanged."""
+        T_world_cpf = batch["T_world_cpf"]
+        if raw.shape != T_world_cpf.shape[:-2] + (3,):
+            raise ValueError(f"raw condition has shape {tuple(raw.shape)}, expected "
+                             f"{tuple(T_world_cpf.shape[:-2]) + (3,)} (B, T+1, 3) head translations; "
+                             "perturbers must keep the shape.")
+        perturbed = T_world_cpf.clone()
+        perturbed[..., :3, 3] = raw.to(perturbed.dtype)
+        return {**batch, "T_world_cpf": perturbed}
+
+    def encode_condition(self, batch: Batch) -> Float[Tensor, "B T 154"]:
+        """g(head trajectory) per motion frame (``condition.encode_head_trajectory``)."""
+        return encode_head_trajectory(batch["T_world_cpf"])
+
+    # -- network -----------------------------------------------------------------------------------
+    def predict(self, model: nn.Module, x_t: Tensor, t: Tensor, cond: Tensor) -> Float[Tensor, "N T D"]:
+        """The denoiser's x0 estimate (prediction_type 'sample') for x_t (N, T, D) at diffusers t (N,)."""
+        if x_t.ndim != 3 or x_t.shape[-1] != self.sample_shape[-1] or cond.shape[:2] != x_t.shape[:2]:
+            raise ValueError(f"predict got x_t {tuple(x_t.shape)} and cond {tuple(cond.shape)}; expected "
+                             f"(N, T, {self.sample_shape[-1]}) and (N, T, 154) with the same N and T.")
+        return model(x_t, t, cond.to(x_t.dtype))
+
+    # -- outputs -----------------------------------------------------------------------------------
+    def decode(self, x0: Tensor, batch: Batch) -> dict[str, Tensor]:
+        """Bodies of final samples x0 (N, T, D) on the batch's (possibly perturbed) head; see :func:`decode_motion`."""
+        return decode_motion(self.body, x0, batch["T_world_cpf"], include_hands=self.cfg.include_hands)
+
+    def decode_x0(self, x0: Tensor, batch: Batch) -> dict[str, Tensor]:
+        """Any x0 with extra axes, e.g. a trajectory's per-step predictions ``traj.x0_preds[:, -3:]``
+        (N, K, T, D) -> joints (N, K, T, 22, 3); every output gains the same (N, K) axes."""
+        return decode_motion(self.body, x0, batch["T_world_cpf"], include_hands=self.cfg.include_hands)
+
+    def evaluate(self, decoded: Mapping[str, Tensor], batch: Batch) -> dict[str, Tensor]:
+        """Every metric of ``metrics.py`` per sample (N,) against the batch's ground truth (keys: METRIC_UNITS).
+
+        Head errors compare the predicted head joint (FK of the decoded body) with the ground-truth
+        head joint, and its world rotation with the CPF rotation (the CPF offset has no rotation).
+        On an unperturbed head they measure the consistency of the root recovery (~0 for the
+        bundled skeleton, whose CPF offset does not depend on betas); on a perturbed head they
+        include the perturbation.
+        """
+        pred, gt = decoded["joints_world"], batch["joints_world"].to(decoded["joints_world"])
+        gt_R_head = batch["T_world_cpf"][:, 1:, :3, :3].to(pred)
+        out = {
+            "mpjpe_mm": metrics.mpjpe(pred, gt),
+            "pa_mpjpe_mm": metrics.pa_mpjpe(pred, gt),
+            "mpjve_mm_per_s": metrics.mpjve(pred, gt, self.fps),
+            "mpjre_deg": metrics.mpjre(decoded["body_rotmats"], batch["body_rotmats"].to(pred)),
+            **plausibility_metrics(pred, self.fps),
+            "head_position_error_mm": metrics.head_position_error(pred[:, :, HEAD_JOINT], gt[:, :, HEAD_JOINT]),
+            "head_orientation_error_deg": metrics.head_orientation_error(decoded["T_world_head"][..., :3, :3],
+                                                                         gt_R_head),
+        }
+        return {name: out[name] for name in METRIC_UNITS}
+
+
+def plausibility_metrics(joints_world: Float[Tensor, "B T 22 3"], fps: float = TARGET_FPS) -> dict[str, Tensor]:
+    """Jitter (m/s^3), ground penetration (m) and foot skating (m, summed over the T frames) per sequence (B,).
+
+    Why separate: they need no ground truth, so the same numbers can be reported for the ground
+    truth itself, the floor any prediction is compared with.
+    """
+    return {
+        "jitter_m_per_s3": metrics.jitter(joints_world, fps),
+        "ground_penetration_m": metrics.ground_penetration(joints_world),
+        "foot_skating_m": metrics.foot_skating(joints_world),
+    }
+
+
+def pose_from_head(
+    body: BodyModel,
+    T_world_cpf: Float[Tensor, "*lead T 4 4"],
+    body_rotmats: Float[Tensor, "*lead T 21 3 3"],
+    betas: Float[Tensor, "*lead nb"],
+    hand_rotmats: Float[Tensor, "*lead T 30 3 3"] | None = None,
+) -> dict[str, Tensor]:
+    """Root from the head, then forward kinematics: the body of local rotations worn under a headset.
+
+    Why one function: decoding samples, decoding test-time-optimised rotations and the stitched
+    long-sequence sampler all turn (head, rotations, shape) into world joints the same way
+    (method.md section 1): T_world_root = T_world_cpf inv(T_head_cpf) inv(T_root_head).
+
+    Args:
+        T_world_cpf: (..., T, 4, 4) head poses aligned with the motion frames (not T+1).
+        body_rotmats: (..., T, 21, 3, 3) local rotations of SMPL-H joints 1..21.
+        betas: (..., nb) one shape per sequence, nb = ``body.num_betas``.
+        hand_rotmats: optional (..., T, 30, 3, 3); identity hands when None.
+
+    Returns:
+        ``T_world_root`` (..., T, 4, 4), ``joints_world`` (..., T, 22, 3) pelvis + 21 body joints
+        in world metres, ``T_world_head`` (..., T, 4, 4) the head joint's world pose.
+    """
+    betas_t = betas[..., None, :]  # (..., 1, nb): broadcast over frames
+    local = body_rotmats if hand_rotmats is None else torch.cat([body_rotmats, hand_rotmats], dim=-3)
+    T_world_root = body.root_from_cpf(T_world_cpf, body_rotmats, betas_t)
+    fk = body.forward_kinematics(local, betas=betas_t, T_world_root=T_world_root)
+    return {
+        "T_world_root": T_world_root,
+        "joints_world": fk.t_world_joint[..., : NUM_BODY_JOINTS + 1, :],
+        "T_world_head": make_transform(fk.R_world_joint[..., HEAD_JOINT, :, :], fk.t_world_joint[..., HEAD_JOINT, :]),
+    }
+
+
+def decode_motion(
+    body: BodyModel,
+    x0: Float[Tensor, "B *K T D"],
+    T_world_cpf: Float[Tensor, "B Tp1 4 4"],
+    *,
+    include_hands: bool = False,
+) -> dict[str, Tensor]:
+    """Packed samples -> bodies in the world, with the root recovered from the given head poses.
+
+    Steps: unpack with SVD projection of the rotations onto SO(3) and contacts clamped to [0, 1];
+    betas = per-sequence mean of the per-frame predictions; head pose of motion frame t =
+    ``T_world_cpf[:, t + 1]`` (pass the *perturbed* head when the condition was perturbed: the
+    body must hang from the head the model saw); root from head; forward kinematics.
+
+    Args:
+        x0: (B, T, D) samples, or (B, K, T, D) with extra axes after the first (e.g. the x0
+            predictions of K sampling steps); D = 226 (496 with hands).
+        T_world_cpf: (B, T+1, 4, 4) the window's head poses, shared by all extra axes.
+
+    Returns (lead = the axes of x0 before T): ``joints_world`` (*lead, T, 22, 3) m,
+    ``body_rotmats`` (*lead, T, 21, 3, 3), ``contacts`` (*lead, T, 21) in [0, 1], ``betas`` (*lead, 16),
+    ``betas_per_frame`` (*lead, T, 16), ``T_world_root``, ``T_world_head`` and ``T_world_cpf``
+    (*lead, T, 4, 4) (the head poses used), and ``hand_rotmats`` (*lead, T, 30, 3, 3) with hands.
+    """
+    if x0.ndim < 3:
+        raise ValueError(f"x0 has shape {tuple(x0.shape)}; expected (B, T, D) or (B, K, T, D).")
+    lead, T = x0.shape[:-2], x0.shape[-2]
+    if T_world_cpf.ndim != 4 or T_world_cpf.shape[0] != lead[0] or T_world_cpf.shape[1] != T + 1:
+        raise ValueError(f"T_world_cpf has shape {tuple(T_world_cpf.shape)}, expected ({lead[0]}, {T + 1}, 4, 4): "
+                         "the T+1 head poses of the window the samples belong to.")
+    motion = MotionSample.unpack(x0, include_hands=include_hands, project_rotations=True, clamp_contacts=True)
+    betas = motion.betas.mean(dim=-2)  # (*lead, 16)
+    model_betas = torch.nn.functional.pad(betas, (0, body.num_betas - NUM_BETAS))
+    head = T_world_cpf[:, 1:].to(x0.dtype)  # (B, T, 4, 4): motion frame t <-> head pose t + 1
+    head = head.reshape(lead[0], *(1,) * (len(lead) - 1), T, 4, 4).expand(*lead, T, 4, 4)
+    out = pose_from_head(body, head, motion.body_rotmats, model_betas, motion.hand_rotmats)
+    out.update(body_rotmats=motion.body_rotmats, contacts=motion.contacts, betas=betas,
+               betas_per_frame=motion.betas, T_world_cpf=head)
+    if motion.hand_rotmats is not None:
+        out["hand_rotmats"] = motion.hand_rotmats
+    return out
