@@ -46,7 +46,7 @@ from tasks.ego_motion.prior import diffusion_loss, evaluate_prior, make_schedule
 
 logger = logging.getLogger(__name__)
 
-Preset = Literal["demo", "reference"]
+Preset = Literal["demo", "reference", "tiny"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,8 @@ PRESETS: dict[str, PresetDefaults] = {
     # 2 CPU cores, bundled CMU clips (most clips are 3-15 s, so 64-frame windows); lr measured in
     # docs/ego_motion_prior.md: 1e-3 reaches a given loss several times sooner than 1e-4 at this size.
     "demo": PresetDefaults(window_frames=64, batch_size=32, learning_rate=1e-3, warmup_steps=100, steps=3000),
+    # Seconds-long smoke runs and the recipe's tests; not a useful prior.
+    "tiny": PresetDefaults(window_frames=32, batch_size=4, learning_rate=1e-3, warmup_steps=2, steps=20),
 }
 
 
@@ -77,7 +79,8 @@ class Config:
     seed: int = 0
     """Seeds the initial weights, the window order and every noise/timestep draw."""
     preset: Preset = "demo"
-    """Model size: 'demo' (W 128, 2+2 layers, 1.19 M parameters) or 'reference' (W 512, 6+6, 47.2 M)."""
+    """Model size: 'demo' (W 128, 2+2 layers, 1.19 M parameters), 'reference' (W 512, 6+6, 47.2 M) or
+    'tiny' (W 32, 1+1 layers: smoke tests only)."""
     window_frames: int | None = None
     """Frames T per training window (None: demo 64, reference 128)."""
     batch_size: int | None = None
@@ -141,6 +144,9 @@ class Config:
             return DenoiserConfig.demo()
         elif self.preset == "reference":
             return DenoiserConfig.reference()
+        elif self.preset == "tiny":
+            return DenoiserConfig(width=32, ff_dim=64, num_heads=2, num_encoder_layers=1, num_decoder_layers=1,
+                                  timestep_features=16)
         else:
             assert_never(self.preset)
 

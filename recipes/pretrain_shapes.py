@@ -43,7 +43,7 @@ class Config:
 
     seed: int = 0
     """Seeds the initial weights and every draw of examples, noise and sigma."""
-    steps: int = 700
+    steps: int = 200
     """Optimiser steps. The default is deliberately short: the prior must leave room for GRPO."""
     batch_size: int = 64
     """Examples per step (drawn with replacement from the train split)."""

@@ -172,7 +172,9 @@ def canonical_joint_features(
     """
     if joints.shape[1] < 2:
         raise ValueError(f"joints has T={joints.shape[1]} frame(s); the velocity feature needs T >= 2.")
-    T_world_head = T_world_cpf[:, 1:]  # (N, T, 4, 4), aligned with the joint frames
+    dtype = torch.promote_types(joints.dtype, T_world_cpf.dtype)
+    joints = joints.to(dtype)
+    T_world_head = T_world_cpf[:, 1:].to(dtype)  # (N, T, 4, 4), aligned with the joint frames
     forward = T_world_head[..., :3, 2]  # (N, T, 3), the CPF's local +Z in the world
     R_canon_world = rotation_about_z(-torch.atan2(forward[..., 1], forward[..., 0]))  # (N, T, 3, 3)
     origin = T_world_head[..., :3, 3].clone()  # (N, T, 3)
@@ -254,10 +256,15 @@ class PerceptualModel(nn.Module):
     def check_inputs(self, joints: Tensor, T_world_cpf: Tensor, cond: Tensor | None = None) -> None:
         """Raise a ValueError naming the mismatch unless the shapes fit ``forward``."""
         J = self.config.num_joints
-        if not isinstance(joints, Tensor) or joints.ndim != 4 or tuple(joints.shape[-2:]) != (J, 3):
+        if (
+            not isinstance(joints, Tensor)
+            or not joints.is_floating_point()
+            or joints.ndim != 4
+            or tuple(joints.shape[-2:]) != (J, 3)
+        ):
             shape = tuple(joints.shape) if isinstance(joints, Tensor) else type(joints).__name__
             raise ValueError(
-                f"joints has shape {shape}, expected (N, T, {J}, 3) world positions in metres "
+                f"joints has shape {shape}, expected a floating (N, T, {J}, 3) tensor of world positions in metres "
                 f"(pelvis + 21 body joints); drop hand joints with joints[..., :{J}, :]."
             )
         N, T = joints.shape[:2]
@@ -350,8 +357,10 @@ class PerceptualTrainer:
         no gradient reaches the policy. Returns loss (nats), accuracy (fraction of conditions whose
         positive beats every negative), mean positive/negative scores, their gap, the gradient norm.
         """
-        if neg_joints.ndim != 5 or neg_joints.shape[0] != pos_joints.shape[0] or (
-            neg_joints.shape[2:] != pos_joints.shape[1:]
+        if (
+            neg_joints.ndim != 5
+            or neg_joints.shape[0] != pos_joints.shape[0]
+            or (neg_joints.shape[2:] != pos_joints.shape[1:])
         ):
             raise ValueError(
                 f"neg_joints has shape {tuple(neg_joints.shape)}, expected (B, M, T, J, 3) with (B, T, J, 3) = "
@@ -390,9 +399,7 @@ class PerceptualTrainer:
             "grad_norm": float(grad_norm),
         }
 
-    def score(
-        self, joints: Float[Tensor, "N T J 3"], T_world_cpf: Float[Tensor, "N T+1 4 4"]
-    ) -> Float[Tensor, " N"]:
+    def score(self, joints: Float[Tensor, "N T J 3"], T_world_cpf: Float[Tensor, "N T+1 4 4"]) -> Float[Tensor, " N"]:
         """Scores in [-1, 1] with the critic frozen (eval mode, no gradients); the mode is restored after."""
         was_training = self.model.training
         self.model.eval()
@@ -428,15 +435,19 @@ class PerceptualTrainer:
         """Restore from :meth:`state_dict` output; tensors without ``prefix`` are ignored, so a whole
         checkpoint's ``shared_tensors`` can be passed. The saved config must equal this trainer's."""
         if meta.get("format") != STATE_FORMAT:
-            raise ValueError(f"meta has format {meta.get('format')!r}, expected {STATE_FORMAT!r}; pass the "
-                             f"meta written by PerceptualTrainer.state_dict().")
+            raise ValueError(
+                f"meta has format {meta.get('format')!r}, expected {STATE_FORMAT!r}; pass the "
+                f"meta written by PerceptualTrainer.state_dict()."
+            )
         saved = PerceptualConfig.from_dict(meta["config"])
         if saved != self.config:
             diff = {k: (v, getattr(self.config, k)) for k, v in saved.to_dict().items() if getattr(self.config, k) != v}
-            raise ValueError(f"saved PerceptualConfig differs (saved, current): {diff}; build the trainer with "
-                             f"PerceptualConfig.from_dict(meta['config']).")
-        own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        model_state = {k[len("model."):]: v.clone() for k, v in own.items() if k.startswith("model.")}
+            raise ValueError(
+                f"saved PerceptualConfig differs (saved, current): {diff}; build the trainer with "
+                f"PerceptualConfig.from_dict(meta['config'])."
+            )
+        own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        model_state = {k[len("model.") :]: v.clone() for k, v in own.items() if k.startswith("model.")}
         self.model.load_state_dict(model_state, strict=True)
         opt_state: dict[int, dict[str, Any]] = {}
         for name, value in own.items():

@@ -38,7 +38,6 @@ from tasks.ego_motion.data import MotionSequence, load_sequence
 from tasks.ego_motion.task import EgoMotionTask, decode_motion, pose_from_head
 from tasks.ego_motion.tto import TTOConfig, optimize_motion
 
-
 # ---------------------------------------------------------------------------------------------
 # One window
 

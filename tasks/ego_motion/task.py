@@ -67,8 +67,6 @@ METRIC_UNITS: dict[str, str] = {
     "head_orientation_error_deg": "deg",
 }
 """Every key :meth:`EgoMotionTask.evaluate` returns, in table order, with its unit."""
-PLAUSIBILITY_METRICS: tuple[str, ...] = ("jitter_m_per_s3", "ground_penetration_m", "foot_skating_m")
-"""Metrics of the motion alone (no ground truth needed); :func:`plausibility_metrics` computes them."""
 
 
 @dataclass(frozen=True)

@@ -214,9 +214,7 @@ def _objective(terms: dict[str, Tensor], cfg: TTOConfig) -> Tensor:
     return sum(w * terms[name] for name, w in cfg.weights().items())  # type: ignore[return-value]
 
 
-def _align_inputs(
-    T_world_cpf: Tensor, betas: Tensor, body_rotmats: Tensor, contacts: Tensor
-) -> tuple[Tensor, Tensor]:
+def _align_inputs(T_world_cpf: Tensor, betas: Tensor, body_rotmats: Tensor, contacts: Tensor) -> tuple[Tensor, Tensor]:
     """Validate shapes; return T_world_cpf (B, T, 4, 4) for the motion frames and betas (B, 1, nb)."""
     if body_rotmats.ndim != 5 or tuple(body_rotmats.shape[2:]) != (NUM_BODY_JOINTS, 3, 3):
         raise ValueError(
@@ -227,9 +225,7 @@ def _align_inputs(
     if T < 1:
         raise ValueError("body_rotmats has no frames; TTO needs at least one.")
     if T_world_cpf.ndim != 4 or T_world_cpf.shape[0] != B or tuple(T_world_cpf.shape[2:]) != (4, 4):
-        raise ValueError(
-            f"T_world_cpf must be (B={B}, T+1 or T, 4, 4) head poses, got {tuple(T_world_cpf.shape)}."
-        )
+        raise ValueError(f"T_world_cpf must be (B={B}, T+1 or T, 4, 4) head poses, got {tuple(T_world_cpf.shape)}.")
     if T_world_cpf.shape[1] == T + 1:
         T_world_cpf = T_world_cpf[:, 1:]  # motion frame t belongs to head pose t+1
     elif T_world_cpf.shape[1] != T:
@@ -245,8 +241,7 @@ def _align_inputs(
         raise ValueError(f"betas must be (B={B}, nb) or (B, T, nb), got {tuple(betas.shape)}.")
     if tuple(contacts.shape) != (B, T, NUM_BODY_JOINTS):
         raise ValueError(
-            f"contacts must be (B={B}, T={T}, 21) probabilities of SMPL-H joints 1..21, got "
-            f"{tuple(contacts.shape)}."
+            f"contacts must be (B={B}, T={T}, 21) probabilities of SMPL-H joints 1..21, got {tuple(contacts.shape)}."
         )
     for name, x in (("T_world_cpf", T_world_cpf), ("betas", betas), ("body_rotmats", body_rotmats),
                     ("contacts", contacts)):  # fmt: skip

@@ -1,0 +1,189 @@
+"""Sampling through the core rollout, window stitching, held-out evaluation and the eval recipe."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffgrpo.evaluate import evaluate
+from diffgrpo.rollout import make_generator
+from tasks.ego_motion.body import load_body_model
+from tasks.ego_motion.data import BUNDLED_CMU_DIR
+from tasks.ego_motion.network import DenoiserConfig, MotionDenoiser, save_denoiser
+from tasks.ego_motion.sampling import (
+    StitchConfig,
+    evaluate_windows,
+    sample_clip,
+    sample_motion,
+    sample_sequence,
+    stitch,
+    unstitch,
+    window_layout,
+)
+from tasks.ego_motion.task import METRIC_UNITS, EgoMotionTask, EgoMotionTaskConfig
+from tasks.ego_motion.tto import TTOConfig
+
+T = 64
+REPO = Path(__file__).resolve().parents[2]
+SHORT_TEST_CLIP = BUNDLED_CMU_DIR / "002_02.npz"  # 74 frames at 30 fps: 73 motion frames, two 64-frame windows
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config() -> DenoiserConfig:
+    return DenoiserConfig(width=16, ff_dim=32, num_heads=2, num_encoder_layers=1, num_decoder_layers=1,
+                          timestep_features=8)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def task(cache_dir) -> EgoMotionTask:
+    return EgoMotionTask(EgoMotionTaskConfig(window_frames=T, cache_dir=cache_dir), body=load_body_model())
+
+
+@pytest.fixture(scope="module")
+def model() -> MotionDenoiser:
+    torch.manual_seed(0)
+    return MotionDenoiser(tiny_config()).eval()
+
+
+@pytest.fixture(scope="module")
+def batch(task):
+    return task.load_examples("test", torch.tensor([0, 1]))
+
+
+def test_sampling_is_deterministic_given_a_seed(task, model, batch):
+    a = sample_motion(task, model, batch, generator=make_generator(7, "sample"))
+    b = sample_motion(task, model, batch, generator=make_generator(7, "sample"))
+    c = sample_motion(task, model, batch, generator=make_generator(8, "sample"))
+    assert torch.equal(a.states, b.states) and torch.equal(a.log_probs, b.log_probs)
+    assert not torch.equal(a.samples, c.samples)
+    assert a.samples.shape == (2, T, 226) and a.x0_preds.shape == (2, 30, T, 226)
+    assert a.is_stochastic.tolist() == [True] * 29 + [False]  # EgoAllo's last step is deterministic
+    assert torch.equal(a.samples, a.x0_preds[:, -1])  # ... and lands on the last x0 prediction
+
+
+@pytest.mark.parametrize("num_frames", [T, 40])
+def test_stitched_sampler_equals_single_window_when_the_sequence_fits(task, model, batch, num_frames):
+    short = {**batch, "T_world_cpf": batch["T_world_cpf"][:, : num_frames + 1]}
+    single = sample_motion(task, model, short, generator=make_generator(3, "s"))
+    stitched = sample_sequence(task, model, short["T_world_cpf"], generator=make_generator(3, "s"))
+    assert stitched.layout.starts == (0,)
+    assert torch.equal(stitched.x0, single.samples)
+    assert torch.equal(stitched.decoded["joints_world"],
+                       task.decode_x0(single.samples, short)["joints_world"])
+
+
+@pytest.mark.parametrize("use_ramp_down", [False, True])
+@pytest.mark.parametrize(("num_frames", "window", "overlap"),
+                         [(73, 64, 16), (200, 64, 16), (256, 128, 32), (300, 128, 32), (130, 64, 0), (64, 64, 16)])
+def test_stitch_weights_sum_to_one_and_ramp_up(num_frames, window, overlap, use_ramp_down):
+    layout = window_layout(num_frames, StitchConfig(window, overlap, use_ramp_down=use_ramp_down))
+    starts, w = layout.starts, layout.window_frames
+    assert starts[0] == 0 and starts[-1] + w == num_frames
+    total = torch.zeros(num_frames, dtype=torch.float64)
+    for k, s in enumerate(starts):
+        total[s : s + w] += layout.weights[k]
+    assert torch.allclose(total, torch.ones(num_frames, dtype=torch.float64), atol=1e-12)
+    assert (layout.weights > 0).all()
+    # the first window has full weight until the second one starts
+    second = starts[1] if len(starts) > 1 else w
+    assert torch.equal(layout.weights[0, :second], torch.ones(second, dtype=torch.float64))
+    # a later window's weight grows linearly over its first `overlap` frames
+    if len(starts) > 2 and overlap > 1:
+        ramp = layout.weights[1, :overlap]
+        assert (ramp.diff() > 0).all()
+        if use_ramp_down:  # a regular overlap is an exact linear crossfade
+            expected = torch.arange(1, overlap + 1, dtype=torch.float64) / (overlap + 1)
+            assert torch.allclose(ramp, expected, atol=1e-12)
+
+
+def test_stitch_inverts_unstitch():
+    layout = window_layout(150, StitchConfig(64, 16))
+    sequence = torch.randn(2, 150, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    windows = unstitch(sequence, layout)
+    assert windows.shape == (2, len(layout.starts), 64, 5)
+    assert torch.allclose(stitch(windows, layout), sequence, atol=1e-12)
+
+
+def test_stitched_two_window_clip_has_the_clip_length_and_agrees_on_the_overlap(task, model):
+    batch, sample = sample_clip(task, model, SHORT_TEST_CLIP, generator=make_generator(0, "clip"),
+                                stitch_cfg=StitchConfig(T, 16))
+    num_frames = batch["T_world_cpf"].shape[1] - 1
+    assert num_frames == 73 and sample.layout.starts == (0, 9)
+    assert sample.x0.shape == (1, num_frames, 226)
+    joints = sample.decoded["joints_world"]
+    assert joints.shape == (1, num_frames, 22, 3) and torch.isfinite(joints).all()
+    windows = sample.trajectory.samples  # (2, 64, 226): per-step averaging makes them agree where they overlap
+    assert torch.allclose(windows[0, 9:], windows[1, : T - 9], atol=1e-5)
+    values = task.evaluate(sample.decoded, batch)
+    assert all(torch.isfinite(v).all() and v.shape == (1,) for v in values.values())
+    again = sample_clip(task, model, SHORT_TEST_CLIP, generator=make_generator(0, "clip"),
+                        stitch_cfg=StitchConfig(T, 16))[1]
+    assert torch.equal(again.x0, sample.x0)
+
+
+def test_evaluate_windows_matches_the_core_evaluation_and_tto_refines_the_same_samples(task, model):
+    ours = evaluate_windows(task, model, "test", seed=5, use_tto=True, tto_cfg=TTOConfig(num_iterations=5),
+                            batch_size=2, max_windows=3, keep_joints=True, progress=False)
+    core = evaluate(task, model, task.make_scheduler(), split="test", sampler=task.sampler_config(), seed=5,
+                    batch_size=2, max_examples=3, progress=False)
+    assert set(ours.metrics) == {"base", "tto"}
+    for name in METRIC_UNITS:
+        assert torch.equal(ours.metrics["base"][name], core[name]), name
+        assert torch.isfinite(ours.metrics["tto"][name]).all() and ours.metrics["tto"][name].shape == (3,)
+    # TTO keeps the root on the head and smooths the (random) sample
+    assert torch.allclose(ours.metrics["tto"]["head_position_error_mm"], ours.metrics["base"]["head_position_error_mm"],
+                          atol=0.01)
+    assert ours.metrics["tto"]["jitter_m_per_s3"].mean() < ours.metrics["base"]["jitter_m_per_s3"].mean()
+    assert ours.joints_world["base"].shape == (3, T, 22, 3)
+
+
+def _load_recipe():
+    spec = importlib.util.spec_from_file_location("eval_ego_motion", REPO / "recipes" / "eval_ego_motion.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_eval_recipe_runs_end_to_end_on_a_tiny_model(tmp_path, cache_dir, model):
+    recipe = _load_recipe()
+    checkpoint = tmp_path / "tiny.safetensors"
+    save_denoiser(checkpoint, model)
+    cfg = recipe.Config(checkpoint=checkpoint, output_dir=tmp_path / "eval", seeds=(0, 1), max_windows=2,
+                        batch_size=2, tto=TTOConfig(num_iterations=3), gif_frame_step=32,
+                        task=EgoMotionTaskConfig(window_frames=T, cache_dir=cache_dir))
+    results = recipe.run_eval(cfg)
+    written = json.loads((tmp_path / "eval" / "results.json").read_text())
+    markdown = (tmp_path / "eval" / "results.md").read_text()
+    assert written["num_windows"] == results["num_windows"] == 2
+    for variant in ("base", "tto"):
+        assert set(written["metrics"][variant]) == set(METRIC_UNITS)
+        for name, summary in written["metrics"][variant].items():
+            assert math.isfinite(summary["mean"]) and len(summary["per_seed"]) == 2, (variant, name)
+    assert set(written["metrics"]["ground_truth"]) == {"jitter_m_per_s3", "ground_penetration_m", "foot_skating_m"}
+    for title in recipe.COLUMN_TITLES.values():
+        assert title in markdown
+    assert "| prior + TTO |" in markdown and "motions/s" in markdown
+    assert written["throughput"]["motions_per_s"] > 0
+    for label in ("best", "worst"):
+        assert (tmp_path / "eval" / f"{label}_window.png").stat().st_size > 0
+        assert (tmp_path / "eval" / f"{label}_window.gif").stat().st_size > 0
+    assert written["pictures"]["best"]["mpjpe_mm"] <= written["pictures"]["worst"]["mpjpe_mm"]
