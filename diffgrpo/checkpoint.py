@@ -69,10 +69,6 @@ def git_revision() -> str:
         return "unknown"
 
 
-def generator_state(generator: torch.Generator) -> Tensor:
-    return generator.get_state()
-
-
 @dataclass(frozen=True)
 class Checkpoint:
     """What :func:`load_checkpoint` returns; model/optimiser/scheduler are restored in place."""

@@ -10,20 +10,20 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from diffgrpo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from diffgrpo.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from diffgrpo.config import GRPOConfig
 from diffgrpo.rewards import RewardSet
 from diffgrpo.rollout import make_generator
 from diffgrpo.stream import IndexStream
 from diffgrpo.task import Task, batch_to
-from diffgrpo.train_step import collect, diversity, frozen_copy, make_perturber, policy_update
+from diffgrpo.train_step import RolloutBatch, collect, diversity, frozen_copy, make_perturber, policy_update
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,81 @@ def make_optimizer(model: nn.Module, cfg: GRPOConfig):
     return optimizer, schedule
 
 
+@dataclass
+class GRPORun:
+    """Everything a GRPO run carries from one iteration to the next (and through a checkpoint)."""
+
+    model: nn.Module
+    """The policy, as prepared by accelerate (DDP-wrapped with several processes)."""
+    optimizer: torch.optim.Optimizer
+    lr_schedule: torch.optim.lr_scheduler.LRScheduler
+    stream: IndexStream
+    """This process's resumable order of training conditions."""
+    generator: torch.Generator
+    """This process's stream for perturbations, initial noise, step noise and step selection."""
+    reference: nn.Module | None
+    """Frozen copy of the starting policy for the KL term (None without KL)."""
+    start: int = 0
+    """Iterations already done (> 0 after a resume)."""
+    history: dict[str, list[float]] = field(default_factory=dict)
+    """Logged scalars of every iteration so far, restored on resume."""
+
+    def log(self, accelerator, iteration: int, values: dict[str, float]) -> dict[str, float]:
+        """Average ``values`` over processes, send them to the trackers and the history."""
+        values = {k: _mean_over_processes(accelerator, v) for k, v in values.items()}
+        accelerator.log(values, step=iteration + 1)
+        for key, value in values.items():
+            self.history.setdefault(key, []).append(value)
+        return values
+
+    def save(self, accelerator, output_dir: str | Path, done: int, cfg, *,
+             shared_tensors: dict[str, torch.Tensor] | None = None, meta: dict | None = None) -> None:
+        """Checkpoint after ``done`` iterations (every process must call this)."""
+        save_checkpoint(accelerator, output_dir, done, model=self.model, optimizer=self.optimizer,
+                        lr_scheduler=self.lr_schedule, rank_tensors={"rollout_generator": self.generator.get_state()},
+                        rank_meta={"stream": self.stream.state_dict()}, shared_tensors=shared_tensors,
+                        meta={"config": json.dumps(asdict(cfg), default=str), "history": json.dumps(self.history),
+                              **(meta or {})})
+
+
+def start_run(task: Task, model: nn.Module, cfg: GRPOConfig, *, accelerator, output_dir: str | Path,
+              resume: bool = False) -> tuple[GRPORun, Checkpoint | None]:
+    """Optimiser, schedule, data stream and RNG for a run; restored from the newest checkpoint if ``resume``.
+
+    Returns the run and the checkpoint it resumed from (None for a fresh start), so a recipe can
+    restore its own extra state (e.g. a learned reward model) from ``checkpoint.shared_tensors``.
+    """
+    rank, world = accelerator.process_index, accelerator.num_processes
+    optimizer, lr_schedule = make_optimizer(model, cfg)
+    reference = frozen_copy(model) if cfg.loss.kl_coef > 0 else None
+    model, optimizer = accelerator.prepare(model, optimizer)
+    run = GRPORun(model=model, optimizer=optimizer, lr_schedule=lr_schedule,
+                  stream=IndexStream(task.num_examples("train"), cfg.seed, rank, world),
+                  generator=make_generator(cfg.seed, "rollout", rank, device=accelerator.device), reference=reference)
+    ckpt = None
+    if resume and (path := latest_checkpoint(output_dir)) is not None:
+        ckpt = load_checkpoint(accelerator, path, model=model, optimizer=optimizer, lr_scheduler=lr_schedule)
+        run.generator.set_state(ckpt.rank_tensors["rollout_generator"])
+        run.stream.load_state_dict(ckpt.rank_meta["stream"])
+        run.start = ckpt.step
+        run.history = json.loads(ckpt.meta.get("history", "{}"))
+        logger.info("resumed from %s at iteration %d", path, run.start)
+    elif resume:
+        logger.info("--resume given but %s holds no checkpoint: starting from scratch", output_dir)
+    return run, ckpt
+
+
+def iteration_logs(data: RolloutBatch, stats: dict[str, float], lr: float) -> dict[str, float]:
+    """The scalars logged per iteration: loss stats, advantage diagnostics, sub-rewards, diversity."""
+    return {**stats, **{f"adv/{k}": v for k, v in data.advantages.diagnostics.items()},
+            **{f"reward/{k}": float(v.float().mean()) for k, v in data.rewards.items()},
+            "diversity/final_samples": diversity(data), "lr": lr}
+
+
+def should_checkpoint(cfg: GRPOConfig, done: int) -> bool:
+    return bool(cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.num_iterations
+
+
 def train_grpo(
     task: Task,
     model: nn.Module,
@@ -65,55 +140,29 @@ def train_grpo(
     ``stop_after`` ends the run after that many iterations *of this call* (used to simulate a
     crash in tests); checkpoints are still written on their usual schedule.
     """
-    output_dir = Path(output_dir)
     rank, world = accelerator.process_index, accelerator.num_processes
     scheduler = task.make_scheduler()
     rewards = RewardSet.from_specs(parse_reward_specs(cfg.rewards))
     perturber = make_perturber(cfg)
-    optimizer, lr_schedule = make_optimizer(model, cfg)
-    reference = frozen_copy(model) if cfg.loss.kl_coef > 0 else None
-    model, optimizer = accelerator.prepare(model, optimizer)
-    stream = IndexStream(task.num_examples("train"), cfg.seed, rank, world)
-    generator = make_generator(cfg.seed, "rollout", rank, device=accelerator.device)
-    start = 0
-    history: dict[str, list[float]] = {}
-    if resume and (path := latest_checkpoint(output_dir)) is not None:
-        ckpt = load_checkpoint(accelerator, path, model=model, optimizer=optimizer, lr_scheduler=lr_schedule)
-        generator.set_state(ckpt.rank_tensors["rollout_generator"])
-        stream.load_state_dict(ckpt.rank_meta["stream"])
-        start = ckpt.step
-        history = json.loads(ckpt.meta.get("history", "{}"))
-        logger.info("resumed from %s at iteration %d", path, start)
-    elif resume:
-        logger.info("--resume given but %s holds no checkpoint: starting from scratch", output_dir)
-
-    end = cfg.num_iterations if stop_after is None else min(cfg.num_iterations, start + stop_after)
-    bar = tqdm(range(start, end), desc="GRPO", disable=not accelerator.is_main_process, initial=start,
+    run, _ = start_run(task, model, cfg, accelerator=accelerator, output_dir=output_dir, resume=resume)
+    end = cfg.num_iterations if stop_after is None else min(cfg.num_iterations, run.start + stop_after)
+    bar = tqdm(range(run.start, end), desc="GRPO", disable=not accelerator.is_main_process, initial=run.start,
                total=cfg.num_iterations)
     for it in bar:
-        indices = stream.next(cfg.conditions_per_iteration)                                    # Alg. 1 l.3
+        indices = run.stream.next(cfg.conditions_per_iteration)                                # Alg. 1 l.3
         batch = batch_to(task.load_examples("train", indices), accelerator.device)
         offset = (it * world + rank) * cfg.conditions_per_iteration
-        data = collect(task, accelerator.unwrap_model(model), scheduler, batch, cfg=cfg,      # l.4-6
-                       rewards=rewards, perturber=perturber, generator=generator, group_id_offset=offset,
+        data = collect(task, accelerator.unwrap_model(run.model), scheduler, batch, cfg=cfg,  # l.4-6
+                       rewards=rewards, perturber=perturber, generator=run.generator, group_id_offset=offset,
                        autocast=accelerator.autocast)
-        stats = policy_update(task, model, scheduler, data, optimizer, cfg=cfg, generator=generator,  # l.7-9
-                              accelerator=accelerator, lr_scheduler=lr_schedule, reference=reference)
-        logs = {**stats, **{f"adv/{k}": v for k, v in data.advantages.diagnostics.items()},
-                **{f"reward/{k}": float(v.float().mean()) for k, v in data.rewards.items()},
-                "diversity/final_samples": diversity(data), "lr": lr_schedule.get_last_lr()[0]}
-        logs = {k: _mean_over_processes(accelerator, v) for k, v in logs.items()}
-        accelerator.log(logs, step=it + 1)
-        for key, value in logs.items():
-            history.setdefault(key, []).append(value)
+        stats = policy_update(task, run.model, scheduler, data, run.optimizer, cfg=cfg,       # l.7-9
+                              generator=run.generator, accelerator=accelerator, lr_scheduler=run.lr_schedule,
+                              reference=run.reference)
+        logs = run.log(accelerator, it, iteration_logs(data, stats, run.lr_schedule.get_last_lr()[0]))
         bar.set_postfix({k.split("/")[-1]: f"{logs[k]:.3g}" for k in logs if k.startswith("reward/")})
-        done = it + 1
-        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.num_iterations:
-            save_checkpoint(accelerator, output_dir, done, model=model, optimizer=optimizer, lr_scheduler=lr_schedule,
-                            rank_tensors={"rollout_generator": generator.get_state()},
-                            rank_meta={"stream": stream.state_dict()},
-                            meta={"config": json.dumps(asdict(cfg), default=str), "history": json.dumps(history)})
-    return history
+        if should_checkpoint(cfg, it + 1):
+            run.save(accelerator, output_dir, it + 1, cfg)
+    return run.history
 
 
 def _mean_over_processes(accelerator, value: float) -> float:

@@ -34,10 +34,14 @@ xy the horizontal (world x, y) part. The weights are the paper's (method.md sect
 Two readings of the spec are fixed here and stated so they can be changed deliberately:
 
 - ``position_smoothness`` penalises first differences of the *correction* p - p^s (the default,
-  ``position_smoothness_of="correction"``), not of the positions themselves. Penalising world
-  joint velocities at weight 10 damps every real movement: measured on a bundled CMU walk it
-  shrinks the stride enough that TTO on the ground truth moves joints by centimetres, and it pulls
-  the first and last frames towards each other. ``"motion"`` keeps the literal reading.
+  ``position_smoothness_of="correction"``), i.e. it keeps joint velocities near the sample's,
+  instead of penalising world joint velocities themselves (``"motion"``, the literal reading).
+  At weight 10 the literal term damps every real movement (strides, arm swing) and pulls each
+  joint's first and last frames together. Measured on the bundled CMU walk 002_02 (60 frames,
+  ground-truth contacts, default optimiser): TTO of the ground truth moves the joints by 3.5 mm
+  MPJPE with "correction" and 47 mm with "motion"; of the ground truth with 1.7 deg rotation
+  noise per joint and frame (41.9 mm), it lands at 23.8 mm vs 36.6 mm. The literal term removes
+  more jitter (5398 -> 439 m/s^3 vs -> 1878; ground truth 232), and helps pin sliding feet.
 - ``foot_skating`` weights a step t -> t+1 by c_t c_{t+1}, the probability that the joint is in
   contact at both ends if the two are independent: the step that lands or lifts a foot is free.
 
