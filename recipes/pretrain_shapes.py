@@ -43,13 +43,13 @@ class Config:
 
     seed: int = 0
     """Seeds the initial weights and every draw of examples, noise and sigma."""
-    steps: int = 200
+    steps: int = 120
     """Optimiser steps. The default is deliberately short: the prior must leave room for GRPO."""
     batch_size: int = 64
     """Examples per step (drawn with replacement from the train split)."""
     learning_rate: float = 2e-3
     """Peak AdamW learning rate (linear warm-up, then cosine decay to 10 %)."""
-    warmup_steps: int = 50
+    warmup_steps: int = 30
     """Steps of linear learning-rate warm-up."""
     weight_decay: float = 0.0
     """AdamW weight decay."""

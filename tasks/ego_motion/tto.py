@@ -95,7 +95,7 @@ class TTOConfig:
     rotation_smoothness_weight: float = 1.0
     """First differences of local rotations over time (~ squared angle per frame, rad^2)."""
     position_smoothness_weight: float = 10.0
-    """First differences over time of the joint positions (or of their correction, see below), m^2."""
+    """First differences over time of the joint positions or of their correction (``position_smoothness_of``), m^2."""
     velocity_smoothness_weight: float = 5.0
     """Second differences over time of world joint positions (acceleration per frame^2), m^2."""
     foot_skating_weight: float = 30.0
