@@ -34,7 +34,7 @@ from diffgrpo.config import GRPOConfig, OptimConfig, PerturbConfig, StepSelectio
 from diffgrpo.launch import make_accelerator
 from diffgrpo.plots import plot_history
 from diffgrpo.rewards import RewardSet, RewardSpec
-from diffgrpo.task import batch_to, repeat_batch
+from diffgrpo.task import batch_to
 from diffgrpo.train_step import collect, make_perturber, policy_update
 from diffgrpo.trainer import iteration_logs, parse_reward_specs, should_checkpoint, start_run
 from tasks.ego_motion.network import load_denoiser
