@@ -76,6 +76,10 @@ def collect(
     num_conditions = next(iter(batch.values())).shape[0]
     expanded = repeat_batch(batch, cfg.group_size)  # (B*G, ...)
     raw = task.raw_condition(expanded)
+    if not bool(torch.isfinite(raw).all()):
+        bad = (~torch.isfinite(raw)).flatten(1).any(1).nonzero().flatten() // cfg.group_size
+        raise ValueError(f"the raw condition of batch rows {sorted(set(bad.tolist()))} holds NaN or inf; "
+                         "fix or drop those examples in the task's load_examples")
     expanded = task.with_raw_condition(expanded, perturber(raw, generator))
     cond = task.encode_condition(expanded)
     group_ids = group_ids_for(num_conditions, cfg.group_size, offset=group_id_offset, device=cond.device)

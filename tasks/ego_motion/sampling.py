@@ -11,9 +11,10 @@ chains). Window k covers motion frames s_k .. s_k + w - 1 and is conditioned on 
 poses ``T_world_cpf[s_k : s_k + w + 1]``. At every sampling step each window predicts x0, the
 predictions are averaged per frame in packed x0 space with weights that ramp up linearly over a
 window's first ``overlap_frames`` frames (the first window has full weight from its start), and
-every window continues from the averaged x0 (EgoAllo averages its windows' x0 at every step
-too). The last step is deterministic and lands on the averaged x0, so the windows agree exactly
-where they overlap; the stitched x0 is decoded once over the whole clip (root from head, FK).
+every window continues from the averaged x0, so neighbouring windows are pulled towards one
+motion throughout sampling rather than blended only at the end. The last step is deterministic
+and lands on the averaged x0, so the windows agree exactly where they overlap; the stitched x0 is
+decoded once over the whole clip (root from head, FK).
 
 Shapes: B sequences or windows, W windows per sequence, w frames per window, L frames per
 sequence, D packed motion size (226), N chains.
@@ -21,6 +22,7 @@ sequence, D packed motion size (226), N chains.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,7 +91,7 @@ class StitchConfig:
     reference ramps up only, so the blend jumps from about 1/2 to 1 where the earlier window ends; with
     the ramp-down the two weights sum to 1 across a regular overlap (a linear crossfade)."""
     use_merge_every_step: bool = True
-    """Average the windows' x0 predictions at every step (EgoAllo) rather than only their final samples."""
+    """Average the windows' x0 predictions at every step (default) rather than only their final samples."""
 
     def __post_init__(self) -> None:
         if self.window_frames < 1 or not 0 <= self.overlap_frames < self.window_frames:
@@ -242,9 +244,13 @@ def clip_batch(sequence: MotionSequence) -> Batch:
 
 
 def load_clip(task: EgoMotionTask, path: str | Path) -> Batch:
-    """Read an AMASS-layout ``.npz`` (resampled to 30 fps, FK, contacts, headset) as a :func:`clip_batch`."""
+    """Read an AMASS-layout ``.npz`` (resampled to 30 fps, FK, contacts, headset) as a :func:`clip_batch`.
+
+    Any clip of at least 2 frames loads (a clip shorter than a window is sampled as one short window).
+    """
+    any_length = dataclasses.replace(task.cfg.window_config(), window_frames=1)  # only the length check differs
     with torch.no_grad():
-        sequence = load_sequence(Path(path), task.body, task.cfg.window_config())
+        sequence = load_sequence(Path(path), task.body, any_length)
     return clip_batch(sequence)
 
 

@@ -19,6 +19,7 @@ from tasks.ego_motion.network import DenoiserConfig, MotionDenoiser, save_denois
 from tasks.ego_motion.sampling import (
     StitchConfig,
     evaluate_windows,
+    load_clip,
     sample_clip,
     sample_motion,
     sample_sequence,
@@ -187,3 +188,14 @@ def test_eval_recipe_runs_end_to_end_on_a_tiny_model(tmp_path, cache_dir, model)
         assert (tmp_path / "eval" / f"{label}_window.png").stat().st_size > 0
         assert (tmp_path / "eval" / f"{label}_window.gif").stat().st_size > 0
     assert written["pictures"]["best"]["mpjpe_mm"] <= written["pictures"]["worst"]["mpjpe_mm"]
+
+
+def test_clip_batch_is_aligned_like_the_windows_cut_from_the_same_clip(task):
+    clip = load_clip(task, SHORT_TEST_CLIP)
+    windows = task.windows("test")
+    index = windows.sequence_names(range(len(windows))).index(SHORT_TEST_CLIP.stem)
+    window = task.load_examples("test", torch.tensor([index]))
+    s = int(window["start_frame"][0])
+    assert torch.allclose(window["T_world_cpf"][0], clip["T_world_cpf"][0, s : s + T + 1], atol=1e-6)
+    for key in ("joints_world", "body_rotmats", "T_world_root", "contacts"):  # targets start one frame later
+        assert torch.allclose(window[key][0], clip[key][0, s : s + T], atol=1e-6), key
