@@ -33,7 +33,7 @@ def plot_history(history: dict[str, list[float]], path: str | Path, *, title: st
         ax = fig.add_subplot(rows, cols, i + 1)
         for key in keys:
             values = history[key]
-            ax.plot(range(1, len(values) + 1), values, label=key[len(prefix):] or key)
+            ax.plot(range(1, len(values) + 1), values, label=key[len(prefix):].lstrip("/") or key)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("iteration", fontsize=8)
         ax.tick_params(labelsize=7)
