@@ -166,6 +166,7 @@ def main(cfg: Config) -> dict:
 def write_results(output_dir: Path, results: dict, history: dict[str, list[float]]) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    (output_dir / "history.json").write_text(json.dumps(history))
     variants = [v for v in ("base", "grpo", "base+tto", "grpo+tto") if v in results]
     lines = ["| metric (held-out CMU windows) | " + " | ".join(variants) + " |",
              "|---|" + "---:|" * len(variants)]
