@@ -3,13 +3,13 @@
 import pytest
 import torch
 from accelerate import Accelerator
-from toy_task import ToyNet, ToyTask
 
 from diffgrpo.config import GRPOConfig, PerturbConfig, SamplerConfig
 from diffgrpo.rewards import RewardSet
 from diffgrpo.rollout import group_ids_for, make_generator, rollout
 from diffgrpo.train_step import collect, make_perturber
 from diffgrpo.trainer import train_grpo
+from tests.toy_task import ToyNet, ToyTask
 
 
 def test_unknown_reward_lists_the_known_ones(tmp_path):

@@ -7,7 +7,6 @@ import dataclasses
 import pytest
 import torch
 from accelerate import Accelerator
-from toy_task import ToyNet, ToyTask
 
 from diffgrpo.config import GRPOConfig, OptimConfig, PerturbConfig, SamplerConfig
 from diffgrpo.rewards import RewardSet
@@ -15,6 +14,7 @@ from diffgrpo.rollout import group_ids_for, make_generator, rollout, shared_init
 from diffgrpo.task import batch_to
 from diffgrpo.train_step import collect, make_perturber, policy_update
 from diffgrpo.trainer import make_optimizer, train_grpo
+from tests.toy_task import ToyNet, ToyTask
 
 
 def _cfg(**kw) -> GRPOConfig:
