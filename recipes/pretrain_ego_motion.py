@@ -66,7 +66,7 @@ PRESETS: dict[str, PresetDefaults] = {
                                 steps=200_000),
     # 2 CPU cores, bundled CMU clips (most clips are 3-15 s, so 64-frame windows); lr measured in
     # docs/ego_motion_prior.md: 1e-3 reaches a given loss several times sooner than 1e-4 at this size.
-    "demo": PresetDefaults(window_frames=64, batch_size=32, learning_rate=1e-3, warmup_steps=100, steps=3000),
+    "demo": PresetDefaults(window_frames=64, batch_size=32, learning_rate=1e-3, warmup_steps=100, steps=7000),
     # Seconds-long smoke runs and the recipe's tests; not a useful prior.
     "tiny": PresetDefaults(window_frames=32, batch_size=4, learning_rate=1e-3, warmup_steps=2, steps=20),
 }
@@ -86,7 +86,7 @@ class Config:
     batch_size: int | None = None
     """Windows per optimiser step *per process* (None: demo 32, reference 256)."""
     steps: int | None = None
-    """Optimiser steps in total (None: demo 3000, reference 200000)."""
+    """Optimiser steps in total (None: demo 7000, about 30 min on 2 shared CPU cores; reference 200000)."""
     learning_rate: float | None = None
     """Peak AdamW learning rate (None: demo 1e-3, reference 1e-4); constant after warm-up."""
     warmup_steps: int | None = None
