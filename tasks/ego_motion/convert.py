@@ -44,6 +44,7 @@ from .geometry import (
     matrix_to_axis_angle,
     matrix_to_quaternion,
     quaternion_to_matrix,
+    slerp_quaternions,
 )
 
 logger = logging.getLogger(__name__)
@@ -375,21 +376,6 @@ def retarget(
     return RetargetedMotion(R_world_root=G[:, 0], t_world_root_m=t_root, body_rotmats=local, fps=motion.fps)
 
 
-def _slerp_quaternions(q0: torch.Tensor, q1: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Spherical interpolation of (..., 4) unit quaternions with weights w (...,) in [0, 1]."""
-    dot = (q0 * q1).sum(-1, keepdim=True)
-    q1 = torch.where(dot < 0, -q1, q1)
-    dot = dot.abs().clamp(max=1.0)
-    theta = torch.acos(dot)
-    w = w[..., None]
-    small = theta < 1e-6
-    s = torch.sin(theta).clamp_min(1e-12)
-    a = torch.where(small, 1 - w, torch.sin((1 - w) * theta) / s)
-    b = torch.where(small, w, torch.sin(w * theta) / s)
-    q = a * q0 + b * q1
-    return q / q.norm(dim=-1, keepdim=True)
-
-
 def resample_motion(m: RetargetedMotion, target_fps: float = TARGET_FPS) -> RetargetedMotion:
     """Resample to ``target_fps``: slerp for rotations, linear for the root position.
 
@@ -404,7 +390,7 @@ def resample_motion(m: RetargetedMotion, target_fps: float = TARGET_FPS) -> Reta
     w = torch.as_tensor(src - i0, dtype=torch.float64)
     rots = torch.as_tensor(np.concatenate([m.R_world_root[:, None], m.body_rotmats], 1))  # (F, 22, 3, 3)
     q = matrix_to_quaternion(rots)
-    q_new = _slerp_quaternions(q[i0], q[i1], w[:, None].expand(-1, rots.shape[1]))
+    q_new = slerp_quaternions(q[i0], q[i1], w[:, None].expand(-1, rots.shape[1]))
     R_new = quaternion_to_matrix(q_new).numpy()
     wn = (src - i0)[:, None]
     t_new = (1 - wn) * m.t_world_root_m[i0] + wn * m.t_world_root_m[i1]

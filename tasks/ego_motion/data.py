@@ -78,6 +78,7 @@ from .geometry import (
     axis_angle_to_matrix,
     matrix_to_quaternion,
     quaternion_to_matrix,
+    slerp_quaternions,
 )
 
 logger = logging.getLogger(__name__)
@@ -266,20 +267,6 @@ def read_amass_npz(path: Path) -> AmassSequence:
     return seq
 
 
-def slerp(q0: Tensor, q1: Tensor, alpha: Tensor) -> Tensor:
-    """Spherical interpolation of unit quaternions (..., 4) at fractions alpha (...,), shortest arc."""
-    dot = (q0 * q1).sum(-1, keepdim=True)
-    q1 = torch.where(dot < 0, -q1, q1)
-    theta = torch.acos(dot.abs().clamp(max=1.0))
-    sin_theta = torch.sin(theta)
-    a = alpha[..., None]
-    small = sin_theta < 1e-6  # nearly equal: linear weights are exact to O(theta^2)
-    w0 = torch.where(small, 1 - a, torch.sin((1 - a) * theta) / sin_theta.clamp_min(1e-12))
-    w1 = torch.where(small, a, torch.sin(a * theta) / sin_theta.clamp_min(1e-12))
-    q = w0 * q0 + w1 * q1
-    return q / q.norm(dim=-1, keepdim=True)
-
-
 def resample_to_fps(rotmats: Tensor, trans: Tensor, src_fps: float, dst_fps: float = TARGET_FPS
                     ) -> tuple[Tensor, Tensor]:
     """Resample (N, J, 3, 3) rotations and (N, 3) translations from src_fps to dst_fps.
@@ -300,7 +287,7 @@ def resample_to_fps(rotmats: Tensor, trans: Tensor, src_fps: float, dst_fps: flo
     i1 = (i0 + 1).clamp(max=n_src - 1)
     alpha = (src_pos - i0).to(trans.dtype)
     q = matrix_to_quaternion(rotmats)  # (N, J, 4)
-    q_out = slerp(q[i0], q[i1], alpha[:, None].expand(n_out, q.shape[1]))
+    q_out = slerp_quaternions(q[i0], q[i1], alpha[:, None].expand(n_out, q.shape[1]))
     trans_out = trans[i0] + alpha[:, None] * (trans[i1] - trans[i0])
     return quaternion_to_matrix(q_out), trans_out
 

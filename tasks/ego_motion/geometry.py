@@ -115,6 +115,20 @@ def quaternion_to_matrix(q: Tensor) -> Tensor:
     ).reshape(*q.shape[:-1], 3, 3)  # fmt: skip
 
 
+def slerp_quaternions(q0: Tensor, q1: Tensor, alpha: Tensor) -> Tensor:
+    """Spherical interpolation of unit quaternions (..., 4) at fractions alpha (...,), shortest arc."""
+    dot = (q0 * q1).sum(-1, keepdim=True)
+    q1 = torch.where(dot < 0, -q1, q1)
+    theta = torch.acos(dot.abs().clamp(max=1.0))
+    sin_theta = torch.sin(theta)
+    a = alpha[..., None]
+    small = sin_theta < 1e-6  # nearly equal: linear weights are exact to O(theta^2)
+    w0 = torch.where(small, 1 - a, torch.sin((1 - a) * theta) / sin_theta.clamp_min(1e-12))
+    w1 = torch.where(small, a, torch.sin(a * theta) / sin_theta.clamp_min(1e-12))
+    q = w0 * q0 + w1 * q1
+    return q / q.norm(dim=-1, keepdim=True)
+
+
 def project_to_so3(M: Tensor) -> Tensor:
     """Nearest rotation (Frobenius) to each (..., 3, 3) matrix via SVD, with det = +1."""
     U, _, Vh = torch.linalg.svd(M)
