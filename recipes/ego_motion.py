@@ -48,11 +48,11 @@ DEMO_PRIOR = Path(__file__).resolve().parents[1] / "tasks" / "ego_motion" / "ass
 
 def default_grpo() -> GRPOConfig:
     return GRPOConfig(
-        num_iterations=40,
+        num_iterations=60,
         conditions_per_iteration=4,
         group_size=8,
         micro_batch_size=32,
-        steps=StepSelectionConfig(mode="random_fraction", fraction=0.5),
+        steps=StepSelectionConfig(mode="all"),
         perturb=PerturbConfig(name="perlin", scale=0.03, frequency=1.0 / 32.0),
         optim=OptimConfig(learning_rate=2e-5, warmup_steps=0),
         rewards=("ego_rot", "ego_pos", "ego_pa_pos", "ego_vel"),
@@ -81,8 +81,9 @@ class Config:
     """Evaluate on at most this many test windows (None: all)."""
     use_tto: bool = True
     """Also report every metric after test-time optimisation."""
-    threads: int = 0
-    """torch CPU threads (0: leave torch's default)."""
+    threads: int = 1
+    """torch CPU threads per process (0: torch's default). 1 is fastest on a 2-core machine shared with other
+    work; raise it on a dedicated many-core machine."""
     task: EgoMotionTaskConfig = field(default_factory=EgoMotionTaskConfig)
     grpo: GRPOConfig = field(default_factory=default_grpo)
     perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)

@@ -1,11 +1,12 @@
 """How much of a GRPO iteration is the library's own work, outside the network's passes?
 
-One iteration of the shapes task (rollout, rewards, advantages, policy update) is timed as a
-whole, and separately the time spent inside the network's forward passes (``task.predict``)
-and inside ``backward()``. The rest (step densities, noise, rewards, advantages, optimiser,
-bookkeeping) is the overhead; the goal is under 5 %.
+One iteration (rollout, rewards, advantages, policy update) of the shapes task or of the
+ego-motion task (demo prior, joint-level rewards) is timed as a whole, and separately the time
+spent inside the network's forward passes (``task.predict``) and inside ``backward()``. The rest
+(step densities, noise, decoding, rewards, advantages, optimiser, bookkeeping) is the overhead;
+the goal is under 5 %.
 
-    python recipes/benchmarks/bench_grpo_overhead.py [--output docs/benchmarks.md]
+    python recipes/benchmarks/bench_grpo_overhead.py [--task ego_motion] [--output docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -39,14 +41,26 @@ class Timer:
             self.seconds += time.perf_counter() - start
 
 
-def run(iterations: int, conditions: int, group_size: int, threads: int) -> dict[str, float]:
+def make_task(name: str):
+    """(task, model, sampler, rewards) for the benchmarked task."""
+    if name == "shapes":
+        return ShapesTask(), build_model(ShapesModelConfig(), seed=0), SamplerConfig(eta=0.7), ("shapes_disc",)
+    import tasks.ego_motion.rewards  # noqa: F401  (registers the ego_* rewards)
+    from tasks.ego_motion.network import load_denoiser
+    from tasks.ego_motion.task import EgoMotionTask
+
+    task = EgoMotionTask()
+    prior = Path(__file__).resolve().parents[2] / "tasks" / "ego_motion" / "assets" / "demo_prior.safetensors"
+    return task, load_denoiser(prior), task.sampler_config(), ("ego_rot", "ego_pos", "ego_pa_pos", "ego_vel")
+
+
+def run(task_name: str, iterations: int, conditions: int, group_size: int, threads: int) -> dict[str, float]:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    task = ShapesTask()
-    model = build_model(ShapesModelConfig(), seed=0)
+    task, model, sampler, reward_names = make_task(task_name)
     cfg = GRPOConfig(num_iterations=iterations, conditions_per_iteration=conditions, group_size=group_size,
-                     micro_batch_size=conditions * group_size, sampler=SamplerConfig(eta=0.7),
-                     optim=OptimConfig(learning_rate=1e-4), rewards=("shapes_disc",))
+                     micro_batch_size=conditions * group_size, sampler=sampler,
+                     optim=OptimConfig(learning_rate=1e-5), rewards=reward_names)
     accelerator = Accelerator(cpu=True)
     optimizer, schedule = make_optimizer(model, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -83,15 +97,16 @@ def _timed(timer: Timer, fn, *args):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=("shapes", "ego_motion"), default="shapes")
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--conditions", type=int, default=8)
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default=None, help="append the markdown table to this file")
     args = parser.parse_args()
-    r = run(args.iterations, args.conditions, args.group_size, args.threads)
+    r = run(args.task, args.iterations, args.conditions, args.group_size, args.threads)
     table = (
-        f"| shapes GRPO iteration (B={args.conditions}, G={args.group_size}, 10 steps, CPU, {args.threads} threads) "
+        f"| {args.task} GRPO iteration (B={args.conditions}, G={args.group_size}, CPU, {args.threads} threads) "
         "| time (s) |\n|---|---:|\n"
         f"| whole iteration | {r['iteration_s']:.3f} |\n| network forward passes | {r['forward_s']:.3f} |\n"
         f"| backward passes | {r['backward_s']:.3f} |\n"

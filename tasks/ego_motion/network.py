@@ -369,7 +369,11 @@ def save_denoiser(path: str | Path, model: MotionDenoiser) -> None:
 
 def load_denoiser(path: str | Path, device: torch.device | str = "cpu") -> MotionDenoiser:
     """Rebuild a :class:`MotionDenoiser` from a file written by :func:`save_denoiser`."""
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no denoiser weights at {path}; train them with recipes/pretrain_ego_motion.py "
+                                "or use the shipped tasks/ego_motion/assets/demo_prior.safetensors")
+    with safe_open(str(path), framework="pt", device="cpu") as f:  # then .to(device): safetensors rejects 'cpu:0'
+
         metadata = f.metadata() or {}
         if _CONFIG_METADATA_KEY not in metadata:
             raise ValueError(
