@@ -1,0 +1,1 @@
+"""Task plugins for diffgrpo: ``shapes`` (small flow-matching example) and ``ego_motion`` (MotionGRPO)."""
