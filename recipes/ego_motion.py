@@ -48,10 +48,10 @@ DEMO_PRIOR = Path(__file__).resolve().parents[1] / "tasks" / "ego_motion" / "ass
 
 def default_grpo() -> GRPOConfig:
     return GRPOConfig(
-        num_iterations=60,
-        conditions_per_iteration=4,
+        num_iterations=30,
+        conditions_per_iteration=8,
         group_size=8,
-        micro_batch_size=32,
+        micro_batch_size=64,
         steps=StepSelectionConfig(mode="all"),
         perturb=PerturbConfig(name="perlin", scale=0.03, frequency=1.0 / 32.0),
         optim=OptimConfig(learning_rate=2e-5, warmup_steps=0),
