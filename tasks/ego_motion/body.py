@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import smplx
 import torch
+from jaxtyping import Float
 from smplx.utils import Struct
 from torch import Tensor
 
@@ -383,3 +384,37 @@ def mirror_root_pose(T_world_root: Tensor) -> Tensor:
 def mirror_joint_positions(t_world_joint: Tensor) -> Tensor:
     """Mirrored world joint positions: p'_j = M p_{perm(j)}. (..., 52, 3) -> (..., 52, 3)."""
     return t_world_joint[..., list(SMPLH_MIRROR_PERMUTATION), :] * torch.tensor(_MIRROR).to(t_world_joint)
+
+
+def pose_from_head(
+    body: BodyModel,
+    T_world_cpf: Float[Tensor, "*lead T 4 4"],
+    body_rotmats: Float[Tensor, "*lead T 21 3 3"],
+    betas: Float[Tensor, "*lead nb"],
+    hand_rotmats: Float[Tensor, "*lead T 30 3 3"] | None = None,
+) -> dict[str, Tensor]:
+    """Root from the head, then forward kinematics: the body of local rotations worn under a headset.
+
+    Why one function: decoding samples, decoding test-time-optimised rotations and the stitched
+    long-sequence sampler all turn (head, rotations, shape) into world joints the same way
+    (method.md section 1): T_world_root = T_world_cpf inv(T_head_cpf) inv(T_root_head).
+
+    Args:
+        T_world_cpf: (..., T, 4, 4) head poses aligned with the motion frames (not T+1).
+        body_rotmats: (..., T, 21, 3, 3) local rotations of SMPL-H joints 1..21.
+        betas: (..., nb) one shape per sequence, nb = ``body.num_betas``.
+        hand_rotmats: optional (..., T, 30, 3, 3); identity hands when None.
+
+    Returns:
+        ``T_world_root`` (..., T, 4, 4), ``joints_world`` (..., T, 22, 3) pelvis + 21 body joints
+        in world metres, ``T_world_head`` (..., T, 4, 4) the head joint's world pose.
+    """
+    betas_t = betas[..., None, :]  # (..., 1, nb): broadcast over frames
+    local = body_rotmats if hand_rotmats is None else torch.cat([body_rotmats, hand_rotmats], dim=-3)
+    T_world_root = body.root_from_cpf(T_world_cpf, body_rotmats, betas_t)
+    fk = body.forward_kinematics(local, betas=betas_t, T_world_root=T_world_root)
+    return {
+        "T_world_root": T_world_root,
+        "joints_world": fk.t_world_joint[..., : NUM_BODY_JOINTS + 1, :],
+        "T_world_head": make_transform(fk.R_world_joint[..., HEAD_JOINT, :, :], fk.t_world_joint[..., HEAD_JOINT, :]),
+    }

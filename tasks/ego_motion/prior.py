@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from diffgrpo.config import SamplerConfig
 from diffgrpo.rollout import rollout
 from tasks.ego_motion import metrics
-from tasks.ego_motion.body import BodyModel
+from tasks.ego_motion.body import BodyModel, pose_from_head
 from tasks.ego_motion.condition import encode_head_trajectory
 from tasks.ego_motion.geometry import project_to_so3
 from tasks.ego_motion.motion import (
@@ -138,24 +138,6 @@ def diffusion_loss(
 # Quick held-out check: sample, recover the root from the head, compare joints
 
 
-def motion_joints(
-    body_model: BodyModel,
-    body_rotmats: Float[Tensor, "B T 21 3 3"],
-    betas: Float[Tensor, "B 16"],
-    T_world_cpf: Float[Tensor, "B T+1 4 4"],
-) -> Float[Tensor, "B T 22 3"]:
-    """World joints (pelvis + 21 body joints, metres) of a motion whose root comes from the head.
-
-    The root is never predicted (method.md section 1): T_world_root = T_world_cpf inv(T_head_cpf)
-    inv(T_root_head), using the T target frames' head poses ``T_world_cpf[:, 1:]``.
-    """
-    T = body_rotmats.shape[1]
-    betas_t = betas[:, None, :].expand(-1, T, -1)  # (B, T, 16)
-    T_world_root = body_model.root_from_cpf(T_world_cpf[:, 1:], body_rotmats, betas_t)  # (B, T, 4, 4)
-    joints = body_model.forward_kinematics(body_rotmats, betas=betas_t, T_world_root=T_world_root)
-    return joints.t_world_joint[..., : metrics.NUM_METRIC_JOINTS, :]
-
-
 @torch.no_grad()
 def sample_prior(
     model: nn.Module,
@@ -221,10 +203,11 @@ def evaluate_prior(
     B, T = T_world_cpf.shape[0], T_world_cpf.shape[1] - 1
     sample = sample_prior(model, scheduler, T_world_cpf, generator, include_hands=include_hands,
                           num_steps=num_steps, eta=eta)
-    pred = motion_joints(body_model, sample.body_rotmats, sample.betas[:, 0], T_world_cpf)
+    head = T_world_cpf[:, 1:]  # motion frame t <-> head pose t + 1
+    pred = pose_from_head(body_model, head, sample.body_rotmats, sample.betas[:, 0])["joints_world"]
     rot, betas = baseline_pose
     rot_b = rot.expand(B, T, *rot.shape)
-    base = motion_joints(body_model, rot_b, betas.expand(B, -1), T_world_cpf)
+    base = pose_from_head(body_model, head, rot_b, betas.expand(B, -1))["joints_world"]
     out = {f"prior/{k}": v for k, v in joint_errors(pred, sample.body_rotmats, batch).items()}
     out.update({f"baseline/{k}": v for k, v in joint_errors(base, rot_b, batch).items()})
     return out

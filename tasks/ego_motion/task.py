@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from diffgrpo.config import SamplerConfig
 from diffgrpo.task import Batch
 from tasks.ego_motion import metrics
-from tasks.ego_motion.body import BodyModel, load_body_model
+from tasks.ego_motion.body import BodyModel, load_body_model, pose_from_head
 from tasks.ego_motion.condition import encode_head_trajectory
 from tasks.ego_motion.data import (
     BUNDLED_CMU_DIR,
@@ -48,7 +48,7 @@ from tasks.ego_motion.data import (
     WindowConfig,
     load_windows,
 )
-from tasks.ego_motion.geometry import HEAD_JOINT, NUM_BODY_JOINTS, make_transform
+from tasks.ego_motion.geometry import HEAD_JOINT
 from tasks.ego_motion.motion import MotionSample, motion_dim, sampling_timesteps
 from tasks.ego_motion.prior import make_scheduler
 
@@ -257,40 +257,6 @@ def plausibility_metrics(joints_world: Float[Tensor, "B T 22 3"], fps: float = T
         "jitter_m_per_s3": metrics.jitter(joints_world, fps),
         "ground_penetration_m": metrics.ground_penetration(joints_world),
         "foot_skating_m": metrics.foot_skating(joints_world),
-    }
-
-
-def pose_from_head(
-    body: BodyModel,
-    T_world_cpf: Float[Tensor, "*lead T 4 4"],
-    body_rotmats: Float[Tensor, "*lead T 21 3 3"],
-    betas: Float[Tensor, "*lead nb"],
-    hand_rotmats: Float[Tensor, "*lead T 30 3 3"] | None = None,
-) -> dict[str, Tensor]:
-    """Root from the head, then forward kinematics: the body of local rotations worn under a headset.
-
-    Why one function: decoding samples, decoding test-time-optimised rotations and the stitched
-    long-sequence sampler all turn (head, rotations, shape) into world joints the same way
-    (method.md section 1): T_world_root = T_world_cpf inv(T_head_cpf) inv(T_root_head).
-
-    Args:
-        T_world_cpf: (..., T, 4, 4) head poses aligned with the motion frames (not T+1).
-        body_rotmats: (..., T, 21, 3, 3) local rotations of SMPL-H joints 1..21.
-        betas: (..., nb) one shape per sequence, nb = ``body.num_betas``.
-        hand_rotmats: optional (..., T, 30, 3, 3); identity hands when None.
-
-    Returns:
-        ``T_world_root`` (..., T, 4, 4), ``joints_world`` (..., T, 22, 3) pelvis + 21 body joints
-        in world metres, ``T_world_head`` (..., T, 4, 4) the head joint's world pose.
-    """
-    betas_t = betas[..., None, :]  # (..., 1, nb): broadcast over frames
-    local = body_rotmats if hand_rotmats is None else torch.cat([body_rotmats, hand_rotmats], dim=-3)
-    T_world_root = body.root_from_cpf(T_world_cpf, body_rotmats, betas_t)
-    fk = body.forward_kinematics(local, betas=betas_t, T_world_root=T_world_root)
-    return {
-        "T_world_root": T_world_root,
-        "joints_world": fk.t_world_joint[..., : NUM_BODY_JOINTS + 1, :],
-        "T_world_head": make_transform(fk.R_world_joint[..., HEAD_JOINT, :, :], fk.t_world_joint[..., HEAD_JOINT, :]),
     }
 
 
