@@ -77,10 +77,122 @@ def variant_configs(cfg: Config) -> dict[str, ego.Config]:
     return out
 
 
-def mean_std(values: list[float]) -> str:
+PAPER_METRICS = ("mpjpe_mm", "pa_mpjpe_mm", "mpjve_mm_per_s", "mpjre_deg", "jitter_m_per_s3",
+                 "ground_penetration_m", "foot_skating_m")
+"""The seven columns of the paper's table (the head errors are zero by construction: the root is
+recovered from the head)."""
+DIAGNOSTICS = {
+    "zero-std group fraction": ("adv/zero_std_frac",),
+    "within-group std, mean of joint sub-rewards": ("adv/group_std/ego_rot", "adv/group_std/ego_pos",
+                                                    "adv/group_std/ego_pa_pos", "adv/group_std/ego_vel"),
+    "advantage std": ("adv/adv_std",),
+    "intra-group diversity": ("diversity/final_samples",),
+}
+"""Training diagnostics per run: the mean over iterations (and over the listed keys)."""
+
+
+def mean_std(values: list[float], digits: int = 2) -> str:
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def digits_for(metric: str) -> int:
+    return 4 if metric == "ground_penetration_m" else 3 if metric == "foot_skating_m" else 2
+
+
+def diagnostic(history: dict[str, list[float]], keys: tuple[str, ...]) -> float | None:
+    values = [sum(history[k]) / len(history[k]) for k in keys if history.get(k)]
+    return sum(values) / len(values) if values else None
+
+
+def preamble(runs: dict[str, list[dict]], cfg: Config) -> str:
+    """What was run: the command, the shared config and the variants."""
+    g, seeds = cfg.base.grpo, " ".join(str(s) for s in cfg.seeds)
+    lambdas = " ".join(str(x) for x in cfg.lambdas)
+    secs = [r["train_seconds"] for results in runs.values() for r in results if "train_seconds" in r]
+    timing = f" Training took {statistics.mean(secs) / 60:.1f} min per run on average." if secs else ""
+    return (
+        "# MotionGRPO ablation\n\n"
+        "Written by\n\n```bash\n"
+        f"python recipes/ablation_ego_motion.py --seeds {seeds} --lambdas {lambdas} --output {cfg.output}\n```\n\n"
+        "(finished runs in `--output-dir` are read back, unfinished ones resume from their last checkpoint). "
+        "Every run is the main job "
+        "(`recipes/ego_motion.py`) with its defaults except for what the variant changes: "
+        f"{g.num_iterations} iterations of {g.conditions_per_iteration} training conditions x groups of "
+        f"{g.group_size}, AdamW lr {g.optim.learning_rate:g}, rewards {', '.join(g.rewards)}"
+        f" (+ ego_visual, omega_vis {cfg.base.omega_vis:g}, where the variant uses it), perturbation of the head "
+        f"translation at {g.perturb.frequency:g} cells per frame, evaluation on all held-out CMU test windows "
+        f"with eval seed {cfg.base.eval_seed}; the training seed is the `--grpo.seed` of each run.{timing}\n\n"
+        "| variant | rewards | head perturbation |\n|---|---|---|\n"
+        "| vanilla | joint | none |\n| +visual | joint + perceptual | none |\n"
+        f"| +Perlin (full) | joint + perceptual | Perlin, lambda {g.perturb.scale:g} m |\n"
+        f"| full with Gaussian | joint + perceptual | white Gaussian, std {g.perturb.scale:g} m |\n"
+        "| full, lambda=x | joint + perceptual | Perlin, lambda x m |\n\n")
+
+
+def render(runs: dict[str, list[dict]], cfg: Config) -> str:
+    """Markdown: metric table (mean ± std over seeds), per-seed MPJPE changes and training diagnostics."""
+    metrics = PAPER_METRICS
+    first = next(iter(runs.values()))
+    lines = ["| variant | " + " | ".join(f"{m} ({ego.METRIC_UNITS[m]})" for m in metrics) + " | beats prior on |",
+             "|---|" + "---:|" * len(metrics) + "---:|"]
+    for tto in ("", "+tto"):
+        key_base, key_grpo = "base" + tto, "grpo" + tto
+        if key_base not in first[0]:
+            continue
+        prior = {m: statistics.mean(r[key_base][m] for r in first) for m in metrics}
+        lines.append("| prior" + (" + TTO" if tto else "") + " | " +
+                     " | ".join(mean_std([r[key_base][m] for r in first], digits_for(m)) for m in metrics) + " | |")
+        for name, results in runs.items():
+            means = {m: statistics.mean(r[key_grpo][m] for r in results) for m in metrics}
+            wins = sum(means[m] < prior[m] for m in metrics)
+            lines.append(f"| {name}{' + TTO' if tto else ''} | " +
+                         " | ".join(mean_std([r[key_grpo][m] for r in results], digits_for(m)) for m in metrics) +
+                         f" | {wins}/{len(metrics)} |")
+    per_seed = ["| variant | " + " | ".join(f"seed {s}" for s in cfg.seeds) + " | mean |", "|---|" +
+                "---:|" * (len(cfg.seeds) + 1)]
+    for name, results in runs.items():
+        change = [100.0 * (r["grpo"]["mpjpe_mm"] / r["base"]["mpjpe_mm"] - 1.0) for r in results]
+        per_seed.append(f"| {name} | " + " | ".join(f"{c:+.2f} %" for c in change) +
+                        f" | {statistics.mean(change):+.2f} % |")
+    diag = ["| variant | " + " | ".join(DIAGNOSTICS) + " |", "|---|" + "---:|" * len(DIAGNOSTICS)]
+    for name, results in runs.items():
+        cols = []
+        for keys in DIAGNOSTICS.values():
+            per_run = [v for r in results if (v := diagnostic(r["history"], keys)) is not None]
+            cols.append(mean_std(per_run, 4) if per_run else "-")
+        diag.append(f"| {name} | " + " | ".join(cols) + " |")
+    seeds = " ".join(str(s) for s in cfg.seeds)
+    return (preamble(runs, cfg) + "## Held-out metrics\n\n"
+            f"Mean ± std over training seeds {seeds} (the prior is evaluated with the same held-out noise in every "
+            "run, so it has no spread). 'beats prior on' counts the columns whose mean is lower than the prior's.\n\n"
+            + "\n".join(lines) + "\n\n## MPJPE change against the prior, per seed\n\n" + "\n".join(per_seed)
+            + f"\n\n![MPJPE and PA-MPJPE change per seed]({cfg.output.with_suffix('.png').name})"
+            + "\n\n## Training diagnostics (means over iterations)\n\n" + "\n".join(diag) + "\n")
+
+
+def plot_changes(runs: dict[str, list[dict]], path: Path) -> Path:
+    """Per variant: change against the prior of MPJPE and PA-MPJPE (%), one dot per seed, bar = mean."""
+    from matplotlib.figure import Figure
+
+    names = list(runs)
+    fig = Figure(figsize=(1.6 * len(names) + 3, 4.0), layout="constrained")
+    tto_keys = [tto for tto in ("", "+tto") if "base" + tto in runs[names[0]][0]]
+    panels = [(m, tto) for tto in tto_keys for m in ("mpjpe_mm", "pa_mpjpe_mm")]
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (metric, tto) in zip(axes, panels, strict=True):
+        for i, name in enumerate(names):
+            change = [100.0 * (r["grpo" + tto][metric] / r["base" + tto][metric] - 1.0) for r in runs[name]]
+            ax.bar(i, statistics.mean(change), color="tab:blue" if statistics.mean(change) < 0 else "tab:red",
+                   alpha=0.5)
+            ax.plot([i] * len(change), change, "k.")
+        ax.axhline(0.0, color="k", lw=0.8)
+        ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=7)
+        ax.set_title(f"{metric}{' after TTO' if tto else ''}: change vs prior", fontsize=9)
+        ax.set_ylabel("% (lower is better)")
+    fig.savefig(path, dpi=110)
+    return path
 
 
 def main(cfg: Config) -> dict:
@@ -90,7 +202,8 @@ def main(cfg: Config) -> dict:
             slug = "".join(c if c.isalnum() else "_" for c in name) + f"_seed{seed}"
             out_dir = cfg.output_dir / slug
             seeded = dataclasses.replace(variant.grpo, seed=seed)
-            run_cfg = dataclasses.replace(variant, output_dir=out_dir, grpo=seeded)
+            # resume=True: a run killed part-way continues from its last checkpoint (a fresh start if none)
+            run_cfg = dataclasses.replace(variant, output_dir=out_dir, grpo=seeded, resume=True)
             result_file = out_dir / "results.json"
             result = json.loads(result_file.read_text()) if result_file.exists() else ego.main(run_cfg)
             history = json.loads((out_dir / "history.json").read_text()) if (out_dir / "history.json").exists() else {}
@@ -98,42 +211,10 @@ def main(cfg: Config) -> dict:
     table = render(runs, cfg)
     cfg.output.parent.mkdir(parents=True, exist_ok=True)
     cfg.output.write_text(table)
+    plot_changes(runs, cfg.output.with_suffix(".png"))
     (cfg.output_dir / "ablation.json").write_text(json.dumps(runs, indent=2, default=str))
     print(table)
     return runs
-
-
-def render(runs: dict[str, list[dict]], cfg: Config) -> str:
-    metrics = list(ego.METRIC_UNITS)
-    header = "| variant | " + " | ".join(f"{m} ({ego.METRIC_UNITS[m]})" for m in metrics) + " |"
-    lines = [header, "|---|" + "---:|" * len(metrics)]
-    first = next(iter(runs.values()))
-    for tto in ("", "+tto"):
-        key_base, key_grpo = "base" + tto, "grpo" + tto
-        if key_base not in first[0]:
-            continue
-        lines.append("| prior" + (" + TTO" if tto else "") + " | " +
-                     " | ".join(mean_std([r[key_base][m] for r in first]) for m in metrics) + " |")
-        for name, results in runs.items():
-            lines.append(f"| {name}{' + TTO' if tto else ''} | " +
-                         " | ".join(mean_std([r[key_grpo][m] for r in results]) for m in metrics) + " |")
-    diag = ["", "| variant | zero-std group fraction | mean group std (joint sub-rewards) | intra-group diversity |",
-            "|---|---:|---:|---:|"]
-    for name, results in runs.items():
-        cols = []
-        for prefix in ("adv/zero_std_frac", "adv/group_std/ego_", "diversity/final_samples"):
-            per_run = []
-            for r in results:
-                keys = [k for k in r["history"] if k == prefix or (prefix.endswith("_") and k.startswith(prefix))]
-                vals = [v for k in keys for v in r["history"][k]]
-                if vals:
-                    per_run.append(sum(vals) / len(vals))
-            cols.append(mean_std(per_run) if per_run else "-")
-        diag.append(f"| {name} | " + " | ".join(cols) + " |")
-    seeds = ", ".join(str(s) for s in cfg.seeds)
-    return (f"Held-out CMU test windows, mean ± std over seeds {seeds}. Command: "
-            f"`python recipes/ablation_ego_motion.py --seeds {' '.join(str(s) for s in cfg.seeds)}`.\n\n"
-            + "\n".join(lines) + "\n" + "\n".join(diag) + "\n")
 
 
 if __name__ == "__main__":

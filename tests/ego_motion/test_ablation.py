@@ -1,0 +1,76 @@
+"""The ablation recipe's variants and its table: spread, win counts and per-seed changes by hand."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "ablation_ego_motion.py"
+
+
+@pytest.fixture(scope="module")
+def ablation():
+    spec = importlib.util.spec_from_file_location("ablation_recipe", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["ablation_recipe"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(ablation, base_mpjpe: float, grpo_mpjpe: float, history: dict) -> dict:
+    base = {m: 1.0 for m in ablation.PAPER_METRICS} | {"mpjpe_mm": base_mpjpe}
+    grpo = {m: 2.0 for m in ablation.PAPER_METRICS} | {"mpjpe_mm": grpo_mpjpe, "pa_mpjpe_mm": 0.5}
+    return {"base": base, "grpo": grpo, "train_seconds": 60.0, "history": history}
+
+
+def test_variants_cover_the_paper_rows_without_duplicating_the_full_model(ablation):
+    cfg = ablation.Config()
+    variants = ablation.variant_configs(cfg)
+    lam = cfg.base.grpo.perturb.scale
+    assert list(variants) == ["vanilla", "+visual", f"+Perlin (full, lambda={lam})",
+                              f"full with Gaussian (lambda={lam})", "full, lambda=0.01", "full, lambda=0.1"]
+    assert variants["vanilla"].grpo.perturb.name == "none" and not variants["vanilla"].use_visual_reward
+    assert variants["+visual"].use_visual_reward and variants["+visual"].grpo.perturb.name == "none"
+    assert variants["full with Gaussian (lambda=0.03)"].grpo.perturb.name == "gaussian"
+    assert variants["full, lambda=0.1"].grpo.perturb.scale == 0.1
+
+
+def test_table_reports_mean_std_wins_and_per_seed_change(ablation):
+    cfg = ablation.Config(seeds=(0, 1))
+    hist_a = {"adv/zero_std_frac": [0.0, 0.5], "adv/group_std/ego_rot": [0.01, 0.03], "adv/group_std/ego_pos": [0.02]}
+    hist_b = {"adv/zero_std_frac": [0.25], "adv/group_std/ego_rot": [0.04], "adv/group_std/ego_pos": [0.04]}
+    runs = {"full": [_run(ablation, 200.0, 190.0, hist_a), _run(ablation, 200.0, 194.0, hist_b)]}
+    text = ablation.render(runs, cfg)
+    # MPJPE mean 192, sample std of (190, 194) = 2.83; PA-MPJPE 0.5 < 1.0 is the second win of seven
+    assert "| full | 192.00 ± 2.83 | 0.50 ± 0.00 |" in text
+    assert text.splitlines()[[i for i, line in enumerate(text.splitlines()) if line.startswith("| full | 192")][0]] \
+        .endswith("| 2/7 |")
+    # per-seed change: 190/200 - 1 = -5 %, 194/200 - 1 = -3 %, mean -4 %
+    assert "| full | -5.00 % | -3.00 % | -4.00 % |" in text
+    # zero-std: run means 0.25 and 0.25; joint std: run a mean(0.02, 0.02) = 0.02, run b mean(0.04, 0.04) = 0.04
+    assert "| full | 0.2500 ± 0.0000 | 0.0300 ± 0.0141 | - | - |" in text
+    assert "python recipes/ablation_ego_motion.py --seeds 0 1" in text
+
+
+def test_main_reads_finished_runs_back_and_writes_table_and_picture(ablation, tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setattr(ablation.ego, "main", lambda cfg: pytest.fail(f"reran finished run {cfg.output_dir}"))
+    cfg = ablation.Config(seeds=(0, 1), variants=("vanilla", "full"), output_dir=tmp_path / "runs",
+                          output=tmp_path / "results.md")
+    for i, name in enumerate(ablation.variant_configs(cfg)):
+        for seed in cfg.seeds:
+            run = _run(ablation, 200.0, 196.0 - i - seed, {"adv/adv_std": [2.0 + seed]})
+            out = cfg.output_dir / ("".join(c if c.isalnum() else "_" for c in name) + f"_seed{seed}")
+            out.mkdir(parents=True)
+            (out / "results.json").write_text(json.dumps({k: v for k, v in run.items() if k != "history"}))
+            (out / "history.json").write_text(json.dumps(run["history"]))
+    runs = ablation.main(cfg)
+    assert [len(v) for v in runs.values()] == [2, 2]
+    text = cfg.output.read_text()
+    assert "| vanilla | 195.50 ± 0.71 |" in text and "| +Perlin (full, lambda=0.03) | 194.50 ± 0.71 |" in text
+    assert "| vanilla | - | - | 2.5000 ± 0.7071 | - |" in text
+    assert cfg.output.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
