@@ -189,8 +189,8 @@ def plot_changes(runs: dict[str, list[dict]], path: Path) -> Path:
             ax.plot([i] * len(change), change, "k.")
         ax.axhline(0.0, color="k", lw=0.8)
         ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=7)
-        ax.set_title(f"{metric}{' after TTO' if tto else ''}: change vs prior", fontsize=9)
-        ax.set_ylabel("% (lower is better)")
+        ax.set_title({"mpjpe_mm": "MPJPE", "pa_mpjpe_mm": "PA-MPJPE"}[metric] + (" + TTO" if tto else ""), fontsize=9)
+        ax.set_ylabel("change vs prior, % (lower is better)")
     fig.savefig(path, dpi=110)
     return path
 
