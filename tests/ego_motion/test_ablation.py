@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "ablation_ego_motion.py"
+from tests.recipes import load_recipe
 
 
 @pytest.fixture(scope="module")
 def ablation():
-    spec = importlib.util.spec_from_file_location("ablation_recipe", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["ablation_recipe"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_recipe("ablation_ego_motion")
 
 
 def _run(ablation, base_mpjpe: float, grpo_mpjpe: float, history: dict) -> dict:

@@ -3,32 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from tasks.ego_motion.network import DenoiserConfig, MotionDenoiser, save_denoiser
-
-RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "ego_motion.py"
-
-
-def _recipe():
-    spec = importlib.util.spec_from_file_location("ego_motion_recipe", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["ego_motion_recipe"] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.recipes import load_recipe
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     torch.set_num_threads(1)
-    recipe = _recipe()
+    recipe = load_recipe("ego_motion")
     root = tmp_path_factory.mktemp("ego_grpo")
     torch.manual_seed(0)
     prior = root / "prior.safetensors"

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ from tasks.ego_motion.data import WindowConfig, load_windows
 from tasks.ego_motion.motion import BETAS, BODY_ROTMATS, CONTACTS, MotionSample
 from tasks.ego_motion.network import DenoiserConfig, MotionDenoiser
 from tasks.ego_motion.prior import batch_to_motion, diffusion_loss, make_scheduler
+from tests.recipes import load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 WINDOW = 32
@@ -37,11 +36,7 @@ def windows():
 
 @pytest.fixture(scope="module")
 def recipe():
-    spec = importlib.util.spec_from_file_location("pretrain_ego_motion", REPO / "recipes" / "pretrain_ego_motion.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_recipe("pretrain_ego_motion")
 
 
 class FixedError(nn.Module):

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,6 +27,7 @@ from tasks.ego_motion.sampling import (
 )
 from tasks.ego_motion.task import METRIC_UNITS, EgoMotionTask, EgoMotionTaskConfig
 from tasks.ego_motion.tto import TTOConfig
+from tests.recipes import load_recipe
 
 T = 64
 REPO = Path(__file__).resolve().parents[2]
@@ -156,16 +155,8 @@ def test_evaluate_windows_matches_the_core_evaluation_and_tto_refines_the_same_s
     assert ours.joints_world["base"].shape == (3, T, 22, 3)
 
 
-def _load_recipe():
-    spec = importlib.util.spec_from_file_location("eval_ego_motion", REPO / "recipes" / "eval_ego_motion.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_eval_recipe_runs_end_to_end_on_a_tiny_model(tmp_path, cache_dir, model):
-    recipe = _load_recipe()
+    recipe = load_recipe("eval_ego_motion")
     checkpoint = tmp_path / "tiny.safetensors"
     save_denoiser(checkpoint, model)
     cfg = recipe.Config(checkpoint=checkpoint, output_dir=tmp_path / "eval", seeds=(0, 1), max_windows=2,

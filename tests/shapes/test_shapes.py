@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,6 +28,7 @@ from tasks.shapes.task import (
     render_disc_mask,
     sample_images,
 )
+from tests.recipes import load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_MODEL = ShapesModelConfig(block_out_channels=(8, 16), norm_num_groups=4, use_mid_block=False)
@@ -46,14 +45,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-def _load_recipe():
-    spec = importlib.util.spec_from_file_location("pretrain_shapes", ROOT / "recipes" / "pretrain_shapes.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -212,7 +203,7 @@ def test_config_errors_name_the_flag():
 
 # -- pretraining -----------------------------------------------------------------------------------
 def test_tiny_pretraining_reduces_loss_and_saves_a_loadable_prior(tmp_path, one_thread):
-    recipe = _load_recipe()
+    recipe = load_recipe("pretrain_shapes")
     cfg = recipe.Config(steps=60, batch_size=32, warmup_steps=5, log_every=10, output_dir=tmp_path / "prior",
                         use_eval=False, use_progress_bar=False, model=TINY_MODEL)
     result = recipe.pretrain(cfg)
