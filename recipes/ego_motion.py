@@ -40,10 +40,9 @@ from diffgrpo.trainer import iteration_logs, parse_reward_specs, should_checkpoi
 from tasks.ego_motion.network import load_denoiser
 from tasks.ego_motion.perceptual import PerceptualConfig, PerceptualTrainer
 from tasks.ego_motion.sampling import evaluate_windows
-from tasks.ego_motion.task import METRIC_UNITS, EgoMotionTask, EgoMotionTaskConfig
+from tasks.ego_motion.task import DEMO_PRIOR_PATH, METRIC_UNITS, EgoMotionTask, EgoMotionTaskConfig
 
 logger = logging.getLogger("recipes.ego_motion")
-DEMO_PRIOR = Path(__file__).resolve().parents[1] / "tasks" / "ego_motion" / "assets" / "demo_prior.safetensors"
 
 
 def default_grpo() -> GRPOConfig:
@@ -65,7 +64,7 @@ class Config:
     """MotionGRPO on the ego-motion task."""
 
     output_dir: Path = Path("runs/ego_motion")
-    prior: Path = DEMO_PRIOR
+    prior: Path = DEMO_PRIOR_PATH
     """Denoiser weights (safetensors with its config), e.g. from recipes/pretrain_ego_motion.py."""
     resume: bool = False
     """Continue from the newest checkpoint in output_dir."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -47,11 +46,10 @@ def make_task(name: str):
         return ShapesTask(), build_model(ShapesModelConfig(), seed=0), SamplerConfig(eta=0.7), ("shapes_disc",)
     import tasks.ego_motion.rewards  # noqa: F401  (registers the ego_* rewards)
     from tasks.ego_motion.network import load_denoiser
-    from tasks.ego_motion.task import EgoMotionTask
+    from tasks.ego_motion.task import DEMO_PRIOR_PATH, EgoMotionTask
 
     task = EgoMotionTask()
-    prior = Path(__file__).resolve().parents[2] / "tasks" / "ego_motion" / "assets" / "demo_prior.safetensors"
-    return task, load_denoiser(prior), task.sampler_config(), ("ego_rot", "ego_pos", "ego_pa_pos", "ego_vel")
+    return task, load_denoiser(DEMO_PRIOR_PATH), task.sampler_config(), ("ego_rot", "ego_pos", "ego_pa_pos", "ego_vel")
 
 
 def run(task_name: str, iterations: int, conditions: int, group_size: int, threads: int) -> dict[str, float]:

@@ -373,7 +373,6 @@ def load_denoiser(path: str | Path, device: torch.device | str = "cpu") -> Motio
         raise FileNotFoundError(f"no denoiser weights at {path}; train them with recipes/pretrain_ego_motion.py "
                                 "or use the shipped tasks/ego_motion/assets/demo_prior.safetensors")
     with safe_open(str(path), framework="pt", device="cpu") as f:  # then .to(device): safetensors rejects 'cpu:0'
-
         metadata = f.metadata() or {}
         if _CONFIG_METADATA_KEY not in metadata:
             raise ValueError(
