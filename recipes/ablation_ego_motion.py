@@ -184,8 +184,8 @@ def plot_changes(runs: dict[str, list[dict]], path: Path) -> Path:
     for ax, (metric, tto) in zip(axes, panels, strict=True):
         for i, name in enumerate(names):
             change = [100.0 * (r["grpo" + tto][metric] / r["base" + tto][metric] - 1.0) for r in runs[name]]
-            ax.bar(i, statistics.mean(change), color="tab:blue" if statistics.mean(change) < 0 else "tab:red",
-                   alpha=0.5)
+            mean = statistics.mean(change)
+            ax.bar(i, mean, color="tab:blue" if mean < 0 else "tab:red", alpha=0.5)
             ax.plot([i] * len(change), change, "k.")
         ax.axhline(0.0, color="k", lw=0.8)
         ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=7)
@@ -195,12 +195,16 @@ def plot_changes(runs: dict[str, list[dict]], path: Path) -> Path:
     return path
 
 
+def run_dir(cfg: Config, variant: str, seed: int) -> Path:
+    """Where one (variant, seed) run writes: the variant name with non-alphanumerics as '_'."""
+    return cfg.output_dir / ("".join(c if c.isalnum() else "_" for c in variant) + f"_seed{seed}")
+
+
 def main(cfg: Config) -> dict:
     runs: dict[str, list[dict]] = {}
     for name, variant in variant_configs(cfg).items():
         for seed in cfg.seeds:
-            slug = "".join(c if c.isalnum() else "_" for c in name) + f"_seed{seed}"
-            out_dir = cfg.output_dir / slug
+            out_dir = run_dir(cfg, name, seed)
             seeded = dataclasses.replace(variant.grpo, seed=seed)
             # resume=True: a run killed part-way continues from its last checkpoint (a fresh start if none)
             run_cfg = dataclasses.replace(variant, output_dir=out_dir, grpo=seeded, resume=True)

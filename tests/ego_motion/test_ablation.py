@@ -56,7 +56,7 @@ def test_main_reads_finished_runs_back_and_writes_table_and_picture(ablation, tm
     for i, name in enumerate(ablation.variant_configs(cfg)):
         for seed in cfg.seeds:
             run = _run(ablation, 200.0, 196.0 - i - seed, {"adv/adv_std": [2.0 + seed]})
-            out = cfg.output_dir / ("".join(c if c.isalnum() else "_" for c in name) + f"_seed{seed}")
+            out = ablation.run_dir(cfg, name, seed)
             out.mkdir(parents=True)
             (out / "results.json").write_text(json.dumps({k: v for k, v in run.items() if k != "history"}))
             (out / "history.json").write_text(json.dumps(run["history"]))
