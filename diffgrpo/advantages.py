@@ -6,6 +6,8 @@ normalises each one within the group and sums (method.md section 6, step 4):
 A_{i,k} = (R_{i,k} - mean_k) / (std_k + eps), A_i = sum_k w_k A_{i,k}.
 When the group's samples barely differ (std -> 0) the advantages carry no signal, so such
 groups are detected, counted and handled by an explicit policy instead of producing noise or NaN.
+Group statistics are computed in float64: in float32 the mean of six equal rewards of -208.66 is off
+by an ulp, which turns "no signal" into a std of 1.5e-5 and advantages of +0.13.
 
 Groups come from explicit integer ids (never from the condition's content); they may have
 different sizes and the ids need not be contiguous. Standard deviations are population
@@ -40,7 +42,11 @@ class AdvantageConfig:
     clip: float | None = None
     """Clamp the final advantage to [-clip, clip]; None keeps it unbounded."""
     zero_std_threshold: float = 1e-6
-    """A (sub-)reward whose within-group std is below this is 'zero-std' for that group."""
+    """Relative: a (sub-)reward is 'zero-std' in a group when std_g <= zero_std_threshold * max_g |R|,
+    and always when all its values in the group are equal (so 0 flags exact ties only). Relative
+    because float32 rewards only resolve differences of ~1.2e-7 * |R|: the default 1e-6 (about 8
+    float32 ulps) treats rounding-level spread at any reward magnitude as no signal. Must be < 1
+    (std_g <= max_g |R| always, so 1 would flag every group)."""
     zero_std_policy: Literal["keep", "drop", "mask"] = "keep"
     """keep: use the formula as is (small, ~0, advantages in collapsed groups).
     mask: zero-std terms are set to exactly 0 (per sub-reward for normalize_then_sum, the whole
@@ -65,8 +71,11 @@ class AdvantageConfig:
             raise ValueError(f"eps={self.eps!r} must be finite and > 0 so zero-std groups stay finite")
         if self.clip is not None and not (math.isfinite(self.clip) and self.clip > 0):
             raise ValueError(f"clip={self.clip!r} must be None or a finite value > 0")
-        if not (math.isfinite(self.zero_std_threshold) and self.zero_std_threshold >= 0):
-            raise ValueError(f"zero_std_threshold={self.zero_std_threshold!r} must be finite and >= 0")
+        if not (math.isfinite(self.zero_std_threshold) and 0 <= self.zero_std_threshold < 1):
+            raise ValueError(
+                f"zero_std_threshold={self.zero_std_threshold!r} must be in [0, 1): it is relative to the "
+                "group's largest |reward| (e.g. 1e-6), not an absolute std"
+            )
         if self.weights is not None:
             bad = {k: w for k, w in self.weights.items() if not math.isfinite(w)}
             if bad:
@@ -81,7 +90,8 @@ class AdvantageResult:
     mask: Bool[Tensor, " N"]
     """True for samples that enter the loss (False only under zero_std_policy='drop')."""
     diagnostics: dict[str, float] = field(default_factory=dict)
-    """zero_std_frac (overall) and zero_std_frac/<name>: fraction of groups that collapsed;
+    """zero_std_frac (overall) and zero_std_frac/<name>: fraction of groups that collapsed (see
+    AdvantageConfig.zero_std_threshold);
     group_std/<name>: mean within-group std; reward_mean/<name>: raw mean; adv_mean, adv_std:
     over samples with mask True; kept_frac: fraction of samples with mask True; num_groups."""
 
@@ -97,13 +107,22 @@ def _group_index(group_ids: Tensor, n: int) -> tuple[Tensor, Tensor, int]:
 
 
 def _group_mean_std(values: Tensor, index: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-group mean and population std (G,) of values (N,), by scatter-add."""
+    """Per-group mean and population std (G,) of values (N,), by scatter-add (call it in float64)."""
     num_groups = counts.numel()
     sums = values.new_zeros(num_groups).index_add_(0, index, values)
     mean = sums / counts
     centred = values - mean[index]
     var = values.new_zeros(num_groups).index_add_(0, index, centred * centred) / counts
     return mean, var.sqrt()
+
+
+def _collapsed(values: Tensor, std: Tensor, index: Tensor, num_groups: int, rtol: float) -> Tensor:
+    """(G,) bool: std_g <= rtol * max_g |R|, or all of the group's values equal (whatever rtol)."""
+    fill = values.new_full((num_groups,), math.inf)
+    group_max = fill.scatter_reduce(0, index, values, "amax", include_self=False)
+    group_min = fill.scatter_reduce(0, index, values, "amin", include_self=False)
+    scale = torch.maximum(group_max.abs(), group_min.abs())
+    return (group_max == group_min) | (std <= rtol * scale)
 
 
 def _normalise(values: Tensor, index: Tensor, counts: Tensor, cfg: AdvantageConfig) -> tuple[Tensor, Tensor]:
@@ -147,15 +166,18 @@ def compute_advantages(
         weights = {name: float(cfg.weights[name]) for name in names}
     index, counts, num_groups = _group_index(group_ids, n)
     first = rewards[names[0]]
-    dtype = torch.promote_types(first.dtype, torch.float32)
-    values = {name: rewards[name].to(dtype) for name in names}
-    counts = counts.to(dtype)
+    out_dtype = torch.promote_types(first.dtype, torch.float32)  # what the advantages are returned in
+    values = {name: rewards[name].to(torch.float64) for name in names}  # statistics in float64
+    counts = counts.to(torch.float64)
+    rtol = cfg.zero_std_threshold
 
     diagnostics: dict[str, float] = {"num_groups": float(num_groups)}
     group_std = {name: _group_mean_std(values[name], index, counts)[1] for name in names}
-    zero_std = {name: std < cfg.zero_std_threshold for name, std in group_std.items()}
+    zero_std = {
+        name: _collapsed(values[name], std, index, num_groups, rtol) for name, std in group_std.items()
+    }
     if cfg.combine == "normalize_then_sum":
-        advantages = torch.zeros(n, dtype=dtype, device=first.device)
+        advantages = torch.zeros(n, dtype=torch.float64, device=first.device)
         for name in names:
             adv_k = _normalise(values[name], index, counts, cfg)[0]
             if cfg.zero_std_policy != "keep":
@@ -165,7 +187,7 @@ def compute_advantages(
     elif cfg.combine == "sum_then_normalize":
         total = sum(weights[name] * values[name] for name in names)
         advantages, std_total = _normalise(total, index, counts, cfg)
-        collapsed = std_total < cfg.zero_std_threshold
+        collapsed = _collapsed(total, std_total, index, num_groups, rtol)
         if cfg.zero_std_policy != "keep":
             advantages = advantages.masked_fill(collapsed[index], 0.0)
         diagnostics["group_std/total"] = float(std_total.mean())
@@ -174,18 +196,19 @@ def compute_advantages(
 
     if cfg.clip is not None:
         advantages = advantages.clamp(-cfg.clip, cfg.clip)
+    advantages = advantages.to(out_dtype)
     if cfg.zero_std_policy == "drop":
         mask = ~collapsed[index]
     else:
         mask = torch.ones(n, dtype=torch.bool, device=first.device)
 
     for name in names:
-        diagnostics[f"zero_std_frac/{name}"] = float(zero_std[name].to(dtype).mean())
+        diagnostics[f"zero_std_frac/{name}"] = float(zero_std[name].double().mean())
         diagnostics[f"group_std/{name}"] = float(group_std[name].mean())
         diagnostics[f"reward_mean/{name}"] = float(values[name].mean())
-    diagnostics["zero_std_frac"] = float(collapsed.to(dtype).mean())
+    diagnostics["zero_std_frac"] = float(collapsed.double().mean())
     kept = advantages[mask]
-    diagnostics["kept_frac"] = float(mask.to(dtype).mean())
+    diagnostics["kept_frac"] = float(mask.double().mean())
     diagnostics["adv_mean"] = float(kept.mean()) if kept.numel() else 0.0
     diagnostics["adv_std"] = float(kept.std(correction=0)) if kept.numel() else 0.0
     return AdvantageResult(advantages=advantages, mask=mask, diagnostics=diagnostics)
@@ -198,15 +221,17 @@ def group_diversity(samples: Float[Tensor, "N ..."], group_ids: Int[Tensor, " N"
     the G samples are, in the samples' own units. For a group of n members with mean m,
     mean_{i != j} ||x_i - x_j||^2 = 2 / (n - 1) * sum_i ||x_i - m||^2, so no N x N distance
     matrix is formed. Returns one value per group, ordered by sorted group id; 0 for groups
-    with a single member.
+    with a single member. Computed in float64 (a float32 group mean is off by an ulp, so identical
+    samples would show a spurious spread) and returned in the samples' float dtype (float32 at least).
     """
     if samples.ndim < 1:
         raise ValueError("samples must have a leading sample axis N")
     n = samples.shape[0]
     index, counts, num_groups = _group_index(group_ids, n)
-    flat = samples.reshape(n, -1).to(torch.promote_types(samples.dtype, torch.float32))
+    out_dtype = torch.promote_types(samples.dtype, torch.float32)
+    flat = samples.reshape(n, -1).to(torch.float64)
     counts = counts.to(flat.dtype)
     sums = flat.new_zeros(num_groups, flat.shape[1]).index_add_(0, index, flat)
     centred = flat - (sums / counts[:, None])[index]
     sq = flat.new_zeros(num_groups).index_add_(0, index, (centred * centred).sum(dim=1))
-    return (2.0 * sq / (counts - 1).clamp(min=1)).sqrt()
+    return (2.0 * sq / (counts - 1).clamp(min=1)).sqrt().to(out_dtype)

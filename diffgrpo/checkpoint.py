@@ -14,6 +14,20 @@ Layout of ``<output_dir>/checkpoints/``::
 A checkpoint is written into ``step_XXXXXX.tmp`` and renamed once every rank has finished, and
 ``latest`` is replaced atomically afterwards, so a crash at any moment leaves the previous
 checkpoint intact and resumable.
+
+Sharded models (FSDP): the full model and optimiser states are assembled by *every* process
+(``state_dict`` is then a collective: rank 0 alone would hang, or save its own shard), rank 0
+receives them and writes the same full-tensor layout; the optimiser state is then keyed by
+parameter name instead of position, and loading hands the full state back to every process to
+shard again. A model counts as sharded when any of its modules is a torch FSDP module
+(``fully_shard`` or ``FullyShardedDataParallel``), however it was wrapped; the tests run FSDP2
+(``fully_shard``) on 2 CPU ranks with gloo. accelerate's own FSDP mode cannot be tested on CPU:
+with accelerate 1.15, ``accelerate launch --use_fsdp`` on a machine without a GPU stops in
+``FullyShardedDataParallelPlugin.__post_init__`` ("RuntimeError: There are currently no available
+devices found, must be one of 'XPU', 'CUDA', 'MLU', 'NPU', 'MUSA', or 'HPU'"), and a plugin passed
+to ``Accelerator(cpu=True)`` is ignored (the model is wrapped in DDP). FSDP1 on CPU fails inside
+torch 2.13's full ``get_model_state_dict`` ("setStorage: ... out of bounds for storage of size 0"),
+so the FSDP1 path (torch's same ``state_dict`` API) is only exercised on GPUs.
 """
 
 from __future__ import annotations
@@ -46,14 +60,46 @@ def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[s
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def _unflatten_optimizer(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
+def _unflatten_optimizer(tensors: dict[str, Tensor], meta: dict[str, Any], *, by_name: bool) -> dict[str, Any]:
+    """Inverse of ``_flatten_optimizer``; parameters are keyed by name (may hold dots) or by position."""
+    key_of = str if by_name else int
+    state: dict[int | str, dict[str, Any]] = {}
     for name, value in tensors.items():
-        _, param_id, key = name.split(".", 2)
-        state.setdefault(int(param_id), {})[key] = value
+        param_id, key = name[len("optimizer."):].rsplit(".", 1)
+        state.setdefault(key_of(param_id), {})[key] = value
     for param_id, extra in meta["scalars"].items():
-        state.setdefault(int(param_id), {}).update(extra)
+        state.setdefault(key_of(param_id), {}).update(extra)
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when the model's parameters are sharded across processes (a torch FSDP1 or FSDP2 module inside)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
+
+
+def _full_states(accelerator, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Full model and optimiser state_dicts; every process must call this (a collective under FSDP).
+
+    Unsharded: ``accelerator.get_state_dict`` (the unwrapped model's own) and the optimiser's
+    position-keyed state, the same on every process. Sharded: torch's full-state API gathers the
+    shards into rank 0's CPU memory (other ranks get empty dicts); the optimiser is keyed by name.
+    """
+    if not is_sharded(model):
+        return accelerator.get_state_dict(model), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    raw_optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch one
+    return (get_model_state_dict(model, options=options),
+            get_optimizer_state_dict(model, raw_optimizer, options=options))
 
 
 def git_revision() -> str:
@@ -119,7 +165,8 @@ def save_checkpoint(
     meta: dict[str, Any] | None = None,
     keep_last: int = 2,
 ) -> Path:
-    """Write checkpoint ``step`` atomically. Every process must call this (it synchronises).
+    """Write checkpoint ``step`` atomically. Every process must call this (it synchronises, and
+    under FSDP every process takes part in gathering the model and optimiser states).
 
     ``rank_tensors``/``rank_meta`` hold per-process state (generator states from
     ``generator.get_state()``, data position); ``shared_tensors``/``meta`` hold state that is
@@ -138,10 +185,11 @@ def save_checkpoint(
               str(tmp_dir / f"rank_{accelerator.process_index}.safetensors"),
               metadata={"format": _FORMAT, "rank_meta": json.dumps(rank_meta or {})})
 
+    sharded = is_sharded(model)
+    model_state, optimizer_state = _full_states(accelerator, model, optimizer)  # on every rank
     if accelerator.is_main_process:
-        model_state = accelerator.unwrap_model(model).state_dict()
         tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model_state.items()}
-        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
         tensors.update(opt_tensors)
         tensors.update({f"task.{k}": v.detach().contiguous().cpu() for k, v in (shared_tensors or {}).items()})
         metadata = {
@@ -150,6 +198,7 @@ def save_checkpoint(
             "optimizer": json.dumps(opt_meta),
             "lr_scheduler": json.dumps(lr_scheduler.state_dict() if lr_scheduler is not None else None),
             "num_processes": str(accelerator.num_processes),
+            "optimizer_keys": "name" if sharded else "position",
             "meta": json.dumps({"git_revision": git_revision(), **(meta or {})}, default=str),
         }
         save_file(tensors, str(tmp_dir / "shared.safetensors"), metadata=metadata)
@@ -174,7 +223,10 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     lr_scheduler: Any | None = None,
 ) -> Checkpoint:
-    """Restore model/optimiser/LR schedule in place and return the rest of the saved state."""
+    """Restore model/optimiser/LR schedule in place and return the rest of the saved state.
+
+    Every process calls this; a sharded (FSDP) model loads the full state on every process.
+    """
     path = Path(path)
     shared_file = path / "shared.safetensors"
     if not shared_file.exists():
@@ -191,12 +243,33 @@ def load_checkpoint(
         raise ValueError(f"checkpoint was written by {saved_procs} processes but this run has "
                          f"{accelerator.num_processes}; resume with --num_processes {saved_procs} for an exact "
                          "continuation")
+    by_name = metadata.get("optimizer_keys", "position") == "name"
+    sharded = is_sharded(model)
+    if sharded and optimizer is not None and not by_name:
+        raise ValueError(f"{shared_file} was written by an unsharded run (optimiser state keyed by position) and "
+                         "cannot be loaded into an FSDP-sharded model; resume it without FSDP (e.g. plain "
+                         "`accelerate launch --multi_gpu`)")
     tensors = load_file(str(shared_file))
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    accelerator.unwrap_model(model).load_state_dict(model_state)
+    opt_state = None
     if optimizer is not None:
         opt_tensors = {k: v for k, v in tensors.items() if k.startswith("optimizer.")}
-        optimizer.load_state_dict(_unflatten_optimizer(opt_tensors, json.loads(metadata["optimizer"])))
+        opt_state = _unflatten_optimizer(opt_tensors, json.loads(metadata["optimizer"]), by_name=by_name)
+    if sharded or by_name:  # every process hands the full state to torch, which keeps its own shard
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, model_state, options=options)
+        if opt_state is not None:
+            set_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), opt_state, options=options)
+    else:
+        accelerator.unwrap_model(model).load_state_dict(model_state)
+        if opt_state is not None:
+            optimizer.load_state_dict(opt_state)
     lr_state = json.loads(metadata["lr_scheduler"])
     if lr_scheduler is not None and lr_state is not None:
         lr_scheduler.load_state_dict(lr_state)

@@ -6,20 +6,24 @@ and cannot drift afterwards; ``tyro.cli`` shows each field's docstring as its ``
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 from diffgrpo.advantages import AdvantageConfig
 from diffgrpo.loss import LossConfig
+from diffgrpo.sde import Method
 
 
 @dataclass(frozen=True)
 class SamplerConfig:
     """How one reverse step becomes a Gaussian policy (see ``diffgrpo.sde``)."""
 
-    method: str | None = None
+    method: Method | None = None
     """Step rule: ddim, ddpm, egoallo (DDPM family) or flow_sde, cps (flow matching); None = the
-    scheduler's default (DDIM -> ddim, DDPM -> ddpm, FlowMatchEuler -> flow_sde)."""
+    scheduler's default (DDIM -> ddim, DDPM -> ddpm, FlowMatchEuler -> flow_sde). Whether the method
+    fits the task's scheduler, and eta its schedule, is checked at start-up by
+    ``diffgrpo.rollout.check_sampler``."""
     eta: float = 1.0
     """Noise scale of the stochastic step (DDIM eta; EgoAllo uses 0.8; flow SDE 'a')."""
     log_prob_reduction: Literal["sum", "mean"] = "mean"
@@ -28,12 +32,35 @@ class SamplerConfig:
     joint density."""
     egoallo_denominator_offset: float = 0.1
     """The '+0.1' of EgoAllo's released sampler (method 'egoallo' only); 0 gives the plain form."""
+    sde_window: tuple[int, int] | None = None
+    """[start, end) step indices in sampling order (0 = the noisiest) that sample stochastically with
+    ``eta``; the other steps take the same rule with eta = 0 (deterministic: no density, not trained),
+    so every difference within a group comes from the window's steps. None: every step is stochastic."""
 
     def __post_init__(self) -> None:
-        if self.eta < 0:
+        methods = ("ddim", "ddpm", "egoallo", "flow_sde", "cps")
+        if self.method is not None and self.method not in methods:
+            raise ValueError(f"sampler.method={self.method!r} is not one of {methods} (or None for the scheduler's "
+                             "default); fix --grpo.sampler.method")
+        if not math.isfinite(self.eta) or self.eta < 0:
             raise ValueError(f"sampler.eta must be >= 0, got {self.eta}")
+        if self.method in ("ddim", "cps") and self.eta > 1:
+            raise ValueError(f"sampler.eta={self.eta} > 1 is undefined for method {self.method!r}; use 0 <= eta <= 1")
+        if not math.isfinite(self.egoallo_denominator_offset) or self.egoallo_denominator_offset < 0:
+            raise ValueError(f"sampler.egoallo_denominator_offset={self.egoallo_denominator_offset} must be >= 0 "
+                             "(EgoAllo uses 0.1)")
         if self.log_prob_reduction not in ("sum", "mean"):
             raise ValueError(f"sampler.log_prob_reduction must be 'sum' or 'mean', got {self.log_prob_reduction!r}")
+        window = self.sde_window
+        if window is not None and (len(window) != 2 or not 0 <= window[0] < window[1]):
+            raise ValueError(f"sampler.sde_window must be START END with 0 <= START < END (step indices, 0 = the "
+                             f"noisiest), got {self.sde_window}")
+
+    def eta_at(self, step: int) -> float:
+        """The eta of sampling step ``step`` (0 = the noisiest): ``eta`` inside ``sde_window``, else 0."""
+        if self.sde_window is None or self.sde_window[0] <= step < self.sde_window[1]:
+            return self.eta
+        return 0.0
 
 
 @dataclass(frozen=True)
@@ -43,22 +70,34 @@ class StepSelectionConfig:
     mode: Literal["all", "random_fraction", "window"] = "all"
     fraction: float = 1.0
     """For random_fraction: share of the stochastic steps drawn (fresh each iteration)."""
-    window: tuple[int, int] = (0, 1_000_000)
-    """For window: [start, end) step indices in sampling order (0 = the noisiest step)."""
+    window: tuple[int, int] | None = None
+    """For window (and only there): [start, end) step indices in sampling order (0 = the noisiest
+    step), 0 <= start < end <= K; end is checked against the task's K at start-up."""
 
     def __post_init__(self) -> None:
+        if self.mode not in ("all", "random_fraction", "window"):
+            raise ValueError(f"steps.mode={self.mode!r} is not one of 'all', 'random_fraction', 'window'")
         if not 0.0 < self.fraction <= 1.0:
             raise ValueError(f"steps.fraction must be in (0, 1], got {self.fraction}")
-        if self.window[0] >= self.window[1]:
-            raise ValueError(f"steps.window must be (start, end) with start < end, got {self.window}")
+        if self.mode != "random_fraction" and self.fraction != 1.0:
+            raise ValueError(f"steps.fraction={self.fraction} is only used with --grpo.steps.mode random_fraction; "
+                             "set that mode or drop the flag")
+        if self.mode == "window":
+            if self.window is None or len(self.window) != 2 or not 0 <= self.window[0] < self.window[1]:
+                raise ValueError(f"steps.mode='window' needs --grpo.steps.window START END with 0 <= START < END, "
+                                 f"got {self.window}")
+        elif self.window is not None:
+            raise ValueError(f"steps.window={self.window} is only used with --grpo.steps.mode window; set that mode "
+                             "or drop the flag")
 
 
 @dataclass(frozen=True)
 class PerturbConfig:
     """Per-member perturbation of the raw condition (MotionGRPO section 8)."""
 
-    name: str = "none"
-    """Perturber from the registry: none, gaussian or perlin."""
+    name: Literal["none", "gaussian", "perlin"] = "none"
+    """Perturber: none, gaussian or perlin (the registry's built-ins; pass a custom registered perturber
+    to ``collect`` directly)."""
     scale: float = 0.0
     """lambda: amplitude of the added noise, in the raw condition's units."""
     frequency: float = 1.0 / 32.0
@@ -68,8 +107,44 @@ class PerturbConfig:
     """Perlin only: number of octaves."""
 
     def __post_init__(self) -> None:
-        if self.scale < 0:
+        if self.name not in ("none", "gaussian", "perlin"):
+            raise ValueError(f"perturb.name={self.name!r} is not one of 'none', 'gaussian', 'perlin'")
+        if not math.isfinite(self.scale) or self.scale < 0:
             raise ValueError(f"perturb.scale must be >= 0, got {self.scale}")
+        if self.name == "none" and self.scale != 0:
+            raise ValueError(f"perturb.scale={self.scale} has no effect with perturb.name='none'; pick "
+                             "--grpo.perturb.name perlin or gaussian, or drop the scale")
+        if not math.isfinite(self.frequency) or self.frequency <= 0:
+            raise ValueError(f"perturb.frequency must be > 0 (lattice cells per frame), got {self.frequency}")
+        if self.octaves < 1:
+            raise ValueError(f"perturb.octaves must be >= 1, got {self.octaves}")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Which conditions and how many noises the probe evaluates, and how often."""
+
+    splits: tuple[str, ...] = ("train", "test")
+    """Splits to probe (each gets its own conditions), e.g. the post-training split and the test split."""
+    conditions_per_split: int = 16
+    """C: conditions per split (fewer if the split is smaller), a seeded choice fixed for the run."""
+    noises_per_condition: int = 4
+    """M: fixed noises per condition."""
+    seed: int = 4321
+    """Seeds the choice of conditions and the noises (the same for every checkpoint)."""
+    eval_every: int = 0
+    """Evaluate before training, every this many iterations and after the last (0: never)."""
+
+    def __post_init__(self) -> None:
+        if not self.splits:
+            raise ValueError("probe.splits is empty; name at least one split or set --grpo.probe.eval-every 0")
+        if self.conditions_per_split < 2:
+            raise ValueError(f"probe.conditions_per_split={self.conditions_per_split} must be >= 2 (an interval "
+                             "over conditions needs two)")
+        if self.noises_per_condition < 1:
+            raise ValueError(f"probe.noises_per_condition={self.noises_per_condition} must be >= 1")
+        if self.eval_every < 0:
+            raise ValueError(f"probe.eval_every={self.eval_every} must be >= 0 (0 = no probe evaluation)")
 
 
 @dataclass(frozen=True)
@@ -80,7 +155,20 @@ class OptimConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0 = no clipping)."""
     betas: tuple[float, float] = (0.9, 0.999)
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"optim.learning_rate must be > 0, got {self.learning_rate}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            raise ValueError(f"optim.max_grad_norm must be >= 0 (0 = no clipping), got {self.max_grad_norm}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two values in [0, 1), got {self.betas}")
 
 
 @dataclass(frozen=True)
@@ -90,12 +178,20 @@ class GRPOConfig:
     seed: int = 0
     num_iterations: int = 20
     """Outer iterations: sample groups, score, update."""
+    train_split: str = "train"
+    """The task's split whose conditions GRPO post-trains on (ego-motion: 'post_train', clips the prior never saw)."""
     conditions_per_iteration: int = 4
     """B: conditions per process per iteration (each gets its own group)."""
     group_size: int = 8
     """G: samples per condition sharing one initial noise."""
     inner_epochs: int = 1
     """Passes over each rollout batch (the first is exactly on-policy)."""
+    num_minibatches: int = 1
+    """Optimiser steps per pass: the (micro-batch, trained step) terms are shuffled and split into this many
+    minibatches. The first step is exactly on-policy, later ones off-policy (see ``loss.clip_range``)."""
+    step_weighting: Literal["uniform", "unit_score"] = "uniform"
+    """Per-step weight of the loss terms: 'uniform' (the paper: mean over steps) or 'unit_score' (weight
+    proportional to the step's std, so the low-noise late steps do not dominate the gradient)."""
     micro_batch_size: int = 32
     """Chains per network call, in rollout and in the update alike (same batches -> ratio 1)."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -106,13 +202,20 @@ class GRPOConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     rewards: tuple[str, ...] = ()
     """Rewards as 'name' or 'name:weight' (e.g. shapes_iou:1.0); names from the reward registry."""
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    """Fixed probe set evaluated every ``probe.eval_every`` iterations (``diffgrpo.probe``)."""
     checkpoint_every: int = 10
     """Iterations between checkpoints (0 = only at the end)."""
+    diagnostics_every: int = 0
+    """Every this many iterations (0: never), measure the update (``diffgrpo.diagnostics``): gradient
+    agreement of two halves of the groups per step bucket, per-step gradient norms, the KL between the
+    step distributions before and after the update, and the relative weight change. Costs about one
+    extra forward and backward pass over the batch on those iterations."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
 
     def __post_init__(self) -> None:
         for name in ("num_iterations", "conditions_per_iteration", "group_size", "inner_epochs",
-                     "micro_batch_size"):
+                     "micro_batch_size", "num_minibatches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.group_size < 2:
@@ -120,3 +223,19 @@ class GRPOConfig:
         if not self.rewards:
             raise ValueError("no rewards configured: pass --rewards NAME[:WEIGHT] ... "
                              "(see diffgrpo.rewards.available_rewards())")
+        if self.diagnostics_every < 0:
+            raise ValueError(f"diagnostics_every must be >= 0 (0 = never), got {self.diagnostics_every}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0 (0 = only at the end), got {self.checkpoint_every}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision={self.mixed_precision!r} is not one of 'no', 'fp16', 'bf16'")
+        if self.step_weighting not in ("uniform", "unit_score"):
+            raise ValueError(f"step_weighting={self.step_weighting!r} is not one of 'uniform', 'unit_score'")
+        several = self.inner_epochs * self.num_minibatches > 1
+        if several and self.sampler.log_prob_reduction == "sum" and self.loss.clip_range is None:
+            raise ValueError(
+                f"inner_epochs={self.inner_epochs} x num_minibatches={self.num_minibatches} optimiser steps per "
+                "rollout with summed step log-probs (sampler.log_prob_reduction='sum') and no clip: after the first "
+                "optimiser step a log-ratio summed over every dimension of a sample can reach hundreds of nats and "
+                "exp() overflows. Pass --grpo.loss.clip-range EPS, or --grpo.sampler.log-prob-reduction mean, or "
+                "--grpo.inner-epochs 1 --grpo.num-minibatches 1.")

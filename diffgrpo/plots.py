@@ -11,6 +11,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 PANELS: tuple[tuple[str, str], ...] = (
+    ("probe_diff/reward/", "probe set: paired change vs. before training (95 % CI)"),
     ("reward/", "sub-rewards (mean over samples)"),
     ("adv/group_std/", "mean within-group std per sub-reward"),
     ("adv/zero_std_frac", "fraction of zero-std groups"),
@@ -31,7 +32,14 @@ def plot_history(history: dict[str, list[float]], path: str | Path, *, title: st
     fig = Figure(figsize=(4.2 * cols, 3.0 * rows), layout="constrained")
     for i, (prefix, label, keys) in enumerate(panels):
         ax = fig.add_subplot(rows, cols, i + 1)
-        for key in keys:
+        if prefix.startswith("probe_diff/"):  # one point per probe evaluation, with its interval
+            keys = [k for k in keys if k.endswith("/total") and not k.endswith("/ci_low")]
+            x = history["probe/iteration"]
+            for key in keys:
+                ax.plot(x, history[key], marker="o", label=key[len(prefix):])
+                ax.fill_between(x, history[key + "/ci_low"], history[key + "/ci_high"], alpha=0.2)
+            ax.axhline(0.0, color="grey", linewidth=0.8)
+        for key in [] if prefix.startswith("probe_diff/") else keys:
             values = history[key]
             ax.plot(range(1, len(values) + 1), values, label=key[len(prefix):].lstrip("/") or key)
         ax.set_title(label, fontsize=9)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -43,6 +43,8 @@ class Trajectory:
     """(N,) long: members of one group share an id and their initial noise."""
     cond: Tensor
     """(N, ...) the model conditioning each chain used (after any perturbation)."""
+    step_stds: Tensor | None = None
+    """(K,) the std of each step's Gaussian (0 for deterministic steps), for per-step loss weights."""
 
     @property
     def samples(self) -> Tensor:
@@ -65,6 +67,56 @@ def make_generator(seed: int, *stream: int | str, device: torch.device | str = "
     generator = torch.Generator(device=device)
     generator.manual_seed(derived)
     return generator
+
+
+@dataclass
+class RandomStreams:
+    """One generator per source of randomness in an iteration, so ablation variants share their draws.
+
+    Why named streams: with one generator, turning the condition perturbation on consumes draws and
+    so changes every initial noise and step noise after it; a variant would then differ from its
+    baseline by its noise as well as by its setting. With a stream per purpose, two variants seeded
+    alike draw identical initial and step noise whatever the other settings are (common random
+    numbers), and each stream's state is saved per rank for an exact resume.
+    """
+
+    perturbation: torch.Generator
+    """Condition perturbation of each group member (``perturb.py``)."""
+    initial_noise: torch.Generator
+    """x_T of each group."""
+    step_noise: torch.Generator
+    """The Gaussian draw of every stochastic step."""
+    step_selection: torch.Generator
+    """Which steps are trained (``loss.select_steps``) and minibatch order in the update."""
+
+    @classmethod
+    def from_seed(cls, seed: int, process_index: int = 0, device: torch.device | str = "cpu") -> RandomStreams:
+        """Independent streams seeded from (seed, "rollout", name, process_index)."""
+        return cls(**{f.name: make_generator(seed, "rollout", f.name, process_index, device=device)
+                      for f in fields(cls)})
+
+    @classmethod
+    def shared(cls, generator: torch.Generator) -> RandomStreams:
+        """Every purpose draws from the one ``generator`` (the behaviour of a single-generator call)."""
+        return cls(**{f.name: generator for f in fields(cls)})
+
+    def get_state(self) -> dict[str, Tensor]:
+        """{"stream.<name>": generator state} for a checkpoint's per-rank tensors."""
+        return {f"stream.{f.name}": getattr(self, f.name).get_state() for f in fields(self)}
+
+    def set_state(self, states: dict[str, Tensor]) -> None:
+        """Restore from :meth:`get_state` output; raises naming any missing stream."""
+        missing = [f.name for f in fields(self) if f"stream.{f.name}" not in states]
+        if missing:
+            raise KeyError(f"checkpoint has no state for random stream(s) {missing} (written by an older diffgrpo "
+                           "with a single rollout generator?); restart the run without --resume.")
+        for f in fields(self):
+            getattr(self, f.name).set_state(states[f"stream.{f.name}"])
+
+
+def as_streams(generator: torch.Generator | RandomStreams) -> RandomStreams:
+    """A RandomStreams from either named streams or one generator shared by every purpose."""
+    return generator if isinstance(generator, RandomStreams) else RandomStreams.shared(generator)
 
 
 def group_ids_for(num_conditions: int, group_size: int, *, offset: int = 0, device=None) -> Tensor:
@@ -101,12 +153,15 @@ def rollout(
     generator: torch.Generator,
     sampler: SamplerConfig,
     micro_batch_size: int | None = None,
+    step_generator: torch.Generator | None = None,
 ) -> Trajectory:
     """Sample N chains (N = len(group_ids)) with group-shared initial noise.
 
-    ``micro_batch_size`` splits the N chains into fixed chunks for the network call; the policy
-    update re-scores with the same chunks so that the network sees identical batches and the
-    on-policy importance ratio is exactly 1.
+    ``generator`` draws x_T, and the step noise too unless ``step_generator`` is given (named
+    streams, see :class:`RandomStreams`). Step k is stochastic with ``sampler.eta_at(k)`` (0 outside
+    ``sampler.sde_window``: a deterministic step with no density). ``micro_batch_size`` splits the N
+    chains into fixed chunks for the network call; the policy update re-scores with the same chunks
+    so that the network sees identical batches and the on-policy importance ratio is exactly 1.
     """
     n = group_ids.shape[0]
     if cond.shape[0] != n:
@@ -117,7 +172,8 @@ def rollout(
         raise ValueError(f"timesteps must be a 1-D sequence of K+1 >= 2 values, got shape {tuple(timesteps.shape)}")
     device = cond.device
     x = shared_initial_noise(group_ids, sample_shape, generator).to(device)
-    states, log_probs, x0_preds, stochastic = [x], [], [], []
+    step_generator = step_generator if step_generator is not None else generator
+    states, log_probs, x0_preds, stochastic, stds = [x], [], [], [], []
     chunks = _chunks(n, micro_batch_size or n)
     for k in range(len(timesteps) - 1):
         t = timesteps[k].to(device).expand(n)
@@ -126,7 +182,7 @@ def rollout(
         for part in chunks:
             out = model_fn(x[part], t[part], cond[part])
             outputs.append(step_with_logprob(
-                scheduler, out, t[part], x[part], eta=sampler.eta, generator=generator,
+                scheduler, out, t[part], x[part], eta=sampler.eta_at(k), generator=step_generator,
                 next_timestep=t_next[part], method=sampler.method,
                 log_prob_reduction=sampler.log_prob_reduction,
                 egoallo_denominator_offset=sampler.egoallo_denominator_offset,
@@ -136,6 +192,7 @@ def rollout(
         log_probs.append(torch.cat([o.log_prob for o in outputs]))
         x0_preds.append(torch.cat([o.x0_pred for o in outputs]))
         stochastic.append(bool(torch.cat([o.is_stochastic for o in outputs]).all()))
+        stds.append(float(torch.cat([o.std.reshape(-1) for o in outputs]).mean()))
     return Trajectory(
         states=torch.stack(states, dim=1),
         timesteps=timesteps.to(device),
@@ -144,6 +201,7 @@ def rollout(
         is_stochastic=torch.tensor(stochastic, device=device),
         group_ids=group_ids.to(device),
         cond=cond,
+        step_stds=torch.tensor(stds, dtype=torch.float32),
     )
 
 
@@ -152,7 +210,7 @@ def score_step(
     scheduler,
     trajectory: Trajectory,
     step: int,
-    rows: slice,
+    rows: slice | Tensor,
     *,
     sampler: SamplerConfig,
 ):
@@ -167,7 +225,53 @@ def score_step(
     t_next = trajectory.timesteps[step + 1].expand(n)
     out = model_fn(x_t, t, trajectory.cond[rows])
     return step_with_logprob(
-        scheduler, out, t, x_t, eta=sampler.eta, prev_sample=trajectory.states[rows, step + 1],
+        scheduler, out, t, x_t, eta=sampler.eta_at(step), prev_sample=trajectory.states[rows, step + 1],
         next_timestep=t_next, method=sampler.method, log_prob_reduction=sampler.log_prob_reduction,
         egoallo_denominator_offset=sampler.egoallo_denominator_offset,
     )
+
+
+def check_sampler(scheduler, timesteps: Tensor, sampler: SamplerConfig) -> None:
+    """Raise now, before any data or model work, if a step of the chain is undefined for ``sampler``.
+
+    Why: an eta too large for the schedule (e.g. EgoAllo's step above ~0.97 on the ego-motion chain),
+    a method of the wrong scheduler family or a timestep outside the scheduler's table would otherwise
+    fail at the first rollout step, minutes into a run. Every step (t_k, t_{k+1}) is taken once on a
+    one-element dummy sample with a zero model output: the same code path the rollout runs, so the
+    same errors, at no cost. For an eta-dependent failure the message gives the largest eta that
+    passes (to 1e-3).
+    """
+    timesteps = torch.as_tensor(timesteps)
+    if timesteps.ndim != 1 or len(timesteps) < 2:
+        raise ValueError(f"timesteps must be a 1-D sequence of K+1 >= 2 values, got shape {tuple(timesteps.shape)}")
+    num_steps = len(timesteps) - 1
+    if sampler.sde_window is not None and sampler.sde_window[1] > num_steps:
+        raise ValueError(f"sampler.sde_window={sampler.sde_window} ends after the chain's K={num_steps} steps; use "
+                         f"0 <= START < END <= {num_steps}")
+    if sampler.sde_window is not None and sampler.eta == 0:
+        raise ValueError("sampler.sde_window is set but sampler.eta = 0, so no step is stochastic; raise eta")
+
+    def first_error(eta: float) -> ValueError | None:
+        zeros = torch.zeros(1, 1, dtype=torch.float64)
+        for k in range(len(timesteps) - 1):
+            try:
+                step_with_logprob(scheduler, zeros, timesteps[k], zeros, eta=eta, prev_sample=zeros,
+                                  next_timestep=timesteps[k + 1], method=sampler.method,
+                                  log_prob_reduction=sampler.log_prob_reduction,
+                                  egoallo_denominator_offset=sampler.egoallo_denominator_offset)
+            except ValueError as error:
+                return ValueError(f"step {k} ({timesteps[k].item()} -> {timesteps[k + 1].item()}): {error}")
+        return None
+
+    error = first_error(sampler.eta)
+    if error is None:
+        return
+    if sampler.eta > 0 and first_error(0.0) is None:
+        low, high = 0.0, sampler.eta
+        while high - low > 1e-3:
+            mid = 0.5 * (low + high)
+            low, high = (mid, high) if first_error(mid) is None else (low, mid)
+        raise ValueError(f"sampler.eta={sampler.eta} is too large for method {sampler.method!r} on this schedule: "
+                         f"valid range 0 <= eta <= {low:.3f}. Lower --grpo.sampler.eta (or the task's eta flag). "
+                         f"First failing {error}") from None
+    raise error

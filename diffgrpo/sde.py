@@ -177,8 +177,10 @@ def step_with_logprob(
     Why: rollouts call this with `generator` to sample; the policy update calls it again with the
     stored `prev_sample` and `next_timestep` to re-score, with identical numerics, so the ratio is 1
     on-policy. `timestep`/`next_timestep`: scalar or (B,), a different t per element is fine.
-    `next_timestep=None` derives t' as the scheduler would (DDIM: t - T // n; DDPM: the next entry of
-    `scheduler.timesteps`, or t - 1 before `set_timesteps`; flow: the next entry of `scheduler.sigmas`).
+    `next_timestep=None` reads t' from the scheduler's tables, never from t - T // n (wrong for
+    "linspace"/"trailing" spacings): DDIM and DDPM take the entry after t in `scheduler.timesteps`
+    (-1 = final after the last entry; t must be in the table, else pass `next_timestep`), a DDPM
+    scheduler without `set_timesteps` takes t - 1 (the full chain), flow the next `scheduler.sigmas`.
     `method=None` picks ddim / ddpm / flow_sde by scheduler class. `generator` may be one generator or
     a list of B (one stream per element). Methods (abar = alphas_cumprod, ' = at t'):
       ddim:    std = eta sqrt(posterior_variance), mean = sqrt(abar') x0 + sqrt(1 - abar' - std^2) eps.
@@ -351,27 +353,37 @@ def _resolve_ddpm_timesteps(scheduler, timestep, next_timestep, batch: int) -> t
         if bool((t_next != t_next.round()).any()):
             raise ValueError(f"next_timestep {t_next.tolist()[:8]} must be integers (-1 = final).")
         t_next = t_next.long().clamp_min(-1)
-    elif isinstance(scheduler, DDIMScheduler):
-        if scheduler.num_inference_steps is None:
-            raise ValueError(
-                "DDIMScheduler has no num_inference_steps; call set_timesteps(n) or pass next_timestep."
-            )
-        t_next = (t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps).clamp_min(-1)
-    elif scheduler.custom_timesteps or scheduler.num_inference_steps:
-        table = scheduler.timesteps.detach().to("cpu").long()
-        hits = t[:, None] == table[None, :]  # (B, N)
-        if bool((hits.sum(1) != 1).any()):
-            missing = sorted(set(t[hits.sum(1) != 1].tolist()))[:8]
-            raise ValueError(
-                f"timestep {missing} is not (exactly once) in scheduler.timesteps; pass next_timestep."
-            )
-        index = hits.long().argmax(1) + 1
-        t_next = torch.where(index < table.shape[0], table[index.clamp_max(table.shape[0] - 1)], -1)
-    else:
+    elif isinstance(scheduler, DDIMScheduler) and scheduler.num_inference_steps is None:
+        raise ValueError(
+            "DDIMScheduler has no num_inference_steps; call set_timesteps(n) or pass next_timestep."
+        )
+    elif isinstance(scheduler, DDIMScheduler) or scheduler.custom_timesteps or scheduler.num_inference_steps:
+        t_next = _next_in_table(scheduler.timesteps, t)
+    else:  # DDPMScheduler before set_timesteps walks every training step, as its previous_timestep() does
         t_next = t - 1
     if bool((t_next > t).any()):
         raise ValueError("next_timestep must not be noisier than timestep (t' <= t); reverse steps go down.")
     return t, t_next
+
+
+def _next_in_table(timesteps: Tensor, t: Tensor) -> Tensor:
+    """The entry after each t in the scheduler's `timesteps` table, -1 (final) after its last entry.
+
+    Why the table and never t - T // n: "linspace" and "trailing" spacings (and custom tables) are not
+    evenly spaced by T // n, so arithmetic silently pairs x_t with the wrong abar' (linspace, n = 10:
+    999 -> 899 instead of 888, and 111 -> 11 instead of 0).
+    """
+    table = timesteps.detach().to("cpu").long()  # (N,)
+    hits = t[:, None] == table[None, :]  # (B, N)
+    count = hits.sum(1)
+    if bool((count != 1).any()):
+        missing = sorted(set(t[count != 1].tolist()))[:8]
+        raise ValueError(
+            f"timestep {missing} is not (exactly once) in scheduler.timesteps {table.tolist()[:8]}..., so "
+            "its next timestep is unknown; pass next_timestep explicitly (or step on the table's entries)."
+        )
+    index = hits.long().argmax(1) + 1  # (B,)
+    return torch.where(index < table.shape[0], table[index.clamp_max(table.shape[0] - 1)], -1)
 
 
 def _alpha_bars(scheduler, t: Tensor, t_next: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -26,7 +26,7 @@ from diffgrpo.config import GRPOConfig
 from diffgrpo.loss import gaussian_step_kl, grpo_loss, select_steps
 from diffgrpo.perturb import get_perturber
 from diffgrpo.rewards import RewardSet
-from diffgrpo.rollout import Trajectory, group_ids_for, rollout, score_step
+from diffgrpo.rollout import RandomStreams, Trajectory, as_streams, group_ids_for, rollout, score_step
 from diffgrpo.task import Batch, Task, repeat_batch
 
 
@@ -68,11 +68,16 @@ def collect(
     cfg: GRPOConfig,
     rewards: RewardSet,
     perturber,
-    generator: torch.Generator,
+    generator: torch.Generator | RandomStreams,
     group_id_offset: int,
     autocast=contextlib.nullcontext,
 ) -> RolloutBatch:
-    """Alg. 1 lines 2-6 for one batch of B conditions: perturb, sample G each, score, normalise."""
+    """Alg. 1 lines 2-6 for one batch of B conditions: perturb, sample G each, score, normalise.
+
+    ``generator``: named streams (perturbation, initial noise, step noise drawn from their own
+    generators) or one generator for all of them.
+    """
+    streams = as_streams(generator)
     num_conditions = next(iter(batch.values())).shape[0]
     expanded = repeat_batch(batch, cfg.group_size)  # (B*G, ...)
     raw = task.raw_condition(expanded)
@@ -80,14 +85,14 @@ def collect(
         bad = (~torch.isfinite(raw)).flatten(1).any(1).nonzero().flatten() // cfg.group_size
         raise ValueError(f"the raw condition of batch rows {sorted(set(bad.tolist()))} holds NaN or inf; "
                          "fix or drop those examples in the task's load_examples")
-    expanded = task.with_raw_condition(expanded, perturber(raw, generator))
+    expanded = task.with_raw_condition(expanded, perturber(raw, streams.perturbation))
     cond = task.encode_condition(expanded)
     group_ids = group_ids_for(num_conditions, cfg.group_size, offset=group_id_offset, device=cond.device)
     model.eval()  # the policy is one fixed function in rollout and update: no dropout/BN noise
     with autocast():
         trajectory = rollout(model_fn_for(task, model), scheduler, cond, group_ids, task.sampling_timesteps(),
-                             task.sample_shape, generator=generator, sampler=cfg.sampler,
-                             micro_batch_size=cfg.micro_batch_size)
+                             task.sample_shape, generator=streams.initial_noise, sampler=cfg.sampler,
+                             micro_batch_size=cfg.micro_batch_size, step_generator=streams.step_noise)
     decoded = task.decode(trajectory.samples, expanded)
     scored = rewards(decoded, expanded)
     advantages = compute_advantages(scored.components, group_ids,
@@ -122,10 +127,25 @@ def policy_update(
     lr_scheduler=None,
     reference: nn.Module | None = None,
 ) -> dict[str, float]:
-    """Alg. 1 lines 7-9: ``cfg.inner_epochs`` optimiser steps on the GRPO surrogate.
+    """Alg. 1 lines 7-9: ``cfg.inner_epochs`` x ``cfg.num_minibatches`` optimiser steps on the GRPO surrogate.
 
-    Each optimiser step accumulates gradients over every (micro-batch, trained step) pair;
-    DDP gradient synchronisation happens only on the last backward of the step.
+    The rollout batch's terms, one per (micro-batch, trained step), form each epoch; with several
+    minibatches they are shuffled (``generator``) and split into ``num_minibatches`` near-equal
+    parts, one optimiser step each. The first optimiser step is exactly on-policy (ratio 1, logged
+    as ``loss/on_policy_ratio_max_dev``); later ones re-score stored steps under moved weights.
+    DDP gradient synchronisation happens only on the last backward of each optimiser step.
+
+    The gradient of an optimiser step is that of the mean over its terms' kept samples on every
+    process (each term weighted by ``cfg.step_weighting``): each process weights its terms by
+    ``num_processes x weight x kept / (weighted kept terms of all processes)`` and DDP averages the
+    gradients over processes. A process that keeps more samples than another (zero-std groups
+    dropped on one rank only) therefore weighs in proportionally.
+
+    Every process runs the same forward/backward passes in the same order, because the last
+    backward all-reduces gradients: a rank skipping it would leave the others waiting in the
+    collective. Which micro-batches and minibatches run is thus decided from the kept counts of all
+    processes (small gathers): one is skipped only when no process keeps a sample in it, and a
+    process that keeps none of it still runs it, with a loss of exactly 0.
     """
     traj = data.trajectory
     n = traj.states.shape[0]
@@ -135,46 +155,136 @@ def policy_update(
     if not steps:
         raise ValueError("no stochastic step selected for training: widen --steps.window or raise "
                          "--steps.fraction, and check that sampler.eta > 0")
-    adv, keep = data.advantages.advantages, data.advantages.mask
-    kept_total = max(int(keep.sum()), 1)
+    step_weight = step_weights(traj, steps, cfg.step_weighting)
+    keep = data.advantages.mask
     rows_list = [slice(i, min(i + cfg.micro_batch_size, n)) for i in range(0, n, cfg.micro_batch_size)]
+    kept_all = kept_counts_of_all_processes(accelerator, [int(keep[rows].sum()) for rows in rows_list],
+                                            num_steps=len(steps))  # [M] summed over processes
+    rows_list = [rows for rows, kept in zip(rows_list, kept_all.tolist(), strict=True) if kept > 0]
+    terms = [(rows, k) for rows in rows_list for k in steps]
+    chunks = minibatch_terms(terms, cfg.inner_epochs, cfg.num_minibatches, generator)  # [E x P] lists of terms
+    # Weighted kept samples of each optimiser step over all processes: the normaliser of its mean.
+    weighted = [sum(step_weight[k] * int(keep[rows].sum()) for rows, k in chunk) for chunk in chunks]
+    totals = weighted_totals_of_all_processes(accelerator, weighted)
+    world = accelerator.num_processes
     model_fn = model_fn_for(task, model)
     ref_fn = model_fn_for(task, reference) if reference is not None else None
     model.eval()
     history: dict[str, list[float]] = {}
-    for epoch in range(cfg.inner_epochs):
+    for index, (chunk, total) in enumerate(zip(chunks, totals, strict=True)):
+        if total <= 0:
+            continue  # no process keeps a sample in this minibatch (decided alike on every process)
         optimizer.zero_grad(set_to_none=True)
-        terms = [(rows, k) for rows in rows_list for k in steps]
-        for i, (rows, k) in enumerate(terms):
-            share = int(keep[rows].sum())
-            if share == 0:
-                continue
-            sync = contextlib.nullcontext() if i == len(terms) - 1 else accelerator.no_sync(model)
+        for i, (rows, k) in enumerate(chunk):
+            share = int(keep[rows].sum())  # may be 0 here while other processes train on this micro-batch
+            sync = contextlib.nullcontext() if i == len(chunk) - 1 else accelerator.no_sync(model)
             with sync:
                 with accelerator.autocast():
-                    out = score_step(model_fn, scheduler, traj, k, rows, sampler=cfg.sampler)
-                    kl = None
-                    if ref_fn is not None and cfg.loss.kl_coef > 0:
-                        with torch.no_grad():
-                            ref_mean = score_step(ref_fn, scheduler, traj, k, rows, sampler=cfg.sampler).mean
-                        kl = gaussian_step_kl(out.mean[:, None], ref_mean[:, None], out.std[:, None],
-                                              reduction=cfg.sampler.log_prob_reduction)
-                loss, stats = grpo_loss(out.log_prob[:, None], traj.log_probs[rows, k : k + 1], adv[rows],
-                                        mask=keep[rows], kl=kl, cfg=cfg.loss)
-                # Weight each term so the accumulated gradient is that of the mean over all kept
-                # samples and trained steps.
-                accelerator.backward(loss * (share / kept_total) / len(steps))
+                    loss, stats = step_terms_loss(model_fn, scheduler, data, k, rows, cfg=cfg, ref_fn=ref_fn)
+                accelerator.backward(loss * (world * step_weight[k] * share / total))
+            if share == 0:
+                continue  # no term of this process entered the loss: nothing to report
             for key, value in stats.to_dict().items():
                 history.setdefault(key, []).append(value)
-            if epoch == 0:  # before any optimiser step: exactly on-policy
+            if index == 0:  # before any optimiser step: exactly on-policy
                 history.setdefault("on_policy_ratio_max_dev", []).append(float(stats.ratio_max_dev))
         if cfg.optim.max_grad_norm > 0:
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
             history.setdefault("grad_norm", []).append(float(grad_norm))
         optimizer.step()
+        history.setdefault("optimizer_steps", []).append(1.0)
         if lr_scheduler is not None:
             lr_scheduler.step()
     maxima = ("ratio_max_dev", "on_policy_ratio_max_dev")
-    out_stats = {f"loss/{k}": (max(v) if k in maxima else sum(v) / len(v)) for k, v in history.items()}
+    sums = ("optimizer_steps",)
+    out_stats = {f"loss/{k}": (max(v) if k in maxima else sum(v) if k in sums else sum(v) / len(v))
+                 for k, v in history.items()}
     out_stats["loss/trained_steps"] = float(len(steps))
     return out_stats
+
+
+def step_weights(traj: Trajectory, steps: list[int], weighting: str) -> dict[int, float]:
+    """Weight of each trained step's term in the loss, mean 1 over the trained steps.
+
+    uniform: 1 (the paper: mean over steps). unit_score: proportional to the step's std, which puts
+    every step's score (x' - mean) / std^2 x d mean on one scale; with uniform weights the low-noise
+    late steps, whose 1/std is largest, dominate the gradient although their noise barely changes
+    the outcome.
+    """
+    if weighting == "uniform":
+        return dict.fromkeys(steps, 1.0)
+    if weighting == "unit_score":
+        stds = {k: float(traj.step_stds[k]) for k in steps}
+        mean = sum(stds.values()) / len(stds)
+        return {k: std / mean for k, std in stds.items()}
+    raise ValueError(f"step_weighting={weighting!r} is not one of 'uniform', 'unit_score'")
+
+
+def minibatch_terms(terms: list, epochs: int, num_minibatches: int, generator: torch.Generator) -> list[list]:
+    """The terms of every optimiser step: per epoch, ``terms`` (shuffled when split) cut into
+    ``num_minibatches`` near-equal consecutive parts. Needs num_minibatches <= len(terms)."""
+    if num_minibatches > len(terms):
+        raise ValueError(f"num_minibatches={num_minibatches} exceeds the {len(terms)} (micro-batch, step) terms of "
+                         "this update; lower --grpo.num-minibatches or raise --grpo.micro-batch-size's count")
+    chunks = []
+    for _ in range(epochs):
+        order = terms
+        if num_minibatches > 1:
+            perm = torch.randperm(len(terms), generator=generator, device=generator.device).tolist()
+            order = [terms[i] for i in perm]
+        bounds = [round(j * len(order) / num_minibatches) for j in range(num_minibatches + 1)]
+        chunks.extend(order[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+    return chunks
+
+
+def weighted_totals_of_all_processes(accelerator, weighted: list[float]) -> list[float]:
+    """Per optimiser step, the weighted kept count summed over processes (the same list on every rank)."""
+    if accelerator.num_processes == 1:
+        return [float(w) for w in weighted]
+    local = torch.tensor(weighted, dtype=torch.float64, device=accelerator.device)
+    return accelerator.reduce(local, reduction="sum").tolist()
+
+
+def kept_counts_of_all_processes(accelerator, kept: list[int], *, num_steps: int) -> Tensor:
+    """Kept samples per micro-batch (M,), summed over processes, so that every rank decides alike.
+
+    Why: which micro-batches run decides which collectives run. Also checks that every process
+    has the same number of micro-batches and trained steps, which the lock-step update needs.
+    """
+    if accelerator.num_processes == 1:
+        return torch.tensor(kept, dtype=torch.long)
+    device = accelerator.device
+    shape = accelerator.gather(torch.tensor([len(kept), num_steps], dtype=torch.long, device=device)).view(-1, 2)
+    if not bool((shape == shape[0]).all()):
+        raise ValueError(f"processes disagree on (micro-batches, trained steps): {shape.tolist()}; every process "
+                         "needs the same --conditions-per-iteration, --group-size, --micro-batch-size and --steps")
+    counts = accelerator.gather(torch.tensor(kept, dtype=torch.long, device=device))  # [world * M]
+    return counts.view(accelerator.num_processes, -1).sum(0).cpu()
+
+
+def step_terms_loss(
+    model_fn,
+    scheduler,
+    data: RolloutBatch,
+    step: int,
+    rows: slice | Tensor,
+    *,
+    cfg: GRPOConfig,
+    ref_fn=None,
+):
+    """The GRPO loss of one (micro-batch, step) term, re-scored under the current model, and its stats.
+
+    Why one home: the update, the gradient diagnostics and the signal-to-noise script all take
+    gradients of exactly this loss. The loss averages over the kept samples of ``rows``; callers
+    weight it (see :func:`policy_update`).
+    """
+    traj = data.trajectory
+    out = score_step(model_fn, scheduler, traj, step, rows, sampler=cfg.sampler)
+    kl = None
+    if ref_fn is not None and cfg.loss.kl_coef > 0:
+        with torch.no_grad():
+            ref_mean = score_step(ref_fn, scheduler, traj, step, rows, sampler=cfg.sampler).mean
+        kl = gaussian_step_kl(out.mean[:, None], ref_mean[:, None], out.std[:, None],
+                              reduction=cfg.sampler.log_prob_reduction)
+    return grpo_loss(out.log_prob[:, None], traj.log_probs[rows, step : step + 1], data.advantages.advantages[rows],
+                     mask=data.advantages.mask[rows], kl=kl, cfg=cfg.loss)

@@ -1,11 +1,15 @@
 """MotionGRPO: GRPO post-training of the ego-motion prior (the paper's Algorithm 1).
 
 Loads the demo prior (shipped in ``tasks/ego_motion/assets``; or ``--prior``), evaluates it on
-the held-out CMU windows, post-trains it with GRPO and evaluates again, with and without
-test-time optimisation. Per iteration: perturb each group member's head translation with Perlin
-noise, sample G motions per head trajectory from one shared initial noise, score them with the
+the held-out CMU windows, post-trains it with GRPO on the post-train clips (which the prior never
+saw) and evaluates again, with and without test-time optimisation. A fixed probe set (post-train
+and test windows x fixed noises) is evaluated every ``--grpo.probe.eval-every`` iterations, with
+paired differences against the prior and their 95 % intervals. Per iteration (the one GRPO loop,
+``diffgrpo.trainer.train_grpo``): perturb each group member's head translation with Perlin noise,
+sample G motions per head trajectory from one shared initial noise, score them with the
 joint-level rewards and the learned perceptual reward, normalise each sub-reward within its
-group, update the policy, then train the perceptual model on this iteration's hard negatives.
+group, update the policy, then train the perceptual model on this iteration's hard negatives
+(a hook of the loop).
 
     accelerate launch recipes/ego_motion.py                               # the main job
     accelerate launch recipes/ego_motion.py --resume                      # continue a killed run
@@ -21,22 +25,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import tyro
-from tqdm.auto import tqdm
 
 import tasks.ego_motion.rewards  # noqa: F401  (registers the ego_* rewards)
-from diffgrpo.config import GRPOConfig, OptimConfig, PerturbConfig, StepSelectionConfig
+from diffgrpo.checkpoint import Checkpoint
+from diffgrpo.config import GRPOConfig, OptimConfig, PerturbConfig, ProbeConfig, SamplerConfig, StepSelectionConfig
 from diffgrpo.launch import make_accelerator
 from diffgrpo.plots import plot_history
 from diffgrpo.rewards import RewardSet, RewardSpec
-from diffgrpo.task import batch_to
-from diffgrpo.train_step import collect, make_perturber, policy_update
-from diffgrpo.trainer import iteration_logs, parse_reward_specs, should_checkpoint, start_run
+from diffgrpo.train_step import RolloutBatch
+from diffgrpo.trainer import LoopHooks, check_run, parse_reward_specs, train_grpo
 from tasks.ego_motion.network import load_denoiser
 from tasks.ego_motion.perceptual import PerceptualConfig, PerceptualTrainer
 from tasks.ego_motion.sampling import evaluate_windows
@@ -56,6 +60,9 @@ def default_grpo() -> GRPOConfig:
         optim=OptimConfig(learning_rate=2e-5, warmup_steps=0),
         rewards=("ego_rot", "ego_pos", "ego_pa_pos", "ego_vel"),
         checkpoint_every=5,
+        train_split="post_train",
+        probe=ProbeConfig(splits=("post_train", "test"), conditions_per_split=16, noises_per_condition=4,
+                          eval_every=10),
     )
 
 
@@ -74,6 +81,12 @@ class Config:
     """omega_vis of R_vis; scores s lie in [-1, 1]."""
     perceptual_steps: int = 1
     """Perceptual-model updates per GRPO iteration (InfoNCE against the last 3 steps' x0)."""
+    rollout_sampling_steps: int | None = None
+    """K of the training rollouts (EgoAllo's quadratic grid resampled, see motion.sampling_timesteps); None:
+    the evaluation chain's --task.num-sampling-steps. Fewer steps buy more updates per CPU-minute."""
+    sde_window: tuple[int, int] | None = None
+    """Rollout steps [START, END) (0 = the noisiest) that sample stochastically; the others are deterministic
+    (eta 0), so group differences come from the window only. None: every step (EgoAllo's sampler)."""
     eval_seed: int = 1234
     """Seed of the held-out sampling noise (the same for the prior and the post-trained model)."""
     eval_max_windows: int | None = None
@@ -84,15 +97,77 @@ class Config:
     """torch CPU threads per process (0: torch's default). 1 is fastest on a 2-core machine shared with other
     work; raise it on a dedicated many-core machine."""
     task: EgoMotionTaskConfig = field(default_factory=EgoMotionTaskConfig)
+    """Data, body model and the sampler (--task.sampler-eta, --task.num-sampling-steps, ...): the one home
+    of the sampler settings, shared by rollouts and evaluation."""
     grpo: GRPOConfig = field(default_factory=default_grpo)
+    """GRPO settings; ``grpo.sampler`` is taken from the task (leave --grpo.sampler.* unset)."""
     perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
 
+    def __post_init__(self) -> None:
+        if self.grpo.sampler != SamplerConfig():
+            raise ValueError(
+                f"--grpo.sampler.* was set ({self.grpo.sampler}) but this recipe samples with the task's sampler; "
+                "use --task.sampler-eta, --task.use-egoallo-offset / --task.no-use-egoallo-offset and "
+                "--task.log-prob-reduction instead.")
+        if not self.use_visual_reward:
+            unused = [flag for flag, changed in (("--omega-vis", self.omega_vis != 1.0),
+                                                 ("--perceptual-steps", self.perceptual_steps != 1),
+                                                 ("--perceptual.*", self.perceptual != PerceptualConfig())) if changed]
+            if unused:
+                raise ValueError(f"{', '.join(unused)} only apply with the perceptual reward; drop them or drop "
+                                 "--no-use-visual-reward.")
+        if not math.isfinite(self.omega_vis):
+            raise ValueError(f"omega_vis={self.omega_vis} must be finite")
+        if self.perceptual_steps < 1:
+            raise ValueError(f"perceptual_steps={self.perceptual_steps} must be >= 1 (use --no-use-visual-reward "
+                             "to train without the perceptual reward)")
+        if self.eval_max_windows is not None and self.eval_max_windows < 1:
+            raise ValueError(f"eval_max_windows={self.eval_max_windows} must be >= 1 or unset (all windows)")
+        if self.threads < 0:
+            raise ValueError(f"threads={self.threads} must be >= 0 (0 = torch's default)")
+        if not Path(self.prior).is_file():
+            raise FileNotFoundError(f"prior {self.prior} does not exist; pass --prior PATH to a denoiser written by "
+                                    "recipes/pretrain_ego_motion.py (default: the shipped demo prior)")
 
-def hard_negatives(task: EgoMotionTask, data, batch: dict, group_size: int) -> torch.Tensor:
+    def effective_grpo(self) -> GRPOConfig:
+        """The GRPO config the run really uses: ``grpo`` with the task's sampler and the rollout SDE window."""
+        return dataclasses.replace(self.grpo, sampler=dataclasses.replace(self.task.sampler_config(),
+                                                                          sde_window=self.sde_window))
+
+    def effective(self) -> dict:
+        """This config as JSON-able data, with every value the run really uses (results.json, checkpoints)."""
+        values = dataclasses.asdict(self)
+        values["grpo"] = dataclasses.asdict(self.effective_grpo())
+        return json.loads(json.dumps(values, default=str))
+
+
+def hard_negatives(task: EgoMotionTask, data: RolloutBatch, batch: dict, group_size: int) -> torch.Tensor:
     """(B, 3, T, 22, 3): the first member's x0 predictions at the last 3 sampling steps, as bodies on
     the *unperturbed* head (so they differ from the truth only by the policy's own errors)."""
     x0_last = data.trajectory.x0_preds[::group_size, -3:]  # (B, 3, T, D)
     return task.decode_x0(x0_last, batch)["joints_world"]
+
+
+def critic_hooks(task: EgoMotionTask, perceptual: PerceptualTrainer | None, cfg: Config) -> LoopHooks:
+    """Alg. 1 l.10: after each policy update, train the perceptual critic on this iteration's hard
+    negatives; its weights and optimiser travel in the checkpoints."""
+    if perceptual is None:
+        return LoopHooks()
+
+    def after_update(iteration: int, data: RolloutBatch, batch: dict) -> dict[str, float]:
+        negatives = hard_negatives(task, data, batch, cfg.grpo.group_size)
+        for _ in range(cfg.perceptual_steps):
+            stats = perceptual.train_step(batch["joints_world"], batch["T_world_cpf"], negatives)
+        return {f"perceptual/{k}": float(v) for k, v in stats.items()}
+
+    def shared_state() -> tuple[dict[str, torch.Tensor], dict]:
+        state = perceptual.state_dict()
+        return state.tensors, {"perceptual": json.dumps(state.meta)}
+
+    def load_shared_state(ckpt: Checkpoint) -> None:
+        perceptual.load_state_dict(ckpt.shared_tensors, json.loads(ckpt.meta["perceptual"]))
+
+    return LoopHooks(after_update=after_update, shared_state=shared_state, load_shared_state=load_shared_state)
 
 
 def evaluate_all(task, model, cfg: Config) -> dict[str, dict[str, float]]:
@@ -107,60 +182,41 @@ def main(cfg: Config) -> dict:
         torch.set_num_threads(cfg.threads)
     accelerator = make_accelerator(cfg.output_dir, mixed_precision=cfg.grpo.mixed_precision)
     accelerator.init_trackers("ego_motion", config={"seed": cfg.grpo.seed})
-    task = EgoMotionTask(cfg.task)
+    task = EgoMotionTask(cfg.task)  # evaluation chain (EgoAllo's sampler, K = --task.num-sampling-steps)
+    rollout_task = task if cfg.rollout_sampling_steps is None else EgoMotionTask(
+        dataclasses.replace(cfg.task, num_sampling_steps=cfg.rollout_sampling_steps), body=task.body)
+    grpo = cfg.effective_grpo()
+    check_run(rollout_task, grpo)  # before any data loading or evaluation
     model = load_denoiser(cfg.prior, device=accelerator.device)
-    scheduler = task.make_scheduler()
-    grpo = dataclasses.replace(cfg.grpo, sampler=task.sampler_config())
-    perceptual = PerceptualTrainer(cfg.perceptual, device=accelerator.device) if cfg.use_visual_reward else None
-    specs = [RewardSpec(name, weight) for name, weight in parse_reward_specs(grpo.rewards).items()]
-    if perceptual is not None:
-        specs.append(RewardSpec("ego_visual", 1.0, {"scorer": perceptual, "omega": cfg.omega_vis}))
-    rewards = RewardSet.from_specs(specs)
-    perturber = make_perturber(grpo)
+    perceptual = (PerceptualTrainer(cfg.perceptual, device=accelerator.device, accelerator=accelerator)
+                  if cfg.use_visual_reward else None)
+    joint_rewards = [RewardSpec(name, weight) for name, weight in parse_reward_specs(grpo.rewards).items()]
+    visual = [RewardSpec("ego_visual", 1.0, {"scorer": perceptual, "omega": cfg.omega_vis})] if perceptual else []
+    rewards = RewardSet.from_specs(joint_rewards + visual)
 
     base = evaluate_all(task, model, cfg) if accelerator.is_main_process else {}
-    run, ckpt = start_run(task, model, grpo, accelerator=accelerator, output_dir=cfg.output_dir, resume=cfg.resume)
-    if ckpt is not None and perceptual is not None:
-        perceptual.load_state_dict(ckpt.shared_tensors, json.loads(ckpt.meta["perceptual"]))
-    rank, world = accelerator.process_index, accelerator.num_processes
     start_time = time.perf_counter()
-    bar = tqdm(range(run.start, grpo.num_iterations), desc="MotionGRPO", initial=run.start,
-               total=grpo.num_iterations, disable=not accelerator.is_main_process)
-    for it in bar:
-        batch = batch_to(task.load_examples("train", run.stream.next(grpo.conditions_per_iteration)),  # Alg.1 l.3
-                         accelerator.device)
-        offset = (it * world + rank) * grpo.conditions_per_iteration
-        data = collect(task, accelerator.unwrap_model(run.model), scheduler, batch, cfg=grpo,   # l.4-6: perturb,
-                       rewards=rewards, perturber=perturber, generator=run.generator,           # sample, score,
-                       group_id_offset=offset, autocast=accelerator.autocast)                   # normalise
-        stats = policy_update(task, run.model, scheduler, data, run.optimizer, cfg=grpo,        # l.7-9
-                              generator=run.generator, accelerator=accelerator,
-                              lr_scheduler=run.lr_schedule, reference=run.reference)
-        if perceptual is not None:                                                              # l.10: R_vis
-            negatives = hard_negatives(task, data, batch, grpo.group_size)
-            for _ in range(cfg.perceptual_steps):
-                p_stats = perceptual.train_step(batch["joints_world"], batch["T_world_cpf"], negatives)
-            stats.update({f"perceptual/{k}": float(v) for k, v in p_stats.items()})
-        logs = run.log(accelerator, it, iteration_logs(data, stats, run.lr_schedule.get_last_lr()[0]))
-        bar.set_postfix({k.split("/")[-1]: f"{logs[k]:.3f}" for k in logs if k.startswith("reward/")})
-        if should_checkpoint(grpo, it + 1):
-            state = perceptual.state_dict() if perceptual is not None else None
-            run.save(accelerator, cfg.output_dir, it + 1, grpo,
-                     shared_tensors=state.tensors if state is not None else None,
-                     meta={"perceptual": json.dumps(state.meta if state is not None else {})})
+    history = train_grpo(rollout_task, model, grpo, accelerator=accelerator, output_dir=cfg.output_dir,  # Alg. 1
+                         resume=cfg.resume, rewards=rewards, hooks=critic_hooks(task, perceptual, cfg),
+                         probe_task=task, probe_sampler=task.sampler_config(),
+                         probe_rewards=RewardSet.from_specs(joint_rewards))  # the critic moves: probe the fixed ones
     train_seconds = time.perf_counter() - start_time
     accelerator.end_training()
     if not accelerator.is_main_process:
         return {}
 
-    post = evaluate_all(task, accelerator.unwrap_model(run.model), cfg)
+    post = evaluate_all(task, model, cfg)
     results = {"base": base[""], "grpo": post[""], "train_seconds": train_seconds,
-               "seconds_per_iteration": train_seconds / max(grpo.num_iterations - run.start, 1),
-               "num_processes": world, "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str))}
+               "seconds_per_iteration": _mean(history.get("time/iteration_seconds", [])),
+               "num_processes": accelerator.num_processes, "config": cfg.effective()}
     if cfg.use_tto:
         results.update({"base+tto": base["+tto"], "grpo+tto": post["+tto"]})
-    write_results(cfg.output_dir, results, run.history)
+    write_results(cfg.output_dir, results, history)
     return results
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
 
 
 def write_results(output_dir: Path, results: dict, history: dict[str, list[float]]) -> None:

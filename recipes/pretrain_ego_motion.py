@@ -99,6 +99,9 @@ class Config:
     """Passed to accelerate (fp16 needs a GPU); the loss itself is computed in float32."""
     data_dir: Path | None = None
     """AMASS directory (EgoAllo split: test = Transitions_mocap, SSM_synced); None: the bundled CMU clips."""
+    train_split: Literal["prior_train", "train"] = "prior_train"
+    """Windows the prior learns from: 'prior_train' leaves the post_train clips unseen, so GRPO post-trains
+    where the prior has room (the shipped demo prior); 'train' uses every non-test clip."""
     cache_dir: Path | None = None
     """Where processed windows are cached (None: $DIFFGRPO_CACHE/ego_motion or ~/.cache/diffgrpo/ego_motion)."""
     output_dir: Path = Path("runs/ego_prior")
@@ -165,7 +168,7 @@ def main(cfg: Config) -> dict:
     source = DataSource() if cfg.data_dir is None else DataSource(root=cfg.data_dir, split_rule="egoallo")
     window_cfg = WindowConfig(window_frames=cfg.window_frames)
     with accelerator.main_process_first():  # the main process builds the cache, the others read it
-        train = load_windows("train", source=source, config=window_cfg, cache_dir=cfg.cache_dir)
+        train = load_windows(cfg.train_split, source=source, config=window_cfg, cache_dir=cfg.cache_dir)
     stream = IndexStream(len(train), cfg.seed, rank, world)
     generator = make_generator(cfg.seed, "pretrain_ego_motion", rank)  # timesteps and noise (CPU)
 

@@ -79,6 +79,12 @@ def main(cfg: Config) -> dict:
         torch.set_num_threads(cfg.threads)
     accelerator = make_accelerator(cfg.output_dir, mixed_precision=cfg.grpo.mixed_precision)
     accelerator.init_trackers("shapes", config={"seed": cfg.grpo.seed})
+    if cfg.pretrain.output_dir != pretrain_shapes.Config().output_dir:
+        raise ValueError("--pretrain.output-dir is not used by this recipe (the prior goes to --prior-dir); pass "
+                         "--prior-dir instead")
+    if (cfg.prior_dir / "config.json").exists() and cfg.pretrain != pretrain_shapes.Config():
+        raise ValueError(f"--pretrain.* flags were given but {cfg.prior_dir} already holds a prior, so they would be "
+                         "ignored; drop them, or pass a new --prior-dir to pretrain with them")
     if not (cfg.prior_dir / "config.json").exists():
         if accelerator.is_main_process:
             logger.info("no prior in %s: pretraining one", cfg.prior_dir)

@@ -92,8 +92,9 @@ def test_constant_and_single_member_groups_under_every_policy():
 
 
 def test_mask_zeroes_near_zero_std_terms_that_keep_leaves():
-    # Group 0 of "b" varies by 1e-8 (< threshold): keep returns a tiny non-zero term, mask exactly 0.
-    rewards = {"a": torch.tensor([0.0, 1.0, 0.0, 1.0]), "b": torch.tensor([0.0, 1e-8, 0.0, 1.0])}
+    # Group 0 of "b" varies by one float32 ulp of 1 (std 6e-8 relative, < threshold): keep returns a
+    # non-zero term, mask exactly 0.
+    rewards = {"a": torch.tensor([0.0, 1.0, 0.0, 1.0]), "b": torch.tensor([1.0, 1.0 + 2**-23, 0.0, 1.0])}
     ids = torch.tensor([0, 0, 1, 1])
     keep = compute_advantages(rewards, ids, AdvantageConfig(zero_std_policy="keep", eps=1e-9))
     mask = compute_advantages(rewards, ids, AdvantageConfig(zero_std_policy="mask", eps=1e-9))
@@ -101,6 +102,36 @@ def test_mask_zeroes_near_zero_std_terms_that_keep_leaves():
     assert (keep.advantages[:2] - only_a[:2]).abs().max() > 0.1
     torch.testing.assert_close(mask.advantages[:2], only_a[:2])
     assert mask.diagnostics["zero_std_frac/b"] == 0.5 and mask.diagnostics["zero_std_frac"] == 0.0
+
+
+@pytest.mark.parametrize("policy", ["keep", "mask", "drop"])
+@pytest.mark.parametrize("combine", ["normalize_then_sum", "sum_then_normalize"])
+def test_equal_float32_rewards_are_collapsed_whatever_their_magnitude(policy, combine):
+    # Six float32 rewards of exactly -208.66: float32 group statistics gave std 1.5e-5 and A = +0.13 each.
+    rewards = {"r": torch.tensor([-208.66] * 6 + [-208.66, -100.0], dtype=torch.float32)}
+    ids = torch.tensor([0] * 6 + [1, 1])
+    cfg = AdvantageConfig(combine=combine, zero_std_policy=policy)
+    result = compute_advantages(rewards, ids, cfg)
+    assert result.advantages.dtype == torch.float32
+    assert torch.equal(result.advantages[:6], torch.zeros(6))
+    assert result.diagnostics["zero_std_frac"] == 0.5 and result.diagnostics["zero_std_frac/r"] == 0.5
+    assert result.mask.tolist() == [policy != "drop"] * 6 + [True, True]
+
+
+def test_collapse_threshold_is_relative_to_the_group_reward_scale():
+    # Group 0: one float32 ulp apart at 1e6 (relative std 3e-8): collapsed although its std is 0.03.
+    # Group 1: 1e-7 apart near 1e-7 (relative std 0.25): informative although its std is 5e-8.
+    rewards = {"r": torch.tensor([1e6, 1e6 + 0.0625, 1e-7, 2e-7], dtype=torch.float32)}
+    ids = torch.tensor([0, 0, 1, 1])
+    result = compute_advantages(rewards, ids, AdvantageConfig(zero_std_policy="mask", eps=1e-12))
+    assert torch.equal(result.advantages[:2], torch.zeros(2))
+    torch.testing.assert_close(result.advantages[2:], torch.tensor([-1.0, 1.0]), atol=1e-4, rtol=0)  # eps = 2e-5 std
+    assert result.diagnostics["zero_std_frac/r"] == 0.5
+    exact_only = AdvantageConfig(zero_std_policy="mask", zero_std_threshold=0.0)  # exact ties still collapse
+    tied = compute_advantages({"r": torch.tensor([3.0, 3.0, 1.0, 2.0])}, ids, exact_only)
+    assert tied.diagnostics["zero_std_frac"] == 0.5 and tied.advantages.abs()[2:].min() > 0.9
+    with pytest.raises(ValueError, match="zero_std_threshold=1.5.*relative"):
+        AdvantageConfig(zero_std_threshold=1.5)
 
 
 def test_batch_and_no_std_scope():
@@ -136,6 +167,7 @@ def test_normalise_then_sum_differs_from_sum_then_normalise_as_expected():
     torch.testing.assert_close(weighted.advantages, torch.tensor([2.0, -2.0]))
 
 
+@pytest.mark.unchecked_annotations
 def test_input_validation_names_the_problem():
     ids = torch.tensor([0, 0, 1])
     with pytest.raises(ValueError, match="'b' has shape \\(2,\\)"):
@@ -167,3 +199,11 @@ def test_group_diversity_equals_brute_force_pairwise_distance():
         expected.append((d2.sum() / (n * (n - 1))).sqrt() if n > 1 else torch.tensor(0.0))
     torch.testing.assert_close(got, torch.stack(expected))
     assert group_diversity(torch.ones(4, 2), torch.tensor([0, 0, 1, 1])).eq(0).all()
+
+
+def test_group_diversity_of_identical_float32_samples_is_exactly_zero():
+    samples = torch.full((6, 3, 5), -208.66, dtype=torch.float32)  # float32 group means are off by an ulp
+    samples[3:] += torch.arange(15, dtype=torch.float32).reshape(3, 5)
+    got = group_diversity(samples, torch.tensor([0, 0, 0, 1, 1, 1]))
+    assert got.dtype == torch.float32
+    assert got.tolist() == [0.0, 0.0]

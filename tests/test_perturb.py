@@ -201,6 +201,7 @@ def test_perturb_translation_keeps_rotations():
     assert 0 < delta.abs().max() <= 0.05 * 2  # |pnoise1| stays within about [-1, 1]
 
 
+@pytest.mark.unchecked_annotations
 def test_perturbers_validate_inputs_and_parameters():
     perlin = get_perturber("perlin")
     with pytest.raises(ValueError, match="NaN or inf"):

@@ -23,6 +23,7 @@ def _gen(seed: int) -> torch.Generator:
 
 def _ddim(prediction_type: str = "epsilon", n: int = 50, **kw) -> DDIMScheduler:
     kw.setdefault("clip_sample", False)
+    kw.setdefault("steps_offset", 1)  # table 981, 961, ..., 1 (Stable Diffusion's setting)
     sched = DDIMScheduler(prediction_type=prediction_type, **kw)
     sched.set_timesteps(n)
     return sched
@@ -144,6 +145,59 @@ def test_ddpm_matches_diffusers_step(prediction_type: str, n_inference: int | No
         assert torch.allclose(out.std.flatten(), expected_std.reshape(1).double(), atol=1e-12)
         in_float32 = step_with_logprob(sched, model_out.float(), t, x_t.float())
         assert torch.allclose(in_float32.mean.double(), out.mean, atol=2e-6)
+
+
+@pytest.mark.parametrize("n", [1, 7, 10, 50])
+@pytest.mark.parametrize("scheduler_cls", [DDIMScheduler, DDPMScheduler])
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
+def test_default_next_timestep_is_the_next_table_entry(spacing: str, scheduler_cls: type, n: int) -> None:
+    """t' comes from `scheduler.timesteps`, never t - T // n (linspace 999 -> 888, not 899; 111 -> 0)."""
+    sched = scheduler_cls(num_train_timesteps=1000, timestep_spacing=spacing, clip_sample=False)
+    sched.set_timesteps(n)
+    table = sched.timesteps.tolist()
+    expected = table[1:] + [-1]  # the step after the table's last entry is final
+    x_t = torch.randn(n, 2, 3, generator=_gen(0), dtype=torch.float64)
+    model_out = torch.randn(n, 2, 3, generator=_gen(1), dtype=torch.float64)
+    out = step_with_logprob(sched, model_out, sched.timesteps, x_t, eta=1.0, generator=_gen(2))
+    assert out.next_timestep.long().tolist() == expected
+    explicit = step_with_logprob(
+        sched, model_out, sched.timesteps, x_t, eta=1.0, prev_sample=out.prev_sample,
+        next_timestep=torch.tensor(expected),
+    )
+    assert torch.equal(explicit.log_prob, out.log_prob)
+    sched.alphas_cumprod = sched.alphas_cumprod.double()  # diffusers' own step, run in float64
+    for i, t in enumerate(table):
+        x_i, out_i = x_t[i : i + 1], model_out[i : i + 1]
+        if scheduler_cls is DDPMScheduler:  # its step reads the table (previous_timestep) for every spacing
+            ref = sched.step(out_i, t, x_i, generator=_gen(7)).prev_sample
+            mine = step_with_logprob(sched, out_i, t, x_i, generator=_gen(7)).prev_sample
+            assert torch.allclose(mine, ref, atol=1e-10)
+        elif all(a - b == 1000 // n for a, b in zip(table[:-1], expected[:-1], strict=True)) and table[-1] < 1000 // n:
+            # DDIM's step uses t - T // n: only compared where that arithmetic agrees with the table
+            ref = sched.step(out_i, t, x_i, eta=1.0, variance_noise=torch.zeros_like(x_i)).prev_sample
+            assert torch.allclose(out.mean[i : i + 1], ref, atol=1e-10)
+
+
+def test_ddpm_custom_timesteps_and_full_chain_resolve_next_timestep() -> None:
+    x_t, model_out = torch.randn(4, 3, generator=_gen(0)), torch.randn(4, 3, generator=_gen(1))
+    custom = _ddpm(n=None)
+    custom.set_timesteps(timesteps=[900, 500, 130, 7])
+    out = step_with_logprob(custom, model_out, torch.tensor([900, 500, 130, 7]), x_t)
+    assert out.next_timestep.long().tolist() == [500, 130, 7, -1]
+    full_chain = _ddpm(n=None)  # no set_timesteps: diffusers' DDPM walks every training step
+    out = step_with_logprob(full_chain, model_out, torch.tensor([999, 500, 1, 0]), x_t)
+    assert out.next_timestep.long().tolist() == [998, 499, 0, -1]
+
+
+@pytest.mark.parametrize("scheduler_cls", [DDIMScheduler, DDPMScheduler])
+def test_timestep_missing_from_table_needs_explicit_next(scheduler_cls: type) -> None:
+    sched = scheduler_cls(timestep_spacing="linspace", clip_sample=False)
+    sched.set_timesteps(10)  # 999, 888, ..., 111, 0
+    x_t, model_out = torch.randn(1, 3, generator=_gen(0)), torch.randn(1, 3, generator=_gen(1))
+    with pytest.raises(ValueError, match=r"timestep \[899\] is not .*scheduler.timesteps.*pass next_timestep"):
+        step_with_logprob(sched, model_out, 899, x_t)
+    out = step_with_logprob(sched, model_out, 899, x_t, next_timestep=799)
+    assert out.next_timestep.long().tolist() == [799]
 
 
 def test_ddpm_posterior_equals_ddim_at_eta_one_and_eta_only_scales_std() -> None:
@@ -357,6 +411,7 @@ def test_gaussian_log_prob_matches_normal(
     assert torch.allclose(gaussian_log_prob(x, mean, std, reduction).double(), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.unchecked_annotations
 def test_bad_inputs_raise_clear_errors() -> None:
     ddim, flow = _ddim(), _flow()
     x_t, out = torch.randn(2, 3), torch.randn(2, 3)

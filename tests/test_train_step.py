@@ -9,6 +9,7 @@ import torch
 from accelerate import Accelerator
 
 from diffgrpo.config import GRPOConfig, OptimConfig, PerturbConfig, SamplerConfig
+from diffgrpo.loss import LossConfig
 from diffgrpo.rewards import RewardSet
 from diffgrpo.rollout import group_ids_for, make_generator, rollout, shared_initial_noise
 from diffgrpo.task import batch_to
@@ -34,10 +35,11 @@ def test_first_update_is_exactly_on_policy(kind, reduction):
     optimizer, schedule = make_optimizer(model, cfg)
     gen = make_generator(0, "rollout", 0)
     batch = task.load_examples("train", torch.arange(4))
-    rewards = RewardSet.from_specs({"toy_closeness": 1})
+    rewards = RewardSet.from_specs({"toy_closeness": 1.0})  # float: the suite checks annotations with beartype
     data = collect(task, model, task.make_scheduler(), batch, cfg=cfg, rewards=rewards,
                    perturber=make_perturber(cfg), generator=gen, group_id_offset=0)
-    two_epochs = dataclasses.replace(cfg, inner_epochs=2)
+    # Several epochs of summed log-probs need a clip (GRPOConfig rejects them otherwise: ratios overflow).
+    two_epochs = dataclasses.replace(cfg, inner_epochs=2, loss=LossConfig(clip_range=0.2))
     stats = policy_update(task, model, task.make_scheduler(), data, optimizer, cfg=two_epochs,
                           generator=gen, accelerator=accelerator, lr_scheduler=schedule)
     assert stats["loss/on_policy_ratio_max_dev"] < 1e-5
@@ -103,6 +105,78 @@ def test_resume_is_bit_identical(tmp_path):
         assert torch.equal(value, fresh.state_dict()[key]), key
     assert hist_a["reward/toy_closeness/all"] == hist_b["reward/toy_closeness/all"]
     assert len(hist_b["reward/toy_closeness/all"]) == 6
+
+
+def test_several_minibatches_keep_the_first_optimiser_step_on_policy():
+    """Issue 9: several optimiser steps per rollout; only the first is exactly on-policy."""
+    torch.manual_seed(0)
+    task, model = ToyTask("ddim"), ToyNet()
+    cfg = _cfg(num_minibatches=3, micro_batch_size=4)
+    optimizer, schedule = make_optimizer(model, cfg)
+    data = collect(task, model, task.make_scheduler(), task.load_examples("train", torch.arange(4)), cfg=cfg,
+                   rewards=RewardSet.from_specs({"toy_closeness": 1.0}), perturber=make_perturber(cfg),
+                   generator=make_generator(0, "rollout", 0), group_id_offset=0)
+    stats = policy_update(task, model, task.make_scheduler(), data, optimizer, cfg=cfg,
+                          generator=make_generator(0, "select"), accelerator=Accelerator(cpu=True),
+                          lr_scheduler=schedule)
+    assert stats["loss/optimizer_steps"] == 3.0
+    assert stats["loss/on_policy_ratio_max_dev"] < 1e-5
+    assert stats["loss/ratio_max_dev"] > 1e-5  # the later minibatches re-score under moved weights
+
+
+def test_minibatches_cover_every_term_once_per_epoch():
+    from diffgrpo.train_step import minibatch_terms
+
+    terms = list(range(10))
+    chunks = minibatch_terms(terms, 2, 3, torch.Generator().manual_seed(0))
+    assert len(chunks) == 6 and [len(c) for c in chunks] == [3, 4, 3, 3, 4, 3]
+    assert sorted(sum(chunks[:3], [])) == terms and sorted(sum(chunks[3:], [])) == terms
+    assert minibatch_terms(terms, 1, 1, torch.Generator()) == [terms]  # one step: the order is kept
+    with pytest.raises(ValueError, match="num_minibatches=11 exceeds the 10"):
+        minibatch_terms(terms, 1, 11, torch.Generator())
+
+
+def test_unit_score_weights_follow_the_step_stds():
+    from diffgrpo.train_step import step_weights
+
+    task, model = ToyTask("ddim"), ToyNet()
+    cfg = _cfg()
+    data = collect(task, model, task.make_scheduler(), task.load_examples("train", torch.arange(2)), cfg=cfg,
+                   rewards=RewardSet.from_specs({"toy_closeness": 1.0}), perturber=make_perturber(cfg),
+                   generator=make_generator(0), group_id_offset=0)
+    steps = data.trajectory.is_stochastic.nonzero().flatten().tolist()
+    weights = step_weights(data.trajectory, steps, "unit_score")
+    stds = data.trajectory.step_stds
+    assert sum(weights.values()) / len(steps) == pytest.approx(1.0)
+    assert weights[steps[0]] / weights[steps[-1]] == pytest.approx(float(stds[steps[0]] / stds[steps[-1]]))
+    assert step_weights(data.trajectory, steps, "uniform") == dict.fromkeys(steps, 1.0)
+
+
+def test_probe_diagnostics_and_minibatches_resume_bit_identically(tmp_path):
+    from diffgrpo.config import ProbeConfig
+
+    cfg = _cfg(num_iterations=4, checkpoint_every=2, num_minibatches=2, diagnostics_every=2,
+               probe=ProbeConfig(splits=("train", "test"), conditions_per_split=4, noises_per_condition=2,
+                                 eval_every=2))
+    torch.manual_seed(0)
+    straight = ToyNet()
+    init = _params(straight)
+    hist_a = train_grpo(ToyTask("ddim"), straight, cfg, accelerator=Accelerator(cpu=True), output_dir=tmp_path / "a")
+    assert hist_a["probe/iteration"] == [0.0, 2.0, 4.0]
+    assert hist_a["probe_diff/reward/train/total"][0] == 0.0  # the baseline against itself
+    assert len(hist_a["grad/cos_halves"]) == 2 and all(-1 <= c <= 1 for c in hist_a["grad/cos_halves"])
+    assert all(v > 0 for v in hist_a["policy/relative_step"]) and "policy/step_kl" in hist_a
+    resumed = ToyNet()
+    resumed.load_state_dict(init)
+    train_grpo(ToyTask("ddim"), resumed, cfg, accelerator=Accelerator(cpu=True), output_dir=tmp_path / "b",
+               stop_after=2)
+    fresh = ToyNet()
+    hist_b = train_grpo(ToyTask("ddim"), fresh, cfg, accelerator=Accelerator(cpu=True), output_dir=tmp_path / "b",
+                        resume=True)
+    for key, value in _params(straight).items():
+        assert torch.equal(value, fresh.state_dict()[key]), key
+    for key in ("reward/toy_closeness/all", "probe_diff/reward/test/total", "probe_diff/reward/test/total/ci_low"):
+        assert hist_a[key] == hist_b[key], key  # the probe baseline travelled in the checkpoint
 
 
 def test_batch_to_and_bad_reward_name():

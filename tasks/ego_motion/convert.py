@@ -266,7 +266,7 @@ def reference_pose(
     )
 
 
-def segment_lengths(joints: np.ndarray | torch.Tensor) -> dict[str, np.ndarray | torch.Tensor]:
+def segment_lengths(joints: np.ndarray | torch.Tensor) -> dict[str, np.ndarray | np.floating | torch.Tensor]:
     """Segment lengths (metres) of a 22+ joint skeleton in SMPL-H order, L/R averaged."""
     out = {}
     for name, pairs in SEGMENTS.items():
@@ -514,15 +514,39 @@ def describe_clips(mocap_root: Path, clip_ids: list[str]) -> dict[str, str]:
     return out
 
 
+# Post-training clips: carved out of the training clips so GRPO post-trains on motions the prior never
+# saw (the prior trains on "train" minus these, split "prior_train"). One or more per activity group,
+# chosen by hand; the test clips are unchanged so held-out numbers stay comparable.
+POST_TRAIN_CLIPS: tuple[str, ...] = (
+    "001_08",
+    "002_05",
+    "002_09",
+    "003_01",
+    "005_04",
+    "005_08",
+    "005_13",
+    "005_17",
+    "006_04",
+    "006_08",
+    "006_12",
+    "007_05",
+    "007_09",
+    "131_03_orig",
+)
+
+
 def make_split(mocap_root: Path, clip_ids: list[str]) -> dict:
-    """Fixed train/test split by clip (listed in docs/ego_motion_data.md)."""
-    unknown = [c for c in TEST_CLIPS if c not in clip_ids]
+    """Fixed split by clip (listed in docs/ego_motion_data.md): train (of which post_train) and test."""
+    unknown = [c for c in TEST_CLIPS + POST_TRAIN_CLIPS if c not in clip_ids]
     if unknown:
-        raise ValueError(f"test clips {unknown} were not converted; fix TEST_CLIPS or the mocap folder.")
+        raise ValueError(f"split clips {unknown} were not converted; fix TEST_CLIPS / POST_TRAIN_CLIPS or the mocap "
+                         "folder.")
     return {
         "description": "CMU clips in the AMASS layout at 30 fps; split by clip, held-out clips cover every "
-        "subject and activity group.",
+        "subject and activity group. post_train is a subset of train held out from the prior (prior_train = "
+        "train minus post_train).",
         "train": [c for c in clip_ids if c not in TEST_CLIPS],
+        "post_train": [c for c in clip_ids if c in POST_TRAIN_CLIPS],
         "test": [c for c in clip_ids if c in TEST_CLIPS],
         "clips": describe_clips(mocap_root, clip_ids),
     }

@@ -31,9 +31,14 @@ hands 90, ``trans`` (N, 3) metres, ``betas`` (10 or 16,), ``gender``, ``mocap_fr
 
 Files named ``shape.npz`` (AMASS's per-subject betas, no motion) are not sequences and are not listed.
 
-Splits: the bundled CMU clips (default) use ``assets/split.json`` ({"train": [...], "test": [...]},
-clip names with or without ``.npz``); a directory of AMASS files can instead use EgoAllo's
-rule (test = top-level folders ``Transitions_mocap`` and ``SSM_synced``, train = the rest).
+Splits, all clip-disjoint: "test" (held out), "train" (everything else), and "train" cut in two for
+post-training: "post_train" (clips the prior never sees; GRPO post-trains on them) and
+"prior_train" (train minus post_train; the prior trains on it). The bundled CMU clips (default)
+use ``assets/split.json`` ({"train": [...], "post_train": [...], "test": [...]}, clip names with
+or without ``.npz``; "post_train" is optional and must be a subset of "train"); a directory of
+AMASS files can instead use EgoAllo's rule (test = top-level folders ``Transitions_mocap`` and
+``SSM_synced``, train = the rest, post_train = a fixed share of train chosen by a hash of each
+file's relative path).
 
 Cache: ``<cache_dir>/<split>-<fingerprint>/`` (``datasets.save_to_disk``), cache_dir defaulting
 to ``$DIFFGRPO_CACHE/ego_motion`` or ``~/.cache/diffgrpo/ego_motion``. The fingerprint is a
@@ -97,7 +102,10 @@ ENV_CACHE_ROOT = "DIFFGRPO_CACHE"
 FLOOR_WARNING_M = 0.1
 SUMMARY_FILE = "diffgrpo_ego_motion.json"
 FOOT_JOINTS: tuple[int, ...] = (7, 8, 10, 11)  # SMPL-H ankles and toes ("foot")
-Split = Literal["train", "test"]
+Split = Literal["train", "prior_train", "post_train", "test"]
+SPLITS: tuple[str, ...] = ("train", "prior_train", "post_train", "test")
+TRAINING_SPLITS: tuple[str, ...] = ("train", "prior_train", "post_train")
+"""Splits that get the training stride and mirrored copies."""
 TENSOR_COLUMNS: tuple[str, ...] = ("T_world_cpf", "betas", "body_rotmats", "hand_rotmats", "contacts",
                                    "T_world_root", "joints_world", "start_frame", "mirrored")
 
@@ -174,7 +182,7 @@ class WindowConfig:
             raise ValueError(f"refloor must be 'none' or 'lowest_foot_joint', got {self.refloor!r}.")
 
     def stride(self, split: Split) -> int:
-        if split == "train":
+        if split in TRAINING_SPLITS:
             return self.train_stride_frames or max(1, self.window_frames // 2)
         return self.test_stride_frames or self.window_frames
 
@@ -189,7 +197,15 @@ class DataSource:
     """'split_json': clip names listed in ``split_file``; 'egoallo': test = top folders
     Transitions_mocap and SSM_synced under root, train = the rest."""
     split_file: Path | None = BUNDLED_SPLIT_FILE
-    """JSON with "train" and "test" lists of file stems (read only with split_rule='split_json')."""
+    """JSON with "train" and "test" lists of file stems, and optionally "post_train" (a subset of "train");
+    read only with split_rule='split_json'."""
+    post_train_fraction: float = 0.1
+    """split_rule='egoallo' only: share of the train files that form post_train (by a SHA-256 of the
+    file's path relative to root, so the choice is fixed and clip-disjoint)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.post_train_fraction < 1.0:
+            raise ValueError(f"post_train_fraction={self.post_train_fraction} must be in (0, 1).")
 
     def files(self, split: Split) -> list[Path]:
         """Sorted source files of one split; raises if there are none."""
@@ -199,8 +215,8 @@ class DataSource:
                 if root == BUNDLED_CMU_DIR else ""
             raise FileNotFoundError(f"AMASS source directory {root} does not exist{hint}; pass "
                                     f"DataSource(root=...) pointing at a folder of AMASS .npz files.")
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
         # AMASS keeps each subject's betas in a motion-less shape.npz beside the motions: not a sequence.
         all_files = sorted(p for p in root.rglob("*.npz") if p.is_file() and p.name != AMASS_SHAPE_FILE)
         if self.split_rule == "split_json":
@@ -208,6 +224,9 @@ class DataSource:
         elif self.split_rule == "egoallo":
             is_test = [p.relative_to(root).parts[0] in EGOALLO_TEST_SUBSETS for p in all_files]
             chosen = [p for p, t in zip(all_files, is_test, strict=True) if t == (split == "test")]
+            if split in ("prior_train", "post_train"):
+                post = [self._hash_share(p.relative_to(root)) < self.post_train_fraction for p in chosen]
+                chosen = [p for p, is_post in zip(chosen, post, strict=True) if is_post == (split == "post_train")]
         else:
             raise ValueError(f"split_rule must be 'split_json' or 'egoallo', got {self.split_rule!r}.")
         if not chosen:
@@ -215,12 +234,29 @@ class DataSource:
                                     f"{self.split_rule!r}); check the directory and the split rule.")
         return chosen
 
+    @staticmethod
+    def _hash_share(relative: Path) -> float:
+        """A fixed number in [0, 1) per relative path (first 8 bytes of its SHA-256)."""
+        digest = hashlib.sha256(relative.as_posix().encode()).digest()
+        return int.from_bytes(digest[:8], "little") / 2.0**64
+
     def _files_from_split_file(self, root: Path, all_files: list[Path], split: Split) -> list[Path]:
         split_path = Path(self.split_file).expanduser() if self.split_file is not None else None
         if split_path is None or not split_path.exists():
             raise FileNotFoundError(f"split file {split_path} not found; pass DataSource(split_file=...) "
                                     f'with {{"train": [...], "test": [...]}} or split_rule="egoallo".')
-        wanted = {Path(n).stem for n in json.loads(split_path.read_text())[split]}
+        lists = json.loads(split_path.read_text())
+        if "post_train" in lists and not {Path(n).stem for n in lists["post_train"]} <= {
+                Path(n).stem for n in lists["train"]}:
+            raise ValueError(f"{split_path}: every 'post_train' clip must also be listed under 'train'.")
+        if split in ("train", "test"):
+            wanted = {Path(n).stem for n in lists[split]}
+        elif "post_train" not in lists:
+            raise ValueError(f"{split_path} has no 'post_train' list, so split {split!r} is undefined; add "
+                             '"post_train": [clip names, a subset of "train"] or use split "train".')
+        else:
+            post = {Path(n).stem for n in lists["post_train"]}
+            wanted = post if split == "post_train" else {Path(n).stem for n in lists["train"]} - post
         chosen = [p for p in all_files if p.stem in wanted]
         missing = wanted - {p.stem for p in chosen}
         if missing:
@@ -423,7 +459,7 @@ def cache_fingerprint(files: Sequence[Path], root: Path, body_model_path: Path, 
     """SHA-256 (first 20 hex digits) of source file paths + contents, body model bytes and settings."""
     settings = {"version": DATA_VERSION, "split": split, "fps": TARGET_FPS,
                 "window_frames": cfg.window_frames,
-                "stride_frames": cfg.stride(split), "mirror": cfg.include_mirrored and split == "train",
+                "stride_frames": cfg.stride(split), "mirror": cfg.include_mirrored and split in TRAINING_SPLITS,
                 "refloor": cfg.refloor, "contacts": dataclasses.asdict(cfg.contacts),
                 "body_model_sha256": _sha256_file(body_model_path),
                 "files": [[p.relative_to(root).as_posix(), _sha256_file(p)] for p in files]}
@@ -437,7 +473,7 @@ def build_windows_dataset(files: Sequence[Path], root: Path, model: BodyModel, c
     Unusable files are skipped with a warning naming the file and the reason; if all are, raises.
     """
     stride = cfg.stride(split)
-    mirror = cfg.include_mirrored and split == "train"
+    mirror = cfg.include_mirrored and split in TRAINING_SPLITS
     skipped: dict[str, str] = {}
     counts = {"sequences": 0, "frames_30fps": 0, "windows": 0}
 

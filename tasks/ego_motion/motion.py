@@ -208,27 +208,38 @@ def timestep_loss_weights(alphas_cumprod: Float[Tensor, " N"], floor: float = 0.
 TimestepConvention = Literal["egoallo", "diffusers"]
 
 
+REFERENCE_SAMPLING_STEPS = 30
+"""EgoAllo's chain length: timesteps k^2 for k = 30..0 (method.md section 5)."""
+
+
 def sampling_timesteps(
-    num_steps: int = 30,
+    num_steps: int = REFERENCE_SAMPLING_STEPS,
     num_train_timesteps: int = 1000,
     convention: TimestepConvention = "egoallo",
-) -> Int[Tensor, " K+1"]:
+) -> Int[Tensor, " {num_steps}+1"]:
     """The K + 1 timesteps of the sampling chain, noisiest first (K = num_steps network calls).
 
     Why quadratic spacing: steps are dense near t = 0, where the pose details are settled, and
-    sparse at high noise. Timesteps are k^2 for k = K..0, and the first is raised to the noisiest
-    training level so sampling starts from (almost) pure noise: (1000, 841, 784, ..., 4, 1, 0).
+    sparse at high noise. EgoAllo's chain (K = 30) visits k^2 for k = 30..0, and the first is raised
+    to the noisiest training level so sampling starts from (almost) pure noise: (1000, 841, 784, ...,
+    4, 1, 0). Other K keep that *shape*: t_k = round((30 k / K)^2) for k = K..0, first raised to the
+    noisiest level, so K = 10 gives (1000, 729, 576, ..., 9, 0), not a jump from 1000 to 81.
 
     ``convention="egoallo"`` returns those values (t = 0 is the clean sample). ``"diffusers"``
     subtracts 1 to index ``alphas_cumprod`` directly: (999, 840, ..., 0, -1), where -1 marks the
     clean sample (alpha_bar = 1), like DDIM's ``final_alpha_cumprod``.
+
+    Raises:
+        ValueError: when the rounded timesteps are not strictly decreasing (K too large for the
+            grid: 1 <= K <= :func:`max_sampling_steps`) or the grid exceeds num_train_timesteps.
     """
-    if num_steps < 1 or num_steps**2 > num_train_timesteps:
+    limit = max_sampling_steps(num_train_timesteps)
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= limit:
         raise ValueError(
-            f"num_steps={num_steps} needs 1 <= num_steps^2 <= num_train_timesteps={num_train_timesteps}; "
-            f"the method uses num_steps=30 with 1000 training timesteps."
+            f"num_steps={num_steps!r} must be an int in [1, {limit}] (beyond {limit}, rounding the quadratic grid "
+            f"repeats timesteps); EgoAllo uses {REFERENCE_SAMPLING_STEPS} with {num_train_timesteps} training steps."
         )
-    t = torch.arange(num_steps, -1, -1, dtype=torch.long) ** 2  # (K + 1,)
+    t = _quadratic_grid(num_steps)
     t[0] = num_train_timesteps
     if convention == "egoallo":
         return t
@@ -236,3 +247,21 @@ def sampling_timesteps(
         return t - 1
     else:
         assert_never(convention)
+
+
+def _quadratic_grid(num_steps: int) -> Tensor:
+    """round((30 k / K)^2) for k = K..0, as (K + 1,) int64."""
+    k = torch.arange(num_steps, -1, -1, dtype=torch.float64)
+    return torch.round((k * REFERENCE_SAMPLING_STEPS / num_steps) ** 2).long()
+
+
+def max_sampling_steps(num_train_timesteps: int = 1000) -> int:
+    """Largest K whose quadratic grid (see :func:`sampling_timesteps`) is strictly decreasing."""
+    if REFERENCE_SAMPLING_STEPS**2 >= num_train_timesteps:
+        raise ValueError(f"num_train_timesteps={num_train_timesteps} must exceed {REFERENCE_SAMPLING_STEPS**2}, "
+                         "the top of the quadratic sampling grid.")
+    best = 1
+    for k in range(1, 2 * REFERENCE_SAMPLING_STEPS + 1):
+        if bool((_quadratic_grid(k).diff() < 0).all()):
+            best = k
+    return best

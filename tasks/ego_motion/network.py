@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Real
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -129,8 +129,8 @@ class DenoiserConfig:
 
 
 def rope_cos_sin(
-    positions: Float[Tensor, " L"], head_dim: int, base: float = 10000.0
-) -> tuple[Float[Tensor, "L Dh/2"], Float[Tensor, "L Dh/2"]]:
+    positions: Real[Tensor, " L"], head_dim: int, base: float = 10000.0
+) -> tuple[Float[Tensor, "L {head_dim}//2"], Float[Tensor, "L {head_dim}//2"]]:
     """Cosines and sines of the RoPE angles, position * base^(-2i / head_dim), in float32.
 
     Why float32: angles reach hundreds of radians for long windows, beyond bf16 precision.
@@ -154,7 +154,7 @@ def apply_rope(x: Float[Tensor, "B H L Dh"], cos: Float[Tensor, "L Dh/2"], sin: 
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
-def timestep_embedding(t: Float[Tensor, " B"], num_features: int) -> Float[Tensor, "B F"]:
+def timestep_embedding(t: Real[Tensor, " B"], num_features: int) -> Float[Tensor, "B F"]:
     """Sinusoidal features of the (integer or real) timestep, periods from 2 pi to 2 pi * 10^4."""
     half = num_features // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
@@ -314,7 +314,7 @@ class MotionDenoiser(nn.Module):
     def forward(
         self,
         x_t: Float[Tensor, "B T D"],
-        t: Float[Tensor, " B"],
+        t: Real[Tensor, " B"],
         cond: Float[Tensor, "B T C"],
         attn_mask: Bool[Tensor, "B T"] | None = None,
     ) -> Float[Tensor, "B T D"]:

@@ -331,10 +331,21 @@ class PerceptualTrainer:
 
     Why not a general trainer: the recipe alternates ``train_step`` with the policy update and
     calls ``score`` for the reward; everything else (which negatives, how often) stays in it.
+
+    Several processes: pass the run's ``accelerator``. Every process then holds one replica of the
+    critic, trained on its own batch with the gradients averaged over processes before each step
+    (like DDP does for the policy), so all processes score with the same critic and the copy that
+    rank 0 checkpoints is every rank's. The seed gives every replica the same initial weights, and
+    each step compares a checksum of the weights across processes and raises if they differ.
+    ``train_step`` is then a collective: every process must call it, as often, in the same order.
     """
 
-    def __init__(self, config: PerceptualConfig | None = None, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, config: PerceptualConfig | None = None, device: torch.device | str = "cpu", accelerator=None
+    ) -> None:
         self.config = config or PerceptualConfig()
+        self.accelerator = accelerator
+        """Averages gradients and checks replicas across processes; None (or one process): local only."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.seed)
             self.model = PerceptualModel(self.config)
@@ -384,10 +395,12 @@ class PerceptualTrainer:
         loss = info_nce_loss(scores[:, 0], scores[:, 1:], self.config.temperature)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self._average_gradients()
         clip = self.config.grad_clip_norm if self.config.grad_clip_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.optimizer.step()
         self.num_steps += 1
+        self._check_replicas_agree()
 
         s = scores.detach()
         return {
@@ -398,6 +411,37 @@ class PerceptualTrainer:
             "score_gap": float((s[:, 0] - s[:, 1:].mean(dim=1)).mean()),
             "grad_norm": float(grad_norm),
         }
+
+    def _is_distributed(self) -> bool:
+        return self.accelerator is not None and self.accelerator.num_processes > 1
+
+    def _average_gradients(self) -> None:
+        """Replace each gradient by its mean over processes, in one all-reduce of the flattened gradients."""
+        if not self._is_distributed():
+            return
+        params = list(self.model.parameters())
+        for p in params:  # every process must contribute the same entries, used or not
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = self.accelerator.reduce(torch.cat([p.grad.flatten() for p in params]), reduction="mean")
+        for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
+            p.grad.copy_(g.view_as(p))
+
+    def _check_replicas_agree(self) -> None:
+        """Raise on every process if the critic's weights differ across processes (two float64 checksums)."""
+        if not self._is_distributed():
+            return
+        with torch.no_grad():
+            flat = torch.cat([p.detach().flatten().double() for p in self.model.parameters()])
+            weight = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device).remainder_(997)
+            checksum = torch.stack([flat.sum(), (flat * weight).sum()])
+            table = self.accelerator.gather(checksum).view(self.accelerator.num_processes, 2)
+        if not bool((table == table[0]).all()):
+            raise RuntimeError(
+                f"perceptual critic replicas differ across processes after step {self.num_steps} (weight "
+                f"checksums per process: {table.tolist()}); every process must build the trainer with the same "
+                f"PerceptualConfig (seed) and accelerator, and call train_step equally often."
+            )
 
     def score(self, joints: Float[Tensor, "N T J 3"], T_world_cpf: Float[Tensor, "N T+1 4 4"]) -> Float[Tensor, " N"]:
         """Scores in [-1, 1] with the critic frozen (eval mode, no gradients); the mode is restored after."""

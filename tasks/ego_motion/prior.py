@@ -15,6 +15,7 @@ features. Symbols: x0 clean motion, x_t noisy motion, abar_t = alphas_cumprod[t]
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -83,7 +84,7 @@ class DiffusionLoss:
 
 
 def diffusion_loss(
-    model: nn.Module,
+    model: Callable[[Tensor, Tensor, Tensor], Tensor],
     scheduler: DDPMScheduler,
     batch: dict[str, Tensor],
     generator: torch.Generator | None,

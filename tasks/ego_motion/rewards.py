@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Float
@@ -266,6 +266,7 @@ def ego_physics(omega: float = OMEGA_PHYSICS, fps: float = TARGET_FPS,
     return reward
 
 
+@runtime_checkable
 class Scorer(Protocol):
     """What ``ego_visual`` needs of the critic: ``perceptual.PerceptualTrainer`` fits."""
 

@@ -34,6 +34,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from diffgrpo.config import SamplerConfig
+from diffgrpo.rollout import check_sampler
 from diffgrpo.task import Batch
 from tasks.ego_motion import metrics
 from tasks.ego_motion.body import BodyModel, load_body_model, pose_from_head
@@ -42,6 +43,7 @@ from tasks.ego_motion.data import (
     BUNDLED_CMU_DIR,
     BUNDLED_SPLIT_FILE,
     NUM_BETAS,
+    SPLITS,
     TARGET_FPS,
     DataSource,
     EgoMotionWindows,
@@ -49,12 +51,11 @@ from tasks.ego_motion.data import (
     load_windows,
 )
 from tasks.ego_motion.geometry import HEAD_JOINT
-from tasks.ego_motion.motion import MotionSample, motion_dim, sampling_timesteps
+from tasks.ego_motion.motion import MotionSample, max_sampling_steps, motion_dim, sampling_timesteps
 from tasks.ego_motion.prior import make_scheduler
 
 DEMO_PRIOR_PATH = Path(__file__).resolve().parent / "assets" / "demo_prior.safetensors"
 """The shipped demo prior (``DenoiserConfig.demo()`` trained on the bundled CMU clips, 64-frame windows)."""
-SPLITS = ("train", "test")
 METRIC_UNITS: dict[str, str] = {
     "mpjpe_mm": "mm",
     "pa_mpjpe_mm": "mm",
@@ -94,7 +95,8 @@ class EgoMotionTaskConfig:
     cache_dir: Path | None = None
     """Window cache; None -> $DIFFGRPO_CACHE/ego_motion or ~/.cache/diffgrpo/ego_motion."""
     num_sampling_steps: int = 30
-    """K network calls per sample: timesteps k^2 for k = K..0 (the first raised to the noisiest level)."""
+    """K network calls per sample: EgoAllo's quadratic grid (30 k / K)^2 for k = K..0, the first raised to the
+    noisiest level (``motion.sampling_timesteps``); 1 <= K <= 42."""
     sampler_eta: float = 0.8
     """Scale of the single-step DDPM posterior std (EgoAllo's 0.8)."""
     use_egoallo_offset: bool = True
@@ -106,11 +108,17 @@ class EgoMotionTaskConfig:
         if self.window_frames < 4:
             raise ValueError(f"window_frames={self.window_frames}: jitter needs at least 4 frames per window; "
                              "pass --task.window-frames 32 or more.")
-        if not 1 <= self.num_sampling_steps <= 31:
-            raise ValueError(f"num_sampling_steps={self.num_sampling_steps} must be in [1, 31] (k^2 <= 1000 "
-                             "training steps); EgoAllo uses 30.")
+        if not 1 <= self.num_sampling_steps <= max_sampling_steps():
+            raise ValueError(f"num_sampling_steps={self.num_sampling_steps} must be in [1, {max_sampling_steps()}] "
+                             "(more steps repeat timesteps of the quadratic grid); EgoAllo uses 30.")
         if self.sampler_eta < 0:
             raise ValueError(f"sampler_eta={self.sampler_eta} must be >= 0 (0 = deterministic DDIM-like chain).")
+        try:  # the eta range depends on the chain: check it now, not at the first rollout step
+            check_sampler(make_scheduler(), sampling_timesteps(self.num_sampling_steps, convention="diffusers"),
+                          self.sampler_config())
+        except ValueError as error:
+            raise ValueError(f"--task.sampler-eta {self.sampler_eta}: {error}".replace(
+                "--grpo.sampler.eta (or the task's eta flag)", "--task.sampler-eta")) from None
 
     def window_config(self) -> WindowConfig:
         return WindowConfig(window_frames=self.window_frames, train_stride_frames=self.train_stride_frames,
@@ -163,7 +171,7 @@ class EgoMotionTask:
 
     # -- data --------------------------------------------------------------------------------------
     def windows(self, split: str) -> EgoMotionWindows:
-        """The cached windows of ``split`` ("train" includes mirrored copies, "test" does not)."""
+        """The cached windows of ``split`` (``data.SPLITS``; training splits include mirrored copies, "test" does not)."""
         if split not in SPLITS:
             raise KeyError(f"unknown split {split!r}; the ego-motion task has {SPLITS}.")
         if split not in self._windows:

@@ -174,11 +174,13 @@ def test_two_poses_give_one_frame() -> None:
         (torch.eye(4, dtype=DTYPE)[None], "at least 2"),
     ],
 )
+@pytest.mark.unchecked_annotations
 def test_rejects_bad_shapes(bad: torch.Tensor, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         encode_head_trajectory(bad)
 
 
+@pytest.mark.unchecked_annotations
 def test_rejects_nan_and_transposed_and_integer_input() -> None:
     T_world_cpf = make_transform(R_WORLD_CPF_FACING_X.expand(3, 3, 3), torch.ones(3, 3, dtype=DTYPE))
     with_nan = T_world_cpf.clone()

@@ -238,6 +238,7 @@ def test_static_feet_do_not_skate() -> None:
 # --- validation --------------------------------------------------------------------------------------
 
 
+@pytest.mark.unchecked_annotations
 def test_rejects_bad_inputs() -> None:
     gt = _random_joints(9)
     with pytest.raises(ValueError, match=r"\(B, T, 22, 3\)"):

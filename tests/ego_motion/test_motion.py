@@ -90,6 +90,7 @@ def test_projection_in_bfloat16_and_contact_clamp():
     assert torch.equal(raw.contacts, x[..., CONTACTS])
 
 
+@pytest.mark.unchecked_annotations
 def test_wrong_sizes_raise_with_a_hint():
     with pytest.raises(ValueError, match="include_hands=True"):
         MotionSample.unpack(torch.zeros(3, MOTION_DIM_WITH_HANDS), include_hands=False)
@@ -134,6 +135,17 @@ def test_sampling_timesteps():
     assert t.diff().lt(0).all()
     d = sampling_timesteps(convention="diffusers")
     assert torch.equal(d, t - 1) and d[0] == 999 and d[-1] == -1
-    assert sampling_timesteps(10, 1000).tolist()[:2] == [1000, 81]
-    with pytest.raises(ValueError, match="num_steps"):
-        sampling_timesteps(40, 1000)
+    with pytest.raises(ValueError, match=r"num_steps=43 must be an int in \[1, 42\]"):
+        sampling_timesteps(43, 1000)
+
+
+@pytest.mark.parametrize("num_steps", [1, 5, 10, 20, 42])
+def test_sampling_timesteps_keep_the_reference_shape(num_steps):
+    """Any K resamples EgoAllo's k^2 grid (issue 11, item 6: K = 10 used to jump 1000 -> 81)."""
+    t = sampling_timesteps(num_steps).double()
+    assert t.diff().lt(0).all() and t[0] == 1000 and t[-1] == 0
+    # Below the raised first entry, t_k / 900 = (k / K)^2 for every K, up to rounding.
+    k = torch.arange(num_steps, -1, -1, dtype=torch.float64)
+    assert torch.allclose(t[1:] / 900.0, (k[1:] / num_steps) ** 2, atol=0.5 / 900.0)
+    if num_steps == 10:
+        assert t.tolist() == [1000, 729, 576, 441, 324, 225, 144, 81, 36, 9, 0]

@@ -165,6 +165,7 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(model(x_t, t, cond), loaded(x_t, t, cond))
 
 
+@pytest.mark.unchecked_annotations
 def test_config_dict_round_trip_and_errors():
     for cfg in (DenoiserConfig.reference(), DenoiserConfig.demo(include_hands=True)):
         assert DenoiserConfig.from_dict(cfg.to_dict()) == cfg
@@ -181,6 +182,7 @@ def test_config_dict_round_trip_and_errors():
         DenoiserConfig(norm_placement="sandwich")  # type: ignore[arg-type]
 
 
+@pytest.mark.unchecked_annotations
 def test_bad_inputs_raise():
     model = _model(TINY)
     x_t, t, cond = _inputs(TINY, 2, 5)

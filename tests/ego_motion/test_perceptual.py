@@ -139,6 +139,7 @@ def test_info_nce_gradient_pushes_positive_up_and_negatives_down():
     torch.testing.assert_close(score_pos.grad + score_neg.grad.sum(1), torch.zeros(3), atol=1e-6, rtol=0)
 
 
+@pytest.mark.unchecked_annotations
 def test_info_nce_rejects_bad_shapes_and_temperature():
     with pytest.raises(ValueError, match=r"\(B,\) and \(B, M\)"):
         info_nce_loss(torch.zeros(3), torch.zeros(2, 4))
@@ -280,6 +281,7 @@ def test_config_validation():
     assert PerceptualConfig.from_dict(TINY.to_dict()) == TINY
 
 
+@pytest.mark.unchecked_annotations
 def test_shapes_are_validated_with_clear_errors():
     trainer = PerceptualTrainer(TINY)
     joints, T_world_cpf = torch.zeros(2, 8, 22, 3), _random_transforms(2, 8, seed=0)

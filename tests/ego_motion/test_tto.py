@@ -197,6 +197,7 @@ def test_adam_option_descends_and_is_batch_independent(body, smooth_case):
     torch.testing.assert_close(single.body_rotmats, batch.body_rotmats[:1], atol=1e-5, rtol=0)
 
 
+@pytest.mark.unchecked_annotations
 def test_bad_inputs_are_rejected_with_a_fix(body, smooth_case):
     rotmats, betas, T_world_cpf, contacts, _ = smooth_case
     with pytest.raises(ValueError, match="T\\+1"):

@@ -1,0 +1,146 @@
+"""Is an update signal or noise? Gradient agreement, per-step gradient norms, and how far the policy moved.
+
+Why: a GRPO gradient is a Monte-Carlo estimate from B x G samples of a very high-dimensional
+action; when it is mostly noise the weights random-walk (||theta_n - theta_0|| grows like sqrt(n))
+and no held-out number moves. These measurements say so directly:
+
+- gradient agreement: the cosine between the policy gradients of two disjoint sets of groups.
+  Two independent estimates of the same expected gradient have cosine ~ SNR^2 / (1 + SNR^2) for a
+  per-estimate signal-to-noise ratio SNR (||E g||^2 / E||g - E g||^2), so ~0 means noise. Taken per
+  bucket of sampling steps (early / middle / late) to see which steps carry signal.
+- per-step gradient norms ||grad of the step-k loss||.
+- policy movement: the mean per-step KL between the step Gaussians before and after an update on
+  the same stored states (equal stds, so KL = ||mu_new - mu_old||^2 / (2 std^2)), and ||delta theta||.
+
+All functions run on the unwrapped model with ``torch.autograd.grad``: no optimiser state and no
+DDP collective is touched, so they can run on any process at any time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from diffgrpo.config import GRPOConfig
+from diffgrpo.loss import gaussian_step_kl
+from diffgrpo.rollout import score_step
+from diffgrpo.task import Task
+from diffgrpo.train_step import RolloutBatch, model_fn_for, step_terms_loss
+
+STEP_BUCKETS = ("early", "middle", "late")
+
+
+def step_buckets(steps: Sequence[int], num_steps: int) -> dict[str, list[int]]:
+    """Split trained step indices into thirds of the chain: early (noisiest), middle, late."""
+    out: dict[str, list[int]] = {name: [] for name in STEP_BUCKETS}
+    for k in steps:
+        out[STEP_BUCKETS[min(3 * k // max(num_steps, 1), 2)]].append(k)
+    return out
+
+
+def flat_grad(loss: Tensor, params: Sequence[nn.Parameter]) -> Tensor:
+    """d loss / d params as one float32 vector (zeros where a parameter is unused)."""
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
+                      for g, p in zip(grads, params, strict=True)])
+
+
+def policy_gradients(
+    task: Task,
+    model: nn.Module,
+    scheduler,
+    data: RolloutBatch,
+    *,
+    cfg: GRPOConfig,
+    row_sets: Sequence[Tensor],
+    steps: Sequence[int],
+) -> list[dict[int, Tensor]]:
+    """Per row set and per step, the gradient of that step's GRPO loss averaged over the set's kept rows.
+
+    ``row_sets``: (n_i,) long indices of the rows (whole groups) forming each estimate. Returns one
+    {step: flat gradient} per row set. ``model`` is the unwrapped policy; nothing is accumulated in
+    ``.grad`` and no collective runs.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    model_fn = model_fn_for(task, model)
+    was_training = model.training
+    model.eval()
+    out: list[dict[int, Tensor]] = []
+    for rows in row_sets:
+        rows = rows.to(data.trajectory.states.device)
+        out.append({k: flat_grad(step_terms_loss(model_fn, scheduler, data, k, rows, cfg=cfg)[0], params)
+                    for k in steps})
+    model.train(was_training)
+    return out
+
+
+def cosine(a: Tensor, b: Tensor) -> float:
+    """Cosine similarity of two flat vectors (0 when either is zero)."""
+    denom = float(a.norm() * b.norm())
+    return float(a.double() @ b.double()) / denom if denom > 0 else 0.0
+
+
+def gradient_agreement(
+    task: Task,
+    model: nn.Module,
+    scheduler,
+    data: RolloutBatch,
+    *,
+    cfg: GRPOConfig,
+    steps: Sequence[int],
+) -> dict[str, float]:
+    """Cosine between the gradients of the first and second half of the groups, overall and per step
+    bucket, and the norm of each step's gradient (whole batch). Keys ``grad/cos_halves[/<bucket>]``,
+    ``grad/norm/step_<k>``."""
+    group_ids = data.trajectory.group_ids
+    unique = torch.unique(group_ids)
+    if unique.numel() < 2:
+        raise ValueError("gradient agreement needs at least 2 groups (conditions) in the batch")
+    first = torch.isin(group_ids, unique[: unique.numel() // 2])
+    row_sets = [first.nonzero().flatten(), (~first).nonzero().flatten()]
+    halves = policy_gradients(task, model, scheduler, data, cfg=cfg, row_sets=row_sets, steps=steps)
+    logs: dict[str, float] = {}
+    num_steps = data.trajectory.num_steps
+    for bucket, members in {"all": list(steps), **step_buckets(steps, num_steps)}.items():
+        if not members:
+            continue
+        a = torch.stack([halves[0][k] for k in members]).mean(0)
+        b = torch.stack([halves[1][k] for k in members]).mean(0)
+        logs["grad/cos_halves" + ("" if bucket == "all" else f"/{bucket}")] = cosine(a, b)
+    for k in steps:
+        # mean of the two halves' gradients (each averaged over its own rows) ~ the whole batch's
+        logs[f"grad/norm/step_{k:02d}"] = float((0.5 * (halves[0][k] + halves[1][k])).norm())
+    return logs
+
+
+@torch.no_grad()
+def step_means(task: Task, model: nn.Module, scheduler, data: RolloutBatch, *, cfg: GRPOConfig,
+               rows: slice, steps: Sequence[int]) -> dict[int, tuple[Tensor, Tensor]]:
+    """(mean, std) of the step Gaussians of ``rows`` at ``steps`` under ``model`` (for policy movement)."""
+    model_fn = model_fn_for(task, model)
+    was_training = model.training
+    model.eval()
+    out = {}
+    for k in steps:
+        step = score_step(model_fn, scheduler, data.trajectory, k, rows, sampler=cfg.sampler)
+        out[k] = (step.mean.float(), step.std.float())
+    model.train(was_training)
+    return out
+
+
+def policy_movement(before: dict[int, tuple[Tensor, Tensor]], after: dict[int, tuple[Tensor, Tensor]],
+                    *, reduction: str) -> dict[str, float]:
+    """Mean per-step KL(pi_new || pi_old) over the given steps and rows (same stds), in nats
+    (per dimension when ``reduction`` is 'mean', like the step log-probs)."""
+    kls = []
+    for k, (mean_old, std) in before.items():
+        mean_new = after[k][0]
+        kls.append(gaussian_step_kl(mean_new[:, None], mean_old[:, None], std[:, None], reduction=reduction).mean())
+    return {"policy/step_kl": float(torch.stack(kls).mean())} if kls else {}
+
+
+def parameter_vector(model: nn.Module) -> Tensor:
+    """All trainable parameters as one detached float32 vector (a snapshot)."""
+    return torch.cat([p.detach().reshape(-1).float() for p in model.parameters() if p.requires_grad]).clone()

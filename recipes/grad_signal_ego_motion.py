@@ -1,0 +1,112 @@
+"""How much of a MotionGRPO gradient is signal? Same-condition gradient cosine of two independent groups.
+
+For each of ``--seeds``, B post-train windows are drawn; two independent rollouts (different random
+streams: initial noise, step noise, perturbation) of G samples each are collected on those same
+windows with the prior, and the GRPO policy gradient of each is computed (all trained steps, and per
+step bucket: early / middle / late thirds of the chain). Two independent estimates of one expected
+gradient have cosine ~ SNR^2 / (1 + SNR^2), so a cosine near 0 says the update is mostly noise.
+The joint rewards are used (no learned critic: a fresh one would only add noise).
+
+    python recipes/grad_signal_ego_motion.py --name default --seeds 0 1 2 3 4
+    python recipes/grad_signal_ego_motion.py --name window --rollout-sampling-steps 10 --sde-window 0 4
+
+Appends one record per ``--name`` to ``--output`` (JSON), and prints the table row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ego_motion as main_job  # noqa: E402  (the main job's config: this script measures its updates)
+
+from diffgrpo.diagnostics import STEP_BUCKETS, cosine, policy_gradients, step_buckets  # noqa: E402
+from diffgrpo.loss import select_steps  # noqa: E402
+from diffgrpo.probe import probe_indices  # noqa: E402
+from diffgrpo.rewards import RewardSet  # noqa: E402
+from diffgrpo.rollout import RandomStreams  # noqa: E402
+from diffgrpo.task import batch_to  # noqa: E402
+from diffgrpo.train_step import collect, make_perturber  # noqa: E402
+from diffgrpo.trainer import check_run, parse_reward_specs  # noqa: E402
+from tasks.ego_motion.network import load_denoiser  # noqa: E402
+from tasks.ego_motion.task import EgoMotionTask  # noqa: E402
+
+logger = logging.getLogger("recipes.grad_signal_ego_motion")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Same-condition gradient cosine of the main job's configuration (or a variant of it)."""
+
+    name: str = "default"
+    """Record name in --output."""
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    """One draw of conditions and two independent rollouts per seed."""
+    output: Path = Path("runs/grad_signal.json")
+    threads: int = 1
+    job: main_job.Config = field(default_factory=main_job.Config)
+    """The main job's config (prior, task, rollout steps, SDE window, GRPO settings) under --job.*"""
+
+
+def main(cfg: Config) -> dict:
+    torch.set_num_threads(cfg.threads)
+    job = cfg.job
+    task = EgoMotionTask(job.task)
+    rollout_task = task if job.rollout_sampling_steps is None else EgoMotionTask(
+        dataclasses.replace(job.task, num_sampling_steps=job.rollout_sampling_steps), body=task.body)
+    grpo = job.effective_grpo()
+    check_run(rollout_task, grpo)
+    model = load_denoiser(job.prior)
+    scheduler = rollout_task.make_scheduler()
+    rewards = RewardSet.from_specs(parse_reward_specs(grpo.rewards))
+    perturber = make_perturber(grpo)
+    per_bucket: dict[str, list[float]] = {}
+    tick = time.perf_counter()
+    for seed in cfg.seeds:
+        indices = probe_indices(task.num_examples(grpo.train_split), grpo.conditions_per_iteration, seed,
+                                "grad_signal")
+        batch = batch_to(rollout_task.load_examples(grpo.train_split, indices), "cpu")
+        grads = []
+        for draw in (0, 1):
+            data = collect(rollout_task, model, scheduler, batch, cfg=grpo, rewards=rewards, perturber=perturber,
+                           generator=RandomStreams.from_seed(1000 * seed + draw), group_id_offset=0)
+            trained = select_steps(data.trajectory.num_steps, grpo.steps.mode, fraction=grpo.steps.fraction,
+                                   window=grpo.steps.window, generator=torch.Generator().manual_seed(seed),
+                                   is_stochastic=data.trajectory.is_stochastic.cpu())
+            steps = trained.nonzero().flatten().tolist()
+            all_rows = torch.arange(data.trajectory.states.shape[0])
+            grads.append(policy_gradients(rollout_task, model, scheduler, data, cfg=grpo, row_sets=[all_rows],
+                                          steps=steps)[0])
+        buckets = {"all": steps, **step_buckets(steps, data.trajectory.num_steps)}
+        for bucket, members in buckets.items():
+            if members:
+                a, b = (torch.stack([g[k] for k in members]).mean(0) for g in grads)
+                per_bucket.setdefault(bucket, []).append(cosine(a, b))
+        logger.info("seed %d: cosine %.3f", seed, per_bucket["all"][-1])
+    summary = {bucket: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0,
+                        "values": v} for bucket, v in per_bucket.items()}
+    record = {"name": cfg.name, "seeds": list(cfg.seeds), "seconds": time.perf_counter() - tick,
+              "cosine": summary, "job": job.effective()}
+    records = json.loads(cfg.output.read_text()) if cfg.output.exists() else {}
+    records[cfg.name] = record
+    cfg.output.parent.mkdir(parents=True, exist_ok=True)
+    cfg.output.write_text(json.dumps(records, indent=2))
+    row = " | ".join(f"{summary[b]['mean']:+.3f} ± {summary[b]['std']:.3f}" if b in summary else "-"
+                     for b in ("all", *STEP_BUCKETS))
+    print(f"| {cfg.name} | {row} |")
+    return record
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    main(tyro.cli(Config))
