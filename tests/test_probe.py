@@ -20,8 +20,8 @@ def test_probe_evaluation_is_deterministic_and_sees_weight_changes():
     rewards = RewardSet.from_specs({"toy_closeness": 1.0})
     first = evaluate_probe(task, model, task.make_scheduler(), cfg, sampler=SamplerConfig(), rewards=rewards)
     again = evaluate_probe(task, model, task.make_scheduler(), cfg, sampler=SamplerConfig(), rewards=rewards)
-    assert set(first) >= {"reward/train/toy_closeness/all", "reward/train/total", "reward/test/toy_closeness/first_half",
-                          "metric/test/mse"}
+    assert set(first) >= {"reward/train/toy_closeness/all", "reward/train/total",
+                          "reward/test/toy_closeness/first_half", "metric/test/mse"}
     for key, value in first.items():
         assert value.shape == (5, 3)
         assert torch.equal(value, again[key]), key  # common random numbers: bit-identical
@@ -42,7 +42,7 @@ def test_paired_difference_matches_a_hand_computed_t_interval():
     baseline = torch.zeros(4, 2)
     current = torch.tensor([[1.0, 3.0], [2.0, 2.0], [4.0, 2.0], [0.0, 2.0]])  # per-condition means 2, 2, 3, 1
     diff = paired_difference(current, baseline)
-    mean, sd = 2.0, math.sqrt(((0 + 0 + 1 + 1) / 3))
+    mean, sd = 2.0, math.sqrt((0 + 0 + 1 + 1) / 3)
     half = 3.1824 * sd / 2.0  # t_{0.975, 3} = 3.1824
     assert diff.mean == pytest.approx(mean)
     assert diff.ci_low == pytest.approx(mean - half, abs=5e-3) and diff.ci_high == pytest.approx(mean + half, abs=5e-3)

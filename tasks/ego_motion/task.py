@@ -171,7 +171,7 @@ class EgoMotionTask:
 
     # -- data --------------------------------------------------------------------------------------
     def windows(self, split: str) -> EgoMotionWindows:
-        """The cached windows of ``split`` (``data.SPLITS``; training splits include mirrored copies, "test" does not)."""
+        """The cached windows of ``split`` (``data.SPLITS``; training splits include mirrored copies, test not)."""
         if split not in SPLITS:
             raise KeyError(f"unknown split {split!r}; the ego-motion task has {SPLITS}.")
         if split not in self._windows:
