@@ -36,7 +36,7 @@ from diffgrpo.probe import probe_indices  # noqa: E402
 from diffgrpo.rewards import RewardSet  # noqa: E402
 from diffgrpo.rollout import RandomStreams  # noqa: E402
 from diffgrpo.task import batch_to  # noqa: E402
-from diffgrpo.train_step import collect, make_perturber  # noqa: E402
+from diffgrpo.train_step import collect, make_perturber, step_weights  # noqa: E402
 from diffgrpo.trainer import check_run, parse_reward_specs  # noqa: E402
 from tasks.ego_motion.network import load_denoiser  # noqa: E402
 from tasks.ego_motion.task import EgoMotionTask  # noqa: E402
@@ -87,10 +87,11 @@ def main(cfg: Config) -> dict:
             all_rows = torch.arange(data.trajectory.states.shape[0])
             grads.append(policy_gradients(rollout_task, model, scheduler, data, cfg=grpo, row_sets=[all_rows],
                                           steps=steps)[0])
+        weight = step_weights(data.trajectory, steps, grpo.step_weighting)  # as policy_update weighs the steps
         buckets = {"all": steps, **step_buckets(steps, data.trajectory.num_steps)}
         for bucket, members in buckets.items():
             if members:
-                a, b = (torch.stack([g[k] for k in members]).mean(0) for g in grads)
+                a, b = (sum(weight[k] * g[k] for k in members) for g in grads)
                 per_bucket.setdefault(bucket, []).append(cosine(a, b))
         logger.info("seed %d: cosine %.3f", seed, per_bucket["all"][-1])
     summary = {bucket: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0,

@@ -41,7 +41,7 @@ from diffgrpo.rollout import make_generator
 from diffgrpo.stream import IndexStream
 from tasks.ego_motion.body import load_body_model
 from tasks.ego_motion.data import DataSource, WindowConfig, load_windows
-from tasks.ego_motion.network import DenoiserConfig, MotionDenoiser, save_denoiser
+from tasks.ego_motion.network import DenoiserConfig, MotionDenoiser, load_denoiser, save_denoiser
 from tasks.ego_motion.prior import diffusion_loss, evaluate_prior, make_scheduler, mean_pose
 
 logger = logging.getLogger(__name__)
@@ -99,9 +99,13 @@ class Config:
     """Passed to accelerate (fp16 needs a GPU); the loss itself is computed in float32."""
     data_dir: Path | None = None
     """AMASS directory (EgoAllo split: test = Transitions_mocap, SSM_synced); None: the bundled CMU clips."""
-    train_split: Literal["prior_train", "train"] = "prior_train"
+    train_split: Literal["prior_train", "train", "post_train"] = "prior_train"
     """Windows the prior learns from: 'prior_train' leaves the post_train clips unseen, so GRPO post-trains
-    where the prior has room (the shipped demo prior); 'train' uses every non-test clip."""
+    where the prior has room (the shipped demo prior); 'train' uses every non-test clip; 'post_train' with
+    --init-from is the supervised baseline GRPO is compared with (continued diffusion training on GRPO's data)."""
+    init_from: Path | None = None
+    """Start from these denoiser weights (a .safetensors from this recipe) instead of a fresh model; the
+    preset must match its architecture. The optimiser starts fresh."""
     cache_dir: Path | None = None
     """Where processed windows are cached (None: $DIFFGRPO_CACHE/ego_motion or ~/.cache/diffgrpo/ego_motion)."""
     output_dir: Path = Path("runs/ego_prior")
@@ -133,6 +137,11 @@ class Config:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
         if self.log_every < 1:
             raise ValueError(f"--log-every must be >= 1, got {self.log_every}")
+        if self.init_from is not None and not Path(self.init_from).is_file():
+            raise FileNotFoundError(f"--init-from {self.init_from} does not exist; pass a denoiser .safetensors")
+        if self.train_split == "post_train" and self.init_from is None:
+            raise ValueError("--train-split post_train trains on the post-training clips only; it is meant as the "
+                             "supervised baseline, so pass --init-from PRIOR as well")
         if self.data_dir is not None and not Path(self.data_dir).expanduser().is_dir():
             raise ValueError(f"--data-dir {self.data_dir} is not a directory; pass a folder of AMASS .npz files "
                              "or omit it for the bundled CMU clips")
@@ -175,6 +184,12 @@ def main(cfg: Config) -> dict:
     # Model, schedule, optimiser: AdamW, linear warm-up to the peak lr, then constant (EgoAllo).
     torch.manual_seed(cfg.seed)  # initial weights, identical on every process
     model = MotionDenoiser(cfg.denoiser_config())
+    if cfg.init_from is not None:
+        initial = load_denoiser(cfg.init_from)
+        if initial.config != model.config:
+            raise ValueError(f"--init-from {cfg.init_from} holds a {initial.config} denoiser but --preset {cfg.preset} "
+                             "builds another; pass the preset it was trained with")
+        model.load_state_dict(initial.state_dict())
     include_hands = model.config.include_hands
     scheduler = make_scheduler()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
