@@ -105,6 +105,13 @@ class PerturbConfig:
     per cell: 1/32 gives a bump roughly every second at 30 fps)."""
     octaves: int = 1
     """Perlin only: number of octaves."""
+    sharing: Literal["member", "group", "nested"] = "member"
+    """Who shares a perturbed condition. member: each group member gets its own (the paper). group: all
+    members see one perturbed condition. nested: ``heads_per_group`` perturbed conditions per group, each
+    shared by G / heads_per_group members, and advantages normalised within each same-condition
+    sub-group, so an advantage compares samples of one condition and never scores the perturbation."""
+    heads_per_group: int = 2
+    """nested only: P perturbed conditions per group (G must be a multiple of P, with G / P >= 2)."""
 
     def __post_init__(self) -> None:
         if self.name not in ("none", "gaussian", "perlin"):
@@ -118,6 +125,14 @@ class PerturbConfig:
             raise ValueError(f"perturb.frequency must be > 0 (lattice cells per frame), got {self.frequency}")
         if self.octaves < 1:
             raise ValueError(f"perturb.octaves must be >= 1, got {self.octaves}")
+        if self.sharing not in ("member", "group", "nested"):
+            raise ValueError(f"perturb.sharing={self.sharing!r} is not one of 'member', 'group', 'nested'")
+        if self.sharing == "nested" and self.heads_per_group < 2:
+            raise ValueError(f"perturb.heads_per_group={self.heads_per_group} must be >= 2 for sharing 'nested' "
+                             "(1 is sharing 'group')")
+        if self.sharing != "nested" and self.heads_per_group != 2:
+            raise ValueError(f"perturb.heads_per_group={self.heads_per_group} is only used with --grpo.perturb.sharing "
+                             "nested; set that or drop the flag")
 
 
 @dataclass(frozen=True)
@@ -220,6 +235,11 @@ class GRPOConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.group_size < 2:
             raise ValueError(f"group_size must be >= 2 for group-relative advantages, got {self.group_size}")
+        heads = self.perturb.heads_per_group
+        if self.perturb.sharing == "nested" and (self.group_size % heads or self.group_size // heads < 2):
+            raise ValueError(f"perturb.sharing='nested' splits each group of {self.group_size} into "
+                             f"{heads} sub-groups of equal size >= 2; pick --grpo.group-size a multiple of {heads} "
+                             f"and >= {2 * heads}, or change --grpo.perturb.heads-per-group")
         if not self.rewards:
             raise ValueError("no rewards configured: pass --rewards NAME[:WEIGHT] ... "
                              "(see diffgrpo.rewards.available_rewards())")

@@ -80,14 +80,20 @@ def collect(
     streams = as_streams(generator)
     num_conditions = next(iter(batch.values())).shape[0]
     expanded = repeat_batch(batch, cfg.group_size)  # (B*G, ...)
-    raw = task.raw_condition(expanded)
+    raw = task.raw_condition(batch)  # (B, T, D)
     if not bool(torch.isfinite(raw).all()):
-        bad = (~torch.isfinite(raw)).flatten(1).any(1).nonzero().flatten() // cfg.group_size
+        bad = (~torch.isfinite(raw)).flatten(1).any(1).nonzero().flatten()
         raise ValueError(f"the raw condition of batch rows {sorted(set(bad.tolist()))} holds NaN or inf; "
                          "fix or drop those examples in the task's load_examples")
-    expanded = task.with_raw_condition(expanded, perturber(raw, streams.perturbation))
+    heads = perturbed_conditions_per_group(cfg)  # distinct perturbed conditions per group
+    perturbed = perturber(raw.repeat_interleave(heads, dim=0), streams.perturbation)  # (B*heads, T, D)
+    expanded = task.with_raw_condition(expanded, perturbed.repeat_interleave(cfg.group_size // heads, dim=0))
     cond = task.encode_condition(expanded)
     group_ids = group_ids_for(num_conditions, cfg.group_size, offset=group_id_offset, device=cond.device)
+    # Advantages compare samples that saw one condition: the group, or its same-condition sub-group.
+    advantage_ids = group_ids if cfg.perturb.sharing != "nested" else (
+        group_ids * heads + torch.arange(cfg.group_size, device=cond.device).repeat(num_conditions)
+        // (cfg.group_size // heads))
     model.eval()  # the policy is one fixed function in rollout and update: no dropout/BN noise
     with autocast():
         trajectory = rollout(model_fn_for(task, model), scheduler, cond, group_ids, task.sampling_timesteps(),
@@ -95,9 +101,21 @@ def collect(
                              micro_batch_size=cfg.micro_batch_size, step_generator=streams.step_noise)
     decoded = task.decode(trajectory.samples, expanded)
     scored = rewards(decoded, expanded)
-    advantages = compute_advantages(scored.components, group_ids,
+    advantages = compute_advantages(scored.components, advantage_ids,
                                     dataclasses.replace(cfg.advantages, weights=scored.weights))
     return RolloutBatch(trajectory, expanded, decoded, scored.components, advantages)
+
+
+def perturbed_conditions_per_group(cfg: GRPOConfig) -> int:
+    """How many distinct perturbed conditions a group holds under ``cfg.perturb.sharing``."""
+    sharing = cfg.perturb.sharing
+    if sharing == "member":
+        return cfg.group_size
+    if sharing == "group":
+        return 1
+    if sharing == "nested":
+        return cfg.perturb.heads_per_group
+    raise ValueError(f"perturb.sharing={sharing!r} is not one of 'member', 'group', 'nested'")
 
 
 def diversity(rollout_batch: RolloutBatch) -> float:

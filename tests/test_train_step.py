@@ -183,3 +183,28 @@ def test_batch_to_and_bad_reward_name():
     with pytest.raises(KeyError, match="toy_closeness"):
         RewardSet.from_specs({"no_such_reward": 1.0})
     assert batch_to({"a": torch.zeros(2)}, "cpu")["a"].device.type == "cpu"
+
+
+@pytest.mark.parametrize("sharing", ["member", "group", "nested"])
+def test_perturbation_sharing(sharing):
+    """Issue 9: per member, per group, or nested (P heads x M samples, normalised per same-head sub-group)."""
+    task, model = ToyTask("ddim"), ToyNet()
+    cfg = _cfg(group_size=6, perturb=PerturbConfig("gaussian", scale=0.5, sharing=sharing,
+                                                   heads_per_group=3 if sharing == "nested" else 2))
+    data = collect(task, model, task.make_scheduler(), task.load_examples("train", torch.arange(2)), cfg=cfg,
+                   rewards=RewardSet.from_specs({"toy_closeness": 1.0}), perturber=make_perturber(cfg),
+                   generator=make_generator(0), group_id_offset=0)
+    cond = data.trajectory.cond.reshape(2, 6, -1)  # (B, G, D)
+    heads = {"member": 6, "group": 1, "nested": 3}[sharing]
+    distinct = [len({tuple(row.tolist()) for row in group}) for group in cond]
+    assert distinct == [heads, heads]
+    adv = data.advantages.advantages.reshape(2, heads if sharing == "nested" else 1, -1)
+    # Advantages are centred within the groups that share one condition (sub-groups when nested).
+    assert torch.allclose(adv.sum(-1), torch.zeros_like(adv.sum(-1)), atol=1e-5)
+    if sharing == "nested":  # members 0-1, 2-3, 4-5 share a head
+        assert torch.equal(cond[:, 0], cond[:, 1]) and not torch.equal(cond[:, 1], cond[:, 2])
+
+
+def test_nested_sharing_needs_equal_subgroups():
+    with pytest.raises(ValueError, match="sub-groups of equal size >= 2"):
+        _cfg(group_size=8, perturb=PerturbConfig("perlin", scale=0.1, sharing="nested", heads_per_group=3))
