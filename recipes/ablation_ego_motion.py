@@ -11,6 +11,9 @@ metrics as mean and standard deviation over seeds:
 | full (+Perlin) | joint + perceptual | Perlin, lambda |
 | full, Gaussian | joint + perceptual | Gaussian white noise, lambda |
 | lambda sweep | joint + perceptual | Perlin, each of --lambdas |
+| full, group-shared | joint + perceptual | Perlin, one perturbed head per group |
+| full, nested | joint + perceptual | Perlin, P heads x G/P samples, advantages per same-head sub-group |
+| supervised | continued diffusion training of the prior on the post-train clips (the baseline GRPO must beat) |
 
 Every variant is reported with and without test-time optimisation. For vanilla and full it also
 reports the training diagnostics the paper's argument rests on: the fraction of zero-std
@@ -35,6 +38,11 @@ _spec = importlib.util.spec_from_file_location("ego_motion_recipe", Path(__file_
 ego = importlib.util.module_from_spec(_spec)
 sys.modules["ego_motion_recipe"] = ego
 _spec.loader.exec_module(ego)
+_spec = importlib.util.spec_from_file_location("pretrain_ego_motion_recipe",
+                                               Path(__file__).with_name("pretrain_ego_motion.py"))
+pretrain = importlib.util.module_from_spec(_spec)
+sys.modules["pretrain_ego_motion_recipe"] = pretrain
+_spec.loader.exec_module(pretrain)
 
 
 @dataclass(frozen=True)
@@ -44,7 +52,12 @@ class Config:
     seeds: tuple[int, ...] = (0, 1, 2)
     lambdas: tuple[float, ...] = (0.01, 0.03, 0.1)
     """Perlin amplitudes (metres of head translation) of the sweep; the full model uses base.grpo's."""
-    variants: tuple[str, ...] = ("vanilla", "visual", "full", "gaussian", "sweep")
+    variants: tuple[str, ...] = ("vanilla", "visual", "full", "gaussian", "sweep", "group", "nested", "supervised")
+    supervised_steps: int = 600
+    """Optimiser steps of the supervised baseline (batch 32 on the post-train windows): about the main job's
+    training time on 2 CPU cores (see docs/ego_motion_grpo.md for the measured rates)."""
+    supervised_learning_rate: float = 1e-4
+    """Constant AdamW learning rate of the supervised baseline (the prior was trained at 1e-3)."""
     output_dir: Path = Path("runs/ablation")
     output: Path = Path("docs/results.md")
     base: ego.Config = field(default_factory=ego.Config)
@@ -69,6 +82,12 @@ def variant_configs(cfg: Config) -> dict[str, ego.Config]:
     if "gaussian" in cfg.variants:
         out[f"full with Gaussian (lambda={lam})"] = make(True, dataclasses.replace(base.grpo.perturb,
                                                                                     name="gaussian"))
+    if "group" in cfg.variants:
+        out["full, group-shared head"] = make(True, dataclasses.replace(base.grpo.perturb, name="perlin",
+                                                                        sharing="group"))
+    if "nested" in cfg.variants:
+        out["full, nested heads"] = make(True, dataclasses.replace(base.grpo.perturb, name="perlin",
+                                                                   sharing="nested", heads_per_group=2))
     if "sweep" in cfg.variants:
         for value in cfg.lambdas:
             if value != lam or "full" not in cfg.variants:
@@ -200,9 +219,40 @@ def run_dir(cfg: Config, variant: str, seed: int) -> Path:
     return cfg.output_dir / ("".join(c if c.isalnum() else "_" for c in variant) + f"_seed{seed}")
 
 
+def supervised_baseline(cfg: Config, seed: int, out_dir: Path) -> dict:
+    """Continued diffusion training of the prior on the post-train windows, evaluated like a GRPO run."""
+    import torch
+
+    from tasks.ego_motion.network import load_denoiser
+
+    pre = pretrain.Config(seed=seed, preset="demo", init_from=cfg.base.prior, train_split="post_train",
+                          window_frames=cfg.base.task.window_frames, steps=cfg.supervised_steps,
+                          learning_rate=cfg.supervised_learning_rate, warmup_steps=0, output_dir=out_dir,
+                          eval_windows=0, num_threads=cfg.base.threads or None, resume=True, use_progress_bar=False)
+    record = pretrain.main(pre)
+    torch.set_num_threads(cfg.base.threads or torch.get_num_threads())
+    task = ego.EgoMotionTask(cfg.base.task)
+    base = ego.evaluate_all(task, load_denoiser(cfg.base.prior), cfg.base)
+    post = ego.evaluate_all(task, load_denoiser(out_dir / "denoiser.safetensors"), cfg.base)
+    result = {"base": base[""], "grpo": post[""], "train_seconds": record["train_seconds"],
+              "config": {"supervised": json.loads(json.dumps(dataclasses.asdict(pre), default=str))}}
+    if cfg.base.use_tto:
+        result.update({"base+tto": base["+tto"], "grpo+tto": post["+tto"]})
+    (out_dir / "results.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
 def main(cfg: Config) -> dict:
     runs: dict[str, list[dict]] = {}
-    for name, variant in variant_configs(cfg).items():
+    variants = variant_configs(cfg)
+    if "supervised" in cfg.variants:
+        for seed in cfg.seeds:
+            out_dir = run_dir(cfg, "supervised", seed)
+            result_file = out_dir / "results.json"
+            result = json.loads(result_file.read_text()) if result_file.exists() else supervised_baseline(
+                cfg, seed, out_dir)
+            runs.setdefault("supervised (continued diffusion training)", []).append({**result, "history": {}})
+    for name, variant in variants.items():
         for seed in cfg.seeds:
             out_dir = run_dir(cfg, name, seed)
             seeded = dataclasses.replace(variant.grpo, seed=seed)

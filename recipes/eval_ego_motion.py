@@ -60,8 +60,9 @@ class Config:
     """Denoiser weights written by network.save_denoiser (the config travels in the file)."""
     output_dir: Path = Path("runs/ego_eval")
     """results.json, results.md and the best/worst pictures go here."""
-    split: Literal["train", "test"] = "test"
-    """Windows to evaluate: 'test' is the held-out split."""
+    split: Literal["train", "prior_train", "post_train", "test"] = "test"
+    """Windows to evaluate: 'test' is the held-out split; 'prior_train' the prior's own clips, 'post_train' the
+    clips held out from the prior for GRPO (training splits include their mirrored copies)."""
     seeds: tuple[int, ...] = (0, 1, 2)
     """One full pass per seed; the table reports the mean over windows and seeds, +/- the std over seeds."""
     batch_size: int = 64

@@ -23,7 +23,10 @@ def test_variants_cover_the_paper_rows_without_duplicating_the_full_model(ablati
     variants = ablation.variant_configs(cfg)
     lam = cfg.base.grpo.perturb.scale
     assert list(variants) == ["vanilla", "+visual", f"+Perlin (full, lambda={lam})",
-                              f"full with Gaussian (lambda={lam})", "full, lambda=0.01", "full, lambda=0.1"]
+                              f"full with Gaussian (lambda={lam})", "full, group-shared head", "full, nested heads",
+                              "full, lambda=0.01", "full, lambda=0.1"]
+    assert variants["full, nested heads"].grpo.perturb.sharing == "nested"
+    assert variants["full, group-shared head"].grpo.perturb.sharing == "group"
     assert variants["vanilla"].grpo.perturb.name == "none" and not variants["vanilla"].use_visual_reward
     assert variants["+visual"].use_visual_reward and variants["+visual"].grpo.perturb.name == "none"
     assert variants["full with Gaussian (lambda=0.03)"].grpo.perturb.name == "gaussian"
