@@ -46,6 +46,9 @@ class SamplerConfig:
             raise ValueError(f"sampler.eta must be >= 0, got {self.eta}")
         if self.method in ("ddim", "cps") and self.eta > 1:
             raise ValueError(f"sampler.eta={self.eta} > 1 is undefined for method {self.method!r}; use 0 <= eta <= 1")
+        if self.method != "egoallo" and self.egoallo_denominator_offset != 0.1:
+            raise ValueError("sampler.egoallo_denominator_offset only applies to method 'egoallo'; drop it or pass "
+                             "--grpo.sampler.method egoallo")
         if not math.isfinite(self.egoallo_denominator_offset) or self.egoallo_denominator_offset < 0:
             raise ValueError(f"sampler.egoallo_denominator_offset={self.egoallo_denominator_offset} must be >= 0 "
                              "(EgoAllo uses 0.1)")
@@ -127,6 +130,12 @@ class PerturbConfig:
             raise ValueError(f"perturb.octaves must be >= 1, got {self.octaves}")
         if self.sharing not in ("member", "group", "nested"):
             raise ValueError(f"perturb.sharing={self.sharing!r} is not one of 'member', 'group', 'nested'")
+        if self.name != "perlin" and (self.frequency, self.octaves) != (1.0 / 32.0, 1):
+            raise ValueError("perturb.frequency and perturb.octaves only apply to the perlin perturber; drop them or "
+                             "pass --grpo.perturb.name perlin")
+        if self.name == "none" and self.sharing != "member":
+            raise ValueError(f"perturb.sharing={self.sharing!r} has no effect without a perturbation; drop it or pick "
+                             "--grpo.perturb.name perlin or gaussian")
         if self.sharing == "nested" and self.heads_per_group < 2:
             raise ValueError(f"perturb.heads_per_group={self.heads_per_group} must be >= 2 for sharing 'nested' "
                              "(1 is sharing 'group')")
@@ -160,6 +169,9 @@ class ProbeConfig:
             raise ValueError(f"probe.noises_per_condition={self.noises_per_condition} must be >= 1")
         if self.eval_every < 0:
             raise ValueError(f"probe.eval_every={self.eval_every} must be >= 0 (0 = no probe evaluation)")
+        if self.eval_every == 0 and (self.conditions_per_split, self.noises_per_condition, self.seed) != (16, 4, 4321):
+            raise ValueError("--grpo.probe.* settings were given but probe.eval_every = 0 (no probe evaluation); "
+                             "pass --grpo.probe.eval-every N or drop them")
 
 
 @dataclass(frozen=True)

@@ -87,7 +87,9 @@ class RandomStreams:
     step_noise: torch.Generator
     """The Gaussian draw of every stochastic step."""
     step_selection: torch.Generator
-    """Which steps are trained (``loss.select_steps``) and minibatch order in the update."""
+    """Which steps are trained (``loss.select_steps``)."""
+    minibatch_order: torch.Generator
+    """How the update's terms are shuffled into minibatches."""
 
     @classmethod
     def from_seed(cls, seed: int, process_index: int = 0, device: torch.device | str = "cpu") -> RandomStreams:
@@ -254,8 +256,12 @@ def check_sampler(scheduler, timesteps: Tensor, sampler: SamplerConfig) -> None:
     def first_error(eta: float) -> ValueError | None:
         zeros = torch.zeros(1, 1, dtype=torch.float64)
         for k in range(len(timesteps) - 1):
+            if sampler.eta_at(k) == 0 and sampler.sde_window is not None:
+                eta_k = 0.0  # outside the SDE window the step is deterministic whatever eta is
+            else:
+                eta_k = eta
             try:
-                step_with_logprob(scheduler, zeros, timesteps[k], zeros, eta=eta, prev_sample=zeros,
+                step_with_logprob(scheduler, zeros, timesteps[k], zeros, eta=eta_k, prev_sample=zeros,
                                   next_timestep=timesteps[k + 1], method=sampler.method,
                                   log_prob_reduction=sampler.log_prob_reduction,
                                   egoallo_denominator_offset=sampler.egoallo_denominator_offset)

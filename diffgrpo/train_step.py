@@ -144,8 +144,13 @@ def policy_update(
     accelerator,
     lr_scheduler=None,
     reference: nn.Module | None = None,
+    order_generator: torch.Generator | None = None,
 ) -> dict[str, float]:
     """Alg. 1 lines 7-9: ``cfg.inner_epochs`` x ``cfg.num_minibatches`` optimiser steps on the GRPO surrogate.
+
+    ``generator`` draws the trained steps (``cfg.steps``); ``order_generator`` (default: ``generator``)
+    shuffles the terms into minibatches, so runs that differ only in ``num_minibatches`` train on the
+    same steps.
 
     The rollout batch's terms, one per (micro-batch, trained step), form each epoch; with several
     minibatches they are shuffled (``generator``) and split into ``num_minibatches`` near-equal
@@ -180,7 +185,11 @@ def policy_update(
                                             num_steps=len(steps))  # [M] summed over processes
     rows_list = [rows for rows, kept in zip(rows_list, kept_all.tolist(), strict=True) if kept > 0]
     terms = [(rows, k) for rows in rows_list for k in steps]
-    chunks = minibatch_terms(terms, cfg.inner_epochs, cfg.num_minibatches, generator)  # [E x P] lists of terms
+    if not terms:  # every group of every process dropped (decided alike everywhere): no update this iteration
+        return {"loss/trained_steps": float(len(steps)), "loss/optimizer_steps": 0.0}
+    # Fewer terms than minibatches (micro-batches dropped): one term per optimiser step.
+    chunks = minibatch_terms(terms, cfg.inner_epochs, min(cfg.num_minibatches, len(terms)),
+                             order_generator if order_generator is not None else generator)  # [E x P] term lists
     # Weighted kept samples of each optimiser step over all processes: the normaliser of its mean.
     weighted = [sum(step_weight[k] * int(keep[rows].sum()) for rows, k in chunk) for chunk in chunks]
     totals = weighted_totals_of_all_processes(accelerator, weighted)
@@ -243,7 +252,7 @@ def minibatch_terms(terms: list, epochs: int, num_minibatches: int, generator: t
     ``num_minibatches`` near-equal consecutive parts. Needs num_minibatches <= len(terms)."""
     if num_minibatches > len(terms):
         raise ValueError(f"num_minibatches={num_minibatches} exceeds the {len(terms)} (micro-batch, step) terms of "
-                         "this update; lower --grpo.num-minibatches or raise --grpo.micro-batch-size's count")
+                         "this update; lower --grpo.num-minibatches")
     chunks = []
     for _ in range(epochs):
         order = terms

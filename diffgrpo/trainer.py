@@ -122,6 +122,22 @@ def check_run(task: Task, cfg: GRPOConfig) -> None:
     if cfg.steps.mode == "window" and cfg.steps.window is not None and cfg.steps.window[1] > num_steps:
         raise ValueError(f"steps.window={cfg.steps.window} ends after the chain's K={num_steps} steps; pass "
                          f"--grpo.steps.window START END with 0 <= START < END <= {num_steps}")
+    window = cfg.sampler.sde_window
+    if cfg.steps.mode == "window" and window is not None and not (
+            cfg.steps.window[0] < window[1] and window[0] < cfg.steps.window[1]):
+        raise ValueError(f"steps.window={cfg.steps.window} trains no step of sampler.sde_window={window} (the only "
+                         "stochastic steps); make the windows overlap")
+    if cfg.diagnostics_every and cfg.conditions_per_iteration < 2:
+        raise ValueError("diagnostics_every > 0 compares the gradients of two halves of the groups, so it needs "
+                         "--grpo.conditions-per-iteration >= 2")
+    for split in (cfg.train_split, *(cfg.probe.splits if cfg.probe.eval_every else ())):
+        try:
+            count = task.num_examples(split)
+        except (KeyError, ValueError) as error:
+            raise ValueError(f"the task has no split {split!r} (--grpo.train-split / --grpo.probe.splits): "
+                             f"{error}") from None
+        if split != cfg.train_split and count < 2:
+            raise ValueError(f"probe split {split!r} holds {count} example(s); the probe's interval needs >= 2")
     RewardSet.from_specs(parse_reward_specs(cfg.rewards))  # unknown names raise, listing the known ones
 
 
@@ -142,6 +158,8 @@ def start_run(task: Task, model: nn.Module, cfg: GRPOConfig, *, accelerator, out
     ckpt = None
     if resume and (path := latest_checkpoint(output_dir)) is not None:
         ckpt = load_checkpoint(accelerator, path, model=model, optimizer=optimizer, lr_scheduler=lr_schedule)
+        check_resumable(json.loads(ckpt.meta.get("config", "{}")), json.loads(json.dumps(asdict(cfg), default=str)),
+                        path)
         run.streams.set_state(ckpt.rank_tensors)
         prefix = "probe_baseline."
         baseline = {k[len(prefix):]: v for k, v in ckpt.shared_tensors.items() if k.startswith(prefix)}
@@ -153,6 +171,21 @@ def start_run(task: Task, model: nn.Module, cfg: GRPOConfig, *, accelerator, out
     elif resume:
         logger.info("--resume given but %s holds no checkpoint: starting from scratch", output_dir)
     return run, ckpt
+
+
+RESUMABLE_CHANGES = ("num_iterations", "checkpoint_every")
+"""GRPOConfig fields a resumed run may change (e.g. to extend a finished run); any other change is refused."""
+
+
+def check_resumable(saved: dict, current: dict, path) -> None:
+    """Refuse to continue a checkpoint under a different configuration (it would silently mix two runs)."""
+    if not saved:
+        raise ValueError(f"{path} records no config; it was not written by train_grpo, so it cannot be resumed")
+    changed = {k: (saved.get(k), current[k]) for k in current
+               if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]}
+    if changed:
+        raise ValueError(f"--resume with a different configuration than {path} was written with (saved, now): "
+                         f"{changed}; resume with the same flags, or start a new --output-dir")
 
 
 def iteration_logs(data: RolloutBatch, stats: dict[str, float], lr: float) -> dict[str, float]:
@@ -251,7 +284,8 @@ def train_grpo(
         before = update_diagnostics_before(task, policy, scheduler, data, cfg) if diagnose else None
         stats = policy_update(task, run.model, scheduler, data, run.optimizer, cfg=cfg,       # l.7-9
                               generator=run.streams.step_selection, accelerator=accelerator,
-                              lr_scheduler=run.lr_schedule, reference=run.reference)
+                              lr_scheduler=run.lr_schedule, reference=run.reference,
+                              order_generator=run.streams.minibatch_order)
         if before is not None:
             stats.update(update_diagnostics_after(task, policy, scheduler, data, cfg, before, theta_start))
         if hooks.after_update is not None:                                                   # e.g. a learned reward

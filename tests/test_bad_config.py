@@ -150,3 +150,14 @@ def test_ego_recipe_rejects_grpo_sampler_flags_and_records_the_effective_sampler
     cfg = recipe.Config(task=recipe.EgoMotionTaskConfig(sampler_eta=0.7))
     recorded = cfg.effective()["grpo"]["sampler"]
     assert recorded["method"] == "egoallo" and recorded["eta"] == 0.7  # what the run uses, not SamplerConfig()
+
+
+def test_eta_range_is_checked_on_the_sde_window_steps_only():
+    from diffgrpo.rollout import check_sampler
+    from tasks.ego_motion.motion import sampling_timesteps
+    from tasks.ego_motion.prior import make_scheduler
+
+    chain = sampling_timesteps(10, convention="diffusers")
+    with pytest.raises(ValueError, match="valid range"):
+        check_sampler(make_scheduler(), chain, SamplerConfig(method="egoallo", eta=1.0))  # step 0 cannot take eta 1
+    check_sampler(make_scheduler(), chain, SamplerConfig(method="egoallo", eta=1.0, sde_window=(3, 8)))

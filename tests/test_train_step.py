@@ -208,3 +208,33 @@ def test_perturbation_sharing(sharing):
 def test_nested_sharing_needs_equal_subgroups():
     with pytest.raises(ValueError, match="sub-groups of equal size >= 2"):
         _cfg(group_size=8, perturb=PerturbConfig("perlin", scale=0.1, sharing="nested", heads_per_group=3))
+
+
+def test_update_with_every_group_dropped_takes_no_step_and_does_not_crash():
+    from diffgrpo.advantages import AdvantageConfig
+
+    task, model = ToyTask("ddim"), ToyNet()
+    cfg = _cfg(num_minibatches=4, micro_batch_size=4, advantages=AdvantageConfig(zero_std_policy="drop"))
+    data = collect(task, model, task.make_scheduler(), task.load_examples("train", torch.arange(4)), cfg=cfg,
+                   rewards=RewardSet.from_specs({"toy_closeness": 1.0}), perturber=make_perturber(cfg),
+                   generator=make_generator(0), group_id_offset=0)
+    dropped = dataclasses.replace(data, advantages=dataclasses.replace(
+        data.advantages, mask=torch.zeros_like(data.advantages.mask)))
+    optimizer, _ = make_optimizer(model, cfg)
+    before = _params(model)
+    stats = policy_update(task, model, task.make_scheduler(), dropped, optimizer, cfg=cfg,
+                          generator=make_generator(1), accelerator=Accelerator(cpu=True))
+    assert stats["loss/optimizer_steps"] == 0.0
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_resume_under_another_configuration_is_refused(tmp_path):
+    cfg = _cfg(num_iterations=2, checkpoint_every=1)
+    train_grpo(ToyTask("ddim"), ToyNet(), cfg, accelerator=Accelerator(cpu=True), output_dir=tmp_path, stop_after=1)
+    with pytest.raises(ValueError, match="different configuration.*group_size"):
+        train_grpo(ToyTask("ddim"), ToyNet(), dataclasses.replace(cfg, group_size=2),
+                   accelerator=Accelerator(cpu=True), output_dir=tmp_path, resume=True)
+    longer = dataclasses.replace(cfg, num_iterations=3)  # extending a run is allowed
+    history = train_grpo(ToyTask("ddim"), ToyNet(), longer, accelerator=Accelerator(cpu=True), output_dir=tmp_path,
+                         resume=True)
+    assert len(history["reward/toy_closeness/all"]) == 3
