@@ -32,6 +32,13 @@ class LossConfig:
     depends on whether step log-probs are summed or averaged over dimensions; pick eps for one."""
     kl_coef: float = 0.0
     """Weight beta of the per-step KL to the reference, added to the loss (needs `kl`)."""
+    objective: Literal["ratio", "x0_regression"] = "ratio"
+    """ratio: the GRPO surrogate ratio * A (a score-function estimate: its noise grows with the
+    dimension of each step's Gaussian). x0_regression: advantage-weighted regression of the step's
+    clean-sample prediction onto the chain's own final sample, A_i ||x0_theta(x_k^i) - x0^i||^2 / 2
+    (mean over dimensions); it moves predictions towards the better members of a group and away
+    from the worse ones along the outcomes themselves rather than along the sampling noise (see
+    `advantage_weighted_x0_loss`)."""
     max_log_ratio: float = 20.0
     """Bound B (nats) on each step's log-ratio before exp: log_prob - log_prob_old is clamped to
     [-B, B], and a bounded term carries no gradient (counted in LossStats.bounded_frac). Why: step
@@ -49,6 +56,11 @@ class LossConfig:
                     f"clip_range={self.clip_range!r} gives ratio bounds [{low}, {high}]; expected "
                     "0 <= 1 - eps_low < 1 < 1 + eps_high, i.e. eps (or each of eps_low, eps_high) in (0, 1]"
                 )
+        if self.objective not in ("ratio", "x0_regression"):
+            raise ValueError(f"objective={self.objective!r} is not one of 'ratio', 'x0_regression'")
+        if self.objective == "x0_regression" and (self.kl_coef > 0 or self.clip_range is not None):
+            raise ValueError("objective='x0_regression' has no ratio to clip and no KL term; drop --grpo.loss.kl-coef "
+                             "and --grpo.loss.clip-range, or use objective 'ratio'")
         if not (math.isfinite(self.kl_coef) and self.kl_coef >= 0):
             raise ValueError(f"kl_coef={self.kl_coef!r} must be finite and >= 0")
         if not (math.isfinite(self.max_log_ratio) and self.max_log_ratio > 0):
@@ -278,3 +290,33 @@ def select_steps(
         assert_never(mode)
     device = is_stochastic.device if is_stochastic is not None else torch.device("cpu")
     return selected.to(device)
+
+
+def advantage_weighted_x0_loss(
+    x0_pred: Float[Tensor, "N ..."],
+    x0_final: Float[Tensor, "N ..."],
+    advantages: Float[Tensor, " N"],
+    mask: Bool[Tensor, " N"] | None = None,
+) -> Tensor:
+    """mean over kept samples of A_i * ||x0_pred_i - x0_final_i||^2 / 2, the squared error averaged over dimensions.
+
+    Why: with group-normalised advantages (zero mean within a group) and a state shared by the group
+    (x_T), the gradient is -sum_i A_i x0_final_i . d x0_pred: it points the prediction at the
+    advantage-weighted outcomes of the group, a direction estimated from the samples themselves. The
+    score-function gradient of the ratio objective instead projects each step's Gaussian noise,
+    whose dimension (about 14,000 for a 64-frame motion) swamps the reward's few relevant directions.
+    This is reward-weighted regression (as in RWR / AWR) with signed, group-relative weights;
+    ``x0_final`` and ``advantages`` are constants (detached).
+    """
+    if x0_pred.shape != x0_final.shape or advantages.shape != x0_pred.shape[:1]:
+        raise ValueError(f"x0_pred {tuple(x0_pred.shape)}, x0_final {tuple(x0_final.shape)} and advantages "
+                         f"{tuple(advantages.shape)} must share the leading N (and x0 shapes must match)")
+    n = x0_pred.shape[0]
+    per_sample = 0.5 * (x0_pred.float() - x0_final.detach().float()).square().reshape(n, -1).mean(dim=1)
+    weight = advantages.detach().float()
+    if mask is not None:
+        weight = weight * mask.float()
+        count = mask.sum().clamp(min=1)
+    else:
+        count = torch.tensor(max(n, 1), device=x0_pred.device)
+    return (weight * per_sample).sum() / count

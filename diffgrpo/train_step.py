@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from diffgrpo.advantages import AdvantageResult, compute_advantages, group_diversity
 from diffgrpo.config import GRPOConfig
-from diffgrpo.loss import gaussian_step_kl, grpo_loss, select_steps
+from diffgrpo.loss import advantage_weighted_x0_loss, gaussian_step_kl, grpo_loss, select_steps
 from diffgrpo.perturb import get_perturber
 from diffgrpo.rewards import RewardSet
 from diffgrpo.rollout import RandomStreams, Trajectory, as_streams, group_ids_for, rollout, score_step
@@ -313,5 +313,9 @@ def step_terms_loss(
             ref_mean = score_step(ref_fn, scheduler, traj, step, rows, sampler=cfg.sampler).mean
         kl = gaussian_step_kl(out.mean[:, None], ref_mean[:, None], out.std[:, None],
                               reduction=cfg.sampler.log_prob_reduction)
-    return grpo_loss(out.log_prob[:, None], traj.log_probs[rows, step : step + 1], data.advantages.advantages[rows],
-                     mask=data.advantages.mask[rows], kl=kl, cfg=cfg.loss)
+    loss, stats = grpo_loss(out.log_prob[:, None], traj.log_probs[rows, step : step + 1],
+                            data.advantages.advantages[rows], mask=data.advantages.mask[rows], kl=kl, cfg=cfg.loss)
+    if cfg.loss.objective == "x0_regression":  # the ratio stats are still reported; the gradient is the regression's
+        loss = advantage_weighted_x0_loss(out.x0_pred, traj.samples[rows], data.advantages.advantages[rows],
+                                          data.advantages.mask[rows])
+    return loss, stats

@@ -52,10 +52,22 @@ class Config:
     """Record name in --output."""
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     """One draw of conditions and two independent rollouts per seed."""
+    shuffle_advantages: bool = False
+    """Null control: permute the advantages within each group before taking gradients. A cosine that stays
+    high without the reward's information measures a bias of the objective, not signal."""
     output: Path = Path("runs/grad_signal.json")
     threads: int = 1
     job: main_job.Config = field(default_factory=main_job.Config)
     """The main job's config (prior, task, rollout steps, SDE window, GRPO settings) under --job.*"""
+
+
+def shuffled_within_groups(data, generator: torch.Generator):
+    """The rollout with each group's advantages randomly permuted among its members (the null control)."""
+    adv = data.advantages.advantages.clone()
+    for group in torch.unique(data.trajectory.group_ids):
+        rows = (data.trajectory.group_ids == group).nonzero().flatten()
+        adv[rows] = adv[rows[torch.randperm(len(rows), generator=generator)]]
+    return dataclasses.replace(data, advantages=dataclasses.replace(data.advantages, advantages=adv))
 
 
 def main(cfg: Config) -> dict:
@@ -80,6 +92,8 @@ def main(cfg: Config) -> dict:
         for draw in (0, 1):
             data = collect(rollout_task, model, scheduler, batch, cfg=grpo, rewards=rewards, perturber=perturber,
                            generator=RandomStreams.from_seed(1000 * seed + draw), group_id_offset=0)
+            if cfg.shuffle_advantages:
+                data = shuffled_within_groups(data, torch.Generator().manual_seed(1000 * seed + draw))
             trained = select_steps(data.trajectory.num_steps, grpo.steps.mode, fraction=grpo.steps.fraction,
                                    window=grpo.steps.window, generator=torch.Generator().manual_seed(seed),
                                    is_stochastic=data.trajectory.is_stochastic.cpu())

@@ -216,3 +216,21 @@ def test_select_steps_modes_exclude_deterministic_steps():
         select_steps(10, "random_fraction", fraction=0.5)
     with pytest.raises(ValueError, match="window"):
         select_steps(10, "window", window=(5, 11))
+
+
+def test_advantage_weighted_x0_loss_matches_hand_computation_and_points_at_the_better_samples():
+    from diffgrpo.loss import advantage_weighted_x0_loss
+
+    x0_final = torch.tensor([[1.0, 3.0], [-1.0, 1.0], [0.0, 0.0]])
+    advantages = torch.tensor([1.0, -1.0, 0.5])
+    pred = torch.zeros(3, 2, requires_grad=True)  # a state shared by the group: one prediction for all
+    loss = advantage_weighted_x0_loss(pred, x0_final, advantages, mask=torch.tensor([True, True, False]))
+    # kept rows 0, 1: (1 * (1 + 9) / 2 / 2 - 1 * (1 + 1) / 2 / 2) / 2
+    assert float(loss) == pytest.approx((1.0 * 10 / 4 - 1.0 * 2 / 4) / 2)
+    loss.backward()
+    # d/dpred_i = A_i (pred_i - x0_i) / (2 dims x 2 kept): descent moves row 0 towards its sample, row 1 away
+    assert torch.allclose(pred.grad, torch.tensor([[-0.25, -0.75], [-0.25, 0.25], [0.0, 0.0]]))
+    with pytest.raises(ValueError, match="must share the leading N"):
+        advantage_weighted_x0_loss(pred, x0_final[:2], advantages)
+    with pytest.raises(ValueError, match="no ratio to clip"):
+        LossConfig(objective="x0_regression", clip_range=0.2)
