@@ -60,6 +60,7 @@ def default_grpo() -> GRPOConfig:
         optim=OptimConfig(learning_rate=2e-5, warmup_steps=0),
         rewards=("ego_rot", "ego_pos", "ego_pa_pos", "ego_vel"),
         checkpoint_every=5,
+        diagnostics_every=10,
         train_split="post_train",
         probe=ProbeConfig(splits=("post_train", "test"), conditions_per_split=16, noises_per_condition=4,
                           eval_every=10),

@@ -56,6 +56,8 @@ class Config:
     """Null control: permute the advantages within each group before taking gradients. A cosine that stays
     high without the reward's information measures a bias of the objective, not signal."""
     output: Path = Path("runs/grad_signal.json")
+    table_output: Path | None = None
+    """Also write every record of --output as a markdown table here (e.g. docs/grad_signal.md)."""
     threads: int = 1
     job: main_job.Config = field(default_factory=main_job.Config)
     """The main job's config (prior, task, rollout steps, SDE window, GRPO settings) under --job.*"""
@@ -116,10 +118,26 @@ def main(cfg: Config) -> dict:
     records[cfg.name] = record
     cfg.output.parent.mkdir(parents=True, exist_ok=True)
     cfg.output.write_text(json.dumps(records, indent=2))
+    print(table_row(record))
+    if cfg.table_output is not None:
+        cfg.table_output.parent.mkdir(parents=True, exist_ok=True)
+        cfg.table_output.write_text(render_table(records, cfg.output))
+    return record
+
+
+def table_row(record: dict) -> str:
+    summary = record["cosine"]
     row = " | ".join(f"{summary[b]['mean']:+.3f} ± {summary[b]['std']:.3f}" if b in summary else "-"
                      for b in ("all", *STEP_BUCKETS))
-    print(f"| {cfg.name} | {row} |")
-    return record
+    return f"| {record['name']} | {row} | {len(record['seeds'])} |"
+
+
+def render_table(records: dict[str, dict], source: Path) -> str:
+    """Markdown table of every record (mean ± std over seeds of the same-condition gradient cosine)."""
+    head = ("| variant | all trained steps | early third | middle third | late third | seeds |\n"
+            "|---|---:|---:|---:|---:|---:|\n")
+    return (f"Same-condition gradient cosine, written from `{source}` by `recipes/grad_signal_ego_motion.py`.\n\n"
+            + head + "\n".join(table_row(r) for r in records.values()) + "\n")
 
 
 if __name__ == "__main__":
