@@ -161,3 +161,19 @@ def test_eta_range_is_checked_on_the_sde_window_steps_only():
     with pytest.raises(ValueError, match="valid range"):
         check_sampler(make_scheduler(), chain, SamplerConfig(method="egoallo", eta=1.0))  # step 0 cannot take eta 1
     check_sampler(make_scheduler(), chain, SamplerConfig(method="egoallo", eta=1.0, sde_window=(3, 8)))
+
+
+def test_probe_and_train_splits_are_checked_at_start_up():
+    from diffgrpo.config import ProbeConfig
+    from diffgrpo.trainer import check_run
+
+    task = ToyTask()
+    with pytest.raises(ValueError, match="no split 'post_train'"):
+        check_run(task, GRPOConfig(rewards=("toy_closeness",), train_split="post_train"))
+    probe = ProbeConfig(splits=("train", "validation"), eval_every=5)
+    with pytest.raises(ValueError, match="no split 'validation'"):
+        check_run(task, GRPOConfig(rewards=("toy_closeness",), probe=probe))
+    with pytest.raises(ValueError, match="conditions-per-iteration >= 2"):
+        check_run(task, GRPOConfig(rewards=("toy_closeness",), conditions_per_iteration=1, diagnostics_every=1))
+    with pytest.raises(ValueError, match="probe.eval_every = 0"):
+        ProbeConfig(conditions_per_split=8)
