@@ -44,9 +44,10 @@ def evaluate_probe(
     rewards: RewardSet | None = None,
     micro_batch_size: int | None = None,
     device: torch.device | str = "cpu",
-) -> dict[str, Float[Tensor, "C M"]]:
+) -> dict[str, Tensor]:
     """Every sub-reward (``reward/<split>/<name>``), their weighted sum (``reward/<split>/total``) and
-    every task metric (``metric/<split>/<name>``) on the probe set, shaped (C, M) per split.
+    every task metric (``metric/<split>/<name>``) on the probe set, shaped (C, M) per split (C may be
+    smaller for a split with fewer than ``conditions_per_split`` examples).
 
     Deterministic: two calls with equal weights return equal tensors (same conditions, x_T and step
     noise). The model is put in eval mode and restored.
