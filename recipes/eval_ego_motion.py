@@ -244,6 +244,22 @@ def run_eval(cfg: Config) -> dict:
     return results
 
 
+SPLIT_COLUMNS = ("mpjpe_mm", "pa_mpjpe_mm", "mpjve_mm_per_s", "mpjre_deg", "jitter_m_per_s3", "foot_skating_m")
+
+
+def splits_table(result_files: list[Path]) -> str:
+    """One row per evaluated split (the base rows of several results.json files): how far the prior is
+    from its own training clips, the clips held out for post-training, and the test clips."""
+    lines = ["| split | windows | " + " | ".join(f"{m} ({METRIC_UNITS[m]})" for m in SPLIT_COLUMNS) + " |",
+             "|---|---:|" + "---:|" * len(SPLIT_COLUMNS)]
+    for path in result_files:
+        record = json.loads(Path(path).read_text())
+        base = record["metrics"]["base"]
+        lines.append(f"| {record['split']} | {record['num_windows']} | " + " | ".join(
+            f"{base[m]['mean']:.{3 if m == 'foot_skating_m' else 1}f}" for m in SPLIT_COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(cfg: Config) -> dict:
     start = time.perf_counter()
     results = run_eval(cfg)
