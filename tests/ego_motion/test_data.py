@@ -352,3 +352,32 @@ def test_get_equals_torch_formatted_dataset_rows_across_chunks(moving):
         assert value.dtype == ref[name].dtype and torch.equal(value, ref[name]), name
     with pytest.raises(IndexError, match="window indices"):
         windows.get([len(windows)])
+
+
+def test_three_way_split_is_clip_disjoint_and_post_train_is_held_out_of_the_prior():
+    from tasks.ego_motion.data import DataSource
+
+    source = DataSource()
+    files = {split: {p.stem for p in source.files(split)} for split in ("train", "prior_train", "post_train", "test")}
+    assert files["prior_train"] | files["post_train"] == files["train"]
+    assert not files["prior_train"] & files["post_train"] and not files["train"] & files["test"]
+    assert len(files["post_train"]) == 14 and len(files["test"]) == 13
+    # The same CMU trial on both rigs stays on one side.
+    assert ("001_01" in files["prior_train"]) == ("001_01_orig" in files["prior_train"])
+
+
+def test_split_file_without_post_train_names_the_fix(tmp_path):
+    import json
+
+    from tasks.ego_motion.data import BUNDLED_CMU_DIR, DataSource
+
+    split = json.loads((BUNDLED_CMU_DIR.parent / "split.json").read_text())
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps({"train": split["train"], "test": split["test"]}))
+    source = DataSource(split_file=path)
+    assert len(source.files("train")) == 52
+    with pytest.raises(ValueError, match="no 'post_train' list"):
+        source.files("post_train")
+    path.write_text(json.dumps({"train": split["train"][:3], "post_train": split["test"][:1], "test": split["test"]}))
+    with pytest.raises(ValueError, match="must also be listed under 'train'"):
+        source.files("prior_train")

@@ -179,6 +179,10 @@ def test_eval_recipe_runs_end_to_end_on_a_tiny_model(tmp_path, cache_dir, model)
         assert (tmp_path / "eval" / f"{label}_window.png").stat().st_size > 0
         assert (tmp_path / "eval" / f"{label}_window.gif").stat().st_size > 0
     assert written["pictures"]["best"]["mpjpe_mm"] <= written["pictures"]["worst"]["mpjpe_mm"]
+    # The table of several splits reads the base rows back (here the same file twice).
+    table = recipe.splits_table([tmp_path / "eval" / "results.json"] * 2).splitlines()
+    mpjpe = written["metrics"]["base"]["mpjpe_mm"]["mean"]
+    assert len(table) == 4 and table[2].startswith("| test | 2 | ") and f"{mpjpe:.1f}" in table[2]
 
 
 def test_clip_batch_is_aligned_like_the_windows_cut_from_the_same_clip(task):
