@@ -23,8 +23,10 @@ def tiny(tmp_path_factory):
     save_denoiser(prior, MotionDenoiser(dataclasses.replace(DenoiserConfig.demo(), width=32, ff_dim=64,
                                                             num_encoder_layers=1, num_decoder_layers=1)))
     task = recipe.EgoMotionTaskConfig(window_frames=32)
+    probe = recipe.ProbeConfig(splits=("post_train", "test"), conditions_per_split=2, noises_per_condition=1,
+                               eval_every=1)
     grpo = dataclasses.replace(recipe.default_grpo(), num_iterations=2, conditions_per_iteration=2, group_size=3,
-                               micro_batch_size=6, checkpoint_every=1)
+                               micro_batch_size=6, checkpoint_every=1, probe=probe, diagnostics_every=1)
     perceptual = dataclasses.replace(recipe.PerceptualConfig(), width=16, num_blocks=1, ff_dim=32)
     cfg = recipe.Config(output_dir=root / "straight", prior=prior, eval_max_windows=2, use_tto=False,
                         task=task, grpo=grpo, perceptual=perceptual)
@@ -38,6 +40,10 @@ def test_one_run_writes_every_result(tiny):
     assert set(on_disk["base"]) == set(on_disk["grpo"]) == set(recipe.METRIC_UNITS)
     assert all(torch.isfinite(torch.tensor(list(on_disk["grpo"].values()))))
     assert on_disk["config"]["grpo"]["group_size"] == 3
+    assert on_disk["config"]["grpo"]["sampler"]["method"] == "egoallo"  # the sampler the run really used
+    history = json.loads((cfg.output_dir / "history.json").read_text())
+    assert history["probe/iteration"] == [0.0, 1.0, 2.0] and "probe_diff/metric/test/mpjpe_mm/ci_low" in history
+    assert len(history["grad/cos_halves"]) == 2 and "perceptual/loss" in history
     assert results["grpo"] == on_disk["grpo"]
     assert (cfg.output_dir / "results.md").exists() and (cfg.output_dir / "curves.png").stat().st_size > 1000
 
