@@ -27,7 +27,7 @@ from diffgrpo.config import GRPOConfig
 from diffgrpo.loss import gaussian_step_kl
 from diffgrpo.rollout import score_step
 from diffgrpo.task import Task
-from diffgrpo.train_step import RolloutBatch, model_fn_for, step_terms_loss
+from diffgrpo.train_step import RolloutBatch, model_fn_for, step_terms_loss, step_weights
 
 STEP_BUCKETS = ("early", "middle", "late")
 
@@ -93,7 +93,8 @@ def gradient_agreement(
 ) -> dict[str, float]:
     """Cosine between the gradients of the first and second half of the groups, overall and per step
     bucket, and the norm of each step's gradient (whole batch). Keys ``grad/cos_halves[/<bucket>]``,
-    ``grad/norm/step_<k>``."""
+    ``grad/norm/step_<k>``. Steps are weighted as the update weighs them (``cfg.step_weighting``);
+    every step in ``steps`` is included, whatever ``cfg.steps`` selects in a given update."""
     group_ids = data.trajectory.group_ids
     unique = torch.unique(group_ids)
     if unique.numel() < 2:
@@ -103,11 +104,12 @@ def gradient_agreement(
     halves = policy_gradients(task, model, scheduler, data, cfg=cfg, row_sets=row_sets, steps=steps)
     logs: dict[str, float] = {}
     num_steps = data.trajectory.num_steps
+    weight = step_weights(data.trajectory, list(steps), cfg.step_weighting)  # as the update weighs its steps
     for bucket, members in {"all": list(steps), **step_buckets(steps, num_steps)}.items():
         if not members:
             continue
-        a = torch.stack([halves[0][k] for k in members]).mean(0)
-        b = torch.stack([halves[1][k] for k in members]).mean(0)
+        a = sum(weight[k] * halves[0][k] for k in members)
+        b = sum(weight[k] * halves[1][k] for k in members)
         logs["grad/cos_halves" + ("" if bucket == "all" else f"/{bucket}")] = cosine(a, b)
     for k in steps:
         # mean of the two halves' gradients (each averaged over its own rows) ~ the whole batch's
