@@ -233,7 +233,8 @@ def score_step(
     )
 
 
-def check_sampler(scheduler, timesteps: Tensor, sampler: SamplerConfig) -> None:
+def check_sampler(scheduler, timesteps: Tensor, sampler: SamplerConfig, *,
+                  eta_flag: str = "--grpo.sampler.eta") -> None:
     """Raise now, before any data or model work, if a step of the chain is undefined for ``sampler``.
 
     Why: an eta too large for the schedule (e.g. EgoAllo's step above ~0.97 on the ego-motion chain),
@@ -241,7 +242,7 @@ def check_sampler(scheduler, timesteps: Tensor, sampler: SamplerConfig) -> None:
     fail at the first rollout step, minutes into a run. Every step (t_k, t_{k+1}) is taken once on a
     one-element dummy sample with a zero model output: the same code path the rollout runs, so the
     same errors, at no cost. For an eta-dependent failure the message gives the largest eta that
-    passes (to 1e-3).
+    passes (to 1e-3) and names ``eta_flag``, the flag that sets it in the caller's recipe.
     """
     timesteps = torch.as_tensor(timesteps)
     if timesteps.ndim != 1 or len(timesteps) < 2:
@@ -278,6 +279,6 @@ def check_sampler(scheduler, timesteps: Tensor, sampler: SamplerConfig) -> None:
             mid = 0.5 * (low + high)
             low, high = (mid, high) if first_error(mid) is None else (low, mid)
         raise ValueError(f"sampler.eta={sampler.eta} is too large for method {sampler.method!r} on this schedule: "
-                         f"valid range 0 <= eta <= {low:.3f}. Lower --grpo.sampler.eta (or the task's eta flag). "
+                         f"valid range 0 <= eta <= {low:.3f}. Lower {eta_flag}. "
                          f"First failing {error}") from None
     raise error

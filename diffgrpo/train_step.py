@@ -153,7 +153,7 @@ def policy_update(
     same steps.
 
     The rollout batch's terms, one per (micro-batch, trained step), form each epoch; with several
-    minibatches they are shuffled (``generator``) and split into ``num_minibatches`` near-equal
+    minibatches they are shuffled (``order_generator``) and split into ``num_minibatches`` near-equal
     parts, one optimiser step each. The first optimiser step is exactly on-policy (ratio 1, logged
     as ``loss/on_policy_ratio_max_dev``); later ones re-score stored steps under moved weights.
     DDP gradient synchronisation happens only on the last backward of each optimiser step.

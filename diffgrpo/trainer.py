@@ -256,18 +256,18 @@ def train_grpo(
     run, ckpt = start_run(task, model, cfg, accelerator=accelerator, output_dir=output_dir, resume=resume)
     if ckpt is not None and hooks.load_shared_state is not None:
         hooks.load_shared_state(ckpt)
+    policy = accelerator.unwrap_model(run.model)  # the module itself (DDP shares its parameters)
     every = cfg.probe.eval_every
 
     def probe(done: int) -> None:
-        values = evaluate_probe(probe_task, accelerator.unwrap_model(run.model), probe_task.make_scheduler(),
-                                cfg.probe, sampler=probe_sampler, rewards=probe_rewards,
+        values = evaluate_probe(probe_task, policy, probe_task.make_scheduler(), cfg.probe, sampler=probe_sampler,
+                                rewards=probe_rewards,
                                 micro_batch_size=cfg.micro_batch_size, device=accelerator.device)
         logs = run.log_probe(done, values)
         accelerator.log({k: v for k, v in logs.items() if "/ci_" not in k}, step=done)
 
     if every and run.start == 0:
         probe(0)
-    policy = accelerator.unwrap_model(run.model)
     theta_start = parameter_vector(policy) if cfg.diagnostics_every else None
     end = cfg.num_iterations if stop_after is None else min(cfg.num_iterations, run.start + stop_after)
     bar = tqdm(range(run.start, end), desc="GRPO", disable=not accelerator.is_main_process, initial=run.start,
@@ -276,7 +276,7 @@ def train_grpo(
         tick = time.perf_counter()
         indices = run.stream.next(cfg.conditions_per_iteration)                                # Alg. 1 l.3
         batch = batch_to(task.load_examples(cfg.train_split, indices), accelerator.device)
-        data = collect(task, accelerator.unwrap_model(run.model), scheduler, batch, cfg=cfg,  # l.4-6
+        data = collect(task, policy, scheduler, batch, cfg=cfg,                               # l.4-6
                        rewards=rewards, perturber=perturber, generator=run.streams,
                        group_id_offset=group_id_offset(it, rank, world, cfg.conditions_per_iteration),
                        autocast=accelerator.autocast)

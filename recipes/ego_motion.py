@@ -135,6 +135,13 @@ class Config:
         return dataclasses.replace(self.grpo, sampler=dataclasses.replace(self.task.sampler_config(),
                                                                           sde_window=self.sde_window))
 
+    def rollout_task(self, task: EgoMotionTask) -> EgoMotionTask:
+        """The task the rollouts run on: ``task`` itself, or a copy with ``rollout_sampling_steps`` (shared body)."""
+        if self.rollout_sampling_steps is None:
+            return task
+        return EgoMotionTask(dataclasses.replace(self.task, num_sampling_steps=self.rollout_sampling_steps),
+                             body=task.body)
+
     def effective(self) -> dict:
         """This config as JSON-able data, with every value the run really uses (results.json, checkpoints)."""
         values = dataclasses.asdict(self)
@@ -184,8 +191,7 @@ def main(cfg: Config) -> dict:
     accelerator = make_accelerator(cfg.output_dir, mixed_precision=cfg.grpo.mixed_precision)
     accelerator.init_trackers("ego_motion", config={"seed": cfg.grpo.seed})
     task = EgoMotionTask(cfg.task)  # evaluation chain (EgoAllo's sampler, K = --task.num-sampling-steps)
-    rollout_task = task if cfg.rollout_sampling_steps is None else EgoMotionTask(
-        dataclasses.replace(cfg.task, num_sampling_steps=cfg.rollout_sampling_steps), body=task.body)
+    rollout_task = cfg.rollout_task(task)
     grpo = cfg.effective_grpo()
     check_run(rollout_task, grpo)  # before any data loading or evaluation
     model = load_denoiser(cfg.prior, device=accelerator.device)

@@ -76,8 +76,7 @@ def main(cfg: Config) -> dict:
     torch.set_num_threads(cfg.threads)
     job = cfg.job
     task = EgoMotionTask(job.task)
-    rollout_task = task if job.rollout_sampling_steps is None else EgoMotionTask(
-        dataclasses.replace(job.task, num_sampling_steps=job.rollout_sampling_steps), body=task.body)
+    rollout_task = job.rollout_task(task)
     grpo = job.effective_grpo()
     check_run(rollout_task, grpo)
     model = load_denoiser(job.prior)

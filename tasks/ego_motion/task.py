@@ -115,10 +115,9 @@ class EgoMotionTaskConfig:
             raise ValueError(f"sampler_eta={self.sampler_eta} must be >= 0 (0 = deterministic DDIM-like chain).")
         try:  # the eta range depends on the chain: check it now, not at the first rollout step
             check_sampler(make_scheduler(), sampling_timesteps(self.num_sampling_steps, convention="diffusers"),
-                          self.sampler_config())
+                          self.sampler_config(), eta_flag="--task.sampler-eta")
         except ValueError as error:
-            raise ValueError(f"--task.sampler-eta {self.sampler_eta}: {error}".replace(
-                "--grpo.sampler.eta (or the task's eta flag)", "--task.sampler-eta")) from None
+            raise ValueError(f"--task.sampler-eta {self.sampler_eta}: {error}") from None
 
     def window_config(self) -> WindowConfig:
         return WindowConfig(window_frames=self.window_frames, train_stride_frames=self.train_stride_frames,
