@@ -14,6 +14,8 @@ group, update the policy, then train the perceptual model on this iteration's ha
     accelerate launch recipes/ego_motion.py                               # the main job
     accelerate launch recipes/ego_motion.py --resume                      # continue a killed run
     accelerate launch --multi_gpu --num_processes 2 recipes/ego_motion.py # two ranks (CPU or GPU)
+    accelerate launch recipes/ego_motion.py --prior egoallo_checkpoint_april13 --task.include-hands  # EgoAllo's
+                                          # released prior on AMASS: docs/egoallo_checkpoint.md has the flags
 
 Writes into ``--output-dir``: results.json ({"base", "grpo", "base+tto", "grpo+tto", "config"}),
 results.md, curves.png (sub-rewards, group std per sub-reward, zero-std fraction, diversity),
@@ -41,6 +43,7 @@ from diffgrpo.plots import plot_history
 from diffgrpo.rewards import RewardSet, RewardSpec
 from diffgrpo.train_step import RolloutBatch
 from diffgrpo.trainer import LoopHooks, check_run, parse_reward_specs, train_grpo
+from tasks.ego_motion.egoallo_checkpoint import find_checkpoint_files
 from tasks.ego_motion.network import load_denoiser
 from tasks.ego_motion.perceptual import PerceptualConfig, PerceptualTrainer
 from tasks.ego_motion.sampling import evaluate_windows
@@ -73,7 +76,8 @@ class Config:
 
     output_dir: Path = Path("runs/ego_motion")
     prior: Path = DEMO_PRIOR_PATH
-    """Denoiser weights (safetensors with its config), e.g. from recipes/pretrain_ego_motion.py."""
+    """The prior to post-train: a denoiser .safetensors with its config (recipes/pretrain_ego_motion.py), or
+    EgoAllo's released checkpoint folder (model_config.yaml + checkpoints_<N>/; docs/egoallo_checkpoint.md)."""
     resume: bool = False
     """Continue from the newest checkpoint in output_dir."""
     use_visual_reward: bool = True
@@ -126,9 +130,12 @@ class Config:
             raise ValueError(f"eval_max_windows={self.eval_max_windows} must be >= 1 or unset (all windows)")
         if self.threads < 0:
             raise ValueError(f"threads={self.threads} must be >= 0 (0 = torch's default)")
-        if not Path(self.prior).is_file():
+        if Path(self.prior).is_dir():
+            find_checkpoint_files(self.prior)  # raises naming the missing file before any data or model work
+        elif not Path(self.prior).is_file():
             raise FileNotFoundError(f"prior {self.prior} does not exist; pass --prior PATH to a denoiser written by "
-                                    "recipes/pretrain_ego_motion.py (default: the shipped demo prior)")
+                                    "recipes/pretrain_ego_motion.py or to EgoAllo's checkpoint folder (default: the "
+                                    "shipped demo prior)")
 
     def effective_grpo(self) -> GRPOConfig:
         """The GRPO config the run really uses: ``grpo`` with the task's sampler and the rollout SDE window."""
@@ -195,6 +202,9 @@ def main(cfg: Config) -> dict:
     grpo = cfg.effective_grpo()
     check_run(rollout_task, grpo)  # before any data loading or evaluation
     model = load_denoiser(cfg.prior, device=accelerator.device)
+    if model.config.include_hands != cfg.task.include_hands:
+        raise ValueError(f"the prior {cfg.prior} has include_hands={model.config.include_hands} but the task "
+                         f"{cfg.task.include_hands}; pass --task.include-hands {model.config.include_hands}.")
     perceptual = (PerceptualTrainer(cfg.perceptual, device=accelerator.device, accelerator=accelerator)
                   if cfg.use_visual_reward else None)
     joint_rewards = [RewardSpec(name, weight) for name, weight in parse_reward_specs(grpo.rewards).items()]

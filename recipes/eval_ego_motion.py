@@ -1,7 +1,9 @@
 """Held-out evaluation of an ego-motion prior: every metric, with and without test-time optimisation.
 
     python recipes/eval_ego_motion.py                                     # the shipped demo prior
-    python recipes/eval_ego_motion.py --checkpoint runs/ego_prior/prior.safetensors --seeds 0 1 2 3 4
+    python recipes/eval_ego_motion.py --prior runs/ego_prior/denoiser.safetensors --seeds 0 1 2 3 4
+    python recipes/eval_ego_motion.py --prior egoallo_checkpoint_april13 --task.include-hands ...  # EgoAllo's
+                                          # released prior on AMASS: docs/egoallo_checkpoint.md has the flags
 
 Steps (one visible loop):
 1. For each seed, sample every test window once (EgoAllo's sampler through the core rollout,
@@ -56,8 +58,12 @@ ROW_TITLES = {"base": "prior", "tto": "prior + TTO", "ground_truth": "ground tru
 class Config:
     """Evaluate a prior on the held-out windows (and optionally whole clips)."""
 
-    checkpoint: Path = DEMO_PRIOR_PATH
-    """Denoiser weights written by network.save_denoiser (the config travels in the file)."""
+    prior: Path = DEMO_PRIOR_PATH
+    """The prior to evaluate: a denoiser .safetensors written by network.save_denoiser (the config travels in the
+    file), or EgoAllo's released checkpoint folder (model_config.yaml + checkpoints_<N>/, see
+    docs/egoallo_checkpoint.md)."""
+    checkpoint: Path | None = None
+    """Deprecated alias of --prior (the flag's former name)."""
     output_dir: Path = Path("runs/ego_eval")
     """results.json, results.md and the best/worst pictures go here."""
     split: Literal["train", "prior_train", "post_train", "test"] = "test"
@@ -84,6 +90,12 @@ class Config:
     task: EgoMotionTaskConfig = field(default_factory=EgoMotionTaskConfig)
 
     def __post_init__(self) -> None:
+        if self.checkpoint is not None:  # the deprecated alias: fold it into --prior
+            if self.prior != DEMO_PRIOR_PATH and Path(self.prior) != Path(self.checkpoint):
+                raise ValueError(f"--checkpoint {self.checkpoint} and --prior {self.prior} disagree; --checkpoint is "
+                                 "the deprecated name of --prior, pass only --prior.")
+            object.__setattr__(self, "prior", self.checkpoint)
+            object.__setattr__(self, "checkpoint", None)
         if not self.seeds:
             raise ValueError("no seeds: pass at least one, e.g. --seeds 0.")
         if self.batch_size < 1:
@@ -164,13 +176,13 @@ def evaluate_clips(task: EgoMotionTask, model, cfg: Config) -> dict[str, list[di
 
 def run_eval(cfg: Config) -> dict:
     """Evaluate, write results.json / results.md (and pictures) into cfg.output_dir; returns the results."""
-    if not cfg.checkpoint.exists():
-        raise FileNotFoundError(f"no prior at {cfg.checkpoint}; train one with recipes/pretrain_ego_motion.py "
-                                "or pass --checkpoint PATH.")
+    if not cfg.prior.exists():
+        raise FileNotFoundError(f"no prior at {cfg.prior}; train one with recipes/pretrain_ego_motion.py "
+                                "or pass --prior PATH (a .safetensors or EgoAllo's checkpoint folder).")
     torch.set_num_threads(cfg.num_threads)
-    model = load_denoiser(cfg.checkpoint).eval()
+    model = load_denoiser(cfg.prior).eval()
     if model.config.include_hands != cfg.task.include_hands:
-        raise ValueError(f"the checkpoint has include_hands={model.config.include_hands} but the task "
+        raise ValueError(f"the prior has include_hands={model.config.include_hands} but the task "
                          f"{cfg.task.include_hands}; pass --task.include-hands {model.config.include_hands}.")
     task = EgoMotionTask(cfg.task)
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
@@ -201,7 +213,7 @@ def run_eval(cfg: Config) -> dict:
         "network_calls_per_motion": task.cfg.num_sampling_steps,
     }
     results: dict = {
-        "checkpoint": str(cfg.checkpoint),
+        "checkpoint": str(cfg.prior),
         "split": cfg.split,
         "num_windows": num_windows,
         "window_frames": task.cfg.window_frames,
@@ -224,7 +236,7 @@ def run_eval(cfg: Config) -> dict:
     sampler = task.sampler_config()
     md = [
         "# Ego-motion evaluation\n",
-        f"Checkpoint `{cfg.checkpoint}`, split `{cfg.split}`: {num_windows} windows x {task.cfg.window_frames} "
+        f"Prior `{cfg.prior}`, split `{cfg.split}`: {num_windows} windows x {task.cfg.window_frames} "
         f"frames at 30 fps; seeds {list(cfg.seeds)}; sampler `{sampler.method}` (eta {sampler.eta}, "
         f"offset {sampler.egoallo_denominator_offset}), {task.cfg.num_sampling_steps} steps; TTO "
         f"{cfg.tto.optimizer} x {cfg.tto.num_iterations}. Values: mean over windows"

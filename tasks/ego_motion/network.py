@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from typing_extensions import assert_never
 
+from tasks.ego_motion.egoallo_checkpoint import EgoAlloDenoiser, load_egoallo_denoiser
 from tasks.ego_motion.motion import modality_slices, motion_dim
 
 NormPlacement = Literal["post", "pre"]
@@ -367,11 +368,19 @@ def save_denoiser(path: str | Path, model: MotionDenoiser) -> None:
     save_file(tensors, str(path), metadata={_CONFIG_METADATA_KEY: json.dumps(model.config.to_dict())})
 
 
-def load_denoiser(path: str | Path, device: torch.device | str = "cpu") -> MotionDenoiser:
-    """Rebuild a :class:`MotionDenoiser` from a file written by :func:`save_denoiser`."""
+def load_denoiser(path: str | Path, device: torch.device | str = "cpu") -> MotionDenoiser | EgoAlloDenoiser:
+    """Rebuild a prior: a file written by :func:`save_denoiser`, or EgoAllo's released checkpoint folder.
+
+    A folder (``model_config.yaml`` + ``checkpoints_<N>/model.safetensors``) goes to
+    :func:`~tasks.ego_motion.egoallo_checkpoint.load_egoallo_denoiser` (docs/egoallo_checkpoint.md);
+    both models take ``(x_t, t, cond)`` with diffusers timestep indices and have ``config.include_hands``.
+    """
+    if Path(path).is_dir():
+        return load_egoallo_denoiser(path, device)
     if not Path(path).is_file():
-        raise FileNotFoundError(f"no denoiser weights at {path}; train them with recipes/pretrain_ego_motion.py "
-                                "or use the shipped tasks/ego_motion/assets/demo_prior.safetensors")
+        raise FileNotFoundError(f"no denoiser weights at {path}; train them with recipes/pretrain_ego_motion.py, "
+                                "use the shipped tasks/ego_motion/assets/demo_prior.safetensors, or pass EgoAllo's "
+                                "checkpoint folder")
     with safe_open(str(path), framework="pt", device="cpu") as f:  # then .to(device): safetensors rejects 'cpu:0'
         metadata = f.metadata() or {}
         if _CONFIG_METADATA_KEY not in metadata:

@@ -502,3 +502,70 @@ class PerceptualTrainer:
             opt_state.setdefault(int(param_id), {}).update(extra)
         self.optimizer.load_state_dict({"state": opt_state, "param_groups": meta["optimizer"]["param_groups"]})
         self.num_steps = int(meta["num_steps"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The frozen alignment guard (RLPF, arXiv 2506.12769): the critic warmed up before GRPO, then fixed
+
+
+def yaw_free_head_frame(T_world_cpf: Float[Tensor, "N 4 4"]) -> Float[Tensor, "N 4 4"]:
+    """The head's ground frame: rotation Rz(psi) (psi = yaw of the CPF's forward axis, local +Z) and
+    translation (x, y, 0) of the CPF; world metres, +Z up."""
+    forward = T_world_cpf[..., :3, 2]
+    out = torch.zeros_like(T_world_cpf)
+    out[..., :3, :3] = rotation_about_z(torch.atan2(forward[..., 1], forward[..., 0]))
+    out[..., :2, 3] = T_world_cpf[..., :2, 3]
+    out[..., 3, 3] = 1.0
+    return out
+
+
+def transplant(joints: Float[Tensor, "N T J 3"], from_T_world_cpf: Float[Tensor, "N 4 4"],
+               to_T_world_cpf: Float[Tensor, "N 4 4"]) -> Float[Tensor, "N T J 3"]:
+    """Move whole motions rigidly (yaw about +Z and a horizontal shift) so that the head frame
+    ``from_T_world_cpf`` lands on ``to_T_world_cpf``'s ground frame (:func:`yaw_free_head_frame`).
+
+    Why: a real motion placed under another window's head starts where that head is and faces its
+    way, but does not follow that head's trajectory: an alignment negative that only the head's
+    motion over time gives away (the "other conditions' truth on this head" of issue 9).
+    """
+    T_to_from = yaw_free_head_frame(to_T_world_cpf) @ torch.linalg.inv(yaw_free_head_frame(from_T_world_cpf))
+    R, t = T_to_from[:, None, None, :3, :3], T_to_from[:, None, None, :3, 3]
+    return (R @ joints[..., None])[..., 0] + t
+
+
+def warm_up_alignment_critic(
+    trainer: PerceptualTrainer,
+    joints: Float[Tensor, "W T J 3"],
+    T_world_cpf: Float[Tensor, "W T+1 4 4"],
+    prior_joints: Float[Tensor, "W T J 3"],
+    *,
+    steps: int,
+    batch_size: int,
+    generator: torch.Generator,
+) -> list[dict[str, float]]:
+    """Train ``trainer`` for ``steps`` InfoNCE steps before GRPO, after which it is used frozen.
+
+    Positives: the W windows' ground truth under their own heads. Negatives per window (M = 2):
+    the prior's sample for that head (``prior_joints``, the realism contrast of MotionGRPO's critic)
+    and another window's ground truth transplanted under this head (:func:`transplant`, the
+    alignment contrast: a real motion that does not follow this head). Batches of ``batch_size``
+    windows drawn with ``generator``. Returns each step's statistics (``train_step``'s dict).
+
+    Raises:
+        ValueError: shapes disagree, fewer than 2 windows, or non-positive steps / batch size.
+    """
+    W = joints.shape[0]
+    if prior_joints.shape != joints.shape or T_world_cpf.shape[:2] != (W, joints.shape[1] + 1):
+        raise ValueError(f"joints {tuple(joints.shape)}, prior_joints {tuple(prior_joints.shape)} and T_world_cpf "
+                         f"{tuple(T_world_cpf.shape)} must describe the same W windows of T frames (T+1 head poses).")
+    if W < 2 or steps < 1 or batch_size < 1:
+        raise ValueError(f"the warm-up needs >= 2 windows, steps >= 1 and batch_size >= 1; got W={W}, "
+                         f"steps={steps}, batch_size={batch_size}.")
+    history = []
+    for _ in range(steps):
+        idx = torch.randint(W, (min(batch_size, W),), generator=generator)
+        other = (idx + torch.randint(1, W, idx.shape, generator=generator)) % W  # never the window itself
+        foreign = transplant(joints[other], T_world_cpf[other, 1], T_world_cpf[idx, 1])
+        negatives = torch.stack([prior_joints[idx], foreign], dim=1)  # (B, 2, T, J, 3)
+        history.append(trainer.train_step(joints[idx], T_world_cpf[idx], negatives))
+    return history

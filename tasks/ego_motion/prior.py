@@ -143,7 +143,7 @@ def diffusion_loss(
 def sample_prior(
     model: nn.Module,
     scheduler: DDPMScheduler,
-    T_world_cpf: Float[Tensor, "B T+1 4 4"],
+    T_world_cpf: Float[Tensor, "B Tp1 4 4"],
     generator: torch.Generator,
     *,
     include_hands: bool = False,

@@ -135,6 +135,7 @@ def _draw_frame(
     lower: np.ndarray,
     size: float,
     show_legend: bool,
+    gt_label: str = "ground truth",
 ) -> None:
     ax.cla()
     ax.grid(False)
@@ -145,7 +146,7 @@ def _draw_frame(
         visible = _clip_to_box(head, lower, size)
         ax.plot(visible[:, 0], visible[:, 1], visible[:, 2], color=HEAD_COLOR, linewidth=1.2,
                 label="head trajectory")  # fmt: skip
-    _draw_skeleton(ax, gt[t], GT_COLOR, "ground truth")
+    _draw_skeleton(ax, gt[t], GT_COLOR, gt_label)
     if pred is not None:
         _draw_skeleton(ax, pred[t], PRED_COLOR, "prediction")
     if head is not None:
@@ -177,6 +178,7 @@ def render_frames_png(
     use_follow_camera: bool = True,
     panel_size_in: float = 2.6,
     dpi: int = 100,
+    gt_label: str = "ground truth",
 ) -> Path:
     """Write a grid of 3-D skeleton panels, one per selected frame, as a PNG; returns the path.
 
@@ -192,6 +194,7 @@ def render_frames_png(
         use_follow_camera: each panel's cube follows the body horizontally (default; bodies stay
             large), or one cube holds the whole clip (False; shows where the body went).
         panel_size_in, dpi: size of one panel in inches and the resolution.
+        gt_label: legend entry of ``gt_joints`` (e.g. "prediction" when drawing a prediction alone).
     """
     gt, pred, head = _prepare(gt_joints, pred_joints, head_positions)
     num_frames = gt.shape[0]
@@ -209,7 +212,7 @@ def render_frames_png(
     fig = Figure(figsize=(panel_size_in * num_cols, fig_height_in), dpi=dpi)
     for i, t in enumerate(frames):
         ax = fig.add_subplot(num_rows, num_cols, i + 1, projection="3d")
-        _draw_frame(ax, t, gt, pred, head, lower[t], size, show_legend=(i == 0))
+        _draw_frame(ax, t, gt, pred, head, lower[t], size, show_legend=(i == 0), gt_label=gt_label)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.subplots_adjust(
@@ -232,6 +235,7 @@ def render_animation_gif(
     use_follow_camera: bool = True,
     size_in: float = 4.0,
     dpi: int = 80,
+    gt_label: str = "ground truth",
 ) -> Path:
     """Write an animated GIF with one image per ``frame_step``-th frame; returns the path.
 
@@ -244,6 +248,7 @@ def render_animation_gif(
         frame_step: draw every n-th frame (the GIF has ceil(T / frame_step) images).
         use_follow_camera: as in ``render_frames_png``.
         size_in, dpi: figure size in inches and the resolution.
+        gt_label: as in ``render_frames_png``.
     """
     gt, pred, head = _prepare(gt_joints, pred_joints, head_positions)
     if not (math.isfinite(fps) and fps > 0) or frame_step < 1:
@@ -256,7 +261,7 @@ def render_animation_gif(
         fig.suptitle(title, fontsize=10)
 
     def update(t: int) -> list:
-        _draw_frame(ax, t, gt, pred, head, lower[t], size, show_legend=True)
+        _draw_frame(ax, t, gt, pred, head, lower[t], size, show_legend=True, gt_label=gt_label)
         return []
 
     animation = FuncAnimation(fig, update, frames=frames, blit=False, repeat=False)

@@ -26,6 +26,7 @@ geodesic angle, ground penetration, foot skating) come from ``metrics.py``, not 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Literal, Protocol, runtime_checkable
@@ -39,6 +40,7 @@ from tasks.ego_motion import metrics
 from tasks.ego_motion.data import TARGET_FPS
 from tasks.ego_motion.geometry import NUM_BODY_JOINTS
 from tasks.ego_motion.perceptual import visual_reward
+from tasks.ego_motion.physics.evaluator import PhysicsEvaluator
 
 J = metrics.NUM_METRIC_JOINTS  # 22 = pelvis + 21 body joints
 
@@ -60,6 +62,10 @@ PENETRATION_WEIGHT = 10.0
 """Default weight of ground penetration against foot skating in :func:`physics_error` (unitless)."""
 OMEGA_VISUAL = 1.0
 """Default omega_vis of ``ego_visual``: R_vis = exp(omega_vis * s), s in [-1, 1]."""
+OMEGA_RESIDUAL = 1.0
+"""Default omega of ``physics_residual`` (unitless: the error is a fraction of body weight)."""
+OMEGA_CONTACT = 5.0
+"""Default omega of ``physics_contact`` (1/m)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,5 +312,76 @@ def ego_visual(scorer: Scorer, omega: float = OMEGA_VISUAL) -> Reward:
             shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
             raise ValueError(f"scorer.score returned {shape}, expected a tensor of shape ({N},).")
         return visual_reward(scores.float(), w).float()
+
+    return reward
+
+
+# ----------------------------------------------------------------------------------------------
+# Physics rewards on MuJoCo (RLPF's physical feedback, arXiv 2506.12769; physics/ for the measures)
+
+
+@functools.lru_cache(maxsize=1)
+def default_physics_evaluator() -> PhysicsEvaluator:
+    """The evaluator the physics rewards share when none is passed: the default body model
+    (``$DIFFGRPO_SMPLH_PATH`` or the bundled one) and ``PhysicsConfig()``; built on first use."""
+    from tasks.ego_motion.body import load_body_model
+
+    return PhysicsEvaluator(load_body_model())
+
+
+def _physics(evaluator: PhysicsEvaluator | None) -> PhysicsEvaluator:
+    if evaluator is None:
+        return default_physics_evaluator()
+    if not callable(getattr(evaluator, "evaluate", None)):
+        raise ValueError(f"evaluator must be a physics.evaluator.PhysicsEvaluator, got {type(evaluator).__name__}.")
+    return evaluator
+
+
+@register_reward("physics_residual")
+def physics_residual(omega: float = OMEGA_RESIDUAL, evaluator: PhysicsEvaluator | None = None) -> Reward:
+    """R = exp(-omega * (F_res / (m g) + tau_res / (m g x 1 m))): how little non-physical root help
+    the motion needs (means over frames of the inverse-dynamics residual, ``physics/dynamics.py``).
+
+    Ground-truth free: reads only the decoded body (``T_world_root``, ``body_rotmats``, ``betas``).
+    """
+    w = _check_omega(omega)
+
+    @torch.no_grad()
+    def reward(decoded: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
+        m = _physics(evaluator).evaluate(decoded)
+        return torch.exp(-w * (m["residual_force_per_weight"] + m["residual_torque_per_weight"])).float()
+
+    return reward
+
+
+@register_reward("physics_tracking")
+def physics_tracking(mode: Literal["survival", "success"] = "survival",
+                     evaluator: PhysicsEvaluator | None = None) -> Reward:
+    """R = the fraction of frames a simulated PD tracker follows before falling (``mode="survival"``),
+    or 1/0 for following all of them (``mode="success"``, RLPF's binary signal); ``physics/tracking.py``."""
+    if mode not in ("survival", "success"):
+        raise ValueError(f"mode must be 'survival' or 'success', got {mode!r}.")
+    key = f"tracking_{mode}"
+
+    @torch.no_grad()
+    def reward(decoded: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
+        values = _physics(evaluator).evaluate(decoded)[key]
+        if torch.isnan(values).any():
+            raise ValueError("physics_tracking needs the tracker: the evaluator was built with simulate=False.")
+        return values.float()
+
+    return reward
+
+
+@register_reward("physics_contact")
+def physics_contact(omega: float = OMEGA_CONTACT, evaluator: PhysicsEvaluator | None = None) -> Reward:
+    """R = exp(-omega * (penetration + floating + skating)), all in metres (``physics/plausibility.py``,
+    PhysDiff's definitions on the humanoid's collision geoms)."""
+    w = _check_omega(omega)
+
+    @torch.no_grad()
+    def reward(decoded: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
+        m = _physics(evaluator).evaluate(decoded)
+        return torch.exp(-w * (m["penetration_m"] + m["floating_m"] + m["skating_m"])).float()
 
     return reward

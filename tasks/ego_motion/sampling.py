@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -322,6 +323,7 @@ def evaluate_windows(
     sampler_cfg: SamplerConfig | None = None,
     keep_joints: bool = False,
     progress: bool = True,
+    extra_metrics: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
 ) -> WindowEvaluation:
     """Sample every window of ``split`` once, optionally refine with TTO, and score both against ground truth.
 
@@ -329,7 +331,8 @@ def evaluate_windows(
     drawn exactly as there (a batch's generator is seeded by (seed, "eval", its first index) and
     group ids are the window indices), so the 'base' metrics equal ``diffgrpo.evaluate.evaluate``'s
     for the same seed and batch size; base and post-trained models evaluated with the same
-    settings see the same noise.
+    settings see the same noise. ``extra_metrics(decoded)`` adds ground-truth-free measures per
+    window ((B,) tensors, e.g. ``physics.evaluator.PhysicsEvaluator.evaluate``) to every variant.
     """
     device = next(model.parameters()).device
     n_total = task.num_examples(split) if max_windows is None else min(max_windows, task.num_examples(split))
@@ -353,7 +356,10 @@ def evaluate_windows(
             decoded["tto"] = refine_decoded(task, decoded["base"], batch["T_world_cpf"], tto_cfg)
             tto_seconds += time.perf_counter() - start
         for variant in variants:
-            for name, value in task.evaluate(decoded[variant], batch).items():
+            measures = task.evaluate(decoded[variant], batch)
+            if extra_metrics is not None:
+                measures.update(extra_metrics(decoded[variant]))
+            for name, value in measures.items():
                 values[variant].setdefault(name, []).append(value.float().cpu())
             if keep_joints:
                 joints[variant].append(decoded[variant]["joints_world"].cpu())

@@ -155,6 +155,20 @@ def test_evaluate_windows_matches_the_core_evaluation_and_tto_refines_the_same_s
     assert ours.joints_world["base"].shape == (3, T, 22, 3)
 
 
+def test_evaluate_windows_adds_ground_truth_free_measures_of_every_variant(task, model):
+    """extra_metrics sees each variant's decoded bodies: here the mean pelvis height, checked against the joints."""
+    def pelvis_height(decoded):
+        return {"pelvis_height_m": decoded["T_world_root"][:, :, 2, 3].mean(dim=1)}
+
+    ours = evaluate_windows(task, model, "test", seed=5, use_tto=True, tto_cfg=TTOConfig(num_iterations=2),
+                            batch_size=2, max_windows=3, keep_joints=True, progress=False,
+                            extra_metrics=pelvis_height)
+    for variant in ("base", "tto"):
+        expected = ours.joints_world[variant][:, :, 0, 2].mean(dim=1)
+        torch.testing.assert_close(ours.metrics[variant]["pelvis_height_m"], expected)
+        assert set(METRIC_UNITS) < set(ours.metrics[variant])
+
+
 def test_eval_recipe_runs_end_to_end_on_a_tiny_model(tmp_path, cache_dir, model):
     recipe = load_recipe("eval_ego_motion")
     checkpoint = tmp_path / "tiny.safetensors"

@@ -1,0 +1,243 @@
+"""RLPF on the ego-motion prior: GRPO with physics rewards from MuJoCo and a frozen alignment guard.
+
+RLPF ("RL from physical feedback", arXiv 2506.12769) post-trains a motion generator with a reward
+from a physics simulator plus an alignment check that keeps the motion faithful to its condition
+(without it the generator drifts toward trivial motion). Here, per seed:
+
+1. **Alignment guard.** MotionGRPO's perceptual critic (``perceptual.py``) is warmed up on the
+   prior-train windows (positives: the truth under its own head; negatives: the prior's sample for
+   that head and another window's truth transplanted under it), then frozen: the
+   ``ego_visual`` reward scores with it and it never trains again.
+2. **GRPO** (``diffgrpo.trainer.train_grpo``, the one loop) on the post-train windows with the
+   variant's rewards. The physics and alignment rewards read no ground truth: they score the
+   generated body against the floor, the simulator and the head trajectory only.
+3. **Held-out evaluation** on the test windows, prior and post-trained with the same noise:
+   MotionGRPO's metrics plus the physics measures (``physics/evaluator.py``).
+
+Variants (``--variants``): ``physics`` (physics_residual + physics_tracking + physics_contact),
+``physics+alignment`` (+ ego_visual with the frozen critic), ``physics+alignment+joint``
+(+ MotionGRPO's four joint rewards, which do read the post-train ground truth).
+
+    python recipes/rlpf_ego_motion.py --seeds 0 1 2
+
+Results: ``<output-dir>/<variant>_seed<k>/results.json`` per run (finished runs are read back,
+unfinished ones resume from their last checkpoint) and the aggregate ``--results`` JSON, from
+which ``docs/ego_motion_rlpf.md``'s table is written (``--table-output``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import tyro
+
+import tasks.ego_motion.rewards  # noqa: F401  (registers the ego_* and physics_* rewards)
+from diffgrpo.config import ProbeConfig
+from diffgrpo.launch import make_accelerator
+from diffgrpo.rewards import RewardSet, RewardSpec
+from diffgrpo.rollout import make_generator
+from diffgrpo.trainer import check_run, train_grpo
+from tasks.ego_motion.network import load_denoiser
+from tasks.ego_motion.perceptual import PerceptualConfig, PerceptualTrainer, warm_up_alignment_critic
+from tasks.ego_motion.physics.evaluator import PHYSICS_METRIC_UNITS, PhysicsConfig, PhysicsEvaluator
+from tasks.ego_motion.rewards import OMEGA_CONTACT, OMEGA_RESIDUAL, OMEGA_VISUAL
+from tasks.ego_motion.sampling import evaluate_windows, sample_motion
+from tasks.ego_motion.task import EgoMotionTask
+
+_spec = importlib.util.spec_from_file_location("ego_motion_recipe", Path(__file__).with_name("ego_motion.py"))
+ego = importlib.util.module_from_spec(_spec)
+sys.modules["ego_motion_recipe"] = ego
+_spec.loader.exec_module(ego)
+
+VARIANTS = ("physics", "physics+alignment", "physics+alignment+joint")
+PHYSICS_REWARDS = ("physics_residual", "physics_tracking", "physics_contact")
+JOINT_REWARDS = ("ego_rot", "ego_pos", "ego_pa_pos", "ego_vel")
+REPORTED = ("tracking_success", "tracking_survival", "residual_force_per_weight", "skating_m", "penetration_m",
+            "floating_m", "foot_skating_m", "ground_penetration_m", "jitter_m_per_s3", "mpjpe_mm", "pa_mpjpe_mm")
+"""Columns of the results table: physics measures (physics/evaluator.py), then MotionGRPO's metrics."""
+
+
+@dataclass(frozen=True)
+class RewardParams:
+    """Parameters of the physics rewards (``tasks/ego_motion/rewards.py``) and the alignment reward."""
+
+    residual_omega: float = OMEGA_RESIDUAL
+    contact_omega: float = OMEGA_CONTACT
+    tracking_mode: str = "survival"
+    """'survival' (fraction of frames tracked) or 'success' (RLPF's binary signal)."""
+    alignment_omega: float = OMEGA_VISUAL
+    """omega of R_align = exp(omega * s), s the frozen critic's score in [-1, 1]."""
+
+
+@dataclass(frozen=True)
+class AlignmentConfig:
+    """Warm-up of the frozen alignment critic."""
+
+    warmup_steps: int = 150
+    batch_size: int = 16
+    perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
+
+
+def default_base() -> ego.Config:
+    grpo = dataclasses.replace(ego.default_grpo(), rewards=PHYSICS_REWARDS, probe=ProbeConfig(),
+                               diagnostics_every=0)
+    return ego.Config(use_visual_reward=False, use_tto=False, grpo=grpo)
+
+
+@dataclass(frozen=True)
+class Config:
+    """RLPF variants x seeds on the ego-motion task."""
+
+    output_dir: Path = Path("runs/rlpf")
+    results: Path = Path("runs/rlpf/rlpf.json")
+    """Aggregate results (every run's held-out metrics and the prior's)."""
+    table_output: Path | None = None
+    """Also write the markdown table here (e.g. docs/data/rlpf_table.md)."""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    variants: tuple[str, ...] = VARIANTS
+    rewards: RewardParams = field(default_factory=RewardParams)
+    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
+    physics: PhysicsConfig = field(default_factory=PhysicsConfig)
+    base: ego.Config = field(default_factory=default_base)
+    """The main job's settings (prior, task, GRPO iterations, group size, ...); its reward and
+    critic flags are not used here (rewards come from --variants)."""
+
+    def __post_init__(self) -> None:
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown or not self.variants:
+            raise ValueError(f"unknown variants {unknown}; choose among {VARIANTS}.")
+        if not self.seeds:
+            raise ValueError("give at least one seed (--seeds 0 1 2).")
+        if self.rewards.tracking_mode not in ("survival", "success"):
+            raise ValueError(f"--rewards.tracking-mode must be 'survival' or 'success', got "
+                             f"{self.rewards.tracking_mode!r}.")
+        for name in ("residual_omega", "contact_omega", "alignment_omega"):
+            value = getattr(self.rewards, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"--rewards.{name.replace('_', '-')} must be finite and > 0, got {value!r}.")
+        if self.alignment.warmup_steps < 1 or self.alignment.batch_size < 2:
+            raise ValueError("--alignment.warmup-steps must be >= 1 and --alignment.batch-size >= 2.")
+        if self.base.use_visual_reward or self.base.grpo.rewards != PHYSICS_REWARDS:
+            raise ValueError("--base.use-visual-reward / --base.grpo.rewards are not used by this recipe: the "
+                             "rewards come from --variants (and --rewards.*).")
+
+
+def reward_specs(variant: str, cfg: Config, evaluator: PhysicsEvaluator, critic: PerceptualTrainer) -> list[RewardSpec]:
+    """The sub-rewards of ``variant``, all sharing one physics evaluator (one evaluation per batch)."""
+    r = cfg.rewards
+    specs = [RewardSpec("physics_residual", 1.0, {"omega": r.residual_omega, "evaluator": evaluator}),
+             RewardSpec("physics_tracking", 1.0, {"mode": r.tracking_mode, "evaluator": evaluator}),
+             RewardSpec("physics_contact", 1.0, {"omega": r.contact_omega, "evaluator": evaluator})]
+    if "alignment" in variant:
+        specs.append(RewardSpec("ego_visual", 1.0, {"scorer": critic, "omega": r.alignment_omega}))
+    if variant.endswith("+joint"):
+        specs += [RewardSpec(name) for name in JOINT_REWARDS]
+    return specs
+
+
+def alignment_critic(task: EgoMotionTask, prior: torch.nn.Module, cfg: Config, seed: int) -> tuple[PerceptualTrainer,
+                                                                                                  list[dict]]:
+    """Warm up the alignment critic on the prior-train windows (module doc, step 1); returns it and its stats."""
+    windows = task.load_examples("prior_train", torch.arange(task.num_examples("prior_train")))
+    prior_joints = []
+    for idx in torch.arange(len(windows["betas"])).split(32):
+        batch = {k: v[idx] for k, v in windows.items()}
+        trajectory = sample_motion(task, prior, batch, generator=make_generator(seed, "alignment", int(idx[0])),
+                                   group_ids=idx)
+        prior_joints.append(task.decode(trajectory.samples, batch)["joints_world"])
+    critic = PerceptualTrainer(dataclasses.replace(cfg.alignment.perceptual, seed=seed))
+    stats = warm_up_alignment_critic(critic, windows["joints_world"], windows["T_world_cpf"], torch.cat(prior_joints),
+                                     steps=cfg.alignment.warmup_steps, batch_size=cfg.alignment.batch_size,
+                                     generator=torch.Generator().manual_seed(seed))
+    return critic, stats
+
+
+def evaluate(task: EgoMotionTask, model: torch.nn.Module, evaluator: PhysicsEvaluator, cfg: Config) -> dict[str, float]:
+    """Held-out test windows, seeded noise: MotionGRPO's metrics and the physics measures (means)."""
+    result = evaluate_windows(task, model, "test", seed=cfg.base.eval_seed, max_windows=cfg.base.eval_max_windows,
+                              sampler_cfg=task.sampler_config(), extra_metrics=evaluator.evaluate, progress=False)
+    return {name: float(torch.nanmean(values)) for name, values in result.metrics["base"].items()}
+
+
+def run_variant(task, evaluator, critic, variant: str, seed: int, cfg: Config) -> dict:
+    out_dir = cfg.output_dir / f"{variant.replace('+', '_')}_seed{seed}"
+    if (out_dir / "results.json").exists():
+        return json.loads((out_dir / "results.json").read_text())
+    grpo = dataclasses.replace(cfg.base.effective_grpo(), seed=seed)
+    rollout_task = cfg.base.rollout_task(task)
+    check_run(rollout_task, grpo)
+    model = load_denoiser(cfg.base.prior)
+    accelerator = make_accelerator(out_dir, mixed_precision=grpo.mixed_precision)
+    rewards = RewardSet.from_specs(reward_specs(variant, cfg, evaluator, critic))
+    start = time.perf_counter()
+    history = train_grpo(rollout_task, model, grpo, accelerator=accelerator, output_dir=out_dir, resume=True,
+                         rewards=rewards)
+    train_seconds = time.perf_counter() - start
+    result = {"variant": variant, "seed": seed, "metrics": evaluate(task, model, evaluator, cfg),
+              "train_seconds": train_seconds, "final_rewards": {k: v[-1] for k, v in history.items()
+                                                                if k.startswith("reward/")}}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "history.json").write_text(json.dumps(history))
+    (out_dir / "results.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def table(prior: dict[str, float], runs: list[dict], cfg: Config) -> str:
+    """Markdown: the prior, then each variant's mean +- sd over seeds, and its paired change from the prior."""
+    lines = ["| model | " + " | ".join(REPORTED) + " |", "|---|" + "---:|" * len(REPORTED),
+             "| prior | " + " | ".join(f"{prior[k]:.4g}" for k in REPORTED) + " |"]
+    for variant in cfg.variants:
+        results = [r["metrics"] for r in runs if r["variant"] == variant]
+        if not results:
+            continue
+        cells = []
+        for k in REPORTED:
+            values = [m[k] for m in results]
+            sd = f" ± {statistics.stdev(values):.2g}" if len(values) > 1 else ""
+            cells.append(f"{statistics.mean(values):.4g}{sd}")
+        lines.append(f"| {variant} ({len(results)} seeds) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(cfg: Config) -> dict:
+    if cfg.base.threads:
+        torch.set_num_threads(cfg.base.threads)
+    task = EgoMotionTask(cfg.base.task)
+    evaluator = PhysicsEvaluator(task.body, cfg.physics)
+    prior = load_denoiser(cfg.base.prior)
+    prior_file = cfg.output_dir / "prior.json"
+    if prior_file.exists():
+        prior_metrics = json.loads(prior_file.read_text())
+    else:
+        prior_metrics = evaluate(task, prior, evaluator, cfg)
+        prior_file.parent.mkdir(parents=True, exist_ok=True)
+        prior_file.write_text(json.dumps(prior_metrics, indent=2))
+    runs = []
+    for seed in cfg.seeds:
+        critic, warmup = alignment_critic(task, prior, cfg, seed)
+        (cfg.output_dir / f"alignment_seed{seed}.json").write_text(json.dumps(warmup))
+        for variant in cfg.variants:
+            runs.append(run_variant(task, evaluator, critic, variant, seed, cfg))
+    summary = {"prior": prior_metrics, "runs": runs, "units": {**PHYSICS_METRIC_UNITS},
+               "command": "python recipes/rlpf_ego_motion.py " + " ".join(sys.argv[1:])}
+    cfg.results.parent.mkdir(parents=True, exist_ok=True)
+    cfg.results.write_text(json.dumps(summary, indent=2))
+    markdown = table(prior_metrics, runs, cfg)
+    if cfg.table_output:
+        cfg.table_output.parent.mkdir(parents=True, exist_ok=True)
+        cfg.table_output.write_text(markdown)
+    print(markdown)
+    return summary
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Config))

@@ -1,0 +1,156 @@
+"""Inverse dynamics of a kinematic motion: the non-physical help it needs, joint torques, contact forces.
+
+A motion q(t) of the humanoid needs, at every frame, the generalized force
+tau = M(q) qacc + c(q, qvel) (``mj_inverse`` with contacts disabled; gravity, Coriolis and
+centrifugal terms in c). Joints can supply any torque, but the free root has no actuator: its six
+components must come from the floor through contact forces f_k at the feet,
+
+    tau_root = sum_k J_k,root^T f_k + r,        f_k in the friction cone of the floor,
+
+and whatever contact cannot supply is the **root residual** r (force in N, torque in N m): the
+"hand of god" that a physics simulation would need to add (the residual force of Yuan & Kitani,
+"Residual Force Control for Agile Human Behavior Imitation", NeurIPS 2020). We take the smallest
+residual in the least-squares sense, over contact forces in a linearized friction cone (4 edges
+per point, ``mu`` from the humanoid's config), by non-negative least squares per frame.
+
+Contact candidates are the bottoms of both ends of the two capsules of each foot
+(``Humanoid.foot_points``: heel, toe joint, toe joint, toe tip) that lie within
+``contact_height_m`` of the floor z = 0. A force f at world point p gives the free root the
+generalized force (f, R_root^T ((p - p_root) x f)) (linear in the world frame, angular in the
+pelvis frame, as MuJoCo orders a free joint's dofs); the joints' share of the contact forces
+(J^T f, ``mj_applyFT``) is only computed when joint torques are asked for.
+
+Velocities and accelerations are finite differences at the motion's frame rate on the
+configuration manifold (``mj_differentiatePos``): v(t+1/2) = (q(t+1) - q(t)) fps,
+qvel(t) = (v(t-1/2) + v(t+1/2)) / 2, qacc(t) = (v(t+1/2) - v(t-1/2)) fps; the first and last
+frames repeat their neighbour's values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import mujoco
+import numpy as np
+from scipy.optimize import nnls
+
+from ..geometry import NUM_BODY_JOINTS
+from .humanoid import FOOT_BODIES, JOINT_NAMES, Humanoid
+
+
+@dataclass(frozen=True)
+class InverseDynamicsConfig:
+    """Contact model of the residual computation."""
+
+    contact_height_m: float = 0.05
+    """A candidate point supports the body when its lowest point is at most this high (m)."""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.contact_height_m) and self.contact_height_m >= 0):
+            raise ValueError(f"contact_height_m must be finite and >= 0, got {self.contact_height_m!r}.")
+
+
+@dataclass(frozen=True)
+class InverseDynamicsResult:
+    """Per-frame inverse dynamics of one motion (T frames), SI units.
+
+    Attributes:
+        residual_force_n: (T,) norm of the root residual force (N).
+        residual_torque_nm: (T,) norm of the root residual torque about the pelvis (N m).
+        joint_torques_nm: (T, 21, 3) torques of the 21 ball joints (SMPL-H order), in the child's frame
+            (N m; NaN unless asked for).
+        contact_force_n: (T,) total vertical contact force (N).
+        num_contacts: (T,) number of supporting candidate points.
+    """
+
+    residual_force_n: np.ndarray
+    residual_torque_nm: np.ndarray
+    joint_torques_nm: np.ndarray
+    contact_force_n: np.ndarray
+    num_contacts: np.ndarray
+
+
+def finite_difference_velocities(model: mujoco.MjModel, qpos: np.ndarray, fps: float) -> tuple[np.ndarray, np.ndarray]:
+    """(qvel, qacc) each (T, nv) of configurations ``qpos`` (T, nq) sampled at ``fps`` (see module doc).
+
+    Raises:
+        ValueError: fewer than 3 frames or a non-positive frame rate.
+    """
+    T = qpos.shape[0]
+    if T < 3 or not fps > 0:
+        raise ValueError(f"finite differences need >= 3 frames and fps > 0, got {T} frames at {fps} fps.")
+    half = np.empty((T - 1, model.nv))  # v(t + 1/2)
+    for t in range(T - 1):
+        mujoco.mj_differentiatePos(model, half[t], 1.0 / fps, qpos[t], qpos[t + 1])
+    qvel = np.empty((T, model.nv))
+    qvel[1:-1] = 0.5 * (half[:-1] + half[1:])
+    qvel[0], qvel[-1] = half[0], half[-1]
+    qacc = np.empty((T, model.nv))
+    qacc[1:-1] = (half[1:] - half[:-1]) * fps
+    qacc[0], qacc[-1] = qacc[1], qacc[-2]
+    return qvel, qacc
+
+
+def _friction_edges(mu: float) -> np.ndarray:
+    """(3, 4) edges of the linearized friction cone of a floor contact (normal +Z)."""
+    return np.array([[mu, -mu, 0.0, 0.0], [0.0, 0.0, mu, -mu], [1.0, 1.0, 1.0, 1.0]])
+
+
+def inverse_dynamics(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: InverseDynamicsConfig | None = None,
+                     joint_torques: bool = False) -> InverseDynamicsResult:
+    """Root residual, contact forces and (optionally) joint torques of the motion ``qpos`` (T, nq) at ``fps``.
+
+    Args:
+        humanoid: the body's humanoid (:func:`~tasks.ego_motion.physics.humanoid.build_humanoid`).
+        qpos: (T, nq) configurations from :meth:`Humanoid.qpos`, T >= 3.
+        fps: frame rate of the motion (frames per second).
+        joint_torques: also compute the joints' torques (``joint_torques_nm``; NaN otherwise).
+
+    Raises:
+        ValueError: wrong ``qpos`` width, non-finite values, fewer than 3 frames.
+    """
+    cfg = cfg or InverseDynamicsConfig()
+    model = humanoid.model
+    if qpos.ndim != 2 or qpos.shape[1] != model.nq or not np.isfinite(qpos).all():
+        raise ValueError(f"qpos must be a finite (T, {model.nq}) array from Humanoid.qpos, got shape {qpos.shape}.")
+    qvel, qacc = finite_difference_velocities(model, qpos, fps)
+    T = qpos.shape[0]
+    points = humanoid.foot_points(*humanoid.geom_poses(qpos))  # (T, 8, 3)
+    point_bodies = np.repeat(humanoid.body_ids[[JOINT_NAMES.index(b) for b in FOOT_BODIES]], 2)  # (8,)
+    edges = _friction_edges(humanoid.config.friction)  # (3, 4)
+    data = mujoco.MjData(model)
+    pelvis = humanoid.body_ids[0]
+    residual_force, residual_torque = np.zeros(T), np.zeros(T)
+    contact_force, num_contacts = np.zeros(T), np.zeros(T, dtype=np.int64)
+    torques = np.full((T, NUM_BODY_JOINTS, 3), np.nan)
+    contact_qfrc = np.zeros(model.nv)
+    for t in range(T):
+        data.qpos[:], data.qvel[:], data.qacc[:] = qpos[t], qvel[t], qacc[t]
+        mujoco.mj_inverse(model, data)
+        tau = data.qfrc_inverse  # (nv,) needed generalized force, contacts disabled
+        active = np.flatnonzero(points[t, :, 2] <= cfg.contact_height_m)
+        forces = np.zeros((0, 3))
+        residual = tau[:6].copy()
+        if active.size:
+            arms = points[t, active] - data.xpos[pelvis]  # (P, 3)
+            R_root = data.xmat[pelvis].reshape(3, 3)
+            linear = np.broadcast_to(edges.T, (active.size, 4, 3))  # (P, 4 edges, 3)
+            angular = np.cross(arms[:, None, :], linear) @ R_root  # rows: R^T (arm x edge)
+            basis = np.concatenate([linear, angular], axis=-1).reshape(-1, 6).T  # (6, 4 P)
+            weights, _ = nnls(basis, tau[:6])
+            residual -= basis @ weights
+            forces = weights.reshape(-1, 4) @ edges.T  # (P, 3) world contact forces
+            contact_force[t] = forces[:, 2].sum()
+            num_contacts[t] = active.size
+        residual_force[t] = np.linalg.norm(residual[:3])
+        residual_torque[t] = np.linalg.norm(residual[3:])
+        if joint_torques:
+            contact_qfrc[:] = 0.0
+            for k, f in zip(active, forces, strict=True):
+                mujoco.mj_applyFT(model, data, f, np.zeros(3), points[t, k], point_bodies[k], contact_qfrc)
+            for j, adr in enumerate(humanoid.dof_adr):
+                torques[t, j] = tau[adr: adr + 3] - contact_qfrc[adr: adr + 3]
+    return InverseDynamicsResult(residual_force_n=residual_force, residual_torque_nm=residual_torque,
+                                 joint_torques_nm=torques, contact_force_n=contact_force,
+                                 num_contacts=num_contacts)

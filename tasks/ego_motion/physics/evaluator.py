@@ -1,0 +1,125 @@
+"""One call that scores decoded motions with every physics measure: the home of the physics rewards' numbers.
+
+``PhysicsEvaluator.evaluate(decoded)`` builds (or reuses) the humanoid of each sample's body
+shape, converts its pose to MuJoCo coordinates and runs inverse dynamics (``dynamics.py``),
+simulated tracking (``tracking.py``) and the plausibility measures (``plausibility.py``), on CPU,
+one motion after another. The three physics rewards read the same result, so it is computed once
+per decoded batch (the last batch is memoised).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ..body import BodyModel
+from ..data import NUM_BETAS, TARGET_FPS
+from .dynamics import InverseDynamicsConfig, inverse_dynamics
+from .humanoid import NUM_HUMANOID_BODIES, HumanoidCache, HumanoidConfig
+from .plausibility import PlausibilityConfig, plausibility
+from .tracking import TrackingConfig, track
+
+PHYSICS_METRIC_UNITS: dict[str, str] = {
+    "residual_force_per_weight": "mean root residual force / (m g), unitless",
+    "residual_torque_per_weight": "mean root residual torque / (m g x 1 m), unitless",
+    "tracking_success": "1 if the tracker followed every frame, else 0",
+    "tracking_survival": "fraction of frames tracked before falling",
+    "tracking_error_m": "mean joint position error while tracking, m",
+    "tracking_assist_per_weight": "mean root balance aid / (m g), unitless",
+    "penetration_m": "mean depth of the lowest geom point below the floor, m",
+    "floating_m": "mean height of the lowest geom point above the floor beyond 5 mm, m",
+    "skating_m": "mean horizontal step of foot points in floor contact, m per frame",
+}
+"""Every measure :meth:`PhysicsEvaluator.evaluate` returns, with its unit."""
+
+
+@dataclass(frozen=True)
+class PhysicsConfig:
+    """Everything the physics evaluation is parameterised by."""
+
+    humanoid: HumanoidConfig = field(default_factory=HumanoidConfig)
+    inverse_dynamics: InverseDynamicsConfig = field(default_factory=InverseDynamicsConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    plausibility: PlausibilityConfig = field(default_factory=PlausibilityConfig)
+    simulate: bool = True
+    """Run the tracker (the slowest part); without it the tracking measures are NaN."""
+    betas_decimals: int = 2
+    """Body shapes equal to this many decimals share one humanoid."""
+
+
+class PhysicsEvaluator:
+    """Physics measures of decoded motions for one body model (SMPL-H through ``BodyModel``)."""
+
+    def __init__(self, body: BodyModel, cfg: PhysicsConfig | None = None, fps: float = TARGET_FPS) -> None:
+        self.body, self.cfg, self.fps = body, cfg or PhysicsConfig(), float(fps)
+        self.humanoids = HumanoidCache(self._rest_joints, self.cfg.humanoid, decimals=self.cfg.betas_decimals)
+        self._memo: tuple[Tensor, dict[str, Tensor]] | None = None
+
+    def _rest_joints(self, betas: Tensor) -> Tensor:
+        padded = torch.nn.functional.pad(betas.to(self.body.J_template), (0, self.body.num_betas - betas.shape[-1]))
+        return self.body.shaped_joints(padded)[:NUM_HUMANOID_BODIES]
+
+    @torch.no_grad()
+    def evaluate(self, decoded: Mapping[str, Tensor]) -> dict[str, Float[Tensor, " N"]]:
+        """Every measure of :data:`PHYSICS_METRIC_UNITS` per sample, float32 (N,).
+
+        Args:
+            decoded: ``EgoMotionTask.decode``'s dict; read: ``T_world_root`` (N, T, 4, 4) pelvis
+                poses (world, metres, +Z up, floor z = 0), ``body_rotmats`` (N, T, 21, 3, 3) local
+                rotations, ``betas`` (N, 16) shapes. T >= 3.
+
+        Raises:
+            KeyError / ValueError: a missing key or a wrong shape, named.
+        """
+        for key in ("T_world_root", "body_rotmats", "betas"):
+            if key not in decoded:
+                raise KeyError(f"decoded[{key!r}] is missing (have {sorted(decoded)}); pass EgoMotionTask.decode's "
+                               "output to the physics evaluator.")
+        T_world_root, rotmats, betas = decoded["T_world_root"], decoded["body_rotmats"], decoded["betas"]
+        if T_world_root.ndim != 4 or rotmats.shape[:2] != T_world_root.shape[:2] or betas.shape != (
+                T_world_root.shape[0], NUM_BETAS):
+            raise ValueError(f"expected T_world_root (N, T, 4, 4), body_rotmats (N, T, 21, 3, 3), betas (N, "
+                             f"{NUM_BETAS}); got {tuple(T_world_root.shape)}, {tuple(rotmats.shape)}, "
+                             f"{tuple(betas.shape)}.")
+        if self._memo is not None and self._memo[0] is T_world_root:
+            return self._memo[1]
+        rows = [self.evaluate_one(T_world_root[n], rotmats[n], betas[n]) for n in range(T_world_root.shape[0])]
+        out = {name: torch.tensor([row[name] for row in rows], dtype=torch.float32) for name in PHYSICS_METRIC_UNITS}
+        self._memo = (T_world_root, out)
+        return out
+
+    def evaluate_one(self, T_world_root: Float[Tensor, "T 4 4"], body_rotmats: Float[Tensor, "T 21 3 3"],
+                     betas: Float[Tensor, " 16"]) -> dict[str, float]:
+        """The measures of one motion (see :meth:`evaluate`)."""
+        humanoid = self.humanoids(betas)
+        qpos = humanoid.qpos(T_world_root, body_rotmats)
+        feed_forward = self.cfg.simulate and self.cfg.tracking.feed_forward
+        dyn = inverse_dynamics(humanoid, qpos, self.fps, self.cfg.inverse_dynamics, joint_torques=feed_forward)
+        plaus = plausibility(humanoid, qpos, self.cfg.plausibility)
+        weight = humanoid.weight_n
+        out = {
+            "residual_force_per_weight": float(dyn.residual_force_n.mean() / weight),
+            "residual_torque_per_weight": float(dyn.residual_torque_nm.mean() / weight),
+            "penetration_m": plaus.penetration_m,
+            "floating_m": plaus.floating_m,
+            "skating_m": plaus.skating_m,
+        }
+        if self.cfg.simulate:
+            tr = track(humanoid, qpos, self.fps, self.cfg.tracking, joint_torques_nm=dyn.joint_torques_nm)
+            out.update(tracking_success=float(tr.success), tracking_survival=tr.survival,
+                       tracking_error_m=tr.tracking_error_m, tracking_assist_per_weight=tr.assist_n / weight)
+        else:
+            out.update({k: float("nan") for k in ("tracking_success", "tracking_survival", "tracking_error_m",
+                                                  "tracking_assist_per_weight")})
+        return out
+
+
+def summarize(measures: Mapping[str, Tensor]) -> dict[str, float]:
+    """Means over samples (NaN-aware) of :meth:`PhysicsEvaluator.evaluate`'s output."""
+    return {name: float(np.nanmean(values.numpy())) if values.numel() else float("nan")
+            for name, values in measures.items()}

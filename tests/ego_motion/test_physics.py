@@ -1,0 +1,172 @@
+"""The MuJoCo physics evaluator and rewards: properties that fail when the physics is wrong."""
+
+from __future__ import annotations
+
+import math
+
+import mujoco
+import numpy as np
+import pytest
+import torch
+
+import tasks.ego_motion.rewards  # noqa: F401  (registers the physics_* rewards)
+from diffgrpo.rewards import get_reward
+from tasks.ego_motion.body import load_body_model
+from tasks.ego_motion.geometry import axis_angle_to_matrix, make_transform
+from tasks.ego_motion.physics.dynamics import finite_difference_velocities, inverse_dynamics
+from tasks.ego_motion.physics.evaluator import PHYSICS_METRIC_UNITS, PhysicsEvaluator
+from tasks.ego_motion.physics.humanoid import (
+    DE_LEVA_MALE_MASS_PERCENT,
+    HumanoidConfig,
+    build_humanoid,
+    segment_mass_fractions,
+)
+from tasks.ego_motion.physics.plausibility import plausibility
+from tasks.ego_motion.physics.tracking import track
+
+FPS = 30.0
+T = 64
+
+
+@pytest.fixture(scope="module")
+def body():
+    return load_body_model(dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def humanoid(body):
+    return build_humanoid(body.shaped_joints(torch.zeros(body.num_betas, dtype=torch.float64))[:22])
+
+
+def _upright() -> torch.Tensor:
+    """Model frame (+Y up) -> world (+Z up): +90 deg about x."""
+    return axis_angle_to_matrix(torch.tensor([math.pi / 2, 0.0, 0.0], dtype=torch.float64))
+
+
+def _standing(humanoid, frames: int = T) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rest pose standing still with its lowest geom point on the floor: (T_world_root, body_rotmats)."""
+    R = _upright()
+    T_world_root = make_transform(R, torch.zeros(3, dtype=torch.float64)).expand(frames, 4, 4).clone()
+    rotmats = torch.eye(3, dtype=torch.float64).expand(frames, 21, 3, 3).clone()
+    lowest = humanoid.lowest_points(*humanoid.geom_poses(humanoid.qpos(T_world_root[:1], rotmats[:1])))
+    T_world_root[:, 2, 3] -= float(lowest.min())
+    return T_world_root, rotmats
+
+
+def test_total_mass_and_segments_match_the_body_model(body):
+    """Mass = the config's, split by de Leva's table; joints = SMPL-H forward kinematics for random poses and shapes."""
+    assert sum(segment_mass_fractions()) == pytest.approx(1.0, abs=1e-12)
+    assert sum(DE_LEVA_MALE_MASS_PERCENT[k] for k in ("head_neck", "upper_trunk", "middle_trunk", "lower_trunk")) + \
+        2 * sum(DE_LEVA_MALE_MASS_PERCENT[k] for k in ("upper_arm", "forearm", "hand", "thigh", "shank", "foot")) \
+        == pytest.approx(100.0, abs=1e-9)
+    gen = torch.Generator().manual_seed(0)
+    betas = torch.randn(body.num_betas, generator=gen, dtype=torch.float64)
+    h = build_humanoid(body.shaped_joints(betas)[:22], HumanoidConfig(body_mass_kg=81.5))
+    assert h.total_mass_kg == pytest.approx(81.5, rel=1e-9)
+    rot = axis_angle_to_matrix(0.5 * torch.randn(5, 22, 3, generator=gen, dtype=torch.float64))
+    T_world_root = make_transform(rot[:, 0], torch.randn(5, 3, generator=gen, dtype=torch.float64))
+    expected = body.forward_kinematics(rot[:, 1:], betas=betas, T_world_root=T_world_root).t_world_joint[:, :22]
+    qpos = h.qpos(T_world_root, rot[:, 1:])
+    data = mujoco.MjData(h.model)
+    for f in range(5):
+        data.qpos[:] = qpos[f]
+        mujoco.mj_kinematics(h.model, data)
+        np.testing.assert_allclose(data.xpos[h.body_ids], expected[f].numpy(), atol=1e-9)
+    # bone lengths: distance between consecutive joint bodies equals the shaped skeleton's
+    J = body.shaped_joints(betas)[:22].numpy()
+    np.testing.assert_allclose(np.linalg.norm(h.model.body_pos[h.body_ids[1:]], axis=-1),
+                               np.linalg.norm(J[1:] - J[[0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 9, 12, 13, 14, 16,
+                                                         17, 18, 19]], axis=-1), rtol=1e-9)
+
+
+def test_finite_differences_are_exact_for_constant_acceleration(humanoid):
+    """Central differences recover a quadratic pelvis trajectory's velocity and acceleration exactly."""
+    t = np.arange(8) / FPS
+    qpos = np.tile(humanoid.model.qpos0, (8, 1))
+    qpos[:, 0] = 0.3 * t + 0.5 * 2.0 * t**2
+    qvel, qacc = finite_difference_velocities(humanoid.model, qpos, FPS)
+    np.testing.assert_allclose(qvel[1:-1, 0], 0.3 + 2.0 * t[1:-1], atol=1e-9)
+    np.testing.assert_allclose(qacc[1:-1, 0], 2.0, atol=1e-7)
+
+
+def test_floating_body_needs_its_weight_and_standing_needs_almost_none(humanoid):
+    T_world_root, rotmats = _standing(humanoid)
+    standing = inverse_dynamics(humanoid, humanoid.qpos(T_world_root, rotmats), FPS)
+    assert standing.residual_force_n.max() < 0.02 * humanoid.weight_n
+    assert standing.contact_force_n.mean() == pytest.approx(humanoid.weight_n, rel=0.02)
+    lifted = T_world_root.clone()
+    lifted[:, 2, 3] += 0.5
+    floating = inverse_dynamics(humanoid, humanoid.qpos(lifted, rotmats), FPS)
+    np.testing.assert_allclose(floating.residual_force_n, humanoid.weight_n, rtol=1e-6)
+    assert floating.num_contacts.max() == 0
+
+
+def _test_window(index: int = 12):
+    from tasks.ego_motion.task import EgoMotionTask
+
+    task = EgoMotionTask()
+    return task.load_examples("test", torch.tensor([index]))
+
+
+def test_ground_truth_clip_needs_far_less_residual_than_its_shuffled_frames(body):
+    batch = _test_window()
+    betas = torch.nn.functional.pad(batch["betas"][0].double(), (0, body.num_betas - 16))
+    h = build_humanoid(body.shaped_joints(betas)[:22])
+    qpos = h.qpos(batch["T_world_root"][0], batch["body_rotmats"][0])
+    truth = inverse_dynamics(h, qpos, FPS).residual_force_n.mean()
+    shuffled = inverse_dynamics(h, qpos[np.random.default_rng(0).permutation(len(qpos))], FPS).residual_force_n.mean()
+    assert truth < 0.2 * h.weight_n
+    assert shuffled > 10 * truth
+
+
+def test_tracking_keeps_a_standing_body_up_and_loses_one_pitching_over(humanoid):
+    T_world_root, rotmats = _standing(humanoid)
+    still = track(humanoid, humanoid.qpos(T_world_root, rotmats), FPS)
+    assert still.success and still.survival == 1.0 and still.tracking_error_m < 0.05
+    # lean the whole body forward about its feet, 0 -> 70 degrees over the window
+    angles = torch.linspace(0.0, 1.2, T, dtype=torch.float64)
+    lean = axis_angle_to_matrix(torch.stack([angles, 0 * angles, 0 * angles], -1))
+    pitched = T_world_root.clone()
+    pitched[:, :3, :3] = lean @ T_world_root[:, :3, :3]
+    pitched[:, :3, 3] = (lean @ T_world_root[:, :3, 3, None])[..., 0]
+    fallen = track(humanoid, humanoid.qpos(pitched, rotmats), FPS)
+    assert not fallen.success and fallen.survival < 0.9
+
+
+def test_contact_reward_falls_monotonically_as_skating_is_injected(body, humanoid):
+    T_world_root, rotmats = _standing(humanoid)
+    evaluator = PhysicsEvaluator(body)
+    reward = get_reward("physics_contact", evaluator=evaluator)
+    values = []
+    for speed in (0.0, 0.2, 0.5, 1.0, 2.0):  # m/s of sliding along +x while standing
+        slid = T_world_root.clone()
+        slid[:, 0, 3] += speed * torch.arange(T, dtype=torch.float64) / FPS
+        decoded = {"T_world_root": slid[None], "body_rotmats": rotmats[None],
+                   "betas": torch.zeros(1, 16, dtype=torch.float64)}
+        values.append(float(reward(decoded, {})[0]))
+    assert all(a > b for a, b in zip(values[:-1], values[1:], strict=True)), values
+    skating = plausibility(humanoid, humanoid.qpos(T_world_root, rotmats)).skating_m
+    assert skating == pytest.approx(0.0, abs=1e-9)
+
+
+def test_physics_rewards_prefer_standing_to_floating_and_share_one_evaluation(body, humanoid):
+    T_world_root, rotmats = _standing(humanoid)
+    lifted = T_world_root.clone()
+    lifted[:, 2, 3] += 0.3
+    decoded = {"T_world_root": torch.stack([T_world_root, lifted]), "body_rotmats": torch.stack([rotmats, rotmats]),
+               "betas": torch.zeros(2, 16, dtype=torch.float64)}
+    evaluator = PhysicsEvaluator(body)
+    measures = evaluator.evaluate(decoded)
+    assert set(measures) == set(PHYSICS_METRIC_UNITS)
+    assert evaluator.evaluate(decoded) is measures  # memoised: three rewards, one evaluation
+    for name in ("physics_residual", "physics_tracking", "physics_contact"):
+        r = get_reward(name, evaluator=evaluator)(decoded, {})
+        assert r.shape == (2,) and r.dtype == torch.float32 and r[0] > r[1], (name, r)
+    assert measures["floating_m"][1] == pytest.approx(0.3 - 0.005, abs=1e-6)
+
+
+def test_physics_reward_rejects_bad_parameters():
+    with pytest.raises(ValueError, match="mode"):
+        get_reward("physics_tracking", mode="binary")
+    with pytest.raises(ValueError, match="omega"):
+        get_reward("physics_contact", omega=-1.0)
