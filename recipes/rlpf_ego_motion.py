@@ -14,6 +14,10 @@ from a physics simulator plus an alignment check that keeps the motion faithful 
 3. **Held-out evaluation** on the test windows, prior and post-trained with the same noise:
    MotionGRPO's metrics plus the physics measures (``physics/evaluator.py``).
 
+Only windows whose feet touch the world's floor z = 0 are used (``--base.task.floor-contact-m 0.1``):
+the bundled captures include climbing and standing on boxes, where the physics would pull the
+feet toward a floor that is not there.
+
 Variants (``--variants``): ``physics`` (physics_residual + physics_tracking + physics_contact),
 ``physics+alignment`` (+ ego_visual with the frozen critic), ``physics+alignment+joint``
 (+ MotionGRPO's four joint rewards, which do read the post-train ground truth).
@@ -36,6 +40,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import tyro
@@ -72,7 +77,7 @@ class RewardParams:
 
     residual_omega: float = OMEGA_RESIDUAL
     contact_omega: float = OMEGA_CONTACT
-    tracking_mode: str = "survival"
+    tracking_mode: Literal["survival", "success"] = "survival"
     """'survival' (fraction of frames tracked) or 'success' (RLPF's binary signal)."""
     alignment_omega: float = OMEGA_VISUAL
     """omega of R_align = exp(omega * s), s the frozen critic's score in [-1, 1]."""
@@ -90,7 +95,10 @@ class AlignmentConfig:
 def default_base() -> ego.Config:
     grpo = dataclasses.replace(ego.default_grpo(), rewards=PHYSICS_REWARDS, probe=ProbeConfig(),
                                diagnostics_every=0)
-    return ego.Config(use_visual_reward=False, use_tto=False, grpo=grpo)
+    task = dataclasses.replace(ego.EgoMotionTaskConfig(), floor_contact_m=0.1)  # the physics assumes floor z = 0
+    # K = 10 rollout steps: the physics rewards read only the final sample, and it triples the updates per
+    # CPU-minute (evaluation keeps EgoAllo's K = 30)
+    return ego.Config(use_visual_reward=False, use_tto=False, grpo=grpo, task=task, rollout_sampling_steps=10)
 
 
 @dataclass(frozen=True)
@@ -114,7 +122,8 @@ class Config:
     def __post_init__(self) -> None:
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown or not self.variants:
-            raise ValueError(f"unknown variants {unknown}; choose among {VARIANTS}.")
+            raise ValueError(f"--variants {list(self.variants)}: unknown or empty ({unknown}); choose among "
+                             f"{VARIANTS}.")
         if not self.seeds:
             raise ValueError("give at least one seed (--seeds 0 1 2).")
         if self.rewards.tracking_mode not in ("survival", "success"):
@@ -125,7 +134,8 @@ class Config:
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"--rewards.{name.replace('_', '-')} must be finite and > 0, got {value!r}.")
         if self.alignment.warmup_steps < 1 or self.alignment.batch_size < 2:
-            raise ValueError("--alignment.warmup-steps must be >= 1 and --alignment.batch-size >= 2.")
+            raise ValueError(f"--alignment.warmup-steps {self.alignment.warmup_steps} must be >= 1 and "
+                             f"--alignment.batch-size {self.alignment.batch_size} >= 2.")
         if self.base.use_visual_reward or self.base.grpo.rewards != PHYSICS_REWARDS:
             raise ValueError("--base.use-visual-reward / --base.grpo.rewards are not used by this recipe: the "
                              "rewards come from --variants (and --rewards.*).")
@@ -168,8 +178,13 @@ def evaluate(task: EgoMotionTask, model: torch.nn.Module, evaluator: PhysicsEval
     return {name: float(torch.nanmean(values)) for name, values in result.metrics["base"].items()}
 
 
+def run_dir(cfg: Config, variant: str, seed: int) -> Path:
+    return cfg.output_dir / f"{variant.replace('+', '_')}_seed{seed}"
+
+
 def run_variant(task, evaluator, critic, variant: str, seed: int, cfg: Config) -> dict:
-    out_dir = cfg.output_dir / f"{variant.replace('+', '_')}_seed{seed}"
+    """One GRPO run of ``variant`` (read back if finished, resumed if interrupted) and its held-out metrics."""
+    out_dir = run_dir(cfg, variant, seed)
     if (out_dir / "results.json").exists():
         return json.loads((out_dir / "results.json").read_text())
     grpo = dataclasses.replace(cfg.base.effective_grpo(), seed=seed)
@@ -182,7 +197,8 @@ def run_variant(task, evaluator, critic, variant: str, seed: int, cfg: Config) -
     history = train_grpo(rollout_task, model, grpo, accelerator=accelerator, output_dir=out_dir, resume=True,
                          rewards=rewards)
     train_seconds = time.perf_counter() - start
-    result = {"variant": variant, "seed": seed, "metrics": evaluate(task, model, evaluator, cfg),
+    result = {"variant": variant, "seed": seed, "rewards": sorted(rewards.rewards),
+              "metrics": evaluate(task, model, evaluator, cfg),
               "train_seconds": train_seconds, "final_rewards": {k: v[-1] for k, v in history.items()
                                                                 if k.startswith("reward/")}}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -223,11 +239,16 @@ def main(cfg: Config) -> dict:
         prior_file.write_text(json.dumps(prior_metrics, indent=2))
     runs = []
     for seed in cfg.seeds:
-        critic, warmup = alignment_critic(task, prior, cfg, seed)
-        (cfg.output_dir / f"alignment_seed{seed}.json").write_text(json.dumps(warmup))
+        pending = [v for v in cfg.variants if not (run_dir(cfg, v, seed) / "results.json").exists()]
+        critic = None
+        if any("alignment" in v for v in pending):  # only needed to train those variants
+            critic, warmup = alignment_critic(task, prior, cfg, seed)
+            (cfg.output_dir / f"alignment_seed{seed}.json").write_text(json.dumps(warmup))
         for variant in cfg.variants:
             runs.append(run_variant(task, evaluator, critic, variant, seed, cfg))
-    summary = {"prior": prior_metrics, "runs": runs, "units": {**PHYSICS_METRIC_UNITS},
+    summary = {"prior": prior_metrics, "runs": runs,
+               "windows": {split: {"kept": task.num_examples(split), "of": len(task.windows(split))}
+                           for split in ("post_train", "test")}, "units": {**PHYSICS_METRIC_UNITS},
                "command": "python recipes/rlpf_ego_motion.py " + " ".join(sys.argv[1:])}
     cfg.results.parent.mkdir(parents=True, exist_ok=True)
     cfg.results.write_text(json.dumps(summary, indent=2))

@@ -323,7 +323,9 @@ def ego_visual(scorer: Scorer, omega: float = OMEGA_VISUAL) -> Reward:
 @functools.lru_cache(maxsize=1)
 def default_physics_evaluator() -> PhysicsEvaluator:
     """The evaluator the physics rewards share when none is passed: the default body model
-    (``$DIFFGRPO_SMPLH_PATH`` or the bundled one) and ``PhysicsConfig()``; built on first use."""
+    (``$DIFFGRPO_SMPLH_PATH`` or the bundled one) and ``PhysicsConfig()``; built on first use. A task
+    on another body model (``--task.body-model-path``) must pass ``evaluator=PhysicsEvaluator(task.body)``
+    (``recipes/rlpf_ego_motion.py`` does), or the humanoid's bones will not be the sample's."""
     from tasks.ego_motion.body import load_body_model
 
     return PhysicsEvaluator(load_body_model())
@@ -333,7 +335,7 @@ def _physics(evaluator: PhysicsEvaluator | None) -> PhysicsEvaluator:
     if evaluator is None:
         return default_physics_evaluator()
     if not callable(getattr(evaluator, "evaluate", None)):
-        raise ValueError(f"evaluator must be a physics.evaluator.PhysicsEvaluator, got {type(evaluator).__name__}.")
+        raise TypeError(f"evaluator must be a physics.evaluator.PhysicsEvaluator, got {type(evaluator).__name__}.")
     return evaluator
 
 
@@ -361,14 +363,14 @@ def physics_tracking(mode: Literal["survival", "success"] = "survival",
     or 1/0 for following all of them (``mode="success"``, RLPF's binary signal); ``physics/tracking.py``."""
     if mode not in ("survival", "success"):
         raise ValueError(f"mode must be 'survival' or 'success', got {mode!r}.")
+    if evaluator is not None and not getattr(getattr(evaluator, "cfg", None), "simulate", True):
+        raise ValueError("physics_tracking needs the tracker, but the evaluator was built with "
+                         "PhysicsConfig(simulate=False); build it with simulate=True (--physics.simulate).")
     key = f"tracking_{mode}"
 
     @torch.no_grad()
     def reward(decoded: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
-        values = _physics(evaluator).evaluate(decoded)[key]
-        if torch.isnan(values).any():
-            raise ValueError("physics_tracking needs the tracker: the evaluator was built with simulate=False.")
-        return values.float()
+        return _physics(evaluator).evaluate(decoded)[key].float()
 
     return reward
 

@@ -23,6 +23,7 @@ metres, floor at z = 0):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,8 +104,15 @@ class EgoMotionTaskConfig:
     """Keep the '+0.1' in the eps denominator sqrt(1 - abar_t + 0.1) of EgoAllo's released sampler."""
     log_prob_reduction: Literal["sum", "mean"] = "mean"
     """Per-step log-density over the T x D entries: 'mean' (GRPO default, size-independent) or 'sum'."""
+    floor_contact_m: float | None = None
+    """Keep only the windows whose lowest foot joint (ankles, toes) comes within this many metres of z = 0
+    at some frame, in every split: the windows whose floor is the world's, for rewards that assume it
+    (the physics rewards). None: every window. The bundled data has captures on boxes and stairs."""
 
     def __post_init__(self) -> None:
+        if self.floor_contact_m is not None and not (math.isfinite(self.floor_contact_m) and self.floor_contact_m >= 0):
+            raise ValueError(f"--task.floor-contact-m {self.floor_contact_m}: must be a finite number >= 0 (metres) "
+                             "or unset.")
         if self.window_frames < 4:
             raise ValueError(f"window_frames={self.window_frames}: jitter needs at least 4 frames per window; "
                              "pass --task.window-frames 32 or more.")
@@ -148,6 +156,7 @@ class EgoMotionTask:
         self.sample_shape: tuple[int, ...] = (self.cfg.window_frames, motion_dim(self.cfg.include_hands))
         self.fps = TARGET_FPS
         self._windows: dict[str, EgoMotionWindows] = {}
+        self._kept: dict[str, Tensor] = {}
 
     # -- diffusion ---------------------------------------------------------------------------------
     def make_scheduler(self) -> DDPMScheduler:
@@ -180,15 +189,31 @@ class EgoMotionTask:
                                                 cache_dir=self.cfg.cache_dir)
         return self._windows[split]
 
+    def kept_windows(self, split: str) -> Tensor:
+        """(n,) indices into ``windows(split)`` of the windows this task serves (``cfg.floor_contact_m``)."""
+        if split not in self._kept:
+            windows = self.windows(split)
+            everything = torch.arange(len(windows))
+            if self.cfg.floor_contact_m is None:
+                self._kept[split] = everything
+            else:
+                feet_z = windows.get(everything)["joints_world"][:, :, list(metrics.FOOT_JOINTS), 2]
+                self._kept[split] = torch.nonzero(feet_z.amin(dim=(1, 2)) <= self.cfg.floor_contact_m).flatten()
+                if len(self._kept[split]) == 0:
+                    raise ValueError(f"no {split} window comes within --task.floor-contact-m "
+                                     f"{self.cfg.floor_contact_m} of the floor z = 0; raise it or unset it.")
+        return self._kept[split]
+
     def num_examples(self, split: str) -> int:
-        return len(self.windows(split))
+        return len(self.kept_windows(split))
 
     def load_examples(self, split: str, indices: Tensor) -> Batch:
-        """Windows at ``indices`` (B,) of ``split``; keys and shapes in the module docstring."""
+        """Windows at ``indices`` (B,) of ``split`` (positions among ``kept_windows``); keys and shapes in the
+        module docstring."""
         indices = torch.as_tensor(indices, dtype=torch.long)
         if indices.ndim != 1:
             raise ValueError(f"indices must be 1-D (B,), got shape {tuple(indices.shape)}.")
-        return self.windows(split).get(indices)
+        return self.windows(split).get(self.kept_windows(split)[indices])
 
     def raw_condition(self, batch: Batch) -> Float[Tensor, "B Tp1 3"]:
         """Head (CPF) translations ``T_world_cpf[..., :3, 3]`` (B, T+1, 3), world metres.

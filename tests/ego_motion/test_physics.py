@@ -13,8 +13,13 @@ import tasks.ego_motion.rewards  # noqa: F401  (registers the physics_* rewards)
 from diffgrpo.rewards import get_reward
 from tasks.ego_motion.body import load_body_model
 from tasks.ego_motion.geometry import axis_angle_to_matrix, make_transform
-from tasks.ego_motion.physics.dynamics import finite_difference_velocities, inverse_dynamics
-from tasks.ego_motion.physics.evaluator import PHYSICS_METRIC_UNITS, PhysicsEvaluator
+from tasks.ego_motion.physics.dynamics import (
+    finite_difference_velocities,
+    friction_cone_edges,
+    inverse_dynamics,
+    root_contact_basis,
+)
+from tasks.ego_motion.physics.evaluator import PHYSICS_METRIC_UNITS, PhysicsConfig, PhysicsEvaluator
 from tasks.ego_motion.physics.humanoid import (
     DE_LEVA_MALE_MASS_PERCENT,
     HumanoidConfig,
@@ -170,3 +175,86 @@ def test_physics_reward_rejects_bad_parameters():
         get_reward("physics_tracking", mode="binary")
     with pytest.raises(ValueError, match="omega"):
         get_reward("physics_contact", omega=-1.0)
+
+
+def test_root_contact_basis_equals_mujocos_generalized_contact_force(humanoid):
+    """For random poses, points and cone weights, the analytic root rows equal mj_applyFT's (forces and
+    torques), so the residual's torque about the pelvis is MuJoCo's."""
+    gen = np.random.default_rng(0)
+    model, data = humanoid.model, mujoco.MjData(humanoid.model)
+    edges = friction_cone_edges(1.0)
+    for _ in range(5):
+        data.qpos[:] = humanoid.model.qpos0
+        data.qpos[:3] = gen.normal(size=3)
+        quat = gen.normal(size=4)
+        data.qpos[3:7] = quat / np.linalg.norm(quat)
+        mujoco.mj_kinematics(model, data)
+        mujoco.mj_comPos(model, data)
+        bodies = gen.choice(humanoid.body_ids, size=3)
+        points = data.xpos[bodies] + 0.1 * gen.normal(size=(3, 3))
+        weights = gen.uniform(size=4 * 3)
+        pelvis = humanoid.body_ids[0]
+        basis = root_contact_basis(points, data.xpos[pelvis], data.xmat[pelvis].reshape(3, 3), edges)
+        qfrc = np.zeros(model.nv)
+        forces = weights.reshape(3, 4) @ edges.T  # (3 points, 3)
+        for point, body, force in zip(points, bodies, forces, strict=True):
+            mujoco.mj_applyFT(model, data, force, np.zeros(3), point, body, qfrc)
+        np.testing.assert_allclose(basis @ weights, qfrc[:6], atol=1e-10)
+
+
+def test_leaning_past_the_feet_needs_a_residual_torque(humanoid):
+    T_world_root, rotmats = _standing(humanoid, frames=3)
+    lean = axis_angle_to_matrix(torch.tensor([0.35, 0.1, 0.0], dtype=torch.float64))
+    T_world_root[:, :3, :3] = lean @ T_world_root[:, :3, :3]
+    T_world_root[:, :3, 3] = (lean @ T_world_root[:, :3, 3, None])[..., 0]
+    qpos = humanoid.qpos(T_world_root, rotmats)
+    qpos[:, 2] -= humanoid.foot_points(*humanoid.geom_poses(qpos))[..., 2].min()  # feet on the floor again
+    leaning = inverse_dynamics(humanoid, qpos, FPS)
+    upright = inverse_dynamics(humanoid, humanoid.qpos(*_standing(humanoid, frames=3)), FPS)
+    assert leaning.num_contacts[1] > 0 and leaning.contact_force_n[1] > 0.5 * humanoid.weight_n
+    assert leaning.residual_torque_nm[1] > 0.05 * humanoid.weight_n > 10 * upright.residual_torque_nm[1]
+
+
+def test_tracking_holds_a_bent_pose_and_restores_the_shared_springs(humanoid):
+    """A crouch held still is tracked closely (the springs follow the reference, not the rest pose),
+    and the cached model's spring targets come back unchanged, even after an error."""
+    T_world_root, rotmats = _standing(humanoid)
+    bend = axis_angle_to_matrix(torch.tensor([0.5, 0.0, 0.0], dtype=torch.float64))
+    for joint in (16, 17):  # shoulders raised: a pose far from rest that needs no balance change
+        rotmats[:, joint - 1] = axis_angle_to_matrix(torch.tensor([0.0, 0.0, 1.2 if joint == 16 else -1.2],
+                                                                  dtype=torch.float64))
+    rotmats[:, 18 - 1] = bend  # left elbow bent
+    lowest = humanoid.lowest_points(*humanoid.geom_poses(humanoid.qpos(T_world_root[:1], rotmats[:1]))).min()
+    T_world_root[:, 2, 3] -= float(lowest)
+    springs = humanoid.tracker_model.qpos_spring.copy()
+    held = track(humanoid, humanoid.qpos(T_world_root, rotmats), FPS)
+    assert held.success and held.tracking_error_m < 0.03
+    np.testing.assert_array_equal(humanoid.tracker_model.qpos_spring, springs)
+    with pytest.raises(ValueError, match="whole steps"):
+        track(humanoid, humanoid.qpos(T_world_root, rotmats), 25.0)
+    np.testing.assert_array_equal(humanoid.tracker_model.qpos_spring, springs)
+
+
+def test_finite_differences_recover_a_constant_rotation_rate(humanoid):
+    """A ball joint turning at 1.5 rad/s about its local x has that angular velocity and no acceleration."""
+    frames = 8
+    t = torch.arange(frames, dtype=torch.float64) / FPS
+    T_world_root, rotmats = _standing(humanoid, frames=frames)
+    rotmats[:, 3] = axis_angle_to_matrix(torch.stack([1.5 * t, 0 * t, 0 * t], -1))  # joint 4 (left knee)
+    qvel, qacc = finite_difference_velocities(humanoid.model, humanoid.qpos(T_world_root, rotmats), FPS)
+    knee = humanoid.dof_adr[3]
+    np.testing.assert_allclose(qvel[:, knee: knee + 3], np.tile([1.5, 0.0, 0.0], (frames, 1)), atol=1e-9)
+    np.testing.assert_allclose(qacc[:, knee: knee + 3], 0.0, atol=1e-7)
+
+
+def test_memoised_evaluation_is_redone_after_an_in_place_edit(body, humanoid):
+    T_world_root, rotmats = _standing(humanoid, frames=8)
+    decoded = {"T_world_root": T_world_root[None].clone(), "body_rotmats": rotmats[None],
+               "betas": torch.zeros(1, 16, dtype=torch.float64)}
+    evaluator = PhysicsEvaluator(body, PhysicsConfig(simulate=False))
+    before = evaluator.evaluate(decoded)["floating_m"].item()
+    decoded["T_world_root"][..., 2, 3] += 0.5
+    after = evaluator.evaluate(decoded)["floating_m"].item()
+    assert before == pytest.approx(0.0, abs=1e-9) and after == pytest.approx(0.495, abs=1e-6)
+    with pytest.raises(ValueError, match="simulate=True"):
+        get_reward("physics_tracking", evaluator=evaluator)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -161,3 +163,15 @@ def test_mpjre_sees_a_rotated_joint(task, batch):
     rotmats[:, :, HEAD_JOINT - 1] = rotmats[:, :, HEAD_JOINT - 1] @ turn
     decoded = task.decode(batch_to_motion({**batch, "body_rotmats": rotmats}), batch)
     assert torch.allclose(task.evaluate(decoded, batch)["mpjre_deg"], torch.full((3,), 30.0 / 21), atol=1e-3)
+
+
+def test_floor_contact_keeps_exactly_the_windows_whose_feet_reach_the_floor(task):
+    floored = EgoMotionTask(dataclasses.replace(task.cfg, floor_contact_m=0.1), body=task.body)
+    everything = task.load_examples("post_train", torch.arange(task.num_examples("post_train")))
+    lowest = everything["joints_world"][:, :, [7, 8, 10, 11], 2].amin(dim=(1, 2))
+    expected = torch.nonzero(lowest <= 0.1).flatten()
+    assert 0 < floored.num_examples("post_train") == len(expected) < task.num_examples("post_train")
+    kept = floored.load_examples("post_train", torch.arange(len(expected)))
+    torch.testing.assert_close(kept["joints_world"], everything["joints_world"][expected])
+    with pytest.raises(ValueError, match="floor-contact-m"):
+        EgoMotionTask(dataclasses.replace(task.cfg, floor_contact_m=-0.5), body=task.body)

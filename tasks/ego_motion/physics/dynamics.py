@@ -22,8 +22,8 @@ pelvis frame, as MuJoCo orders a free joint's dofs); the joints' share of the co
 
 Velocities and accelerations are finite differences at the motion's frame rate on the
 configuration manifold (``mj_differentiatePos``): v(t+1/2) = (q(t+1) - q(t)) fps,
-qvel(t) = (v(t-1/2) + v(t+1/2)) / 2, qacc(t) = (v(t+1/2) - v(t-1/2)) fps; the first and last
-frames repeat their neighbour's values.
+qvel(t) = (v(t-1/2) + v(t+1/2)) / 2, qacc(t) = (v(t+1/2) - v(t-1/2)) fps; at the first and last
+frames qvel is the one-sided v(1/2) / v(T-3/2) and qacc repeats its neighbour's.
 """
 
 from __future__ import annotations
@@ -92,13 +92,24 @@ def finite_difference_velocities(model: mujoco.MjModel, qpos: np.ndarray, fps: f
     return qvel, qacc
 
 
-def _friction_edges(mu: float) -> np.ndarray:
+def friction_cone_edges(mu: float) -> np.ndarray:
     """(3, 4) edges of the linearized friction cone of a floor contact (normal +Z)."""
     return np.array([[mu, -mu, 0.0, 0.0], [0.0, 0.0, mu, -mu], [1.0, 1.0, 1.0, 1.0]])
 
 
+def root_contact_basis(points: np.ndarray, root_pos: np.ndarray, R_world_root: np.ndarray,
+                       edges: np.ndarray) -> np.ndarray:
+    """(6, E P): the free root's generalized force of a unit force along each of the E cone edges
+    (3, E) at each of the P world points (P, 3): (f, R_world_root^T ((p - root_pos) x f)), i.e.
+    world-frame force then pelvis-frame torque, MuJoCo's order for a free joint's dofs."""
+    linear = np.broadcast_to(edges.T, (len(points), edges.shape[1], 3))  # (P, E, 3)
+    angular = np.cross((points - root_pos)[:, None, :], linear) @ R_world_root  # rows: R^T (arm x f)
+    return np.concatenate([linear, angular], axis=-1).reshape(-1, 6).T
+
+
 def inverse_dynamics(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: InverseDynamicsConfig | None = None,
-                     joint_torques: bool = False) -> InverseDynamicsResult:
+                     joint_torques: bool = False,
+                     geom_poses: tuple[np.ndarray, np.ndarray] | None = None) -> InverseDynamicsResult:
     """Root residual, contact forces and (optionally) joint torques of the motion ``qpos`` (T, nq) at ``fps``.
 
     Args:
@@ -106,6 +117,7 @@ def inverse_dynamics(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: Inve
         qpos: (T, nq) configurations from :meth:`Humanoid.qpos`, T >= 3.
         fps: frame rate of the motion (frames per second).
         joint_torques: also compute the joints' torques (``joint_torques_nm``; NaN otherwise).
+        geom_poses: ``humanoid.geom_poses(qpos)`` when the caller has it already (computed otherwise).
 
     Raises:
         ValueError: wrong ``qpos`` width, non-finite values, fewer than 3 frames.
@@ -116,9 +128,9 @@ def inverse_dynamics(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: Inve
         raise ValueError(f"qpos must be a finite (T, {model.nq}) array from Humanoid.qpos, got shape {qpos.shape}.")
     qvel, qacc = finite_difference_velocities(model, qpos, fps)
     T = qpos.shape[0]
-    points = humanoid.foot_points(*humanoid.geom_poses(qpos))  # (T, 8, 3)
+    points = humanoid.foot_points(*(geom_poses or humanoid.geom_poses(qpos)))  # (T, 8, 3)
     point_bodies = np.repeat(humanoid.body_ids[[JOINT_NAMES.index(b) for b in FOOT_BODIES]], 2)  # (8,)
-    edges = _friction_edges(humanoid.config.friction)  # (3, 4)
+    edges = friction_cone_edges(humanoid.config.friction)  # (3, 4)
     data = mujoco.MjData(model)
     pelvis = humanoid.body_ids[0]
     residual_force, residual_torque = np.zeros(T), np.zeros(T)
@@ -133,11 +145,7 @@ def inverse_dynamics(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: Inve
         forces = np.zeros((0, 3))
         residual = tau[:6].copy()
         if active.size:
-            arms = points[t, active] - data.xpos[pelvis]  # (P, 3)
-            R_root = data.xmat[pelvis].reshape(3, 3)
-            linear = np.broadcast_to(edges.T, (active.size, 4, 3))  # (P, 4 edges, 3)
-            angular = np.cross(arms[:, None, :], linear) @ R_root  # rows: R^T (arm x edge)
-            basis = np.concatenate([linear, angular], axis=-1).reshape(-1, 6).T  # (6, 4 P)
+            basis = root_contact_basis(points[t, active], data.xpos[pelvis], data.xmat[pelvis].reshape(3, 3), edges)
             weights, _ = nnls(basis, tau[:6])
             residual -= basis @ weights
             forces = weights.reshape(-1, 4) @ edges.T  # (P, 3) world contact forces

@@ -32,7 +32,7 @@ PHYSICS_METRIC_UNITS: dict[str, str] = {
     "tracking_error_m": "mean joint position error while tracking, m",
     "tracking_assist_per_weight": "mean root balance aid / (m g), unitless",
     "penetration_m": "mean depth of the lowest geom point below the floor, m",
-    "floating_m": "mean height of the lowest geom point above the floor beyond 5 mm, m",
+    "floating_m": "mean height of the lowest geom point above the floor beyond the float tolerance, m",
     "skating_m": "mean horizontal step of foot points in floor contact, m per frame",
 }
 """Every measure :meth:`PhysicsEvaluator.evaluate` returns, with its unit."""
@@ -51,6 +51,10 @@ class PhysicsConfig:
     betas_decimals: int = 2
     """Body shapes equal to this many decimals share one humanoid."""
 
+    def __post_init__(self) -> None:
+        if self.betas_decimals < 0:
+            raise ValueError(f"PhysicsConfig.betas_decimals must be >= 0, got {self.betas_decimals}.")
+
 
 class PhysicsEvaluator:
     """Physics measures of decoded motions for one body model (SMPL-H through ``BodyModel``)."""
@@ -58,7 +62,7 @@ class PhysicsEvaluator:
     def __init__(self, body: BodyModel, cfg: PhysicsConfig | None = None, fps: float = TARGET_FPS) -> None:
         self.body, self.cfg, self.fps = body, cfg or PhysicsConfig(), float(fps)
         self.humanoids = HumanoidCache(self._rest_joints, self.cfg.humanoid, decimals=self.cfg.betas_decimals)
-        self._memo: tuple[Tensor, dict[str, Tensor]] | None = None
+        self._memo: tuple[tuple[Tensor, ...], tuple[int, ...], dict[str, Tensor]] | None = None
 
     def _rest_joints(self, betas: Tensor) -> Tensor:
         padded = torch.nn.functional.pad(betas.to(self.body.J_template), (0, self.body.num_betas - betas.shape[-1]))
@@ -86,11 +90,16 @@ class PhysicsEvaluator:
             raise ValueError(f"expected T_world_root (N, T, 4, 4), body_rotmats (N, T, 21, 3, 3), betas (N, "
                              f"{NUM_BETAS}); got {tuple(T_world_root.shape)}, {tuple(rotmats.shape)}, "
                              f"{tuple(betas.shape)}.")
-        if self._memo is not None and self._memo[0] is T_world_root:
-            return self._memo[1]
+        # the very same tensors, unmodified since (in-place edits bump a tensor's version): the last batch again
+        inputs = (T_world_root, rotmats, betas)
+        versions = tuple(t._version for t in inputs)
+        if (self._memo is not None and all(a is b for a, b in zip(self._memo[0], inputs, strict=True))
+                and self._memo[1] == versions):
+            return self._memo[2]
         rows = [self.evaluate_one(T_world_root[n], rotmats[n], betas[n]) for n in range(T_world_root.shape[0])]
-        out = {name: torch.tensor([row[name] for row in rows], dtype=torch.float32) for name in PHYSICS_METRIC_UNITS}
-        self._memo = (T_world_root, out)
+        out = {name: torch.tensor([row[name] for row in rows], dtype=torch.float32, device=T_world_root.device)
+               for name in PHYSICS_METRIC_UNITS}  # on the batch's device, like every other reward
+        self._memo = (inputs, versions, out)
         return out
 
     def evaluate_one(self, T_world_root: Float[Tensor, "T 4 4"], body_rotmats: Float[Tensor, "T 21 3 3"],
@@ -98,9 +107,11 @@ class PhysicsEvaluator:
         """The measures of one motion (see :meth:`evaluate`)."""
         humanoid = self.humanoids(betas)
         qpos = humanoid.qpos(T_world_root, body_rotmats)
+        poses = humanoid.geom_poses(qpos)  # shared by the contact candidates and the plausibility
         feed_forward = self.cfg.simulate and self.cfg.tracking.feed_forward
-        dyn = inverse_dynamics(humanoid, qpos, self.fps, self.cfg.inverse_dynamics, joint_torques=feed_forward)
-        plaus = plausibility(humanoid, qpos, self.cfg.plausibility)
+        dyn = inverse_dynamics(humanoid, qpos, self.fps, self.cfg.inverse_dynamics, joint_torques=feed_forward,
+                               geom_poses=poses)
+        plaus = plausibility(humanoid, qpos, self.cfg.plausibility, geom_poses=poses)
         weight = humanoid.weight_n
         out = {
             "residual_force_per_weight": float(dyn.residual_force_n.mean() / weight),

@@ -2,9 +2,9 @@
 
 Why in code: the physics rewards need a simulated body whose bones are the body model's bones
 for the shape being scored, so that a motion's joint positions and the humanoid's coincide
-exactly. The model is assembled with ``mujoco.MjSpec`` from the rest-pose joints J(betas)
-(``BodyModel.shaped_joints``) and compiled in about a millisecond, so every predicted shape gets
-its own humanoid (cached by its betas).
+exactly (up to the evaluator's rounding of betas to 0.01: under 0.5 mm). The model is assembled
+with ``mujoco.MjSpec`` from the rest-pose joints J(betas) (``BodyModel.shaped_joints``) and
+compiled in 5-10 ms, so every predicted shape gets its own humanoid (cached by its betas).
 
 Structure (22 bodies, one per metric joint: pelvis + SMPL-H joints 1..21):
 
@@ -117,6 +117,13 @@ class HumanoidConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"HumanoidConfig.{name} must be a finite number > 0, got {value!r}.")
+        for name in ("heel_behind_ankle_m", "armature"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"HumanoidConfig.{name} must be finite and >= 0, got {value!r}.")
+        bad = {k: v for k, v in self.radii_m.items() if not (math.isfinite(v) and v > 0)}
+        if bad:
+            raise ValueError(f"HumanoidConfig.radii_m must be finite and > 0, got {bad}.")
         if not (self.friction >= 0 and math.isfinite(self.friction)):
             raise ValueError(f"HumanoidConfig.friction must be finite and >= 0, got {self.friction!r}.")
 
@@ -201,8 +208,10 @@ class Humanoid:
         return geom_xpos[..., 2] - np.abs(geom_xmat[..., 2, 2]) * half_length - radius
 
     def foot_points(self, geom_xpos: np.ndarray, geom_xmat: np.ndarray) -> np.ndarray:
-        """(..., 8, 3) world points at the bottom of both ends of the four foot capsules (heel, toe
-        joint, toe joint, toe tip; left foot then right), from :meth:`geom_poses`' arrays."""
+        """(..., 8, 3) world points at the bottom of both ends of the four foot capsules, from
+        :meth:`geom_poses`' arrays: for each of ``FOOT_BODIES`` (left ankle, left toes, right ankle,
+        right toes) its capsule's two ends in MuJoCo's fromto-axis order (ankle capsule: toe joint,
+        heel; toes capsule: toe tip, toe joint)."""
         feet = [JOINT_NAMES.index(name) for name in FOOT_BODIES]
         centre, axis = geom_xpos[..., feet, :], geom_xmat[..., feet, :, :][..., 2]  # (..., 4, 3); axis = local z
         half_length = self.model.geom_size[self.geom_ids[feet], 1][:, None]
@@ -249,7 +258,7 @@ def _pd_gains(model: mujoco.MjModel, cfg: HumanoidConfig) -> tuple[np.ndarray, n
     for j in range(NUM_BODY_JOINTS):
         body = model.body(JOINT_NAMES[j + 1]).id
         dist = np.linalg.norm(data.subtree_com[body] - data.xpos[body])
-        inertia[j] = model.body_subtreemass[body] * max(dist, 0.05) ** 2
+        inertia[j] = model.body_subtreemass[body] * max(dist, 0.05) ** 2  # >= 5 cm lever for hands and toes
     return inertia * omega**2, 2 * cfg.tracker_damping_ratio * inertia * omega
 
 
@@ -319,7 +328,7 @@ class HumanoidCache:
         self._cache: OrderedDict[bytes, Humanoid] = OrderedDict()
 
     def __call__(self, betas: Float[Tensor, " nb"]) -> Humanoid:
-        key_betas = torch.round(betas.detach().double().cpu(), decimals=self.decimals)
+        key_betas = torch.round(betas.detach().double().cpu(), decimals=self.decimals) + 0.0  # -0.0 -> 0.0
         key = key_betas.numpy().tobytes()
         if key in self._cache:
             self._cache.move_to_end(key)

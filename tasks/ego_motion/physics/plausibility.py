@@ -53,8 +53,10 @@ class PlausibilityResult:
     lowest_point_m: np.ndarray
 
 
-def plausibility(humanoid: Humanoid, qpos: np.ndarray, cfg: PlausibilityConfig | None = None) -> PlausibilityResult:
-    """Penetration, floating and skating of the motion ``qpos`` (T, nq) (module doc for definitions).
+def plausibility(humanoid: Humanoid, qpos: np.ndarray, cfg: PlausibilityConfig | None = None,
+                 geom_poses: tuple[np.ndarray, np.ndarray] | None = None) -> PlausibilityResult:
+    """Penetration, floating and skating of the motion ``qpos`` (T, nq) (module doc for definitions);
+    ``geom_poses`` is ``humanoid.geom_poses(qpos)`` when the caller has it already.
 
     Raises:
         ValueError: ``qpos`` is not a finite (T, nq) array with T >= 2.
@@ -63,7 +65,7 @@ def plausibility(humanoid: Humanoid, qpos: np.ndarray, cfg: PlausibilityConfig |
     model = humanoid.model
     if qpos.ndim != 2 or qpos.shape[1] != model.nq or qpos.shape[0] < 2 or not np.isfinite(qpos).all():
         raise ValueError(f"qpos must be a finite (T, {model.nq}) array with T >= 2, got shape {qpos.shape}.")
-    geom_xpos, geom_xmat = humanoid.geom_poses(qpos)
+    geom_xpos, geom_xmat = geom_poses or humanoid.geom_poses(qpos)
     lowest = humanoid.lowest_points(geom_xpos, geom_xmat).min(axis=-1)  # (T,)
     feet = humanoid.foot_points(geom_xpos, geom_xmat)  # (T, 8, 3)
     in_contact = feet[:, :, 2] <= cfg.skate_contact_height_m  # (T, 8)

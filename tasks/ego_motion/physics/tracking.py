@@ -3,7 +3,7 @@
 RLPF's physical feedback (arXiv 2506.12769) is whether a tracking controller executes a generated
 motion in a physics simulator. Here the controller is a non-learned computed-torque tracker:
 
-    tau_j = tau_ff,j(t) + kp_j log(q_ref,j(t)^-1 q_j) + kd_j (0 - qvel_j)      per ball joint j,
+    tau_j = tau_ff,j(t) - kp_j log(q_ref,j(t)^-1 q_j) - kd_j qvel_j      per ball joint j,
 
 with the (optional) feed-forward tau_ff the joint torques of the motion's own inverse dynamics
 (``dynamics.py``), and the PD part realised by MuJoCo joint springs whose rest configuration
@@ -35,10 +35,10 @@ from dataclasses import dataclass
 import mujoco
 import numpy as np
 
+from ..geometry import HEAD_JOINT
 from .dynamics import finite_difference_velocities
 from .humanoid import Humanoid
 
-HEAD_BODY = 15  # SMPL-H head joint
 ROOT_GYRATION_M = 0.3
 """Radius of gyration (m) that turns body mass into the root aid's rotational inertia."""
 
@@ -57,7 +57,7 @@ class TrackingConfig:
     feed_forward: bool = False
     """Add the motion's inverse-dynamics joint torques to the PD torques. Off by default: on the
     test windows it lowered ground-truth survival (0.73 -> 0.64 at the default aid), the finite-
-    difference accelerations of 30 fps capture being noisy (docs/ego_motion_physics.md)."""
+    difference accelerations of 30 fps capture being noisy (docs/ego_motion_rlpf.md)."""
     assist_fraction: float = 0.3
     """Bound of the root balance aid as a fraction of body weight (0 disables it)."""
     assist_frequency_hz: float = 2.0
@@ -79,7 +79,7 @@ class TrackingResult:
     Attributes:
         success: the humanoid followed every frame without failing.
         survival: fraction of the T frames before the first failure, in [0, 1].
-        tracking_error_m: mean joint position error over the survived frames (m).
+        tracking_error_m: mean joint position error over the survived frames, frame 0 (error 0) included (m).
         assist_n: mean magnitude of the root balance aid's force over the survived frames (N).
         simulated_joints: (T, 22, 3) world joint positions of the humanoid per frame (frames after a
             failure repeat the state at failure).
@@ -112,10 +112,14 @@ def track(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: TrackingConfig 
     T = qpos.shape[0]
     if qpos.ndim != 2 or qpos.shape[1] != model.nq or not np.isfinite(qpos).all():
         raise ValueError(f"qpos must be a finite (T, {model.nq}) array from Humanoid.qpos, got shape {qpos.shape}.")
-    if cfg.feed_forward and (joint_torques_nm is None or joint_torques_nm.shape != (T, 21, 3)):
-        raise ValueError("feed-forward tracking needs joint_torques_nm of shape (T, 21, 3) from inverse_dynamics "
-                         "(or TrackingConfig(feed_forward=False)).")
+    if cfg.feed_forward and (joint_torques_nm is None or joint_torques_nm.shape != (T, 21, 3)
+                             or not np.isfinite(joint_torques_nm).all()):
+        raise ValueError("feed-forward tracking needs finite joint_torques_nm of shape (T, 21, 3) from "
+                         "inverse_dynamics(..., joint_torques=True) (or TrackingConfig(feed_forward=False)).")
     substeps = max(1, round(1.0 / (fps * model.opt.timestep)))
+    if abs(substeps * model.opt.timestep - 1.0 / fps) > 1e-9:
+        raise ValueError(f"HumanoidConfig.timestep_s={model.opt.timestep} does not divide a frame of 1/{fps} s into "
+                         f"whole steps; use 1 / ({fps:g} x n) for an integer n (e.g. {1.0 / (3 * fps):.6g}).")
     qvel, _ = finite_difference_velocities(model, qpos, fps)
     reference = mujoco.MjData(model)
     data = mujoco.MjData(model)
@@ -159,7 +163,7 @@ def track(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: TrackingConfig 
             else:
                 mujoco.mj_kinematics(model, data)
             simulated[t] = data.xpos[ids]
-            drift = np.linalg.norm(data.xpos[ids[[0, HEAD_BODY]]] - reference.xpos[ids[[0, HEAD_BODY]]], axis=-1)
+            drift = np.linalg.norm(data.xpos[ids[[0, HEAD_JOINT]]] - reference.xpos[ids[[0, HEAD_JOINT]]], axis=-1)
             if not np.isfinite(drift).all() or drift.max() > cfg.fail_distance_m:
                 failed_at = t
                 simulated[t:] = simulated[t]

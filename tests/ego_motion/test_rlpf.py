@@ -1,0 +1,124 @@
+"""RLPF: the alignment guard's pieces and the recipe end to end on a tiny config."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from tasks.ego_motion.geometry import make_transform
+from tasks.ego_motion.network import DenoiserConfig, MotionDenoiser, save_denoiser
+from tasks.ego_motion.perceptual import (
+    PerceptualConfig,
+    PerceptualTrainer,
+    transplant,
+    warm_up_alignment_critic,
+    yaw_free_head_frame,
+)
+from tests.recipes import load_recipe
+
+
+def _head(yaw: float, x: float, y: float, z: float = 1.6) -> torch.Tensor:
+    """A CPF looking along world (cos yaw, sin yaw, 0): its local +Z is that direction."""
+    forward = torch.tensor([math.cos(yaw), math.sin(yaw), 0.0])
+    up = torch.tensor([0.0, 0.0, 1.0])
+    R = torch.stack([torch.linalg.cross(up, forward), up, forward], dim=-1)  # columns: local x, y, z
+    return make_transform(R, torch.tensor([x, y, z]))
+
+
+def test_transplant_moves_a_motion_rigidly_onto_the_other_heads_ground_frame():
+    source, target = _head(0.3, 2.0, -1.0), _head(-1.2, -0.5, 4.0, z=1.5)
+    joints = torch.randn(1, 5, 22, 3, generator=torch.Generator().manual_seed(0))
+    moved = transplant(joints, source[None], target[None])
+    # rigid: pairwise distances kept; heights kept (rotation about +Z and horizontal shift only)
+    torch.testing.assert_close(torch.cdist(moved[0, 2], moved[0, 2]), torch.cdist(joints[0, 2], joints[0, 2]))
+    torch.testing.assert_close(moved[..., 2], joints[..., 2])
+    # the source head's ground frame lands on the target's
+    head_point = torch.cat([source[:2, 3], torch.zeros(1)])[None, None, None]
+    landed = transplant(head_point, source[None], target[None])[0, 0, 0]
+    torch.testing.assert_close(landed, torch.cat([target[:2, 3], torch.zeros(1)]))
+    frame = yaw_free_head_frame(target[None])[0]
+    torch.testing.assert_close(frame[:3, 2], torch.tensor([0.0, 0.0, 1.0]))
+
+
+def test_alignment_warm_up_learns_to_prefer_the_truth_and_checks_its_inputs():
+    gen = torch.Generator().manual_seed(0)
+    W, T = 6, 8
+    heads = torch.stack([torch.stack([_head(0.1 * w, 0.05 * t + w, 0.0) for t in range(T + 1)]) for w in range(W)])
+    truth = heads[:, 1:, None, :3, 3] + 0.1 * torch.randn(W, T, 22, 3, generator=gen)
+    truth[..., 2] = truth[..., 2].clamp(min=0.0)
+    far = truth + torch.tensor([0.0, 0.0, 0.8])  # a "prior" that floats: easy to tell apart
+    critic = PerceptualTrainer(dataclasses.replace(PerceptualConfig(), width=16, num_blocks=1, ff_dim=32))
+    stats = warm_up_alignment_critic(critic, truth, heads, far, steps=30, batch_size=4,
+                                     generator=torch.Generator().manual_seed(1))
+    assert len(stats) == 30 and stats[-1]["score_gap"] > stats[0]["score_gap"]
+    assert (critic.score(truth, heads) > critic.score(far, heads)).all()
+    with pytest.raises(ValueError, match="same W windows"):
+        warm_up_alignment_critic(critic, truth, heads, far[:-1], steps=1, batch_size=2, generator=gen)
+    with pytest.raises(ValueError, match="steps >= 1"):
+        warm_up_alignment_critic(critic, truth, heads, far, steps=0, batch_size=2, generator=gen)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.set_num_threads(1)
+    recipe = load_recipe("rlpf_ego_motion")
+    root = tmp_path_factory.mktemp("rlpf")
+    torch.manual_seed(0)
+    prior = root / "prior.safetensors"
+    save_denoiser(prior, MotionDenoiser(dataclasses.replace(DenoiserConfig.demo(), width=32, ff_dim=64,
+                                                            num_encoder_layers=1, num_decoder_layers=1)))
+    base = recipe.default_base()
+    grpo = dataclasses.replace(base.grpo, num_iterations=1, conditions_per_iteration=2, group_size=3,
+                               micro_batch_size=6, checkpoint_every=1)
+    base = dataclasses.replace(base, prior=prior, eval_max_windows=2, grpo=grpo, rollout_sampling_steps=10,
+                               task=dataclasses.replace(base.task, window_frames=32))
+    alignment = recipe.AlignmentConfig(warmup_steps=2, batch_size=4, perceptual=dataclasses.replace(
+        PerceptualConfig(), width=16, num_blocks=1, ff_dim=32))
+    cfg = recipe.Config(output_dir=root / "runs", results=root / "rlpf.json", table_output=root / "table.md",
+                        seeds=(0,), base=base, alignment=alignment)
+    return recipe, cfg
+
+
+@pytest.mark.slow
+def test_rlpf_recipe_runs_every_variant_with_its_rewards_and_leaves_the_critic_frozen(tiny, monkeypatch):
+    recipe, cfg = tiny
+    critics = []
+    original = recipe.alignment_critic
+
+    def spy(*args, **kwargs):
+        critic, stats = original(*args, **kwargs)
+        critics.append((critic, {k: v.clone() for k, v in critic.model.state_dict().items()}))
+        return critic, stats
+
+    monkeypatch.setattr(recipe, "alignment_critic", spy)
+    summary = recipe.main(cfg)
+    assert [r["variant"] for r in summary["runs"]] == list(recipe.VARIANTS)
+    expected = {"physics": set(recipe.PHYSICS_REWARDS),
+                "physics+alignment": {*recipe.PHYSICS_REWARDS, "ego_visual"},
+                "physics+alignment+joint": {*recipe.PHYSICS_REWARDS, "ego_visual", *recipe.JOINT_REWARDS}}
+    for run in summary["runs"]:
+        assert {k.removeprefix("reward/") for k in run["final_rewards"]} >= expected[run["variant"]]
+        assert not any(k.removeprefix("reward/") not in expected[run["variant"]] and "/" not in
+                       k.removeprefix("reward/") for k in run["final_rewards"]), run["final_rewards"]
+        for name in recipe.REPORTED:
+            assert math.isfinite(run["metrics"][name]), (run["variant"], name)
+    critic, before = critics[0]
+    for k, v in critic.model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # GRPO scored with the critic but never trained it
+    table = (cfg.table_output).read_text()
+    assert "| prior |" in table and "| physics+alignment+joint (1 seeds) |" in table
+    assert json.loads(cfg.results.read_text())["prior"]["mpjpe_mm"] == summary["prior"]["mpjpe_mm"]
+
+
+def test_rlpf_config_refuses_what_it_would_ignore():
+    recipe = load_recipe("rlpf_ego_motion")
+    with pytest.raises(ValueError, match="unknown or empty"):
+        recipe.Config(variants=("physics", "joint-only"))
+    with pytest.raises(ValueError, match="rewards come from --variants"):
+        recipe.Config(base=dataclasses.replace(recipe.default_base(), use_visual_reward=True))
+    with pytest.raises(ValueError, match="tracking-mode"):
+        recipe.Config(rewards=recipe.RewardParams(tracking_mode="binary"))  # type: ignore[arg-type]
