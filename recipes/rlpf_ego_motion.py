@@ -46,6 +46,7 @@ import torch
 import tyro
 
 import tasks.ego_motion.rewards  # noqa: F401  (registers the ego_* and physics_* rewards)
+from diffgrpo.checkpoint import latest_checkpoint, load_checkpoint
 from diffgrpo.config import ProbeConfig
 from diffgrpo.launch import make_accelerator
 from diffgrpo.rewards import RewardSet, RewardSpec
@@ -54,6 +55,7 @@ from diffgrpo.trainer import check_run, train_grpo
 from tasks.ego_motion.network import load_denoiser
 from tasks.ego_motion.perceptual import PerceptualConfig, PerceptualTrainer, warm_up_alignment_critic
 from tasks.ego_motion.physics.evaluator import PHYSICS_METRIC_UNITS, PhysicsConfig, PhysicsEvaluator
+from tasks.ego_motion.render import render_frames_png
 from tasks.ego_motion.rewards import OMEGA_CONTACT, OMEGA_RESIDUAL, OMEGA_VISUAL
 from tasks.ego_motion.sampling import evaluate_windows, sample_motion
 from tasks.ego_motion.task import EgoMotionTask
@@ -110,6 +112,10 @@ class Config:
     """Aggregate results (every run's held-out metrics and the prior's)."""
     table_output: Path | None = None
     """Also write the markdown table here (e.g. docs/data/rlpf_table.md)."""
+    figure: Path | None = None
+    """Also draw one test window, prior vs each variant's first-seed model with the same noise, here (PNG)."""
+    figure_window: int = 0
+    """Which (floor-contact) test window the figure shows."""
     seeds: tuple[int, ...] = (0, 1, 2)
     variants: tuple[str, ...] = VARIANTS
     rewards: RewardParams = field(default_factory=RewardParams)
@@ -224,6 +230,47 @@ def table(prior: dict[str, float], runs: list[dict], cfg: Config) -> str:
     return "\n".join(lines) + "\n"
 
 
+def post_trained(cfg: Config, variant: str, seed: int) -> torch.nn.Module:
+    """The policy of a finished run, from its newest checkpoint."""
+    model = load_denoiser(cfg.base.prior)
+    accelerator = make_accelerator(run_dir(cfg, variant, seed), log_with=None)
+    path = latest_checkpoint(run_dir(cfg, variant, seed))
+    if path is None:
+        raise FileNotFoundError(f"no checkpoint in {run_dir(cfg, variant, seed)}; run the variant first.")
+    load_checkpoint(accelerator, path, model=model)
+    return model
+
+
+@torch.no_grad()
+def before_after(task: EgoMotionTask, prior: torch.nn.Module, evaluator: PhysicsEvaluator, cfg: Config) -> Path:
+    """``cfg.figure``: one PNG per variant (first seed) of 5 frames, prior (blue) vs post-trained (orange),
+    both drawn from the same noise for that window; the titles give their tracking survival."""
+    index = torch.tensor([cfg.figure_window])
+    batch = task.load_examples("test", index)
+    seed = cfg.seeds[0]
+
+    def sample(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        trajectory = sample_motion(task, model, batch, sampler_cfg=task.sampler_config(), group_ids=index,
+                                   generator=make_generator(cfg.base.eval_seed, "eval", cfg.figure_window))
+        return task.decode(trajectory.samples, batch)
+
+    before = sample(prior)
+    survival_before = float(evaluator.evaluate(before)["tracking_survival"][0])
+    paths = []
+    for variant in cfg.variants:
+        after = sample(post_trained(cfg, variant, seed))
+        survival_after = float(evaluator.evaluate(after)["tracking_survival"][0])
+        path = cfg.figure.with_name(f"{cfg.figure.stem}_{variant.replace('+', '_')}{cfg.figure.suffix}")
+        render_frames_png(path, before["joints_world"][0], after["joints_world"][0],
+                          head_positions=batch["T_world_cpf"][0, 1:, :3, 3],
+                          frames=torch.linspace(0, batch["T_world_cpf"].shape[1] - 2, 5).round().long().tolist(),
+                          num_columns=5, gt_label="prior", pred_label=f"{variant} (seed {seed})",
+                          title=f"test window {cfg.figure_window}: tracking survival prior {survival_before:.2f}, "
+                                f"{variant} {survival_after:.2f}")
+        paths.append(path)
+    return paths[0]
+
+
 def main(cfg: Config) -> dict:
     if cfg.base.threads:
         torch.set_num_threads(cfg.base.threads)
@@ -252,6 +299,8 @@ def main(cfg: Config) -> dict:
                "command": "python recipes/rlpf_ego_motion.py " + " ".join(sys.argv[1:])}
     cfg.results.parent.mkdir(parents=True, exist_ok=True)
     cfg.results.write_text(json.dumps(summary, indent=2))
+    if cfg.figure:
+        before_after(task, prior, evaluator, cfg)
     markdown = table(prior_metrics, runs, cfg)
     if cfg.table_output:
         cfg.table_output.parent.mkdir(parents=True, exist_ok=True)

@@ -136,6 +136,7 @@ def _draw_frame(
     size: float,
     show_legend: bool,
     gt_label: str = "ground truth",
+    pred_label: str = "prediction",
 ) -> None:
     ax.cla()
     ax.grid(False)
@@ -148,7 +149,7 @@ def _draw_frame(
                 label="head trajectory")  # fmt: skip
     _draw_skeleton(ax, gt[t], GT_COLOR, gt_label)
     if pred is not None:
-        _draw_skeleton(ax, pred[t], PRED_COLOR, "prediction")
+        _draw_skeleton(ax, pred[t], PRED_COLOR, pred_label)
     if head is not None:
         ax.scatter(*head[t], color=HEAD_COLOR, s=18, depthshade=False)
     ax.set_xlim(lower[0], lower[0] + size)
@@ -179,6 +180,7 @@ def render_frames_png(
     panel_size_in: float = 2.6,
     dpi: int = 100,
     gt_label: str = "ground truth",
+    pred_label: str = "prediction",
 ) -> Path:
     """Write a grid of 3-D skeleton panels, one per selected frame, as a PNG; returns the path.
 
@@ -195,6 +197,7 @@ def render_frames_png(
             large), or one cube holds the whole clip (False; shows where the body went).
         panel_size_in, dpi: size of one panel in inches and the resolution.
         gt_label: legend entry of ``gt_joints`` (e.g. "prediction" when drawing a prediction alone).
+        pred_label: legend entry of ``pred_joints`` (e.g. "post-trained" beside the prior).
     """
     gt, pred, head = _prepare(gt_joints, pred_joints, head_positions)
     num_frames = gt.shape[0]
@@ -212,7 +215,8 @@ def render_frames_png(
     fig = Figure(figsize=(panel_size_in * num_cols, fig_height_in), dpi=dpi)
     for i, t in enumerate(frames):
         ax = fig.add_subplot(num_rows, num_cols, i + 1, projection="3d")
-        _draw_frame(ax, t, gt, pred, head, lower[t], size, show_legend=(i == 0), gt_label=gt_label)
+        _draw_frame(ax, t, gt, pred, head, lower[t], size, show_legend=(i == 0), gt_label=gt_label,
+                    pred_label=pred_label)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.subplots_adjust(

@@ -79,7 +79,7 @@ def tiny(tmp_path_factory):
     alignment = recipe.AlignmentConfig(warmup_steps=2, batch_size=4, perceptual=dataclasses.replace(
         PerceptualConfig(), width=16, num_blocks=1, ff_dim=32))
     cfg = recipe.Config(output_dir=root / "runs", results=root / "rlpf.json", table_output=root / "table.md",
-                        seeds=(0,), base=base, alignment=alignment)
+                        figure=root / "before_after.png", seeds=(0,), base=base, alignment=alignment)
     return recipe, cfg
 
 
@@ -109,6 +109,8 @@ def test_rlpf_recipe_runs_every_variant_with_its_rewards_and_leaves_the_critic_f
     critic, before = critics[0]
     for k, v in critic.model.state_dict().items():
         assert torch.equal(v, before[k]), k  # GRPO scored with the critic but never trained it
+    for variant in recipe.VARIANTS:  # one before/after picture per variant
+        assert (cfg.output_dir.parent / f"before_after_{variant.replace('+', '_')}.png").stat().st_size > 1000
     table = (cfg.table_output).read_text()
     assert "| prior |" in table and "| physics+alignment+joint (1 seeds) |" in table
     assert json.loads(cfg.results.read_text())["prior"]["mpjpe_mm"] == summary["prior"]["mpjpe_mm"]
