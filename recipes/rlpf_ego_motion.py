@@ -188,13 +188,12 @@ def run_dir(cfg: Config, variant: str, seed: int) -> Path:
     return cfg.output_dir / f"{variant.replace('+', '_')}_seed{seed}"
 
 
-def run_variant(task, evaluator, critic, variant: str, seed: int, cfg: Config) -> dict:
+def run_variant(task, rollout_task, evaluator, critic, variant: str, seed: int, cfg: Config) -> dict:
     """One GRPO run of ``variant`` (read back if finished, resumed if interrupted) and its held-out metrics."""
     out_dir = run_dir(cfg, variant, seed)
     if (out_dir / "results.json").exists():
         return json.loads((out_dir / "results.json").read_text())
     grpo = dataclasses.replace(cfg.base.effective_grpo(), seed=seed)
-    rollout_task = cfg.base.rollout_task(task)
     check_run(rollout_task, grpo)
     model = load_denoiser(cfg.base.prior)
     accelerator = make_accelerator(out_dir, mixed_precision=grpo.mixed_precision)
@@ -275,6 +274,7 @@ def main(cfg: Config) -> dict:
     if cfg.base.threads:
         torch.set_num_threads(cfg.base.threads)
     task = EgoMotionTask(cfg.base.task)
+    rollout_task = cfg.base.rollout_task(task)  # one for every run: its windows load once
     evaluator = PhysicsEvaluator(task.body, cfg.physics)
     prior = load_denoiser(cfg.base.prior)
     prior_file = cfg.output_dir / "prior.json"
@@ -292,7 +292,7 @@ def main(cfg: Config) -> dict:
             critic, warmup = alignment_critic(task, prior, cfg, seed)
             (cfg.output_dir / f"alignment_seed{seed}.json").write_text(json.dumps(warmup))
         for variant in cfg.variants:
-            runs.append(run_variant(task, evaluator, critic, variant, seed, cfg))
+            runs.append(run_variant(task, rollout_task, evaluator, critic, variant, seed, cfg))
     summary = {"prior": prior_metrics, "runs": runs,
                "windows": {split: {"kept": task.num_examples(split), "of": len(task.windows(split))}
                            for split in ("post_train", "test")}, "units": {**PHYSICS_METRIC_UNITS},

@@ -20,3 +20,18 @@ def load_recipe(name: str) -> ModuleType:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def write_tiny_prior(path: Path) -> Path:
+    """A tiny random demo-layout denoiser (width 32, one encoder and one decoder layer) saved at ``path``,
+    seeded so every recipe test starts from the same weights."""
+    import dataclasses
+
+    import torch
+
+    from tasks.ego_motion.network import DenoiserConfig, MotionDenoiser, save_denoiser
+
+    torch.manual_seed(0)
+    save_denoiser(path, MotionDenoiser(dataclasses.replace(DenoiserConfig.demo(), width=32, ff_dim=64,
+                                                           num_encoder_layers=1, num_decoder_layers=1)))
+    return path

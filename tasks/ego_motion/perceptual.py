@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from tasks.ego_motion.condition import NUM_CONDITION_FEATURES, encode_head_trajectory
-from tasks.ego_motion.geometry import NUM_BODY_JOINTS, rotation_about_z
+from tasks.ego_motion.geometry import NUM_BODY_JOINTS, invert_transform, make_transform, rotation_about_z
 from tasks.ego_motion.network import RotaryAttention, rope_cos_sin
 
 STATE_FORMAT = "diffgrpo-perceptual-v1"
@@ -512,11 +512,8 @@ def yaw_free_head_frame(T_world_cpf: Float[Tensor, "N 4 4"]) -> Float[Tensor, "N
     """The head's ground frame: rotation Rz(psi) (psi = yaw of the CPF's forward axis, local +Z) and
     translation (x, y, 0) of the CPF; world metres, +Z up."""
     forward = T_world_cpf[..., :3, 2]
-    out = torch.zeros_like(T_world_cpf)
-    out[..., :3, :3] = rotation_about_z(torch.atan2(forward[..., 1], forward[..., 0]))
-    out[..., :2, 3] = T_world_cpf[..., :2, 3]
-    out[..., 3, 3] = 1.0
-    return out
+    ground = torch.nn.functional.pad(T_world_cpf[..., :2, 3], (0, 1))  # (x, y, 0)
+    return make_transform(rotation_about_z(torch.atan2(forward[..., 1], forward[..., 0])), ground)
 
 
 def transplant(joints: Float[Tensor, "N T J 3"], from_T_world_cpf: Float[Tensor, "N 4 4"],
@@ -528,7 +525,7 @@ def transplant(joints: Float[Tensor, "N T J 3"], from_T_world_cpf: Float[Tensor,
     way, but does not follow that head's trajectory: an alignment negative that only the head's
     motion over time gives away (the "other conditions' truth on this head" of issue 9).
     """
-    T_to_from = yaw_free_head_frame(to_T_world_cpf) @ torch.linalg.inv(yaw_free_head_frame(from_T_world_cpf))
+    T_to_from = yaw_free_head_frame(to_T_world_cpf) @ invert_transform(yaw_free_head_frame(from_T_world_cpf))
     R, t = T_to_from[:, None, None, :3, :3], T_to_from[:, None, None, :3, 3]
     return (R @ joints[..., None])[..., 0] + t
 

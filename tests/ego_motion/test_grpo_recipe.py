@@ -9,8 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tasks.ego_motion.network import DenoiserConfig, MotionDenoiser, save_denoiser
-from tests.recipes import load_recipe
+from tests.recipes import load_recipe, write_tiny_prior
 
 
 @pytest.fixture(scope="module")
@@ -18,10 +17,7 @@ def tiny(tmp_path_factory):
     torch.set_num_threads(1)
     recipe = load_recipe("ego_motion")
     root = tmp_path_factory.mktemp("ego_grpo")
-    torch.manual_seed(0)
-    prior = root / "prior.safetensors"
-    save_denoiser(prior, MotionDenoiser(dataclasses.replace(DenoiserConfig.demo(), width=32, ff_dim=64,
-                                                            num_encoder_layers=1, num_decoder_layers=1)))
+    prior = write_tiny_prior(root / "prior.safetensors")
     task = recipe.EgoMotionTaskConfig(window_frames=32)
     probe = recipe.ProbeConfig(splits=("post_train", "test"), conditions_per_split=2, noises_per_condition=1,
                                eval_every=1)

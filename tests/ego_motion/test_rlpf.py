@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from tasks.ego_motion.geometry import make_transform
-from tasks.ego_motion.network import DenoiserConfig, MotionDenoiser, save_denoiser
 from tasks.ego_motion.perceptual import (
     PerceptualConfig,
     PerceptualTrainer,
@@ -18,7 +17,7 @@ from tasks.ego_motion.perceptual import (
     warm_up_alignment_critic,
     yaw_free_head_frame,
 )
-from tests.recipes import load_recipe
+from tests.recipes import load_recipe, write_tiny_prior
 
 
 def _head(yaw: float, x: float, y: float, z: float = 1.6) -> torch.Tensor:
@@ -76,10 +75,7 @@ def tiny(tmp_path_factory):
     torch.set_num_threads(1)
     recipe = load_recipe("rlpf_ego_motion")
     root = tmp_path_factory.mktemp("rlpf")
-    torch.manual_seed(0)
-    prior = root / "prior.safetensors"
-    save_denoiser(prior, MotionDenoiser(dataclasses.replace(DenoiserConfig.demo(), width=32, ff_dim=64,
-                                                            num_encoder_layers=1, num_decoder_layers=1)))
+    prior = write_tiny_prior(root / "prior.safetensors")
     base = recipe.default_base()
     grpo = dataclasses.replace(base.grpo, num_iterations=1, conditions_per_iteration=2, group_size=3,
                                micro_batch_size=6, checkpoint_every=1)

@@ -323,8 +323,9 @@ class HumanoidCache:
     """
 
     def __init__(self, rest_joints_fn, cfg: HumanoidConfig | None = None, decimals: int = 3, capacity: int = 256):
-        self.rest_joints_fn, self.cfg, self.decimals, self.capacity = rest_joints_fn, cfg or HumanoidConfig(), \
-            decimals, capacity
+        self.rest_joints_fn = rest_joints_fn
+        self.cfg = cfg or HumanoidConfig()
+        self.decimals, self.capacity = decimals, capacity
         self._cache: OrderedDict[bytes, Humanoid] = OrderedDict()
 
     def __call__(self, betas: Float[Tensor, " nb"]) -> Humanoid:
