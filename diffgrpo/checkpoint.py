@@ -11,6 +11,12 @@ Layout of ``<output_dir>/checkpoints/``::
     step_000010/rank_0.safetensors   this process's RNG streams and data position (every rank)
     latest                           name of the newest complete checkpoint
 
+With ``trainable_only=True`` (LoRA) the model part holds only the parameters that require
+gradients, the adapters: the frozen base weights are the pipeline's own and are not copied into
+every checkpoint; loading checks that every trainable parameter is restored (metadata
+``model_state``: "trainable"; "full" or absent, as in checkpoints written before it existed,
+restores the whole model strictly).
+
 A checkpoint is written into ``step_XXXXXX.tmp`` and renamed once every rank has finished, and
 ``latest`` is replaced atomically afterwards, so a crash at any moment leaves the previous
 checkpoint intact and resumable.
@@ -164,13 +170,15 @@ def save_checkpoint(
     shared_tensors: dict[str, Tensor] | None = None,
     meta: dict[str, Any] | None = None,
     keep_last: int = 2,
+    trainable_only: bool = False,
 ) -> Path:
     """Write checkpoint ``step`` atomically. Every process must call this (it synchronises, and
     under FSDP every process takes part in gathering the model and optimiser states).
 
     ``rank_tensors``/``rank_meta`` hold per-process state (generator states from
     ``generator.get_state()``, data position); ``shared_tensors``/``meta`` hold state that is
-    identical on all processes (a learned reward model, the config).
+    identical on all processes (a learned reward model, the config). ``trainable_only`` saves only
+    the model's parameters that require gradients (LoRA adapters), see the module docstring.
     """
     root = checkpoint_dir(output_dir)
     name = f"step_{step:06d}"
@@ -187,6 +195,9 @@ def save_checkpoint(
 
     sharded = is_sharded(model)
     model_state, optimizer_state = _full_states(accelerator, model, optimizer)  # on every rank
+    if trainable_only:
+        trainable = {name for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+        model_state = {k: v for k, v in model_state.items() if k in trainable}
     if accelerator.is_main_process:
         tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model_state.items()}
         opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
@@ -199,6 +210,7 @@ def save_checkpoint(
             "lr_scheduler": json.dumps(lr_scheduler.state_dict() if lr_scheduler is not None else None),
             "num_processes": str(accelerator.num_processes),
             "optimizer_keys": "name" if sharded else "position",
+            "model_state": "trainable" if trainable_only else "full",
             "meta": json.dumps({"git_revision": git_revision(), **(meta or {})}, default=str),
         }
         save_file(tensors, str(tmp_dir / "shared.safetensors"), metadata=metadata)
@@ -251,6 +263,9 @@ def load_checkpoint(
                          "`accelerate launch --multi_gpu`)")
     tensors = load_file(str(shared_file))
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    partial = metadata.get("model_state", "full") == "trainable"
+    if partial:
+        _check_trainable_state(accelerator.unwrap_model(model), model_state, shared_file)
     opt_state = None
     if optimizer is not None:
         opt_tensors = {k: v for k, v in tensors.items() if k.startswith("optimizer.")}
@@ -262,12 +277,12 @@ def load_checkpoint(
             set_optimizer_state_dict,
         )
 
-        options = StateDictOptions(full_state_dict=True)
+        options = StateDictOptions(full_state_dict=True, strict=not partial)
         set_model_state_dict(model, model_state, options=options)
         if opt_state is not None:
             set_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), opt_state, options=options)
     else:
-        accelerator.unwrap_model(model).load_state_dict(model_state)
+        accelerator.unwrap_model(model).load_state_dict(model_state, strict=not partial)
         if opt_state is not None:
             optimizer.load_state_dict(opt_state)
     lr_state = json.loads(metadata["lr_scheduler"])
@@ -287,3 +302,13 @@ def load_checkpoint(
         shared_tensors={k[len("task."):]: v for k, v in tensors.items() if k.startswith("task.")},
         meta=json.loads(metadata["meta"]),
     )
+
+
+def _check_trainable_state(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
+    """Raise unless ``state`` holds exactly the model's trainable parameters (a ``trainable_only`` checkpoint)."""
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(trainable - set(state)), sorted(set(state) - trainable)
+    if missing or unexpected:
+        raise ValueError(f"{path} holds the trainable parameters of another model (missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}, of {len(trainable)} trainable): add the same LoRA adapters "
+                         "(--lora.*) to the same base model before loading")

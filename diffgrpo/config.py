@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from diffgrpo.advantages import AdvantageConfig
+from diffgrpo.exploration import ExplorationSubspace
 from diffgrpo.loss import LossConfig
 from diffgrpo.sde import Method
 
@@ -36,8 +37,22 @@ class SamplerConfig:
     """[start, end) step indices in sampling order (0 = the noisiest) that sample stochastically with
     ``eta``; the other steps take the same rule with eta = 0 (deterministic: no density, not trained),
     so every difference within a group comes from the window's steps. None: every step is stochastic."""
+    noise_frequencies: int | None = None
+    """Exploration noise only in the lowest N DCT-II frequencies along the sample's axis 1 (time, for
+    trajectories); the rest of each step is deterministic (``diffgrpo.exploration``). None: all of them."""
+    noise_features: tuple[int, int] | None = None
+    """Exploration noise only on features [START, STOP) of the sample's last axis (e.g. the ego-motion body
+    rotations, 16 205: not betas or contacts, which no reward reads). None: every feature."""
+
+    guidance_scale: float = 1.0
+    """Classifier-free guidance weight w: the policy's prediction is uncond + w (cond - uncond), both when
+    sampling and when re-scoring (``diffgrpo.guidance``); 1 = no guidance (one network pass). w > 1 needs a
+    task whose condition carries ``negative_*`` (unconditional) entries, e.g. the text-to-image task."""
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 1.0):
+            raise ValueError(f"sampler.guidance_scale={self.guidance_scale} must be >= 1 (1 = no guidance); fix "
+                             "--grpo.sampler.guidance-scale")
         methods = ("ddim", "ddpm", "egoallo", "flow_sde", "cps")
         if self.method is not None and self.method not in methods:
             raise ValueError(f"sampler.method={self.method!r} is not one of {methods} (or None for the scheduler's "
@@ -58,6 +73,20 @@ class SamplerConfig:
         if window is not None and (len(window) != 2 or not 0 <= window[0] < window[1]):
             raise ValueError(f"sampler.sde_window must be START END with 0 <= START < END (step indices, 0 = the "
                              f"noisiest), got {self.sde_window}")
+
+        if self.noise_frequencies is not None and self.noise_frequencies < 1:
+            raise ValueError(f"sampler.noise_frequencies={self.noise_frequencies} must be >= 1 (or None for all)")
+        features = self.noise_features
+        if features is not None and (len(features) != 2 or not 0 <= features[0] < features[1]):
+            raise ValueError(f"sampler.noise_features must be START STOP with 0 <= START < STOP, got {features}")
+
+    def exploration_subspace(self, sample_shape: tuple[int, ...]) -> ExplorationSubspace | None:
+        """Where the stochastic steps put their noise, for samples shaped ``sample_shape`` (None: everywhere).
+
+        Raises ValueError when ``noise_frequencies`` exceeds the axis length or ``noise_features`` the last
+        axis (checked at start-up by ``diffgrpo.rollout.check_sampler``).
+        """
+        return ExplorationSubspace.build(tuple(sample_shape), self.noise_frequencies, self.noise_features)
 
     def eta_at(self, step: int) -> float:
         """The eta of sampling step ``step`` (0 = the noisiest): ``eta`` inside ``sde_window``, else 0."""
@@ -199,6 +228,26 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class EMAConfig:
+    """An exponential moving average of the trained weights (``diffgrpo.ema``), kept beside the policy."""
+
+    use_ema: bool = False
+    """Keep the average (of the trainable parameters only: the LoRA adapters when training LoRA)."""
+    decay: float = 0.9
+    """theta_ema <- decay theta_ema + (1 - decay) theta after every iteration's update (one per iteration,
+    so 0.9 averages over about the last 10 iterations)."""
+    use_for_eval: bool = False
+    """Evaluate the probe set (and a recipe's final evaluation) with the averaged weights swapped in."""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.decay) and 0.0 <= self.decay < 1.0):
+            raise ValueError(f"ema.decay={self.decay} must be in [0, 1); fix --grpo.ema.decay")
+        if not self.use_ema and (self.use_for_eval or self.decay != 0.9):
+            raise ValueError("--grpo.ema.decay / --grpo.ema.use-for-eval were given without --grpo.ema.use-ema; "
+                             "add it or drop them")
+
+
+@dataclass(frozen=True)
 class GRPOConfig:
     """One GRPO run: sampling, groups, advantages, loss, optimiser, bookkeeping."""
 
@@ -221,12 +270,19 @@ class GRPOConfig:
     proportional to the step's std, so the low-noise late steps do not dominate the gradient)."""
     micro_batch_size: int = 32
     """Chains per network call, in rollout and in the update alike (same batches -> ratio 1)."""
+    rollout_chunks: int = 1
+    """Split each iteration's B conditions into this many rollout chunks; the rewards of one chunk are
+    computed in a worker thread while the next chunk samples (``RewardSet.submit``). B must be a multiple
+    of it and each chunk's B / chunks x G chains a multiple of ``micro_batch_size`` (so the update re-scores
+    the very network batches the rollout ran)."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     steps: StepSelectionConfig = field(default_factory=StepSelectionConfig)
     perturb: PerturbConfig = field(default_factory=PerturbConfig)
     advantages: AdvantageConfig = field(default_factory=AdvantageConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    """Optional moving average of the trained weights, saved in checkpoints."""
     rewards: tuple[str, ...] = ()
     """Rewards as 'name' or 'name:weight' (e.g. shapes_iou:1.0); names from the reward registry."""
     probe: ProbeConfig = field(default_factory=ProbeConfig)
@@ -247,6 +303,15 @@ class GRPOConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.group_size < 2:
             raise ValueError(f"group_size must be >= 2 for group-relative advantages, got {self.group_size}")
+        if self.rollout_chunks < 1 or self.conditions_per_iteration % self.rollout_chunks:
+            raise ValueError(f"rollout_chunks={self.rollout_chunks} must be >= 1 and divide "
+                             f"conditions_per_iteration={self.conditions_per_iteration}; fix --grpo.rollout-chunks")
+        chunk_rows = self.conditions_per_iteration // self.rollout_chunks * self.group_size
+        if self.rollout_chunks > 1 and chunk_rows % self.micro_batch_size:
+            raise ValueError(f"each rollout chunk holds {chunk_rows} chains, not a multiple of micro_batch_size="
+                             f"{self.micro_batch_size}, so the update would re-score other network batches than the "
+                             "rollout ran (on-policy ratio != 1); pick --grpo.micro-batch-size dividing "
+                             f"{chunk_rows} or change --grpo.rollout-chunks")
         heads = self.perturb.heads_per_group
         if self.perturb.sharing == "nested" and (self.group_size % heads or self.group_size // heads < 2):
             raise ValueError(f"perturb.sharing='nested' splits each group of {self.group_size} into "

@@ -64,7 +64,7 @@ def policy_gradients(
     ``.grad`` and no collective runs.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    model_fn = model_fn_for(task, model)
+    model_fn = model_fn_for(task, model, cfg.sampler.guidance_scale)
     was_training = model.training
     model.eval()
     out: list[dict[int, Tensor]] = []
@@ -120,14 +120,15 @@ def gradient_agreement(
 @torch.no_grad()
 def step_means(task: Task, model: nn.Module, scheduler, data: RolloutBatch, *, cfg: GRPOConfig,
                rows: slice, steps: Sequence[int]) -> dict[int, tuple[Tensor, Tensor]]:
-    """(mean, std) of the step Gaussians of ``rows`` at ``steps`` under ``model`` (for policy movement)."""
-    model_fn = model_fn_for(task, model)
+    """(mean, std) of the step Gaussians of ``rows`` at ``steps`` under ``model`` (for policy movement), the
+    means in the coordinates their density lives on (``StepOutput.density_coordinates``)."""
+    model_fn = model_fn_for(task, model, cfg.sampler.guidance_scale)
     was_training = model.training
     model.eval()
     out = {}
     for k in steps:
         step = score_step(model_fn, scheduler, data.trajectory, k, rows, sampler=cfg.sampler)
-        out[k] = (step.mean.float(), step.std.float())
+        out[k] = (step.density_coordinates(step.mean).float(), step.std.reshape(-1, 1).float())  # (rows, r), (rows, 1)
     model.train(was_training)
     return out
 

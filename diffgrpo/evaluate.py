@@ -13,8 +13,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from diffgrpo.config import SamplerConfig
+from diffgrpo.guidance import guided_model_fn
 from diffgrpo.rollout import make_generator, rollout
-from diffgrpo.task import Task
+from diffgrpo.task import Task, batch_to
 
 
 @torch.no_grad()
@@ -48,12 +49,13 @@ def evaluate(
     per_metric: dict[str, list[Tensor]] = {}
     batches = indices.split(batch_size)
     for idx in tqdm(batches, desc=f"eval {split}", disable=not progress or rank != 0, leave=False):
-        batch = {k: v.to(device) for k, v in task.load_examples(split, idx).items()}
+        batch = batch_to(task.load_examples(split, idx), device)
         cond = task.encode_condition(batch)
         gen = make_generator(seed, "eval", int(idx[0]), device=device)
         with autocast():
-            traj = rollout(lambda x, t, c: task.predict(model, x, t, c), scheduler, cond, idx.to(device),
-                           task.sampling_timesteps(), task.sample_shape, generator=gen, sampler=sampler)
+            traj = rollout(guided_model_fn(task.predict, model, sampler.guidance_scale), scheduler, cond,
+                           idx.to(device), task.sampling_timesteps(), task.sample_shape, generator=gen,
+                           sampler=sampler, x0_pred_steps=())
         decoded = task.decode(traj.samples, batch)
         for name, value in task.evaluate(decoded, batch).items():
             per_metric.setdefault(name, []).append(value.float())

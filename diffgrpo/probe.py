@@ -22,9 +22,10 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from diffgrpo.config import ProbeConfig, SamplerConfig
+from diffgrpo.guidance import guided_model_fn
 from diffgrpo.rewards import RewardSet
 from diffgrpo.rollout import make_generator, rollout
-from diffgrpo.task import Task, batch_to, repeat_batch
+from diffgrpo.task import Task, batch_to, cond_device, repeat_batch
 
 
 def probe_indices(num_examples: int, count: int, seed: int, split: str) -> Tensor:
@@ -60,11 +61,11 @@ def evaluate_probe(
         num_conditions, num_noises = len(indices), cfg.noises_per_condition
         batch = repeat_batch(batch_to(task.load_examples(split, indices), device), num_noises)
         cond = task.encode_condition(batch)
-        pair_ids = torch.arange(num_conditions * num_noises, device=cond.device)  # each (c, m) its own x_T
+        pair_ids = torch.arange(num_conditions * num_noises, device=cond_device(cond))  # each (c, m) its own x_T
         generator = make_generator(cfg.seed, "probe_noise", split, device=device)
-        trajectory = rollout(lambda x, t, c: task.predict(model, x, t, c), scheduler, cond, pair_ids,
+        trajectory = rollout(guided_model_fn(task.predict, model, sampler.guidance_scale), scheduler, cond, pair_ids,
                              task.sampling_timesteps(), task.sample_shape, generator=generator, sampler=sampler,
-                             micro_batch_size=micro_batch_size)
+                             micro_batch_size=micro_batch_size, x0_pred_steps=())
         decoded = task.decode(trajectory.samples, batch)
         if rewards is not None:
             scored = rewards(decoded, batch)

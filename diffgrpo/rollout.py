@@ -6,7 +6,10 @@ groups, on this process or on another, must not share noise (a classic multi-GPU
 are identified by an explicit integer id, never by the content of their condition.
 
 Every chain runs the same K steps; we record x_T..x_0, the log-probability of each step under
-the sampling (old) policy, and each step's x0 prediction (used by tasks for hard negatives).
+the sampling (old) policy, and the x0 predictions of the steps a task asks for (used by tasks for
+hard negatives; ``diffgrpo.task.x0_pred_steps_of``). The condition may be a tensor or a dict of
+tensors (e.g. prompt embeddings with their unconditional counterparts for guidance); it is sliced
+row-wise with ``diffgrpo.task.select_rows`` into the same micro-batches when sampling and re-scoring.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from torch import Tensor
 
 from diffgrpo.config import SamplerConfig
 from diffgrpo.sde import step_with_logprob
+from diffgrpo.task import Cond, concat_rows, cond_device, cond_rows, select_rows
 
-ModelFn = Callable[[Tensor, Tensor, Tensor], Tensor]
-"""(x_t (N, *S), t (N,), cond (N, ...)) -> model output (N, *S)."""
+ModelFn = Callable[[Tensor, Tensor, Cond], Tensor]
+"""(x_t (N, *S), t (N,), cond (N, ...) or named (N, ...) tensors) -> model output (N, *S)."""
 
 
 @dataclass(frozen=True)
@@ -36,15 +40,45 @@ class Trajectory:
     log_probs: Tensor
     """(N, K) float32 log pi_old(x_{k+1} | x_k, c); 0 for deterministic steps."""
     x0_preds: Tensor
-    """(N, K, *S) the model's x0 estimate at each step."""
+    """(N, K', *S) the model's x0 estimate at the kept steps (``x0_pred_steps``; all K by default)."""
     is_stochastic: Tensor
     """(K,) bool: steps with std > 0; only these carry a density and enter the loss."""
     group_ids: Tensor
     """(N,) long: members of one group share an id and their initial noise."""
-    cond: Tensor
-    """(N, ...) the model conditioning each chain used (after any perturbation)."""
+    cond: Cond
+    """(N, ...) the model conditioning each chain used (after any perturbation): a tensor or named tensors."""
     step_stds: Tensor | None = None
     """(K,) the std of each step's Gaussian (0 for deterministic steps), for per-step loss weights."""
+    x0_pred_steps: tuple[int, ...] | None = None
+    """The steps (0 = the noisiest, ascending) whose x0 estimates ``x0_preds`` holds; None: every step."""
+
+    @classmethod
+    def concat(cls, parts: list[Trajectory]) -> Trajectory:
+        """One trajectory of the chains of ``parts`` (rollout chunks over one chain), in order.
+
+        The chunks must share the chain (timesteps, kept x0 steps); a step counts as stochastic only
+        if it is in every chunk, and its std is the chunk stds' mean weighted by chain count.
+        """
+        first = parts[0]
+        for part in parts[1:]:
+            if not torch.equal(part.timesteps, first.timesteps) or part.x0_pred_steps != first.x0_pred_steps:
+                raise ValueError("rollout chunks ran different chains (timesteps or kept x0 steps differ); "
+                                 "they cannot form one trajectory")
+        counts = torch.tensor([p.states.shape[0] for p in parts], dtype=torch.float32)
+        stds = None
+        if all(p.step_stds is not None for p in parts):
+            stds = (torch.stack([p.step_stds for p in parts]) * counts[:, None]).sum(0) / counts.sum()
+        return cls(
+            states=torch.cat([p.states for p in parts]),
+            timesteps=first.timesteps,
+            log_probs=torch.cat([p.log_probs for p in parts]),
+            x0_preds=torch.cat([p.x0_preds for p in parts]),
+            is_stochastic=torch.stack([p.is_stochastic for p in parts]).all(0),
+            group_ids=torch.cat([p.group_ids for p in parts]),
+            cond=concat_rows([p.cond for p in parts]),
+            step_stds=stds,
+            x0_pred_steps=first.x0_pred_steps,
+        )
 
     @property
     def samples(self) -> Tensor:
@@ -147,7 +181,7 @@ def _chunks(n: int, size: int) -> list[slice]:
 def rollout(
     model_fn: ModelFn,
     scheduler,
-    cond: Tensor,
+    cond: Cond,
     group_ids: Tensor,
     timesteps: Tensor,
     sample_shape: tuple[int, ...],
@@ -156,6 +190,7 @@ def rollout(
     sampler: SamplerConfig,
     micro_batch_size: int | None = None,
     step_generator: torch.Generator | None = None,
+    x0_pred_steps: tuple[int, ...] | None = None,
 ) -> Trajectory:
     """Sample N chains (N = len(group_ids)) with group-shared initial noise.
 
@@ -164,16 +199,20 @@ def rollout(
     ``sampler.sde_window``: a deterministic step with no density). ``micro_batch_size`` splits the N
     chains into fixed chunks for the network call; the policy update re-scores with the same chunks
     so that the network sees identical batches and the on-policy importance ratio is exactly 1.
+    ``x0_pred_steps``: the steps whose x0 estimates are kept (Python indices, negatives count from the
+    end; ``()`` keeps none); None keeps every step.
     """
     n = group_ids.shape[0]
-    if cond.shape[0] != n:
-        raise ValueError(f"cond has {cond.shape[0]} rows but group_ids has {n}; expand the conditions "
+    if cond_rows(cond) != n:
+        raise ValueError(f"cond has {cond_rows(cond)} rows but group_ids has {n}; expand the conditions "
                          "to one row per group member (diffgrpo.task.repeat_batch) before rollout.")
     timesteps = torch.as_tensor(timesteps)
     if timesteps.ndim != 1 or len(timesteps) < 2:
         raise ValueError(f"timesteps must be a 1-D sequence of K+1 >= 2 values, got shape {tuple(timesteps.shape)}")
-    device = cond.device
+    kept_x0 = resolve_steps(x0_pred_steps, len(timesteps) - 1)
+    device = cond_device(cond)
     x = shared_initial_noise(group_ids, sample_shape, generator).to(device)
+    subspace = sampler.exploration_subspace(sample_shape)
     step_generator = step_generator if step_generator is not None else generator
     states, log_probs, x0_preds, stochastic, stds = [x], [], [], [], []
     chunks = _chunks(n, micro_batch_size or n)
@@ -182,29 +221,42 @@ def rollout(
         t_next = timesteps[k + 1].to(device).expand(n)
         outputs = []
         for part in chunks:
-            out = model_fn(x[part], t[part], cond[part])
+            out = model_fn(x[part], t[part], select_rows(cond, part))
             outputs.append(step_with_logprob(
                 scheduler, out, t[part], x[part], eta=sampler.eta_at(k), generator=step_generator,
                 next_timestep=t_next[part], method=sampler.method,
                 log_prob_reduction=sampler.log_prob_reduction,
-                egoallo_denominator_offset=sampler.egoallo_denominator_offset,
+                egoallo_denominator_offset=sampler.egoallo_denominator_offset, subspace=subspace,
             ))
         x = torch.cat([o.prev_sample for o in outputs]).to(x.dtype)
         states.append(x)
         log_probs.append(torch.cat([o.log_prob for o in outputs]))
-        x0_preds.append(torch.cat([o.x0_pred for o in outputs]))
+        if kept_x0 is None or k in kept_x0:
+            x0_preds.append(torch.cat([o.x0_pred for o in outputs]))
         stochastic.append(bool(torch.cat([o.is_stochastic for o in outputs]).all()))
         stds.append(float(torch.cat([o.std.reshape(-1) for o in outputs]).mean()))
     return Trajectory(
         states=torch.stack(states, dim=1),
         timesteps=timesteps.to(device),
         log_probs=torch.stack(log_probs, dim=1).float(),
-        x0_preds=torch.stack(x0_preds, dim=1),
+        x0_preds=torch.stack(x0_preds, dim=1) if x0_preds else x.new_zeros((n, 0, *x.shape[1:])),
         is_stochastic=torch.tensor(stochastic, device=device),
         group_ids=group_ids.to(device),
         cond=cond,
         step_stds=torch.tensor(stds, dtype=torch.float32),
+        x0_pred_steps=None if kept_x0 is None else tuple(sorted(kept_x0)),
     )
+
+
+def resolve_steps(steps: tuple[int, ...] | None, num_steps: int) -> set[int] | None:
+    """Python-style step indices (negatives from the end) -> a set in [0, K); None stays None."""
+    if steps is None:
+        return None
+    bad = [k for k in steps if not -num_steps <= k < num_steps]
+    if bad:
+        raise ValueError(f"x0_pred_steps {bad} lie outside the chain's K={num_steps} steps; use indices in "
+                         f"[-{num_steps}, {num_steps})")
+    return {k % num_steps for k in steps}
 
 
 def score_step(
@@ -225,11 +277,12 @@ def score_step(
     n = x_t.shape[0]
     t = trajectory.timesteps[step].expand(n)
     t_next = trajectory.timesteps[step + 1].expand(n)
-    out = model_fn(x_t, t, trajectory.cond[rows])
+    out = model_fn(x_t, t, select_rows(trajectory.cond, rows))
     return step_with_logprob(
         scheduler, out, t, x_t, eta=sampler.eta_at(step), prev_sample=trajectory.states[rows, step + 1],
         next_timestep=t_next, method=sampler.method, log_prob_reduction=sampler.log_prob_reduction,
         egoallo_denominator_offset=sampler.egoallo_denominator_offset,
+        subspace=sampler.exploration_subspace(tuple(x_t.shape[1:])),
     )
 
 

@@ -26,6 +26,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteSchedu
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from diffgrpo.exploration import ExplorationSubspace
+
 Method = Literal["ddim", "ddpm", "egoallo", "flow_sde", "cps"]
 Reduction = Literal["sum", "mean"]
 DDPM_FAMILY_METHODS = ("ddim", "ddpm", "egoallo")
@@ -51,6 +53,16 @@ class StepOutput:
     """std > 0. Deterministic steps have no density: callers must leave them out of ratios and losses."""
     next_timestep: Float[Tensor, " B"]
     """The resolved t' per element (-1 = final for the DDPM family), so the exact pair can be re-scored."""
+    subspace: ExplorationSubspace | None = None
+    """Where the step's noise and density live (``diffgrpo.exploration``); None: the whole sample."""
+
+    def density_coordinates(self, v: Float[Tensor, "B ..."]) -> Float[Tensor, "B r"]:
+        """``v`` in the coordinates the density is defined on: the subspace's, else every entry flattened.
+
+        Use it for anything compared between step Gaussians (KL, movement): outside an exploration
+        subspace the step is deterministic and has no density.
+        """
+        return v.reshape(v.shape[0], -1) if self.subspace is None else self.subspace.coordinates(v)
 
 
 def gaussian_log_prob(
@@ -171,6 +183,7 @@ def step_with_logprob(
     method: Method | None = None,
     log_prob_reduction: Reduction = "sum",
     egoallo_denominator_offset: float = 0.1,
+    subspace: ExplorationSubspace | None = None,
 ) -> StepOutput:
     """Take (or score) one reverse step x_t -> x_{t'} and return its Gaussian and log-density.
 
@@ -191,7 +204,10 @@ def step_with_logprob(
       flow_sde, cps: see `flow_sde_mean_std`, `cps_mean_std`; a step into sigma' = 0 is deterministic.
     x0 follows the scheduler's `clip_sample` / `thresholding` settings, as diffusers' `step()` does.
     `log_prob_reduction`: "sum" (default: the exact density) or "mean" (per dimension, see
-    `gaussian_log_prob`). A sampled `prev_sample` comes back in the sample's dtype and is scored as
+    `gaussian_log_prob`). `subspace` (``diffgrpo.exploration``): the noise lives in an orthonormal
+    subspace B and the rest of the step is the method's eta = 0 rule, mean = mu_0 + B B^T (mu_eta - mu_0);
+    the density, and its "mean" reduction, are over the subspace's r coordinates. A sampled
+    `prev_sample` comes back in the sample's dtype and is scored as
     returned, so re-scoring it later reproduces `log_prob` exactly.
     """
     if method is None:
@@ -248,10 +264,21 @@ def step_with_logprob(
         resolved_next = sigma_next.reshape(batch).cpu() * scheduler.config.num_train_timesteps
 
     std = std.expand(bshape).contiguous()
-    if prev_sample is None:
-        noise = _draw_noise(sample.shape, generator, x_t.device, dtype)
-        prev_sample = torch.addcmul(mean, std, noise).to(sample.dtype)
-    log_prob = gaussian_log_prob(prev_sample.to(dtype), mean, std, log_prob_reduction)
+    if subspace is None:
+        if prev_sample is None:
+            noise = _draw_noise(sample.shape, generator, x_t.device, dtype)
+            prev_sample = torch.addcmul(mean, std, noise).to(sample.dtype)
+        log_prob = gaussian_log_prob(prev_sample.to(dtype), mean, std, log_prob_reduction)
+    else:  # noise in span(B), the eta = 0 rule elsewhere (module docstring of diffgrpo.exploration)
+        deterministic = step_with_logprob(
+            scheduler, model_output, timestep, sample, eta=0.0, prev_sample=sample, next_timestep=next_timestep,
+            method=method, egoallo_denominator_offset=egoallo_denominator_offset).mean
+        mean = deterministic + subspace.project(mean - deterministic)
+        if prev_sample is None:
+            noise = _draw_noise((batch, subspace.num_coordinates), generator, x_t.device, dtype)  # (B, r)
+            prev_sample = torch.addcmul(mean, std, subspace.embed(noise)).to(sample.dtype)
+        log_prob = gaussian_log_prob(subspace.coordinates(prev_sample.to(dtype)), subspace.coordinates(mean),
+                                     std.reshape(batch, 1), log_prob_reduction)
     if not bool(torch.isfinite(log_prob).all()):  # (B,) check; NaN/inf inputs all propagate to here
         _raise_non_finite(model_output, sample, prev_sample)
     return StepOutput(
@@ -262,6 +289,7 @@ def step_with_logprob(
         x0_pred=x0,
         is_stochastic=std.reshape(batch) > 0,
         next_timestep=resolved_next.to(x_t.device),
+        subspace=subspace,
     )
 
 

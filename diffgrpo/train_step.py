@@ -7,7 +7,8 @@ re-score the recorded transitions under the current weights and take optimiser s
 GRPO surrogate, accumulating gradients over micro-batches and steps.
 
 Both run the network on identical micro-batches (``GRPOConfig.micro_batch_size``) in the same
-mode and precision, which is what makes the first update's importance ratios exactly 1.
+mode and precision, with the same classifier-free guidance (``diffgrpo.guidance``), which is what
+makes the first update's importance ratios exactly 1.
 """
 
 from __future__ import annotations
@@ -23,11 +24,21 @@ from torch import Tensor, nn
 
 from diffgrpo.advantages import AdvantageResult, compute_advantages, group_diversity
 from diffgrpo.config import GRPOConfig
+from diffgrpo.guidance import guided_model_fn
 from diffgrpo.loss import advantage_weighted_x0_loss, gaussian_step_kl, grpo_loss, select_steps
 from diffgrpo.perturb import get_perturber
-from diffgrpo.rewards import RewardSet
+from diffgrpo.rewards import RewardOutput, RewardSet
 from diffgrpo.rollout import RandomStreams, Trajectory, as_streams, group_ids_for, rollout, score_step
-from diffgrpo.task import Batch, Task, repeat_batch
+from diffgrpo.task import (
+    Batch,
+    Task,
+    batch_size,
+    concat_rows,
+    cond_device,
+    repeat_batch,
+    select_rows,
+    x0_pred_steps_of,
+)
 
 
 @dataclass(frozen=True)
@@ -53,9 +64,10 @@ def make_perturber(cfg: GRPOConfig):
     return get_perturber(p.name, scale=p.scale)
 
 
-def model_fn_for(task: Task, model: nn.Module):
-    """Bind the task's network call to a model: (x_t, t, cond) -> output."""
-    return lambda x_t, t, cond: task.predict(model, x_t, t, cond)
+def model_fn_for(task: Task, model: nn.Module, guidance_scale: float = 1.0):
+    """Bind the task's network call to a model: (x_t, t, cond) -> output, guided with
+    ``guidance_scale`` (``diffgrpo.guidance``; 1 = the plain call)."""
+    return guided_model_fn(task.predict, model, guidance_scale)
 
 
 @torch.no_grad()
@@ -71,14 +83,21 @@ def collect(
     generator: torch.Generator | RandomStreams,
     group_id_offset: int,
     autocast=contextlib.nullcontext,
+    overlap_rewards: bool = True,
 ) -> RolloutBatch:
     """Alg. 1 lines 2-6 for one batch of B conditions: perturb, sample G each, score, normalise.
 
     ``generator``: named streams (perturbation, initial noise, step noise drawn from their own
     generators) or one generator for all of them.
+
+    With ``cfg.rollout_chunks = C > 1`` the B conditions are sampled in C consecutive chunks; each
+    chunk is decoded and its rewards are submitted to ``rewards``' worker thread, so a slow (e.g.
+    remote) reward of chunk c runs while chunk c + 1 samples. ``overlap_rewards=False`` scores each
+    chunk in this thread instead: the results are bit-identical, only the timing differs. Chunking
+    itself changes the order of the noise draws, so C = 1 and C = 2 sample different noise.
     """
     streams = as_streams(generator)
-    num_conditions = next(iter(batch.values())).shape[0]
+    num_conditions = batch_size(batch)
     expanded = repeat_batch(batch, cfg.group_size)  # (B*G, ...)
     raw = task.raw_condition(batch)  # (B, T, D)
     if not bool(torch.isfinite(raw).all()):
@@ -89,21 +108,47 @@ def collect(
     perturbed = perturber(raw.repeat_interleave(heads, dim=0), streams.perturbation)  # (B*heads, T, D)
     expanded = task.with_raw_condition(expanded, perturbed.repeat_interleave(cfg.group_size // heads, dim=0))
     cond = task.encode_condition(expanded)
-    group_ids = group_ids_for(num_conditions, cfg.group_size, offset=group_id_offset, device=cond.device)
+    device = cond_device(cond)
+    group_ids = group_ids_for(num_conditions, cfg.group_size, offset=group_id_offset, device=device)
     # Advantages compare samples that saw one condition: the group, or its same-condition sub-group.
     advantage_ids = group_ids if cfg.perturb.sharing != "nested" else (
-        group_ids * heads + torch.arange(cfg.group_size, device=cond.device).repeat(num_conditions)
+        group_ids * heads + torch.arange(cfg.group_size, device=device).repeat(num_conditions)
         // (cfg.group_size // heads))
     model.eval()  # the policy is one fixed function in rollout and update: no dropout/BN noise
-    with autocast():
-        trajectory = rollout(model_fn_for(task, model), scheduler, cond, group_ids, task.sampling_timesteps(),
-                             task.sample_shape, generator=streams.initial_noise, sampler=cfg.sampler,
-                             micro_batch_size=cfg.micro_batch_size, step_generator=streams.step_noise)
-    decoded = task.decode(trajectory.samples, expanded)
-    scored = rewards(decoded, expanded)
+    model_fn = model_fn_for(task, model, cfg.sampler.guidance_scale)
+    rows_per_chunk = num_conditions // cfg.rollout_chunks * cfg.group_size
+    trajectories, decoded_parts, scored_parts = [], [], []
+    for c in range(cfg.rollout_chunks):
+        rows = slice(c * rows_per_chunk, (c + 1) * rows_per_chunk)
+        with autocast():
+            part = rollout(model_fn, scheduler, select_rows(cond, rows), group_ids[rows], task.sampling_timesteps(),
+                           task.sample_shape, generator=streams.initial_noise, sampler=cfg.sampler,
+                           micro_batch_size=cfg.micro_batch_size, step_generator=streams.step_noise,
+                           x0_pred_steps=x0_pred_steps_of(task))
+        chunk_batch = expanded if cfg.rollout_chunks == 1 else select_rows(expanded, rows)
+        decoded = task.decode(part.samples, chunk_batch)
+        overlap = overlap_rewards and cfg.rollout_chunks > 1
+        scored_parts.append(rewards.submit(decoded, chunk_batch) if overlap else rewards(decoded, chunk_batch))
+        trajectories.append(part)
+        decoded_parts.append(decoded)
+    scored = concat_reward_outputs([s if isinstance(s, RewardOutput) else s.result() for s in scored_parts])
+    trajectory = trajectories[0] if len(trajectories) == 1 else Trajectory.concat(trajectories)
+    decoded = decoded_parts[0] if len(decoded_parts) == 1 else concat_rows(decoded_parts)
     advantages = compute_advantages(scored.components, advantage_ids,
                                     dataclasses.replace(cfg.advantages, weights=scored.weights))
     return RolloutBatch(trajectory, expanded, decoded, scored.components, advantages)
+
+
+def concat_reward_outputs(parts: list[RewardOutput]) -> RewardOutput:
+    """The rewards of consecutive rollout chunks as one output over all their samples."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    if any(p.components.keys() != first.components.keys() or p.weights != first.weights for p in parts):
+        raise ValueError("rollout chunks produced different sub-rewards or weights; a reward must return the same "
+                         "keys for every batch")
+    return RewardOutput(components={k: torch.cat([p.components[k] for p in parts]) for k in first.components},
+                        weights=dict(first.weights), total=torch.cat([p.total for p in parts]))
 
 
 def perturbed_conditions_per_group(cfg: GRPOConfig) -> int:
@@ -194,8 +239,8 @@ def policy_update(
     weighted = [sum(step_weight[k] * int(keep[rows].sum()) for rows, k in chunk) for chunk in chunks]
     totals = weighted_totals_of_all_processes(accelerator, weighted)
     world = accelerator.num_processes
-    model_fn = model_fn_for(task, model)
-    ref_fn = model_fn_for(task, reference) if reference is not None else None
+    model_fn = model_fn_for(task, model, cfg.sampler.guidance_scale)
+    ref_fn = model_fn_for(task, reference, cfg.sampler.guidance_scale) if reference is not None else None
     model.eval()
     history: dict[str, list[float]] = {}
     for index, (chunk, total) in enumerate(zip(chunks, totals, strict=True)):
@@ -311,8 +356,8 @@ def step_terms_loss(
     if ref_fn is not None and cfg.loss.kl_coef > 0:
         with torch.no_grad():
             ref_mean = score_step(ref_fn, scheduler, traj, step, rows, sampler=cfg.sampler).mean
-        kl = gaussian_step_kl(out.mean[:, None], ref_mean[:, None], out.std[:, None],
-                              reduction=cfg.sampler.log_prob_reduction)
+        kl = gaussian_step_kl(out.density_coordinates(out.mean)[:, None], out.density_coordinates(ref_mean)[:, None],
+                              out.std.reshape(-1, 1, 1), reduction=cfg.sampler.log_prob_reduction)  # (rows, 1)
     loss, stats = grpo_loss(out.log_prob[:, None], traj.log_probs[rows, step : step + 1],
                             data.advantages.advantages[rows], mask=data.advantages.mask[rows], kl=kl, cfg=cfg.loss)
     if cfg.loss.objective == "x0_regression":  # the ratio stats are still reported; the gradient is the regression's

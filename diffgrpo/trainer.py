@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,14 @@ from tqdm.auto import tqdm
 from diffgrpo.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from diffgrpo.config import GRPOConfig, SamplerConfig
 from diffgrpo.diagnostics import gradient_agreement, parameter_vector, policy_movement, step_means
+from diffgrpo.ema import ParameterEMA
+from diffgrpo.guidance import check_guidance
+from diffgrpo.lora import AdapterDisabledReference, has_lora
 from diffgrpo.probe import evaluate_probe, probe_logs
-from diffgrpo.rewards import RewardSet
-from diffgrpo.rollout import RandomStreams, check_sampler
+from diffgrpo.rewards import RewardSet, available_rewards
+from diffgrpo.rollout import RandomStreams, check_sampler, resolve_steps
 from diffgrpo.stream import IndexStream
-from diffgrpo.task import Batch, Task, batch_to
+from diffgrpo.task import Batch, Task, batch_to, x0_pred_steps_of
 from diffgrpo.train_step import RolloutBatch, collect, diversity, frozen_copy, make_perturber, policy_update
 
 logger = logging.getLogger(__name__)
@@ -68,7 +72,8 @@ class GRPORun:
     streams: RandomStreams
     """This process's named random streams (perturbation, initial noise, step noise, step selection)."""
     reference: nn.Module | None
-    """Frozen copy of the starting policy for the KL term (None without KL)."""
+    """The starting policy for the KL term (None without KL): the policy with its LoRA adapters switched
+    off when it has adapters (``diffgrpo.lora.AdapterDisabledReference``), else a frozen copy."""
     start: int = 0
     """Iterations already done (> 0 after a resume)."""
     history: dict[str, list[float]] = field(default_factory=dict)
@@ -76,6 +81,8 @@ class GRPORun:
     ``probe_diff/...``) have one entry per probe evaluation, at the iterations in ``probe/iteration``."""
     probe_baseline: dict[str, torch.Tensor] | None = None
     """The probe set's values before training (C, M) per key; paired differences are taken against it."""
+    ema: ParameterEMA | None = None
+    """Moving average of the trainable weights (``cfg.ema.use_ema``), saved in checkpoints."""
 
     def log(self, accelerator, iteration: int, values: dict[str, float]) -> dict[str, float]:
         """Average ``values`` over processes, send them to the trackers and the history."""
@@ -102,11 +109,20 @@ class GRPORun:
         """Checkpoint after ``done`` iterations (every process must call this)."""
         shared = dict(shared_tensors or {})
         shared.update({f"probe_baseline.{k}": v for k, v in (self.probe_baseline or {}).items()})
+        ema_meta = {}
+        if self.ema is not None:
+            shared.update({f"{EMA_PREFIX}{k}": v for k, v in self.ema.state_tensors().items()})
+            ema_meta = {"ema_num_updates": self.ema.num_updates}
         save_checkpoint(accelerator, output_dir, done, model=self.model, optimizer=self.optimizer,
                         lr_scheduler=self.lr_schedule, rank_tensors=self.streams.get_state(),
                         rank_meta={"stream": self.stream.state_dict()}, shared_tensors=shared,
                         meta={"config": json.dumps(asdict(cfg), default=str), "history": json.dumps(self.history),
-                              **(meta or {})})
+                              **ema_meta, **(meta or {})},
+                        trainable_only=has_lora(self.model))
+
+
+EMA_PREFIX = "ema."
+"""Prefix of the EMA's tensors among a checkpoint's shared tensors."""
 
 
 def check_run(task: Task, cfg: GRPOConfig) -> None:
@@ -118,6 +134,7 @@ def check_run(task: Task, cfg: GRPOConfig) -> None:
     """
     timesteps = task.sampling_timesteps()
     check_sampler(task.make_scheduler(), timesteps, cfg.sampler)
+    cfg.sampler.exploration_subspace(tuple(task.sample_shape))  # raises if the noise subspace does not fit
     num_steps = len(timesteps) - 1
     if cfg.steps.mode == "window" and cfg.steps.window is not None and cfg.steps.window[1] > num_steps:
         raise ValueError(f"steps.window={cfg.steps.window} ends after the chain's K={num_steps} steps; pass "
@@ -138,7 +155,14 @@ def check_run(task: Task, cfg: GRPOConfig) -> None:
                              f"{error}") from None
         if split != cfg.train_split and count < 2:
             raise ValueError(f"probe split {split!r} holds {count} example(s); the probe's interval needs >= 2")
-    RewardSet.from_specs(parse_reward_specs(cfg.rewards))  # unknown names raise, listing the known ones
+    for name in parse_reward_specs(cfg.rewards):  # names only: a reward's parameters (a URL...) come with `rewards`
+        if name not in available_rewards():
+            raise KeyError(f"unknown reward {name!r} in --grpo.rewards; known rewards: "
+                           f"{', '.join(available_rewards()) or '(none)'} (import the module that registers it)")
+    resolve_steps(x0_pred_steps_of(task), num_steps)  # the task's kept x0 steps lie on its chain
+    if cfg.sampler.guidance_scale != 1.0:  # one example's condition must carry its unconditional counterpart
+        check_guidance(task.encode_condition(task.load_examples(cfg.train_split, torch.tensor([0]))),
+                       cfg.sampler.guidance_scale)
 
 
 def start_run(task: Task, model: nn.Module, cfg: GRPOConfig, *, accelerator, output_dir: str | Path,
@@ -150,11 +174,13 @@ def start_run(task: Task, model: nn.Module, cfg: GRPOConfig, *, accelerator, out
     """
     rank, world = accelerator.process_index, accelerator.num_processes
     optimizer, lr_schedule = make_optimizer(model, cfg)
-    reference = frozen_copy(model) if cfg.loss.kl_coef > 0 else None
+    reference = reference_policy(model) if cfg.loss.kl_coef > 0 else None
+    ema = ParameterEMA(model, cfg.ema.decay) if cfg.ema.use_ema else None
     model, optimizer = accelerator.prepare(model, optimizer)
     run = GRPORun(model=model, optimizer=optimizer, lr_schedule=lr_schedule,
                   stream=IndexStream(task.num_examples(cfg.train_split), cfg.seed, rank, world),
-                  streams=RandomStreams.from_seed(cfg.seed, rank, device=accelerator.device), reference=reference)
+                  streams=RandomStreams.from_seed(cfg.seed, rank, device=accelerator.device), reference=reference,
+                  ema=ema)
     ckpt = None
     if resume and (path := latest_checkpoint(output_dir)) is not None:
         ckpt = load_checkpoint(accelerator, path, model=model, optimizer=optimizer, lr_scheduler=lr_schedule)
@@ -164,6 +190,9 @@ def start_run(task: Task, model: nn.Module, cfg: GRPOConfig, *, accelerator, out
         prefix = "probe_baseline."
         baseline = {k[len(prefix):]: v for k, v in ckpt.shared_tensors.items() if k.startswith(prefix)}
         run.probe_baseline = baseline or None
+        if ema is not None:
+            ema.load_state_tensors({k[len(EMA_PREFIX):]: v for k, v in ckpt.shared_tensors.items()
+                                    if k.startswith(EMA_PREFIX)}, int(ckpt.meta.get("ema_num_updates", 0)))
         run.stream.load_state_dict(ckpt.rank_meta["stream"])
         run.start = ckpt.step
         run.history = json.loads(ckpt.meta.get("history", "{}"))
@@ -173,14 +202,38 @@ def start_run(task: Task, model: nn.Module, cfg: GRPOConfig, *, accelerator, out
     return run, ckpt
 
 
+def reference_policy(model: nn.Module) -> nn.Module:
+    """The KL reference: the policy with its LoRA adapters switched off if it has any (no copy of the
+    weights), else a frozen copy of the starting weights."""
+    return AdapterDisabledReference(model) if has_lora(model) else frozen_copy(model)
+
+
 RESUMABLE_CHANGES = ("num_iterations", "checkpoint_every")
 """GRPOConfig fields a resumed run may change (e.g. to extend a finished run); any other change is refused."""
+
+FIELDS_ADDED_LATER = {("sampler", "guidance_scale"): 1.0, ("rollout_chunks",): 1,
+                      ("sampler", "noise_frequencies"): None, ("sampler", "noise_features"): None,
+                      ("ema",): {"use_ema": False, "decay": 0.9, "use_for_eval": False}}
+"""Config fields newer than some checkpoints, with the value that reproduces the older behaviour: a
+checkpoint without one resumes when the current run keeps that value."""
+
+
+def with_added_fields(saved: dict) -> dict:
+    """``saved`` with every field of :data:`FIELDS_ADDED_LATER` it lacks set to its old-behaviour value."""
+    out = json.loads(json.dumps(saved))
+    for path, value in FIELDS_ADDED_LATER.items():
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node.setdefault(path[-1], value)
+    return out
 
 
 def check_resumable(saved: dict, current: dict, path) -> None:
     """Refuse to continue a checkpoint under a different configuration (it would silently mix two runs)."""
     if not saved:
         raise ValueError(f"{path} records no config; it was not written by train_grpo, so it cannot be resumed")
+    saved = with_added_fields(saved)
     changed = {k: (saved.get(k), current[k]) for k in current
                if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]}
     if changed:
@@ -260,9 +313,11 @@ def train_grpo(
     every = cfg.probe.eval_every
 
     def probe(done: int) -> None:
-        values = evaluate_probe(probe_task, policy, probe_task.make_scheduler(), cfg.probe, sampler=probe_sampler,
-                                rewards=probe_rewards,
-                                micro_batch_size=cfg.micro_batch_size, device=accelerator.device)
+        weights = run.ema.swapped_in(policy) if run.ema is not None and cfg.ema.use_for_eval else nullcontext()
+        with weights:
+            values = evaluate_probe(probe_task, policy, probe_task.make_scheduler(), cfg.probe, sampler=probe_sampler,
+                                    rewards=probe_rewards,
+                                    micro_batch_size=cfg.micro_batch_size, device=accelerator.device)
         logs = run.log_probe(done, values)
         accelerator.log({k: v for k, v in logs.items() if "/ci_" not in k}, step=done)
 
@@ -286,6 +341,8 @@ def train_grpo(
                               generator=run.streams.step_selection, accelerator=accelerator,
                               lr_scheduler=run.lr_schedule, reference=run.reference,
                               order_generator=run.streams.minibatch_order)
+        if run.ema is not None:
+            run.ema.update(policy)
         if before is not None:
             stats.update(update_diagnostics_after(task, policy, scheduler, data, cfg, before, theta_start))
         if hooks.after_update is not None:                                                   # e.g. a learned reward

@@ -44,6 +44,7 @@ from diffgrpo.rewards import RewardSet, RewardSpec
 from diffgrpo.train_step import RolloutBatch
 from diffgrpo.trainer import LoopHooks, check_run, parse_reward_specs, train_grpo
 from tasks.ego_motion.egoallo_checkpoint import find_checkpoint_files
+from tasks.ego_motion.motion import Modality, feature_range, motion_dim
 from tasks.ego_motion.network import load_denoiser
 from tasks.ego_motion.perceptual import PerceptualConfig, PerceptualTrainer
 from tasks.ego_motion.sampling import evaluate_windows
@@ -92,6 +93,12 @@ class Config:
     sde_window: tuple[int, int] | None = None
     """Rollout steps [START, END) (0 = the noisiest) that sample stochastically; the others are deterministic
     (eta 0), so group differences come from the window only. None: every step (EgoAllo's sampler)."""
+    noise_frequencies: int | None = None
+    """Exploration noise only in the lowest N temporal DCT frequencies of each rollout step (the rest of
+    the step deterministic, the density exact on that subspace: ``diffgrpo.exploration``). None: all T."""
+    noise_modalities: tuple[Modality, ...] | None = None
+    """Exploration noise only on these adjacent modalities, e.g. body_rotmats (betas and contacts are read
+    by no reward). None: every modality."""
     eval_seed: int = 1234
     """Seed of the held-out sampling noise (the same for the prior and the post-trained model)."""
     eval_max_windows: int | None = None
@@ -128,6 +135,9 @@ class Config:
                              "to train without the perceptual reward)")
         if self.eval_max_windows is not None and self.eval_max_windows < 1:
             raise ValueError(f"eval_max_windows={self.eval_max_windows} must be >= 1 or unset (all windows)")
+        if self.noise_modalities is not None or self.noise_frequencies is not None:
+            self.effective_grpo().sampler.exploration_subspace(  # raises if the subspace does not fit a window
+                (self.task.window_frames, motion_dim(self.task.include_hands)))
         if self.threads < 0:
             raise ValueError(f"threads={self.threads} must be >= 0 (0 = torch's default)")
         if Path(self.prior).is_dir():
@@ -138,9 +148,13 @@ class Config:
                                     "shipped demo prior)")
 
     def effective_grpo(self) -> GRPOConfig:
-        """The GRPO config the run really uses: ``grpo`` with the task's sampler and the rollout SDE window."""
-        return dataclasses.replace(self.grpo, sampler=dataclasses.replace(self.task.sampler_config(),
-                                                                          sde_window=self.sde_window))
+        """The GRPO config the run really uses: ``grpo`` with the task's sampler, the rollout SDE window and
+        the exploration subspace."""
+        features = (None if self.noise_modalities is None
+                    else feature_range(self.noise_modalities, self.task.include_hands))
+        return dataclasses.replace(self.grpo, sampler=dataclasses.replace(
+            self.task.sampler_config(), sde_window=self.sde_window, noise_frequencies=self.noise_frequencies,
+            noise_features=features))
 
     def rollout_task(self, task: EgoMotionTask) -> EgoMotionTask:
         """The task the rollouts run on: ``task`` itself, or a copy with ``rollout_sampling_steps`` (shared body)."""

@@ -71,6 +71,26 @@ def modality_slices(include_hands: bool) -> dict[Modality, slice]:
     return slices
 
 
+def feature_range(modalities: tuple[Modality, ...], include_hands: bool) -> tuple[int, int]:
+    """[start, stop) of the packed features holding ``modalities``, which must be adjacent in the layout.
+
+    Why: an exploration subspace (``SamplerConfig.noise_features``) is one range of the last axis; the
+    recipes name it by modality (e.g. ("body_rotmats",) -> (16, 205)). Raises ValueError naming the
+    known modalities, or the gap, when the request is not one contiguous range.
+    """
+    slices = modality_slices(include_hands)
+    unknown = [m for m in modalities if m not in slices]
+    if not modalities or unknown:
+        raise ValueError(f"noise modalities {list(modalities)}: give one or more of {list(slices)}"
+                         + (f" ({unknown} unknown{'' if include_hands else ' without hands'})" if unknown else ""))
+    chosen = sorted((slices[m] for m in set(modalities)), key=lambda s: s.start)
+    for before, after in zip(chosen, chosen[1:], strict=False):
+        if before.stop != after.start:
+            raise ValueError(f"noise modalities {list(modalities)} are not adjacent in the packed layout "
+                             f"{list(slices)}; choose neighbouring modalities (one feature range)")
+    return chosen[0].start, chosen[-1].stop
+
+
 def _check_packed_dim(x: Tensor, include_hands: bool) -> None:
     expected = motion_dim(include_hands)
     if x.ndim < 2 or x.shape[-1] != expected:

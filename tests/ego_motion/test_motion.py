@@ -149,3 +149,14 @@ def test_sampling_timesteps_keep_the_reference_shape(num_steps):
     assert torch.allclose(t[1:] / 900.0, (k[1:] / num_steps) ** 2, atol=0.5 / 900.0)
     if num_steps == 10:
         assert t.tolist() == [1000, 729, 576, 441, 324, 225, 144, 81, 36, 9, 0]
+
+
+def test_feature_range_of_adjacent_modalities_and_errors():
+    from tasks.ego_motion.motion import BODY_ROTMATS, CONTACTS, feature_range
+
+    assert feature_range(("body_rotmats",), include_hands=False) == (BODY_ROTMATS.start, BODY_ROTMATS.stop)
+    assert feature_range(("contacts", "body_rotmats"), include_hands=False) == (BODY_ROTMATS.start, CONTACTS.stop)
+    with pytest.raises(ValueError, match="not adjacent"):
+        feature_range(("betas", "contacts"), include_hands=False)
+    with pytest.raises(ValueError, match="unknown without hands"):
+        feature_range(("hand_rotmats",), include_hands=False)
