@@ -129,17 +129,22 @@ def preamble(runs: dict[str, list[dict]], cfg: Config) -> str:
     """What was run: the command, the shared config and the variants."""
     g, seeds = cfg.base.grpo, " ".join(str(s) for s in cfg.seeds)
     lambdas = " ".join(str(x) for x in cfg.lambdas)
-    secs = [r["train_seconds"] for results in runs.values() for r in results if "train_seconds" in r]
-    timing = f" Training took {statistics.mean(secs) / 60:.1f} min per run on average." if secs else ""
+    per_variant = {name: [r["train_seconds"] for r in results if "train_seconds" in r]
+                   for name, results in runs.items()}
+    timing = "".join(f" {name}: training took {statistics.mean(secs) / 60:.1f} min per run on average "
+                     f"({', '.join(f'{x / 60:.1f}' for x in secs)} min; 1 thread, cores shared with other jobs)."
+                     for name, secs in per_variant.items() if secs)
     return (
         "# MotionGRPO ablation\n\n"
         "Written by\n\n```bash\n"
-        f"python recipes/ablation_ego_motion.py --seeds {seeds} --lambdas {lambdas} --output {cfg.output}\n```\n\n"
+        f"python recipes/ablation_ego_motion.py --seeds {seeds} --lambdas {lambdas} "
+        f"--variants {' '.join(cfg.variants)} --output-dir {cfg.output_dir} --output {cfg.output}\n```\n\n"
         "(finished runs in `--output-dir` are read back, unfinished ones resume from their last checkpoint). "
         "Every run is the main job "
         "(`recipes/ego_motion.py`) with its defaults except for what the variant changes: "
         f"{g.num_iterations} iterations of {g.conditions_per_iteration} training conditions x groups of "
-        f"{g.group_size}, AdamW lr {g.optim.learning_rate:g}, rewards {', '.join(g.rewards)}"
+        f"{g.group_size}, rollouts of {cfg.base.rollout_sampling_steps or cfg.base.task.num_sampling_steps} steps, "
+        f"objective {g.loss.objective}, AdamW lr {g.optim.learning_rate:g}, rewards {', '.join(g.rewards)}"
         f" (+ ego_visual, omega_vis {cfg.base.omega_vis:g}, where the variant uses it), perturbation of the head "
         f"translation at {g.perturb.frequency:g} cells per frame, evaluation on all held-out CMU test windows "
         f"with eval seed {cfg.base.eval_seed}; the training seed is the `--grpo.seed` of each run.{timing}\n\n"
@@ -183,12 +188,40 @@ def render(runs: dict[str, list[dict]], cfg: Config) -> str:
             cols.append(mean_std(per_run, 4) if per_run else "-")
         diag.append(f"| {name} | " + " | ".join(cols) + " |")
     seeds = " ".join(str(s) for s in cfg.seeds)
+    probe = probe_table(runs, cfg)
     return (preamble(runs, cfg) + "## Held-out metrics\n\n"
             f"Mean ± std over training seeds {seeds} (the prior is evaluated with the same held-out noise in every "
             "run, so it has no spread). 'beats prior on' counts the columns whose mean is lower than the prior's.\n\n"
             + "\n".join(lines) + "\n\n## MPJPE change against the prior, per seed\n\n" + "\n".join(per_seed)
             + f"\n\n![MPJPE and PA-MPJPE change per seed]({cfg.output.with_suffix('.png').name})"
+            + (f"\n\n## Probe set: paired change at the last evaluation against the first\n\n{probe}" if probe else "")
             + "\n\n## Training diagnostics (means over iterations)\n\n" + "\n".join(diag) + "\n")
+
+
+PROBE_KEYS = {"reward sum, post-train": "reward/post_train/total", "reward sum, test": "reward/test/total",
+              "MPJPE, post-train (mm)": "metric/post_train/mpjpe_mm", "MPJPE, test (mm)": "metric/test/mpjpe_mm",
+              "PA-MPJPE, test (mm)": "metric/test/pa_mpjpe_mm", "foot skating, test (m)": "metric/test/foot_skating_m"}
+"""Probe quantities reported per seed: ``probe_diff/<key>`` of history.json, with its 95 % interval."""
+
+
+def probe_table(runs: dict[str, list[dict]], cfg: Config) -> str:
+    """Markdown: per variant and seed, each probe quantity's last paired change with its 95 % interval."""
+    lines = ["| variant | seed | " + " | ".join(PROBE_KEYS) + " |", "|---|---:|" + "---:|" * len(PROBE_KEYS)]
+    for name, results in runs.items():
+        for seed, result in zip(cfg.seeds, results, strict=True):
+            history = result["history"]
+            if f"probe_diff/{PROBE_KEYS['reward sum, post-train']}" not in history:
+                continue
+            cells = []
+            for key in PROBE_KEYS.values():
+                values = [history.get(f"probe_diff/{key}{part}", [None])[-1] for part in ("", "/ci_low", "/ci_high")]
+                cells.append("-" if None in values else "{:+.4f} [{:+.4f}, {:+.4f}]".format(*values))
+            lines.append(f"| {name} | {seed} | " + " | ".join(cells) + " |")
+    if len(lines) == 2:
+        return ""
+    return ("Mean over the probe windows x 4 fixed noises, with its 95 % t-interval over windows "
+            "(`probe_diff/...` in each run's history.json); a change is resolved when its interval excludes 0.\n\n"
+            + "\n".join(lines) + "\n")
 
 
 def plot_changes(runs: dict[str, list[dict]], path: Path) -> Path:

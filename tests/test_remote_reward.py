@@ -295,3 +295,28 @@ def test_the_command_line_server_serves_and_stops_cleanly_on_sigterm():
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+@pytest.mark.parametrize("metadata", [None, {"diffgrpo_protocol": "1"},
+                                      {"diffgrpo_protocol": "1", "num_samples": "two"},
+                                      {"diffgrpo_protocol": "1", "num_samples": "2", "batch_strings": "[1]"}],
+                         ids=["no_metadata", "no_num_samples", "bad_num_samples", "bad_batch_strings"])
+def test_a_body_with_bad_metadata_is_answered_400(serve, metadata):
+    import http.client
+    import json
+    import urllib.parse
+
+    from safetensors.torch import save as save_safetensors
+
+    recorder = Recorder(get_reward("jpeg_compressibility"))
+    address = urllib.parse.urlsplit(serve(recorder))
+    body = save_safetensors({"samples": images(2)}, metadata=metadata)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=10)
+    try:
+        connection.request("POST", "/score", body=body, headers={"Content-Length": str(len(body))})
+        answer = connection.getresponse()
+        status, error = answer.status, json.loads(answer.read())["error"]
+    finally:
+        connection.close()
+    assert status == 400 and error.startswith("bad request:"), error
+    assert recorder.sizes == []  # the reward never ran

@@ -238,3 +238,13 @@ def test_resume_under_another_configuration_is_refused(tmp_path):
     history = train_grpo(ToyTask("ddim"), ToyNet(), longer, accelerator=Accelerator(cpu=True), output_dir=tmp_path,
                          resume=True)
     assert len(history["reward/toy_closeness/all"]) == 3
+
+
+@pytest.mark.unchecked_annotations
+def test_rollout_chunks_must_divide_the_batch():
+    task, model = ToyTask("ddim"), ToyNet()
+    cfg = _cfg(rollout_chunks=2)  # 4 conditions per iteration: chunks of 2
+    with pytest.raises(ValueError, match=r"B=3 conditions.*--grpo\.rollout-chunks 2"):
+        collect(task, model, task.make_scheduler(), task.load_examples("train", torch.arange(3)), cfg=cfg,
+                rewards=RewardSet.from_specs({"toy_closeness": 1.0}), perturber=make_perturber(cfg),
+                generator=make_generator(0), group_id_offset=0)

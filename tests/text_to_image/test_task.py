@@ -4,6 +4,7 @@ exact resume, EMA, batches of prompts, chunked rollouts whose rewards overlap sa
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -249,34 +250,111 @@ def test_guidance_and_chunk_settings_are_checked_at_start_up():
         LoRAConfig(r=4)
 
 
+def recipe_config(recipe, tmp_path, *, lora: LoRAConfig, task: TextToImageTaskConfig | None = None, **grpo):
+    """The recipe on the tiny 16 px UNet pipeline: 2 prompts x 4 samples, a 2 x 1 probe set."""
+    base = dict(num_iterations=2, conditions_per_iteration=2, group_size=4, micro_batch_size=4,
+                sampler=SamplerConfig(eta=1.0, guidance_scale=3.0), optim=OptimConfig(learning_rate=1e-2),
+                rewards=("jpeg_compressibility",), checkpoint_every=0,
+                probe=ProbeConfig(conditions_per_split=2, noises_per_condition=1, eval_every=2))
+    base.update(grpo)
+    return recipe.Config(pipeline=str(tmp_path / "tiny_sd"), tiny_pipeline="unet", tiny_image_size_px=16,
+                         output_dir=tmp_path / "run", task=task or TextToImageTaskConfig(num_inference_steps=3),
+                         lora=lora, grpo=GRPOConfig(**base), table_output=tmp_path / "table.md")
+
+
+def unet_output(pipeline) -> torch.Tensor:
+    """The UNet's output on fixed latents (2, 4, 8, 8), timesteps and text features (2, 5, 16)."""
+    gen = torch.Generator().manual_seed(0)
+    x_t, embeds = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 5, 16, generator=gen)
+    with torch.no_grad():
+        return pipeline.unet(x_t, torch.tensor([999, 500]), encoder_hidden_states=embeds, return_dict=False)[0]
+
+
 def test_recipe_runs_and_its_lora_weights_load_into_the_pipeline(tmp_path):
     from tests.recipes import load_recipe
 
     recipe = load_recipe("text_to_image")
-    cfg = recipe.Config(
-        pipeline=str(tmp_path / "tiny_sd"), tiny_pipeline="unet", tiny_image_size_px=16, output_dir=tmp_path / "run",
-        task=TextToImageTaskConfig(num_inference_steps=3),
-        lora=LoRAConfig(use_lora=True, r=4),
-        grpo=GRPOConfig(num_iterations=2, conditions_per_iteration=2, group_size=4, micro_batch_size=4,
-                        sampler=SamplerConfig(eta=1.0, guidance_scale=3.0), optim=OptimConfig(learning_rate=1e-2),
-                        rewards=("jpeg_compressibility",), checkpoint_every=0,
-                        probe=ProbeConfig(conditions_per_split=2, noises_per_condition=1, eval_every=2)),
-        table_output=tmp_path / "table.md")
+    # lora_alpha != r: the adapters' scale alpha / r = 4 must survive the export (diffusers reloads at alpha = r).
+    cfg = recipe_config(recipe, tmp_path, lora=LoRAConfig(use_lora=True, r=4, lora_alpha=16.0),
+                        ema=EMAConfig(use_ema=True, decay=0.5, use_for_eval=True))
     results = recipe.main(cfg)
     assert results["family"] == "unet" and results["trainable_parameters"] > 0
     assert set(results["probe"]) >= {"reward/train/jpeg_compressibility", "reward/test/jpeg_compressibility"}
     assert (tmp_path / "table.md").read_text() == (tmp_path / "run" / "results.md").read_text()
     assert "| reward/test/jpeg_compressibility |" in (tmp_path / "table.md").read_text()
 
-    # The adapters written for diffusers load into a fresh pipeline as the trained ones (the final checkpoint's).
-    trained = recipe.load_pipeline(cfg)
-    trained.load_lora_weights(str(tmp_path / "run" / "lora"))
-    loaded = {n.replace(".default_0.", ".default."): p for n, p in trained.unet.named_parameters() if "lora_" in n}
+    # The trained model (and its EMA) rebuilt from the final checkpoint: base pipeline + adapters + saved weights.
     with safe_open(str(tmp_path / "run" / "checkpoints" / "step_000002" / "shared.safetensors"), framework="pt") as f:
         saved = {k[len("model."):]: f.get_tensor(k) for k in f.keys() if k.startswith("model.")}
-    assert set(loaded) == set(saved)
-    assert all(torch.equal(loaded[n].float(), saved[n]) for n in saved)
+        averaged = {k[len("task.ema."):]: f.get_tensor(k) for k in f.keys() if k.startswith("task.ema.")}
     assert any(bool(v.abs().sum() > 0) for n, v in saved.items() if "lora_B" in n)  # trained, not B = 0
+    expected = {}
+    for name, weights in (("lora", saved), ("lora_ema", averaged)):
+        trained = recipe.load_pipeline(cfg)
+        add_lora(trained.unet, cfg.lora)
+        assert set(weights) == {n for n, p in trained.unet.named_parameters() if p.requires_grad}
+        trained.unet.load_state_dict(weights, strict=False)
+        expected[name] = unet_output(trained)
+    assert not torch.allclose(expected["lora"], expected["lora_ema"])
+    base = unet_output(recipe.load_pipeline(cfg))
+    # Each exported folder loads into a fresh pipeline as the model it was written from: the same outputs.
+    for name in ("lora", "lora_ema"):
+        loaded = recipe.load_pipeline(cfg)
+        loaded.load_lora_weights(str(tmp_path / "run" / name))
+        out = unet_output(loaded)
+        assert float((out - base).abs().max()) > 1e-4, name  # the adapters act
+        assert float((out - expected[name]).abs().max()) < 1e-5, name
 
     with pytest.raises(ValueError, match="--pipeline"):
         recipe.Config()
+
+
+def test_recipe_resume_refuses_other_lora_or_task_settings(tmp_path):
+    from tests.recipes import load_recipe
+
+    recipe = load_recipe("text_to_image")
+    lora = LoRAConfig(use_lora=True, r=4, lora_alpha=8.0)
+    one = dict(num_iterations=1, probe=ProbeConfig(conditions_per_split=2, noises_per_condition=1, eval_every=1))
+    recipe.main(recipe_config(recipe, tmp_path, lora=lora, **one))
+    resumed = dataclasses.replace(recipe_config(recipe, tmp_path, lora=lora, **one), resume=True)
+    with pytest.raises(ValueError, match=r"--lora\.lora-alpha"):
+        recipe.main(dataclasses.replace(resumed, lora=dataclasses.replace(lora, lora_alpha=16.0)))
+    with pytest.raises(ValueError, match=r"--task\.num-inference-steps"):
+        recipe.main(dataclasses.replace(resumed, task=TextToImageTaskConfig(num_inference_steps=4)))
+    with pytest.raises(ValueError, match=r"--lora\.r.*--lora\.target-modules"):
+        recipe.main(dataclasses.replace(resumed, lora=dataclasses.replace(lora, r=2)))
+    with pytest.raises(ValueError, match=r"--lora\.r.*--lora\.target-modules"):
+        recipe.main(dataclasses.replace(resumed, lora=dataclasses.replace(lora, target_modules=("to_q", "to_v"))))
+    recipe.main(dataclasses.replace(resumed, grpo=dataclasses.replace(resumed.grpo, num_iterations=2)))  # same: resumes
+
+
+def test_default_max_sequence_length_is_the_sd3_pipelines():
+    import inspect
+
+    from diffusers import StableDiffusion3Pipeline
+
+    default = inspect.signature(StableDiffusion3Pipeline.__call__).parameters["max_sequence_length"].default
+    assert TextToImageTaskConfig().max_sequence_length == default == 256
+
+
+def test_a_scheduler_config_without_clip_sample_does_not_clip_latents():
+    from diffusers import PNDMScheduler
+
+    task = make_task("unet", lora=False)
+    # SD 1.x ships a PNDM config; PNDM has no clip_sample, and DDIMScheduler's own default is True.
+    task.pipeline.scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                            set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
+    assert "clip_sample" not in task.pipeline.scheduler.config
+    scheduler = task.make_scheduler()
+    assert scheduler.config.clip_sample is False and scheduler.config.thresholding is False
+    assert int(scheduler.timesteps[0]) == 751  # the pipeline's spacing (steps_offset 1) is kept
+
+
+def test_inpainting_pipelines_are_refused():
+    from types import SimpleNamespace
+
+    class StableDiffusionInpaintPipeline:
+        unet = SimpleNamespace(config=SimpleNamespace(in_channels=9, out_channels=4, addition_embed_type=None))
+
+    with pytest.raises(ValueError, match="StableDiffusionInpaintPipeline.*in_channels=9.*out_channels=4.*inpainting"):
+        pipeline_family(StableDiffusionInpaintPipeline())
