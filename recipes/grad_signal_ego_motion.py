@@ -7,8 +7,9 @@ step bucket: early / middle / late thirds of the chain). Two independent estimat
 gradient have cosine ~ SNR^2 / (1 + SNR^2), so a cosine near 0 says the update is mostly noise.
 The joint rewards are used (no learned critic: a fresh one would only add noise).
 
-    python recipes/grad_signal_ego_motion.py --name default --seeds 0 1 2 3 4
-    python recipes/grad_signal_ego_motion.py --name window --rollout-sampling-steps 10 --sde-window 0 4
+    python recipes/grad_signal_ego_motion.py --name default --seeds 0 1 2 3 4   # the main job's defaults
+    python recipes/grad_signal_ego_motion.py --name ratio_window --job.grpo.loss.objective ratio --job.sde-window 0 4
+    python recipes/grad_signal_ego_motion.py --name default_null --shuffle-advantages   # the null control
 
 Appends one record per ``--name`` to ``--output`` (JSON), and prints the table row.
 """
