@@ -18,7 +18,10 @@ Contact candidates are the bottoms of both ends of the two capsules of each foot
 ``contact_height_m`` of the floor z = 0. A force f at world point p gives the free root the
 generalized force (f, R_root^T ((p - p_root) x f)) (linear in the world frame, angular in the
 pelvis frame, as MuJoCo orders a free joint's dofs); the joints' share of the contact forces
-(J^T f, ``mj_applyFT``) is only computed when joint torques are asked for.
+(J^T f, ``mj_applyFT``) is only computed when joint torques are asked for. With more than two
+supporting points the contact forces that reach the smallest residual are not unique (32 cone
+edges for 6 root components): the residual is well defined, but the split of the load between
+the feet, and so the joint torques, is the one NNLS happens to pick.
 
 Velocities and accelerations are finite differences at the motion's frame rate on the
 configuration manifold (``mj_differentiatePos``): v(t+1/2) = (q(t+1) - q(t)) fps,
@@ -99,12 +102,19 @@ def friction_cone_edges(mu: float) -> np.ndarray:
 
 def root_contact_basis(points: np.ndarray, root_pos: np.ndarray, R_world_root: np.ndarray,
                        edges: np.ndarray) -> np.ndarray:
-    """(6, E P): the free root's generalized force of a unit force along each of the E cone edges
-    (3, E) at each of the P world points (P, 3): (f, R_world_root^T ((p - root_pos) x f)), i.e.
-    world-frame force then pelvis-frame torque, MuJoCo's order for a free joint's dofs."""
-    linear = np.broadcast_to(edges.T, (len(points), edges.shape[1], 3))  # (P, E, 3)
-    angular = np.cross((points - root_pos)[:, None, :], linear) @ R_world_root  # rows: R^T (arm x f)
-    return np.concatenate([linear, angular], axis=-1).reshape(-1, 6).T
+    """(..., 6, P E): the free root's generalized force of a unit force along each of the E cone edges
+    (3, E) at each of the P world points (..., P, 3): (f, R_world_root^T ((p - root_pos) x f)), i.e.
+    world-frame force then pelvis-frame torque, MuJoCo's order for a free joint's dofs. Leading axes
+    (e.g. frames) broadcast over ``points`` (..., P, 3), ``root_pos`` (..., 3), ``R_world_root`` (..., 3, 3);
+    columns are ordered point-major (point 0's E edges first)."""
+    points = np.asarray(points)
+    batch = points.shape[:-2]
+    num_points, num_edges = points.shape[-2], edges.shape[1]
+    linear = np.broadcast_to(edges.T, (*batch, num_points, num_edges, 3))  # (..., P, E, 3)
+    arm = (points - np.asarray(root_pos)[..., None, :])[..., :, None, :]  # (..., P, 1, 3)
+    angular = np.cross(arm, linear) @ np.asarray(R_world_root)[..., None, :, :]  # rows: R^T (arm x f)
+    generalized = np.concatenate([linear, angular], axis=-1)  # (..., P, E, 6)
+    return np.swapaxes(generalized.reshape(*batch, num_points * num_edges, 6), -1, -2)
 
 
 def inverse_dynamics(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: InverseDynamicsConfig | None = None,
@@ -133,32 +143,38 @@ def inverse_dynamics(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: Inve
     edges = friction_cone_edges(humanoid.config.friction)  # (3, 4)
     data = mujoco.MjData(model)
     pelvis = humanoid.body_ids[0]
-    residual_force, residual_torque = np.zeros(T), np.zeros(T)
-    contact_force, num_contacts = np.zeros(T), np.zeros(T, dtype=np.int64)
-    torques = np.full((T, NUM_BODY_JOINTS, 3), np.nan)
-    contact_qfrc = np.zeros(model.nv)
+    tau = np.empty((T, model.nv))  # needed generalized force per frame, contacts disabled
+    root_pos, R_world_root = np.empty((T, 3)), np.empty((T, 3, 3))
     for t in range(T):
         data.qpos[:], data.qvel[:], data.qacc[:] = qpos[t], qvel[t], qacc[t]
         mujoco.mj_inverse(model, data)
-        tau = data.qfrc_inverse  # (nv,) needed generalized force, contacts disabled
-        active = np.flatnonzero(points[t, :, 2] <= cfg.contact_height_m)
-        forces = np.zeros((0, 3))
-        residual = tau[:6].copy()
-        if active.size:
-            basis = root_contact_basis(points[t, active], data.xpos[pelvis], data.xmat[pelvis].reshape(3, 3), edges)
-            weights, _ = nnls(basis, tau[:6])
-            residual -= basis @ weights
-            forces = weights.reshape(-1, 4) @ edges.T  # (P, 3) world contact forces
-            contact_force[t] = forces[:, 2].sum()
-            num_contacts[t] = active.size
-        residual_force[t] = np.linalg.norm(residual[:3])
-        residual_torque[t] = np.linalg.norm(residual[3:])
-        if joint_torques:
+        tau[t], root_pos[t], R_world_root[t] = data.qfrc_inverse, data.xpos[pelvis], data.xmat[pelvis].reshape(3, 3)
+    num_edges = edges.shape[1]
+    bases = root_contact_basis(points, root_pos, R_world_root, edges)  # (T, 6, 8 E), every candidate point
+    supporting = points[:, :, 2] <= cfg.contact_height_m  # (T, 8)
+    residual = tau[:, :6].copy()  # (T, 6)
+    forces = np.zeros((T, points.shape[1], 3))  # world contact force at each candidate point
+    for t in np.flatnonzero(supporting.any(axis=1)):
+        columns = np.repeat(supporting[t], num_edges)  # the active points' edges
+        weights, _ = nnls(bases[t][:, columns], tau[t, :6])
+        residual[t] -= bases[t][:, columns] @ weights
+        forces[t, supporting[t]] = weights.reshape(-1, num_edges) @ edges.T
+    torques = np.full((T, NUM_BODY_JOINTS, 3), np.nan)
+    if joint_torques:
+        contact_qfrc = np.zeros(model.nv)
+        for t in range(T):
+            data.qpos[:] = qpos[t]
+            mujoco.mj_kinematics(model, data)
+            mujoco.mj_comPos(model, data)  # mj_applyFT needs the frame's kinematics and com positions
             contact_qfrc[:] = 0.0
-            for k, f in zip(active, forces, strict=True):
-                mujoco.mj_applyFT(model, data, f, np.zeros(3), points[t, k], point_bodies[k], contact_qfrc)
+            for k in np.flatnonzero(supporting[t]):
+                mujoco.mj_applyFT(model, data, forces[t, k], np.zeros(3), points[t, k], point_bodies[k], contact_qfrc)
             for j, adr in enumerate(humanoid.dof_adr):
-                torques[t, j] = tau[adr: adr + 3] - contact_qfrc[adr: adr + 3]
+                torques[t, j] = tau[t, adr: adr + 3] - contact_qfrc[adr: adr + 3]
+    residual_force = np.linalg.norm(residual[:, :3], axis=1)
+    residual_torque = np.linalg.norm(residual[:, 3:], axis=1)
+    contact_force = forces[:, :, 2].sum(axis=1)
+    num_contacts = supporting.sum(axis=1).astype(np.int64)
     return InverseDynamicsResult(residual_force_n=residual_force, residual_torque_nm=residual_torque,
                                  joint_torques_nm=torques, contact_force_n=contact_force,
                                  num_contacts=num_contacts)
