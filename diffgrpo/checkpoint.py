@@ -304,11 +304,33 @@ def load_checkpoint(
     )
 
 
+def read_shared_state(path: str | Path, prefix: str = "") -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The shared task tensors whose names start with ``prefix`` and the JSON metadata of checkpoint ``path``,
+    read without restoring anything (no model, optimiser or RNG state is touched).
+
+    Why: a recipe exports state a finished run leaves in its last checkpoint (e.g. the EMA weights)."""
+    from safetensors import safe_open
+
+    shared_file = Path(path) / "shared.safetensors"
+    with safe_open(str(shared_file), framework="pt") as f:
+        metadata = f.metadata() or {}
+        if metadata.get("format") != _FORMAT:
+            raise ValueError(f"{shared_file} is not a diffgrpo checkpoint (format={metadata.get('format')!r})")
+        start = "task." + prefix
+        tensors = {k[len("task."):]: f.get_tensor(k) for k in f.keys() if k.startswith(start)}
+    return tensors, json.loads(metadata["meta"])
+
+
 def _check_trainable_state(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
-    """Raise unless ``state`` holds exactly the model's trainable parameters (a ``trainable_only`` checkpoint)."""
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    missing, unexpected = sorted(trainable - set(state)), sorted(set(state) - trainable)
-    if missing or unexpected:
+    """Raise unless ``state`` holds exactly the model's trainable parameters, with their shapes (a
+    ``trainable_only`` checkpoint); a different LoRA rank or target list is the usual cause."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    reshaped = [] if is_sharded(model) else sorted(  # sharded parameters hold a shard, not the full shape
+        f"{name}: {tuple(state[name].shape)} saved, {tuple(p.shape)} now"
+        for name, p in params.items() if name in state and state[name].shape != p.shape)
+    if missing or unexpected or reshaped:
         raise ValueError(f"{path} holds the trainable parameters of another model (missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}, of {len(trainable)} trainable): add the same LoRA adapters "
-                         "(--lora.*) to the same base model before loading")
+                         f"unexpected {unexpected[:5]}, other shapes {reshaped[:3]}, of {len(params)} trainable): "
+                         "add the same LoRA adapters to the same base model before loading; the LoRA settings "
+                         "(--lora.r, --lora.target-modules) must match the checkpoint's")

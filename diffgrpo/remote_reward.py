@@ -143,8 +143,15 @@ def decode_request(body: bytes) -> tuple[Samples, dict[str, Any]]:
     if metadata.get("diffgrpo_protocol") != str(PROTOCOL_VERSION):
         raise ValueError(f"request speaks protocol {metadata.get('diffgrpo_protocol')!r}, this server "
                          f"{PROTOCOL_VERSION}; update the client or the server")
-    n = int(metadata["num_samples"])
-    strings = json.loads(metadata.get("batch_strings", "{}"))
+    try:  # a body that decodes but lacks (or garbles) metadata is still a bad request, not a server failure
+        n = int(metadata["num_samples"])
+        strings = json.loads(metadata.get("batch_strings", "{}"))
+        if not isinstance(strings, dict) or not all(
+                isinstance(v, list) and all(isinstance(s, str) for s in v) for v in strings.values()):
+            raise TypeError(f"batch_strings must map names to lists of strings, got {str(strings)[:100]}")
+    except (KeyError, ValueError, TypeError) as err:
+        raise ValueError(f"the request's metadata is incomplete or malformed ({type(err).__name__}: {err}); it "
+                         "needs num_samples and batch_strings as encode_request writes them") from None
     for name, tensor in tensors.items():
         if tensor.ndim < 1 or tensor.shape[0] != n:
             raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected N={n} on its first axis")

@@ -98,6 +98,9 @@ def collect(
     """
     streams = as_streams(generator)
     num_conditions = batch_size(batch)
+    if num_conditions % cfg.rollout_chunks:  # equal chunks, or the last rows would never be sampled
+        raise ValueError(f"rollout_chunks={cfg.rollout_chunks} does not divide the batch's B={num_conditions} "
+                         f"conditions; pass B divisible by --grpo.rollout-chunks {cfg.rollout_chunks} (or change it)")
     expanded = repeat_batch(batch, cfg.group_size)  # (B*G, ...)
     raw = task.raw_condition(batch)  # (B, T, D)
     if not bool(torch.isfinite(raw).all()):

@@ -5,8 +5,9 @@ adapters to its denoiser (``--lora.*``), post-trains them with GRPO on the promp
 registered rewards (``--grpo.rewards``; DDPO's JPEG rewards by default), evaluates a fixed probe
 set of prompts x noises before and after (paired differences with 95 % intervals) and writes
 ``results.json``, ``results.md`` (the before/after table) and the adapters in diffusers' LoRA
-format (``lora/``, for ``pipeline.load_lora_weights``) into ``--output-dir``. See
-``docs/text_to_image.md``.
+format (``lora/``, for ``pipeline.load_lora_weights``; with ``--grpo.ema.use-ema`` also ``lora_ema/``,
+the moving average) into ``--output-dir``. Checkpoints record the ``--lora.*`` and ``--task.*``
+settings, and ``--resume`` refuses other ones. See ``docs/text_to_image.md``.
 
     accelerate launch recipes/text_to_image.py --pipeline stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --torch-dtype bfloat16 --grpo.mixed-precision bf16
@@ -28,11 +29,13 @@ from typing import Literal
 import torch
 import tyro
 
+from diffgrpo.checkpoint import Checkpoint, latest_checkpoint, read_shared_state
 from diffgrpo.config import GRPOConfig, OptimConfig, ProbeConfig, SamplerConfig
+from diffgrpo.ema import ParameterEMA
 from diffgrpo.launch import make_accelerator
 from diffgrpo.lora import LoRAConfig, add_lora
 from diffgrpo.rewards import RewardSet, RewardSpec
-from diffgrpo.trainer import parse_reward_specs, train_grpo
+from diffgrpo.trainer import EMA_PREFIX, LoopHooks, parse_reward_specs, train_grpo
 from tasks.text_to_image import rewards as _image_rewards  # noqa: F401  (registers jpeg_compressibility, ...)
 from tasks.text_to_image.task import TextToImageTask, TextToImageTaskConfig, save_lora_weights
 from tasks.text_to_image.tiny import save_tiny_pipeline
@@ -71,7 +74,8 @@ class Config:
     """The pipeline: a folder written by save_pretrained or a hub id (StableDiffusionPipeline or
     StableDiffusion3Pipeline)."""
     output_dir: Path = Path("runs/text_to_image")
-    """Checkpoints, TensorBoard logs, results.json, results.md and the LoRA weights (lora/) go here."""
+    """Checkpoints, TensorBoard logs, results.json, results.md and the LoRA weights (lora/, and lora_ema/ with
+    --grpo.ema.use-ema) go here."""
     tiny_pipeline: Literal["unet", "sd3"] | None = None
     """Build a tiny random-weight pipeline of this family into --pipeline first (if that folder holds none):
     the CPU demonstration, no download."""
@@ -153,6 +157,55 @@ def load_pipeline(cfg: Config):
     return DiffusionPipeline.from_pretrained(cfg.pipeline, **kwargs)
 
 
+SETTINGS_META = "text_to_image_settings"
+"""Checkpoint metadata key of the recipe's --lora.* and --task.* settings (train_grpo checks only --grpo.*)."""
+
+
+def recipe_settings(cfg: Config) -> dict[str, dict]:
+    """The settings a resumed run must share with its checkpoint besides the GRPOConfig, as JSON values."""
+    return json.loads(json.dumps({"lora": dataclasses.asdict(cfg.lora), "task": dataclasses.asdict(cfg.task)}))
+
+
+def settings_hooks(cfg: Config) -> LoopHooks:
+    """Save the recipe's settings with each checkpoint and refuse a resume under other ones, naming the flags.
+
+    Why: the adapters' shapes catch a new --lora.r or --lora.target-modules, but nothing else would catch a
+    new --lora.lora-alpha (another scale on the same weights) or --task.num-inference-steps (another chain).
+    """
+    current = recipe_settings(cfg)
+
+    def shared_state() -> tuple[dict[str, torch.Tensor], dict]:
+        return {}, {SETTINGS_META: json.dumps(current)}
+
+    def load_shared_state(ckpt: Checkpoint) -> None:
+        if SETTINGS_META not in ckpt.meta:
+            raise ValueError(f"{ckpt.path} records no --lora.* / --task.* settings (written before they were "
+                             "saved), so a resume cannot be checked; start a new --output-dir")
+        saved = json.loads(ckpt.meta[SETTINGS_META])
+        changed = {f"--{group}.{name.replace('_', '-')}": (saved.get(group, {}).get(name), value)
+                   for group, values in current.items() for name, value in values.items()
+                   if saved.get(group, {}).get(name) != value}
+        if changed:
+            raise ValueError(f"--resume with other settings than {ckpt.path} was written with (saved, now): {changed}; "
+                             "resume with the same flags, or start a new --output-dir")
+
+    return LoopHooks(shared_state=shared_state, load_shared_state=load_shared_state)
+
+
+def final_ema(model: torch.nn.Module, cfg: Config) -> ParameterEMA:
+    """The run's moving average of ``model``'s trainable weights, read from its final checkpoint (train_grpo
+    always writes one after the last iteration)."""
+    path = latest_checkpoint(cfg.output_dir)
+    if path is None:
+        raise FileNotFoundError(f"{cfg.output_dir} holds no checkpoint to read the EMA weights from")
+    tensors, meta = read_shared_state(path, prefix=EMA_PREFIX)
+    if int(path.name.removeprefix("step_")) != cfg.grpo.num_iterations:
+        raise ValueError(f"the newest checkpoint {path} is not the run's last ({cfg.grpo.num_iterations} iterations)")
+    ema = ParameterEMA(model, cfg.grpo.ema.decay)
+    ema.load_state_tensors({k[len(EMA_PREFIX):]: v for k, v in tensors.items()}, int(meta["ema_num_updates"]))
+    return ema
+
+
 def probe_results(history: dict[str, list[float]]) -> dict[str, dict[str, float]]:
     """Per probe quantity (``reward/<split>/<name>``, ``metric/<split>/<name>``): its mean before training,
     after the last iteration, and the paired change with its 95 % interval (``diffgrpo.probe``)."""
@@ -218,7 +271,7 @@ def main(cfg: Config) -> dict:
     start = time.perf_counter()
     with rewards:  # the worker thread of --grpo.rollout-chunks > 1 is released at the end
         history = train_grpo(task, model, cfg.grpo, accelerator=accelerator, output_dir=cfg.output_dir,
-                             resume=cfg.resume, rewards=rewards)
+                             resume=cfg.resume, rewards=rewards, hooks=settings_hooks(cfg))
     seconds = time.perf_counter() - start
     accelerator.end_training()
     results = {
@@ -244,7 +297,10 @@ def main(cfg: Config) -> dict:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(table)
         if cfg.lora.use_lora:
-            save_lora_weights(pipeline, cfg.output_dir / "lora")
+            save_lora_weights(pipeline, cfg.output_dir / "lora")  # the final adapters
+            if cfg.grpo.ema.use_ema:  # their moving average, what --grpo.ema.use-for-eval reports
+                with final_ema(model, cfg).swapped_in(model):
+                    save_lora_weights(pipeline, cfg.output_dir / "lora_ema")
         print(table)
     return results
 

@@ -9,12 +9,13 @@ Two families, chosen from the pipeline's components:
 - ``"unet"``: Stable Diffusion 1.x / 2.x (``pipeline.unet``, a ``UNet2DConditionModel``). The
   pipeline's scheduler config (PNDM for SD 1.5) is loaded into a ``DDIMScheduler``, whose tables
   give the DDPM-family densities (``diffgrpo.sde``, method ``ddim``); epsilon or v prediction as
-  the scheduler's ``prediction_type`` says.
+  the scheduler's ``prediction_type`` says; ``clip_sample`` and ``thresholding`` off (latents are
+  not images in [-1, 1]; a config that turns them on is refused).
 - ``"sd3"``: Stable Diffusion 3 / 3.5 (``pipeline.transformer``, an ``SD3Transformer2DModel``) with
   ``FlowMatchEulerDiscreteScheduler`` (its static ``shift``); the transformer predicts the flow
   velocity v = noise - x0 at t = sigma x 1000 (``diffgrpo.sde``, method ``flow_sde`` or ``cps``).
-Flux (packed 2x2 latents, distilled guidance) and SDXL (extra time-id conditions) are not covered;
-the adapter says so when handed one.
+Flux (packed 2x2 latents, distilled guidance), SDXL (extra time-id conditions) and inpainting
+pipelines (mask and masked-image input channels) are not covered; the adapter says so when handed one.
 
 Batch (``load_examples``), B prompts, L tokens, D text features:
 - ``prompt``: list of B strings (rewards such as a remote scorer read them);
@@ -55,8 +56,9 @@ class TextToImageTaskConfig:
     """K: steps of the sampling chain (the scheduler's own spacing of its timesteps)."""
     negative_prompt: str = ""
     """The unconditional prompt of classifier-free guidance (diffusers' default: the empty prompt)."""
-    max_sequence_length: int = 77
-    """SD3 only: tokens of the T5 encoder's part of the prompt embedding (zeros without T5)."""
+    max_sequence_length: int = 256
+    """SD3 only: tokens of the T5 encoder's part of the prompt embedding (zeros without T5). The default is
+    ``StableDiffusion3Pipeline``'s, so training sees the embeddings ``pipeline(prompt)`` samples from."""
     decode_batch_size: int = 8
     """Latents decoded by the VAE per call (bounds the decoder's activation memory)."""
 
@@ -82,12 +84,26 @@ def pipeline_family(pipeline) -> Family:
         if getattr(unet.config, "addition_embed_type", None) is not None:
             raise ValueError(f"{name}'s UNet needs added conditions ({unet.config.addition_embed_type!r}, e.g. SDXL's "
                              "time ids), which this adapter does not build; use an SD 1.x/2.x pipeline")
+        _check_same_channels(name, unet.config)
         return "unet"
     transformer = getattr(pipeline, "transformer", None)
     if transformer is not None and type(transformer).__name__ == "SD3Transformer2DModel":
+        _check_same_channels(name, transformer.config)
         return "sd3"
     raise ValueError(f"{name} has neither a UNet2DConditionModel 'unet' nor an SD3Transformer2DModel 'transformer'; "
                      "pass a StableDiffusionPipeline or StableDiffusion3Pipeline")
+
+
+def _check_same_channels(name: str, config) -> None:
+    """Raise unless the denoiser maps latents (C, h, w) to an output of the same C channels: the chain's sample
+    is its input. An inpainting denoiser reads 9 = 4 latent + 1 mask + 4 masked-image channels and outputs 4."""
+    in_channels = config.in_channels
+    out_channels = getattr(config, "out_channels", None) or in_channels  # SD3: None means in_channels
+    if in_channels != out_channels:
+        raise ValueError(f"{name}'s denoiser has in_channels={in_channels} but out_channels={out_channels}: it reads "
+                         "extra conditioning channels (e.g. an inpainting pipeline's mask and masked image), which "
+                         "this adapter does not build; inpainting pipelines are not supported, use a text-to-image "
+                         "StableDiffusionPipeline or StableDiffusion3Pipeline")
 
 
 class TextToImageTask:
@@ -137,7 +153,15 @@ class TextToImageTask:
 
         config = self.pipeline.scheduler.config
         if self.family == "unet":
-            scheduler = DDIMScheduler.from_config(config)
+            # Latents are not images in [-1, 1]: never clip or threshold their x0 estimates. DDIMScheduler's own
+            # default is clip_sample=True, which a config without the key (SD 1.x ships PNDM's) would silently get.
+            for key in ("clip_sample", "thresholding"):
+                if config.get(key, False):
+                    raise ValueError(f"the pipeline's scheduler config sets {key}=True, which would clip the latents' "
+                                     f"x0 estimates as if they were images in [-1, 1]; set {key}: false in the "
+                                     "pipeline's scheduler/scheduler_config.json (or assign pipeline.scheduler = "
+                                     f"DDIMScheduler.from_config(pipeline.scheduler.config, {key}=False))")
+            scheduler = DDIMScheduler.from_config(config, clip_sample=False, thresholding=False)
         else:
             if config.get("use_dynamic_shifting", False):
                 raise ValueError("the pipeline's scheduler uses dynamic shifting (resolution-dependent mu), which this "
@@ -239,18 +263,34 @@ class TextToImageTask:
         return self.prompts[split]
 
 
-def save_lora_weights(pipeline, output_dir: str | Path) -> Path:
+def save_lora_weights(pipeline, output_dir: str | Path, *, adapter_name: str = "default") -> Path:
     """Write the denoiser's LoRA adapters where ``pipeline.load_lora_weights(output_dir)`` reads them.
 
     Uses the pipeline class's own ``save_lora_weights`` (``unet_lora_layers`` or ``transformer_lora_layers``)
     with peft's adapter state dict, converted to diffusers' key names.
+
+    Why each ``lora_B`` is multiplied by the layer's scale (lora_alpha / r): a layer computes
+    base(x) + B A x * alpha / r, but the file holds no alpha, and diffusers then loads the adapters at
+    alpha = r (scale 1). Folding the scale into B makes the reloaded model compute exactly what the
+    trained one did, on every diffusers version (no ``*_lora_adapter_metadata`` argument needed).
     """
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
+    from diffgrpo.lora import lora_layers
+
     family = pipeline_family(pipeline)
     denoiser = pipeline.unet if family == "unet" else pipeline.transformer
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
+    state = get_peft_model_state_dict(denoiser, adapter_name=adapter_name)  # keys "<module>.lora_B.weight", ...
+    adapted = {id(module) for module in lora_layers(denoiser)}
+    scales = {name: module.scaling[adapter_name] for name, module in denoiser.named_modules() if id(module) in adapted}
+    for name, scale in scales.items():
+        key = f"{name}.lora_B.weight"
+        if key not in state:
+            raise ValueError(f"peft's state dict lacks {key!r} of the adapted layer {name!r}; this peft version names "
+                             "adapter weights differently, so the export cannot fold in the scale lora_alpha / r")
+        state[key] = state[key] * scale
+    layers = convert_state_dict_to_diffusers(state)
     key = "unet_lora_layers" if family == "unet" else "transformer_lora_layers"
     type(pipeline).save_lora_weights(str(output_dir), **{key: layers})
     return Path(output_dir)

@@ -309,6 +309,28 @@ def test_recipe_runs_and_its_lora_weights_load_into_the_pipeline(tmp_path):
         recipe.Config()
 
 
+def test_exported_sd3_lora_reloads_with_its_scale(tmp_path):
+    from tasks.text_to_image.task import save_lora_weights
+
+    task = make_task("sd3", lora=False)
+    add_lora(task.denoiser, LoRAConfig(use_lora=True, r=2, lora_alpha=8.0))  # scale 4, diffusers reloads at 1
+    with torch.no_grad():
+        for p in lora_parameters(task.denoiser):
+            p.add_(0.05)  # B = 0 at initialisation: move it so the adapters act
+    save_lora_weights(task.pipeline, tmp_path / "lora")
+    loaded = tiny_pipeline("sd3", image_size_px=16)
+    loaded.load_lora_weights(str(tmp_path / "lora"))
+    batch = task.load_examples("train", torch.arange(2))
+    cond = task.encode_condition(batch)
+    x_t = torch.randn(2, *task.sample_shape, generator=torch.Generator().manual_seed(0))
+    t = task.sampling_timesteps()[1].expand(2)
+    with torch.no_grad():
+        trained, reloaded = task.predict(task.denoiser, x_t, t, cond), task.predict(loaded.transformer, x_t, t, cond)
+        base = task.predict(tiny_pipeline("sd3", image_size_px=16).transformer, x_t, t, cond)
+    assert float((trained - base).abs().max()) > 1e-3
+    assert float((reloaded - trained).abs().max()) < 1e-5
+
+
 def test_recipe_resume_refuses_other_lora_or_task_settings(tmp_path):
     from tests.recipes import load_recipe
 
@@ -338,7 +360,7 @@ def test_default_max_sequence_length_is_the_sd3_pipelines():
 
 
 def test_a_scheduler_config_without_clip_sample_does_not_clip_latents():
-    from diffusers import PNDMScheduler
+    from diffusers import DDIMScheduler, PNDMScheduler
 
     task = make_task("unet", lora=False)
     # SD 1.x ships a PNDM config; PNDM has no clip_sample, and DDIMScheduler's own default is True.
@@ -348,6 +370,9 @@ def test_a_scheduler_config_without_clip_sample_does_not_clip_latents():
     scheduler = task.make_scheduler()
     assert scheduler.config.clip_sample is False and scheduler.config.thresholding is False
     assert int(scheduler.timesteps[0]) == 751  # the pipeline's spacing (steps_offset 1) is kept
+    task.pipeline.scheduler = DDIMScheduler.from_config(task.pipeline.scheduler.config, clip_sample=True)
+    with pytest.raises(ValueError, match="clip_sample=True"):  # a config asking to clip latents is refused
+        task.make_scheduler()
 
 
 def test_inpainting_pipelines_are_refused():
