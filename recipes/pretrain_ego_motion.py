@@ -15,6 +15,7 @@ Run:
     accelerate launch recipes/pretrain_ego_motion.py                       # demo size, bundled CMU clips
     accelerate launch recipes/pretrain_ego_motion.py --preset reference --data-dir ~/amass   # the paper's size
     accelerate launch recipes/pretrain_ego_motion.py --resume               # continue the newest checkpoint
+    accelerate launch recipes/pretrain_ego_motion.py --extra-prior-train-dir runs/reactidle_amass  # + idle clips
 
 Writes to ``--output-dir``: ``checkpoints/`` (exact-resume state), ``logs/`` (TensorBoard: loss per
 term and total, lr, grad norm), ``denoiser.safetensors`` (weights + config, ``network.load_denoiser``)
@@ -40,7 +41,7 @@ from diffgrpo.launch import make_accelerator
 from diffgrpo.rollout import make_generator
 from diffgrpo.stream import IndexStream
 from tasks.ego_motion.body import load_body_model
-from tasks.ego_motion.data import DataSource, WindowConfig, load_windows
+from tasks.ego_motion.data import DataSource, WindowConfig, extra_prior_train_files, load_windows
 from tasks.ego_motion.network import DenoiserConfig, MotionDenoiser, load_denoiser, save_denoiser
 from tasks.ego_motion.prior import diffusion_loss, evaluate_prior, make_scheduler, mean_pose
 
@@ -99,6 +100,10 @@ class Config:
     """Passed to accelerate (fp16 needs a GPU); the loss itself is computed in float32."""
     data_dir: Path | None = None
     """AMASS directory (EgoAllo split: test = Transitions_mocap, SSM_synced); None: the bundled CMU clips."""
+    extra_prior_train_dir: Path | None = None
+    """A folder of AMASS .npz clips added to the prior_train windows only (never post_train or test), e.g. the
+    ReActIdle idle clips built by `python -m tasks.ego_motion.convert --reactidle` (runs/reactidle_amass);
+    None: none. Needs --train-split prior_train."""
     train_split: Literal["prior_train", "train", "post_train"] = "prior_train"
     """Windows the prior learns from: 'prior_train' leaves the post_train clips unseen, so GRPO post-trains
     where the prior has room (the shipped demo prior); 'train' uses every non-test clip; 'post_train' with
@@ -145,6 +150,11 @@ class Config:
         if self.data_dir is not None and not Path(self.data_dir).expanduser().is_dir():
             raise ValueError(f"--data-dir {self.data_dir} is not a directory; pass a folder of AMASS .npz files "
                              "or omit it for the bundled CMU clips")
+        if self.extra_prior_train_dir is not None:
+            if self.train_split != "prior_train":
+                raise ValueError(f"--extra-prior-train-dir adds clips to prior_train only, but --train-split is "
+                                 f"{self.train_split}; pass --train-split prior_train or drop --extra-prior-train-dir")
+            extra_prior_train_files(self.extra_prior_train_dir)  # raises, naming the fix, if missing or empty
 
     def resolved(self) -> Config:
         """This config with every None setting replaced by the preset's value."""
@@ -174,7 +184,8 @@ def main(cfg: Config) -> dict:
     rank, world = accelerator.process_index, accelerator.num_processes
 
     # Data: train windows in a resumable, sharded order; the condition is encoded inside the loss.
-    source = DataSource() if cfg.data_dir is None else DataSource(root=cfg.data_dir, split_rule="egoallo")
+    source = DataSource(extra_prior_train_dir=cfg.extra_prior_train_dir) if cfg.data_dir is None else \
+        DataSource(root=cfg.data_dir, split_rule="egoallo", extra_prior_train_dir=cfg.extra_prior_train_dir)
     window_cfg = WindowConfig(window_frames=cfg.window_frames)
     with accelerator.main_process_first():  # the main process builds the cache, the others read it
         train = load_windows(cfg.train_split, source=source, config=window_cfg, cache_dir=cfg.cache_dir)

@@ -194,3 +194,31 @@ def global_poses(motion: BvhMotion, frames: slice | np.ndarray | None = None) ->
             R[:, j] = R[:, p] @ local_R
             t[:, j] = t[:, p] + (R[:, p] @ local_t[..., None])[..., 0]
     return BvhGlobalPoses(R_world_joint=R, t_world_joint=t)
+
+
+def positions_relative_to_offsets(motion: BvhMotion, *, max_deviation: float) -> BvhMotion:
+    """``motion`` with each non-root joint's OFFSET subtracted from its position channels.
+
+    Why: Blender's exporter (the ReActIdle files) writes a child joint's position channels as its
+    whole local translation, OFFSET included, while this reader adds them to OFFSET, which would
+    double every such bone. The root is left alone (its channels move it from its OFFSET there too).
+    max_deviation (file units): a child position channel farther than this from its OFFSET in any
+    frame means the file does not follow that convention, so ValueError.
+    """
+    sk = motion.skeleton
+    values = motion.values.copy()
+    for j in range(1, len(sk.names)):
+        for k, ch in enumerate(sk.channels[j]):
+            if ch[1:].lower() != "position":
+                continue
+            col = sk.channel_start[j] + k
+            values[:, col] -= sk.offsets[j, "XYZ".index(ch[0].upper())]
+            worst = float(np.abs(values[:, col]).max())
+            if worst > max_deviation:
+                raise ValueError(
+                    f"joint {sk.names[j]!r} channel {ch} is up to {worst:.4g} away from its OFFSET "
+                    f"(allowed {max_deviation:.4g}): these position channels are not whole local "
+                    f"translations, so this rig's SkeletonVariant should not set "
+                    f"child_positions_include_offset."
+                )
+    return BvhMotion(skeleton=sk, frame_time_s=motion.frame_time_s, values=values)

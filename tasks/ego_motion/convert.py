@@ -1,4 +1,4 @@
-"""Retarget CMU BVH clips onto the SMPL-H body model and write them in the AMASS layout.
+"""Retarget CMU (and ReActIdle) BVH clips onto the SMPL-H body model and write them in the AMASS layout.
 
 Why rotations, not positions: the CMU skeletons have other proportions than SMPL-H (a short
 torso, a root above the hips), so copying joint positions would distort the body. Instead each
@@ -19,7 +19,11 @@ the 1st percentile over frames of the lower toe joint sits at the model's toe-jo
 (toe joint height above the sole in the rest pose). Betas are a least-squares fit of the model's
 segment lengths to the subject's. Everything is resampled (slerp / linear) to 30 fps.
 
-Run ``python -m tasks.ego_motion.convert`` to rebuild ``assets/cmu``.
+The ReActIdle idle clips (a 19-joint Blender rig without hands or toes) go through the same
+steps with the ``reactidle`` variant: joints the rig lacks get an identity local rotation.
+
+Run ``python -m tasks.ego_motion.convert`` to rebuild ``assets/cmu``, and
+``python -m tasks.ego_motion.convert --reactidle`` to build ``runs/reactidle_amass`` (not committed).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import torch
 
 from .amass import AmassSequence, save_amass_npz
 from .body import BodyModel, load_body_model
-from .bvh import BvhMotion, BvhSkeleton, global_poses, parse_bvh
+from .bvh import BvhMotion, BvhSkeleton, global_poses, parse_bvh, positions_relative_to_offsets
 from .geometry import (
     SMPLH_PARENTS,
     matrix_to_axis_angle,
@@ -58,23 +62,46 @@ CMU_INCH_SCALE_M = 0.056444  # CMU "inches x 0.45" -> metres
 # +90 deg about X: BVH (+Y up) -> world (+Z up).
 W_ZUP_FROM_YUP = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
 BODY_JOINTS = 22  # pelvis + 21
+REQUIRED_JOINTS: tuple[int, ...] = (0, 1, 2, 4, 5, 7, 8)  # pelvis, hips, knees, ankles
+CHILD_POSITION_TOLERANCE_M = 0.05  # see SkeletonVariant.child_positions_include_offset
 
 
 @dataclass(frozen=True)
 class SkeletonVariant:
     """A BVH rig family: the BVH joint for each of the 22 SMPL-H body joints, units, reference pose.
 
-    joint_map: 22 BVH joint names in SMPL-H order. wrist_tips: BVH joints past the (left, right)
-    wrists used to align the hand direction. reference: "rest" (all channels zero) or "tpose_frame0"
-    (frame 0 of ``reference_clip``, a file in the mocap folder).
+    joint_map: 22 BVH joint names in SMPL-H order; None where the rig has no counterpart: that
+    joint gets a neutral (identity) local rotation, i.e. it turns with its SMPL-H parent.
+    wrist_tips: BVH joints past the (left, right) wrists used to align the hand direction (None:
+    the rig has no hands). reference: "rest" (all channels zero) or "tpose_frame0" (frame 0 of
+    ``reference_clip``, a file in the mocap folder). position_stand_ins: (SMPL-H joint, BVH joint)
+    pairs placing an unmapped joint (e.g. a forearm End Site is the wrist) for the limb alignment
+    and the betas fit only. child_positions_include_offset: the non-root position channels hold the
+    whole local translation, OFFSET included (Blender's exporter); see
+    :func:`~tasks.ego_motion.bvh.positions_relative_to_offsets`.
     """
 
     name: str
     units_to_m: float
-    joint_map: tuple[str, ...]
-    wrist_tips: tuple[str, str]
+    joint_map: tuple[str | None, ...]
+    wrist_tips: tuple[str, str] | None
     reference: str
     reference_clip: str = ""
+    position_stand_ins: tuple[tuple[int, str], ...] = ()
+    child_positions_include_offset: bool = False
+
+    def __post_init__(self) -> None:
+        if len(self.joint_map) != BODY_JOINTS:
+            raise ValueError(f"{self.name}: joint_map has {len(self.joint_map)} entries, expected {BODY_JOINTS}.")
+        unmapped = [j for j in REQUIRED_JOINTS if self.joint_map[j] is None]
+        if unmapped:
+            raise ValueError(f"{self.name}: SMPL-H joints {unmapped} must be mapped (root, hips, knees and "
+                             "ankles place the root and scale the translation).")
+
+    def bvh_joint_names(self) -> tuple[str, ...]:
+        """Every BVH joint this variant reads (mapped joints, stand-ins, wrist tips)."""
+        names = [n for n in self.joint_map if n is not None] + [n for _, n in self.position_stand_ins]
+        return tuple(names + list(self.wrist_tips or ()))
 
 
 def _cc(s: str) -> str:
@@ -180,13 +207,54 @@ VARIANTS: dict[str, SkeletonVariant] = {
         wrist_tips=("LFingers", "RFingers"),
         reference="rest",
     ),
+    # ReActIdle (Blender-style 19-joint rig, metres): no toes, hands or second spine joint. SMPL-H
+    # spine1 <- spine (pelvis to mid-back, 0.23 m) and spine3 <- spine.001 (mid-back to neck base),
+    # which sit 0.23 m and 0.46 m above the pelvis like SMPL-H's spine3 (0.24 m) and neck (0.49 m);
+    # spine2, the toes and the wrists get an identity local rotation. The pelvis is pelvis.L, not
+    # pelvis: this rig rolls the pelvis through its hip bones pelvis.L/R (equal rotations; the thighs
+    # sit exactly at their end sites), while the root joint itself only yaws. Its rest pose is a
+    # T-pose facing +Z; the forearm End Sites stand in for the wrists when aligning the forearms.
+    "reactidle": SkeletonVariant(
+        name="reactidle",
+        units_to_m=1.0,
+        joint_map=(
+            "pelvis.L",
+            "thigh.L",
+            "thigh.R",
+            "spine",
+            "shin.L",
+            "shin.R",
+            None,
+            "foot.L",
+            "foot.R",
+            "spine.001",
+            None,
+            None,
+            "neck",
+            "shoulder.L",
+            "shoulder.R",
+            "face",
+            "upper_arm.L",
+            "upper_arm.R",
+            "forearm.L",
+            "forearm.R",
+            None,
+            None,
+        ),
+        wrist_tips=None,
+        reference="rest",
+        position_stand_ins=((20, "forearm.L_End"), (21, "forearm.R_End")),
+        child_positions_include_offset=True,
+    ),
 }
 
 # Bone-direction alignment, limbs only: SMPL-H joint -> the child whose rest direction is matched
 # (wrists -> middle-finger base). The pelvis, spine, neck, head and collars keep A_j = I: both rigs
 # stand upright facing +Z in their reference pose, and the directions of those bones depend on
 # where each rig puts its joints (CMU's spine and collars start at the pelvis/spine centre), not on
-# posture, so aligning them would tilt the converted torso.
+# posture, so aligning them would tilt the converted torso. A limb joint whose child the rig lacks
+# (ReActIdle's ankles: no toe joint, only a toe-tip End Site) keeps A_j = I too: both reference
+# poses stand flat-footed.
 _ALIGN_CHILD: dict[int, int] = {
     1: 4,
     2: 5,
@@ -217,9 +285,9 @@ LEFT_TOE, RIGHT_TOE = 10, 11
 
 
 def detect_variant(skeleton: BvhSkeleton) -> SkeletonVariant:
-    """The variant whose 22 mapped joints all exist in ``skeleton``; ValueError if none does."""
+    """The variant whose mapped joints all exist in ``skeleton``; ValueError if none does."""
     for variant in VARIANTS.values():
-        if all(n in skeleton.names for n in variant.joint_map):
+        if all(n in skeleton.names for n in variant.bvh_joint_names()):
             return variant
     raise ValueError(
         f"BVH skeleton (root {skeleton.names[0]!r}, {len(skeleton.names)} joints) matches none of "
@@ -230,7 +298,8 @@ def detect_variant(skeleton: BvhSkeleton) -> SkeletonVariant:
 @dataclass(frozen=True)
 class ReferencePose:
     """The rig's reference pose: global rotations (22, 3, 3) and positions (22, 3) in metres (BVH frame),
-    plus the wrist-tip positions (2, 3)."""
+    plus the wrist-tip positions (2, 3). Unmapped joints: identity rotation, NaN position unless a
+    stand-in places them; wrist tips NaN for a rig without hands."""
 
     R_bvh_joint: np.ndarray
     t_bvh_joint_m: np.ndarray
@@ -257,13 +326,17 @@ def reference_pose(
         ref, sk = global_poses(ref_motion, slice(0, 1)), ref_motion.skeleton
     else:
         raise ValueError(f"unknown reference {variant.reference!r}; use 'rest' or 'tpose_frame0'.")
-    idx = [sk.index(n) for n in variant.joint_map]
-    tips = [sk.index(n) for n in variant.wrist_tips]
-    return ReferencePose(
-        R_bvh_joint=ref.R_world_joint[0, idx],
-        t_bvh_joint_m=ref.t_world_joint[0, idx] * variant.units_to_m,
-        t_wrist_tips_m=ref.t_world_joint[0, tips] * variant.units_to_m,
-    )
+    R = np.tile(np.eye(3), (BODY_JOINTS, 1, 1))
+    t = np.full((BODY_JOINTS, 3), np.nan)
+    for j, n in enumerate(variant.joint_map):
+        if n is not None:
+            R[j], t[j] = ref.R_world_joint[0, sk.index(n)], ref.t_world_joint[0, sk.index(n)]
+    for j, n in variant.position_stand_ins:
+        t[j] = ref.t_world_joint[0, sk.index(n)]
+    tips = np.full((2, 3), np.nan)
+    if variant.wrist_tips is not None:
+        tips = ref.t_world_joint[0, [sk.index(n) for n in variant.wrist_tips]]
+    return ReferencePose(R_bvh_joint=R, t_bvh_joint_m=t * variant.units_to_m, t_wrist_tips_m=tips * variant.units_to_m)
 
 
 def segment_lengths(joints: np.ndarray | torch.Tensor) -> dict[str, np.ndarray | np.floating | torch.Tensor]:
@@ -273,6 +346,11 @@ def segment_lengths(joints: np.ndarray | torch.Tensor) -> dict[str, np.ndarray |
         lens = [((joints[..., a, :] - joints[..., b, :]) ** 2).sum(-1) ** 0.5 for a, b in pairs]
         out[name] = sum(lens) / len(lens)
     return out
+
+
+def subject_segment_lengths(ref: ReferencePose) -> dict[str, float]:
+    """The rig's segment lengths (metres) for :func:`fit_betas`, leaving out segments with an end the rig lacks."""
+    return {k: float(v) for k, v in segment_lengths(ref.t_bvh_joint_m).items() if np.isfinite(v)}
 
 
 def fit_betas(
@@ -320,13 +398,15 @@ def _min_rotation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def alignment_rotations(model_rest_joints: np.ndarray, ref: ReferencePose) -> np.ndarray:
-    """A_j (22, 3, 3): maps the model's rest bone directions at joint j onto the reference pose's."""
-    bvh = np.zeros((52, 3))
+    """A_j (22, 3, 3): maps the model's rest bone directions at joint j onto the reference pose's
+    (identity where the reference lacks either end of the bone)."""
+    bvh = np.full((52, 3), np.nan)
     bvh[:BODY_JOINTS] = ref.t_bvh_joint_m
     bvh[25], bvh[40] = ref.t_wrist_tips_m  # middle-finger bases stand for the wrist tips
     A = np.tile(np.eye(3), (BODY_JOINTS, 1, 1))
     for j, c in _ALIGN_CHILD.items():
-        A[j] = _min_rotation(model_rest_joints[c] - model_rest_joints[j], bvh[c] - bvh[j])
+        if np.isfinite(bvh[c] - bvh[j]).all():
+            A[j] = _min_rotation(model_rest_joints[c] - model_rest_joints[j], bvh[c] - bvh[j])
     return A
 
 
@@ -351,16 +431,23 @@ def retarget(
     betas: np.ndarray,
     frames: slice = slice(1, None),
 ) -> RetargetedMotion:
-    """Transfer the global rotations of the 22 mapped joints (see the module docstring)."""
+    """Transfer the global rotations of the mapped joints (see the module docstring); an unmapped
+    joint copies its parent's, i.e. gets an identity local rotation."""
     sk = motion.skeleton
     g = global_poses(motion, frames)
-    idx = [sk.index(n) for n in variant.joint_map]
-    R_bvh = g.R_world_joint[:, idx]  # (F, 22, 3, 3)
-    t_bvh = g.t_world_joint[:, idx] * variant.units_to_m
+    mapped = [j for j, n in enumerate(variant.joint_map) if n is not None]
+    idx = [sk.index(variant.joint_map[j]) for j in mapped]
+    R_bvh = g.R_world_joint[:, idx]  # (F, M, 3, 3), M mapped joints
+    t_bvh = np.full((R_bvh.shape[0], BODY_JOINTS, 3), np.nan)
+    t_bvh[:, mapped] = g.t_world_joint[:, idx] * variant.units_to_m
     with torch.no_grad():
         J_rest = body.shaped_joints(torch.as_tensor(betas, dtype=body.J_template.dtype)).double().numpy()
     A = alignment_rotations(J_rest, ref)
-    G = W_ZUP_FROM_YUP @ R_bvh @ np.swapaxes(ref.R_bvh_joint, -1, -2) @ A  # (F, 22, 3, 3)
+    G = np.empty((R_bvh.shape[0], BODY_JOINTS, 3, 3))  # (F, 22, 3, 3)
+    G[:, mapped] = W_ZUP_FROM_YUP @ R_bvh @ np.swapaxes(ref.R_bvh_joint[mapped], -1, -2) @ A[mapped]
+    for j in range(1, BODY_JOINTS):  # parents come first in SMPL-H order
+        if variant.joint_map[j] is None:
+            G[:, j] = G[:, SMPLH_PARENTS[j]]
     parents = np.array(SMPLH_PARENTS[1:BODY_JOINTS])
     local = np.swapaxes(G[:, parents], -1, -2) @ G[:, 1:]  # (F, 21, 3, 3)
     leg = lambda J: (
@@ -461,9 +548,12 @@ def convert_bvh(
             f"{path}: frame time {motion.frame_time_s} s gives {motion.fps:.3g} fps, outside 1-1000."
         )
     variant = detect_variant(motion.skeleton)
+    if variant.child_positions_include_offset:
+        motion = positions_relative_to_offsets(
+            motion, max_deviation=CHILD_POSITION_TOLERANCE_M / variant.units_to_m
+        )
     ref = reference_pose(motion, variant, mocap_root)
-    targets = {k: float(v) for k, v in segment_lengths(ref.t_bvh_joint_m).items()}
-    betas = fit_betas(body, targets)
+    betas = fit_betas(body, subject_segment_lengths(ref))
     m = resample_motion(retarget(motion, variant, ref, body, betas), target_fps)
     if m.body_rotmats.shape[0] < min_frames:
         raise ValueError(
@@ -552,14 +642,83 @@ def make_split(mocap_root: Path, clip_ids: list[str]) -> dict:
     }
 
 
+REACTIDLE_DEFAULT_OUT = Path("runs/reactidle_amass")
+REACTIDLE_NOTICE = """# ReActIdle clips in the AMASS layout
+
+Converted by `python -m tasks.ego_motion.convert --reactidle` (diffgrpo, tasks/ego_motion/convert.py):
+each BVH clip of `reactidle/{acted,genuine}/` retargeted onto the body model (SMPL-H joint order,
+rotation transfer, fitted betas, floor from the lowest toe joint) and resampled from 24 to 30 fps.
+One `.npz` per clip, named after its BVH file (`001_acted.npz`; the number is the performer).
+
+Source: the ReActIdle idle-motion dataset of "Evaluating Idle Animation Believability: a User
+Perspective", Atxa Landa et al., 2025, arXiv 2509.05023. Cite it where these files are used.
+
+Licence: MIT, full text in `LICENSE.txt` beside this file; it must travel with these files.
+
+Content: people standing still, shifting weight, looking around; no locomotion, no hands (zero
+hand pose), no toe or wrist motion (neutral local rotations).
+"""
+
+
+def convert_reactidle(mocap_root: Path, out: Path, body: BodyModel) -> dict[str, int]:
+    """Convert every ReActIdle clip under ``mocap_root/reactidle`` into ``out`` (AMASS layout).
+
+    Writes ``<clip>.npz`` per BVH file (clip = file stem), ``LICENSE.txt`` (the MIT licence, copied)
+    and ``NOTICE.md`` (source and citation). Returns clip -> frames at 30 fps; unusable clips are
+    logged and skipped, and if every clip is, raises ValueError.
+    """
+    source = mocap_root / "reactidle"
+    files = sorted(source.rglob("*.bvh"))
+    if not files or not (source / "LICENSE.txt").is_file():
+        raise FileNotFoundError(
+            f"expected ReActIdle BVH files and LICENSE.txt under {source}; pass --mocap-root (or set "
+            "DIFFGRPO_MOCAP_ROOT) to the folder holding reactidle/."
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    frames: dict[str, int] = {}
+    for path in files:
+        try:
+            seq = convert_bvh(path, body, mocap_root=mocap_root)
+        except ValueError as err:
+            logger.warning("skipped %s: %s", path, err)
+            continue
+        save_amass_npz(out / f"{path.stem}.npz", seq)
+        frames[path.stem] = seq.num_frames
+        logger.info("%s: %d frames", path.stem, seq.num_frames)
+    if not frames:
+        raise ValueError(f"none of the {len(files)} BVH files under {source} could be converted (see the log).")
+    shutil.copyfile(source / "LICENSE.txt", out / "LICENSE.txt")  # contents only: the source may be read-only
+    (out / "NOTICE.md").write_text(REACTIDLE_NOTICE)
+    return frames
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mocap-root", type=Path, default=DEFAULT_MOCAP_ROOT)
-    parser.add_argument("--out", type=Path, default=ASSETS / "cmu")
+    parser.add_argument(
+        "--reactidle",
+        action="store_true",
+        help="convert the ReActIdle idle clips (MOCAP_ROOT/reactidle) instead of the CMU clips",
+    )
+    parser.add_argument(
+        "--out",
+        "--output-dir",
+        dest="out",
+        type=Path,
+        default=None,
+        help=f"output folder (default {ASSETS / 'cmu'}; with --reactidle {REACTIDLE_DEFAULT_OUT}, not committed)",
+    )
     parser.add_argument("--body-model", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     body = load_body_model(args.body_model, dtype=torch.float64)
+    if args.reactidle:
+        out = args.out or REACTIDLE_DEFAULT_OUT
+        frames = convert_reactidle(args.mocap_root, out, body)
+        logger.info("wrote %d ReActIdle clips, %d frames (%.1f min at %g fps) to %s", len(frames),
+                    sum(frames.values()), sum(frames.values()) / TARGET_FPS / 60, TARGET_FPS, out)
+        return
+    args.out = args.out or ASSETS / "cmu"
     files = sorted(args.mocap_root.glob("cmu_iclone/*/*.bvh")) + sorted(
         args.mocap_root.glob("cmu_original/*.bvh")
     )

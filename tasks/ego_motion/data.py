@@ -39,6 +39,9 @@ or without ``.npz``; "post_train" is optional and must be a subset of "train"); 
 AMASS files can instead use EgoAllo's rule (test = top-level folders ``Transitions_mocap`` and
 ``SSM_synced``, train = the rest, post_train = a fixed share of train chosen by a hash of each
 file's relative path).
+``DataSource.extra_prior_train_dir`` adds a second folder of AMASS files (e.g. the converted
+ReActIdle idle clips) to "prior_train" only: "train", "post_train" and "test" are unchanged, and
+those windows are named ``extra_prior_train/<path below that folder>``.
 
 Cache: ``<cache_dir>/<split>-<fingerprint>/`` (``datasets.save_to_disk``), cache_dir defaulting
 to ``$DIFFGRPO_CACHE/ego_motion`` or ``~/.cache/diffgrpo/ego_motion``. The fingerprint is a
@@ -202,6 +205,10 @@ class DataSource:
     post_train_fraction: float = 0.1
     """split_rule='egoallo' only: share of the train files that form post_train (by a SHA-256 of the
     file's path relative to root, so the choice is fixed and clip-disjoint)."""
+    extra_prior_train_dir: Path | None = None
+    """A folder of AMASS-layout ``*.npz`` clips (searched recursively) added to the 'prior_train' split
+    only, e.g. the converted ReActIdle idle clips; 'train', 'post_train' and 'test' never see them.
+    Their sequence names start with ``extra_prior_train/``."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.post_train_fraction < 1.0:
@@ -232,6 +239,13 @@ class DataSource:
         if not chosen:
             raise FileNotFoundError(f"no .npz files for split '{split}' under {root} (split_rule="
                                     f"{self.split_rule!r}); check the directory and the split rule.")
+        if split == "prior_train" and self.extra_prior_train_dir is not None:
+            extra_root = Path(self.extra_prior_train_dir).expanduser()
+            if root.resolve().is_relative_to(extra_root.resolve()) or \
+                    extra_root.resolve().is_relative_to(root.resolve()):
+                raise ValueError(f"extra_prior_train_dir {extra_root} and the source root {root} overlap, so "
+                                 "its clips would also land in the other splits; keep the folders apart.")
+            chosen = chosen + extra_prior_train_files(extra_root)
         return chosen
 
     @staticmethod
@@ -263,6 +277,32 @@ class DataSource:
             raise FileNotFoundError(f"{split_path} lists {sorted(missing)} for '{split}' but no such .npz is "
                                     f"under {root}; regenerate the clips or fix the split file.")
         return chosen
+
+
+EXTRA_PRIOR_TRAIN_PREFIX = "extra_prior_train"
+
+
+def extra_prior_train_files(directory: Path) -> list[Path]:
+    """Sorted ``*.npz`` motion files under ``directory`` (recursive, ``shape.npz`` left out).
+
+    Raises FileNotFoundError, naming the fix, if the folder is missing or holds none.
+    """
+    directory = Path(directory).expanduser()
+    hint = ("build the ReActIdle clips with `python -m tasks.ego_motion.convert --reactidle --output-dir DIR` "
+            "or pass another folder of AMASS .npz files (--extra-prior-train-dir)")
+    if not directory.is_dir():
+        raise FileNotFoundError(f"extra prior-train directory {directory} does not exist; {hint}.")
+    files = sorted(p for p in directory.rglob("*.npz") if p.is_file() and p.name != AMASS_SHAPE_FILE)
+    if not files:
+        raise FileNotFoundError(f"extra prior-train directory {directory} holds no .npz files; {hint}.")
+    return files
+
+
+def _source_key(path: Path, root: Path, extra_root: Path | None) -> str:
+    """Path of a source file below root, or ``extra_prior_train/<path below extra_root>``."""
+    if extra_root is not None and path.is_relative_to(extra_root):
+        return f"{EXTRA_PRIOR_TRAIN_PREFIX}/{path.relative_to(extra_root).as_posix()}"
+    return path.relative_to(root).as_posix()
 
 
 # ---------------------------------------------------------------- per sequence
@@ -455,19 +495,22 @@ def default_cache_dir() -> Path:
 
 
 def cache_fingerprint(files: Sequence[Path], root: Path, body_model_path: Path, cfg: WindowConfig,
-                      split: Split) -> str:
-    """SHA-256 (first 20 hex digits) of source file paths + contents, body model bytes and settings."""
+                      split: Split, extra_root: Path | None = None) -> str:
+    """SHA-256 (first 20 hex digits) of source file paths + contents, body model bytes and settings.
+
+    Paths are relative to root, or ``extra_prior_train/...`` below extra_root (the extra prior-train clips)."""
     settings = {"version": DATA_VERSION, "split": split, "fps": TARGET_FPS,
                 "window_frames": cfg.window_frames,
                 "stride_frames": cfg.stride(split), "mirror": cfg.include_mirrored and split in TRAINING_SPLITS,
                 "refloor": cfg.refloor, "contacts": dataclasses.asdict(cfg.contacts),
                 "body_model_sha256": _sha256_file(body_model_path),
-                "files": [[p.relative_to(root).as_posix(), _sha256_file(p)] for p in files]}
+                "files": [[_source_key(p, root, extra_root), _sha256_file(p)] for p in files]}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def build_windows_dataset(files: Sequence[Path], root: Path, model: BodyModel, cfg: WindowConfig,
-                          split: Split, out_dir: Path, fingerprint: str) -> dict[str, object]:
+                          split: Split, out_dir: Path, fingerprint: str, extra_root: Path | None = None
+                          ) -> dict[str, object]:
     """Process every file into windows and ``save_to_disk`` them at out_dir; returns the build summary.
 
     Unusable files are skipped with a warning naming the file and the reason; if all are, raises.
@@ -479,7 +522,7 @@ def build_windows_dataset(files: Sequence[Path], root: Path, model: BodyModel, c
 
     def generate() -> Iterator[dict[str, object]]:
         for path in tqdm(files, desc=f"ego_motion {split} windows", unit="file", disable=len(files) < 20):
-            name = path.relative_to(root).with_suffix("").as_posix()
+            name = _source_key(path, root, extra_root).removesuffix(".npz")
             try:
                 with torch.no_grad():
                     seq = load_sequence(path, model, cfg, name=name)
@@ -625,11 +668,13 @@ def load_windows(
     source = source or DataSource()
     config = config or WindowConfig()
     root = Path(source.root).expanduser().resolve()
-    files = dataclasses.replace(source, root=root).files(split)
+    extra_root = None if source.extra_prior_train_dir is None else \
+        Path(source.extra_prior_train_dir).expanduser().resolve()
+    files = dataclasses.replace(source, root=root, extra_prior_train_dir=extra_root).files(split)
     model_path = Path(body_model_path).expanduser() if body_model_path else default_body_model_path()
     if not model_path.exists():
         load_body_model(model_path)  # raises the body model's own error with the download hint
-    fingerprint = cache_fingerprint(files, root, model_path, config, split)
+    fingerprint = cache_fingerprint(files, root, model_path, config, split, extra_root)
     out_dir = (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / f"{split}-{fingerprint}"
     from_cache = (out_dir / SUMMARY_FILE).exists()
     if from_cache:
@@ -641,6 +686,6 @@ def load_windows(
                     out_dir)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         summary = build_windows_dataset(files, root, load_body_model(model_path), config, split, out_dir,
-                                        fingerprint)
+                                        fingerprint, extra_root)
     return EgoMotionWindows(datasets.load_from_disk(str(out_dir)), path=out_dir, summary=summary,
                             from_cache=from_cache)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,14 +16,17 @@ from tasks.ego_motion.body import (
     mirror_local_rotations,
     mirror_root_pose,
 )
-from tasks.ego_motion.bvh import global_poses, parse_bvh
+from tasks.ego_motion.bvh import BvhMotion, global_poses, parse_bvh, positions_relative_to_offsets
 from tasks.ego_motion.convert import (
     ASSETS,
     DEFAULT_MOCAP_ROOT,
     TEST_CLIPS,
     RetargetedMotion,
+    convert_bvh,
+    convert_reactidle,
     detect_variant,
     fit_betas,
+    main,
     reference_pose,
     resample_motion,
     retarget,
@@ -30,12 +34,15 @@ from tasks.ego_motion.convert import (
     to_amass,
     toe_clearance_m,
 )
+from tasks.ego_motion.data import WindowConfig, load_sequence
 from tasks.ego_motion.geometry import axis_angle_to_matrix, geodesic_angle, rotation_about_z
 
 needs_mocap = pytest.mark.skipif(
     not (DEFAULT_MOCAP_ROOT / "cmu_iclone").exists(), reason="needs ../shared/mocap"
 )
 CMU = ASSETS / "cmu"
+TEST_DATA = Path(__file__).resolve().parents[1] / "data"  # committed; holds reactidle/ like the mocap folder
+REACTIDLE_EXCERPT = TEST_DATA / "reactidle" / "acted" / "012_acted_excerpt.bvh"  # 48 frames, 24 fps
 
 
 @pytest.fixture(scope="module")
@@ -254,3 +261,71 @@ def test_amass_trans_reproduces_retargeted_pelvis(body):
     shift = r.t_world_root_m - pelvis  # constant: the floor offset, along z only
     np.testing.assert_allclose(shift - shift[0], 0.0, atol=1e-5)
     np.testing.assert_allclose(shift[0, :2], 0.0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- ReActIdle (committed excerpt only)
+@pytest.fixture(scope="module")
+def reactidle(body):
+    """The excerpt converted, with its FK: (AmassSequence, local rotations (N, 51, 3, 3), FK joints)."""
+    seq = convert_bvh(REACTIDLE_EXCERPT, body)
+    R, _, _, fk = _fk(body, seq)
+    return seq, R[:, 1:], fk
+
+
+def test_reactidle_rig_is_detected_and_its_child_positions_are_whole_translations():
+    m = parse_bvh(REACTIDLE_EXCERPT)
+    assert m.num_frames == 48 and m.fps == pytest.approx(24.0, rel=1e-4) and len(m.skeleton.channels[0]) == 6
+    assert detect_variant(m.skeleton).name == "reactidle"
+    sk = m.skeleton
+    # Read as whole local translations, the thigh heads sit exactly at the hip bones' end sites (the
+    # pelvis roll that pelvis.L carries); added to OFFSET, the hip width would double.
+    fixed = global_poses(positions_relative_to_offsets(m, max_deviation=0.05)).t_world_joint
+    for side in "LR":
+        thigh, hip_end = sk.index(f"thigh.{side}"), sk.index(f"pelvis.{side}_End")
+        np.testing.assert_allclose(fixed[:, thigh], fixed[:, hip_end], atol=1e-5)  # files keep 6 decimals
+    raw = global_poses(m).t_world_joint
+    hip_width = lambda t: np.linalg.norm(t[:, sk.index("thigh.L")] - t[:, sk.index("thigh.R")], axis=-1)
+    np.testing.assert_allclose(hip_width(raw), 2 * hip_width(fixed), rtol=0.15)
+    # A file whose child position channels are offsets from OFFSET (here all zero) is refused.
+    zeros = BvhMotion(sk, m.frame_time_s, np.zeros_like(m.values))
+    with pytest.raises(ValueError, match="not whole local translations"):
+        positions_relative_to_offsets(zeros, max_deviation=0.05)
+
+
+def test_reactidle_retarget_stands_on_the_floor_upright_and_smoothly(body, reactidle):
+    seq, local, fk = reactidle
+    assert seq.mocap_framerate == 30.0 and seq.num_frames == 58  # 47 frames after frame 0, 24 -> 30 fps
+    J = fk.t_world_joint.numpy()
+    # Feet at the floor: the lowest toe joint sits at the model's toe clearance above z = 0.
+    toe_z = J[:, [10, 11], 2].min(-1)
+    clearance = toe_clearance_m(body, seq.betas)
+    assert abs(np.percentile(toe_z, 1.0) - clearance) < 1e-3 and abs(toe_z.min() - clearance) < 0.01
+    assert J[:, [7, 8], 2].min() > clearance  # ankles above the toes
+    # Plausible standing adult: head joint and headset (eyes) 1.4-1.9 m up (this performer: 1.45 / 1.51 m).
+    cpf_z = body.T_world_cpf_from_root(fk.T_world_joint[:, 0], local, torch.as_tensor(seq.betas).double())[:, 2, 3]
+    assert 1.4 < float(np.median(J[:, 15, 2])) < 1.9 and 1.4 < float(cpf_z.median()) < 1.9
+    # Upright: pelvis -> head points up (+Z) in every frame.
+    up = J[:, 15] - J[:, 0]
+    assert (up[:, 2] / np.linalg.norm(up, axis=-1)).min() > 0.97
+    # No bone flips: every global joint rotation turns by less than 10 deg between frames (30 fps).
+    R = fk.R_world_joint[:, :22]
+    assert float(torch.rad2deg(geodesic_angle(R[1:], R[:-1])).max()) < 10.0
+    # Joints the rig lacks (spine2, toes, wrists) keep an identity local rotation.
+    eye = torch.eye(3, dtype=torch.float64)
+    missing = [6 - 1, 10 - 1, 11 - 1, 20 - 1, 21 - 1]  # SMPL-H joints 6, 10, 11, 20, 21 (local index = j - 1)
+    assert float(geodesic_angle(local[:, missing], eye).max()) < 1e-5
+    assert np.all(seq.hand_pose == 0)
+
+
+def test_reactidle_cli_writes_loadable_clips_licence_and_notice(tmp_path):
+    out = tmp_path / "reactidle_amass"
+    main(["--reactidle", "--mocap-root", str(TEST_DATA), "--output-dir", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["012_acted_excerpt.npz", "LICENSE.txt", "NOTICE.md"]
+    assert (out / "LICENSE.txt").read_bytes() == (TEST_DATA / "reactidle" / "LICENSE.txt").read_bytes()
+    notice = (out / "NOTICE.md").read_text()
+    assert "Atxa Landa" in notice and "2509.05023" in notice and "MIT" in notice
+    seq = load_sequence(out / "012_acted_excerpt.npz", load_body_model(), WindowConfig(window_frames=32))
+    assert seq.num_frames == 58 and seq.body_rotmats.shape == (58, 21, 3, 3)
+    assert abs(float(seq.joints_world[:, [7, 8, 10, 11], 2].min())) < 0.05  # on the floor, no re-flooring
+    with pytest.raises(FileNotFoundError, match="--mocap-root"):
+        convert_reactidle(tmp_path / "nowhere", out, load_body_model(dtype=torch.float64))

@@ -381,3 +381,59 @@ def test_split_file_without_post_train_names_the_fix(tmp_path):
     path.write_text(json.dumps({"train": split["train"][:3], "post_train": split["test"][:1], "test": split["test"]}))
     with pytest.raises(ValueError, match="must also be listed under 'train'"):
         source.files("prior_train")
+
+
+def test_extra_prior_train_dir_adds_windows_to_prior_train_only(tmp_path, body_path):
+    import dataclasses
+
+    n = 40
+    src, extra = tmp_path / "src", tmp_path / "reactidle_amass"
+    for name in ("a", "b", "c"):
+        _write_amass(src / f"{name}.npz", np.zeros((n, 51, 3)), _standing_trans(n))
+    (src / "split.json").write_text(json.dumps({"train": ["a", "b"], "post_train": ["b"], "test": ["c"]}))
+    _write_amass(extra / "001_acted.npz", np.zeros((n, 51, 3)), _standing_trans(n, 0.5))
+    base = DataSource(root=src, split_file=src / "split.json")
+    source = dataclasses.replace(base, extra_prior_train_dir=extra)
+    assert [p.name for p in source.files("prior_train")] == ["a.npz", "001_acted.npz"]
+    for split in ("train", "post_train", "test"):
+        assert source.files(split) == base.files(split)
+    cfg = WindowConfig(window_frames=T, include_mirrored=False)
+    windows = load_windows("prior_train", source=source, config=cfg, body_model_path=body_path,
+                           cache_dir=tmp_path / "cache")
+    per_clip = (n - T - 1) // (T // 2) + 1
+    assert len(windows) == 2 * per_clip and windows.summary["files"] == 2
+    names = windows.sequence_names(range(len(windows)))
+    assert sorted(set(names)) == ["a", "extra_prior_train/001_acted"]
+    # The cache fingerprint follows the extra clips' content.
+    files = source.files("prior_train")
+    before = data.cache_fingerprint(files, src, body_path, cfg, "prior_train", extra)
+    assert before != data.cache_fingerprint(base.files("prior_train"), src, body_path, cfg, "prior_train")
+    _write_amass(extra / "001_acted.npz", np.zeros((n, 51, 3)), _standing_trans(n, 0.6))
+    assert data.cache_fingerprint(files, src, body_path, cfg, "prior_train", extra) != before
+
+
+def test_extra_prior_train_dir_errors_name_the_fix(tmp_path):
+    import dataclasses
+
+    n = 40
+    src = tmp_path / "src"
+    _write_amass(src / "a.npz", np.zeros((n, 51, 3)), _standing_trans(n))
+    (src / "split.json").write_text(json.dumps({"train": ["a"], "post_train": [], "test": []}))
+    base = DataSource(root=src, split_file=src / "split.json")
+    with pytest.raises(FileNotFoundError, match=r"does not exist.*convert --reactidle"):
+        dataclasses.replace(base, extra_prior_train_dir=tmp_path / "missing").files("prior_train")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no .npz"):
+        dataclasses.replace(base, extra_prior_train_dir=tmp_path / "empty").files("prior_train")
+    _write_amass(src / "idle" / "x.npz", np.zeros((n, 51, 3)), _standing_trans(n))
+    with pytest.raises(ValueError, match="overlap"):
+        dataclasses.replace(base, extra_prior_train_dir=src / "idle").files("prior_train")
+    # The pretraining recipe checks the flag before any work, and only with the prior_train split.
+    from tests.recipes import load_recipe
+
+    recipe = load_recipe("pretrain_ego_motion")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        recipe.Config(extra_prior_train_dir=tmp_path / "missing")
+    with pytest.raises(ValueError, match="--train-split prior_train"):
+        recipe.Config(extra_prior_train_dir=src / "idle", train_split="train")
+    assert recipe.Config(extra_prior_train_dir=src / "idle").extra_prior_train_dir == src / "idle"
