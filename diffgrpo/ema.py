@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import Tensor, nn
 
 
@@ -26,15 +27,16 @@ class ParameterEMA:
             raise ValueError(f"decay={decay} must be in [0, 1)")
         self.decay = decay
         self.num_updates = 0
+        module = extract_model_from_parallel(model, keep_torch_compile=False)  # names without DDP's 'module.'
         self.shadow: dict[str, Tensor] = {name: p.detach().float().clone()
-                                          for name, p in _module(model).named_parameters() if p.requires_grad}
+                                          for name, p in module.named_parameters() if p.requires_grad}
         if not self.shadow:
             raise ValueError("the model has no trainable parameter to average")
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """One EMA step towards ``model``'s current parameters."""
-        params = dict(_module(model).named_parameters())
+        params = dict(extract_model_from_parallel(model, keep_torch_compile=False).named_parameters())
         for name, shadow in self.shadow.items():
             shadow.lerp_(params[name].detach().float(), 1.0 - self.decay)
         self.num_updates += 1
@@ -56,7 +58,7 @@ class ParameterEMA:
     @contextmanager
     def swapped_in(self, model: nn.Module) -> Iterator[nn.Module]:
         """Inside the block ``model`` holds the averaged weights; its own are restored bit-exactly after."""
-        params = dict(_module(model).named_parameters())
+        params = dict(extract_model_from_parallel(model, keep_torch_compile=False).named_parameters())
         saved = {name: params[name].detach().clone() for name in self.shadow}
         with torch.no_grad():
             for name, shadow in self.shadow.items():
@@ -68,7 +70,3 @@ class ParameterEMA:
                 for name, value in saved.items():
                     params[name].copy_(value)
 
-
-def _module(model: nn.Module) -> nn.Module:
-    """The module a torch DDP wrapper holds (parameter names without 'module.')."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

@@ -91,14 +91,19 @@ class ExplorationSubspace:
         return cls(tuple(sample_shape), basis, features)
 
     @property
-    def num_coordinates(self) -> int:
-        """r: the dimension of the subspace (the step density's dimension)."""
+    def coordinate_shape(self) -> tuple[int, ...]:
+        """The sample shape in subspace coordinates: axis 1 cut to the basis' r, the last to the features."""
         shape = list(self.sample_shape)
         if self.time_basis is not None:
             shape[0] = self.time_basis.shape[1]
         if self.features is not None:
             shape[-1] = self.features[1] - self.features[0]
-        return int(np.prod(shape))
+        return tuple(shape)
+
+    @property
+    def num_coordinates(self) -> int:
+        """r: the dimension of the subspace (the step density's dimension)."""
+        return int(np.prod(self.coordinate_shape))
 
     def coordinates(self, v: Float[Tensor, "B ..."]) -> Float[Tensor, "B r"]:
         """B^T v: the subspace coordinates of each sample (B, *sample_shape) -> (B, r)."""
@@ -112,12 +117,7 @@ class ExplorationSubspace:
 
     def embed(self, c: Float[Tensor, "B r"]) -> Float[Tensor, "B ..."]:
         """B c: coordinates (B, r) back to samples (B, *sample_shape), zero outside the subspace."""
-        shape = list(self.sample_shape)
-        if self.features is not None:
-            shape[-1] = self.features[1] - self.features[0]
-        if self.time_basis is not None:
-            shape[0] = self.time_basis.shape[1]
-        v = c.reshape(c.shape[0], *shape)
+        v = c.reshape(c.shape[0], *self.coordinate_shape)
         if self.time_basis is not None:
             v = torch.tensordot(v, self.time_basis.to(v).T, dims=([1], [0])).movedim(-1, 1)  # (B, T, ..., F')
         if self.features is not None:

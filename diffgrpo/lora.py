@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import Tensor, nn
 
 
@@ -96,7 +97,7 @@ def lora_layers(model: nn.Module) -> list[nn.Module]:
 
 def has_lora(model: nn.Module) -> bool:
     """True when ``model`` (or the module a DDP wrapper holds) carries peft adapters."""
-    return bool(lora_layers(unwrap_ddp(model)))
+    return bool(lora_layers(extract_model_from_parallel(model, keep_torch_compile=False)))
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -140,16 +141,11 @@ class AdapterDisabledReference(nn.Module):
         super().__init__()
         if not has_lora(policy):
             raise ValueError(f"{type(policy).__name__} has no LoRA adapter; use a frozen copy as the reference")
-        object.__setattr__(self, "_policy", unwrap_ddp(policy))
+        object.__setattr__(self, "_policy", extract_model_from_parallel(policy, keep_torch_compile=False))
 
     def forward(self, *args, **kwargs):
         with torch.no_grad(), adapters_disabled(self._policy):
             return self._policy(*args, **kwargs)
-
-
-def unwrap_ddp(model: nn.Module) -> nn.Module:
-    """The module a torch DDP wrapper holds (itself otherwise): parameter names without 'module.'."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, Tensor]:
