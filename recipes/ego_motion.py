@@ -36,14 +36,16 @@ import torch
 import tyro
 
 import tasks.ego_motion.rewards  # noqa: F401  (registers the ego_* rewards)
-from diffgrpo.checkpoint import Checkpoint
+from diffgrpo.checkpoint import Checkpoint, latest_checkpoint
 from diffgrpo.config import GRPOConfig, OptimConfig, PerturbConfig, ProbeConfig, SamplerConfig, StepSelectionConfig
 from diffgrpo.launch import make_accelerator
 from diffgrpo.loss import LossConfig
 from diffgrpo.plots import plot_history
 from diffgrpo.rewards import RewardSet, RewardSpec
+from diffgrpo.rollout import make_generator
 from diffgrpo.train_step import RolloutBatch
 from diffgrpo.trainer import LoopHooks, check_run, parse_reward_specs, train_grpo
+from tasks.ego_motion.critic_data import NEGATIVE_KINDS, NegativeKind, prior_joints, rollout_negatives, warm_up_critic
 from tasks.ego_motion.egoallo_checkpoint import find_checkpoint_files
 from tasks.ego_motion.motion import Modality, feature_range, motion_dim
 from tasks.ego_motion.network import load_denoiser
@@ -93,7 +95,20 @@ class Config:
     omega_vis: float = 1.0
     """omega_vis of R_vis; scores s lie in [-1, 1]."""
     perceptual_steps: int = 1
-    """Perceptual-model updates per GRPO iteration (InfoNCE against the last 3 steps' x0)."""
+    """Perceptual-model updates per GRPO iteration (InfoNCE against --critic-negatives)."""
+    critic_negatives: tuple[NegativeKind, ...] = ("x0_last",)
+    """What the perceptual critic contrasts each condition's truth with (tasks/ego_motion/critic_data.py):
+    'x0_last' (the paper's: the first member's x0 at the last 3 steps), 'members' (the other members' final
+    samples), 'foreign' (another window's truth moved rigidly under this head)."""
+    critic_on_own_head: bool = False
+    """Decode and score the policy's negatives on the (perturbed) head each chain was sampled for, as the
+    visual reward scores samples; False: on the clean head, the paper's."""
+    critic_warmup_steps: int = 0
+    """InfoNCE steps on the post-train windows before GRPO starts (negatives: the prior's sample and a
+    foreign truth, ``critic_data.warm_up_critic``); 0: the critic starts from its random initialisation
+    (the paper's). Skipped when resuming from a checkpoint, which holds the critic."""
+    critic_warmup_batch_size: int = 16
+    """Windows per warm-up step."""
     rollout_sampling_steps: int | None = 10
     """K of the training rollouts (EgoAllo's quadratic grid resampled, see motion.sampling_timesteps); None:
     the evaluation chain's --task.num-sampling-steps (30). Fewer steps buy more updates per CPU-minute: 10
@@ -132,6 +147,9 @@ class Config:
         if not self.use_visual_reward:
             unused = [flag for flag, changed in (("--omega-vis", self.omega_vis != 1.0),
                                                  ("--perceptual-steps", self.perceptual_steps != 1),
+                                                 ("--critic-negatives", self.critic_negatives != ("x0_last",)),
+                                                 ("--critic-on-own-head", self.critic_on_own_head),
+                                                 ("--critic-warmup-steps", self.critic_warmup_steps != 0),
                                                  ("--perceptual.*", self.perceptual != PerceptualConfig())) if changed]
             if unused:
                 raise ValueError(f"{', '.join(unused)} only apply with the perceptual reward; drop them or drop "
@@ -141,6 +159,16 @@ class Config:
         if self.perceptual_steps < 1:
             raise ValueError(f"perceptual_steps={self.perceptual_steps} must be >= 1 (use --no-use-visual-reward "
                              "to train without the perceptual reward)")
+        unknown = [k for k in self.critic_negatives if k not in NEGATIVE_KINDS]
+        if unknown or not self.critic_negatives or len(set(self.critic_negatives)) != len(self.critic_negatives):
+            raise ValueError(f"--critic-negatives {list(self.critic_negatives)}: give one or more distinct kinds from "
+                             f"{NEGATIVE_KINDS}.")
+        if "foreign" in self.critic_negatives and self.grpo.conditions_per_iteration < 2:
+            raise ValueError("--critic-negatives foreign takes another condition's truth: it needs "
+                             "--grpo.conditions-per-iteration >= 2 per process.")
+        if self.critic_warmup_steps < 0 or self.critic_warmup_batch_size < 2:
+            raise ValueError(f"--critic-warmup-steps {self.critic_warmup_steps} must be >= 0 and "
+                             f"--critic-warmup-batch-size {self.critic_warmup_batch_size} >= 2.")
         if self.eval_max_windows is not None and self.eval_max_windows < 1:
             raise ValueError(f"eval_max_windows={self.eval_max_windows} must be >= 1 or unset (all windows)")
         if self.noise_modalities is not None or self.noise_frequencies is not None:
@@ -178,23 +206,18 @@ class Config:
         return json.loads(json.dumps(values, default=str))
 
 
-def hard_negatives(task: EgoMotionTask, data: RolloutBatch, batch: dict, group_size: int) -> torch.Tensor:
-    """(B, 3, T, 22, 3): the first member's x0 predictions at the last 3 sampling steps, as bodies on
-    the *unperturbed* head (so they differ from the truth only by the policy's own errors)."""
-    x0_last = data.trajectory.x0_preds[::group_size, -3:]  # (B, 3, T, D)
-    return task.decode_x0(x0_last, batch)["joints_world"]
-
-
 def critic_hooks(task: EgoMotionTask, perceptual: PerceptualTrainer | None, cfg: Config) -> LoopHooks:
-    """Alg. 1 l.10: after each policy update, train the perceptual critic on this iteration's hard
-    negatives; its weights and optimiser travel in the checkpoints."""
+    """Alg. 1 l.10: after each policy update, train the perceptual critic on this iteration's negatives
+    (``--critic-negatives``); its weights and optimiser travel in the checkpoints."""
     if perceptual is None:
         return LoopHooks()
 
     def after_update(iteration: int, data: RolloutBatch, batch: dict) -> dict[str, float]:
-        negatives = hard_negatives(task, data, batch, cfg.grpo.group_size)
+        negatives, heads = rollout_negatives(task, data, batch, cfg.grpo.group_size, cfg.critic_negatives,
+                                             on_own_head=cfg.critic_on_own_head)
         for _ in range(cfg.perceptual_steps):
-            stats = perceptual.train_step(batch["joints_world"], batch["T_world_cpf"], negatives)
+            stats = perceptual.train_step(batch["joints_world"], batch["T_world_cpf"], negatives, heads)
+        stats["agreement_with_ego_pos"] = group_agreement(data, "ego_visual", "ego_pos", cfg.grpo.group_size)
         return {f"perceptual/{k}": float(v) for k, v in stats.items()}
 
     def shared_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -205,6 +228,30 @@ def critic_hooks(task: EgoMotionTask, perceptual: PerceptualTrainer | None, cfg:
         perceptual.load_state_dict(ckpt.shared_tensors, json.loads(ckpt.meta["perceptual"]))
 
     return LoopHooks(after_update=after_update, shared_state=shared_state, load_shared_state=load_shared_state)
+
+
+def group_agreement(data: RolloutBatch, reward: str, reference: str, group_size: int) -> float:
+    """Mean over groups of the Pearson correlation of two sub-rewards across the group's members (NaN if
+    either is missing): does the learned reward rank a group's samples as the accuracy reward does?"""
+    if reward not in data.rewards or reference not in data.rewards or group_size < 2:
+        return float("nan")
+    a, b = (data.rewards[k].double().view(-1, group_size) for k in (reward, reference))
+    a, b = a - a.mean(dim=1, keepdim=True), b - b.mean(dim=1, keepdim=True)
+    denominator = (a.square().sum(dim=1) * b.square().sum(dim=1)).sqrt()
+    valid = denominator > 0
+    return float(((a * b).sum(dim=1)[valid] / denominator[valid]).mean()) if bool(valid.any()) else float("nan")
+
+
+def warm_up(task: EgoMotionTask, model: torch.nn.Module, perceptual: PerceptualTrainer, cfg: Config,
+            split: str) -> dict[str, float]:
+    """``--critic-warmup-steps`` InfoNCE steps on every ``split`` window (prior samples and foreign truths as
+    negatives) before GRPO; returns the mean statistics of the last 10 steps."""
+    windows = task.load_examples(split, torch.arange(task.num_examples(split)))
+    negatives = prior_joints(task, model, windows, cfg.grpo.seed, "critic_warmup")
+    history = warm_up_critic(perceptual, windows["joints_world"], windows["T_world_cpf"], negatives,
+                             steps=cfg.critic_warmup_steps, batch_size=cfg.critic_warmup_batch_size,
+                             generator=make_generator(cfg.grpo.seed, "critic_warmup"))
+    return {k: sum(h[k] for h in history[-10:]) / len(history[-10:]) for k in history[-1]}
 
 
 def evaluate_all(task, model, cfg: Config) -> dict[str, dict[str, float]]:
@@ -235,6 +282,10 @@ def main(cfg: Config) -> dict:
 
     base = evaluate_all(task, model, cfg) if accelerator.is_main_process else {}
     start_time = time.perf_counter()
+    warmup = {}
+    if perceptual is not None and cfg.critic_warmup_steps and not (cfg.resume and latest_checkpoint(cfg.output_dir)):
+        warmup = warm_up(rollout_task, model, perceptual, cfg, grpo.train_split)  # a resume loads the critic instead
+        logger.info("critic warm-up, last 10 steps: %s", warmup)
     history = train_grpo(rollout_task, model, grpo, accelerator=accelerator, output_dir=cfg.output_dir,  # Alg. 1
                          resume=cfg.resume, rewards=rewards, hooks=critic_hooks(task, perceptual, cfg),
                          probe_task=task, probe_sampler=task.sampler_config(),
@@ -247,7 +298,7 @@ def main(cfg: Config) -> dict:
     post = evaluate_all(task, model, cfg)
     results = {"base": base[""], "grpo": post[""], "train_seconds": train_seconds,
                "seconds_per_iteration": _mean(history.get("time/iteration_seconds", [])),
-               "num_processes": accelerator.num_processes, "config": cfg.effective()}
+               "num_processes": accelerator.num_processes, "critic_warmup": warmup, "config": cfg.effective()}
     if cfg.use_tto:
         results.update({"base+tto": base["+tto"], "grpo+tto": post["+tto"]})
     write_results(cfg.output_dir, results, history)

@@ -53,8 +53,9 @@ from diffgrpo.loss import LossConfig
 from diffgrpo.rewards import RewardSet, RewardSpec
 from diffgrpo.rollout import make_generator
 from diffgrpo.trainer import check_run, train_grpo
+from tasks.ego_motion.critic_data import prior_joints, warm_up_critic
 from tasks.ego_motion.network import load_denoiser
-from tasks.ego_motion.perceptual import PerceptualConfig, PerceptualTrainer, warm_up_alignment_critic
+from tasks.ego_motion.perceptual import PerceptualConfig, PerceptualTrainer
 from tasks.ego_motion.physics.evaluator import PHYSICS_METRIC_UNITS, PhysicsConfig, PhysicsEvaluator
 from tasks.ego_motion.render import render_frames_png
 from tasks.ego_motion.rewards import OMEGA_CONTACT, OMEGA_RESIDUAL, OMEGA_VISUAL
@@ -167,16 +168,11 @@ def alignment_critic(task: EgoMotionTask, prior: torch.nn.Module, cfg: Config, s
                                                                                                   list[dict]]:
     """Warm up the alignment critic on the prior-train windows (module doc, step 1); returns it and its stats."""
     windows = task.load_examples("prior_train", torch.arange(task.num_examples("prior_train")))
-    prior_joints = []
-    for idx in torch.arange(len(windows["betas"])).split(32):
-        batch = {k: v[idx] for k, v in windows.items()}
-        trajectory = sample_motion(task, prior, batch, generator=make_generator(seed, "alignment", int(idx[0])),
-                                   group_ids=idx)
-        prior_joints.append(task.decode(trajectory.samples, batch)["joints_world"])
+    negatives = prior_joints(task, prior, windows, seed, "alignment")
     critic = PerceptualTrainer(dataclasses.replace(cfg.alignment.perceptual, seed=seed))
-    stats = warm_up_alignment_critic(critic, windows["joints_world"], windows["T_world_cpf"], torch.cat(prior_joints),
-                                     steps=cfg.alignment.warmup_steps, batch_size=cfg.alignment.batch_size,
-                                     generator=torch.Generator().manual_seed(seed))
+    stats = warm_up_critic(critic, windows["joints_world"], windows["T_world_cpf"], negatives,
+                           steps=cfg.alignment.warmup_steps, batch_size=cfg.alignment.batch_size,
+                           generator=torch.Generator().manual_seed(seed))
     return critic, stats
 
 

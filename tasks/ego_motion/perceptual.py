@@ -6,9 +6,10 @@ sliding feet, limbs that do not match the head's motion) are better judged by a 
 seen what real motion under that head looks like. The critic is trained online with InfoNCE at
 temperature 0.07: the positive is the ground-truth motion with its own head trajectory; the hard
 negatives are the current policy's x0 predictions at its last 3 sampling steps (decoded to joints
-by the caller), optionally plus the other group members' final samples. Because the negatives
-move with the policy, exploiting the critic stops paying once it has seen the exploit. It is
-frozen (eval mode, no gradients) while it scores a batch for the policy.
+by the caller), optionally plus the other group members' final samples and other windows' truth
+(``critic_data.py`` builds them, and the warm-up). Because the negatives move with the policy,
+exploiting the critic stops paying once it has seen the exploit. It is frozen (eval mode, no
+gradients) while it scores a batch for the policy.
 
 Invariance, the same as the condition's (condition.py): each frame's joints are expressed in that
 frame's *head frame with yaw removed*: subtract the CPF's horizontal position (x, y), rotate by
@@ -46,7 +47,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from tasks.ego_motion.condition import NUM_CONDITION_FEATURES, encode_head_trajectory
-from tasks.ego_motion.geometry import NUM_BODY_JOINTS, invert_transform, make_transform, rotation_about_z
+from tasks.ego_motion.geometry import NUM_BODY_JOINTS, rotation_about_z
 from tasks.ego_motion.network import RotaryAttention, rope_cos_sin
 
 STATE_FORMAT = "diffgrpo-perceptual-v1"
@@ -360,13 +361,19 @@ class PerceptualTrainer:
         pos_joints: Float[Tensor, "B T J 3"],
         pos_T_world_cpf: Float[Tensor, "B T+1 4 4"],
         neg_joints: Float[Tensor, "B M T J 3"],
+        neg_T_world_cpf: Float[Tensor, "B M T+1 4 4"] | None = None,
     ) -> dict[str, float]:
-        """One AdamW step on InfoNCE; negatives share their condition's head trajectory.
+        """One AdamW step on InfoNCE over condition b's positive and its M negatives.
 
-        ``neg_joints[b]`` are the policy's decoded x0 predictions for condition b (its last 3
-        sampling steps, optionally plus other group members' final samples). Inputs are detached:
-        no gradient reaches the policy. Returns loss (nats), accuracy (fraction of conditions whose
-        positive beats every negative), mean positive/negative scores, their gap, the gradient norm.
+        ``neg_joints[b]`` are bodies that should score below the truth for condition b (the
+        policy's decoded x0 predictions, other samples, foreign truths: ``critic_data.py``), each
+        scored on its head ``neg_T_world_cpf[b, m]`` (world metres); None: every negative on its
+        condition's head ``pos_T_world_cpf[b]``. Inputs are detached: no gradient reaches the
+        policy. Returns loss (nats), accuracy (fraction of conditions whose positive beats every
+        negative), mean positive/negative scores, their gap, the gradient norm.
+
+        Raises:
+            ValueError: the shapes of the negatives (or their heads) do not fit the positives.
         """
         if (
             neg_joints.ndim != 5
@@ -381,14 +388,24 @@ class PerceptualTrainer:
         if M < 1:
             raise ValueError("neg_joints has M = 0 negatives per condition; InfoNCE needs at least one.")
         self.model.check_inputs(pos_joints, pos_T_world_cpf)
+        if neg_T_world_cpf is not None and tuple(neg_T_world_cpf.shape) != (B, M, *pos_T_world_cpf.shape[1:]):
+            raise ValueError(
+                f"neg_T_world_cpf has shape {tuple(neg_T_world_cpf.shape)}, expected (B, M, T+1, 4, 4) = "
+                f"{(B, M, *pos_T_world_cpf.shape[1:])}: one head window per negative (or None: the positive's)."
+            )
         device = self.model.joint_embedding.device
         pos_joints, pos_T_world_cpf, neg_joints = (
             t.detach().to(device) for t in (pos_joints, pos_T_world_cpf, neg_joints)
         )
         joints = torch.cat([pos_joints[:, None], neg_joints], dim=1).flatten(0, 1)  # (B * (1+M), T, J, 3)
-        T_world_cpf = pos_T_world_cpf[:, None].expand(B, 1 + M, *pos_T_world_cpf.shape[1:]).flatten(0, 1)
-        cond = encode_head_trajectory(pos_T_world_cpf)  # (B, T, C), once per condition
-        cond = cond[:, None].expand(B, 1 + M, *cond.shape[1:]).flatten(0, 1)
+        if neg_T_world_cpf is None:
+            T_world_cpf = pos_T_world_cpf[:, None].expand(B, 1 + M, *pos_T_world_cpf.shape[1:]).flatten(0, 1)
+            cond = encode_head_trajectory(pos_T_world_cpf)  # (B, T, C), once per condition
+            cond = cond[:, None].expand(B, 1 + M, *cond.shape[1:]).flatten(0, 1)
+        else:
+            heads = torch.cat([pos_T_world_cpf[:, None], neg_T_world_cpf.detach().to(pos_T_world_cpf)], dim=1)
+            T_world_cpf = heads.flatten(0, 1)  # (B * (1+M), T+1, 4, 4)
+            cond = encode_head_trajectory(T_world_cpf)
 
         self.model.train()
         scores = self.model(joints, T_world_cpf, cond).view(B, 1 + M)  # [B, 1+M]
@@ -502,67 +519,3 @@ class PerceptualTrainer:
             opt_state.setdefault(int(param_id), {}).update(extra)
         self.optimizer.load_state_dict({"state": opt_state, "param_groups": meta["optimizer"]["param_groups"]})
         self.num_steps = int(meta["num_steps"])
-
-
-# ----------------------------------------------------------------------------------------------
-# The frozen alignment guard (RLPF, arXiv 2506.12769): the critic warmed up before GRPO, then fixed
-
-
-def yaw_free_head_frame(T_world_cpf: Float[Tensor, "N 4 4"]) -> Float[Tensor, "N 4 4"]:
-    """The head's ground frame: rotation Rz(psi) (psi = yaw of the CPF's forward axis, local +Z) and
-    translation (x, y, 0) of the CPF; world metres, +Z up."""
-    forward = T_world_cpf[..., :3, 2]
-    ground = torch.nn.functional.pad(T_world_cpf[..., :2, 3], (0, 1))  # (x, y, 0)
-    return make_transform(rotation_about_z(torch.atan2(forward[..., 1], forward[..., 0])), ground)
-
-
-def transplant(joints: Float[Tensor, "N T J 3"], from_T_world_cpf: Float[Tensor, "N 4 4"],
-               to_T_world_cpf: Float[Tensor, "N 4 4"]) -> Float[Tensor, "N T J 3"]:
-    """Move whole motions rigidly (yaw about +Z and a horizontal shift) so that the head frame
-    ``from_T_world_cpf`` lands on ``to_T_world_cpf``'s ground frame (:func:`yaw_free_head_frame`).
-
-    Why: a real motion placed under another window's head starts where that head is and faces its
-    way, but does not follow that head's trajectory: an alignment negative that only the head's
-    motion over time gives away (the "other conditions' truth on this head" of issue 9).
-    """
-    T_to_from = yaw_free_head_frame(to_T_world_cpf) @ invert_transform(yaw_free_head_frame(from_T_world_cpf))
-    R, t = T_to_from[:, None, None, :3, :3], T_to_from[:, None, None, :3, 3]
-    return (R @ joints[..., None])[..., 0] + t
-
-
-def warm_up_alignment_critic(
-    trainer: PerceptualTrainer,
-    joints: Float[Tensor, "W T J 3"],
-    T_world_cpf: Float[Tensor, "W T+1 4 4"],
-    prior_joints: Float[Tensor, "W T J 3"],
-    *,
-    steps: int,
-    batch_size: int,
-    generator: torch.Generator,
-) -> list[dict[str, float]]:
-    """Train ``trainer`` for ``steps`` InfoNCE steps before GRPO, after which it is used frozen.
-
-    Positives: the W windows' ground truth under their own heads. Negatives per window (M = 2):
-    the prior's sample for that head (``prior_joints``, the realism contrast of MotionGRPO's critic)
-    and another window's ground truth transplanted under this head (:func:`transplant`, the
-    alignment contrast: a real motion that does not follow this head). Batches of ``batch_size``
-    windows drawn with ``generator``. Returns each step's statistics (``train_step``'s dict).
-
-    Raises:
-        ValueError: shapes disagree, fewer than 2 windows, or non-positive steps / batch size.
-    """
-    W = joints.shape[0]
-    if prior_joints.shape != joints.shape or T_world_cpf.shape[:2] != (W, joints.shape[1] + 1):
-        raise ValueError(f"joints {tuple(joints.shape)}, prior_joints {tuple(prior_joints.shape)} and T_world_cpf "
-                         f"{tuple(T_world_cpf.shape)} must describe the same W windows of T frames (T+1 head poses).")
-    if W < 2 or steps < 1 or batch_size < 1:
-        raise ValueError(f"the warm-up needs >= 2 windows, steps >= 1 and batch_size >= 1; got W={W}, "
-                         f"steps={steps}, batch_size={batch_size}.")
-    history = []
-    for _ in range(steps):
-        idx = torch.randint(W, (min(batch_size, W),), generator=generator)
-        other = (idx + torch.randint(1, W, idx.shape, generator=generator)) % W  # never the window itself
-        foreign = transplant(joints[other], T_world_cpf[other, 1], T_world_cpf[idx, 1])
-        negatives = torch.stack([prior_joints[idx], foreign], dim=1)  # (B, 2, T, J, 3)
-        history.append(trainer.train_step(joints[idx], T_world_cpf[idx], negatives))
-    return history

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -56,3 +57,49 @@ def test_resume_continues_identically(tiny):
     assert a.keys() == b.keys() and any(k.startswith("task.perceptual.") for k in a)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_critic_options_warm_up_and_resume_identically(tiny):
+    """Every negative kind on the samples' own heads, after a warm-up: the run finishes, the warm-up is
+    reported, and a run killed after one iteration resumes (without warming up again) to the same critic."""
+    recipe, cfg, root = tiny
+    options = dict(critic_negatives=("x0_last", "members", "foreign"), critic_on_own_head=True,
+                   critic_warmup_steps=2, critic_warmup_batch_size=2)
+    straight = dataclasses.replace(cfg, output_dir=root / "critic_straight", **options)
+    results = recipe.main(straight)
+    assert set(results["critic_warmup"]) >= {"loss", "accuracy", "score_gap"}
+    assert results["config"]["critic_negatives"] == ["x0_last", "members", "foreign"]
+    interrupted = dataclasses.replace(straight, output_dir=root / "critic_interrupted")
+    recipe.main(dataclasses.replace(interrupted, grpo=dataclasses.replace(cfg.grpo, num_iterations=1)))
+    resumed = recipe.main(dataclasses.replace(interrupted, resume=True))
+    assert resumed["critic_warmup"] == {}  # the checkpoint held the warmed-up critic
+    a = load_file(str(straight.output_dir / "checkpoints" / "step_000002" / "shared.safetensors"))
+    b = load_file(str(interrupted.output_dir / "checkpoints" / "step_000002" / "shared.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    plain = load_file(str(cfg.output_dir / "checkpoints" / "step_000002" / "shared.safetensors")) if (
+        cfg.output_dir / "checkpoints").exists() else None
+    if plain is not None:  # the options changed what the critic learned
+        assert not torch.equal(a["task.perceptual.model.head.2.weight"], plain["task.perceptual.model.head.2.weight"])
+
+
+def test_critic_options_are_checked_at_start_up(tiny):
+    recipe, cfg, _ = tiny
+    with pytest.raises(ValueError, match="distinct kinds"):
+        dataclasses.replace(cfg, critic_negatives=("x0_last", "hard"))
+    with pytest.raises(ValueError, match="conditions-per-iteration >= 2"):
+        dataclasses.replace(cfg, critic_negatives=("foreign",),
+                            grpo=dataclasses.replace(cfg.grpo, conditions_per_iteration=1, micro_batch_size=3))
+    with pytest.raises(ValueError, match="--critic-warmup-steps"):
+        dataclasses.replace(cfg, use_visual_reward=False, critic_warmup_steps=5)
+
+
+def test_group_agreement_is_the_mean_within_group_pearson_correlation(tiny):
+    recipe, _, _ = tiny
+    visual = torch.tensor([1.0, 2.0, 3.0, 0.5, 0.1, 0.9])
+    pos = torch.tensor([2.0, 4.0, 7.0, 1.0, 1.0, 1.0])  # the second group has no spread: left out
+    data = type("Data", (), {"rewards": {"ego_visual": visual, "ego_pos": pos}})()
+    expected = float(torch.corrcoef(torch.stack([visual[:3], pos[:3]]).double())[0, 1])
+    assert recipe.group_agreement(data, "ego_visual", "ego_pos", 3) == pytest.approx(expected, abs=1e-12)
+    assert math.isnan(recipe.group_agreement(data, "ego_visual", "ego_rot", 3))

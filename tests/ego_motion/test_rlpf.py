@@ -9,14 +9,9 @@ import math
 import pytest
 import torch
 
+from tasks.ego_motion.critic_data import transplant, warm_up_critic, yaw_free_head_frame
 from tasks.ego_motion.geometry import make_transform
-from tasks.ego_motion.perceptual import (
-    PerceptualConfig,
-    PerceptualTrainer,
-    transplant,
-    warm_up_alignment_critic,
-    yaw_free_head_frame,
-)
+from tasks.ego_motion.perceptual import PerceptualConfig, PerceptualTrainer
 from tests.recipes import load_recipe, write_tiny_prior
 
 
@@ -51,12 +46,12 @@ def test_alignment_warm_up_learns_to_prefer_the_truth_and_checks_its_inputs():
     truth[..., 2] = truth[..., 2].clamp(min=0.0)
     far = truth + torch.tensor([0.0, 0.0, 0.8])  # a "prior" that floats: easy to tell apart
     critic = PerceptualTrainer(dataclasses.replace(PerceptualConfig(), width=16, num_blocks=1, ff_dim=32))
-    stats = warm_up_alignment_critic(critic, truth, heads, far, steps=30, batch_size=4,
+    stats = warm_up_critic(critic, truth, heads, far, steps=30, batch_size=4,
                                      generator=torch.Generator().manual_seed(1))
     assert len(stats) == 30 and stats[-1]["score_gap"] > stats[0]["score_gap"]
     assert (critic.score(truth, heads) > critic.score(far, heads)).all()
     with pytest.raises(ValueError, match="steps >= 1"):
-        warm_up_alignment_critic(critic, truth, heads, far, steps=0, batch_size=2, generator=gen)
+        warm_up_critic(critic, truth, heads, far, steps=0, batch_size=2, generator=gen)
 
 
 @pytest.mark.unchecked_annotations  # the library's own shape error, not the annotation checker's
@@ -66,7 +61,7 @@ def test_alignment_warm_up_names_mismatched_windows():
     truth = torch.zeros(W, T, 22, 3)
     critic = PerceptualTrainer(dataclasses.replace(PerceptualConfig(), width=16, num_blocks=1, ff_dim=32))
     with pytest.raises(ValueError, match="same W windows"):
-        warm_up_alignment_critic(critic, truth, heads, truth[:-1], steps=1, batch_size=2,
+        warm_up_critic(critic, truth, heads, truth[:-1], steps=1, batch_size=2,
                                  generator=torch.Generator().manual_seed(0))
 
 

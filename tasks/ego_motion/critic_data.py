@@ -1,0 +1,178 @@
+"""What the perceptual critic (``perceptual.py``) learns from: positives, negatives and its warm-up.
+
+The critic is trained with InfoNCE: each condition's ground truth under its own head must score
+above M negatives. Which negatives it sees decides what it learns to tell apart:
+
+- ``x0_last`` (MotionGRPO, method.md section 7): the first group member's x0 predictions at the
+  last 3 sampling steps, the policy's own near-final errors. Three near-copies of one chain.
+- ``members``: the other G-1 members' final samples, the bodies the reward will score next.
+- ``foreign``: another condition's ground truth moved rigidly under this head
+  (:func:`transplant`): a real motion that does not follow this head, so only the head's motion
+  over time gives it away (the alignment contrast).
+
+Which head a policy negative is scored on: with per-member condition perturbation each sample
+was generated for, and is rewarded on, its own perturbed head. ``on_own_head=True`` decodes and
+scores the negatives there, as the reward does; False decodes them on the clean head, as
+MotionGRPO's critic does (they then differ from the truth only by the policy's errors).
+
+A warm-up (:func:`warm_up_critic`) trains the critic on the prior's samples before GRPO starts,
+so the first iterations' visual reward is not a random network's. RLPF (arXiv 2506.12769) freezes
+the critic after it as the alignment guard; MotionGRPO's recipe keeps training it online.
+
+Shapes: B conditions, G group members, M negatives per condition, T frames, J = 22 joints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from diffgrpo.rollout import make_generator
+from diffgrpo.task import Batch, select_rows
+from diffgrpo.train_step import RolloutBatch
+from tasks.ego_motion.geometry import invert_transform, make_transform, rotation_about_z
+from tasks.ego_motion.perceptual import PerceptualTrainer
+from tasks.ego_motion.sampling import sample_motion
+from tasks.ego_motion.task import EgoMotionTask
+
+NegativeKind = Literal["x0_last", "members", "foreign"]
+NEGATIVE_KINDS: tuple[NegativeKind, ...] = ("x0_last", "members", "foreign")
+NUM_X0_LAST = 3
+"""x0_last negatives per condition: the last 3 sampling steps' x0 predictions (method.md section 7)."""
+
+
+def yaw_free_head_frame(T_world_cpf: Float[Tensor, "N 4 4"]) -> Float[Tensor, "N 4 4"]:
+    """The head's ground frame: rotation Rz(psi) (psi = yaw of the CPF's forward axis, local +Z) and
+    translation (x, y, 0) of the CPF; world metres, +Z up."""
+    forward = T_world_cpf[..., :3, 2]
+    ground = torch.nn.functional.pad(T_world_cpf[..., :2, 3], (0, 1))  # (x, y, 0)
+    return make_transform(rotation_about_z(torch.atan2(forward[..., 1], forward[..., 0])), ground)
+
+
+def transplant(joints: Float[Tensor, "N T J 3"], from_T_world_cpf: Float[Tensor, "N 4 4"],
+               to_T_world_cpf: Float[Tensor, "N 4 4"]) -> Float[Tensor, "N T J 3"]:
+    """Move whole motions rigidly (yaw about +Z and a horizontal shift) so that the head frame
+    ``from_T_world_cpf`` lands on ``to_T_world_cpf``'s ground frame (:func:`yaw_free_head_frame`).
+
+    Why: a real motion placed under another window's head starts where that head is and faces its
+    way, but does not follow that head's trajectory: a negative that only the head's motion over
+    time gives away.
+    """
+    T_to_from = yaw_free_head_frame(to_T_world_cpf) @ invert_transform(yaw_free_head_frame(from_T_world_cpf))
+    R, t = T_to_from[:, None, None, :3, :3], T_to_from[:, None, None, :3, 3]
+    return (R @ joints[..., None])[..., 0] + t
+
+
+def foreign_truths(joints: Float[Tensor, "B T J 3"], T_world_cpf: Float[Tensor, "B T+1 4 4"],
+                   other: Tensor) -> Float[Tensor, "B T J 3"]:
+    """Window ``other[b]``'s ground truth transplanted under window b's first target-frame head.
+
+    Raises:
+        ValueError: some ``other[b] == b`` (a window is no negative of itself).
+    """
+    if bool((other == torch.arange(len(other), device=other.device)).any()):
+        raise ValueError("foreign_truths: other[b] == b for some b; a window's own truth is its positive.")
+    return transplant(joints[other], T_world_cpf[other, 1], T_world_cpf[:, 1])
+
+
+def rollout_negatives(task: EgoMotionTask, data: RolloutBatch, batch: Batch, group_size: int,
+                      kinds: Sequence[NegativeKind], on_own_head: bool
+                      ) -> tuple[Float[Tensor, "B M T J 3"], Float[Tensor, "B M T+1 4 4"]]:
+    """This iteration's negatives for each of the B conditions, and the head each is scored on.
+
+    ``data``: the iteration's rollouts (B x G chains, members of a group adjacent, heads perturbed
+    per member or not); ``batch``: the B clean conditions with their ground truth. M = 3 per
+    ``x0_last``, G-1 per ``members``, 1 per ``foreign``, in the order of ``kinds``.
+
+    Raises:
+        ValueError: an unknown kind, no kind, or ``foreign`` with fewer than 2 conditions.
+    """
+    unknown = [k for k in kinds if k not in NEGATIVE_KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"negative kinds {list(kinds)}: unknown or none ({unknown}); choose from {NEGATIVE_KINDS}.")
+    clean = batch["T_world_cpf"]  # (B, T+1, 4, 4)
+    B, G = clean.shape[0], group_size
+    member_heads = data.batch["T_world_cpf"].reshape(B, G, *clean.shape[1:])  # as each chain was conditioned
+    joints, heads = [], []
+    if "x0_last" in kinds:
+        first = torch.arange(0, B * G, G, device=clean.device)
+        source = select_rows(data.batch, first) if on_own_head else batch
+        joints.append(task.decode_x0(data.trajectory.x0_preds[first, -NUM_X0_LAST:], source)["joints_world"])
+        head = member_heads[:, 0] if on_own_head else clean
+        heads.append(head[:, None].expand(B, NUM_X0_LAST, *clean.shape[1:]))
+    if "members" in kinds and G > 1:
+        if on_own_head:  # exactly the bodies the rewards scored
+            decoded = data.decoded["joints_world"]
+            joints.append(decoded.reshape(B, G, *decoded.shape[1:])[:, 1:])
+            heads.append(member_heads[:, 1:])
+        else:
+            x0 = data.trajectory.states[:, -1]  # (B*G, T, D) final samples
+            joints.append(task.decode_x0(x0.reshape(B, G, *x0.shape[1:])[:, 1:], batch)["joints_world"])
+            heads.append(clean[:, None].expand(B, G - 1, *clean.shape[1:]))
+    if "foreign" in kinds:
+        if B < 2:
+            raise ValueError("'foreign' negatives need at least 2 conditions per iteration and process; raise "
+                             "--grpo.conditions-per-iteration or drop 'foreign'.")
+        other = (torch.arange(B, device=clean.device) + 1) % B  # each window takes the next one's truth
+        joints.append(foreign_truths(batch["joints_world"], clean, other)[:, None])
+        heads.append(clean[:, None])
+    return torch.cat(joints, dim=1), torch.cat(heads, dim=1)
+
+
+@torch.no_grad()
+def prior_joints(task: EgoMotionTask, model: nn.Module, windows: Batch, seed: int, stream: str,
+                 chunk_size: int = 32) -> Float[Tensor, "W T J 3"]:
+    """One sample of ``model`` per window (the task's sampler), decoded to world joints (metres).
+
+    Window w draws its noise from ``make_generator(seed, stream, first window of its chunk)``: the
+    same windows, seed and stream give the same bodies.
+    """
+    out = []
+    for idx in torch.arange(len(windows["T_world_cpf"])).split(chunk_size):
+        batch = select_rows(windows, idx)
+        trajectory = sample_motion(task, model, batch, generator=make_generator(seed, stream, int(idx[0])),
+                                   group_ids=idx)
+        out.append(task.decode(trajectory.samples, batch)["joints_world"])
+    return torch.cat(out)
+
+
+def warm_up_critic(
+    trainer: PerceptualTrainer,
+    joints: Float[Tensor, "W T J 3"],
+    T_world_cpf: Float[Tensor, "W T+1 4 4"],
+    prior_joints: Float[Tensor, "W T J 3"],
+    *,
+    steps: int,
+    batch_size: int,
+    generator: torch.Generator,
+) -> list[dict[str, float]]:
+    """Train ``trainer`` for ``steps`` InfoNCE steps on W windows before GRPO starts.
+
+    Positives: the windows' ground truth under their own heads. Negatives per window (M = 2): the
+    prior's sample for that head (``prior_joints``, the realism contrast of MotionGRPO's critic)
+    and another window's ground truth transplanted under this head (the alignment contrast).
+    Batches of ``batch_size`` windows drawn with ``generator``. Returns each step's statistics
+    (``PerceptualTrainer.train_step``'s dict).
+
+    Raises:
+        ValueError: shapes disagree, fewer than 2 windows, or non-positive steps / batch size.
+    """
+    W = joints.shape[0]
+    if prior_joints.shape != joints.shape or T_world_cpf.shape[:2] != (W, joints.shape[1] + 1):
+        raise ValueError(f"joints {tuple(joints.shape)}, prior_joints {tuple(prior_joints.shape)} and T_world_cpf "
+                         f"{tuple(T_world_cpf.shape)} must describe the same W windows of T frames (T+1 head poses).")
+    if W < 2 or steps < 1 or batch_size < 1:
+        raise ValueError(f"the warm-up needs >= 2 windows, steps >= 1 and batch_size >= 1; got W={W}, "
+                         f"steps={steps}, batch_size={batch_size}.")
+    history = []
+    for _ in range(steps):
+        idx = torch.randint(W, (min(batch_size, W),), generator=generator)
+        other = (idx + torch.randint(1, W, idx.shape, generator=generator)) % W  # never the window itself
+        foreign = transplant(joints[other], T_world_cpf[other, 1], T_world_cpf[idx, 1])
+        negatives = torch.stack([prior_joints[idx], foreign], dim=1)  # (B, 2, T, J, 3)
+        history.append(trainer.train_step(joints[idx], T_world_cpf[idx], negatives))
+    return history
