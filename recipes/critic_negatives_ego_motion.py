@@ -1,0 +1,204 @@
+"""Which negatives make MotionGRPO's perceptual critic a useful reward? The critic trained alone, paired.
+
+The policy is held fixed (the prior), so every critic variant trains on the *same* rollouts, drawn
+once per seed with the main job's settings (post-train windows, Perlin heads, K = 10), and is
+scored on the same held-out rollouts (test windows): common random numbers, so the differences
+between variants are the critic's alone. Per variant (``--variants``, see ``VARIANTS``):
+``--iterations`` critic steps, one per rollout batch, as in the main job (after an optional
+warm-up on the prior's samples). Then, on the held-out groups, for each group the Pearson
+correlation across its members of the critic's score with:
+
+- ``-mpjpe``: accuracy against the ground truth (what the joint rewards reward);
+- ``-foot_skating``: a realism defect the critic is meant to see without the ground truth;
+
+and the critic's InfoNCE accuracy (truth above every member of its group). Reported: mean over
+groups with a 95 % interval, and each variant's paired difference from the paper's critic.
+
+    python recipes/critic_negatives_ego_motion.py --seeds 0 1 2 --output docs/data/critic_negatives.json
+
+What it cannot say: how the critic co-evolves with a moving policy (a GRPO run measures that).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ego_motion as main_job  # noqa: E402  (the main job's config: this script measures its critic)
+
+from diffgrpo.probe import paired_difference  # noqa: E402
+from diffgrpo.rewards import RewardSet  # noqa: E402
+from diffgrpo.rollout import RandomStreams, make_generator  # noqa: E402
+from diffgrpo.task import batch_to  # noqa: E402
+from diffgrpo.train_step import collect, make_perturber  # noqa: E402
+from diffgrpo.trainer import check_run, parse_reward_specs  # noqa: E402
+from tasks.ego_motion.critic_data import rollout_negatives  # noqa: E402
+from tasks.ego_motion.network import load_denoiser  # noqa: E402
+from tasks.ego_motion.perceptual import PerceptualTrainer  # noqa: E402
+from tasks.ego_motion.task import EgoMotionTask  # noqa: E402
+
+logger = logging.getLogger("recipes.critic_negatives_ego_motion")
+
+VARIANTS = {
+    "paper (x0_last, clean head)": dict(critic_negatives=("x0_last",), critic_on_own_head=False),
+    "x0_last, own head": dict(critic_negatives=("x0_last",), critic_on_own_head=True),
+    "x0_last + members + foreign, own head": dict(critic_negatives=("x0_last", "members", "foreign"),
+                                                  critic_on_own_head=True),
+    "paper + warm-up": dict(critic_negatives=("x0_last",), critic_on_own_head=False, critic_warmup_steps=30),
+    "all negatives, own head + warm-up": dict(critic_negatives=("x0_last", "members", "foreign"),
+                                              critic_on_own_head=True, critic_warmup_steps=30),
+}
+"""The main job's critic flags per variant; the first is the reference of the paired differences."""
+MEASURES = ("corr_neg_mpjpe", "corr_neg_foot_skating", "infonce_accuracy")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Critic variants trained on common rollouts of the prior, scored on common held-out rollouts."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    variants: tuple[str, ...] = tuple(VARIANTS)
+    iterations: int = 20
+    """Critic steps (one rollout batch each) per variant: the first 20 iterations of a main-job run."""
+    eval_batches: int = 4
+    """Held-out rollout batches (conditions_per_iteration test windows x G samples each)."""
+    output: Path = Path("runs/critic_negatives.json")
+    threads: int = 1
+    job: main_job.Config = field(default_factory=main_job.Config)
+    """The main job's config (prior, task, rollout steps, G, perturbation, critic size) under --job.*"""
+
+    def __post_init__(self) -> None:
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown or not self.variants:
+            raise ValueError(f"--variants {list(self.variants)}: unknown or empty ({unknown}); choose from "
+                             f"{list(VARIANTS)}.")
+        if self.iterations < 1 or self.eval_batches < 1:
+            raise ValueError(f"--iterations {self.iterations} and --eval-batches {self.eval_batches} must be >= 1.")
+
+
+def group_correlations(score: torch.Tensor, value: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(groups,) Pearson correlation across each group's members (NaN where either has no spread)."""
+    a, b = (x.double().view(-1, group_size) for x in (score, value))
+    a, b = a - a.mean(dim=1, keepdim=True), b - b.mean(dim=1, keepdim=True)
+    return (a * b).sum(dim=1) / (a.square().sum(dim=1) * b.square().sum(dim=1)).sqrt()
+
+
+def summary(values: torch.Tensor) -> dict[str, float]:
+    """Mean over groups (NaN groups dropped) and its 95 % t interval."""
+    values = values[torch.isfinite(values)]
+    d = paired_difference(values[:, None], torch.zeros_like(values)[:, None])
+    return {"mean": d.mean, "ci_low": d.ci_low, "ci_high": d.ci_high, "n": d.num_conditions}
+
+
+def rollouts(task: EgoMotionTask, prior: torch.nn.Module, grpo, rewards: RewardSet, seed: int, split: str,
+             batches: range) -> list[tuple[dict, object]]:
+    """Per batch index i: B random ``split`` windows x G rollouts of the prior, from streams of (seed, i)."""
+    out = []
+    for i in batches:
+        order = torch.randperm(task.num_examples(split), generator=make_generator(seed, "critic_windows", i))
+        batch = batch_to(task.load_examples(split, order[: grpo.conditions_per_iteration].sort().values), "cpu")
+        data = collect(task, prior, task.make_scheduler(), batch, cfg=grpo, rewards=rewards,
+                       perturber=make_perturber(grpo), generator=RandomStreams.from_seed(seed, process_index=i),
+                       group_id_offset=0)
+        out.append((batch, data))
+    return out
+
+
+def main(cfg: Config) -> dict:
+    torch.set_num_threads(cfg.threads)
+    task = EgoMotionTask(cfg.job.task)
+    rollout_task = cfg.job.rollout_task(task)
+    grpo = cfg.job.effective_grpo()
+    check_run(rollout_task, grpo)
+    prior = load_denoiser(cfg.job.prior)
+    rewards = RewardSet.from_specs(parse_reward_specs(grpo.rewards))
+    G = grpo.group_size
+    records = json.loads(cfg.output.read_text()) if cfg.output.exists() else {}
+    tick = time.perf_counter()
+    for seed in cfg.seeds:
+
+        draw = dict(task=rollout_task, prior=prior, grpo=grpo, rewards=rewards, seed=seed)
+        train = rollouts(**draw, split=grpo.train_split, batches=range(cfg.iterations))
+        held_out = rollouts(**draw, split="test", batches=range(cfg.iterations, cfg.iterations + cfg.eval_batches))
+        per_variant, warmed, seconds = {}, {}, {}
+        for name in cfg.variants:
+            job = dataclasses.replace(cfg.job, grpo=dataclasses.replace(cfg.job.grpo, seed=seed), **VARIANTS[name])
+            critic = PerceptualTrainer(dataclasses.replace(job.perceptual, seed=seed))
+            if job.critic_warmup_steps:  # the same for every variant of this seed: warm up once
+                if job.critic_warmup_steps not in warmed:
+                    main_job.warm_up(rollout_task, prior, critic, job, grpo.train_split)
+                    warmed[job.critic_warmup_steps] = critic.state_dict()
+                state = warmed[job.critic_warmup_steps]
+                critic.load_state_dict(state.tensors, state.meta)
+            start = time.perf_counter()
+            for batch, data in train:
+                negatives, heads = rollout_negatives(rollout_task, data, batch, G, job.critic_negatives,
+                                                     on_own_head=job.critic_on_own_head)
+                critic.train_step(batch["joints_world"], batch["T_world_cpf"], negatives, heads)
+            measures = {k: [] for k in MEASURES}
+            for batch, data in held_out:
+                joints = data.decoded["joints_world"]
+                score = critic.score(joints, data.batch["T_world_cpf"])
+                metrics = rollout_task.evaluate(data.decoded, data.batch)
+                measures["corr_neg_mpjpe"].append(group_correlations(score, -metrics["mpjpe_mm"], G))
+                measures["corr_neg_foot_skating"].append(group_correlations(score, -metrics["foot_skating_m"], G))
+                truth = critic.score(batch["joints_world"], batch["T_world_cpf"])
+                measures["infonce_accuracy"].append((truth[:, None] > score.view(-1, G)).all(dim=1).double())
+            per_variant[name] = {k: torch.cat(v) for k, v in measures.items()}
+            seconds[name] = time.perf_counter() - start
+            logger.info("seed %d %s: %s", seed, name, {k: round(summary(v)["mean"], 3) for k, v in
+                                                         per_variant[name].items()})
+        reference = per_variant[cfg.variants[0]]
+        for name, values in per_variant.items():
+            record = records.setdefault(name, {"seeds": {}})
+            record["seeds"][str(seed)] = {
+                k: {**summary(v), "paired_vs_paper": summary(v - reference[k])} for k, v in values.items()}
+            record["seeds"][str(seed)]["critic_seconds"] = seconds[name]
+        write(records, cfg, time.perf_counter() - tick)  # after every seed: a cut-off run keeps what it measured
+    return json.loads(cfg.output.read_text())
+
+
+def write(records: dict, cfg: Config, seconds: float) -> None:
+    """Aggregate over seeds, write --output and print the table."""
+    for record in records.values():
+        for k in MEASURES:
+            means = [s[k]["mean"] for s in record["seeds"].values()]
+            record[k] = {"mean_over_seeds": statistics.fmean(means),
+                         "sd_over_seeds": statistics.stdev(means) if len(means) > 1 else math.nan}
+    out = {"variants": records, "seconds": seconds, "config": {
+        "iterations": cfg.iterations, "eval_batches": cfg.eval_batches, "job": cfg.job.effective()},
+        "command": "python recipes/critic_negatives_ego_motion.py " + " ".join(sys.argv[1:])}
+    cfg.output.parent.mkdir(parents=True, exist_ok=True)
+    cfg.output.write_text(json.dumps(out, indent=2))
+    print(render_table(out))
+
+
+def render_table(out: dict) -> str:
+    """Markdown: per variant, each measure's mean over seeds (sd) and the seeds whose paired interval excludes 0."""
+    lines = ["| critic variant | " + " | ".join(MEASURES) + " |", "|---|" + "---:|" * len(MEASURES)]
+    for name, record in out["variants"].items():
+        cells = []
+        for k in MEASURES:
+            paired = [s[k]["paired_vs_paper"] for s in record["seeds"].values()]
+            up = sum(p["ci_low"] > 0 for p in paired)
+            down = sum(p["ci_high"] < 0 for p in paired)
+            cells.append(f"{record[k]['mean_over_seeds']:+.3f} ± {record[k]['sd_over_seeds']:.3f} "
+                         f"(up {up}, down {down} of {len(paired)})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    main(tyro.cli(Config))
