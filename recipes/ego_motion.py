@@ -50,6 +50,7 @@ from tasks.ego_motion.egoallo_checkpoint import find_checkpoint_files
 from tasks.ego_motion.motion import Modality, feature_range, motion_dim
 from tasks.ego_motion.network import load_denoiser
 from tasks.ego_motion.perceptual import PerceptualConfig, PerceptualTrainer
+from tasks.ego_motion.rewards import GROUND_TRUTH_REWARDS
 from tasks.ego_motion.sampling import evaluate_windows
 from tasks.ego_motion.task import DEMO_PRIOR_PATH, METRIC_UNITS, EgoMotionTask, EgoMotionTaskConfig
 
@@ -169,6 +170,15 @@ class Config:
         if self.critic_warmup_steps < 0 or self.critic_warmup_batch_size < 2:
             raise ValueError(f"--critic-warmup-steps {self.critic_warmup_steps} must be >= 0 and "
                              f"--critic-warmup-batch-size {self.critic_warmup_batch_size} >= 2.")
+        if self.task.post_train_heads_only:  # before any data loading: these would fail at the first batch
+            reads_body = [r for r in parse_reward_specs(self.grpo.rewards) if r in GROUND_TRUTH_REWARDS]
+            reads_body += ["the perceptual critic (its positives are bodies)"] * self.use_visual_reward
+            reads_body += (["--grpo.probe.splits post_train (its rewards read the body)"]
+                           if self.grpo.probe.eval_every and "post_train" in self.grpo.probe.splits else [])
+            if reads_body and self.grpo.train_split == "post_train":
+                raise ValueError(f"--task.post-train-heads-only serves post_train without bodies, but "
+                                 f"{', '.join(reads_body)} need them; post-train with rewards that read no ground "
+                                 "truth (physics_*, e.g. recipes/rlpf_ego_motion.py) or drop the flag.")
         if self.eval_max_windows is not None and self.eval_max_windows < 1:
             raise ValueError(f"eval_max_windows={self.eval_max_windows} must be >= 1 or unset (all windows)")
         if self.noise_modalities is not None or self.noise_frequencies is not None:

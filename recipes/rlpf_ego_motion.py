@@ -58,7 +58,7 @@ from tasks.ego_motion.network import load_denoiser
 from tasks.ego_motion.perceptual import PerceptualConfig, PerceptualTrainer
 from tasks.ego_motion.physics.evaluator import PHYSICS_METRIC_UNITS, PhysicsConfig, PhysicsEvaluator
 from tasks.ego_motion.render import render_frames_png
-from tasks.ego_motion.rewards import OMEGA_CONTACT, OMEGA_RESIDUAL, OMEGA_VISUAL
+from tasks.ego_motion.rewards import GROUND_TRUTH_REWARDS, OMEGA_CONTACT, OMEGA_RESIDUAL, OMEGA_VISUAL
 from tasks.ego_motion.sampling import evaluate_windows, sample_motion
 from tasks.ego_motion.task import EgoMotionTask
 
@@ -69,7 +69,7 @@ _spec.loader.exec_module(ego)
 
 VARIANTS = ("physics", "physics+alignment", "physics+alignment+joint")
 PHYSICS_REWARDS = ("physics_residual", "physics_tracking", "physics_contact")
-JOINT_REWARDS = ("ego_rot", "ego_pos", "ego_pa_pos", "ego_vel")
+
 REPORTED = ("tracking_success", "tracking_survival", "residual_force_per_weight", "skating_m", "penetration_m",
             "floating_m", "foot_skating_m", "ground_penetration_m", "jitter_m_per_s3", "mpjpe_mm", "pa_mpjpe_mm")
 """Columns of the results table: physics measures (physics/evaluator.py), then MotionGRPO's metrics."""
@@ -146,6 +146,10 @@ class Config:
         if self.alignment.warmup_steps < 1 or self.alignment.batch_size < 2:
             raise ValueError(f"--alignment.warmup-steps {self.alignment.warmup_steps} must be >= 1 and "
                              f"--alignment.batch-size {self.alignment.batch_size} >= 2.")
+        if self.base.task.post_train_heads_only and any(v.endswith("+joint") for v in self.variants):
+            raise ValueError("--base.task.post-train-heads-only post-trains on head trajectories alone, but the "
+                             "'physics+alignment+joint' variant's joint rewards read the body; drop that variant "
+                             "or the flag.")
         if self.base.use_visual_reward or self.base.grpo.rewards != PHYSICS_REWARDS:
             raise ValueError("--base.use-visual-reward / --base.grpo.rewards are not used by this recipe: the "
                              "rewards come from --variants (and --rewards.*).")
@@ -160,7 +164,7 @@ def reward_specs(variant: str, cfg: Config, evaluator: PhysicsEvaluator, critic:
     if "alignment" in variant:
         specs.append(RewardSpec("ego_visual", 1.0, {"scorer": critic, "omega": r.alignment_omega}))
     if variant.endswith("+joint"):
-        specs += [RewardSpec(name) for name in JOINT_REWARDS]
+        specs += [RewardSpec(name) for name in GROUND_TRUTH_REWARDS]
     return specs
 
 

@@ -41,7 +41,9 @@ AMASS files can instead use EgoAllo's rule (test = top-level folders ``Transitio
 file's relative path).
 ``DataSource.extra_prior_train_dir`` adds a second folder of AMASS files (e.g. the converted
 ReActIdle idle clips) to "prior_train" only: "train", "post_train" and "test" are unchanged, and
-those windows are named ``extra_prior_train/<path below that folder>``.
+those windows are named ``extra_prior_train/<path below that folder>``. ``extra_post_train_dir``
+does the same for "post_train" (``extra_post_train/...``), e.g. head trajectories for
+ground-truth-free post-training.
 
 Cache: ``<cache_dir>/<split>-<fingerprint>/`` (``datasets.save_to_disk``), cache_dir defaulting
 to ``$DIFFGRPO_CACHE/ego_motion`` or ``~/.cache/diffgrpo/ego_motion``. The fingerprint is a
@@ -209,10 +211,17 @@ class DataSource:
     """A folder of AMASS-layout ``*.npz`` clips (searched recursively) added to the 'prior_train' split
     only, e.g. the converted ReActIdle idle clips; 'train', 'post_train' and 'test' never see them.
     Their sequence names start with ``extra_prior_train/``."""
+    extra_post_train_dir: Path | None = None
+    """The same for the 'post_train' split (names start with ``extra_post_train/``), e.g. the ReActIdle
+    clips as head trajectories for ground-truth-free post-training (``EgoMotionTaskConfig.post_train_heads_only``)."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.post_train_fraction < 1.0:
             raise ValueError(f"post_train_fraction={self.post_train_fraction} must be in (0, 1).")
+
+    def extra_dir(self, split: str) -> Path | None:
+        """The extra folder added to ``split`` (None for 'train', 'test' and splits without one)."""
+        return {"prior_train": self.extra_prior_train_dir, "post_train": self.extra_post_train_dir}.get(split)
 
     def files(self, split: Split) -> list[Path]:
         """Sorted source files of one split; raises if there are none."""
@@ -239,13 +248,13 @@ class DataSource:
         if not chosen:
             raise FileNotFoundError(f"no .npz files for split '{split}' under {root} (split_rule="
                                     f"{self.split_rule!r}); check the directory and the split rule.")
-        if split == "prior_train" and self.extra_prior_train_dir is not None:
-            extra_root = Path(self.extra_prior_train_dir).expanduser()
+        if self.extra_dir(split) is not None:
+            extra_root = Path(self.extra_dir(split)).expanduser()
             if root.resolve().is_relative_to(extra_root.resolve()) or \
                     extra_root.resolve().is_relative_to(root.resolve()):
-                raise ValueError(f"extra_prior_train_dir {extra_root} and the source root {root} overlap, so "
+                raise ValueError(f"extra_{split}_dir {extra_root} and the source root {root} overlap, so "
                                  "its clips would also land in the other splits; keep the folders apart.")
-            chosen = chosen + extra_prior_train_files(extra_root)
+            chosen = chosen + extra_split_files(extra_root, split)
         return chosen
 
     @staticmethod
@@ -279,29 +288,33 @@ class DataSource:
         return chosen
 
 
-EXTRA_PRIOR_TRAIN_PREFIX = "extra_prior_train"
-
-
-def extra_prior_train_files(directory: Path) -> list[Path]:
-    """Sorted ``*.npz`` motion files under ``directory`` (recursive, ``shape.npz`` left out).
+def extra_split_files(directory: Path, split: str = "prior_train") -> list[Path]:
+    """Sorted ``*.npz`` motion files under ``directory`` (recursive, ``shape.npz`` left out), the extra
+    clips of ``split``.
 
     Raises FileNotFoundError, naming the fix, if the folder is missing or holds none.
     """
     directory = Path(directory).expanduser()
+    flag = f"--extra-{split.replace('_', '-')}-dir"
     hint = ("build the ReActIdle clips with `python -m tasks.ego_motion.convert --reactidle --output-dir DIR` "
-            "or pass another folder of AMASS .npz files (--extra-prior-train-dir)")
+            f"or pass another folder of AMASS .npz files ({flag})")
     if not directory.is_dir():
-        raise FileNotFoundError(f"extra prior-train directory {directory} does not exist; {hint}.")
+        raise FileNotFoundError(f"extra {split.replace('_', '-')} directory {directory} does not exist; {hint}.")
     files = sorted(p for p in directory.rglob("*.npz") if p.is_file() and p.name != AMASS_SHAPE_FILE)
     if not files:
-        raise FileNotFoundError(f"extra prior-train directory {directory} holds no .npz files; {hint}.")
+        raise FileNotFoundError(f"extra {split.replace('_', '-')} directory {directory} holds no .npz files; {hint}.")
     return files
 
 
-def _source_key(path: Path, root: Path, extra_root: Path | None) -> str:
-    """Path of a source file below root, or ``extra_prior_train/<path below extra_root>``."""
+def extra_prior_train_files(directory: Path) -> list[Path]:
+    """:func:`extra_split_files` of 'prior_train'."""
+    return extra_split_files(directory, "prior_train")
+
+
+def _source_key(path: Path, root: Path, extra_root: Path | None, split: str = "prior_train") -> str:
+    """Path of a source file below root, or ``extra_<split>/<path below extra_root>``."""
     if extra_root is not None and path.is_relative_to(extra_root):
-        return f"{EXTRA_PRIOR_TRAIN_PREFIX}/{path.relative_to(extra_root).as_posix()}"
+        return f"extra_{split}/{path.relative_to(extra_root).as_posix()}"
     return path.relative_to(root).as_posix()
 
 
@@ -498,13 +511,13 @@ def cache_fingerprint(files: Sequence[Path], root: Path, body_model_path: Path, 
                       split: Split, extra_root: Path | None = None) -> str:
     """SHA-256 (first 20 hex digits) of source file paths + contents, body model bytes and settings.
 
-    Paths are relative to root, or ``extra_prior_train/...`` below extra_root (the extra prior-train clips)."""
+    Paths are relative to root, or ``extra_<split>/...`` below extra_root (the split's extra clips)."""
     settings = {"version": DATA_VERSION, "split": split, "fps": TARGET_FPS,
                 "window_frames": cfg.window_frames,
                 "stride_frames": cfg.stride(split), "mirror": cfg.include_mirrored and split in TRAINING_SPLITS,
                 "refloor": cfg.refloor, "contacts": dataclasses.asdict(cfg.contacts),
                 "body_model_sha256": _sha256_file(body_model_path),
-                "files": [[_source_key(p, root, extra_root), _sha256_file(p)] for p in files]}
+                "files": [[_source_key(p, root, extra_root, split), _sha256_file(p)] for p in files]}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -522,7 +535,7 @@ def build_windows_dataset(files: Sequence[Path], root: Path, model: BodyModel, c
 
     def generate() -> Iterator[dict[str, object]]:
         for path in tqdm(files, desc=f"ego_motion {split} windows", unit="file", disable=len(files) < 20):
-            name = _source_key(path, root, extra_root).removesuffix(".npz")
+            name = _source_key(path, root, extra_root, split).removesuffix(".npz")
             try:
                 with torch.no_grad():
                     seq = load_sequence(path, model, cfg, name=name)
@@ -668,9 +681,9 @@ def load_windows(
     source = source or DataSource()
     config = config or WindowConfig()
     root = Path(source.root).expanduser().resolve()
-    extra_root = None if source.extra_prior_train_dir is None else \
-        Path(source.extra_prior_train_dir).expanduser().resolve()
-    files = dataclasses.replace(source, root=root, extra_prior_train_dir=extra_root).files(split)
+    extra_root = None if source.extra_dir(split) is None else Path(source.extra_dir(split)).expanduser().resolve()
+    files = dataclasses.replace(source, root=root, **{f"extra_{split}_dir": extra_root} if extra_root else {}
+                                ).files(split)
     model_path = Path(body_model_path).expanduser() if body_model_path else default_body_model_path()
     if not model_path.exists():
         load_body_model(model_path)  # raises the body model's own error with the download hint

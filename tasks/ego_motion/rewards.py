@@ -62,6 +62,9 @@ PENETRATION_WEIGHT = 10.0
 """Default weight of ground penetration against foot skating in :func:`physics_error` (unitless)."""
 OMEGA_VISUAL = 1.0
 """Default omega_vis of ``ego_visual``: R_vis = exp(omega_vis * s), s in [-1, 1]."""
+GROUND_TRUTH_REWARDS = ("ego_rot", "ego_pos", "ego_pa_pos", "ego_vel")
+"""The rewards that compare a sample with the window's body ground truth (the joint rewards); the others
+read only the sample, the floor and the head trajectory, so they can post-train on heads alone."""
 OMEGA_RESIDUAL = 1.0
 """Default omega of ``physics_residual`` (unitless: the error is a fraction of body weight)."""
 OMEGA_CONTACT = 5.0

@@ -11,7 +11,8 @@ metres, floor at z = 0):
 - A batch is :meth:`~tasks.ego_motion.data.EgoMotionWindows.get`'s dict: ``T_world_cpf``
   (B, T+1, 4, 4) headset poses; ground truth ``joints_world`` (B, T, 22, 3), ``body_rotmats``
   (B, T, 21, 3, 3), ``betas`` (B, 16), ``contacts`` (B, T, 21), ``T_world_root`` (B, T, 4, 4),
-  ``hand_rotmats``, ``start_frame``, ``mirrored``.
+  ``hand_rotmats``, ``start_frame``, ``mirrored``. With ``post_train_heads_only`` a post_train
+  batch holds ``T_world_cpf`` alone (ground-truth-free post-training).
 - Frame alignment: a window holds T+1 head poses for T motion frames; motion frame t belongs to
   head pose t+1 (pose 0 only conditions frame 0 through the relative-pose features). Decoding
   therefore recovers the root of frame t from ``T_world_cpf[:, t + 1]``.
@@ -109,6 +110,14 @@ class EgoMotionTaskConfig:
     at some frame, in every split: the windows whose floor is the world's, for rewards that assume it
     (the physics rewards). None: every window. The bundled data has captures on boxes and stairs."""
 
+    extra_post_train_dir: Path | None = None
+    """A folder of AMASS-layout clips added to the post_train split (``data.DataSource.extra_post_train_dir``),
+    e.g. the ReActIdle idle clips (``python -m tasks.ego_motion.convert --reactidle``) as extra head trajectories."""
+    post_train_heads_only: bool = False
+    """Serve post_train windows as a headset gives them: the head trajectory ``T_world_cpf`` alone, no body.
+    Ground-truth-free post-training: a reward or probe that reads the body fails naming the missing key, and
+    the floor filter (``floor_contact_m``), which reads the feet, is not applied to post_train."""
+
     def __post_init__(self) -> None:
         if self.floor_contact_m is not None and not (math.isfinite(self.floor_contact_m) and self.floor_contact_m >= 0):
             raise ValueError(f"--task.floor-contact-m {self.floor_contact_m}: must be a finite number >= 0 (metres) "
@@ -132,7 +141,8 @@ class EgoMotionTaskConfig:
                             test_stride_frames=self.test_stride_frames, include_mirrored=self.include_mirrored)
 
     def data_source(self) -> DataSource:
-        return DataSource(root=self.data_root, split_rule=self.split_rule, split_file=self.split_file)
+        return DataSource(root=self.data_root, split_rule=self.split_rule, split_file=self.split_file,
+                          extra_post_train_dir=self.extra_post_train_dir)
 
     def sampler_config(self) -> SamplerConfig:
         """EgoAllo's step (method 'egoallo') with this config's eta and '+0.1' offset."""
@@ -194,7 +204,7 @@ class EgoMotionTask:
         if split not in self._kept:
             windows = self.windows(split)
             everything = torch.arange(len(windows))
-            if self.cfg.floor_contact_m is None:
+            if self.cfg.floor_contact_m is None or self.is_heads_only(split):
                 self._kept[split] = everything
             else:
                 feet_z = windows.get(everything)["joints_world"][:, :, list(metrics.FOOT_JOINTS), 2]
@@ -207,13 +217,18 @@ class EgoMotionTask:
     def num_examples(self, split: str) -> int:
         return len(self.kept_windows(split))
 
+    def is_heads_only(self, split: str) -> bool:
+        """Whether ``split``'s examples carry the head trajectory alone (``cfg.post_train_heads_only``)."""
+        return split == "post_train" and self.cfg.post_train_heads_only
+
     def load_examples(self, split: str, indices: Tensor) -> Batch:
         """Windows at ``indices`` (B,) of ``split`` (positions among ``kept_windows``); keys and shapes in the
         module docstring."""
         indices = torch.as_tensor(indices, dtype=torch.long)
         if indices.ndim != 1:
             raise ValueError(f"indices must be 1-D (B,), got shape {tuple(indices.shape)}.")
-        return self.windows(split).get(self.kept_windows(split)[indices])
+        examples = self.windows(split).get(self.kept_windows(split)[indices])
+        return {"T_world_cpf": examples["T_world_cpf"]} if self.is_heads_only(split) else examples
 
     def raw_condition(self, batch: Batch) -> Float[Tensor, "B Tp1 3"]:
         """Head (CPF) translations ``T_world_cpf[..., :3, 3]`` (B, T+1, 3), world metres.

@@ -437,3 +437,25 @@ def test_extra_prior_train_dir_errors_name_the_fix(tmp_path):
     with pytest.raises(ValueError, match="--train-split prior_train"):
         recipe.Config(extra_prior_train_dir=src / "idle", train_split="train")
     assert recipe.Config(extra_prior_train_dir=src / "idle").extra_prior_train_dir == src / "idle"
+
+
+def test_extra_post_train_dir_adds_windows_to_post_train_only(tmp_path, body_path):
+    import dataclasses
+
+    n = 40
+    src, extra = tmp_path / "src", tmp_path / "heads"
+    for name in ("a", "b", "c"):
+        _write_amass(src / f"{name}.npz", np.zeros((n, 51, 3)), _standing_trans(n))
+    (src / "split.json").write_text(json.dumps({"train": ["a", "b"], "post_train": ["b"], "test": ["c"]}))
+    _write_amass(extra / "idle.npz", np.zeros((n, 51, 3)), _standing_trans(n, 0.5))
+    base = DataSource(root=src, split_file=src / "split.json")
+    source = dataclasses.replace(base, extra_post_train_dir=extra)
+    assert [p.name for p in source.files("post_train")] == ["b.npz", "idle.npz"]
+    for split in ("train", "prior_train", "test"):
+        assert source.files(split) == base.files(split)
+    cfg = WindowConfig(window_frames=T, include_mirrored=False)
+    windows = load_windows("post_train", source=source, config=cfg, body_model_path=body_path,
+                           cache_dir=tmp_path / "cache")
+    assert sorted(set(windows.sequence_names(range(len(windows))))) == ["b", "extra_post_train/idle"]
+    with pytest.raises(FileNotFoundError, match="--extra-post-train-dir"):
+        dataclasses.replace(base, extra_post_train_dir=tmp_path / "missing").files("post_train")

@@ -99,7 +99,7 @@ def test_rlpf_recipe_runs_every_variant_with_its_rewards_and_leaves_the_critic_f
     assert [r["variant"] for r in summary["runs"]] == list(recipe.VARIANTS)
     expected = {"physics": set(recipe.PHYSICS_REWARDS),
                 "physics+alignment": {*recipe.PHYSICS_REWARDS, "ego_visual"},
-                "physics+alignment+joint": {*recipe.PHYSICS_REWARDS, "ego_visual", *recipe.JOINT_REWARDS}}
+                "physics+alignment+joint": {*recipe.PHYSICS_REWARDS, "ego_visual", *recipe.GROUND_TRUTH_REWARDS}}
     for run in summary["runs"]:
         assert {k.removeprefix("reward/") for k in run["final_rewards"]} >= expected[run["variant"]]
         assert not any(k.removeprefix("reward/") not in expected[run["variant"]] and "/" not in
@@ -124,3 +124,26 @@ def test_rlpf_config_refuses_what_it_would_ignore():
         recipe.Config(base=dataclasses.replace(recipe.default_base(), use_visual_reward=True))
     with pytest.raises(ValueError, match="tracking-mode"):
         recipe.Config(rewards=recipe.RewardParams(tracking_mode="binary"))  # type: ignore[arg-type]
+
+
+def test_heads_only_post_training_reads_no_body(tiny, monkeypatch):
+    """Ground-truth-free post-training: the post_train batches hold the head trajectory alone, the physics
+    (+ alignment) variants train on them, and every reward that would read the body is refused at start-up."""
+    recipe, cfg = tiny
+    heads_only = dataclasses.replace(cfg.base.task, post_train_heads_only=True)
+    task = recipe.EgoMotionTask(heads_only)
+    batch = task.load_examples("post_train", torch.tensor([0, 1]))
+    assert set(batch) == {"T_world_cpf"}
+    assert set(task.load_examples("test", torch.tensor([0]))) > {"T_world_cpf", "joints_world"}  # evaluation keeps it
+    assert task.num_examples("post_train") == len(task.windows("post_train"))  # the feet-based filter is off
+    run = dataclasses.replace(cfg, output_dir=cfg.output_dir.parent / "heads_only", variants=("physics",),
+                              results=cfg.output_dir.parent / "heads_only.json", table_output=None, figure=None,
+                              base=dataclasses.replace(cfg.base, task=heads_only))
+    summary = recipe.main(run)
+    assert [r["variant"] for r in summary["runs"]] == ["physics"]
+    assert math.isfinite(summary["runs"][0]["metrics"]["mpjpe_mm"])
+    with pytest.raises(ValueError, match="joint rewards read the body"):
+        dataclasses.replace(run, variants=("physics+alignment+joint",))
+    main_job = load_recipe("ego_motion")
+    with pytest.raises(ValueError, match=r"ego_pos.*need them"):
+        dataclasses.replace(main_job.Config(), task=heads_only)
