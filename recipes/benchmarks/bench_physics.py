@@ -63,6 +63,44 @@ def run(repeats: int, limit: int) -> dict:
     return {"motions": n, "frames": int(batch["T_world_root"].shape[1]), "repeats": repeats, "median_ms": medians}
 
 
+STEP_VARIANTS = {"as built (Newton, implicitfast, auto Jacobian)": {}, "sparse Jacobian": {"jacobian": 1},
+                 "dense Jacobian": {"jacobian": 0}, "PGS solver": {"solver": 0}, "CG solver": {"solver": 1},
+                 "Euler integrator": {"integrator": 0},
+                 "tolerance 1e-6, 20 iterations": {"tolerance": 1e-6, "iterations": 20, "ls_iterations": 10}}
+"""MuJoCo solver options (``MjOption`` fields) tried on the tracker model, to see whether a cheaper step exists."""
+
+
+def step_costs(repeats: int, steps: int = 300) -> dict:
+    """Microseconds per ``mj_step`` of the tracker model from a test window's first pose (feet on the floor),
+    best of ``repeats`` runs of ``steps`` steps, for each of :data:`STEP_VARIANTS`; and the simulation steps one
+    64-frame tracking takes. Why: tracking is most of the evaluator's time, and it is this step, not Python."""
+    import copy
+
+    import mujoco
+
+    task = EgoMotionTask()
+    batch = task.load_examples("test", torch.arange(1))
+    h = build_humanoid(task.body.shaped_joints(torch.nn.functional.pad(batch["betas"][0],
+                                                                       (0, task.body.num_betas - 16)))[:22])
+    qpos0 = h.qpos(batch["T_world_root"][0], batch["body_rotmats"][0])[0]
+    out = {}
+    for name, options in STEP_VARIANTS.items():
+        model = copy.copy(h.tracker_model)
+        for key, value in options.items():
+            setattr(model.opt, key, value)
+        best = float("inf")
+        for _ in range(repeats):
+            data = mujoco.MjData(model)
+            data.qpos[:] = qpos0
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                mujoco.mj_step(model, data)
+            best = min(best, (time.perf_counter() - t0) / steps)
+        out[name] = best * 1e6
+    substeps = round(1.0 / (FPS * h.tracker_model.opt.timestep))
+    return {"us_per_step": out, "steps_per_64_frames": 63 * substeps}
+
+
 def leaned(T_world_root: torch.Tensor, max_angle_rad: float = 1.05) -> torch.Tensor:
     """The motion rotated forward (about world x) around its ground point, 0 -> ``max_angle_rad`` over the window."""
     angles = torch.linspace(0.0, max_angle_rad, T_world_root.shape[0], dtype=T_world_root.dtype)
@@ -107,10 +145,16 @@ def table(result: dict) -> str:
     sep = result["separation"]
     checks = "\n".join(f"| {name} | {v['success']:.2f} | {v['survival']:.2f} | {v['residual_force_per_weight']:.2f} |"
                        for name, v in sep["rows"].items())
-    return (f"{result['motions']} test windows of {result['frames']} frames, best of {result['repeats']}, median "
+    text = (f"{result['motions']} test windows of {result['frames']} frames, best of {result['repeats']}, median "
             f"over windows, 1 thread.\n\n| stage | ms per motion |\n|---|---:|\n{rows}\n\n"
             f"Separation on {sep['windows']} test windows (means):\n\n| motion | tracking success | survival | "
             f"residual force / (m g) |\n|---|---:|---:|---:|\n{checks}\n")
+    if "step_costs" in result:
+        costs = result["step_costs"]
+        text += (f"\nOne tracker step (`mj_step`), microseconds, best of {result['repeats']} x 300 steps; a 64-frame "
+                 f"tracking takes {costs['steps_per_64_frames']} steps:\n\n| MuJoCo option | us per step |\n"
+                 "|---|---:|\n" + "\n".join(f"| {k} | {v:.0f} |" for k, v in costs["us_per_step"].items()) + "\n")
+    return text
 
 
 if __name__ == "__main__":
@@ -121,6 +165,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     result = run(args.repeats, args.limit)
     result["separation"] = separation()
+    result["step_costs"] = step_costs(args.repeats)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(result, indent=2))
