@@ -124,7 +124,12 @@ def main(cfg: Config) -> dict:
     prior = load_denoiser(cfg.job.prior)
     rewards = RewardSet.from_specs(parse_reward_specs(grpo.rewards))
     G = grpo.group_size
-    records = json.loads(cfg.output.read_text()) if cfg.output.exists() else {}
+    records = {}
+    if cfg.output.exists():  # add seeds or variants to an earlier measurement of the same settings
+        earlier = json.loads(cfg.output.read_text())
+        if earlier["config"] != settings(cfg):
+            raise ValueError(f"{cfg.output} holds a measurement with other settings; pass another --output.")
+        records = earlier["variants"]
     tick = time.perf_counter()
     for seed in cfg.seeds:
 
@@ -169,6 +174,12 @@ def main(cfg: Config) -> dict:
     return json.loads(cfg.output.read_text())
 
 
+def settings(cfg: Config) -> dict:
+    """What a measurement's numbers depend on besides seeds and variants (JSON-able)."""
+    return json.loads(json.dumps({"iterations": cfg.iterations, "eval_batches": cfg.eval_batches,
+                                  "job": cfg.job.effective()}))
+
+
 def write(records: dict, cfg: Config, seconds: float) -> None:
     """Aggregate over seeds, write --output and print the table."""
     for record in records.values():
@@ -176,9 +187,8 @@ def write(records: dict, cfg: Config, seconds: float) -> None:
             means = [s[k]["mean"] for s in record["seeds"].values()]
             record[k] = {"mean_over_seeds": statistics.fmean(means),
                          "sd_over_seeds": statistics.stdev(means) if len(means) > 1 else math.nan}
-    out = {"variants": records, "seconds": seconds, "config": {
-        "iterations": cfg.iterations, "eval_batches": cfg.eval_batches, "job": cfg.job.effective()},
-        "command": "python recipes/critic_negatives_ego_motion.py " + " ".join(sys.argv[1:])}
+    out = {"variants": records, "seconds": seconds, "config": settings(cfg),
+           "command": "python recipes/critic_negatives_ego_motion.py " + " ".join(sys.argv[1:])}
     cfg.output.parent.mkdir(parents=True, exist_ok=True)
     cfg.output.write_text(json.dumps(out, indent=2))
     print(render_table(out))

@@ -151,6 +151,7 @@ class Config:
                                                  ("--critic-negatives", self.critic_negatives != ("x0_last",)),
                                                  ("--critic-on-own-head", self.critic_on_own_head),
                                                  ("--critic-warmup-steps", self.critic_warmup_steps != 0),
+                                                 ("--critic-warmup-batch-size", self.critic_warmup_batch_size != 16),
                                                  ("--perceptual.*", self.perceptual != PerceptualConfig())) if changed]
             if unused:
                 raise ValueError(f"{', '.join(unused)} only apply with the perceptual reward; drop them or drop "
@@ -171,14 +172,18 @@ class Config:
             raise ValueError(f"--critic-warmup-steps {self.critic_warmup_steps} must be >= 0 and "
                              f"--critic-warmup-batch-size {self.critic_warmup_batch_size} >= 2.")
         if self.task.post_train_heads_only:  # before any data loading: these would fail at the first batch
+            if self.grpo.train_split != "post_train":
+                raise ValueError(f"--task.post-train-heads-only only changes the post_train split, but GRPO trains on "
+                                 f"--grpo.train-split {self.grpo.train_split}; use post_train or drop the flag.")
             reads_body = [r for r in parse_reward_specs(self.grpo.rewards) if r in GROUND_TRUTH_REWARDS]
             reads_body += ["the perceptual critic (its positives are bodies)"] * self.use_visual_reward
-            reads_body += (["--grpo.probe.splits post_train (its rewards read the body)"]
+            reads_body += (["--grpo.probe.splits post_train (the probe's metrics compare with the body)"]
                            if self.grpo.probe.eval_every and "post_train" in self.grpo.probe.splits else [])
-            if reads_body and self.grpo.train_split == "post_train":
+            if reads_body:
                 raise ValueError(f"--task.post-train-heads-only serves post_train without bodies, but "
                                  f"{', '.join(reads_body)} need them; post-train with rewards that read no ground "
-                                 "truth (physics_*, e.g. recipes/rlpf_ego_motion.py) or drop the flag.")
+                                 "truth (physics_*, e.g. recipes/rlpf_ego_motion.py), probe other splits, or drop "
+                                 "the flag.")
         if self.eval_max_windows is not None and self.eval_max_windows < 1:
             raise ValueError(f"eval_max_windows={self.eval_max_windows} must be >= 1 or unset (all windows)")
         if self.noise_modalities is not None or self.noise_frequencies is not None:
@@ -230,11 +235,20 @@ def critic_hooks(task: EgoMotionTask, perceptual: PerceptualTrainer | None, cfg:
         stats["agreement_with_ego_pos"] = group_agreement(data, "ego_visual", "ego_pos", cfg.grpo.group_size)
         return {f"perceptual/{k}": float(v) for k, v in stats.items()}
 
+    critic_flags = {"critic_negatives": list(cfg.critic_negatives), "critic_on_own_head": cfg.critic_on_own_head,
+                    "critic_warmup_steps": cfg.critic_warmup_steps,
+                    "critic_warmup_batch_size": cfg.critic_warmup_batch_size, "perceptual_steps": cfg.perceptual_steps}
+
     def shared_state() -> tuple[dict[str, torch.Tensor], dict]:
         state = perceptual.state_dict()
-        return state.tensors, {"perceptual": json.dumps(state.meta)}
+        return state.tensors, {"perceptual": json.dumps(state.meta), "critic": json.dumps(critic_flags)}
 
     def load_shared_state(ckpt: Checkpoint) -> None:
+        saved = json.loads(ckpt.meta.get("critic", "null"))
+        if saved is not None and saved != critic_flags:  # checkpoints written before these flags carry none
+            changed = {k: (saved.get(k), v) for k, v in critic_flags.items() if saved.get(k) != v}
+            raise ValueError(f"--resume with other critic settings than the checkpoint's (saved, now): {changed}; "
+                             "resume with the saved flags or start a new --output-dir.")
         perceptual.load_state_dict(ckpt.shared_tensors, json.loads(ckpt.meta["perceptual"]))
 
     return LoopHooks(after_update=after_update, shared_state=shared_state, load_shared_state=load_shared_state)

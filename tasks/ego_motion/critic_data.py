@@ -32,7 +32,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from diffgrpo.rollout import make_generator
-from diffgrpo.task import Batch, select_rows
+from diffgrpo.task import Batch, batch_to, select_rows
 from diffgrpo.train_step import RolloutBatch
 from tasks.ego_motion.geometry import invert_transform, make_transform, rotation_about_z
 from tasks.ego_motion.perceptual import PerceptualTrainer
@@ -86,16 +86,21 @@ def rollout_negatives(task: EgoMotionTask, data: RolloutBatch, batch: Batch, gro
 
     ``data``: the iteration's rollouts (B x G chains, members of a group adjacent, heads perturbed
     per member or not); ``batch``: the B clean conditions with their ground truth. M = 3 per
-    ``x0_last``, G-1 per ``members``, 1 per ``foreign``, in the order of ``kinds``.
+    ``x0_last``, G-1 per ``members``, 1 per ``foreign``, always in that order (x0_last, members,
+    foreign) whatever the order of ``kinds``.
 
     Raises:
-        ValueError: an unknown kind, no kind, or ``foreign`` with fewer than 2 conditions.
+        ValueError: an unknown kind, no kind, ``foreign`` with fewer than 2 conditions, or rollouts
+            that are not B x G chains.
     """
     unknown = [k for k in kinds if k not in NEGATIVE_KINDS]
     if unknown or not kinds:
         raise ValueError(f"negative kinds {list(kinds)}: unknown or none ({unknown}); choose from {NEGATIVE_KINDS}.")
     clean = batch["T_world_cpf"]  # (B, T+1, 4, 4)
     B, G = clean.shape[0], group_size
+    if data.batch["T_world_cpf"].shape[0] != B * G:
+        raise ValueError(f"the rollouts hold {data.batch['T_world_cpf'].shape[0]} chains, not B x G = {B} x {G}; pass "
+                         "the iteration's batch of B conditions and --grpo.group-size G.")
     member_heads = data.batch["T_world_cpf"].reshape(B, G, *clean.shape[1:])  # as each chain was conditioned
     joints, heads = [], []
     if "x0_last" in kinds:
@@ -129,14 +134,21 @@ def prior_joints(task: EgoMotionTask, model: nn.Module, windows: Batch, seed: in
     """One sample of ``model`` per window (the task's sampler), decoded to world joints (metres).
 
     Window w draws its noise from ``make_generator(seed, stream, first window of its chunk)``: the
-    same windows, seed and stream give the same bodies.
+    same windows, seed and stream give the same bodies. Sampled on the model's device (in eval
+    mode, restored after); returned on the windows' device.
     """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
     out = []
-    for idx in torch.arange(len(windows["T_world_cpf"])).split(chunk_size):
-        batch = select_rows(windows, idx)
-        trajectory = sample_motion(task, model, batch, generator=make_generator(seed, stream, int(idx[0])),
-                                   group_ids=idx)
-        out.append(task.decode(trajectory.samples, batch)["joints_world"])
+    try:
+        for idx in torch.arange(len(windows["T_world_cpf"])).split(chunk_size):
+            batch = batch_to(select_rows(windows, idx), device)
+            trajectory = sample_motion(task, model, batch, group_ids=idx.to(device),
+                                       generator=make_generator(seed, stream, int(idx[0]), device=device))
+            out.append(task.decode(trajectory.samples, batch)["joints_world"].to(windows["T_world_cpf"].device))
+    finally:
+        model.train(was_training)
     return torch.cat(out)
 
 

@@ -213,7 +213,9 @@ class DataSource:
     Their sequence names start with ``extra_prior_train/``."""
     extra_post_train_dir: Path | None = None
     """The same for the 'post_train' split (names start with ``extra_post_train/``), e.g. the ReActIdle
-    clips as head trajectories for ground-truth-free post-training (``EgoMotionTaskConfig.post_train_heads_only``)."""
+    clips. They are full body clips (the head trajectory is computed from the body, as for every clip);
+    ``EgoMotionTaskConfig.post_train_heads_only`` then serves only their heads, for ground-truth-free
+    post-training."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.post_train_fraction < 1.0:
@@ -295,7 +297,7 @@ def extra_split_files(directory: Path, split: str = "prior_train") -> list[Path]
     Raises FileNotFoundError, naming the fix, if the folder is missing or holds none.
     """
     directory = Path(directory).expanduser()
-    flag = f"--extra-{split.replace('_', '-')}-dir"
+    flag = {"prior_train": "--extra-prior-train-dir", "post_train": "--task.extra-post-train-dir"}.get(split, "")
     hint = ("build the ReActIdle clips with `python -m tasks.ego_motion.convert --reactidle --output-dir DIR` "
             f"or pass another folder of AMASS .npz files ({flag})")
     if not directory.is_dir():

@@ -24,6 +24,7 @@ metres, floor at z = 0):
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -55,6 +56,8 @@ from tasks.ego_motion.data import (
 from tasks.ego_motion.geometry import HEAD_JOINT
 from tasks.ego_motion.motion import MotionSample, max_sampling_steps, motion_dim, sampling_timesteps
 from tasks.ego_motion.prior import make_scheduler
+
+logger = logging.getLogger(__name__)
 
 DEMO_PRIOR_PATH = Path(__file__).resolve().parent / "assets" / "demo_prior.safetensors"
 """The shipped demo prior (``DenoiserConfig.demo()`` trained on the bundled CMU clips, 64-frame windows)."""
@@ -205,6 +208,10 @@ class EgoMotionTask:
             windows = self.windows(split)
             everything = torch.arange(len(windows))
             if self.cfg.floor_contact_m is None or self.is_heads_only(split):
+                if self.cfg.floor_contact_m is not None:  # said once per split: the filter reads the feet
+                    logger.warning("--task.floor-contact-m %s is not applied to the heads-only %s split (the filter "
+                                   "reads the feet); its %d windows all stay, including any not on the floor z = 0.",
+                                   self.cfg.floor_contact_m, split, len(windows))
                 self._kept[split] = everything
             else:
                 feet_z = windows.get(everything)["joints_world"][:, :, list(metrics.FOOT_JOINTS), 2]

@@ -52,6 +52,14 @@ def test_negatives_have_the_documented_count_order_and_heads(rollouts):
     assert torch.equal(heads[:, 3:5], member_heads[:, 1:])
     assert torch.equal(joints[:, 3:5], data.decoded["joints_world"].view(B, G, T, 22, 3)[:, 1:])  # what was scored
     assert torch.equal(heads[:, 5], batch["T_world_cpf"])
+    assert torch.equal(joints[:, 5], foreign_truths(batch["joints_world"], batch["T_world_cpf"], torch.tensor([1, 0])))
+    # members are adjacent rows: the perturbation moves translations only, so each member's head rotations
+    # are its own window's (windows 0 and 5 differ)
+    rotations = data.batch["T_world_cpf"][:, :, :3, :3]
+    for b in range(B):
+        for g in range(G):
+            assert torch.equal(rotations[b * G + g], batch["T_world_cpf"][b, :, :3, :3])
+    assert not torch.equal(batch["T_world_cpf"][0, :, :3, :3], batch["T_world_cpf"][1, :, :3, :3])
     assert not torch.equal(member_heads[:, 0], batch["T_world_cpf"])  # the perturbation did move the heads
     # the x0_last negatives are the first member's last 3 x0 predictions, decoded on its own head
     own = task.decode_x0(data.trajectory.x0_preds[::G, -3:], {"T_world_cpf": member_heads[:, 0]})["joints_world"]

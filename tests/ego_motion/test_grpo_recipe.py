@@ -78,10 +78,12 @@ def test_critic_options_warm_up_and_resume_identically(tiny):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    plain = load_file(str(cfg.output_dir / "checkpoints" / "step_000002" / "shared.safetensors")) if (
-        cfg.output_dir / "checkpoints").exists() else None
-    if plain is not None:  # the options changed what the critic learned
-        assert not torch.equal(a["task.perceptual.model.head.2.weight"], plain["task.perceptual.model.head.2.weight"])
+    if not (cfg.output_dir / "checkpoints").exists():
+        recipe.main(cfg)
+    plain = load_file(str(cfg.output_dir / "checkpoints" / "step_000002" / "shared.safetensors"))
+    assert not torch.equal(a["task.perceptual.model.head.2.weight"], plain["task.perceptual.model.head.2.weight"])
+    with pytest.raises(ValueError, match="other critic settings"):  # a resume must not mix two critic recipes
+        recipe.main(dataclasses.replace(interrupted, resume=True, critic_negatives=("x0_last",)))
 
 
 def test_critic_options_are_checked_at_start_up(tiny):
@@ -93,6 +95,14 @@ def test_critic_options_are_checked_at_start_up(tiny):
                             grpo=dataclasses.replace(cfg.grpo, conditions_per_iteration=1, micro_batch_size=3))
     with pytest.raises(ValueError, match="--critic-warmup-steps"):
         dataclasses.replace(cfg, use_visual_reward=False, critic_warmup_steps=5)
+    heads_only = dataclasses.replace(cfg.task, post_train_heads_only=True)
+    physics = dataclasses.replace(cfg.grpo, rewards=("physics_contact",))
+    with pytest.raises(ValueError, match="--grpo.train-split train"):
+        dataclasses.replace(cfg, task=heads_only, use_visual_reward=False, perceptual=recipe.PerceptualConfig(),
+                            grpo=dataclasses.replace(physics, train_split="train"))
+    with pytest.raises(ValueError, match="probe's metrics"):
+        dataclasses.replace(cfg, task=heads_only, use_visual_reward=False, perceptual=recipe.PerceptualConfig(),
+                            grpo=physics)
 
 
 def test_group_agreement_is_the_mean_within_group_pearson_correlation(tiny):

@@ -128,7 +128,7 @@ def test_rlpf_config_refuses_what_it_would_ignore():
 
 def test_heads_only_post_training_reads_no_body(tiny, monkeypatch):
     """Ground-truth-free post-training: the post_train batches hold the head trajectory alone, the physics
-    (+ alignment) variants train on them, and every reward that would read the body is refused at start-up."""
+    variant trains on them, and the variant whose rewards read the body is refused at start-up."""
     recipe, cfg = tiny
     heads_only = dataclasses.replace(cfg.base.task, post_train_heads_only=True)
     task = recipe.EgoMotionTask(heads_only)
