@@ -457,5 +457,5 @@ def test_extra_post_train_dir_adds_windows_to_post_train_only(tmp_path, body_pat
     windows = load_windows("post_train", source=source, config=cfg, body_model_path=body_path,
                            cache_dir=tmp_path / "cache")
     assert sorted(set(windows.sequence_names(range(len(windows))))) == ["b", "extra_post_train/idle"]
-    with pytest.raises(FileNotFoundError, match="--extra-post-train-dir"):
+    with pytest.raises(FileNotFoundError, match="--task.extra-post-train-dir"):
         dataclasses.replace(base, extra_post_train_dir=tmp_path / "missing").files("post_train")
