@@ -14,7 +14,8 @@ correlation across its members of the critic's score with:
 and the critic's InfoNCE accuracy (truth above every member of its group). Reported: mean over
 groups with a 95 % interval, and each variant's paired difference from the paper's critic.
 
-    python recipes/critic_negatives_ego_motion.py --seeds 0 1 2 --output docs/data/critic_negatives.json
+    python recipes/critic_negatives_ego_motion.py --seeds 0 1 2 --output docs/data/critic_negatives.json \
+        --table-output docs/data/critic_negatives_table.md
 
 What it cannot say: how the critic co-evolves with a moving policy (a GRPO run measures that).
 """
@@ -74,6 +75,8 @@ class Config:
     eval_batches: int = 4
     """Held-out rollout batches (conditions_per_iteration test windows x G samples each)."""
     output: Path = Path("runs/critic_negatives.json")
+    table_output: Path | None = None
+    """Also write the markdown table of every record in --output here (with ``--seeds`` empty: only that)."""
     threads: int = 1
     job: main_job.Config = field(default_factory=main_job.Config)
     """The main job's config (prior, task, rollout steps, G, perturbation, critic size) under --job.*"""
@@ -124,6 +127,9 @@ def main(cfg: Config) -> dict:
     prior = load_denoiser(cfg.job.prior)
     rewards = RewardSet.from_specs(parse_reward_specs(grpo.rewards))
     G = grpo.group_size
+    if not cfg.seeds:  # only re-render the table of an earlier measurement
+        write_table(json.loads(cfg.output.read_text()), cfg)
+        return json.loads(cfg.output.read_text())
     records = {}
     if cfg.output.exists():  # add seeds or variants to an earlier measurement of the same settings
         earlier = json.loads(cfg.output.read_text())
@@ -191,7 +197,16 @@ def write(records: dict, cfg: Config, seconds: float) -> None:
            "command": "python recipes/critic_negatives_ego_motion.py " + " ".join(sys.argv[1:])}
     cfg.output.parent.mkdir(parents=True, exist_ok=True)
     cfg.output.write_text(json.dumps(out, indent=2))
-    print(render_table(out))
+    write_table(out, cfg)
+
+
+def write_table(out: dict, cfg: Config) -> None:
+    table = render_table(out)
+    print(table)
+    if cfg.table_output is not None:
+        cfg.table_output.parent.mkdir(parents=True, exist_ok=True)
+        cfg.table_output.write_text(f"Written from `{cfg.output}` by `recipes/critic_negatives_ego_motion.py` "
+                                    f"({out['command']}).\n\n" + table)
 
 
 def render_table(out: dict) -> str:
