@@ -122,10 +122,29 @@ def rollout_negatives(task: EgoMotionTask, data: RolloutBatch, batch: Batch, gro
         if B < 2:
             raise ValueError("'foreign' negatives need at least 2 conditions per iteration and process; raise "
                              "--grpo.conditions-per-iteration or drop 'foreign'.")
-        other = (torch.arange(B, device=clean.device) + 1) % B  # each window takes the next one's truth
-        joints.append(foreign_truths(batch["joints_world"], clean, other)[:, None])
+        joints.append(foreign_truths(batch["joints_world"], clean, next_other_window(batch["joints_world"]))[:, None])
         heads.append(clean[:, None])
     return torch.cat(joints, dim=1), torch.cat(heads, dim=1)
+
+
+def next_other_window(joints: Float[Tensor, "B T J 3"]) -> Tensor:
+    """(B,) for each row b the next row (cyclically) holding another motion than row b.
+
+    Why not simply b + 1: a batch may hold one window twice (a draw crossing an epoch boundary), and
+    a foreign negative equal to its positive would ask the critic to score one motion above itself.
+
+    Raises:
+        ValueError: every row holds the same motion.
+    """
+    B = joints.shape[0]
+    other = torch.empty(B, dtype=torch.long, device=joints.device)
+    for b in range(B):
+        candidates = [(b + k) % B for k in range(1, B) if not torch.equal(joints[(b + k) % B], joints[b])]
+        if not candidates:
+            raise ValueError("'foreign' negatives need two different windows in the batch; every row holds the same "
+                             "motion.")
+        other[b] = candidates[0]
+    return other
 
 
 @torch.no_grad()

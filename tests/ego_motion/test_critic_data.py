@@ -12,7 +12,7 @@ from diffgrpo.config import GRPOConfig, PerturbConfig
 from diffgrpo.rewards import RewardSet, RewardSpec
 from diffgrpo.rollout import make_generator
 from diffgrpo.train_step import collect, make_perturber
-from tasks.ego_motion.critic_data import foreign_truths, rollout_negatives, transplant
+from tasks.ego_motion.critic_data import foreign_truths, next_other_window, rollout_negatives, transplant
 from tasks.ego_motion.network import load_denoiser
 from tasks.ego_motion.perceptual import PerceptualConfig, PerceptualTrainer
 from tasks.ego_motion.task import EgoMotionTask, EgoMotionTaskConfig
@@ -85,6 +85,13 @@ def test_foreign_truth_starts_under_this_head_but_is_the_other_windows_motion(ro
     assert torch.allclose(torch.cdist(moved[0], moved[0]), torch.cdist(joints[1], joints[1]), atol=1e-4)
     with pytest.raises(ValueError, match="own truth"):
         foreign_truths(joints, heads, torch.tensor([0, 0]))
+
+
+def test_foreign_partner_skips_rows_holding_the_same_window():
+    joints = torch.stack([torch.zeros(4, 22, 3), torch.zeros(4, 22, 3), torch.ones(4, 22, 3)])  # rows 0, 1 equal
+    assert next_other_window(joints).tolist() == [2, 2, 0]
+    with pytest.raises(ValueError, match="two different windows"):
+        next_other_window(joints[:2])
 
 
 def test_negatives_reject_unknown_kinds_and_a_single_condition_for_foreign(rollouts):
