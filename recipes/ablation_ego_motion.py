@@ -58,6 +58,9 @@ class Config:
     training time on 2 CPU cores (see docs/ego_motion_grpo.md for the measured rates)."""
     supervised_learning_rate: float = 1e-4
     """Constant AdamW learning rate of the supervised baseline (the prior was trained at 1e-3)."""
+    report_only: bool = False
+    """Aggregate the finished runs only, never starting or resuming one (e.g. while the others still train);
+    the table says which (variant, seed) runs are missing."""
     output_dir: Path = Path("runs/ablation")
     output: Path = Path("docs/results.md")
     base: ego.Config = field(default_factory=ego.Config)
@@ -177,9 +180,9 @@ def render(runs: dict[str, list[dict]], cfg: Config) -> str:
     per_seed = ["| variant | " + " | ".join(f"seed {s}" for s in cfg.seeds) + " | mean |", "|---|" +
                 "---:|" * (len(cfg.seeds) + 1)]
     for name, results in runs.items():
-        change = [100.0 * (r["grpo"]["mpjpe_mm"] / r["base"]["mpjpe_mm"] - 1.0) for r in results]
-        per_seed.append(f"| {name} | " + " | ".join(f"{c:+.2f} %" for c in change) +
-                        f" | {statistics.mean(change):+.2f} % |")
+        change = {r["seed"]: 100.0 * (r["grpo"]["mpjpe_mm"] / r["base"]["mpjpe_mm"] - 1.0) for r in results}
+        per_seed.append(f"| {name} | " + " | ".join(f"{change[s]:+.2f} %" if s in change else "-" for s in cfg.seeds)
+                        + f" | {statistics.mean(change.values()):+.2f} % |")
     diag = ["| variant | " + " | ".join(DIAGNOSTICS) + " |", "|---|" + "---:|" * len(DIAGNOSTICS)]
     for name, results in runs.items():
         cols = []
@@ -208,8 +211,8 @@ def probe_table(runs: dict[str, list[dict]], cfg: Config) -> str:
     """Markdown: per variant and seed, each probe quantity's last paired change with its 95 % interval."""
     lines = ["| variant | seed | " + " | ".join(PROBE_KEYS) + " |", "|---|---:|" + "---:|" * len(PROBE_KEYS)]
     for name, results in runs.items():
-        for seed, result in zip(cfg.seeds, results, strict=True):
-            history = result["history"]
+        for result in results:
+            seed, history = result["seed"], result["history"]
             if f"probe_diff/{PROBE_KEYS['reward sum, post-train']}" not in history:
                 continue
             cells = []
@@ -277,14 +280,19 @@ def supervised_baseline(cfg: Config, seed: int, out_dir: Path) -> dict:
 
 def main(cfg: Config) -> dict:
     runs: dict[str, list[dict]] = {}
+    missing: list[str] = []
     variants = variant_configs(cfg)
     if "supervised" in cfg.variants:
         for seed in cfg.seeds:
             out_dir = run_dir(cfg, "supervised", seed)
             result_file = out_dir / "results.json"
+            if not result_file.exists() and cfg.report_only:
+                missing.append(f"supervised, seed {seed}")
+                continue
             result = json.loads(result_file.read_text()) if result_file.exists() else supervised_baseline(
                 cfg, seed, out_dir)
-            runs.setdefault("supervised (continued diffusion training)", []).append({**result, "history": {}})
+            runs.setdefault("supervised (continued diffusion training)", []).append(
+                {**result, "history": {}, "seed": seed})
     for name, variant in variants.items():
         for seed in cfg.seeds:
             out_dir = run_dir(cfg, name, seed)
@@ -292,10 +300,18 @@ def main(cfg: Config) -> dict:
             # resume=True: a run killed part-way continues from its last checkpoint (a fresh start if none)
             run_cfg = dataclasses.replace(variant, output_dir=out_dir, grpo=seeded, resume=True)
             result_file = out_dir / "results.json"
+            if not result_file.exists() and cfg.report_only:
+                missing.append(f"{name}, seed {seed}")
+                continue
             result = json.loads(result_file.read_text()) if result_file.exists() else ego.main(run_cfg)
             history = json.loads((out_dir / "history.json").read_text()) if (out_dir / "history.json").exists() else {}
-            runs.setdefault(name, []).append({**result, "history": history})
+            runs.setdefault(name, []).append({**result, "history": history, "seed": seed})
+    if not runs:
+        raise FileNotFoundError(f"no finished run under {cfg.output_dir} to report; run without --report-only.")
     table = render(runs, cfg)
+    if missing:
+        table = table.replace("## Held-out metrics", "**Not finished yet** (these rows average the seeds that are): "
+                              + "; ".join(missing) + ".\n\n## Held-out metrics", 1)
     cfg.output.parent.mkdir(parents=True, exist_ok=True)
     cfg.output.write_text(table)
     plot_changes(runs, cfg.output.with_suffix(".png"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from tests.recipes import load_recipe
@@ -37,7 +39,8 @@ def test_table_reports_mean_std_wins_and_per_seed_change(ablation):
     cfg = ablation.Config(seeds=(0, 1))
     hist_a = {"adv/zero_std_frac": [0.0, 0.5], "adv/group_std/ego_rot": [0.01, 0.03], "adv/group_std/ego_pos": [0.02]}
     hist_b = {"adv/zero_std_frac": [0.25], "adv/group_std/ego_rot": [0.04], "adv/group_std/ego_pos": [0.04]}
-    runs = {"full": [_run(ablation, 200.0, 190.0, hist_a), _run(ablation, 200.0, 194.0, hist_b)]}
+    runs = {"full": [{**_run(ablation, 200.0, 190.0, hist_a), "seed": 0}, {**_run(ablation, 200.0, 194.0, hist_b),
+                                                                            "seed": 1}]}
     text = ablation.render(runs, cfg)
     # MPJPE mean 192, sample std of (190, 194) = 2.83; PA-MPJPE 0.5 < 1.0 is the second win of seven
     assert "| full | 192.00 ± 2.83 | 0.50 ± 0.00 |" in text
@@ -69,3 +72,22 @@ def test_main_reads_finished_runs_back_and_writes_table_and_picture(ablation, tm
     assert "| vanilla | 195.50 ± 0.71 |" in text and "| +Perlin (full, lambda=0.03) | 194.50 ± 0.71 |" in text
     assert "| vanilla | - | - | 2.5000 ± 0.7071 | - |" in text
     assert cfg.output.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_only_aggregates_finished_runs_and_names_the_missing(ablation, tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setattr(ablation.ego, "main", lambda cfg: pytest.fail(f"started run {cfg.output_dir}"))
+    cfg = ablation.Config(seeds=(0, 1), variants=("vanilla",), output_dir=tmp_path / "runs",
+                          output=tmp_path / "results.md", report_only=True)
+    out = ablation.run_dir(cfg, "vanilla", 1)  # seed 0 still training: no results.json
+    out.mkdir(parents=True)
+    run = _run(ablation, 200.0, 194.0, {})
+    (out / "results.json").write_text(json.dumps({k: v for k, v in run.items() if k != "history"}))
+    runs = ablation.main(cfg)
+    assert [r["seed"] for r in runs["vanilla"]] == [1]
+    text = cfg.output.read_text()
+    assert "**Not finished yet** (these rows average the seeds that are): vanilla, seed 0." in text
+    assert "| vanilla | - | -3.00 % | -3.00 % |" in text
+    with pytest.raises(FileNotFoundError, match="no finished run"):
+        ablation.main(dataclasses.replace(cfg, output_dir=tmp_path / "empty"))
