@@ -259,7 +259,7 @@ def supervised_baseline(cfg: Config, seed: int, out_dir: Path) -> dict:
     """Continued diffusion training of the prior on the post-train windows, evaluated like a GRPO run."""
     import torch
 
-    from tasks.ego_motion.network import load_denoiser
+    from tasks.ego_motion.model.network import load_denoiser
 
     pre = pretrain.Config(seed=seed, preset="demo", init_from=cfg.base.prior, train_split="post_train",
                           window_frames=cfg.base.task.window_frames, steps=cfg.supervised_steps,

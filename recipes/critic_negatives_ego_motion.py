@@ -44,9 +44,9 @@ from diffgrpo.rollout import RandomStreams, make_generator  # noqa: E402
 from diffgrpo.task import batch_to  # noqa: E402
 from diffgrpo.train_step import collect, make_perturber  # noqa: E402
 from diffgrpo.trainer import check_run, parse_reward_specs  # noqa: E402
-from tasks.ego_motion.critic_data import rollout_negatives  # noqa: E402
-from tasks.ego_motion.network import load_denoiser  # noqa: E402
-from tasks.ego_motion.perceptual import PerceptualTrainer  # noqa: E402
+from tasks.ego_motion.model.network import load_denoiser  # noqa: E402
+from tasks.ego_motion.rewards.critic_data import rollout_negatives  # noqa: E402
+from tasks.ego_motion.rewards.perceptual import PerceptualTrainer  # noqa: E402
 from tasks.ego_motion.task import EgoMotionTask  # noqa: E402
 
 logger = logging.getLogger("recipes.critic_negatives_ego_motion")

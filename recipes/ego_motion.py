@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import tyro
 
-import tasks.ego_motion.rewards  # noqa: F401  (registers the ego_* rewards)
+import tasks.ego_motion.rewards.registered  # noqa: F401  (registers the ego_* rewards)
 from diffgrpo.checkpoint import Checkpoint, latest_checkpoint
 from diffgrpo.config import GRPOConfig, OptimConfig, PerturbConfig, ProbeConfig, SamplerConfig, StepSelectionConfig
 from diffgrpo.launch import make_accelerator
@@ -45,13 +45,19 @@ from diffgrpo.rewards import RewardSet, RewardSpec
 from diffgrpo.rollout import make_generator
 from diffgrpo.train_step import RolloutBatch
 from diffgrpo.trainer import LoopHooks, check_run, parse_reward_specs, train_grpo
-from tasks.ego_motion.critic_data import NEGATIVE_KINDS, NegativeKind, prior_joints, rollout_negatives, warm_up_critic
-from tasks.ego_motion.egoallo_checkpoint import find_checkpoint_files
-from tasks.ego_motion.motion import Modality, feature_range, motion_dim
-from tasks.ego_motion.network import load_denoiser
-from tasks.ego_motion.perceptual import PerceptualConfig, PerceptualTrainer
-from tasks.ego_motion.rewards import GROUND_TRUTH_REWARDS
-from tasks.ego_motion.sampling import evaluate_windows
+from tasks.ego_motion.model.egoallo_checkpoint import find_checkpoint_files
+from tasks.ego_motion.model.motion import Modality, feature_range, motion_dim
+from tasks.ego_motion.model.network import load_denoiser
+from tasks.ego_motion.rewards.critic_data import (
+    NEGATIVE_KINDS,
+    NegativeKind,
+    prior_joints,
+    rollout_negatives,
+    warm_up_critic,
+)
+from tasks.ego_motion.rewards.perceptual import PerceptualConfig, PerceptualTrainer
+from tasks.ego_motion.rewards.registered import GROUND_TRUTH_REWARDS
+from tasks.ego_motion.sampling.sampler import evaluate_windows
 from tasks.ego_motion.task import DEMO_PRIOR_PATH, METRIC_UNITS, EgoMotionTask, EgoMotionTaskConfig
 
 logger = logging.getLogger("recipes.ego_motion")
@@ -98,7 +104,7 @@ class Config:
     perceptual_steps: int = 1
     """Perceptual-model updates per GRPO iteration (InfoNCE against --critic-negatives)."""
     critic_negatives: tuple[NegativeKind, ...] = ("x0_last",)
-    """What the perceptual critic contrasts each condition's truth with (tasks/ego_motion/critic_data.py):
+    """What the perceptual critic contrasts each condition's truth with (tasks/ego_motion/rewards/critic_data.py):
     'x0_last' (the paper's: the first member's x0 at the last 3 steps), 'members' (the other members' final
     samples), 'foreign' (another window's truth moved rigidly under this head)."""
     critic_on_own_head: bool = False

@@ -8,9 +8,9 @@
 Steps (one visible loop):
 1. For each seed, sample every test window once (EgoAllo's sampler through the core rollout,
    noise seeded per batch), decode (root from head, FK), refine the same samples with TTO, and
-   score both variants against the ground truth (``sampling.evaluate_windows``).
+   score both variants against the ground truth (``sampler.evaluate_windows``).
 2. The plausibility metrics of the ground truth itself (jitter, GP, FS) as a reference row.
-3. Optionally whole test clips, sampled by stitching overlapping windows (``sampling.sample_clip``).
+3. Optionally whole test clips, sampled by stitching overlapping windows (``sampler.sample_clip``).
 4. Write ``results.json`` and ``results.md`` (mean over windows; +/- the std of that mean over seeds)
    and skeleton pictures (PNG grid + GIF) of the best and the worst window by MPJPE into --output-dir.
 The sampling throughput (motions/s: rollout + decode, batches of --batch-size windows) is printed.
@@ -31,9 +31,16 @@ import torch
 import tyro
 
 from diffgrpo.rollout import make_generator
-from tasks.ego_motion.network import load_denoiser
-from tasks.ego_motion.render import render_animation_gif, render_frames_png
-from tasks.ego_motion.sampling import StitchConfig, WindowEvaluation, evaluate_windows, refine_decoded, sample_clip
+from tasks.ego_motion.evaluation.render import render_animation_gif, render_frames_png
+from tasks.ego_motion.model.network import load_denoiser
+from tasks.ego_motion.sampling.sampler import (
+    StitchConfig,
+    WindowEvaluation,
+    evaluate_windows,
+    refine_decoded,
+    sample_clip,
+)
+from tasks.ego_motion.sampling.tto import TTOConfig
 from tasks.ego_motion.task import (
     DEMO_PRIOR_PATH,
     METRIC_UNITS,
@@ -41,7 +48,6 @@ from tasks.ego_motion.task import (
     EgoMotionTaskConfig,
     plausibility_metrics,
 )
-from tasks.ego_motion.tto import TTOConfig
 
 logger = logging.getLogger("recipes.eval_ego_motion")
 

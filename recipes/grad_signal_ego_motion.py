@@ -39,7 +39,7 @@ from diffgrpo.rollout import RandomStreams  # noqa: E402
 from diffgrpo.task import batch_to  # noqa: E402
 from diffgrpo.train_step import collect, make_perturber, step_weights  # noqa: E402
 from diffgrpo.trainer import check_run, parse_reward_specs  # noqa: E402
-from tasks.ego_motion.network import load_denoiser  # noqa: E402
+from tasks.ego_motion.model.network import load_denoiser  # noqa: E402
 from tasks.ego_motion.task import EgoMotionTask  # noqa: E402
 
 logger = logging.getLogger("recipes.grad_signal_ego_motion")

@@ -11,8 +11,8 @@ Steps (docs/infer_ego_motion.md walks through them):
    ``semidense_points.csv.gz`` when present, else from the head height).
 2. Refuse a recording shorter than one window of the prior (--task.window-frames + 1 poses).
 3. Sample the body over the whole recording with the prior's sampler, stitching overlapping windows
-   (``sampling.sample_sequence``; noise from ``make_generator(--seed, NOISE_STREAM)``).
-4. Optionally refine it with test-time optimisation (--use-tto, ``sampling.refine_decoded``).
+   (``sampler.sample_sequence``; noise from ``make_generator(--seed, NOISE_STREAM)``).
+4. Optionally refine it with test-time optimisation (--use-tto, ``sampler.refine_decoded``).
 5. Write into --output-dir: ``motion_amass.npz`` (AMASS layout, 30 fps, world +Z up, floor z = 0),
    ``joints.npz`` (per-frame joints in that world and in the MPS world, head and root poses,
    contacts, timestamps; with TTO also the joints before it), ``motion.gif`` / ``motion.png`` and
@@ -33,16 +33,16 @@ import torch
 import tyro
 
 from diffgrpo.rollout import make_generator
-from tasks.ego_motion.amass import AmassSequence, save_amass_npz
-from tasks.ego_motion.aria import AriaConfig, AriaRecording, load_recording
-from tasks.ego_motion.body import BodyModel, load_body_model
-from tasks.ego_motion.data import NUM_BETAS, TARGET_FPS
-from tasks.ego_motion.geometry import NUM_HAND_JOINTS, apply_transform, invert_transform, matrix_to_axis_angle
-from tasks.ego_motion.network import load_denoiser
-from tasks.ego_motion.render import render_animation_gif, render_frames_png
-from tasks.ego_motion.sampling import StitchConfig, refine_decoded, sample_sequence
+from tasks.ego_motion.body.body_model import BodyModel, load_body_model
+from tasks.ego_motion.body.geometry import NUM_HAND_JOINTS, apply_transform, invert_transform, matrix_to_axis_angle
+from tasks.ego_motion.data.amass import AmassSequence, save_amass_npz
+from tasks.ego_motion.data.aria import AriaConfig, AriaRecording, load_recording
+from tasks.ego_motion.data.windows import NUM_BETAS, TARGET_FPS
+from tasks.ego_motion.evaluation.render import render_animation_gif, render_frames_png
+from tasks.ego_motion.model.network import load_denoiser
+from tasks.ego_motion.sampling.sampler import StitchConfig, refine_decoded, sample_sequence
+from tasks.ego_motion.sampling.tto import TTOConfig
 from tasks.ego_motion.task import DEMO_PRIOR_PATH, EgoMotionTask, EgoMotionTaskConfig
-from tasks.ego_motion.tto import TTOConfig
 
 NOISE_STREAM = "infer_ego_motion"
 """The sampler's noise comes from ``make_generator(--seed, NOISE_STREAM)``."""

@@ -1,7 +1,7 @@
 """Pretrain the EgoAllo-style motion prior p(body motion | head trajectory) (method.md sections 2, 4, 5).
 
 Why a pretraining recipe: GRPO post-trains a prior that already solves the task reasonably well.
-This recipe trains the x0-prediction denoiser of ``tasks/ego_motion/network.py`` on windows of
+This recipe trains the x0-prediction denoiser of ``tasks/ego_motion/model/network.py`` on windows of
 AMASS-layout motion (the bundled CMU clips by default), conditioned on the encoded head (CPF)
 trajectory of the same window:
 
@@ -40,10 +40,10 @@ from diffgrpo.checkpoint import git_revision, latest_checkpoint, load_checkpoint
 from diffgrpo.launch import make_accelerator
 from diffgrpo.rollout import make_generator
 from diffgrpo.stream import IndexStream
-from tasks.ego_motion.body import load_body_model
-from tasks.ego_motion.data import DataSource, WindowConfig, extra_prior_train_files, load_windows
-from tasks.ego_motion.network import DenoiserConfig, MotionDenoiser, load_denoiser, save_denoiser
-from tasks.ego_motion.prior import diffusion_loss, evaluate_prior, make_scheduler, mean_pose
+from tasks.ego_motion.body.body_model import load_body_model
+from tasks.ego_motion.data.windows import DataSource, WindowConfig, extra_prior_train_files, load_windows
+from tasks.ego_motion.model.network import DenoiserConfig, MotionDenoiser, load_denoiser, save_denoiser
+from tasks.ego_motion.model.prior import diffusion_loss, evaluate_prior, make_scheduler, mean_pose
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class Config:
     """AMASS directory (EgoAllo split: test = Transitions_mocap, SSM_synced); None: the bundled CMU clips."""
     extra_prior_train_dir: Path | None = None
     """A folder of AMASS .npz clips added to the prior_train windows only (never post_train or test), e.g. the
-    ReActIdle idle clips built by `python -m tasks.ego_motion.convert --reactidle` (runs/reactidle_amass);
+    ReActIdle idle clips built by `python -m tasks.ego_motion.data.convert --reactidle` (runs/reactidle_amass);
     None: none. Needs --train-split prior_train."""
     train_split: Literal["prior_train", "train", "post_train"] = "prior_train"
     """Windows the prior learns from: 'prior_train' leaves the post_train clips unseen, so GRPO post-trains

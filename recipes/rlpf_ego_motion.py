@@ -45,7 +45,7 @@ from typing import Literal
 import torch
 import tyro
 
-import tasks.ego_motion.rewards  # noqa: F401  (registers the ego_* and physics_* rewards)
+import tasks.ego_motion.rewards.registered  # noqa: F401  (registers the ego_* and physics_* rewards)
 from diffgrpo.checkpoint import latest_checkpoint, load_checkpoint
 from diffgrpo.config import ProbeConfig
 from diffgrpo.launch import make_accelerator
@@ -53,13 +53,13 @@ from diffgrpo.loss import LossConfig
 from diffgrpo.rewards import RewardSet, RewardSpec
 from diffgrpo.rollout import make_generator
 from diffgrpo.trainer import check_run, train_grpo
-from tasks.ego_motion.critic_data import prior_joints, warm_up_critic
-from tasks.ego_motion.network import load_denoiser
-from tasks.ego_motion.perceptual import PerceptualConfig, PerceptualTrainer
+from tasks.ego_motion.evaluation.render import render_frames_png
+from tasks.ego_motion.model.network import load_denoiser
 from tasks.ego_motion.physics.evaluator import PHYSICS_METRIC_UNITS, PhysicsConfig, PhysicsEvaluator
-from tasks.ego_motion.render import render_frames_png
-from tasks.ego_motion.rewards import GROUND_TRUTH_REWARDS, OMEGA_CONTACT, OMEGA_RESIDUAL, OMEGA_VISUAL
-from tasks.ego_motion.sampling import evaluate_windows, sample_motion
+from tasks.ego_motion.rewards.critic_data import prior_joints, warm_up_critic
+from tasks.ego_motion.rewards.perceptual import PerceptualConfig, PerceptualTrainer
+from tasks.ego_motion.rewards.registered import GROUND_TRUTH_REWARDS, OMEGA_CONTACT, OMEGA_RESIDUAL, OMEGA_VISUAL
+from tasks.ego_motion.sampling.sampler import evaluate_windows, sample_motion
 from tasks.ego_motion.task import EgoMotionTask
 
 _spec = importlib.util.spec_from_file_location("ego_motion_recipe", Path(__file__).with_name("ego_motion.py"))
@@ -77,7 +77,7 @@ REPORTED = ("tracking_success", "tracking_survival", "residual_force_per_weight"
 
 @dataclass(frozen=True)
 class RewardParams:
-    """Parameters of the physics rewards (``tasks/ego_motion/rewards.py``) and the alignment reward."""
+    """Parameters of the physics rewards (``tasks/ego_motion/rewards/registered.py``) and the alignment reward."""
 
     residual_omega: float = OMEGA_RESIDUAL
     contact_omega: float = OMEGA_CONTACT

@@ -29,7 +29,7 @@ def write_tiny_prior(path: Path) -> Path:
 
     import torch
 
-    from tasks.ego_motion.network import DenoiserConfig, MotionDenoiser, save_denoiser
+    from tasks.ego_motion.model.network import DenoiserConfig, MotionDenoiser, save_denoiser
 
     torch.manual_seed(0)
     save_denoiser(path, MotionDenoiser(dataclasses.replace(DenoiserConfig.demo(), width=32, ff_dim=64,

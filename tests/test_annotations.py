@@ -17,7 +17,7 @@ import torch
 from jaxtyping import TypeCheckError
 
 from diffgrpo.advantages import group_diversity
-from tasks.ego_motion.metrics import mpjpe
+from tasks.ego_motion.evaluation.metrics import mpjpe
 
 
 def test_pytest_config_enables_the_hook_for_both_packages(pytestconfig: pytest.Config) -> None:
@@ -29,12 +29,13 @@ def test_pytest_config_enables_the_hook_for_both_packages(pytestconfig: pytest.C
     assert pytestconfig.pluginmanager.has_plugin("jaxtyping"), "jaxtyping's pytest plugin is not loaded"
     hooks = [f for f in sys.meta_path if type(f).__name__ == "_JaxtypingFinder"]
     assert hooks, "jaxtyping's import hook is not installed"
-    assert all(hooks[0].should_instrument(name) for name in ("diffgrpo.advantages", "tasks.ego_motion.metrics"))
+    assert all(hooks[0].should_instrument(name)
+               for name in ("diffgrpo.advantages", "tasks.ego_motion.evaluation.metrics"))
 
 
 @pytest.mark.parametrize(
     "module_name",
-    ["diffgrpo.advantages", "diffgrpo.sde", "tasks.ego_motion.metrics", "tasks.shapes.model"],
+    ["diffgrpo.advantages", "diffgrpo.sde", "tasks.ego_motion.evaluation.metrics", "tasks.shapes.model"],
 )
 def test_modules_were_loaded_through_the_hook(module_name: str) -> None:
     __import__(module_name)

@@ -154,8 +154,8 @@ def test_ego_recipe_rejects_grpo_sampler_flags_and_records_the_effective_sampler
 
 def test_eta_range_is_checked_on_the_sde_window_steps_only():
     from diffgrpo.rollout import check_sampler
-    from tasks.ego_motion.motion import sampling_timesteps
-    from tasks.ego_motion.prior import make_scheduler
+    from tasks.ego_motion.model.motion import sampling_timesteps
+    from tasks.ego_motion.model.prior import make_scheduler
 
     chain = sampling_timesteps(10, convention="diffusers")
     with pytest.raises(ValueError, match="valid range"):

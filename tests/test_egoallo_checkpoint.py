@@ -18,7 +18,7 @@ import tyro
 import yaml
 from safetensors.torch import load_file, save_file
 
-from tasks.ego_motion.egoallo_checkpoint import (
+from tasks.ego_motion.model.egoallo_checkpoint import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     EgoAlloConfig,
@@ -30,9 +30,9 @@ from tasks.ego_motion.egoallo_checkpoint import (
     manifest_numel,
     read_config,
 )
-from tasks.ego_motion.motion import sampling_timesteps
-from tasks.ego_motion.network import DenoiserConfig, MotionDenoiser, load_denoiser, save_denoiser
-from tasks.ego_motion.prior import make_scheduler, sample_prior
+from tasks.ego_motion.model.motion import sampling_timesteps
+from tasks.ego_motion.model.network import DenoiserConfig, MotionDenoiser, load_denoiser, save_denoiser
+from tasks.ego_motion.model.prior import make_scheduler, sample_prior
 from tests.recipes import load_recipe
 
 TINY = {"d_latent": 32, "d_feedforward": 64, "d_noise_emb": 16, "num_heads": 2, "encoder_layers": 1,

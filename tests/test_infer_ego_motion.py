@@ -21,11 +21,8 @@ import pytest
 import torch
 
 from diffgrpo.rollout import make_generator
-from tasks.ego_motion import aria
-from tasks.ego_motion.body import load_body_model
-from tasks.ego_motion.condition import raw_head_features
-from tasks.ego_motion.data import BUNDLED_CMU_DIR, WindowConfig, load_sequence
-from tasks.ego_motion.geometry import (
+from tasks.ego_motion.body.body_model import load_body_model
+from tasks.ego_motion.body.geometry import (
     apply_transform,
     axis_angle_to_matrix,
     invert_transform,
@@ -33,11 +30,14 @@ from tasks.ego_motion.geometry import (
     matrix_to_axis_angle,
     matrix_to_quaternion,
 )
-from tasks.ego_motion.metrics import mpjpe
-from tasks.ego_motion.network import load_denoiser
-from tasks.ego_motion.sampling import StitchConfig, load_clip, refine_decoded, sample_clip, sample_sequence
+from tasks.ego_motion.data import aria
+from tasks.ego_motion.data.windows import BUNDLED_CMU_DIR, WindowConfig, load_sequence
+from tasks.ego_motion.evaluation.metrics import mpjpe
+from tasks.ego_motion.model.condition import raw_head_features
+from tasks.ego_motion.model.network import load_denoiser
+from tasks.ego_motion.sampling.sampler import StitchConfig, load_clip, refine_decoded, sample_clip, sample_sequence
+from tasks.ego_motion.sampling.tto import TTOConfig
 from tasks.ego_motion.task import DEMO_PRIOR_PATH, EgoMotionTask, EgoMotionTaskConfig
-from tasks.ego_motion.tto import TTOConfig
 from tests.recipes import load_recipe
 
 needs_aria = pytest.mark.skipif(find_spec("projectaria_tools") is None,

@@ -22,7 +22,7 @@ import datasets
 import torch
 import tyro
 
-from tasks.ego_motion.data import BUNDLED_CMU_DIR, BUNDLED_SPLIT_FILE, DataSource, WindowConfig, load_windows
+from tasks.ego_motion.data.windows import BUNDLED_CMU_DIR, BUNDLED_SPLIT_FILE, DataSource, WindowConfig, load_windows
 
 
 @dataclass(frozen=True)

@@ -44,8 +44,8 @@ def make_task(name: str):
     """(task, model, sampler, rewards) for the benchmarked task."""
     if name == "shapes":
         return ShapesTask(), build_model(ShapesModelConfig(), seed=0), SamplerConfig(eta=0.7), ("shapes_disc",)
-    import tasks.ego_motion.rewards  # noqa: F401  (registers the ego_* rewards)
-    from tasks.ego_motion.network import load_denoiser
+    import tasks.ego_motion.rewards.registered  # noqa: F401  (registers the ego_* rewards)
+    from tasks.ego_motion.model.network import load_denoiser
     from tasks.ego_motion.task import DEMO_PRIOR_PATH, EgoMotionTask
 
     task = EgoMotionTask()

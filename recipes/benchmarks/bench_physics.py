@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.ego_motion.geometry import axis_angle_to_matrix
+from tasks.ego_motion.body.geometry import axis_angle_to_matrix
 from tasks.ego_motion.physics.dynamics import inverse_dynamics
 from tasks.ego_motion.physics.humanoid import build_humanoid
 from tasks.ego_motion.physics.plausibility import plausibility

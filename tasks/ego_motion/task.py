@@ -8,7 +8,7 @@ EgoAllo-style denoiser is called, and how a packed sample becomes a body in the 
 Frames, units and shapes (B windows, N = B x G samples, T motion frames, 30 fps, world +Z up,
 metres, floor at z = 0):
 
-- A batch is :meth:`~tasks.ego_motion.data.EgoMotionWindows.get`'s dict: ``T_world_cpf``
+- A batch is :meth:`~tasks.ego_motion.data.windows.EgoMotionWindows.get`'s dict: ``T_world_cpf``
   (B, T+1, 4, 4) headset poses; ground truth ``joints_world`` (B, T, 22, 3), ``body_rotmats``
   (B, T, 21, 3, 3), ``betas`` (B, 16), ``contacts`` (B, T, 21), ``T_world_root`` (B, T, 4, 4),
   ``hand_rotmats``, ``start_frame``, ``mirrored``. With ``post_train_heads_only`` a post_train
@@ -39,10 +39,9 @@ from torch import Tensor, nn
 from diffgrpo.config import SamplerConfig
 from diffgrpo.rollout import check_sampler
 from diffgrpo.task import Batch
-from tasks.ego_motion import metrics
-from tasks.ego_motion.body import BodyModel, load_body_model, pose_from_head
-from tasks.ego_motion.condition import encode_head_trajectory
-from tasks.ego_motion.data import (
+from tasks.ego_motion.body.body_model import BodyModel, load_body_model, pose_from_head
+from tasks.ego_motion.body.geometry import HEAD_JOINT
+from tasks.ego_motion.data.windows import (
     BUNDLED_CMU_DIR,
     BUNDLED_SPLIT_FILE,
     NUM_BETAS,
@@ -53,9 +52,10 @@ from tasks.ego_motion.data import (
     WindowConfig,
     load_windows,
 )
-from tasks.ego_motion.geometry import HEAD_JOINT
-from tasks.ego_motion.motion import MotionSample, max_sampling_steps, motion_dim, sampling_timesteps
-from tasks.ego_motion.prior import make_scheduler
+from tasks.ego_motion.evaluation import metrics
+from tasks.ego_motion.model.condition import encode_head_trajectory
+from tasks.ego_motion.model.motion import MotionSample, max_sampling_steps, motion_dim, sampling_timesteps
+from tasks.ego_motion.model.prior import make_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +114,9 @@ class EgoMotionTaskConfig:
     (the physics rewards). None: every window. The bundled data has captures on boxes and stairs."""
 
     extra_post_train_dir: Path | None = None
-    """A folder of AMASS-layout clips added to the post_train split (``data.DataSource.extra_post_train_dir``),
-    e.g. the ReActIdle idle clips (``python -m tasks.ego_motion.convert --reactidle``) as extra head trajectories."""
+    """A folder of AMASS-layout clips added to the post_train split (``windows.DataSource.extra_post_train_dir``),
+    e.g. the ReActIdle idle clips (``python -m tasks.ego_motion.data.convert --reactidle``) as extra head
+    trajectories."""
     post_train_heads_only: bool = False
     """Serve post_train windows as a headset gives them: the head trajectory ``T_world_cpf`` alone, no body.
     Ground-truth-free post-training: a reward or probe that reads the body fails naming the missing key, and
@@ -192,7 +193,7 @@ class EgoMotionTask:
 
     # -- data --------------------------------------------------------------------------------------
     def windows(self, split: str) -> EgoMotionWindows:
-        """The cached windows of ``split`` (``data.SPLITS``; training splits include mirrored copies, test not)."""
+        """The cached windows of ``split`` (``windows.SPLITS``; training splits include mirrored copies, test not)."""
         if split not in SPLITS:
             raise KeyError(f"unknown split {split!r}; the ego-motion task has {SPLITS}.")
         if split not in self._windows:

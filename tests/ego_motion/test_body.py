@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.ego_motion import body as body_mod
-from tasks.ego_motion.body import (
+from tasks.ego_motion.body import body_model as body_mod
+from tasks.ego_motion.body.body_model import (
     BUNDLED_BODY_MODEL,
     SMPLH_EYE_VERTEX_IDS,
     default_body_model_path,
@@ -19,9 +19,9 @@ from tasks.ego_motion.body import (
     mirror_local_rotations,
     mirror_root_pose,
 )
-from tasks.ego_motion.build_body_model import build, write_synthetic_smplh_npz
-from tasks.ego_motion.convert import DEFAULT_MOCAP_ROOT
-from tasks.ego_motion.geometry import HEAD_JOINT, axis_angle_to_matrix, make_transform
+from tasks.ego_motion.body.build_body_model import build, write_synthetic_smplh_npz
+from tasks.ego_motion.body.geometry import HEAD_JOINT, axis_angle_to_matrix, make_transform
+from tasks.ego_motion.data.convert import DEFAULT_MOCAP_ROOT
 
 
 @pytest.fixture(scope="module")

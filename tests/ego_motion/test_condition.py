@@ -10,7 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks.ego_motion.condition import (
+from tasks.ego_motion.body.geometry import axis_angle_to_matrix, make_transform, rotation_about_z
+from tasks.ego_motion.model.condition import (
     ENCODED_COS,
     ENCODED_RAW,
     ENCODED_SIN,
@@ -23,7 +24,6 @@ from tasks.ego_motion.condition import (
     fourier_encode,
     raw_head_features,
 )
-from tasks.ego_motion.geometry import axis_angle_to_matrix, make_transform, rotation_about_z
 
 DTYPE = torch.float64
 

@@ -9,15 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.ego_motion.amass import AmassSequence, load_amass_npz, save_amass_npz
-from tasks.ego_motion.body import (
+from tasks.ego_motion.body.body_model import (
     load_body_model,
     mirror_joint_positions,
     mirror_local_rotations,
     mirror_root_pose,
 )
-from tasks.ego_motion.bvh import BvhMotion, global_poses, parse_bvh, positions_relative_to_offsets
-from tasks.ego_motion.convert import (
+from tasks.ego_motion.body.geometry import axis_angle_to_matrix, geodesic_angle, rotation_about_z
+from tasks.ego_motion.data.amass import AmassSequence, load_amass_npz, save_amass_npz
+from tasks.ego_motion.data.bvh import BvhMotion, global_poses, parse_bvh, positions_relative_to_offsets
+from tasks.ego_motion.data.convert import (
     ASSETS,
     DEFAULT_MOCAP_ROOT,
     TEST_CLIPS,
@@ -34,8 +35,7 @@ from tasks.ego_motion.convert import (
     to_amass,
     toe_clearance_m,
 )
-from tasks.ego_motion.data import WindowConfig, load_sequence
-from tasks.ego_motion.geometry import axis_angle_to_matrix, geodesic_angle, rotation_about_z
+from tasks.ego_motion.data.windows import WindowConfig, load_sequence
 
 needs_mocap = pytest.mark.skipif(
     not (DEFAULT_MOCAP_ROOT / "cmu_iclone").exists(), reason="needs ../shared/mocap"

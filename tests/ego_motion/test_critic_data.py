@@ -7,14 +7,14 @@ import dataclasses
 import pytest
 import torch
 
-import tasks.ego_motion.rewards  # noqa: F401  (registers ego_pos)
+import tasks.ego_motion.rewards.registered  # noqa: F401  (registers ego_pos)
 from diffgrpo.config import GRPOConfig, PerturbConfig
 from diffgrpo.rewards import RewardSet, RewardSpec
 from diffgrpo.rollout import make_generator
 from diffgrpo.train_step import collect, make_perturber
-from tasks.ego_motion.critic_data import foreign_truths, next_other_window, rollout_negatives, transplant
-from tasks.ego_motion.network import load_denoiser
-from tasks.ego_motion.perceptual import PerceptualConfig, PerceptualTrainer
+from tasks.ego_motion.model.network import load_denoiser
+from tasks.ego_motion.rewards.critic_data import foreign_truths, next_other_window, rollout_negatives, transplant
+from tasks.ego_motion.rewards.perceptual import PerceptualConfig, PerceptualTrainer
 from tasks.ego_motion.task import EgoMotionTask, EgoMotionTaskConfig
 from tests.recipes import write_tiny_prior
 

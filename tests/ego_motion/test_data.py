@@ -18,9 +18,15 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.ego_motion import data
-from tasks.ego_motion.body import load_body_model, mirror_joint_positions
-from tasks.ego_motion.data import (
+from tasks.ego_motion.body.body_model import load_body_model, mirror_joint_positions
+from tasks.ego_motion.body.geometry import (
+    SMPLH_MIRROR_PERMUTATION,
+    SMPLH_PARENTS,
+    axis_angle_to_matrix,
+    geodesic_angle,
+)
+from tasks.ego_motion.data import windows as data
+from tasks.ego_motion.data.windows import (
     ContactThresholds,
     DataSource,
     WindowConfig,
@@ -28,12 +34,6 @@ from tasks.ego_motion.data import (
     load_windows,
     resample_to_fps,
     window_starts,
-)
-from tasks.ego_motion.geometry import (
-    SMPLH_MIRROR_PERMUTATION,
-    SMPLH_PARENTS,
-    axis_angle_to_matrix,
-    geodesic_angle,
 )
 
 T = 16  # window frames in these tests
@@ -270,7 +270,7 @@ def test_bad_files_are_skipped_with_logged_reasons(tmp_path, body_path, caplog):
     _write_amass(tmp_path / "zero_fps.npz", np.zeros((n, 51, 3)), _standing_trans(n), fps=0.0)
     bad = ["nan_frames", "too_short", "no_trans", "zero_fps"]
     kw = dict(config=WindowConfig(window_frames=T), body_model_path=body_path, cache_dir=tmp_path / "cache")
-    with caplog.at_level(logging.WARNING, logger="tasks.ego_motion.data"):
+    with caplog.at_level(logging.WARNING, logger="tasks.ego_motion.data.windows"):
         w = load_windows("test", source=_source(tmp_path, [], [good.stem, *bad]), **kw)
     assert set(w.sequence_names(range(len(w)))) == {"good"}
     messages = [r.getMessage() for r in caplog.records]
@@ -316,7 +316,7 @@ def test_cache_reused_when_unchanged_and_rebuilt_on_change(tmp_path, body_path, 
 def test_floor_is_trusted_with_a_warning_or_refloored(tmp_path, model, caplog):
     n = 40
     path = _write_amass(tmp_path / "lifted.npz", np.zeros((n, 51, 3)), _standing_trans(n) + [0.0, 0.0, 0.5])
-    with caplog.at_level(logging.WARNING, logger="tasks.ego_motion.data"):
+    with caplog.at_level(logging.WARNING, logger="tasks.ego_motion.data.windows"):
         kept = data.load_sequence(path, model, WindowConfig(window_frames=T))
     assert any("lifted.npz: lowest foot joint is at z = 0.530" in r.getMessage() for r in caplog.records)
     assert kept.contacts.sum() == 0  # 0.5 m above the floor: no contact
@@ -355,7 +355,7 @@ def test_get_equals_torch_formatted_dataset_rows_across_chunks(moving):
 
 
 def test_three_way_split_is_clip_disjoint_and_post_train_is_held_out_of_the_prior():
-    from tasks.ego_motion.data import DataSource
+    from tasks.ego_motion.data.windows import DataSource
 
     source = DataSource()
     files = {split: {p.stem for p in source.files(split)} for split in ("train", "prior_train", "post_train", "test")}
@@ -369,7 +369,7 @@ def test_three_way_split_is_clip_disjoint_and_post_train_is_held_out_of_the_prio
 def test_split_file_without_post_train_names_the_fix(tmp_path):
     import json
 
-    from tasks.ego_motion.data import BUNDLED_CMU_DIR, DataSource
+    from tasks.ego_motion.data.windows import BUNDLED_CMU_DIR, DataSource
 
     split = json.loads((BUNDLED_CMU_DIR.parent / "split.json").read_text())
     path = tmp_path / "split.json"

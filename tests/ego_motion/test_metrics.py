@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from tasks.ego_motion.geometry import axis_angle_to_matrix, rotation_about_z
-from tasks.ego_motion.metrics import (
+from tasks.ego_motion.body.geometry import axis_angle_to_matrix, rotation_about_z
+from tasks.ego_motion.evaluation.metrics import (
     FOOT_JOINTS,
     foot_skating,
     ground_penetration,

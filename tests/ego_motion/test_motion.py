@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from tasks.ego_motion.geometry import axis_angle_to_matrix
-from tasks.ego_motion.motion import (
+from tasks.ego_motion.body.geometry import axis_angle_to_matrix
+from tasks.ego_motion.model.motion import (
     BETAS,
     BODY_ROTMATS,
     CONTACTS,
@@ -152,7 +152,7 @@ def test_sampling_timesteps_keep_the_reference_shape(num_steps):
 
 
 def test_feature_range_of_adjacent_modalities_and_errors():
-    from tasks.ego_motion.motion import BODY_ROTMATS, CONTACTS, feature_range
+    from tasks.ego_motion.model.motion import BODY_ROTMATS, CONTACTS, feature_range
 
     assert feature_range(("body_rotmats",), include_hands=False) == (BODY_ROTMATS.start, BODY_ROTMATS.stop)
     assert feature_range(("contacts", "body_rotmats"), include_hands=False) == (BODY_ROTMATS.start, CONTACTS.stop)

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from tasks.ego_motion.network import (
+from tasks.ego_motion.model.network import (
     DenoiserConfig,
     MotionDenoiser,
     RotaryAttention,

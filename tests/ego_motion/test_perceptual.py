@@ -12,14 +12,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tasks.ego_motion.body import BodyModel, load_body_model
-from tasks.ego_motion.geometry import (
+from tasks.ego_motion.body.body_model import BodyModel, load_body_model
+from tasks.ego_motion.body.geometry import (
     apply_transform,
     axis_angle_to_matrix,
     make_transform,
     rotation_about_z,
 )
-from tasks.ego_motion.perceptual import (
+from tasks.ego_motion.rewards.perceptual import (
     PerceptualConfig,
     PerceptualTrainer,
     canonical_joint_features,

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-import tasks.ego_motion.rewards  # noqa: F401  (registers the physics_* rewards)
+import tasks.ego_motion.rewards.registered  # noqa: F401  (registers the physics_* rewards)
 from diffgrpo.rewards import get_reward
-from tasks.ego_motion.body import load_body_model
-from tasks.ego_motion.geometry import axis_angle_to_matrix, make_transform
+from tasks.ego_motion.body.body_model import load_body_model
+from tasks.ego_motion.body.geometry import axis_angle_to_matrix, make_transform
 from tasks.ego_motion.physics.dynamics import (
     finite_difference_velocities,
     friction_cone_edges,

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from tasks.ego_motion.data import WindowConfig, load_windows
-from tasks.ego_motion.motion import BETAS, BODY_ROTMATS, CONTACTS, MotionSample
-from tasks.ego_motion.network import DenoiserConfig, MotionDenoiser
-from tasks.ego_motion.prior import batch_to_motion, diffusion_loss, make_scheduler
+from tasks.ego_motion.data.windows import WindowConfig, load_windows
+from tasks.ego_motion.model.motion import BETAS, BODY_ROTMATS, CONTACTS, MotionSample
+from tasks.ego_motion.model.network import DenoiserConfig, MotionDenoiser
+from tasks.ego_motion.model.prior import batch_to_motion, diffusion_loss, make_scheduler
 from tests.recipes import load_recipe
 
 REPO = Path(__file__).resolve().parents[2]

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks.ego_motion.geometry import HEAD_JOINT
-from tasks.ego_motion.render import render_animation_gif, render_frames_png
+from tasks.ego_motion.body.geometry import HEAD_JOINT
+from tasks.ego_motion.evaluation.render import render_animation_gif, render_frames_png
 
 # A rough standing pose (metres, +X forward, +Y left, +Z up), SMPL-H order of the 22 joints.
 _REST_POSE_M = np.array(

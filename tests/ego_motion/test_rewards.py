@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from diffgrpo.rewards import RewardSet, get_reward
-from tasks.ego_motion import rewards as R
-from tasks.ego_motion.geometry import axis_angle_to_matrix, rotation_about_z
-from tasks.ego_motion.metrics import FOOT_JOINTS
-from tasks.ego_motion.perceptual import PerceptualConfig, PerceptualTrainer
+from tasks.ego_motion.body.geometry import axis_angle_to_matrix, rotation_about_z
+from tasks.ego_motion.evaluation.metrics import FOOT_JOINTS
+from tasks.ego_motion.rewards import registered as R
+from tasks.ego_motion.rewards.perceptual import PerceptualConfig, PerceptualTrainer
 
 DTYPE = torch.float64
 JOINT_REWARDS = ("ego_rot", "ego_pos", "ego_pa_pos", "ego_vel")

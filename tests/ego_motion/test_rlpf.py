@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from tasks.ego_motion.critic_data import transplant, warm_up_critic, yaw_free_head_frame
-from tasks.ego_motion.geometry import make_transform
-from tasks.ego_motion.perceptual import PerceptualConfig, PerceptualTrainer
+from tasks.ego_motion.body.geometry import make_transform
+from tasks.ego_motion.rewards.critic_data import transplant, warm_up_critic, yaw_free_head_frame
+from tasks.ego_motion.rewards.perceptual import PerceptualConfig, PerceptualTrainer
 from tests.recipes import load_recipe, write_tiny_prior
 
 

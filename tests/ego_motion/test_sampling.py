@@ -11,10 +11,10 @@ import torch
 
 from diffgrpo.evaluate import evaluate
 from diffgrpo.rollout import make_generator
-from tasks.ego_motion.body import load_body_model
-from tasks.ego_motion.data import BUNDLED_CMU_DIR
-from tasks.ego_motion.network import DenoiserConfig, MotionDenoiser, save_denoiser
-from tasks.ego_motion.sampling import (
+from tasks.ego_motion.body.body_model import load_body_model
+from tasks.ego_motion.data.windows import BUNDLED_CMU_DIR
+from tasks.ego_motion.model.network import DenoiserConfig, MotionDenoiser, save_denoiser
+from tasks.ego_motion.sampling.sampler import (
     StitchConfig,
     evaluate_windows,
     load_clip,
@@ -25,8 +25,8 @@ from tasks.ego_motion.sampling import (
     unstitch,
     window_layout,
 )
+from tasks.ego_motion.sampling.tto import TTOConfig
 from tasks.ego_motion.task import METRIC_UNITS, EgoMotionTask, EgoMotionTaskConfig
-from tasks.ego_motion.tto import TTOConfig
 from tests.recipes import load_recipe
 
 T = 64

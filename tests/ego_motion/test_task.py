@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from diffgrpo.task import Task, repeat_batch
-from tasks.ego_motion.body import load_body_model
-from tasks.ego_motion.geometry import HEAD_JOINT, axis_angle_to_matrix
-from tasks.ego_motion.motion import MOTION_DIM
-from tasks.ego_motion.network import DenoiserConfig, MotionDenoiser
-from tasks.ego_motion.prior import batch_to_motion
+from tasks.ego_motion.body.body_model import load_body_model
+from tasks.ego_motion.body.geometry import HEAD_JOINT, axis_angle_to_matrix
+from tasks.ego_motion.model.motion import MOTION_DIM
+from tasks.ego_motion.model.network import DenoiserConfig, MotionDenoiser
+from tasks.ego_motion.model.prior import batch_to_motion
 from tasks.ego_motion.task import METRIC_UNITS, EgoMotionTask, EgoMotionTaskConfig
 
 T = 64

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from tasks.ego_motion.body import BodyModel, load_body_model
-from tasks.ego_motion.geometry import (
+from tasks.ego_motion.body.body_model import BodyModel, load_body_model
+from tasks.ego_motion.body.geometry import (
     HEAD_JOINT,
     axis_angle_to_matrix,
     geodesic_angle,
@@ -18,8 +18,8 @@ from tasks.ego_motion.geometry import (
     make_transform,
     rotation_about_z,
 )
-from tasks.ego_motion.metrics import FOOT_JOINTS, foot_skating, jitter, mpjpe
-from tasks.ego_motion.tto import FOOT_CONTACT_INDICES, LOSS_TERMS, TTOConfig, optimize_motion
+from tasks.ego_motion.evaluation.metrics import FOOT_JOINTS, foot_skating, jitter, mpjpe
+from tasks.ego_motion.sampling.tto import FOOT_CONTACT_INDICES, LOSS_TERMS, TTOConfig, optimize_motion
 
 FPS = 30.0
 T = 36

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from diffgrpo.launch import make_accelerator
-from tasks.ego_motion.perceptual import PerceptualConfig, PerceptualTrainer
+from tasks.ego_motion.rewards.perceptual import PerceptualConfig, PerceptualTrainer
 
 out = Path(sys.argv[1])
 accelerator = make_accelerator(out, log_with=None)

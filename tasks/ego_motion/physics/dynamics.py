@@ -38,7 +38,7 @@ import mujoco
 import numpy as np
 from scipy.optimize import nnls
 
-from ..geometry import NUM_BODY_JOINTS
+from ..body.geometry import NUM_BODY_JOINTS
 from .humanoid import FOOT_BODIES, JOINT_NAMES, Humanoid
 
 

@@ -17,8 +17,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..body import BodyModel
-from ..data import NUM_BETAS, TARGET_FPS
+from ..body.body_model import BodyModel
+from ..data.windows import NUM_BETAS, TARGET_FPS
 from .dynamics import InverseDynamicsConfig, inverse_dynamics
 from .humanoid import NUM_HUMANOID_BODIES, HumanoidCache, HumanoidConfig
 from .plausibility import PlausibilityConfig, plausibility

@@ -19,7 +19,7 @@ Structure (22 bodies, one per metric joint: pelvis + SMPL-H joints 1..21):
   fractions of de Leva (1996), "Adjustments to Zatsiorsky-Seluyanov's segment inertia
   parameters", J. Biomech. 29(9), Table 4 (males), times ``body_mass_kg``; inertias follow
   from the geom shapes;
-- a floor plane at z = 0 (the data's floor, ``data.py``); bodies collide with the floor only.
+- a floor plane at z = 0 (the data's floor, ``data/windows.py``); bodies collide with the floor only.
 
 Two compiled models per shape: ``model`` (no joint springs, contacts disabled: inverse dynamics
 and kinematics) and ``tracker_model`` (joint springs and dampers that act as the PD tracker of
@@ -38,7 +38,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..geometry import NUM_BODY_JOINTS, SMPLH_PARENTS, matrix_to_quaternion
+from ..body.geometry import NUM_BODY_JOINTS, SMPLH_PARENTS, matrix_to_quaternion
 
 NUM_HUMANOID_BODIES = NUM_BODY_JOINTS + 1  # pelvis + 21 body joints
 FOOT_BODIES: tuple[str, ...] = ("left_ankle", "left_foot", "right_ankle", "right_foot")

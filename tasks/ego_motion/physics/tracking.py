@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import mujoco
 import numpy as np
 
-from ..geometry import HEAD_JOINT
+from ..body.geometry import HEAD_JOINT
 from .dynamics import finite_difference_velocities
 from .humanoid import Humanoid
 

@@ -34,9 +34,9 @@ from torch import Tensor, nn
 from diffgrpo.rollout import make_generator
 from diffgrpo.task import Batch, batch_to, select_rows
 from diffgrpo.train_step import RolloutBatch
-from tasks.ego_motion.geometry import invert_transform, make_transform, rotation_about_z
-from tasks.ego_motion.perceptual import PerceptualTrainer
-from tasks.ego_motion.sampling import sample_motion
+from tasks.ego_motion.body.geometry import invert_transform, make_transform, rotation_about_z
+from tasks.ego_motion.rewards.perceptual import PerceptualTrainer
+from tasks.ego_motion.sampling.sampler import sample_motion
 from tasks.ego_motion.task import EgoMotionTask
 
 NegativeKind = Literal["x0_last", "members", "foreign"]

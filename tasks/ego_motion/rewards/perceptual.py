@@ -16,7 +16,7 @@ frame's *head frame with yaw removed*: subtract the CPF's horizontal position (x
 Rz(-psi) with psi the yaw of the CPF's forward axis (local +Z). Height above the floor stays
 absolute. Each joint also carries its world velocity rotated into the same yaw-free frame (m/s).
 Both are unchanged by a rotation of the whole scene about world +Z and a horizontal translation.
-Frame t of the joints goes with head pose ``T_world_cpf[t + 1]`` (data.py: T + 1 head poses, then
+Frame t of the joints goes with head pose ``T_world_cpf[t + 1]`` (data/windows.py: T + 1 head poses, then
 the T target frames that follow the first), which is also the frame whose condition uses poses t, t+1.
 
 Network: per-joint token = Linear(6 features) + learned joint embedding + the frame's condition
@@ -46,9 +46,9 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from tasks.ego_motion.condition import NUM_CONDITION_FEATURES, encode_head_trajectory
-from tasks.ego_motion.geometry import NUM_BODY_JOINTS, rotation_about_z
-from tasks.ego_motion.network import RotaryAttention, rope_cos_sin
+from tasks.ego_motion.body.geometry import NUM_BODY_JOINTS, rotation_about_z
+from tasks.ego_motion.model.condition import NUM_CONDITION_FEATURES, encode_head_trajectory
+from tasks.ego_motion.model.network import RotaryAttention, rope_cos_sin
 
 STATE_FORMAT = "diffgrpo-perceptual-v1"
 NUM_JOINT_FEATURES = 6  # yaw-free head-relative position (m) + yaw-free velocity (m/s)
@@ -273,7 +273,7 @@ class PerceptualModel(nn.Module):
             shape = tuple(T_world_cpf.shape) if isinstance(T_world_cpf, Tensor) else type(T_world_cpf).__name__
             raise ValueError(
                 f"T_world_cpf has shape {shape}, expected (N, T+1, 4, 4) = {(N, T + 1, 4, 4)} for joints "
-                f"{tuple(joints.shape)}: the head window holds one pose more than the motion (data.py)."
+                f"{tuple(joints.shape)}: the head window holds one pose more than the motion (data/windows.py)."
             )
         if cond is not None and tuple(cond.shape) != (N, T, self.config.cond_dim):
             raise ValueError(

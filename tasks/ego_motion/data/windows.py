@@ -12,7 +12,7 @@ hands 90, ``trans`` (N, 3) metres, ``betas`` (10 or 16,), ``gender``, ``mocap_fr
    rotation, linear interpolation of ``trans``); 30 fps is kept as is.
 2. Betas are zero-padded to 16 (AMASS files with 10 betas: the missing coefficients are 0, the
    mean shape along those directions). ``gender`` is ignored: the body model is neutral.
-3. Joints-only FK through :class:`~tasks.ego_motion.body.BodyModel` (never the mesh):
+3. Joints-only FK through :class:`~tasks.ego_motion.body.body_model.BodyModel` (never the mesh):
    ``T_world_root = [R(root_orient) | trans + J_0(betas)]``, joints (N, 52).
 4. Floor: by default the source's z = 0 is trusted (AMASS fits and the converted CMU clips stand
    on z = 0); ``refloor="lowest_foot_joint"`` instead shifts each sequence so its lowest ankle/toe
@@ -26,7 +26,7 @@ hands 90, ``trans`` (N, 3) metres, ``betas`` (10 or 16,), ``gender``, ``mocap_fr
    i.e. the FK head joint pose times the fixed CPF offset.
 7. Windows start every ``stride`` frames at frame s: ``T_world_cpf`` = frames s..s+T and the
    targets = frames s+1..s+T. ``start_frame`` stores s. A tail shorter than a stride is dropped.
-8. Train only (``include_mirrored``): a left/right mirrored copy of every window (body.py's
+8. Train only (``include_mirrored``): a left/right mirrored copy of every window (body_model.py's
    mirroring; FK, contacts and headset recomputed from the mirrored rotations and root).
 
 Files named ``shape.npz`` (AMASS's per-subject betas, no motion) are not sequences and are not listed.
@@ -74,15 +74,14 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .amass import AmassSequence, load_amass_npz
-from .body import (
+from ..body.body_model import (
     BodyModel,
     default_body_model_path,
     load_body_model,
     mirror_local_rotations,
     mirror_root_pose,
 )
-from .geometry import (
+from ..body.geometry import (
     NUM_BODY_JOINTS,
     NUM_HAND_JOINTS,
     axis_angle_to_matrix,
@@ -90,6 +89,7 @@ from .geometry import (
     quaternion_to_matrix,
     slerp_quaternions,
 )
+from .amass import AmassSequence, load_amass_npz
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ NUM_METRIC_JOINTS = 1 + NUM_BODY_JOINTS  # pelvis + 21 body joints
 AMASS_POSE_DIM = 3 * (1 + NUM_BODY_JOINTS + NUM_HAND_JOINTS)  # 156
 EGOALLO_TEST_SUBSETS: tuple[str, ...] = ("Transitions_mocap", "SSM_synced")
 AMASS_SHAPE_FILE = "shape.npz"
-BUNDLED_CMU_DIR = Path(__file__).resolve().parent / "assets" / "cmu"
+BUNDLED_CMU_DIR = Path(__file__).resolve().parents[1] / "assets" / "cmu"
 BUNDLED_SPLIT_FILE = BUNDLED_CMU_DIR.parent / "split.json"
 ENV_CACHE_ROOT = "DIFFGRPO_CACHE"
 FLOOR_WARNING_M = 0.1
@@ -229,7 +229,7 @@ class DataSource:
         """Sorted source files of one split; raises if there are none."""
         root = Path(self.root).expanduser()
         if not root.is_dir():
-            hint = " (build the bundled clips with `python -m tasks.ego_motion.convert`)" \
+            hint = " (build the bundled clips with `python -m tasks.ego_motion.data.convert`)" \
                 if root == BUNDLED_CMU_DIR else ""
             raise FileNotFoundError(f"AMASS source directory {root} does not exist{hint}; pass "
                                     f"DataSource(root=...) pointing at a folder of AMASS .npz files.")
@@ -298,7 +298,7 @@ def extra_split_files(directory: Path, split: str = "prior_train") -> list[Path]
     """
     directory = Path(directory).expanduser()
     flag = {"prior_train": "--extra-prior-train-dir", "post_train": "--task.extra-post-train-dir"}.get(split, "")
-    hint = ("build the ReActIdle clips with `python -m tasks.ego_motion.convert --reactidle --output-dir DIR` "
+    hint = ("build the ReActIdle clips with `python -m tasks.ego_motion.data.convert --reactidle --output-dir DIR` "
             f"or pass another folder of AMASS .npz files ({flag})")
     if not directory.is_dir():
         raise FileNotFoundError(f"extra {split.replace('_', '-')} directory {directory} does not exist; {hint}.")
@@ -345,7 +345,7 @@ class MotionSequence:
 
 
 def read_amass_npz(path: Path) -> AmassSequence:
-    """:func:`~tasks.ego_motion.amass.load_amass_npz`, every validation failure a :class:`SkippedSequence`.
+    """:func:`~tasks.ego_motion.data.amass.load_amass_npz`, every validation failure a :class:`SkippedSequence`.
 
     Why: one bad file in an AMASS tree of thousands should be logged and skipped, not end the build.
     """

@@ -36,11 +36,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from diffgrpo.rewards import Reward, register_reward
-from tasks.ego_motion import metrics
-from tasks.ego_motion.data import TARGET_FPS
-from tasks.ego_motion.geometry import NUM_BODY_JOINTS
-from tasks.ego_motion.perceptual import visual_reward
+from tasks.ego_motion.body.geometry import NUM_BODY_JOINTS
+from tasks.ego_motion.data.windows import TARGET_FPS
+from tasks.ego_motion.evaluation import metrics
 from tasks.ego_motion.physics.evaluator import PhysicsEvaluator
+from tasks.ego_motion.rewards.perceptual import visual_reward
 
 J = metrics.NUM_METRIC_JOINTS  # 22 = pelvis + 21 body joints
 
@@ -329,7 +329,7 @@ def default_physics_evaluator() -> PhysicsEvaluator:
     (``$DIFFGRPO_SMPLH_PATH`` or the bundled one) and ``PhysicsConfig()``; built on first use. A task
     on another body model (``--task.body-model-path``) must pass ``evaluator=PhysicsEvaluator(task.body)``
     (``recipes/rlpf_ego_motion.py`` does), or the humanoid's bones will not be the sample's."""
-    from tasks.ego_motion.body import load_body_model
+    from tasks.ego_motion.body.body_model import load_body_model
 
     return PhysicsEvaluator(load_body_model())
 

@@ -22,8 +22,8 @@ segment lengths to the subject's. Everything is resampled (slerp / linear) to 30
 The ReActIdle idle clips (a 19-joint Blender rig without hands or toes) go through the same
 steps with the ``reactidle`` variant: joints the rig lacks get an identity local rotation.
 
-Run ``python -m tasks.ego_motion.convert`` to rebuild ``assets/cmu``, and
-``python -m tasks.ego_motion.convert --reactidle`` to build ``runs/reactidle_amass`` (not committed).
+Run ``python -m tasks.ego_motion.data.convert`` to rebuild ``assets/cmu``, and
+``python -m tasks.ego_motion.data.convert --reactidle`` to build ``runs/reactidle_amass`` (not committed).
 """
 
 from __future__ import annotations
@@ -40,22 +40,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .amass import AmassSequence, save_amass_npz
-from .body import BodyModel, load_body_model
-from .bvh import BvhMotion, BvhSkeleton, global_poses, parse_bvh, positions_relative_to_offsets
-from .geometry import (
+from ..body.body_model import BodyModel, load_body_model
+from ..body.geometry import (
     SMPLH_PARENTS,
     matrix_to_axis_angle,
     matrix_to_quaternion,
     quaternion_to_matrix,
     slerp_quaternions,
 )
+from .amass import AmassSequence, save_amass_npz
+from .bvh import BvhMotion, BvhSkeleton, global_poses, parse_bvh, positions_relative_to_offsets
 
 logger = logging.getLogger(__name__)
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_MOCAP_ROOT = Path(
-    os.environ.get("DIFFGRPO_MOCAP_ROOT", Path(__file__).resolve().parents[3] / "shared" / "mocap")
+    os.environ.get("DIFFGRPO_MOCAP_ROOT", Path(__file__).resolve().parents[4] / "shared" / "mocap")
 )
 TARGET_FPS = 30.0
 CMU_INCH_SCALE_M = 0.056444  # CMU "inches x 0.45" -> metres
@@ -78,7 +78,7 @@ class SkeletonVariant:
     pairs placing an unmapped joint (e.g. a forearm End Site is the wrist) for the limb alignment
     and the betas fit only. child_positions_include_offset: the non-root position channels hold the
     whole local translation, OFFSET included (Blender's exporter); see
-    :func:`~tasks.ego_motion.bvh.positions_relative_to_offsets`.
+    :func:`~tasks.ego_motion.data.bvh.positions_relative_to_offsets`.
     """
 
     name: str
@@ -645,7 +645,7 @@ def make_split(mocap_root: Path, clip_ids: list[str]) -> dict:
 REACTIDLE_DEFAULT_OUT = Path("runs/reactidle_amass")
 REACTIDLE_NOTICE = """# ReActIdle clips in the AMASS layout
 
-Converted by `python -m tasks.ego_motion.convert --reactidle` (diffgrpo, tasks/ego_motion/convert.py):
+Converted by `python -m tasks.ego_motion.data.convert --reactidle` (diffgrpo, tasks/ego_motion/data/convert.py):
 each BVH clip of `reactidle/{acted,genuine}/` retargeted onto the body model (SMPL-H joint order,
 rotation transfer, fitted betas, floor from the lowest toe joint) and resampled from 24 to 30 fps.
 One `.npz` per clip, named after its BVH file (`001_acted.npz`; the number is the performer).

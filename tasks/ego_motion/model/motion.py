@@ -33,7 +33,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from typing_extensions import assert_never
 
-from tasks.ego_motion.geometry import NUM_BODY_JOINTS, NUM_HAND_JOINTS, project_to_so3
+from tasks.ego_motion.body.geometry import NUM_BODY_JOINTS, NUM_HAND_JOINTS, project_to_so3
 
 NUM_BETAS = 16
 

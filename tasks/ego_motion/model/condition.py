@@ -39,7 +39,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tasks.ego_motion.geometry import invert_transform, rotation_about_z
+from tasks.ego_motion.body.geometry import invert_transform, rotation_about_z
 
 RAW_RELATIVE_POSE = slice(0, 12)
 """Raw channels holding ``inv(T_world_cpf[t-1]) @ T_world_cpf[t]`` as a row-major 3x4 [R | t]."""

@@ -22,7 +22,7 @@ Frames (``T_a_b`` maps points in frame b to frame a; metres):
 - ``mps``: the MPS SLAM world of the CSV (called "world" in the file's column names).
 - ``device``: Aria's device frame; on Gen1 the left SLAM camera (``camera-slam-left``).
 - ``cpf``: the central pupil frame between the eyes: +Z forward, +Y up, +X to the wearer's left,
-  the same axes as the head joint of the SMPL-H body model (``body.py``).
+  the same axes as the head joint of the SMPL-H body model (``body/body_model.py``).
 - ``world``: the prior's world: the ``mps`` world turned so that +Z points against gravity and
   shifted so that the floor is z = 0. The turn is the smallest one, so the horizontal axes stay
   as close to the ``mps`` ones as possible (they are otherwise arbitrary: the prior is yaw-invariant).
@@ -52,8 +52,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tasks.ego_motion.body import BodyModel
-from tasks.ego_motion.geometry import (
+from tasks.ego_motion.body.body_model import BodyModel
+from tasks.ego_motion.body.geometry import (
     HEAD_JOINT,
     axis_angle_to_matrix,
     make_transform,

@@ -1,7 +1,7 @@
 """EgoAllo's released motion prior: its checkpoint folder, read safely and strictly, and its network.
 
 Why a module of its own: MotionGRPO post-trains EgoAllo's published prior. That network predicts x0
-like :class:`~tasks.ego_motion.network.MotionDenoiser` (post-norm encoder and decoder streams, RoPE,
+like :class:`~tasks.ego_motion.model.network.MotionDenoiser` (post-norm encoder and decoder streams, RoPE,
 one noise token, one MLP per modality) but differs in nearly every layer: the noise level is a row
 of a learned table over the 1000 steps, projected to one token shared by both streams; attention
 projections are fused and bias-free; RoPE rotates *adjacent* channel pairs with frequencies stored
@@ -40,9 +40,9 @@ from safetensors import safe_open
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from tasks.ego_motion.condition import FOURIER_FREQUENCIES, NUM_CONDITION_FEATURES
-from tasks.ego_motion.motion import modality_slices, motion_dim
-from tasks.ego_motion.prior import NUM_TRAIN_TIMESTEPS
+from tasks.ego_motion.model.condition import FOURIER_FREQUENCIES, NUM_CONDITION_FEATURES
+from tasks.ego_motion.model.motion import modality_slices, motion_dim
+from tasks.ego_motion.model.prior import NUM_TRAIN_TIMESTEPS
 
 CONFIG_FILE = "model_config.yaml"
 WEIGHTS_FILE = "model.safetensors"
@@ -413,7 +413,7 @@ class EgoAlloBlock(nn.Module):
 class EgoAlloDenoiser(nn.Module):
     """EgoAllo's x0-prediction network: ``forward(x_t (B, T, D), t (B,), cond (B, T, 154)) -> x0_hat (B, T, D)``.
 
-    Same call as :class:`~tasks.ego_motion.network.MotionDenoiser`, so the task, the sampler and
+    Same call as :class:`~tasks.ego_motion.model.network.MotionDenoiser`, so the task, the sampler and
     GRPO use it unchanged. Token layout of both streams: [noise token, frame 1..T] at RoPE positions
     0..T. No attention mask (the task never pads windows); no dropout. Parameter names are the
     checkpoint's keys (:func:`expected_shapes`).

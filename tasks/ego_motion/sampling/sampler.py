@@ -36,11 +36,11 @@ from tqdm.auto import tqdm
 from diffgrpo.config import SamplerConfig
 from diffgrpo.rollout import Trajectory, group_ids_for, make_generator, rollout
 from diffgrpo.task import Batch
-from tasks.ego_motion.body import pose_from_head
-from tasks.ego_motion.condition import encode_head_trajectory
-from tasks.ego_motion.data import MotionSequence, load_sequence
+from tasks.ego_motion.body.body_model import pose_from_head
+from tasks.ego_motion.data.windows import MotionSequence, load_sequence
+from tasks.ego_motion.model.condition import encode_head_trajectory
+from tasks.ego_motion.sampling.tto import TTOConfig, optimize_motion
 from tasks.ego_motion.task import EgoMotionTask, decode_motion
-from tasks.ego_motion.tto import TTOConfig, optimize_motion
 
 # ---------------------------------------------------------------------------------------------
 # One window

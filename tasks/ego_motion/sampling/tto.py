@@ -46,7 +46,7 @@ Two readings of the spec are fixed here and stated so they can be changed delibe
   contact at both ends if the two are independent: the step that lands or lifts a foot is free.
 
 Frame alignment: the prior's window holds T+1 head poses for T motion frames and motion frame t
-belongs to head pose t+1 (``data.iter_windows``, ``condition.raw_head_features``). ``T_world_cpf``
+belongs to head pose t+1 (``windows.iter_windows``, ``condition.raw_head_features``). ``T_world_cpf``
 may be given either way: with T+1 poses the first is dropped, with T poses they are used as is.
 """
 
@@ -61,9 +61,9 @@ from jaxtyping import Float
 from torch import Tensor
 from typing_extensions import assert_never
 
-from tasks.ego_motion.body import BodyModel
-from tasks.ego_motion.geometry import NUM_BODY_JOINTS, axis_angle_to_matrix
-from tasks.ego_motion.metrics import FOOT_JOINTS, NUM_METRIC_JOINTS
+from tasks.ego_motion.body.body_model import BodyModel
+from tasks.ego_motion.body.geometry import NUM_BODY_JOINTS, axis_angle_to_matrix
+from tasks.ego_motion.evaluation.metrics import FOOT_JOINTS, NUM_METRIC_JOINTS
 
 TORSO_JOINTS: tuple[int, ...] = (0, 1, 2, 3, 6, 9, 12, 13, 14)
 """SMPL-H indices of pelvis, left_hip, right_hip, spine1, spine2, spine3, neck, left_collar, right_collar."""

@@ -26,7 +26,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tasks.ego_motion.geometry import NUM_BODY_JOINTS, geodesic_angle
+from tasks.ego_motion.body.geometry import NUM_BODY_JOINTS, geodesic_angle
 
 NUM_METRIC_JOINTS = NUM_BODY_JOINTS + 1  # pelvis + 21 body joints = 22
 FOOT_JOINTS: tuple[int, ...] = (7, 8, 10, 11)

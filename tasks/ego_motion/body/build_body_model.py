@@ -19,7 +19,7 @@ through one loader. What it contains (docs/ego_motion_data.md has the full accou
   symmetric, so mirroring stays exact for any betas.
 - CPF: ``cpf_offset_head`` = eye midpoint minus head joint from the CC rig's eye joints (scaled).
 
-Run ``python -m tasks.ego_motion.build_body_model`` (deterministic; a test rebuilds and compares).
+Run ``python -m tasks.ego_motion.body.build_body_model`` (deterministic; a test rebuilds and compares).
 """
 
 from __future__ import annotations
@@ -30,13 +30,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .bvh import parse_bvh
-from .convert import DEFAULT_MOCAP_ROOT, SEGMENTS, VARIANTS, reference_pose, segment_lengths
+from ..data.bvh import parse_bvh
+from ..data.convert import DEFAULT_MOCAP_ROOT, SEGMENTS, VARIANTS, reference_pose, segment_lengths
 from .geometry import SMPLH_MIRROR_PERMUTATION, SMPLH_PARENTS
 
 logger = logging.getLogger(__name__)
 
-OUTPUT = Path(__file__).resolve().parent / "assets" / "smplh_cmu_skeleton.npz"
+OUTPUT = Path(__file__).resolve().parents[1] / "assets" / "smplh_cmu_skeleton.npz"
 NUM_BETAS = 16
 STATURE_M = 1.70
 EYE_HEIGHT_FRACTION = 0.936
@@ -103,7 +103,7 @@ def _rest_skeleton(mocap_root: Path) -> tuple[np.ndarray, np.ndarray, float]:
     variant = VARIANTS["cc_iclone"]
     ref = reference_pose(motion, variant, mocap_root)
     sk = motion.skeleton
-    from .bvh import global_poses
+    from ..data.bvh import global_poses
 
     g = global_poses(motion, slice(0, 1))
     eyes = g.t_world_joint[0, [sk.index("CC_Base_R_Eye"), sk.index("CC_Base_L_Eye")]] * variant.units_to_m

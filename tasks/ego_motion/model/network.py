@@ -32,8 +32,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from typing_extensions import assert_never
 
-from tasks.ego_motion.egoallo_checkpoint import EgoAlloDenoiser, load_egoallo_denoiser
-from tasks.ego_motion.motion import modality_slices, motion_dim
+from tasks.ego_motion.model.egoallo_checkpoint import EgoAlloDenoiser, load_egoallo_denoiser
+from tasks.ego_motion.model.motion import modality_slices, motion_dim
 
 NormPlacement = Literal["post", "pre"]
 
@@ -372,7 +372,7 @@ def load_denoiser(path: str | Path, device: torch.device | str = "cpu") -> Motio
     """Rebuild a prior: a file written by :func:`save_denoiser`, or EgoAllo's released checkpoint folder.
 
     A folder (``model_config.yaml`` + ``checkpoints_<N>/model.safetensors``) goes to
-    :func:`~tasks.ego_motion.egoallo_checkpoint.load_egoallo_denoiser` (docs/egoallo_checkpoint.md);
+    :func:`~tasks.ego_motion.model.egoallo_checkpoint.load_egoallo_denoiser` (docs/egoallo_checkpoint.md);
     both models take ``(x_t, t, cond)`` with diffusers timestep indices and have ``config.include_hands``.
     """
     if Path(path).is_dir():

@@ -65,11 +65,11 @@ REQUIRED_KEYS: tuple[str, ...] = (
 )
 CPF_OFFSET_KEY = "cpf_offset_head"
 ENV_BODY_MODEL_PATH = "DIFFGRPO_SMPLH_PATH"
-BUNDLED_BODY_MODEL = Path(__file__).resolve().parent / "assets" / "smplh_cmu_skeleton.npz"
+BUNDLED_BODY_MODEL = Path(__file__).resolve().parents[1] / "assets" / "smplh_cmu_skeleton.npz"
 SMPLH_DOWNLOAD_HINT = (
     "The real SMPL-H comes from https://mano.is.tue.mpg.de ('Extended SMPL+H model', file "
     "smplh/neutral/model.npz, licence required). The open skeleton-level stand-in ships at "
-    f"{BUNDLED_BODY_MODEL} (rebuild it with `python -m tasks.ego_motion.build_body_model`)."
+    f"{BUNDLED_BODY_MODEL} (rebuild it with `python -m tasks.ego_motion.body.build_body_model`)."
 )
 
 _HEAD_CHAIN: tuple[int, ...] = (3, 6, 9, 12, HEAD_JOINT)  # spine1 .. head, each the parent's child

@@ -25,11 +25,11 @@ from torch import Tensor, nn
 
 from diffgrpo.config import SamplerConfig
 from diffgrpo.rollout import rollout
-from tasks.ego_motion import metrics
-from tasks.ego_motion.body import BodyModel, pose_from_head
-from tasks.ego_motion.condition import encode_head_trajectory
-from tasks.ego_motion.geometry import project_to_so3
-from tasks.ego_motion.motion import (
+from tasks.ego_motion.body.body_model import BodyModel, pose_from_head
+from tasks.ego_motion.body.geometry import project_to_so3
+from tasks.ego_motion.evaluation import metrics
+from tasks.ego_motion.model.condition import encode_head_trajectory
+from tasks.ego_motion.model.motion import (
     MotionSample,
     loss_weights,
     modality_slices,
@@ -54,7 +54,7 @@ def make_scheduler() -> DDPMScheduler:
 
 
 def batch_to_motion(batch: dict[str, Tensor], include_hands: bool = False) -> Float[Tensor, "B T D"]:
-    """Pack a batch of :func:`~tasks.ego_motion.data.load_windows` windows into the target x0.
+    """Pack a batch of :func:`~tasks.ego_motion.data.windows.load_windows` windows into the target x0.
 
     betas (B, 16) are repeated for each of the T frames (the network predicts them per frame);
     body_rotmats (B, T, 21, 3, 3), contacts (B, T, 21) and, with hands, hand_rotmats (B, T, 30, 3, 3).

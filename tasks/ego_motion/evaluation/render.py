@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MultipleLocator
 from torch import Tensor
 
-from tasks.ego_motion.geometry import SMPLH_PARENTS
+from tasks.ego_motion.body.geometry import SMPLH_PARENTS
 
 NUM_RENDER_JOINTS = 22
 BODY_PARENTS: tuple[int, ...] = SMPLH_PARENTS[:NUM_RENDER_JOINTS]
