@@ -29,8 +29,9 @@ def test_pytest_config_enables_the_hook_for_both_packages(pytestconfig: pytest.C
     assert pytestconfig.pluginmanager.has_plugin("jaxtyping"), "jaxtyping's pytest plugin is not loaded"
     hooks = [f for f in sys.meta_path if type(f).__name__ == "_JaxtypingFinder"]
     assert hooks, "jaxtyping's import hook is not installed"
-    assert all(hooks[0].should_instrument(name)
-               for name in ("diffgrpo.advantages", "tasks.ego_motion.evaluation.metrics"))
+    assert all(
+        hooks[0].should_instrument(name) for name in ("diffgrpo.advantages", "tasks.ego_motion.evaluation.metrics")
+    )
 
 
 @pytest.mark.parametrize(
