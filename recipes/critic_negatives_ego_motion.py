@@ -45,7 +45,7 @@ from diffgrpo.task import batch_to  # noqa: E402
 from diffgrpo.train_step import collect, make_perturber  # noqa: E402
 from diffgrpo.trainer import check_run, parse_reward_specs  # noqa: E402
 from tasks.ego_motion.model.network import load_denoiser  # noqa: E402
-from tasks.ego_motion.rewards.critic_data import rollout_negatives  # noqa: E402
+from tasks.ego_motion.rewards.critic_data import group_correlations, rollout_negatives  # noqa: E402
 from tasks.ego_motion.rewards.perceptual import PerceptualTrainer  # noqa: E402
 from tasks.ego_motion.task import EgoMotionTask  # noqa: E402
 
@@ -90,13 +90,6 @@ class Config:
             raise ValueError(f"--iterations {self.iterations} and --eval-batches {self.eval_batches} must be >= 1.")
 
 
-def group_correlations(score: torch.Tensor, value: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(groups,) Pearson correlation across each group's members (NaN where either has no spread)."""
-    a, b = (x.double().view(-1, group_size) for x in (score, value))
-    a, b = a - a.mean(dim=1, keepdim=True), b - b.mean(dim=1, keepdim=True)
-    return (a * b).sum(dim=1) / (a.square().sum(dim=1) * b.square().sum(dim=1)).sqrt()
-
-
 def summary(values: torch.Tensor) -> dict[str, float]:
     """Mean over groups (NaN groups dropped) and its 95 % t interval."""
     values = values[torch.isfinite(values)]
@@ -119,6 +112,10 @@ def rollouts(task: EgoMotionTask, prior: torch.nn.Module, grpo, rewards: RewardS
 
 
 def main(cfg: Config) -> dict:
+    if not cfg.seeds:  # only re-render the table of an earlier measurement: no model, no data
+        earlier = json.loads(cfg.output.read_text())
+        write_table(earlier, cfg)
+        return earlier
     torch.set_num_threads(cfg.threads)
     task = EgoMotionTask(cfg.job.task)
     rollout_task = cfg.job.rollout_task(task)
@@ -127,9 +124,6 @@ def main(cfg: Config) -> dict:
     prior = load_denoiser(cfg.job.prior)
     rewards = RewardSet.from_specs(parse_reward_specs(grpo.rewards))
     G = grpo.group_size
-    if not cfg.seeds:  # only re-render the table of an earlier measurement
-        write_table(json.loads(cfg.output.read_text()), cfg)
-        return json.loads(cfg.output.read_text())
     records = {}
     if cfg.output.exists():  # add seeds or variants to an earlier measurement of the same settings
         earlier = json.loads(cfg.output.read_text())

@@ -51,6 +51,7 @@ from tasks.ego_motion.model.network import load_denoiser
 from tasks.ego_motion.rewards.critic_data import (
     NEGATIVE_KINDS,
     NegativeKind,
+    group_correlations,
     prior_joints,
     rollout_negatives,
     warm_up_critic,
@@ -265,11 +266,9 @@ def group_agreement(data: RolloutBatch, reward: str, reference: str, group_size:
     either is missing): does the learned reward rank a group's samples as the accuracy reward does?"""
     if reward not in data.rewards or reference not in data.rewards or group_size < 2:
         return float("nan")
-    a, b = (data.rewards[k].double().view(-1, group_size) for k in (reward, reference))
-    a, b = a - a.mean(dim=1, keepdim=True), b - b.mean(dim=1, keepdim=True)
-    denominator = (a.square().sum(dim=1) * b.square().sum(dim=1)).sqrt()
-    valid = denominator > 0
-    return float(((a * b).sum(dim=1)[valid] / denominator[valid]).mean()) if bool(valid.any()) else float("nan")
+    per_group = group_correlations(data.rewards[reward], data.rewards[reference], group_size)
+    valid = per_group[torch.isfinite(per_group)]
+    return float(valid.mean()) if len(valid) else float("nan")
 
 
 def warm_up(task: EgoMotionTask, model: torch.nn.Module, perceptual: PerceptualTrainer, cfg: Config,

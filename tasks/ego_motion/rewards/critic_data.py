@@ -147,6 +147,15 @@ def next_other_window(joints: Float[Tensor, "B T J 3"]) -> Tensor:
     return other
 
 
+def group_correlations(score: Float[Tensor, " N"], value: Float[Tensor, " N"], group_size: int) -> Tensor:
+    """(N / group_size,) Pearson correlation of ``score`` and ``value`` across each group's members
+    (rows of a group adjacent); NaN where either has no spread. Does a learned reward rank a group's
+    samples as another measure (an accuracy reward, -MPJPE) does?"""
+    a, b = (x.double().view(-1, group_size) for x in (score, value))
+    a, b = a - a.mean(dim=1, keepdim=True), b - b.mean(dim=1, keepdim=True)
+    return (a * b).sum(dim=1) / (a.square().sum(dim=1) * b.square().sum(dim=1)).sqrt()
+
+
 @torch.no_grad()
 def prior_joints(task: EgoMotionTask, model: nn.Module, windows: Batch, seed: int, stream: str,
                  chunk_size: int = 32) -> Float[Tensor, "W T J 3"]:
