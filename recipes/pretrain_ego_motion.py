@@ -41,7 +41,7 @@ from diffgrpo.launch import make_accelerator
 from diffgrpo.rollout import make_generator
 from diffgrpo.stream import IndexStream
 from tasks.ego_motion.body.body_model import load_body_model
-from tasks.ego_motion.data.windows import DataSource, WindowConfig, extra_prior_train_files, load_windows
+from tasks.ego_motion.data.windows import DataSource, WindowConfig, extra_split_files, load_windows
 from tasks.ego_motion.model.network import DenoiserConfig, MotionDenoiser, load_denoiser, save_denoiser
 from tasks.ego_motion.model.prior import diffusion_loss, evaluate_prior, make_scheduler, mean_pose
 
@@ -154,7 +154,7 @@ class Config:
             if self.train_split != "prior_train":
                 raise ValueError(f"--extra-prior-train-dir adds clips to prior_train only, but --train-split is "
                                  f"{self.train_split}; pass --train-split prior_train or drop --extra-prior-train-dir")
-            extra_prior_train_files(self.extra_prior_train_dir)  # raises, naming the fix, if missing or empty
+            extra_split_files(self.extra_prior_train_dir, "prior_train")  # raises, naming the fix, if missing or empty
 
     def resolved(self) -> Config:
         """This config with every None setting replaced by the preset's value."""

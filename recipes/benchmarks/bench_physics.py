@@ -73,7 +73,8 @@ STEP_VARIANTS = {"as built (Newton, implicitfast, auto Jacobian)": {}, "sparse J
 def step_costs(repeats: int, steps: int = 300) -> dict:
     """Microseconds per ``mj_step`` of the tracker model from a test window's first pose (feet on the floor),
     best of ``repeats`` runs of ``steps`` steps, for each of :data:`STEP_VARIANTS`; and the simulation steps one
-    64-frame tracking takes. Why: tracking is most of the evaluator's time, and it is this step, not Python."""
+    64-frame tracking takes. Why: tracking is most of the evaluator's time, and this step is a large part of it
+    (the Python loop around it is the rest)."""
     import copy
 
     import mujoco

@@ -290,7 +290,7 @@ class DataSource:
         return chosen
 
 
-def extra_split_files(directory: Path, split: str = "prior_train") -> list[Path]:
+def extra_split_files(directory: Path, split: str) -> list[Path]:
     """Sorted ``*.npz`` motion files under ``directory`` (recursive, ``shape.npz`` left out), the extra
     clips of ``split``.
 
@@ -306,11 +306,6 @@ def extra_split_files(directory: Path, split: str = "prior_train") -> list[Path]
     if not files:
         raise FileNotFoundError(f"extra {split.replace('_', '-')} directory {directory} holds no .npz files; {hint}.")
     return files
-
-
-def extra_prior_train_files(directory: Path) -> list[Path]:
-    """:func:`extra_split_files` of 'prior_train'."""
-    return extra_split_files(directory, "prior_train")
 
 
 def _source_key(path: Path, root: Path, extra_root: Path | None, split: str = "prior_train") -> str:
