@@ -86,11 +86,11 @@ def variant_configs(cfg: Config) -> dict[str, ego.Config]:
         out[f"full with Gaussian (lambda={lam})"] = make(True, dataclasses.replace(base.grpo.perturb,
                                                                                     name="gaussian"))
     if "group" in cfg.variants:
-        out["full, group-shared head"] = make(True, dataclasses.replace(base.grpo.perturb, name="perlin",
-                                                                        sharing="group"))
+        out[f"full, group-shared head (lambda={lam})"] = make(True, dataclasses.replace(
+            base.grpo.perturb, name="perlin", sharing="group"))
     if "nested" in cfg.variants:
-        out["full, nested heads"] = make(True, dataclasses.replace(base.grpo.perturb, name="perlin",
-                                                                   sharing="nested", heads_per_group=2))
+        out[f"full, nested heads (lambda={lam})"] = make(True, dataclasses.replace(
+            base.grpo.perturb, name="perlin", sharing="nested", heads_per_group=2))
     if "sweep" in cfg.variants:
         for value in cfg.lambdas:
             if value != lam or "full" not in cfg.variants:
@@ -255,23 +255,82 @@ def run_dir(cfg: Config, variant: str, seed: int) -> Path:
     return cfg.output_dir / ("".join(c if c.isalnum() else "_" for c in variant) + f"_seed{seed}")
 
 
+IGNORED_CONFIG_KEYS = frozenset({"output_dir", "resume", "threads", "num_threads", "use_progress_bar"})
+"""Config entries that do not change what a run computes; a finished run is read back whatever they were."""
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in values.items():
+        out.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return out
+
+
+def config_differences(stored: dict, wanted: dict, defaults: dict) -> list[str]:
+    """The entries where a finished run's stored config differs from the one this ablation asks for.
+
+    ``stored``, ``wanted`` and ``defaults`` are JSON-able configs (nested dicts). An entry that the stored
+    config lacks (a field added after the run) counts as its default value. Entries in
+    ``IGNORED_CONFIG_KEYS`` (paths of the run itself, thread counts) are skipped. Returns
+    ``"key: stored -> wanted"`` strings, empty when the run is the one asked for.
+    """
+    stored, wanted, defaults = _flatten(stored), _flatten(wanted), _flatten(defaults)
+    diffs = []
+    for key, value in wanted.items():
+        if key.rsplit(".", 1)[-1] in IGNORED_CONFIG_KEYS:
+            continue
+        before = stored.get(key, defaults.get(key))
+        if before != value:
+            diffs.append(f"{key}: {before!r} -> {value!r}")
+    return diffs
+
+
+def read_finished(result_file: Path, stored_key: str | None, wanted: dict, defaults: dict) -> dict | None:
+    """A finished run's results.json, or None if there is none.
+
+    Raises:
+        ValueError: the run there was made with another config than ``wanted`` (e.g. the main job's defaults
+            changed since): reading it back would put another experiment's numbers under this row.
+    """
+    if not result_file.exists():
+        return None
+    result = json.loads(result_file.read_text())
+    stored = result.get("config", {})
+    stored = stored.get(stored_key, {}) if stored_key else stored
+    diffs = config_differences(stored, wanted, defaults) if stored else []
+    if diffs:
+        raise ValueError(f"{result_file.parent} holds a finished run made with another config ({'; '.join(diffs)}). "
+                         "Use another --output-dir for this ablation, or pass the flags that run was made with "
+                         "(e.g. --base.grpo.perturb.scale).")
+    return result
+
+
+def supervised_config(cfg: Config, seed: int, out_dir: Path) -> pretrain.Config:
+    """The supervised baseline's pretraining config: the prior, continued on the post-train windows."""
+    return pretrain.Config(seed=seed, preset="demo", init_from=cfg.base.prior, train_split="post_train",
+                           window_frames=cfg.base.task.window_frames, steps=cfg.supervised_steps,
+                           learning_rate=cfg.supervised_learning_rate, warmup_steps=0, output_dir=out_dir,
+                           eval_windows=0, num_threads=cfg.base.threads or None, resume=True, use_progress_bar=False)
+
+
+def _as_json(config) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
 def supervised_baseline(cfg: Config, seed: int, out_dir: Path) -> dict:
     """Continued diffusion training of the prior on the post-train windows, evaluated like a GRPO run."""
     import torch
 
     from tasks.ego_motion.model.network import load_denoiser
 
-    pre = pretrain.Config(seed=seed, preset="demo", init_from=cfg.base.prior, train_split="post_train",
-                          window_frames=cfg.base.task.window_frames, steps=cfg.supervised_steps,
-                          learning_rate=cfg.supervised_learning_rate, warmup_steps=0, output_dir=out_dir,
-                          eval_windows=0, num_threads=cfg.base.threads or None, resume=True, use_progress_bar=False)
+    pre = supervised_config(cfg, seed, out_dir)
     record = pretrain.main(pre)
     torch.set_num_threads(cfg.base.threads or torch.get_num_threads())
     task = ego.EgoMotionTask(cfg.base.task)
     base = ego.evaluate_all(task, load_denoiser(cfg.base.prior), cfg.base)
     post = ego.evaluate_all(task, load_denoiser(out_dir / "denoiser.safetensors"), cfg.base)
     result = {"base": base[""], "grpo": post[""], "train_seconds": record["train_seconds"],
-              "config": {"supervised": json.loads(json.dumps(dataclasses.asdict(pre), default=str))}}
+              "config": {"supervised": _as_json(pre)}}
     if cfg.base.use_tto:
         result.update({"base+tto": base["+tto"], "grpo+tto": post["+tto"]})
     (out_dir / "results.json").write_text(json.dumps(result, indent=2))
@@ -282,15 +341,17 @@ def main(cfg: Config) -> dict:
     runs: dict[str, list[dict]] = {}
     missing: list[str] = []
     variants = variant_configs(cfg)
+    default_effective = ego.Config().effective()
     if "supervised" in cfg.variants:
         for seed in cfg.seeds:
             out_dir = run_dir(cfg, "supervised", seed)
-            result_file = out_dir / "results.json"
-            if not result_file.exists() and cfg.report_only:
+            pre = supervised_config(cfg, seed, out_dir)
+            result = read_finished(out_dir / "results.json", "supervised", _as_json(pre),
+                                   _as_json(pretrain.Config()))
+            if result is None and cfg.report_only:
                 missing.append(f"supervised, seed {seed}")
                 continue
-            result = json.loads(result_file.read_text()) if result_file.exists() else supervised_baseline(
-                cfg, seed, out_dir)
+            result = result or supervised_baseline(cfg, seed, out_dir)
             runs.setdefault("supervised (continued diffusion training)", []).append(
                 {**result, "history": {}, "seed": seed})
     for name, variant in variants.items():
@@ -299,11 +360,11 @@ def main(cfg: Config) -> dict:
             seeded = dataclasses.replace(variant.grpo, seed=seed)
             # resume=True: a run killed part-way continues from its last checkpoint (a fresh start if none)
             run_cfg = dataclasses.replace(variant, output_dir=out_dir, grpo=seeded, resume=True)
-            result_file = out_dir / "results.json"
-            if not result_file.exists() and cfg.report_only:
+            result = read_finished(out_dir / "results.json", None, run_cfg.effective(), default_effective)
+            if result is None and cfg.report_only:
                 missing.append(f"{name}, seed {seed}")
                 continue
-            result = json.loads(result_file.read_text()) if result_file.exists() else ego.main(run_cfg)
+            result = result or ego.main(run_cfg)
             history = json.loads((out_dir / "history.json").read_text()) if (out_dir / "history.json").exists() else {}
             runs.setdefault(name, []).append({**result, "history": history, "seed": seed})
     if not runs:

@@ -25,10 +25,10 @@ def test_variants_cover_the_paper_rows_without_duplicating_the_full_model(ablati
     variants = ablation.variant_configs(cfg)
     lam = cfg.base.grpo.perturb.scale
     assert list(variants) == ["vanilla", "+visual", f"+Perlin (full, lambda={lam})",
-                              f"full with Gaussian (lambda={lam})", "full, group-shared head", "full, nested heads",
-                              "full, lambda=0.01", "full, lambda=0.1"]
-    assert variants["full, nested heads"].grpo.perturb.sharing == "nested"
-    assert variants["full, group-shared head"].grpo.perturb.sharing == "group"
+                              f"full with Gaussian (lambda={lam})", f"full, group-shared head (lambda={lam})",
+                              f"full, nested heads (lambda={lam})", "full, lambda=0.01", "full, lambda=0.1"]
+    assert variants[f"full, nested heads (lambda={lam})"].grpo.perturb.sharing == "nested"
+    assert variants[f"full, group-shared head (lambda={lam})"].grpo.perturb.sharing == "group"
     assert variants["vanilla"].grpo.perturb.name == "none" and not variants["vanilla"].use_visual_reward
     assert variants["+visual"].use_visual_reward and variants["+visual"].grpo.perturb.name == "none"
     assert variants["full with Gaussian (lambda=0.03)"].grpo.perturb.name == "gaussian"
@@ -91,3 +91,32 @@ def test_report_only_aggregates_finished_runs_and_names_the_missing(ablation, tm
     assert "| vanilla | - | -3.00 % | -3.00 % |" in text
     with pytest.raises(FileNotFoundError, match="no finished run"):
         ablation.main(dataclasses.replace(cfg, output_dir=tmp_path / "empty"))
+
+
+def test_config_differences_treat_missing_entries_as_defaults_and_skip_run_paths(ablation):
+    defaults = {"output_dir": "a", "threads": 1, "grpo": {"seed": 0, "perturb": {"scale": 0.03}}, "new_flag": False}
+    wanted = {"output_dir": "b", "threads": 2, "grpo": {"seed": 1, "perturb": {"scale": 0.03}}, "new_flag": False}
+    stored = {"output_dir": "c", "threads": 1, "grpo": {"seed": 1, "perturb": {"scale": 0.03}}}  # older: no new_flag
+    assert ablation.config_differences(stored, wanted, defaults) == []
+    wanted_new = {**wanted, "new_flag": True, "grpo": {"seed": 1, "perturb": {"scale": 0.1}}}
+    assert ablation.config_differences(stored, wanted_new, defaults) == ["grpo.perturb.scale: 0.03 -> 0.1",
+                                                                          "new_flag: False -> True"]
+
+
+def test_main_refuses_a_finished_run_made_with_another_config(ablation, tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setattr(ablation.ego, "main", lambda cfg: pytest.fail(f"started run {cfg.output_dir}"))
+    cfg = ablation.Config(seeds=(0,), variants=("full",), output_dir=tmp_path / "runs", output=tmp_path / "results.md")
+    (name, variant), = ablation.variant_configs(cfg).items()
+    out = ablation.run_dir(cfg, name, 0)
+    out.mkdir(parents=True)
+    run_cfg = dataclasses.replace(variant, output_dir=out, resume=True)
+    run = {k: v for k, v in _run(ablation, 200.0, 194.0, {}).items() if k != "history"}
+    (out / "results.json").write_text(json.dumps({**run, "config": run_cfg.effective()}))
+    assert [r["seed"] for r in ablation.main(cfg)[name]] == [0]  # the same config: read back
+    lr_changed = dataclasses.replace(run_cfg, grpo=dataclasses.replace(
+        run_cfg.grpo, optim=dataclasses.replace(run_cfg.grpo.optim, learning_rate=1e-4)))
+    (out / "results.json").write_text(json.dumps({**run, "config": lr_changed.effective()}))
+    with pytest.raises(ValueError, match=r"another config \(grpo.optim.learning_rate: 0.0001 -> 2e-05\)"):
+        ablation.main(cfg)
