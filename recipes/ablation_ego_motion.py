@@ -34,6 +34,8 @@ from pathlib import Path
 
 import tyro
 
+from diffgrpo.config import PerturbConfig
+
 _spec = importlib.util.spec_from_file_location("ego_motion_recipe", Path(__file__).with_name("ego_motion.py"))
 ego = importlib.util.module_from_spec(_spec)
 sys.modules["ego_motion_recipe"] = ego
@@ -52,6 +54,8 @@ class Config:
     seeds: tuple[int, ...] = (0, 1, 2)
     lambdas: tuple[float, ...] = (0.01, 0.03, 0.1)
     """Perlin amplitudes (metres of head translation) of the sweep; the full model uses base.grpo's."""
+    sharing_lambdas: tuple[float, ...] | None = None
+    """Perlin amplitudes of the group-shared and nested variants, one run per value (default: base.grpo's)."""
     variants: tuple[str, ...] = ("vanilla", "visual", "full", "gaussian", "sweep", "group", "nested", "supervised")
     supervised_steps: int = 600
     """Optimiser steps of the supervised baseline (batch 32 on the post-train windows): about the main job's
@@ -67,9 +71,25 @@ class Config:
     """The main job's config every variant starts from (iterations, group size, omegas...)."""
 
 
+IGNORED_CONFIG_KEYS = frozenset({"output_dir", "resume", "threads", "num_threads", "use_progress_bar"})
+"""Config entries that do not change what a run computes; a finished run is read back whatever they were."""
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in values.items():
+        out.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return out
+
+
+def _as_json(config) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
 def variant_configs(cfg: Config) -> dict[str, ego.Config]:
     base, lam = cfg.base, cfg.base.grpo.perturb.scale
-    none = dataclasses.replace(base.grpo.perturb, name="none", scale=0.0)
+    perturb = base.grpo.perturb
+    none = PerturbConfig()
 
     def make(use_visual: bool, perturb) -> ego.Config:
         return dataclasses.replace(base, use_visual_reward=use_visual, grpo=dataclasses.replace(base.grpo,
@@ -83,14 +103,15 @@ def variant_configs(cfg: Config) -> dict[str, ego.Config]:
     if "full" in cfg.variants:
         out[f"+Perlin (full, lambda={lam})"] = make(True, dataclasses.replace(base.grpo.perturb, name="perlin"))
     if "gaussian" in cfg.variants:
-        out[f"full with Gaussian (lambda={lam})"] = make(True, dataclasses.replace(base.grpo.perturb,
-                                                                                    name="gaussian"))
-    if "group" in cfg.variants:
-        out[f"full, group-shared head (lambda={lam})"] = make(True, dataclasses.replace(
-            base.grpo.perturb, name="perlin", sharing="group"))
-    if "nested" in cfg.variants:
-        out[f"full, nested heads (lambda={lam})"] = make(True, dataclasses.replace(
-            base.grpo.perturb, name="perlin", sharing="nested", heads_per_group=2))
+        out[f"full with Gaussian (lambda={lam})"] = make(True, PerturbConfig(
+            name="gaussian", scale=lam, sharing=perturb.sharing, heads_per_group=perturb.heads_per_group))
+    for value in cfg.sharing_lambdas or (lam,):
+        if "group" in cfg.variants:
+            out[f"full, group-shared head (lambda={value})"] = make(True, dataclasses.replace(
+                base.grpo.perturb, name="perlin", scale=value, sharing="group"))
+        if "nested" in cfg.variants:
+            out[f"full, nested heads (lambda={value})"] = make(True, dataclasses.replace(
+                base.grpo.perturb, name="perlin", scale=value, sharing="nested", heads_per_group=2))
     if "sweep" in cfg.variants:
         for value in cfg.lambdas:
             if value != lam or "full" not in cfg.variants:
@@ -128,10 +149,25 @@ def diagnostic(history: dict[str, list[float]], keys: tuple[str, ...]) -> float 
     return sum(values) / len(values) if values else None
 
 
+def base_flags(cfg: Config) -> str:
+    """The ``--base.*`` flags that give ``cfg.base`` from the main job's defaults (run paths and threads left
+    out), so that the command written above a table reproduces it after the defaults change."""
+    wanted, defaults = _flatten(_as_json(cfg.base)), _flatten(_as_json(ego.Config()))
+    flags = []
+    for key, value in wanted.items():
+        if key.rsplit(".", 1)[-1] in IGNORED_CONFIG_KEYS or value == defaults.get(key):
+            continue
+        shown = " ".join(str(v) for v in value) if isinstance(value, list) else str(value)
+        flags.append(f" --base.{key.replace('_', '-')} {shown}")
+    return "".join(flags)
+
+
 def preamble(runs: dict[str, list[dict]], cfg: Config) -> str:
     """What was run: the command, the shared config and the variants."""
     g, seeds = cfg.base.grpo, " ".join(str(s) for s in cfg.seeds)
     lambdas = " ".join(str(x) for x in cfg.lambdas)
+    if cfg.sharing_lambdas:
+        lambdas += " --sharing-lambdas " + " ".join(str(x) for x in cfg.sharing_lambdas)
     per_variant = {name: [r["train_seconds"] for r in results if "train_seconds" in r]
                    for name, results in runs.items()}
     timing = "".join(f" {name}: training took {statistics.mean(secs) / 60:.1f} min per run on average "
@@ -141,10 +177,12 @@ def preamble(runs: dict[str, list[dict]], cfg: Config) -> str:
         "# MotionGRPO ablation\n\n"
         "Written by\n\n```bash\n"
         f"python recipes/ablation_ego_motion.py --seeds {seeds} --lambdas {lambdas} "
-        f"--variants {' '.join(cfg.variants)} --output-dir {cfg.output_dir} --output {cfg.output}\n```\n\n"
+        f"--variants {' '.join(cfg.variants)}{base_flags(cfg)} --output-dir {cfg.output_dir} --output {cfg.output}"
+        "\n```\n\n"
         "(finished runs in `--output-dir` are read back, unfinished ones resume from their last checkpoint). "
         "Every run is the main job "
-        "(`recipes/ego_motion.py`) with its defaults except for what the variant changes: "
+        "(`recipes/ego_motion.py`) with its defaults (and the `--base` flags above) except for what the variant "
+        "changes: "
         f"{g.num_iterations} iterations of {g.conditions_per_iteration} training conditions x groups of "
         f"{g.group_size}, rollouts of {cfg.base.rollout_sampling_steps or cfg.base.task.num_sampling_steps} steps, "
         f"objective {g.loss.objective}, AdamW lr {g.optim.learning_rate:g}, rewards {', '.join(g.rewards)}"
@@ -255,17 +293,6 @@ def run_dir(cfg: Config, variant: str, seed: int) -> Path:
     return cfg.output_dir / ("".join(c if c.isalnum() else "_" for c in variant) + f"_seed{seed}")
 
 
-IGNORED_CONFIG_KEYS = frozenset({"output_dir", "resume", "threads", "num_threads", "use_progress_bar"})
-"""Config entries that do not change what a run computes; a finished run is read back whatever they were."""
-
-
-def _flatten(values: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in values.items():
-        out.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
-    return out
-
-
 def config_differences(stored: dict, wanted: dict, defaults: dict) -> list[str]:
     """The entries where a finished run's stored config differs from the one this ablation asks for.
 
@@ -311,10 +338,6 @@ def supervised_config(cfg: Config, seed: int, out_dir: Path) -> pretrain.Config:
                            window_frames=cfg.base.task.window_frames, steps=cfg.supervised_steps,
                            learning_rate=cfg.supervised_learning_rate, warmup_steps=0, output_dir=out_dir,
                            eval_windows=0, num_threads=cfg.base.threads or None, resume=True, use_progress_bar=False)
-
-
-def _as_json(config) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
 
 def supervised_baseline(cfg: Config, seed: int, out_dir: Path) -> dict:

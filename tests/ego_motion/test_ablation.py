@@ -120,3 +120,21 @@ def test_main_refuses_a_finished_run_made_with_another_config(ablation, tmp_path
     (out / "results.json").write_text(json.dumps({**run, "config": lr_changed.effective()}))
     with pytest.raises(ValueError, match=r"another config \(grpo.optim.learning_rate: 0.0001 -> 2e-05\)"):
         ablation.main(cfg)
+
+
+def test_sharing_lambdas_give_one_group_and_nested_run_per_value_and_the_command_reproduces_the_base(ablation):
+    base = ablation.Config().base
+    odd_base = dataclasses.replace(base, grpo=dataclasses.replace(
+        base.grpo, perturb=dataclasses.replace(base.grpo.perturb, scale=0.2, frequency=0.05)))
+    cfg = ablation.Config(variants=("vanilla", "group", "nested"), sharing_lambdas=(0.03, 0.1), base=odd_base)
+    variants = ablation.variant_configs(cfg)
+    assert list(variants) == ["vanilla", "full, group-shared head (lambda=0.03)", "full, nested heads (lambda=0.03)",
+                              "full, group-shared head (lambda=0.1)", "full, nested heads (lambda=0.1)"]
+    assert [v.grpo.perturb.scale for v in variants.values()] == [0.0, 0.03, 0.03, 0.1, 0.1]
+    assert variants["vanilla"].grpo.perturb.sharing == "member"
+    assert variants["full, nested heads (lambda=0.1)"].grpo.perturb.heads_per_group == 2
+    assert variants["full, nested heads (lambda=0.1)"].grpo.perturb.frequency == 0.05
+    assert ablation.base_flags(cfg) == " --base.grpo.perturb.scale 0.2 --base.grpo.perturb.frequency 0.05"
+    assert ablation.base_flags(ablation.Config()) == ""
+    text = ablation.preamble({}, cfg)
+    assert "--sharing-lambdas 0.03 0.1 --variants vanilla group nested --base.grpo.perturb.scale 0.2" in text
