@@ -15,11 +15,16 @@ metrics as mean and standard deviation over seeds:
 | full, nested | joint + perceptual | Perlin, P heads x G/P samples, advantages per same-head sub-group |
 | supervised | continued diffusion training of the prior on the post-train clips (the baseline GRPO must beat) |
 
+Gaussian, group-shared and nested take the base's lambda, or another after an '@' (``--variants nested@0.1``).
+A finished run is read back only if its stored config is the one asked for (else a ValueError says what
+differs), so the table never mixes experiments after the main job's defaults change.
+
 Every variant is reported with and without test-time optimisation. For vanilla and full it also
 reports the training diagnostics the paper's argument rests on: the fraction of zero-std
 groups, the mean within-group std of each sub-reward and the intra-group diversity.
 
     python recipes/ablation_ego_motion.py --seeds 0 1 2 --output docs/results.md
+    python recipes/ablation_ego_motion.py --variants nested nested@0.1 --output-dir runs/ablation --output nested.md
 """
 
 from __future__ import annotations
@@ -54,9 +59,9 @@ class Config:
     seeds: tuple[int, ...] = (0, 1, 2)
     lambdas: tuple[float, ...] = (0.01, 0.03, 0.1)
     """Perlin amplitudes (metres of head translation) of the sweep; the full model uses base.grpo's."""
-    sharing_lambdas: tuple[float, ...] | None = None
-    """Perlin amplitudes of the group-shared and nested variants, one run per value (default: base.grpo's)."""
     variants: tuple[str, ...] = ("vanilla", "visual", "full", "gaussian", "sweep", "group", "nested", "supervised")
+    """Rows of the table (VARIANT_KINDS). gaussian, group and nested run at base.grpo's lambda, or at the one after
+    an '@': e.g. ``nested nested@0.1`` gives nested heads at both lambdas."""
     supervised_steps: int = 600
     """Optimiser steps of the supervised baseline (batch 32 on the post-train windows): about the main job's
     training time on 2 CPU cores (see docs/ego_motion_grpo.md for the measured rates)."""
@@ -69,6 +74,35 @@ class Config:
     output: Path = Path("docs/results.md")
     base: ego.Config = field(default_factory=ego.Config)
     """The main job's config every variant starts from (iterations, group size, omegas...)."""
+
+    def __post_init__(self) -> None:
+        for entry in self.variants:
+            parse_variant(entry)
+
+
+VARIANT_KINDS = ("vanilla", "visual", "full", "gaussian", "group", "nested", "sweep", "supervised")
+"""The ablation's rows, in table order (the module docstring says what each changes)."""
+KINDS_WITH_LAMBDA = ("gaussian", "group", "nested")
+
+
+def parse_variant(entry: str) -> tuple[str, float | None]:
+    """``"nested@0.1"`` -> ``("nested", 0.1)``; ``"nested"`` -> ``("nested", None)`` (base.grpo's lambda).
+
+    Raises:
+        ValueError: an unknown kind, an '@' on a kind that takes no lambda, or a lambda that is not a number.
+    """
+    kind, at, value = entry.partition("@")
+    if kind not in VARIANT_KINDS:
+        raise ValueError(f"unknown variant {entry!r}; pick from {', '.join(VARIANT_KINDS)}")
+    if not at:
+        return kind, None
+    if kind not in KINDS_WITH_LAMBDA:
+        raise ValueError(f"variant {entry!r}: only {', '.join(KINDS_WITH_LAMBDA)} take '@lambda' "
+                         "(the sweep's amplitudes are --lambdas)")
+    try:
+        return kind, float(value)
+    except ValueError:
+        raise ValueError(f"variant {entry!r}: {value!r} after '@' is not a number (e.g. nested@0.1)") from None
 
 
 IGNORED_CONFIG_KEYS = frozenset({"output_dir", "resume", "threads", "num_threads", "use_progress_bar"})
@@ -102,16 +136,20 @@ def variant_configs(cfg: Config) -> dict[str, ego.Config]:
         out["+visual"] = make(True, none)
     if "full" in cfg.variants:
         out[f"+Perlin (full, lambda={lam})"] = make(True, dataclasses.replace(base.grpo.perturb, name="perlin"))
-    if "gaussian" in cfg.variants:
-        out[f"full with Gaussian (lambda={lam})"] = make(True, PerturbConfig(
-            name="gaussian", scale=lam, sharing=perturb.sharing, heads_per_group=perturb.heads_per_group))
-    for value in cfg.sharing_lambdas or (lam,):
-        if "group" in cfg.variants:
-            out[f"full, group-shared head (lambda={value})"] = make(True, dataclasses.replace(
-                base.grpo.perturb, name="perlin", scale=value, sharing="group"))
-        if "nested" in cfg.variants:
-            out[f"full, nested heads (lambda={value})"] = make(True, dataclasses.replace(
-                base.grpo.perturb, name="perlin", scale=value, sharing="nested", heads_per_group=2))
+    specs = [parse_variant(entry) for entry in cfg.variants]
+
+    def amplitudes(kind: str) -> list[float]:
+        return [lam if value is None else value for k, value in specs if k == kind]
+
+    for value in amplitudes("gaussian"):
+        out[f"full with Gaussian (lambda={value})"] = make(True, PerturbConfig(
+            name="gaussian", scale=value, sharing=perturb.sharing, heads_per_group=perturb.heads_per_group))
+    for value in amplitudes("group"):
+        out[f"full, group-shared head (lambda={value})"] = make(True, dataclasses.replace(
+            perturb, name="perlin", scale=value, sharing="group"))
+    for value in amplitudes("nested"):
+        out[f"full, nested heads (lambda={value})"] = make(True, dataclasses.replace(
+            perturb, name="perlin", scale=value, sharing="nested", heads_per_group=2))
     if "sweep" in cfg.variants:
         for value in cfg.lambdas:
             if value != lam or "full" not in cfg.variants:
@@ -166,8 +204,6 @@ def preamble(runs: dict[str, list[dict]], cfg: Config) -> str:
     """What was run: the command, the shared config and the variants."""
     g, seeds = cfg.base.grpo, " ".join(str(s) for s in cfg.seeds)
     lambdas = " ".join(str(x) for x in cfg.lambdas)
-    if cfg.sharing_lambdas:
-        lambdas += " --sharing-lambdas " + " ".join(str(x) for x in cfg.sharing_lambdas)
     per_variant = {name: [r["train_seconds"] for r in results if "train_seconds" in r]
                    for name, results in runs.items()}
     timing = "".join(f" {name}: training took {statistics.mean(secs) / 60:.1f} min per run on average "

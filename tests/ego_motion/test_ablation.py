@@ -26,12 +26,13 @@ def test_variants_cover_the_paper_rows_without_duplicating_the_full_model(ablati
     lam = cfg.base.grpo.perturb.scale
     assert list(variants) == ["vanilla", "+visual", f"+Perlin (full, lambda={lam})",
                               f"full with Gaussian (lambda={lam})", f"full, group-shared head (lambda={lam})",
-                              f"full, nested heads (lambda={lam})", "full, lambda=0.01", "full, lambda=0.1"]
+                              f"full, nested heads (lambda={lam})"] + [f"full, lambda={x}" for x in cfg.lambdas
+                                                                       if x != lam]
     assert variants[f"full, nested heads (lambda={lam})"].grpo.perturb.sharing == "nested"
     assert variants[f"full, group-shared head (lambda={lam})"].grpo.perturb.sharing == "group"
     assert variants["vanilla"].grpo.perturb.name == "none" and not variants["vanilla"].use_visual_reward
     assert variants["+visual"].use_visual_reward and variants["+visual"].grpo.perturb.name == "none"
-    assert variants["full with Gaussian (lambda=0.03)"].grpo.perturb.name == "gaussian"
+    assert variants[f"full with Gaussian (lambda={lam})"].grpo.perturb.name == "gaussian"
     assert variants["full, lambda=0.1"].grpo.perturb.scale == 0.1
 
 
@@ -69,7 +70,8 @@ def test_main_reads_finished_runs_back_and_writes_table_and_picture(ablation, tm
     runs = ablation.main(cfg)
     assert [len(v) for v in runs.values()] == [2, 2]
     text = cfg.output.read_text()
-    assert "| vanilla | 195.50 ± 0.71 |" in text and "| +Perlin (full, lambda=0.03) | 194.50 ± 0.71 |" in text
+    lam = cfg.base.grpo.perturb.scale
+    assert "| vanilla | 195.50 ± 0.71 |" in text and f"| +Perlin (full, lambda={lam}) | 194.50 ± 0.71 |" in text
     assert "| vanilla | - | - | 2.5000 ± 0.7071 | - |" in text
     assert cfg.output.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
@@ -122,19 +124,26 @@ def test_main_refuses_a_finished_run_made_with_another_config(ablation, tmp_path
         ablation.main(cfg)
 
 
-def test_sharing_lambdas_give_one_group_and_nested_run_per_value_and_the_command_reproduces_the_base(ablation):
+def test_variants_at_a_lambda_and_a_command_that_reproduces_the_base(ablation):
     base = ablation.Config().base
     odd_base = dataclasses.replace(base, grpo=dataclasses.replace(
         base.grpo, perturb=dataclasses.replace(base.grpo.perturb, scale=0.2, frequency=0.05)))
-    cfg = ablation.Config(variants=("vanilla", "group", "nested"), sharing_lambdas=(0.03, 0.1), base=odd_base)
+    cfg = ablation.Config(variants=("vanilla", "nested@0.1", "group", "nested", "gaussian@0.03"), base=odd_base)
     variants = ablation.variant_configs(cfg)
-    assert list(variants) == ["vanilla", "full, group-shared head (lambda=0.03)", "full, nested heads (lambda=0.03)",
-                              "full, group-shared head (lambda=0.1)", "full, nested heads (lambda=0.1)"]
-    assert [v.grpo.perturb.scale for v in variants.values()] == [0.0, 0.03, 0.03, 0.1, 0.1]
+    assert list(variants) == ["vanilla", "full with Gaussian (lambda=0.03)", "full, group-shared head (lambda=0.2)",
+                              "full, nested heads (lambda=0.1)", "full, nested heads (lambda=0.2)"]
+    assert [v.grpo.perturb.scale for v in variants.values()] == [0.0, 0.03, 0.2, 0.1, 0.2]
     assert variants["vanilla"].grpo.perturb.sharing == "member"
-    assert variants["full, nested heads (lambda=0.1)"].grpo.perturb.heads_per_group == 2
-    assert variants["full, nested heads (lambda=0.1)"].grpo.perturb.frequency == 0.05
+    nested = variants["full, nested heads (lambda=0.1)"].grpo.perturb
+    assert (nested.sharing, nested.heads_per_group, nested.frequency) == ("nested", 2, 0.05)
     assert ablation.base_flags(cfg) == " --base.grpo.perturb.scale 0.2 --base.grpo.perturb.frequency 0.05"
     assert ablation.base_flags(ablation.Config()) == ""
     text = ablation.preamble({}, cfg)
-    assert "--sharing-lambdas 0.03 0.1 --variants vanilla group nested --base.grpo.perturb.scale 0.2" in text
+    assert "--variants vanilla nested@0.1 group nested gaussian@0.03 --base.grpo.perturb.scale 0.2" in text
+
+
+@pytest.mark.parametrize(("entry", "message"), [("nestd", "unknown variant"), ("sweep@0.1", "only gaussian"),
+                                                ("nested@big", "not a number")])
+def test_bad_variant_is_refused_when_the_config_is_made(ablation, entry, message):
+    with pytest.raises(ValueError, match=message):
+        ablation.Config(variants=("vanilla", entry))
