@@ -227,8 +227,11 @@ def preamble(runs: dict[str, list[dict]], cfg: Config) -> str:
         f"with eval seed {cfg.base.eval_seed}; the training seed is the `--grpo.seed` of each run.{timing}\n\n"
         "| variant | rewards | head perturbation |\n|---|---|---|\n"
         "| vanilla | joint | none |\n| +visual | joint + perceptual | none |\n"
-        f"| +Perlin (full) | joint + perceptual | Perlin, lambda {g.perturb.scale:g} m |\n"
-        f"| full with Gaussian | joint + perceptual | white Gaussian, std {g.perturb.scale:g} m |\n"
+        f"| +Perlin (full, lambda=x) | joint + perceptual | Perlin, lambda x m ({g.perturb.sharing} sharing) |\n"
+        "| full with Gaussian (lambda=x) | joint + perceptual | white Gaussian, std x m |\n"
+        "| full, group-shared head (lambda=x) | joint + perceptual | Perlin, lambda x m, one head per group |\n"
+        "| full, nested heads (lambda=x) | joint + perceptual | Perlin, lambda x m, 2 heads x G/2 samples, advantages "
+        "per same-head sub-group |\n"
         "| full, lambda=x | joint + perceptual | Perlin, lambda x m |\n\n")
 
 

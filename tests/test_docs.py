@@ -25,3 +25,27 @@ def test_reward_tutorial_code_registers_a_working_reward():
                   "cond_px": torch.tensor([[[7.0, 7.0, 3.0]]]).expand(2, 1, 3)})
     assert out.components["crisp_mask"].tolist() == [1.0, 0.0]
     assert out.weights["crisp_mask"] == 0.5
+
+
+def test_readme_results_table_is_the_one_generated_from_the_results_files():
+    from tests.recipes import load_recipe
+
+    readme_results = load_recipe("readme_results")
+    readme = (DOCS.parent / "README.md").read_text()
+    table = readme_results.results_table()
+    assert readme_results.replace_table(readme, table) == readme, (
+        "README.md's results table differs from the results files: run `python recipes/readme_results.py --write`")
+    assert table.count("\n| ego-motion") == len(readme_results.EGO_METRICS)
+
+
+def test_replace_table_needs_both_markers_in_order():
+    import pytest
+
+    from tests.recipes import load_recipe
+
+    readme_results = load_recipe("readme_results")
+    text = f"intro\n{readme_results.BEGIN}\nold\n{readme_results.END}\nrest\n"
+    expected = f"intro\n{readme_results.BEGIN}\nnew\n{readme_results.END}\nrest\n"
+    assert readme_results.replace_table(text, "new\n") == expected
+    with pytest.raises(ValueError, match="needs the lines"):
+        readme_results.replace_table("no markers\n", "new\n")
