@@ -32,7 +32,11 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import logging
+import math
+import shlex
 import statistics
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +44,8 @@ from pathlib import Path
 import tyro
 
 from diffgrpo.config import PerturbConfig
+
+logger = logging.getLogger("recipes.ablation_ego_motion")
 
 _spec = importlib.util.spec_from_file_location("ego_motion_recipe", Path(__file__).with_name("ego_motion.py"))
 ego = importlib.util.module_from_spec(_spec)
@@ -57,11 +63,12 @@ class Config:
     """Seeds, variants and where to write the table."""
 
     seeds: tuple[int, ...] = (0, 1, 2)
-    lambdas: tuple[float, ...] = (0.01, 0.03, 0.1)
+    lambdas: tuple[float, ...] = (0.01, 0.03, 0.1, 1.0)
     """Perlin amplitudes (metres of head translation) of the sweep; the full model uses base.grpo's."""
-    variants: tuple[str, ...] = ("vanilla", "visual", "full", "gaussian", "sweep", "group", "nested", "supervised")
+    variants: tuple[str, ...] = ("vanilla", "visual", "full", "gaussian@0.03", "sweep", "group@0.03", "nested@0.03",
+                                 "nested@0.1", "supervised")
     """Rows of the table (VARIANT_KINDS). gaussian, group and nested run at base.grpo's lambda, or at the one after
-    an '@': e.g. ``nested nested@0.1`` gives nested heads at both lambdas."""
+    an '@': e.g. ``nested nested@0.1`` gives nested heads at both lambdas. The defaults are docs/results.md's rows."""
     supervised_steps: int = 600
     """Optimiser steps of the supervised baseline (batch 32 on the post-train windows): about the main job's
     training time on 2 CPU cores (see docs/ego_motion_grpo.md for the measured rates)."""
@@ -76,20 +83,21 @@ class Config:
     """The main job's config every variant starts from (iterations, group size, omegas...)."""
 
     def __post_init__(self) -> None:
-        for entry in self.variants:
-            parse_variant(entry)
+        variant_configs(self)  # a bad variant or lambda fails here, before any run starts
 
 
 VARIANT_KINDS = ("vanilla", "visual", "full", "gaussian", "group", "nested", "sweep", "supervised")
 """The ablation's rows, in table order (the module docstring says what each changes)."""
 KINDS_WITH_LAMBDA = ("gaussian", "group", "nested")
+"""The kinds that take another lambda after an '@' (the sweep's amplitudes are ``--lambdas``)."""
 
 
 def parse_variant(entry: str) -> tuple[str, float | None]:
     """``"nested@0.1"`` -> ``("nested", 0.1)``; ``"nested"`` -> ``("nested", None)`` (base.grpo's lambda).
 
     Raises:
-        ValueError: an unknown kind, an '@' on a kind that takes no lambda, or a lambda that is not a number.
+        ValueError: an unknown kind, an '@' on a kind that takes no lambda, or a lambda that is not a
+            positive finite number.
     """
     kind, at, value = entry.partition("@")
     if kind not in VARIANT_KINDS:
@@ -100,19 +108,40 @@ def parse_variant(entry: str) -> tuple[str, float | None]:
         raise ValueError(f"variant {entry!r}: only {', '.join(KINDS_WITH_LAMBDA)} take '@lambda' "
                          "(the sweep's amplitudes are --lambdas)")
     try:
-        return kind, float(value)
+        amplitude = float(value)
     except ValueError:
         raise ValueError(f"variant {entry!r}: {value!r} after '@' is not a number (e.g. nested@0.1)") from None
+    if not math.isfinite(amplitude) or amplitude <= 0.0:
+        raise ValueError(f"variant {entry!r}: lambda must be a positive number of metres (e.g. nested@0.1)")
+    return kind, amplitude
 
 
-IGNORED_CONFIG_KEYS = frozenset({"output_dir", "resume", "threads", "num_threads", "use_progress_bar"})
-"""Config entries that do not change what a run computes; a finished run is read back whatever they were."""
+IGNORED_CONFIG_KEYS = frozenset({"output_dir", "resume", "threads", "num_threads", "use_progress_bar", "cache_dir",
+                                 "checkpoint_every", "log_every"})
+"""Config entries that do not change what a run computes: a finished run is read back whatever they were. A key
+is matched by its last name, at any depth (``grpo.checkpoint_every`` and ``checkpoint_every`` alike)."""
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _comparable(value):
+    """A path inside the repository as a path relative to its root (so runs made in another checkout, or with
+    a relative ``--base.prior``, compare equal); any other value unchanged."""
+    if isinstance(value, str) and "/" in value:
+        path = Path(value) if Path(value).is_absolute() else REPO_ROOT / value
+        if path.exists() and path.resolve().is_relative_to(REPO_ROOT):
+            return path.resolve().relative_to(REPO_ROOT).as_posix()
+        parts = Path(value).parts  # a checkout elsewhere: keep what follows its repository-level folders
+        for anchor in ("tasks", "runs", "docs"):
+            if Path(value).is_absolute() and anchor in parts:
+                return Path(*parts[parts.index(anchor):]).as_posix()
+    return value
 
 
 def _flatten(values: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in values.items():
-        out.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+        out.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict)
+                   else {prefix + key: _comparable(value)})
     return out
 
 
@@ -121,6 +150,12 @@ def _as_json(config) -> dict:
 
 
 def variant_configs(cfg: Config) -> dict[str, ego.Config]:
+    """The main job's config of every row of the table, by row name, in table order (the supervised baseline
+    is not a main-job run and is left out).
+
+    Raises:
+        ValueError: a bad entry in ``cfg.variants`` (``parse_variant``) or a perturbation the config refuses.
+    """
     base, lam = cfg.base, cfg.base.grpo.perturb.scale
     perturb = base.grpo.perturb
     none = PerturbConfig()
@@ -188,16 +223,36 @@ def diagnostic(history: dict[str, list[float]], keys: tuple[str, ...]) -> float 
 
 
 def base_flags(cfg: Config) -> str:
-    """The ``--base.*`` flags that give ``cfg.base`` from the main job's defaults (run paths and threads left
-    out), so that the command written above a table reproduces it after the defaults change."""
-    wanted, defaults = _flatten(_as_json(cfg.base)), _flatten(_as_json(ego.Config()))
+    """The command-line flags (each with a leading space, shell-quoted) that give ``cfg.base`` and the supervised
+    baseline's settings from the defaults of the code that writes the table; run paths and thread counts are
+    left out. The table also names the commit, since the defaults themselves move."""
     flags = []
+    wanted, defaults = _flatten(_as_json(cfg.base)), _flatten(_as_json(ego.Config()))
     for key, value in wanted.items():
         if key.rsplit(".", 1)[-1] in IGNORED_CONFIG_KEYS or value == defaults.get(key):
             continue
-        shown = " ".join(str(v) for v in value) if isinstance(value, list) else str(value)
-        flags.append(f" --base.{key.replace('_', '-')} {shown}")
+        *parents, leaf = f"base.{key}".replace("_", "-").split(".")
+        if isinstance(value, bool):  # tyro's spelling: --base.use-tto / --base.no-use-tto
+            flags.append(" --" + ".".join([*parents, leaf if value else f"no-{leaf}"]))
+            continue
+        shown = " ".join(shlex.quote(str(v)) for v in value) if isinstance(value, list) else shlex.quote(str(value))
+        flags.append(f" --{'.'.join([*parents, leaf])} {shown}")
+    for name in ("supervised_steps", "supervised_learning_rate"):
+        if getattr(cfg, name) != getattr(Config, name):
+            flags.append(f" --{name.replace('_', '-')} {getattr(cfg, name)}")
     return "".join(flags)
+
+
+def _commit() -> str:
+    """The repository's current commit (short hash, '+' when the tree has changes), or 'unknown'."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+" if dirty else "")
 
 
 def preamble(runs: dict[str, list[dict]], cfg: Config) -> str:
@@ -215,7 +270,8 @@ def preamble(runs: dict[str, list[dict]], cfg: Config) -> str:
         f"python recipes/ablation_ego_motion.py --seeds {seeds} --lambdas {lambdas} "
         f"--variants {' '.join(cfg.variants)}{base_flags(cfg)} --output-dir {cfg.output_dir} --output {cfg.output}"
         "\n```\n\n"
-        "(finished runs in `--output-dir` are read back, unfinished ones resume from their last checkpoint). "
+        f"at commit {_commit()} (finished runs in `--output-dir` are read back if their stored configs match, "
+        "unfinished ones resume from their last checkpoint). "
         "Every run is the main job "
         "(`recipes/ego_motion.py`) with its defaults (and the `--base` flags above) except for what the variant "
         "changes: "
@@ -351,8 +407,12 @@ def config_differences(stored: dict, wanted: dict, defaults: dict) -> list[str]:
     return diffs
 
 
-def read_finished(result_file: Path, stored_key: str | None, wanted: dict, defaults: dict) -> dict | None:
+def read_finished(result_file: Path, wanted: dict[str, tuple[dict, dict]]) -> dict | None:
     """A finished run's results.json, or None if there is none.
+
+    ``wanted`` maps a key of the stored ``"config"`` (``""`` for the whole of it) to the (config, defaults)
+    the run must have been made with. A stored config that lacks such a key (a run written before the key was
+    stored) is read back with a logged warning.
 
     Raises:
         ValueError: the run there was made with another config than ``wanted`` (e.g. the main job's defaults
@@ -361,9 +421,14 @@ def read_finished(result_file: Path, stored_key: str | None, wanted: dict, defau
     if not result_file.exists():
         return None
     result = json.loads(result_file.read_text())
-    stored = result.get("config", {})
-    stored = stored.get(stored_key, {}) if stored_key else stored
-    diffs = config_differences(stored, wanted, defaults) if stored else []
+    diffs = []
+    for key, (config, defaults) in wanted.items():
+        stored = result.get("config", {})
+        stored = stored.get(key) if key else stored
+        if not stored:
+            logger.warning("%s stores no %s config: read back unchecked", result_file, key or "run")
+            continue
+        diffs += config_differences(stored, config, defaults)
     if diffs:
         raise ValueError(f"{result_file.parent} holds a finished run made with another config ({'; '.join(diffs)}). "
                          "Use another --output-dir for this ablation, or pass the flags that run was made with "
@@ -379,6 +444,34 @@ def supervised_config(cfg: Config, seed: int, out_dir: Path) -> pretrain.Config:
                            eval_windows=0, num_threads=cfg.base.threads or None, resume=True, use_progress_bar=False)
 
 
+def evaluation_config(base: ego.Config) -> dict:
+    """What the supervised baseline's evaluation depends on (stored with its results and checked on read-back)."""
+    values = base.effective()
+    return {key: values[key] for key in ("prior", "task", "eval_seed", "eval_max_windows", "use_tto")}
+
+
+def check_same_prior(runs: dict[str, list[dict]], rel_tol: float = 1e-4) -> None:
+    """Every run of one table must report the same prior evaluation (the same prior, data and held-out noise).
+
+    Raises:
+        ValueError: two runs' ``"base"`` metrics differ by more than ``rel_tol`` (e.g. the prior file was
+            replaced between runs): their changes against the prior would not be comparable.
+    """
+    reference = None
+    for name, results in runs.items():
+        for result in results:
+            if reference is None:
+                reference = (name, result["seed"], result["base"])
+                continue
+            for metric, value in result["base"].items():
+                expected = reference[2].get(metric)
+                if expected is not None and not math.isclose(value, expected, rel_tol=rel_tol, abs_tol=1e-9):
+                    raise ValueError(
+                        f"the prior's {metric} is {value} in ({name}, seed {result['seed']}) but {expected} in "
+                        f"({reference[0]}, seed {reference[1]}): these runs were made with different priors or "
+                        "data; rerun them into one --output-dir with one prior")
+
+
 def supervised_baseline(cfg: Config, seed: int, out_dir: Path) -> dict:
     """Continued diffusion training of the prior on the post-train windows, evaluated like a GRPO run."""
     import torch
@@ -392,7 +485,7 @@ def supervised_baseline(cfg: Config, seed: int, out_dir: Path) -> dict:
     base = ego.evaluate_all(task, load_denoiser(cfg.base.prior), cfg.base)
     post = ego.evaluate_all(task, load_denoiser(out_dir / "denoiser.safetensors"), cfg.base)
     result = {"base": base[""], "grpo": post[""], "train_seconds": record["train_seconds"],
-              "config": {"supervised": _as_json(pre)}}
+              "config": {"supervised": _as_json(pre), "evaluation": evaluation_config(cfg.base)}}
     if cfg.base.use_tto:
         result.update({"base+tto": base["+tto"], "grpo+tto": post["+tto"]})
     (out_dir / "results.json").write_text(json.dumps(result, indent=2))
@@ -400,6 +493,10 @@ def supervised_baseline(cfg: Config, seed: int, out_dir: Path) -> dict:
 
 
 def main(cfg: Config) -> dict:
+    """Train (or read back) every (variant, seed) run and write the table, its picture and ablation.json.
+
+    Returns the runs by row name: per seed, its results.json with its history and seed.
+    """
     runs: dict[str, list[dict]] = {}
     missing: list[str] = []
     variants = variant_configs(cfg)
@@ -408,8 +505,9 @@ def main(cfg: Config) -> dict:
         for seed in cfg.seeds:
             out_dir = run_dir(cfg, "supervised", seed)
             pre = supervised_config(cfg, seed, out_dir)
-            result = read_finished(out_dir / "results.json", "supervised", _as_json(pre),
-                                   _as_json(pretrain.Config()))
+            result = read_finished(out_dir / "results.json", {
+                "supervised": (_as_json(pre), _as_json(pretrain.Config())),
+                "evaluation": (evaluation_config(cfg.base), evaluation_config(ego.Config()))})
             if result is None and cfg.report_only:
                 missing.append(f"supervised, seed {seed}")
                 continue
@@ -422,7 +520,7 @@ def main(cfg: Config) -> dict:
             seeded = dataclasses.replace(variant.grpo, seed=seed)
             # resume=True: a run killed part-way continues from its last checkpoint (a fresh start if none)
             run_cfg = dataclasses.replace(variant, output_dir=out_dir, grpo=seeded, resume=True)
-            result = read_finished(out_dir / "results.json", None, run_cfg.effective(), default_effective)
+            result = read_finished(out_dir / "results.json", {"": (run_cfg.effective(), default_effective)})
             if result is None and cfg.report_only:
                 missing.append(f"{name}, seed {seed}")
                 continue
@@ -431,6 +529,7 @@ def main(cfg: Config) -> dict:
             runs.setdefault(name, []).append({**result, "history": history, "seed": seed})
     if not runs:
         raise FileNotFoundError(f"no finished run under {cfg.output_dir} to report; run without --report-only.")
+    check_same_prior(runs)
     table = render(runs, cfg)
     if missing:
         table = table.replace("## Held-out metrics", "**Not finished yet** (these rows average the seeds that are): "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -25,14 +26,14 @@ def test_variants_cover_the_paper_rows_without_duplicating_the_full_model(ablati
     variants = ablation.variant_configs(cfg)
     lam = cfg.base.grpo.perturb.scale
     assert list(variants) == ["vanilla", "+visual", f"+Perlin (full, lambda={lam})",
-                              f"full with Gaussian (lambda={lam})", f"full, group-shared head (lambda={lam})",
-                              f"full, nested heads (lambda={lam})"] + [f"full, lambda={x}" for x in cfg.lambdas
-                                                                       if x != lam]
-    assert variants[f"full, nested heads (lambda={lam})"].grpo.perturb.sharing == "nested"
-    assert variants[f"full, group-shared head (lambda={lam})"].grpo.perturb.sharing == "group"
+                              "full with Gaussian (lambda=0.03)", "full, group-shared head (lambda=0.03)",
+                              "full, nested heads (lambda=0.03)", "full, nested heads (lambda=0.1)"] + [
+        f"full, lambda={x}" for x in cfg.lambdas if x != lam]
+    assert variants["full, nested heads (lambda=0.1)"].grpo.perturb.sharing == "nested"
+    assert variants["full, group-shared head (lambda=0.03)"].grpo.perturb.sharing == "group"
     assert variants["vanilla"].grpo.perturb.name == "none" and not variants["vanilla"].use_visual_reward
     assert variants["+visual"].use_visual_reward and variants["+visual"].grpo.perturb.name == "none"
-    assert variants[f"full with Gaussian (lambda={lam})"].grpo.perturb.name == "gaussian"
+    assert variants["full with Gaussian (lambda=0.03)"].grpo.perturb.name == "gaussian"
     assert variants["full, lambda=0.1"].grpo.perturb.scale == 0.1
 
 
@@ -143,7 +144,62 @@ def test_variants_at_a_lambda_and_a_command_that_reproduces_the_base(ablation):
 
 
 @pytest.mark.parametrize(("entry", "message"), [("nestd", "unknown variant"), ("sweep@0.1", "only gaussian"),
-                                                ("nested@big", "not a number")])
+                                                ("nested@big", "not a number"), ("nested@-0.1", "positive"),
+                                                ("group@nan", "positive")])
 def test_bad_variant_is_refused_when_the_config_is_made(ablation, entry, message):
     with pytest.raises(ValueError, match=message):
         ablation.Config(variants=("vanilla", entry))
+
+
+def test_base_flags_parse_back_with_tyro_to_the_same_base(ablation):
+    import shlex
+
+    import tyro
+
+    base = ablation.Config().base
+    odd_base = dataclasses.replace(
+        base, use_tto=False, rollout_sampling_steps=None, sde_window=(0, 3),
+        task=dataclasses.replace(base.task, include_hands=True, data_root=Path("/tmp/my data")),
+        grpo=dataclasses.replace(base.grpo, rewards=("ego_rot", "ego_pos")))
+    cfg = ablation.Config(variants=("vanilla",), base=odd_base, supervised_steps=7)
+    flags = ablation.base_flags(cfg)
+    assert " --base.no-use-tto" in flags and " --base.task.include-hands" in flags and "'/tmp/my data'" in flags
+    parsed = tyro.cli(ablation.Config, args=["--variants", "vanilla", *shlex.split(flags)])
+    assert parsed.base == cfg.base and parsed.supervised_steps == 7
+
+
+def test_paths_inside_the_repository_compare_equal_however_they_are_written(ablation):
+    prior = "tasks/ego_motion/assets/demo_prior.safetensors"
+    absolute = str(ablation.REPO_ROOT / prior)
+    elsewhere = "/some/other/checkout/" + prior  # a run made in another clone
+    assert ablation.config_differences({"prior": absolute}, {"prior": prior}, {}) == []
+    assert ablation.config_differences({"prior": elsewhere}, {"prior": absolute}, {}) == []
+    assert ablation.config_differences({"prior": absolute}, {"prior": "runs/other_prior.safetensors"}, {}) != []
+
+
+def test_runs_of_one_table_must_share_the_prior_evaluation(ablation):
+    same = {m: 1.0 for m in ablation.PAPER_METRICS}
+    runs = {"a": [{"seed": 0, "base": same}], "b": [{"seed": 1, "base": same | {"mpjpe_mm": 1.0 + 1e-7}}]}
+    ablation.check_same_prior(runs)
+    runs["b"].append({"seed": 2, "base": same | {"mpjpe_mm": 1.1}})
+    with pytest.raises(ValueError, match=r"prior's mpjpe_mm is 1.1 in \(b, seed 2\)"):
+        ablation.check_same_prior(runs)
+
+
+def test_a_supervised_run_with_other_steps_is_refused(ablation, tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setattr(ablation, "supervised_baseline", lambda *a: pytest.fail("started a supervised run"))
+    cfg = ablation.Config(seeds=(0,), variants=("supervised",), output_dir=tmp_path / "runs",
+                          output=tmp_path / "results.md")
+    out = ablation.run_dir(cfg, "supervised", 0)
+    out.mkdir(parents=True)
+    pre = dataclasses.replace(ablation.supervised_config(cfg, 0, out), steps=cfg.supervised_steps + 1)
+    run = {k: v for k, v in _run(ablation, 200.0, 194.0, {}).items() if k != "history"}
+    stored = {"supervised": ablation._as_json(pre), "evaluation": ablation.evaluation_config(cfg.base)}
+    (out / "results.json").write_text(json.dumps({**run, "config": stored}))
+    with pytest.raises(ValueError, match="steps: 601 -> 600"):
+        ablation.main(cfg)
+    stored["supervised"]["steps"] = cfg.supervised_steps
+    (out / "results.json").write_text(json.dumps({**run, "config": stored}))
+    assert [r["seed"] for r in ablation.main(cfg)["supervised (continued diffusion training)"]] == [0]
