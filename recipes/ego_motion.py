@@ -67,8 +67,8 @@ logger = logging.getLogger("recipes.ego_motion")
 def default_grpo() -> GRPOConfig:
     """The main job's GRPO settings. The objective is the advantage-weighted x0 regression, not the paper's
     ratio: over 3 seeds it is the one that raises the probe reward on the post-train windows beyond its
-    interval, and its gradient has signal (same-condition cosine 0.41 vs 0.00 for its null and -0.03 for
-    the ratio; docs/ego_motion_grpo.md). The head perturbation is Perlin with lambda = 0.3 m per member:
+    interval, and its gradient has signal (same-condition cosine 0.41 against 0.11 for its shuffled-advantage
+    null and -0.03 for the ratio; docs/grad_signal.md). The head perturbation is Perlin with lambda = 0.3 m per member:
     the best held-out MPJPE of the 3-seed ablation (docs/results.md: -1.66 %, lower in every seed, against
     -1.36 % at 0.1 and -0.13 % at the paper's 0.03), with PA-MPJPE and foot skating lower in every seed.
     ``--grpo.loss.objective ratio --rollout-sampling-steps 30 --grpo.perturb.scale 0.03`` is the paper's

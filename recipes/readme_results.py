@@ -42,6 +42,7 @@ class Config:
     write: bool = False
     """Replace the table between the markers in README.md instead of printing it."""
     readme: Path = ROOT / "README.md"
+    """The file whose table (between BEGIN and END) ``--write`` replaces."""
 
 
 def _load(path: Path):
@@ -56,6 +57,8 @@ def results_table() -> str:
 
     Raises:
         FileNotFoundError: a results file is missing (run the command named in this module's docstring).
+        KeyError: the ego-motion file has no run of the variant ``EGO_MOTION`` names.
+        ValueError: the ego-motion runs disagree on the prior's metrics, so they are not one experiment.
     """
     rows = ["| task | metric | prior | after GRPO | from |", "|---|---|---:|---:|---|"]
     shapes = _load(SHAPES)
@@ -64,12 +67,18 @@ def results_table() -> str:
         rows.append(f"| {task} | {label} | {shapes['base'][key]:.{digits}f} | {shapes['grpo'][key]:.{digits}f} "
                     f"| `{SHAPES}` |")
     path, variant = EGO_MOTION
-    runs = _load(path)[variant]
+    by_variant = _load(path)
+    if variant not in by_variant:
+        raise KeyError(f"{path} has no runs of {variant!r} (it has {', '.join(by_variant)}); fix EGO_MOTION")
+    runs = by_variant[variant]
+    if any(run["base"] != runs[0]["base"] for run in runs):
+        raise ValueError(f"the runs of {variant!r} in {path} report different priors")
     for i, (key, (label, digits)) in enumerate(EGO_METRICS.items()):
         task = "ego-motion ([page](docs/ego_motion_grpo.md))" if i == 0 else "ego-motion"
         after = [run["grpo"][key] for run in runs]
-        rows.append(f"| {task} | {label} | {runs[0]['base'][key]:.{digits}f} | {statistics.mean(after):.{digits}f} ± "
-                    f"{statistics.stdev(after):.{digits}f} | `{path}` ({len(runs)} seeds) |")
+        spread = f" ± {statistics.stdev(after):.{digits}f}" if len(after) > 1 else ""
+        rows.append(f"| {task} | {label} | {runs[0]['base'][key]:.{digits}f} | {statistics.mean(after):.{digits}f}"
+                    f"{spread} | `{path}` ({len(runs)} seed{'s' if len(runs) > 1 else ''}) |")
     probe = _load(TEXT_TO_IMAGE)["probe"][TEXT_TO_IMAGE_KEY]
     rows.append("| text-to-image, tiny SD3-layout pipeline on CPU ([page](docs/text_to_image.md)) | JPEG "
                 f"compressibility (-kB), held-out prompts | {probe['before']:.4f} | {probe['after']:.4f} "
@@ -90,6 +99,7 @@ def replace_table(readme: str, table: str) -> str:
 
 
 def main(cfg: Config) -> str:
+    """Print the table, or with ``cfg.write`` put it into ``cfg.readme``; returns the table."""
     table = results_table()
     if cfg.write:
         cfg.readme.write_text(replace_table(cfg.readme.read_text(), table))
