@@ -365,10 +365,10 @@ def plot_changes(runs: dict[str, list[dict]], path: Path) -> Path:
     from matplotlib.figure import Figure
 
     names = list(runs)
-    fig = Figure(figsize=(1.6 * len(names) + 3, 4.0), layout="constrained")
     tto_keys = [tto for tto in ("", "+tto") if "base" + tto in runs[names[0]][0]]
     panels = [(m, tto) for tto in tto_keys for m in ("mpjpe_mm", "pa_mpjpe_mm")]
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    fig = Figure(figsize=(2 * (0.55 * len(names) + 2.5), 4.5 * len(tto_keys)), layout="constrained")
+    axes = fig.subplots(len(tto_keys), 2, squeeze=False).ravel()  # one row per (without, with) TTO
     for ax, (metric, tto) in zip(axes, panels, strict=True):
         for i, name in enumerate(names):
             change = [100.0 * (r["grpo" + tto][metric] / r["base" + tto][metric] - 1.0) for r in runs[name]]
