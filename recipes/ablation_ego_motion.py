@@ -36,13 +36,13 @@ import logging
 import math
 import shlex
 import statistics
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import tyro
 
+from diffgrpo.checkpoint import git_revision
 from diffgrpo.config import PerturbConfig
 
 logger = logging.getLogger("recipes.ablation_ego_motion")
@@ -137,6 +137,10 @@ def _comparable(value):
     return value
 
 
+def _ignored(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in IGNORED_CONFIG_KEYS
+
+
 def _flatten(values: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in values.items():
@@ -229,7 +233,7 @@ def base_flags(cfg: Config) -> str:
     flags = []
     wanted, defaults = _flatten(_as_json(cfg.base)), _flatten(_as_json(ego.Config()))
     for key, value in wanted.items():
-        if key.rsplit(".", 1)[-1] in IGNORED_CONFIG_KEYS or value == defaults.get(key):
+        if _ignored(key) or value == defaults.get(key):
             continue
         *parents, leaf = f"base.{key}".replace("_", "-").split(".")
         if isinstance(value, bool):  # tyro's spelling: --base.use-tto / --base.no-use-tto
@@ -241,18 +245,6 @@ def base_flags(cfg: Config) -> str:
         if getattr(cfg, name) != getattr(Config, name):
             flags.append(f" --{name.replace('_', '-')} {getattr(cfg, name)}")
     return "".join(flags)
-
-
-def _commit() -> str:
-    """The repository's current commit (short hash, '+' when the tree has changes), or 'unknown'."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+" if dirty else "")
 
 
 def preamble(runs: dict[str, list[dict]], cfg: Config) -> str:
@@ -270,7 +262,7 @@ def preamble(runs: dict[str, list[dict]], cfg: Config) -> str:
         f"python recipes/ablation_ego_motion.py --seeds {seeds} --lambdas {lambdas} "
         f"--variants {' '.join(cfg.variants)}{base_flags(cfg)} --output-dir {cfg.output_dir} --output {cfg.output}"
         "\n```\n\n"
-        f"at commit {_commit()} (finished runs in `--output-dir` are read back if their stored configs match, "
+        f"at commit {git_revision()} (finished runs in `--output-dir` are read back if their stored configs match, "
         "unfinished ones resume from their last checkpoint). "
         "Every run is the main job "
         "(`recipes/ego_motion.py`) with its defaults (and the `--base` flags above) except for what the variant "
@@ -399,7 +391,7 @@ def config_differences(stored: dict, wanted: dict, defaults: dict) -> list[str]:
     stored, wanted, defaults = _flatten(stored), _flatten(wanted), _flatten(defaults)
     diffs = []
     for key, value in wanted.items():
-        if key.rsplit(".", 1)[-1] in IGNORED_CONFIG_KEYS:
+        if _ignored(key):
             continue
         before = stored.get(key, defaults.get(key))
         if before != value:
@@ -502,12 +494,12 @@ def main(cfg: Config) -> dict:
     variants = variant_configs(cfg)
     default_effective = ego.Config().effective()
     if "supervised" in cfg.variants:
+        evaluation = (evaluation_config(cfg.base), evaluation_config(ego.Config()))
         for seed in cfg.seeds:
             out_dir = run_dir(cfg, "supervised", seed)
             pre = supervised_config(cfg, seed, out_dir)
             result = read_finished(out_dir / "results.json", {
-                "supervised": (_as_json(pre), _as_json(pretrain.Config())),
-                "evaluation": (evaluation_config(cfg.base), evaluation_config(ego.Config()))})
+                "supervised": (_as_json(pre), _as_json(pretrain.Config())), "evaluation": evaluation})
             if result is None and cfg.report_only:
                 missing.append(f"supervised, seed {seed}")
                 continue
