@@ -53,6 +53,7 @@ and decoded, and the request waits for one of ``max_concurrent_calls`` reward ca
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import errno
 import hmac
@@ -268,6 +269,25 @@ MAX_LENGTH_DIGITS = 19
 """A longer Content-Length is refused (413) unread: no int() of thousands of digits."""
 DISCARD_BYTES = 2**20
 """A refused request's body up to this size is read and dropped, so that its client reads the answer."""
+TRIM_AFTER_BYTES = 2**20
+"""After a body of at least this size, freed heap pages go back to the operating system (MALLOC_TRIM)."""
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None on other C libraries.
+
+    Why: glibc raises its mmap threshold to the size of the first large block freed, so later
+    bodies come from the heap of the handler thread's arena, which keeps them resident once freed;
+    the server's memory then grows with the number of arenas that ever held a body, not with the
+    bodies in flight. Trimming after each large body keeps it flat (docs/remote_rewards.md).
+    """
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+MALLOC_TRIM = _malloc_trim()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -307,6 +327,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._score(length)
         finally:
             self.server.budget.release(length)
+            if length >= TRIM_AFTER_BYTES and MALLOC_TRIM is not None:
+                MALLOC_TRIM(0)
 
     def _discard_small_body(self) -> None:
         """After an answer sent before the body was read, read a body of at most DISCARD_BYTES and drop it:

@@ -248,7 +248,7 @@ def test_sigterm_at_the_first_instant_stops_serve_cleanly(caplog):
     caplog.set_level(logging.INFO, logger="diffgrpo.reward_server")
     before = signal.getsignal(signal.SIGTERM)
     try:
-        serve(mean_reward, port=0, limits=ServerLimits(read_timeout_s=1.0))
+        serve(mean_reward, port=0)
     except KeyboardInterrupt:
         pytest.fail("SIGTERM escaped serve() as KeyboardInterrupt")
     finally:
@@ -304,3 +304,4 @@ def test_the_command_line_server_under_a_descriptor_limit(tmp_path):
             process.wait()
     text = "".join(log)
     assert "Traceback" not in text and "can exceed this process's limit of 64 open files" in text, text[-3000:]
+    assert "cannot accept a connection" in text  # the descriptor limit was reached: the no-spin path ran
