@@ -225,6 +225,19 @@ def test_stalled_connections_are_capped_dropped_after_the_timeout_and_a_real_cli
             sock.close()
 
 
+def test_a_client_stalled_mid_body_is_dropped_and_its_bytes_released():
+    recorder = Recorder(mean_reward)
+    limits = ServerLimits(read_timeout_s=0.3)
+    with running(RewardHTTPServer(recorder, port=0, limits=limits)) as server:
+        address = urllib.parse.urlsplit(server.url)
+        with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
+            sock.sendall(b"POST /score HTTP/1.0\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+            wait_until(lambda: server.budget.used == 1000, "the body to be admitted")
+            assert sock.recv(1) == b""  # dropped after read_timeout_s, with no answer
+        wait_until(lambda: server.budget.used == 0 and server.open_connections == 0, "the bytes to be released")
+    assert recorder.sizes == []
+
+
 def test_limits_are_checked():
     with pytest.raises(ValueError, match="max_connections"):
         ServerLimits(max_connections=0)
