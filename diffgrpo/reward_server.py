@@ -437,8 +437,18 @@ def main(argv: Sequence[str] | None = None) -> None:
             check_token(token)
     except ValueError as err:
         parser.error(str(err))
-    serve(reward_from_args(args.reward, args.param, args.imports), name=args.reward, host=args.host,
-          port=args.port, limits=limits, token=token)
+    previous = signal.signal(signal.SIGTERM, _exit_cleanly)  # while the reward loads; serve() installs its own
+    try:
+        reward = reward_from_args(args.reward, args.param, args.imports)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    serve(reward, name=args.reward, host=args.host, port=args.port, limits=limits, token=token)
+
+
+def _exit_cleanly(signum: int, frame: Any) -> None:
+    """SIGTERM before ``serve`` runs (e.g. while a reward model loads): exit with status 0, no traceback."""
+    logger.info("stopped by signal %d before serving", signum)
+    raise SystemExit(0)
 
 
 if __name__ == "__main__":

@@ -270,6 +270,18 @@ def test_sigterm_at_the_first_instant_stops_serve_cleanly(caplog):
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_sigterm_while_the_command_line_loads_the_reward_exits_with_status_0(monkeypatch):
+    def loading(*args):
+        signal.raise_signal(signal.SIGTERM)  # arrives while the reward model loads
+        raise AssertionError("the signal did not stop the start-up")
+
+    monkeypatch.setattr(reward_server, "reward_from_args", loading)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        reward_server.main(["--reward", "jpeg_compressibility", "--port", "0"])
+    assert stopped.value.code == 0 and signal.getsignal(signal.SIGTERM) is before
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
