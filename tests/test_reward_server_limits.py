@@ -11,7 +11,6 @@ import logging
 import os
 import queue
 import re
-import resource
 import signal
 import socket
 import subprocess
@@ -292,12 +291,13 @@ def test_the_command_line_server_under_a_descriptor_limit(tmp_path):
     """66 stalled sockets under a 64-descriptor limit: no busy loop, a real client is served, the
     limits and the token come from the command line, and SIGTERM ends it with status 0."""
     (tmp_path / "token").write_text(TOKEN)
-    command = [sys.executable, "-m", "diffgrpo.reward_server", "--import", "tasks.text_to_image.rewards",
+    limit_then_serve = ("import resource, runpy; resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)); "
+                        "runpy.run_module('diffgrpo.reward_server', run_name='__main__', alter_sys=True)")
+    command = [sys.executable, "-c", limit_then_serve, "--import", "tasks.text_to_image.rewards",
                "--reward", "jpeg_compressibility", "--port", "0", "--read-timeout-s", "1",
                "--max-request-bytes", "100000", "--token-file", str(tmp_path / "token")]
     env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV} | {"OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True, env=env,
-                               preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)))
+    process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True, env=env)
     lines: queue.Queue[str] = queue.Queue()
     log: list[str] = []
     threading.Thread(target=lambda: [(lines.put(line), log.append(line)) for line in process.stderr],
