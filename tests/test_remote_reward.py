@@ -361,11 +361,13 @@ def test_the_client_refuses_redirects_and_never_quotes_the_target():
         with fixed_answer_server(302, b"moved", {"Location": f"{target}/score"}) as (url, requests):
             with pytest.raises(RemoteRewardError, match=rf"GET /health to {url} was answered HTTP 302, a redirect to "
                                                         rf"'{target}/score': not followed"):
-                RemoteReward(url, max_retries=3, token="0123456789abcdef", **FAST)
+                RemoteReward(url, max_retries=3, **FAST)
             remote = RemoteReward(url, max_retries=3, use_health_check=False, **FAST)
             with pytest.raises(RemoteRewardError, match="HTTP 302") as caught:
                 remote({"images": images(2)}, {})
-    assert requests == ["/health", "/score"]  # one request each: a redirect is not retried
+            with pytest.raises(RemoteRewardError, match="HTTP 302"):  # the token never leaves for the target
+                RemoteReward(url, max_retries=3, token="0123456789abcdef", **FAST)
+    assert requests == ["/health", "/score", "/health"]  # one request each: a redirect is not retried
     assert target_requests == [] and "internal-only" not in str(caught.value)
 
 
