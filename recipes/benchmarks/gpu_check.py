@@ -175,7 +175,7 @@ class Config:
         return dataclasses.replace(self, ego_windows=2, ego_conditions=2, ego_group_size=2, ego_micro_batch_size=2,
                                    ego_sampling_steps=6, ego_window_frames=32, t2i_image_size_px=32,
                                    t2i_conditions=1, t2i_group_size=2, t2i_micro_batch_size=2, t2i_steps=2,
-                                   t2i_dtype="float32", lora_rank=2)
+                                   lora_rank=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,7 +380,7 @@ def ego_sampling(cfg: Config, env: Env) -> dict:
     task = ego_task(cfg, env.device)
     model, numel = egoallo_denoiser(cfg, env.device)
     model.eval()
-    cond = task.encode_condition(load_batch(task, "test", cfg.ego_windows, env.device))
+    cond = task.encode_condition(load_batch(task, "post_train", cfg.ego_windows, env.device))
     scheduler, sampler = task.make_scheduler(), task.sampler_config()
     rows = []
     for precision in ("fp32", "bf16"):
@@ -528,12 +528,12 @@ def run(cfg: Config) -> dict:
         raise RuntimeError("no CUDA device: the full-size check needs a GPU; pass --dry-run for the CPU check of the "
                            "same code paths at tiny sizes")
     device = torch.device("cpu" if cfg.dry_run else "cuda")
-    start = time.perf_counter()
-    sizes = cfg.effective()
-    env = Env(device=device, deadline=start + cfg.budget_s - cfg.margin_s,
-              workdir=Path(tempfile.mkdtemp(prefix="gpu_check_")))
     results = {"command": command_for(cfg), "dry_run": cfg.dry_run, "budget_s": cfg.budget_s, "margin_s": cfg.margin_s,
                "environment": environment(device), "sections": {}}
+    sizes = cfg.effective()
+    start = time.perf_counter()
+    env = Env(device=device, deadline=start + cfg.budget_s - cfg.margin_s,
+              workdir=Path(tempfile.mkdtemp(prefix="gpu_check_")))
     for name in cfg.sections:
         began = time.perf_counter() - start
         reserve = 0.0 if cfg.dry_run else RESERVE_S[name]
