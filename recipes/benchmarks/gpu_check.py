@@ -122,7 +122,8 @@ class Config:
     from_results: Path | None = None
     """Run nothing: read this results JSON and write its table (with --write-docs) or print it."""
     budget_s: float = 480.0
-    """Total seconds the sections may take (8 minutes)."""
+    """Seconds the whole command may take (8 minutes): a section starts only while the elapsed time plus its
+    reserve stays within budget_s - margin_s."""
     margin_s: float = 60.0
     """Seconds of the budget kept free for what the sections' clock does not see: interpreter start-up and
     imports before the first section (about 15 s), and an overrun of the last section's reserve."""
@@ -130,21 +131,22 @@ class Config:
     ego_windows: int = 64
     """Windows sampled in ego_sampling."""
     ego_conditions: int = 64
-    """B: head trajectories per GRPO iteration (halved until it fits in memory)."""
+    """B: head trajectories per GRPO iteration (halved while sampling runs out of memory)."""
     ego_group_size: int = 16
     """G: rollouts per head trajectory."""
     ego_micro_batch_size: int = 128
-    """Chains per network call, in the rollout and in the update alike."""
+    """Chains per network call, in the rollout and in the update alike (halved while the update runs out of
+    memory)."""
     ego_sampling_steps: int = 30
     """K: EgoAllo's sampler steps."""
     ego_window_frames: int = 128
     """T: frames per window (EgoAllo's training windows)."""
     t2i_image_size_px: int = 512
     t2i_conditions: int = 8
-    """Prompts per GRPO iteration (halved until it fits in memory)."""
+    """Prompts per GRPO iteration (halved while sampling runs out of memory)."""
     t2i_group_size: int = 8
     t2i_micro_batch_size: int = 8
-    """Images per network call (twice as many rows with guidance)."""
+    """Images per network call, twice as many rows with guidance (halved while the update runs out of memory)."""
     t2i_steps: int = 10
     """K: sampling steps of the chain."""
     t2i_guidance_scale: float = 4.5
@@ -453,8 +455,9 @@ def t2i_label(cfg: Config, task, family: str) -> str:
     trained = sum(p.numel() for p in denoiser.parameters() if p.requires_grad)
     size = "tiny" if cfg.dry_run else {"unet": "SD 1.5-size", "sd3": "SD3 Medium-size"}[family]
     name = f"{size} {'UNet' if family == 'unet' else 'transformer'}"
+    tokens = task.load_examples("train", torch.tensor([0]))["prompt_embeds"].shape[1]
     return (f"{name} ({total / 1e6:.0f} M, LoRA r = {cfg.lora_rank}: {trained / 1e6:.2f} M trained), "
-            f"{cfg.t2i_image_size_px} px, K = {cfg.t2i_steps}, CFG {cfg.t2i_guidance_scale}")
+            f"{cfg.t2i_image_size_px} px, {tokens} text tokens, K = {cfg.t2i_steps}, CFG {cfg.t2i_guidance_scale}")
 
 
 def t2i_grpo(cfg: Config, env: Env, family: str) -> dict:
