@@ -128,6 +128,8 @@ class Config:
     """Seconds of the budget kept free for what the sections' clock does not see: interpreter start-up and
     imports before the first section (about 15 s), and an overrun of the last section's reserve."""
     seed: int = 0
+    git_revision: str = ""
+    """The commit to record, for a copy of the tree without git metadata; empty: ask git."""
     ego_windows: int = 64
     """Windows sampled in ego_sampling."""
     ego_conditions: int = 64
@@ -498,7 +500,7 @@ def run(cfg: Config) -> dict:
                            "same code paths at tiny sizes")
     device = torch.device("cpu" if cfg.dry_run else "cuda")
     results = {"command": report.command_for(cfg), "dry_run": cfg.dry_run, "budget_s": cfg.budget_s,
-               "margin_s": cfg.margin_s, "environment": report.environment(device), "sections": {}}
+               "margin_s": cfg.margin_s, "environment": report.environment(device, cfg.git_revision), "sections": {}}
     sizes = cfg.effective()
     start = time.perf_counter()
     env = Env(device=device, deadline=start + cfg.budget_s - cfg.margin_s,

@@ -43,8 +43,8 @@ def command_for(cfg, *, sections: tuple[str, ...] | None = None, include_outputs
     return " ".join([SCRIPT, *(shlex.quote(p) for p in parts)])
 
 
-def environment(device: torch.device) -> dict:
-    """Device, library versions, commit and date of a run."""
+def environment(device: torch.device, revision: str = "") -> dict:
+    """Device, library versions, commit (``revision``, or git's when empty) and date of a run."""
     import diffusers
 
     from diffgrpo.checkpoint import git_revision
@@ -55,8 +55,8 @@ def environment(device: torch.device) -> dict:
                                                                    f"{torch.get_num_threads()} torch threads)",
         "memory_gib": torch.cuda.get_device_properties(device).total_memory / 2**30 if cuda else None,
         "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-        "diffusers": diffusers.__version__, "python": platform.python_version(), "git_revision": git_revision(),
-        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "diffusers": diffusers.__version__, "python": platform.python_version(),
+        "git_revision": revision or git_revision(), "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
