@@ -127,6 +127,14 @@ def test_full_size_pipelines_have_the_published_parameter_counts() -> None:
     config = TextToImageTaskConfig(image_size_px=512)
     assert TextToImageTask(unet, {"train": ["a cat"]}, config).sample_shape == (4, 64, 64)
     assert TextToImageTask(sd3, {"train": ["a cat"]}, config).sample_shape == (16, 64, 64)
+    # 512 px latents through the denoisers (shapes only, on the meta device): 77 CLIP tokens for SD 1.5; for
+    # SD3 77 CLIP tokens (768 + 1280 features, zero-padded to T5's 4096) + 256 zero T5 tokens, pooled 768 + 1280.
+    meta = {"device": "meta"}
+    eps = unet.unet(torch.zeros(2, 4, 64, 64, **meta), torch.ones(2, **meta), torch.zeros(2, 77, 768, **meta)).sample
+    velocity = sd3.transformer(hidden_states=torch.zeros(2, 16, 64, 64, **meta), timestep=torch.ones(2, **meta),
+                               encoder_hidden_states=torch.zeros(2, 333, 4096, **meta),
+                               pooled_projections=torch.zeros(2, 2048, **meta)).sample
+    assert eps.shape == (2, 4, 64, 64) and velocity.shape == (2, 16, 64, 64)
 
 
 @pytest.mark.unchecked_annotations

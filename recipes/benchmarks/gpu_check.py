@@ -9,8 +9,9 @@ built from configs (nothing is downloaded). Sections, in order:
   float32 and under bf16 autocast;
 - ``ego_grpo_fp32``, ``ego_grpo_bf16``: one GRPO iteration (rollouts, joint-level rewards,
   advantages, one optimiser step on the whole network) at the scale of MotionGRPO's first author's
-  code, 64 head trajectories x groups of 16 = 1,024 rollouts in micro-batches (the conditions are
-  halved until it fits in memory); seconds of sampling and of the update, peak memory, and the
+  code, 64 head trajectories x groups of 16 = 1,024 rollouts in micro-batches of 128 (out of memory
+  while sampling halves the conditions, in the update the micro-batch: the largest that fits is
+  measured and the attempts recorded); seconds of sampling and of the update, peak memory, and the
   on-policy importance ratio's largest deviation from 1, which must be exactly 0 (the first update
   after sampling reproduces the rollout's log-probabilities bit for bit);
 - ``t2i_unet``, ``t2i_sd3``: one GRPO iteration with LoRA and classifier-free guidance at 512 px on
@@ -18,8 +19,8 @@ built from configs (nothing is downloaded). Sections, in order:
 - ``t2i_forward_process``: one iteration of a forward-process objective on the SD3-size pipeline,
   through :data:`FORWARD_PROCESS_ITERATION` (recorded as skipped while that is None).
 
-    python recipes/benchmarks/gpu_check.py --output runs/gpu_check.json --write-docs docs/benchmarks.md
-    python recipes/benchmarks/gpu_check.py --from-results runs/gpu_check.json --write-docs docs/benchmarks.md
+    python recipes/benchmarks/gpu_check.py --output docs/data/gpu_check.json --write-docs docs/benchmarks.md
+    python recipes/benchmarks/gpu_check.py --from-results docs/data/gpu_check.json --write-docs docs/benchmarks.md
     python recipes/benchmarks/gpu_check.py --dry-run     # tiny sizes on the CPU, seconds (run by the tests)
 
 Budget: before each section, the elapsed time plus the section's reserve (:data:`RESERVE_S`, a rough
@@ -27,7 +28,9 @@ upper bound of its cost on an H100) is compared with ``--budget-s`` minus ``--ma
 would not fit is recorded as "skipped: budget" and the next ones still get their chance. The GRPO
 sections also skip their update when sampling has used up the budget. Results are written after
 every section, so a run stopped by an outer timeout keeps what it finished. A section that raises is
-recorded as failed (with the error) and the others still run.
+recorded as failed (with the error) and the others still run. Each timed iteration follows a warm-up
+iteration of one micro-batch (kernel selection, allocator); peak memory (``torch.cuda.max_memory_allocated``)
+includes the weights and optimiser state.
 """
 
 from __future__ import annotations
@@ -173,7 +176,8 @@ class Config:
             raise ValueError("--ego-group-size and --t2i-group-size must be >= 2 (group-relative advantages)")
 
     def effective(self) -> Config:
-        """The sizes actually run: ``--dry-run``'s tiny ones, else these."""
+        """The sizes actually run: ``--dry-run``'s tiny ones, else these. (K = 6 is the shortest EgoAllo chain on
+        which its eta = 0.8 step is defined.)"""
         if not self.dry_run:
             return self
         return dataclasses.replace(self, ego_windows=2, ego_conditions=2, ego_group_size=2, ego_micro_batch_size=2,
