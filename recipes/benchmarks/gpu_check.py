@@ -26,7 +26,7 @@ built from configs (nothing is downloaded). Sections, in order:
 Budget: before each section, the elapsed time plus the section's reserve (:data:`RESERVE_S`, a rough
 upper bound of its cost on an H100) is compared with ``--budget-s`` minus ``--margin-s``; a section that
 would not fit is recorded as "skipped: budget" and the next ones still get their chance. The GRPO
-sections also skip their update when sampling has used up the budget. Results are written after
+sections also skip their update when their collect phase has used up the budget. Results are written after
 every section, so a run stopped by an outer timeout keeps what it finished. A section that raises is
 recorded as failed (with the error) and the others still run. Each timed iteration follows a warm-up
 iteration of one micro-batch (kernel selection, allocator); peak memory (``torch.cuda.max_memory_allocated``)
@@ -115,7 +115,10 @@ class Config:
     """The GPU check's sizes, budget and outputs (``--dry-run`` replaces every size by a tiny one)."""
 
     dry_run: bool = False
-    """Tiny sizes on the CPU, the same code paths end to end, in seconds (what the test suite runs)."""
+    """Tiny sizes, the same code paths end to end, in seconds (on the CPU: what the test suite runs)."""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """auto: the CPU for --dry-run, else CUDA. (--dry-run --device cuda checks the code paths on a GPU in
+    seconds; --device cpu at full size is for small --*-conditions only.)"""
     sections: tuple[str, ...] = SECTIONS
     """Sections to run, in this order."""
     output: Path | None = None
@@ -251,11 +254,12 @@ class Iteration:
 
 
 def grpo_step(it: Iteration, batch, grpo: GRPOConfig, streams: RandomStreams, env: Env) -> dict:
-    """Sampling then update, each timed; the update is skipped (and said so) once the budget is spent."""
-    data, sampling_s, sampling_peak = timed(
+    """Collect (sampling, decoding, rewards, advantages) then update, each timed; the update is skipped (and
+    said so) once the budget is spent."""
+    data, collect_s, collect_peak = timed(
         lambda: grpo_collect(it.task, it.policy, it.scheduler, batch, grpo, it.rewards, streams, it.accelerator),
         env.device)
-    out = {"sampling_s": sampling_s, "peak_memory_gib": sampling_peak,
+    out = {"collect_s": collect_s, "peak_memory_gib": collect_peak,
            "samples_finite": bool(torch.isfinite(data.trajectory.samples).all())}
     if env.past_deadline():
         return {**out, "update": "skipped: budget"}
@@ -265,8 +269,8 @@ def grpo_step(it: Iteration, batch, grpo: GRPOConfig, streams: RandomStreams, en
             env.device)
     except torch.cuda.OutOfMemoryError as error:
         raise UpdateOutOfMemory(str(error)) from None
-    return {**out, "update_s": update_s, "iteration_s": sampling_s + update_s, "on_policy_ratio_max_dev": ratio_dev,
-            "peak_memory_gib": None if update_peak is None else max(update_peak, sampling_peak)}
+    return {**out, "update_s": update_s, "iteration_s": collect_s + update_s, "on_policy_ratio_max_dev": ratio_dev,
+            "peak_memory_gib": None if update_peak is None else max(update_peak, collect_peak)}
 
 
 def forward_process_step(it: Iteration, batch, grpo: GRPOConfig, streams: RandomStreams, env: Env) -> dict:
@@ -332,18 +336,19 @@ def load_batch(task, split: str, n: int, device: torch.device):
 
 
 def iteration_rows(what: str, precision: str, result: dict) -> list[dict]:
-    """The table row of a measured iteration (sampling only when the budget cut the update)."""
+    """The table row of a measured iteration (the collect phase only when the budget cut the update)."""
     detail = (f"{result['conditions']} x {result['group_size']} = {result['rollouts']} rollouts, micro-batch "
               f"{result['micro_batch_size']}")
     if result["memory_before_gib"] is not None:
         detail += f"; {result['memory_before_gib']:.2f} GiB allocated before (weights, optimiser state)"
     if result["out_of_memory_attempts"]:
         detail += f"; out of memory first at: {'; '.join(result['out_of_memory_attempts'])}"
-    if "sampling_s" in result and "update_s" not in result:
-        return [row(f"{what}: sampling only (update {result['update']})", precision, result["sampling_s"],
+    if "collect_s" in result and "update_s" not in result:
+        return [row(f"{what}: collect only (update {result['update']})", precision, result["collect_s"],
                     result["peak_memory_gib"], detail=detail)]
     if "update_s" in result:
-        detail += f"; sampling {result['sampling_s']:.2f} s + update {result['update_s']:.2f} s"
+        detail += (f"; collect (sampling, decoding, rewards) {result['collect_s']:.2f} s + update "
+                   f"{result['update_s']:.2f} s")
     return [row(what, precision, result["iteration_s"], result["peak_memory_gib"],
                 result.get("on_policy_ratio_max_dev"), detail)]
 
@@ -499,10 +504,10 @@ SECTION_FUNCTIONS: dict[str, Callable[[Config, Env], dict]] = {
 
 def run(cfg: Config) -> dict:
     """Run the sections in order within the budget; returns the results (also written to ``cfg.output``)."""
-    if not cfg.dry_run and not torch.cuda.is_available():
+    device = torch.device(cfg.device if cfg.device != "auto" else "cpu" if cfg.dry_run else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("no CUDA device: the full-size check needs a GPU; pass --dry-run for the CPU check of the "
                            "same code paths at tiny sizes")
-    device = torch.device("cpu" if cfg.dry_run else "cuda")
     results = {"command": report.command_for(cfg), "dry_run": cfg.dry_run, "budget_s": cfg.budget_s,
                "margin_s": cfg.margin_s, "environment": report.environment(device, cfg.git_revision), "sections": {}}
     sizes = cfg.effective()
@@ -512,8 +517,9 @@ def run(cfg: Config) -> dict:
     for name in cfg.sections:
         began = time.perf_counter() - start
         reserve = 0.0 if cfg.dry_run else RESERVE_S[name]
-        record: dict = {"command": report.command_for(cfg, sections=(name,), include_outputs=False),
-                        "started_at_s": began}
+        other = ("t2i_", "lora_") if name.startswith("ego_") else ("ego_",)
+        record: dict = {"command": report.command_for(cfg, sections=(name,), include_outputs=False,
+                                                      omit_prefixes=other), "started_at_s": began}
         if began + reserve > cfg.budget_s - cfg.margin_s:
             record["status"] = (f"skipped: budget ({began:.0f} s elapsed + {reserve:.0f} s reserve > "
                                 f"{cfg.budget_s - cfg.margin_s:.0f} s)")

@@ -21,12 +21,13 @@ OUTPUT_FLAGS = ("output", "write_docs", "from_results")
 """Config fields that say where results go, not what is measured."""
 
 
-def command_for(cfg, *, sections: tuple[str, ...] | None = None, include_outputs: bool = True) -> str:
+def command_for(cfg, *, sections: tuple[str, ...] | None = None, include_outputs: bool = True,
+                omit_prefixes: tuple[str, ...] = ()) -> str:
     """The command line that runs the dataclass config ``cfg``: its non-default fields as flags.
 
     ``sections`` replaces ``cfg.sections`` (and is always written); ``include_outputs=False`` leaves out
-    the output flags (a figure's own command). Flags are tyro's: ``--field-name VALUE...``, a bare flag
-    for a true boolean.
+    the output flags and ``omit_prefixes`` the fields of other sections (a figure's own command). Flags
+    are tyro's: ``--field-name VALUE...``, a bare flag for a true boolean.
     """
     defaults = type(cfg)()
     parts = []
@@ -34,8 +35,8 @@ def command_for(cfg, *, sections: tuple[str, ...] | None = None, include_outputs
         value = getattr(cfg, field.name)
         forced = field.name == "sections" and sections is not None
         value = sections if forced else value
-        if (field.name in OUTPUT_FLAGS and not include_outputs) or (value == getattr(defaults, field.name)
-                                                                    and not forced):
+        omitted = (field.name in OUTPUT_FLAGS and not include_outputs) or field.name.startswith(omit_prefixes)
+        if omitted or (value == getattr(defaults, field.name) and not forced):
             continue
         parts.append("--" + field.name.replace("_", "-"))
         if not isinstance(value, bool):
@@ -68,8 +69,9 @@ def _number(value: float | None, digits: int) -> str:
 def markdown(results: dict) -> str:
     """What ran where, then one table row per figure (or per section not run, with its status) and its command."""
     env = results["environment"]
-    kind = "DRY RUN on the CPU at tiny sizes (checks the code paths; not a measurement)" if results["dry_run"] else (
-        f"{env['device']} ({_number(env['memory_gib'], 0)} GiB)")
+    memory = f" ({env['memory_gib']:.0f} GiB)" if env["memory_gib"] is not None else ""
+    kind = (f"DRY RUN on {env['device']}{memory} at tiny sizes (checks the code paths; not a measurement)"
+            if results["dry_run"] else f"{env['device']}{memory}")
     lines = [f"{kind}: `{results['command']}` at commit `{env['git_revision']}`, {env['date_utc']}; torch "
              f"{env['torch']}, CUDA {env['cuda']}, diffusers {env['diffusers']}, TF32 matmul "
              f"{'on' if env['tf32_matmul'] else 'off'}. {results['total_s']:.0f} s of the {results['budget_s']:.0f} s "
