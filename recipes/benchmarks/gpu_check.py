@@ -95,7 +95,8 @@ def grpo_update(task, model, scheduler, data, optimizer, grpo: GRPOConfig, strea
 FORWARD_PROCESS_ITERATION: Callable[..., dict] | None = None
 """One iteration of a forward-process objective (rollouts keep only x0 and rewards; the update noises
 them afresh), called as ``fn(task, model, scheduler, batch, grpo, rewards, streams, optimizer, accelerator)``
-like :func:`grpo_collect` then :func:`grpo_update`, returning scalars to record. None: the library has no
+like :func:`grpo_collect` then :func:`grpo_update` (``model`` as ``accelerator.prepare`` returned it), returning
+scalars to record. None: the library has no
 such objective yet and section ``t2i_forward_process`` is recorded as skipped."""
 
 # ---------------------------------------------------------------------------------------------
@@ -422,7 +423,7 @@ def ego_grpo(cfg: Config, env: Env, precision: str) -> dict:
                       sampler=task.sampler_config(), perturb=PerturbConfig(name="perlin", scale=0.03),
                       optim=OptimConfig(learning_rate=1e-5), rewards=EGO_REWARDS, train_split="post_train",
                       mixed_precision="bf16" if precision == "bf16" else "no")
-    result = measure_iteration(task, model, grpo, env)
+    result = measure_iteration(task, model, grpo, env)  # Perlin head perturbation at MotionGRPO's lambda = 0.03 m
     what = f"{ego_label(cfg, numel)}: GRPO iteration"
     return {"rows": iteration_rows(what, precision, result), "parameters": numel, **result}
 
