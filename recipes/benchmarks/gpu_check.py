@@ -96,8 +96,8 @@ FORWARD_PROCESS_ITERATION: Callable[..., dict] | None = None
 """One iteration of a forward-process objective (rollouts keep only x0 and rewards; the update noises
 them afresh), called as ``fn(task, model, scheduler, batch, grpo, rewards, streams, optimizer, accelerator)``
 like :func:`grpo_collect` then :func:`grpo_update` (``model`` as ``accelerator.prepare`` returned it), returning
-scalars to record. None: the library has no
-such objective yet and section ``t2i_forward_process`` is recorded as skipped."""
+scalars to record. None: the library has no such objective yet and section ``t2i_forward_process`` is
+recorded as skipped."""
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
