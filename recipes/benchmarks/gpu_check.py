@@ -513,32 +513,37 @@ def run(cfg: Config) -> dict:
                "margin_s": cfg.margin_s, "environment": report.environment(device, cfg.git_revision), "sections": {}}
     sizes = cfg.effective()
     start = time.perf_counter()
-    env = Env(device=device, deadline=start + cfg.budget_s - cfg.margin_s,
-              workdir=Path(tempfile.mkdtemp(prefix="gpu_check_")))
-    for name in cfg.sections:
-        began = time.perf_counter() - start
-        reserve = 0.0 if cfg.dry_run else RESERVE_S[name]
-        other = ("t2i_", "lora_") if name.startswith("ego_") else ("ego_",)
-        record: dict = {"command": report.command_for(cfg, sections=(name,), include_outputs=False,
-                                                      omit_prefixes=other), "started_at_s": began}
-        if began + reserve > cfg.budget_s - cfg.margin_s:
-            record["status"] = (f"skipped: budget ({began:.0f} s elapsed + {reserve:.0f} s reserve > "
-                                f"{cfg.budget_s - cfg.margin_s:.0f} s)")
-        else:
-            try:
-                record.update(SECTION_FUNCTIONS[name](sizes, env))
-                record.setdefault("status", "ok")
-            except Exception as error:  # recorded, and the next sections still run
-                record["status"] = f"failed: {type(error).__name__}: {error}"
-                record["traceback"] = traceback.format_exc()[-4000:]
-            free_memory(device)
-        record["section_s"] = time.perf_counter() - start - began
-        results["sections"][name] = record
-        results["total_s"] = time.perf_counter() - start
-        if cfg.output is not None:
-            cfg.output.parent.mkdir(parents=True, exist_ok=True)
-            cfg.output.write_text(json.dumps(results, indent=2) + "\n")
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as workdir:
+        env = Env(device=device, deadline=start + cfg.budget_s - cfg.margin_s, workdir=Path(workdir))
+        for name in cfg.sections:
+            began = time.perf_counter() - start
+            record = run_section(name, cfg, sizes, env, began)
+            record["section_s"] = time.perf_counter() - start - began
+            results["sections"][name] = record
+            results["total_s"] = time.perf_counter() - start
+            if cfg.output is not None:
+                cfg.output.parent.mkdir(parents=True, exist_ok=True)
+                cfg.output.write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def run_section(name: str, cfg: Config, sizes: Config, env: Env, began: float) -> dict:
+    """Section ``name``'s record: its results, "skipped: budget" when its reserve no longer fits after ``began``
+    seconds, or "failed: <error>" (with the traceback) when it raised."""
+    reserve = 0.0 if cfg.dry_run else RESERVE_S[name]
+    other = ("t2i_", "lora_") if name.startswith("ego_") else ("ego_",)
+    record: dict = {"command": report.command_for(cfg, sections=(name,), include_outputs=False, omit_prefixes=other),
+                    "started_at_s": began}
+    if began + reserve > cfg.budget_s - cfg.margin_s:
+        return {**record, "status": f"skipped: budget ({began:.0f} s elapsed + {reserve:.0f} s reserve > "
+                                    f"{cfg.budget_s - cfg.margin_s:.0f} s)"}
+    try:
+        record.update(SECTION_FUNCTIONS[name](sizes, env))
+        record.setdefault("status", "ok")
+    except Exception as error:  # recorded, and the next sections still run
+        record.update(status=f"failed: {type(error).__name__}: {error}", traceback=traceback.format_exc()[-4000:])
+    free_memory(env.device)
+    return record
 
 
 def main(cfg: Config) -> dict:
