@@ -15,17 +15,16 @@ rollout's final sample x0_i, t_i drawn by ``TimestepSampling``, A_i the group-re
 The sampler does not enter: any sampler (deterministic included) can produce x0.
 
 Negative advantages are kept as they are (signed weights), bounded only by a symmetric clip.
-Why: with weights A_i that sum to 0 within a group, the gradient sum_i A_i grad l_i is the
-policy-gradient estimator with the group mean as baseline; the baseline term
-mean(A) * sum_i grad l_i is what a non-zero weight sum adds. Dropping (or zeroing) the negative
-advantages makes the weights sum to mean(A+) > 0, adding mean(A+) times the gradient of
-"fit your own samples": 0 in expectation only for a model that reproduces its samples exactly,
-otherwise a bias towards the current policy, and half the group's information thrown away (higher
-variance for the same number of samples). Mapping A to exp(A / lambda) (RWR/AWR) keeps all signs
-positive with the same bias. The cost of signed weights: on its own a negative-weighted term is
-unbounded below (push the prediction away without limit), so the clip bounds each weight, and
-repeated updates on one batch need the KL guard (``kl_coef``) or few epochs; on-policy (one update
-per batch) each term moves the model by one bounded step.
+Why: group-relative advantages sum to 0 within a group, so sum_i A_i grad l_i is the
+policy-gradient estimator with the group mean as its baseline. Dropping (or zeroing) the negative
+advantages makes the weights sum to n mean(A+) > 0, which adds mean(A+) sum_i grad l_i, the
+gradient of "fit your own samples": 0 in expectation only for a model that reproduces its samples
+exactly, otherwise a bias towards the current policy; and it discards half of each group's
+information (more variance for the same number of samples). Mapping A to exp(A / lambda) (RWR/AWR)
+keeps every weight positive and carries the same bias. The cost of signed weights: a
+negatively weighted term alone is unbounded below (the prediction can be pushed away without
+limit), so the clip bounds each weight, and several updates on one batch need the KL guard
+(``kl_coef``); on-policy (one update per batch) each term moves the model by one bounded step.
 """
 
 from __future__ import annotations
@@ -99,9 +98,13 @@ def sample_mean(values: Float[Tensor, " N"], mask: Bool[Tensor, " N"] | None) ->
 
 
 def check_objective_inputs(
-    prediction: Tensor, batch: NoisedBatch, advantages: Tensor, others: dict[str, Tensor | None]
+    prediction: Tensor, batch: NoisedBatch, advantages: Tensor, others: dict[str, Tensor | None], kl_coef: float
 ) -> None:
-    """Shapes and finiteness shared by the forward-process objectives; raises ValueError naming the input."""
+    """Shapes, finiteness and the guard's reference, shared by the forward-process objectives; raises
+    ValueError naming the input."""
+    if kl_coef > 0 and others.get("prediction_ref") is None:
+        raise ValueError(f"kl_coef={kl_coef} needs prediction_ref (the reference model at batch.x_t); "
+                         "or set kl_coef=0")
     if prediction.shape != batch.x0.shape:
         raise ValueError(f"prediction {tuple(prediction.shape)} must have the noised batch's shape "
                          f"{tuple(batch.x0.shape)}: evaluate the model at batch.x_t, batch.timesteps")
@@ -114,6 +117,15 @@ def check_objective_inputs(
     for name, other in others.items():
         if other is not None and other.shape != prediction.shape:
             raise ValueError(f"{name} {tuple(other.shape)} must have prediction's shape {tuple(prediction.shape)}")
+
+
+def kl_guard(
+    prediction: Tensor, prediction_ref: Tensor | None, mask: Bool[Tensor, " N"] | None
+) -> Tensor:
+    """Mean prediction gap to the reference over the kept samples (``diffgrpo.guard``); 0 without a reference."""
+    if prediction_ref is None:
+        return torch.zeros((), device=prediction.device)
+    return sample_mean(prediction_gap(prediction, prediction_ref), mask)[0]
 
 
 def awm_loss(
@@ -135,10 +147,7 @@ def awm_loss(
         prediction_ref: the frozen reference's prediction at the same (x_t, t); needed when kl_coef > 0.
         mask: rows that enter the loss (``AdvantageResult.mask``).
     """
-    check_objective_inputs(prediction, batch, advantages, {"prediction_ref": prediction_ref})
-    if cfg.kl_coef > 0 and prediction_ref is None:
-        raise ValueError(f"kl_coef={cfg.kl_coef} needs prediction_ref (the reference model at batch.x_t); "
-                         "or set kl_coef=0")
+    check_objective_inputs(prediction, batch, advantages, {"prediction_ref": prediction_ref}, cfg.kl_coef)
     n = prediction.shape[0]
     adv = advantages.detach().float()
     bound = math.inf if cfg.max_abs_advantage is None else cfg.max_abs_advantage
@@ -146,14 +155,14 @@ def awm_loss(
     residual = regression_residual(process, prediction, batch, cfg.regression_space)
     error = residual.square().reshape(n, -1).mean(dim=1)  # [N] per-sample pretraining loss
     policy_loss, count = sample_mean(weight * error, mask)
-    kl = sample_mean(prediction_gap(prediction, prediction_ref), mask)[0] if prediction_ref is not None else None
-    loss = policy_loss if kl is None or cfg.kl_coef == 0 else policy_loss + cfg.kl_coef * kl
+    kl = kl_guard(prediction, prediction_ref, mask)
+    loss = policy_loss + cfg.kl_coef * kl if cfg.kl_coef > 0 else policy_loss
     with torch.no_grad():
         stats = AWMStats(
             loss=loss.detach(),
             policy_loss=policy_loss.detach(),
             matching_error=sample_mean(error.detach(), mask)[0],
-            kl=kl.detach() if kl is not None else torch.zeros((), device=prediction.device),
+            kl=kl.detach(),
             clip_frac=sample_mean((adv.abs() > bound).float(), mask)[0],
             num_samples=count,
         )

@@ -55,7 +55,8 @@ class TimestepSampling:
       is undetermined by x_t, is never drawn), t = sigma T.
     table: uniform over the entries of ``scheduler.timesteps`` (the sampler's grid, after
       ``set_timesteps``) whose noise fraction (t / (T - 1) for DDPM, sigma for flow) lies in
-      [low, high]: DiffusionNFT trains at the sampler's own timesteps (Zheng et al. 2025, sec. 4).
+      [low, high]: DiffusionNFT trains at the sampler's own timesteps (Zheng et al. 2025). The grid is
+      read by ``ForwardProcess.from_scheduler``: call ``set_timesteps`` before it.
     """
 
     distribution: Literal["uniform", "table"] = "uniform"

@@ -47,7 +47,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
-from diffgrpo.awm import check_objective_inputs, sample_mean
+from diffgrpo.awm import check_objective_inputs, kl_guard, sample_mean
 from diffgrpo.ema import ParameterEMA
 from diffgrpo.forward_process import ForwardProcess, NoisedBatch, regression_residual
 from diffgrpo.guard import prediction_gap
@@ -177,12 +177,8 @@ def nft_loss(
         prediction_ref: the frozen reference's prediction at (x_t, t); needed when kl_coef > 0.
         mask: rows that enter the loss (``AdvantageResult.mask``).
     """
-    check_objective_inputs(
-        prediction, batch, advantages, {"prediction_old": prediction_old, "prediction_ref": prediction_ref}
-    )
-    if cfg.kl_coef > 0 and prediction_ref is None:
-        raise ValueError(f"kl_coef={cfg.kl_coef} needs prediction_ref (the reference model at batch.x_t); "
-                         "or set kl_coef=0")
+    others = {"prediction_old": prediction_old, "prediction_ref": prediction_ref}
+    check_objective_inputs(prediction, batch, advantages, others, cfg.kl_coef)
     beta = cfg.beta
     old = prediction_old.detach()
     r = optimality_probability(advantages, cfg.max_abs_advantage)  # [N]
@@ -192,8 +188,8 @@ def nft_loss(
     loss_neg = _weighted_error(regression_residual(process, negative, batch, cfg.regression_space), cfg)  # [N]
     per_sample = (cfg.max_abs_advantage / beta) * (r * loss_pos + (1.0 - r) * loss_neg)  # [N]
     policy_loss, count = sample_mean(per_sample, mask)
-    kl = sample_mean(prediction_gap(prediction, prediction_ref), mask)[0] if prediction_ref is not None else None
-    loss = policy_loss if kl is None or cfg.kl_coef == 0 else policy_loss + cfg.kl_coef * kl
+    kl = kl_guard(prediction, prediction_ref, mask)
+    loss = policy_loss + cfg.kl_coef * kl if cfg.kl_coef > 0 else policy_loss
     with torch.no_grad():
         deviation = prediction_gap(prediction.detach(), old)  # [N]
         kept = deviation if mask is None else deviation[mask]
@@ -202,7 +198,7 @@ def nft_loss(
             policy_loss=policy_loss.detach(),
             positive_loss=sample_mean(loss_pos.detach(), mask)[0],
             negative_loss=sample_mean(loss_neg.detach(), mask)[0],
-            kl=kl.detach() if kl is not None else torch.zeros((), device=prediction.device),
+            kl=kl.detach(),
             optimality_mean=sample_mean(r, mask)[0],
             old_deviation=sample_mean(deviation, mask)[0],
             old_deviation_max=kept.max() if kept.numel() else deviation.new_zeros(()),
