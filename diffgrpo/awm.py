@@ -2,10 +2,10 @@
 
 Why: the ratio objective's gradient is a score-matching gradient whose target is the *noisy* next
 state x_{t'} of the rollout; AWM (Xue et al. 2025, "Advantage Weighted Matching: Aligning RL with
-Pretraining in Diffusion Models", sec. 3-4) shows DDPO is denoising score matching with noisy targets
+Pretraining in Diffusion Models", arXiv:2509.25050) shows DDPO is denoising score matching with noisy targets
 and replaces it by the same loss on the *clean* sample, which has lower variance:
 
-    L_AWM(theta) = mean_i  A_i * || f_theta(x_t_i, t_i) - target(x0_i, eps_i, t_i) ||^2 / D
+    L_AWM(theta) = mean_i  clip(A_i) || f_theta(x_t_i, t_i) - target(x0_i, eps_i, t_i) ||^2 / D
                  + kl_coef * mean_i || f_theta(x_t_i, t_i) - f_ref(x_t_i, t_i) ||^2 / D
 
 with x_t = alpha_t x0 + sigma_t eps a fresh forward noising (``diffgrpo.forward_process``) of the

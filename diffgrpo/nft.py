@@ -3,7 +3,7 @@
 Why: like AWM (``diffgrpo.awm``) it trains on fresh forward noisings of the rollout's clean samples,
 so any sampler works (deterministic, CFG-free, no step log-probs); unlike AWM it moves the policy
 relative to an *old* policy f_old (an EMA of the trained weights), which bounds each update
-(Zheng et al. 2025, "DiffusionNFT: Online Diffusion Reinforcement with Forward Process", sec. 3-4).
+(Zheng et al. 2025, "DiffusionNFT: Online Diffusion Reinforcement with Forward Process", arXiv:2509.16117).
 
 Per noised sample (x_t, t) of a clean sample x0 with group-relative advantage A (symbols of the paper):
 
@@ -147,7 +147,7 @@ class NFTStats:
 
 
 def optimality_probability(advantages: Float[Tensor, " N"], max_abs_advantage: float) -> Float[Tensor, " N"]:
-    """r = 1/2 + 1/2 clip(A / A_max, -1, 1) in [0, 1] (DiffusionNFT sec. 4): 1/2 for an average sample.
+    """r = 1/2 + 1/2 clip(A / A_max, -1, 1) in [0, 1] (DiffusionNFT, Zheng et al. 2025): 1/2 for an average sample.
 
     ``advantages`` are group-relative (``diffgrpo.advantages``), so r is relative to the group.
     """
