@@ -112,8 +112,10 @@ def update_old_policy(old: ParameterEMA, model: nn.Module, iteration: int, sched
 
     Call once per iteration, after its policy update. ``old`` is a ``ParameterEMA`` of the trainable
     parameters (built from the model before training, so old = initial policy); evaluate f_old inside
-    ``old.swapped_in(model)`` under ``torch.no_grad()``. The decay is stored on ``old`` (its
-    ``decay`` attribute), so a checkpoint of ``old`` plus the iteration restores the schedule.
+    ``old.swapped_in(model)`` under ``torch.no_grad()``, *before* the forward pass that builds the
+    graph of f_theta: the swap writes the parameters in place, which invalidates a graph built before
+    it (autograd raises). The decay is stored on ``old`` (its ``decay`` attribute) and recomputed from
+    the iteration, so a checkpoint of ``old``'s tensors plus the iteration restores the schedule.
     """
     old.decay = schedule.decay(iteration)
     old.update(model)

@@ -109,13 +109,13 @@ def _train(objective: str, family: str, seed: int, informative: bool = True):
         advantages = compute_advantages({"reward": rewards}, group_ids, AdvantageConfig()).advantages
         batch = forward_noise(process, x0.repeat_interleave(TIMESTEPS_PER_SAMPLE, 0), gen)
         advantages = advantages.repeat_interleave(TIMESTEPS_PER_SAMPLE)
-        prediction = model(batch.x_t, batch.timesteps)
         if objective == "nft":
-            with torch.no_grad(), old.swapped_in(model):
+            with torch.no_grad(), old.swapped_in(model):  # before the trained forward: the swap writes in place
                 prediction_old = model(batch.x_t, batch.timesteps)
-            loss, _ = nft_loss(prediction, prediction_old, batch, advantages, process, NFTConfig())
+            loss, _ = nft_loss(model(batch.x_t, batch.timesteps), prediction_old, batch, advantages, process,
+                               NFTConfig())
         else:
-            loss, _ = awm_loss(prediction, batch, advantages, process, AWMConfig())
+            loss, _ = awm_loss(model(batch.x_t, batch.timesteps), batch, advantages, process, AWMConfig())
         opt.zero_grad()
         loss.backward()
         opt.step()
