@@ -21,9 +21,9 @@ Parametrisations (what the model outputs, and its pretraining target given x0 an
 - "velocity":     u = eps - x0, the flow-matching velocity dx_t/dsigma (Lipman et al. 2023; Liu et al.
                   2023), what flow schedulers' models predict.  (flow)
 
-At fixed (x_t, t) every prediction is an affine function of its clean-sample estimate with unit
-weight on it up to a scale: x0_hat = a_t x_t + b_t f. That is why mixtures of predictions with
-weights summing to 1 (DiffusionNFT's implicit policies) map to the same mixtures of x0 estimates.
+At fixed (x_t, t) the clean-sample estimate is affine in the prediction, x0_hat = a_t x_t + b_t f.
+So a mixture of predictions whose weights sum to 1 (DiffusionNFT's implicit policies) has as its
+x0 estimate the same mixture of the x0 estimates.
 """
 
 from __future__ import annotations
