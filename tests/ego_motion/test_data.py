@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+import tasks.ego_motion.pretrain as pretrain_job
 from tasks.ego_motion.body.body_model import load_body_model, mirror_joint_positions
 from tasks.ego_motion.body.geometry import (
     SMPLH_MIRROR_PERMUTATION,
@@ -149,7 +150,7 @@ def test_head_pose_is_fk_head_joint_times_cpf_offset(moving, model):
     expected = T_world_head @ model.T_head_cpf(betas)
     torch.testing.assert_close(batch["T_world_cpf"][:, 1:], expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(batch["joints_world"], fk.t_world_joint[..., :22, :], atol=1e-5, rtol=0)
-    # and the root recovered from the headset (method.md section 1) is the stored root
+    # and the root recovered from the headset (docs/ego_motion_data.md) is the stored root
     root = model.root_from_cpf(batch["T_world_cpf"][:, 1:], local, betas)
     torch.testing.assert_close(root, batch["T_world_root"], atol=1e-5, rtol=0)
 
@@ -429,9 +430,8 @@ def test_extra_prior_train_dir_errors_name_the_fix(tmp_path):
     with pytest.raises(ValueError, match="overlap"):
         dataclasses.replace(base, extra_prior_train_dir=src / "idle").files("prior_train")
     # The pretraining recipe checks the flag before any work, and only with the prior_train split.
-    from tests.recipes import load_recipe
 
-    recipe = load_recipe("pretrain_ego_motion")
+    recipe = pretrain_job
     with pytest.raises(FileNotFoundError, match="does not exist"):
         recipe.Config(extra_prior_train_dir=tmp_path / "missing")
     with pytest.raises(ValueError, match="--train-split prior_train"):

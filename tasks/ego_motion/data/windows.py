@@ -1,7 +1,7 @@
 """AMASS-layout motion files -> fixed-length training windows of head poses and body targets.
 
-Why: the prior learns p(body | head trajectory) on windows of T frames (method.md sections 1-3,
-12). Each window holds T+1 headset poses ``T_world_cpf`` (the condition of frame t needs the pose
+Why: the prior learns p(body | head trajectory) on windows of T frames (docs/ego_motion_data.md,
+docs/ego_motion_prior.md). Each window holds T+1 headset poses ``T_world_cpf`` (the condition of frame t needs the pose
 at t-1, so T+1 poses give T conditioned frames) and the T frames of targets that follow the first
 pose. Processing (FK, contacts, mirroring) is done once and cached with HF ``datasets``.
 
@@ -81,23 +81,23 @@ from ..body.body_model import (
     mirror_local_rotations,
     mirror_root_pose,
 )
-from ..body.geometry import (
+from ..body.geometry import (  # NUM_BETAS, FOOT_JOINTS, NUM_METRIC_JOINTS: also imported from here
+    FOOT_JOINTS,
+    NUM_BETAS,
     NUM_BODY_JOINTS,
     NUM_HAND_JOINTS,
+    NUM_METRIC_JOINTS,
     axis_angle_to_matrix,
     matrix_to_quaternion,
     quaternion_to_matrix,
     slerp_quaternions,
 )
-from .amass import AmassSequence, load_amass_npz
+from .amass import TARGET_FPS, AmassSequence, load_amass_npz
 
 logger = logging.getLogger(__name__)
 
 DATA_VERSION = "ego_motion.data/1"
 """Bump when the processing changes in a way the settings do not capture: every cache rebuilds."""
-TARGET_FPS = 30.0
-NUM_BETAS = 16
-NUM_METRIC_JOINTS = 1 + NUM_BODY_JOINTS  # pelvis + 21 body joints
 AMASS_POSE_DIM = 3 * (1 + NUM_BODY_JOINTS + NUM_HAND_JOINTS)  # 156
 EGOALLO_TEST_SUBSETS: tuple[str, ...] = ("Transitions_mocap", "SSM_synced")
 AMASS_SHAPE_FILE = "shape.npz"
@@ -106,7 +106,6 @@ BUNDLED_SPLIT_FILE = BUNDLED_CMU_DIR.parent / "split.json"
 ENV_CACHE_ROOT = "DIFFGRPO_CACHE"
 FLOOR_WARNING_M = 0.1
 SUMMARY_FILE = "diffgrpo_ego_motion.json"
-FOOT_JOINTS: tuple[int, ...] = (7, 8, 10, 11)  # SMPL-H ankles and toes ("foot")
 Split = Literal["train", "prior_train", "post_train", "test"]
 SPLITS: tuple[str, ...] = ("train", "prior_train", "post_train", "test")
 TRAINING_SPLITS: tuple[str, ...] = ("train", "prior_train", "post_train")
