@@ -43,6 +43,7 @@ import tyro
 import tasks.ego_motion.grpo as ego
 import tasks.ego_motion.pretrain as pretrain
 from diffgrpo.checkpoint import git_revision
+from diffgrpo.cli import flags_spelled
 from diffgrpo.config import PerturbConfig
 
 logger = logging.getLogger("recipes.ablation_ego_motion")
@@ -526,4 +527,5 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    with flags_spelled({"--grpo.": "--base.grpo.", "--task.": "--base.task."}):  # the main job's config is --base
+        main(tyro.cli(Config))

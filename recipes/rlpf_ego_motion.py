@@ -47,6 +47,7 @@ import tyro
 import tasks.ego_motion.grpo as ego
 import tasks.ego_motion.rewards.registered  # noqa: F401  (registers the ego_* and physics_* rewards)
 from diffgrpo.checkpoint import latest_checkpoint, load_checkpoint
+from diffgrpo.cli import flags_spelled
 from diffgrpo.config import PerturbConfig, ProbeConfig
 from diffgrpo.launch import make_accelerator
 from diffgrpo.loss import LossConfig
@@ -310,4 +311,5 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    with flags_spelled({"--grpo.": "--base.grpo.", "--task.": "--base.task."}):  # the main job's config is --base
+        main(tyro.cli(Config))
