@@ -2,7 +2,7 @@
 
 Why: GRPO replaces a learned value function by the statistics of G samples that share a
 condition: A_i = (R_i - mean_group) / (std_group + eps). With several sub-rewards the paper
-normalises each one within the group and sums (method.md section 6, step 4):
+normalises each one within the group and sums (MotionGRPO Algorithm 1 line 6; docs/ego_motion_grpo.md):
 A_{i,k} = (R_{i,k} - mean_k) / (std_k + eps), A_i = sum_k w_k A_{i,k}.
 When the group's samples barely differ (std -> 0) the advantages carry no signal, so such
 groups are detected, counted and handled by an explicit policy instead of producing noise or NaN.

@@ -52,18 +52,18 @@ class SamplerConfig:
     def __post_init__(self) -> None:
         if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 1.0):
             raise ValueError(f"sampler.guidance_scale={self.guidance_scale} must be >= 1 (1 = no guidance); fix "
-                             "--grpo.sampler.guidance-scale")
+                             "--sampler.guidance-scale")
         methods = ("ddim", "ddpm", "egoallo", "flow_sde", "cps")
         if self.method is not None and self.method not in methods:
             raise ValueError(f"sampler.method={self.method!r} is not one of {methods} (or None for the scheduler's "
-                             "default); fix --grpo.sampler.method")
+                             "default); fix --sampler.method")
         if not math.isfinite(self.eta) or self.eta < 0:
             raise ValueError(f"sampler.eta must be >= 0, got {self.eta}")
         if self.method in ("ddim", "cps") and self.eta > 1:
             raise ValueError(f"sampler.eta={self.eta} > 1 is undefined for method {self.method!r}; use 0 <= eta <= 1")
         if self.method != "egoallo" and self.egoallo_denominator_offset != 0.1:
             raise ValueError("sampler.egoallo_denominator_offset only applies to method 'egoallo'; drop it or pass "
-                             "--grpo.sampler.method egoallo")
+                             "--sampler.method egoallo")
         if not math.isfinite(self.egoallo_denominator_offset) or self.egoallo_denominator_offset < 0:
             raise ValueError(f"sampler.egoallo_denominator_offset={self.egoallo_denominator_offset} must be >= 0 "
                              "(EgoAllo uses 0.1)")
@@ -249,7 +249,10 @@ class EMAConfig:
 
 @dataclass(frozen=True)
 class GRPOConfig:
-    """One GRPO run: sampling, groups, advantages, loss, optimiser, bookkeeping."""
+    """One GRPO run: groups, advantages, loss, optimiser, bookkeeping.
+
+    The sampler settings are not here: they belong to the sampling chain (``diffgrpo.chain``), which a
+    recipe builds once from its task and its own ``SamplerConfig`` and hands to the loop."""
 
     seed: int = 0
     num_iterations: int = 20
@@ -275,7 +278,6 @@ class GRPOConfig:
     computed in a worker thread while the next chunk samples (``RewardSet.submit``). B must be a multiple
     of it and each chunk's B / chunks x G chains a multiple of ``micro_batch_size`` (so the update re-scores
     the very network batches the rollout ran)."""
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
     steps: StepSelectionConfig = field(default_factory=StepSelectionConfig)
     perturb: PerturbConfig = field(default_factory=PerturbConfig)
     advantages: AdvantageConfig = field(default_factory=AdvantageConfig)
@@ -328,11 +330,3 @@ class GRPOConfig:
             raise ValueError(f"mixed_precision={self.mixed_precision!r} is not one of 'no', 'fp16', 'bf16'")
         if self.step_weighting not in ("uniform", "unit_score"):
             raise ValueError(f"step_weighting={self.step_weighting!r} is not one of 'uniform', 'unit_score'")
-        several = self.inner_epochs * self.num_minibatches > 1
-        if several and self.sampler.log_prob_reduction == "sum" and self.loss.clip_range is None:
-            raise ValueError(
-                f"inner_epochs={self.inner_epochs} x num_minibatches={self.num_minibatches} optimiser steps per "
-                "rollout with summed step log-probs (sampler.log_prob_reduction='sum') and no clip: after the first "
-                "optimiser step a log-ratio summed over every dimension of a sample can reach hundreds of nats and "
-                "exp() overflows. Pass --grpo.loss.clip-range EPS, or --grpo.sampler.log-prob-reduction mean, or "
-                "--grpo.inner-epochs 1 --grpo.num-minibatches 1.")

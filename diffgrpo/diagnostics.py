@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from diffgrpo.chain import SamplingChain
 from diffgrpo.config import GRPOConfig
 from diffgrpo.loss import gaussian_step_kl
 from diffgrpo.rollout import score_step
@@ -50,7 +51,7 @@ def flat_grad(loss: Tensor, params: Sequence[nn.Parameter]) -> Tensor:
 def policy_gradients(
     task: Task,
     model: nn.Module,
-    scheduler,
+    chain: SamplingChain,
     data: RolloutBatch,
     *,
     cfg: GRPOConfig,
@@ -64,13 +65,13 @@ def policy_gradients(
     ``.grad`` and no collective runs.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    model_fn = model_fn_for(task, model, cfg.sampler.guidance_scale)
+    model_fn = model_fn_for(task, model, chain.sampler.guidance_scale)
     was_training = model.training
     model.eval()
     out: list[dict[int, Tensor]] = []
     for rows in row_sets:
         rows = rows.to(data.trajectory.states.device)
-        out.append({k: flat_grad(step_terms_loss(model_fn, scheduler, data, k, rows, cfg=cfg)[0], params)
+        out.append({k: flat_grad(step_terms_loss(model_fn, chain, data, k, rows, cfg=cfg)[0], params)
                     for k in steps})
     model.train(was_training)
     return out
@@ -85,7 +86,7 @@ def cosine(a: Tensor, b: Tensor) -> float:
 def gradient_agreement(
     task: Task,
     model: nn.Module,
-    scheduler,
+    chain: SamplingChain,
     data: RolloutBatch,
     *,
     cfg: GRPOConfig,
@@ -101,7 +102,7 @@ def gradient_agreement(
         raise ValueError("gradient agreement needs at least 2 groups (conditions) in the batch")
     first = torch.isin(group_ids, unique[: unique.numel() // 2])
     row_sets = [first.nonzero().flatten(), (~first).nonzero().flatten()]
-    halves = policy_gradients(task, model, scheduler, data, cfg=cfg, row_sets=row_sets, steps=steps)
+    halves = policy_gradients(task, model, chain, data, cfg=cfg, row_sets=row_sets, steps=steps)
     logs: dict[str, float] = {}
     num_steps = data.trajectory.num_steps
     weight = step_weights(data.trajectory, list(steps), cfg.step_weighting)  # as the update weighs its steps
@@ -118,16 +119,16 @@ def gradient_agreement(
 
 
 @torch.no_grad()
-def step_means(task: Task, model: nn.Module, scheduler, data: RolloutBatch, *, cfg: GRPOConfig,
+def step_means(task: Task, model: nn.Module, chain: SamplingChain, data: RolloutBatch, *, cfg: GRPOConfig,
                rows: slice, steps: Sequence[int]) -> dict[int, tuple[Tensor, Tensor]]:
     """(mean, std) of the step Gaussians of ``rows`` at ``steps`` under ``model`` (for policy movement), the
     means in the coordinates their density lives on (``StepOutput.density_coordinates``)."""
-    model_fn = model_fn_for(task, model, cfg.sampler.guidance_scale)
+    model_fn = model_fn_for(task, model, chain.sampler.guidance_scale)
     was_training = model.training
     model.eval()
     out = {}
     for k in steps:
-        step = score_step(model_fn, scheduler, data.trajectory, k, rows, sampler=cfg.sampler)
+        step = score_step(model_fn, chain, data.trajectory, k, rows)
         out[k] = (step.density_coordinates(step.mean).float(), step.std.reshape(-1, 1).float())  # (rows, r), (rows, 1)
     model.train(was_training)
     return out

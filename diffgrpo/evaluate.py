@@ -12,9 +12,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from diffgrpo.config import SamplerConfig
+from diffgrpo.chain import SamplingChain
 from diffgrpo.guidance import guided_model_fn
-from diffgrpo.rollout import make_generator, rollout
+from diffgrpo.rng import make_generator
+from diffgrpo.rollout import rollout
 from diffgrpo.task import Task, batch_to
 
 
@@ -22,10 +23,9 @@ from diffgrpo.task import Task, batch_to
 def evaluate(
     task: Task,
     model: nn.Module,
-    scheduler,
+    chain: SamplingChain,
     *,
     split: str = "test",
-    sampler: SamplerConfig,
     seed: int,
     batch_size: int = 32,
     max_examples: int | None = None,
@@ -53,9 +53,8 @@ def evaluate(
         cond = task.encode_condition(batch)
         gen = make_generator(seed, "eval", int(idx[0]), device=device)
         with autocast():
-            traj = rollout(guided_model_fn(task.predict, model, sampler.guidance_scale), scheduler, cond,
-                           idx.to(device), task.sampling_timesteps(), task.sample_shape, generator=gen,
-                           sampler=sampler, x0_pred_steps=())
+            traj = rollout(guided_model_fn(task.predict, model, chain.sampler.guidance_scale), chain, cond,
+                           idx.to(device), generator=gen, x0_pred_steps=())
         decoded = task.decode(traj.samples, batch)
         for name, value in task.evaluate(decoded, batch).items():
             per_metric.setdefault(name, []).append(value.float())

@@ -18,7 +18,7 @@ so inside the subspace the step is the stochastic step (mean B^T mu_eta, std) an
 deterministic one. Because the forward process is isotropic, DDIM's construction holds coordinate by
 coordinate in any orthonormal basis, so each part keeps the marginals of its own eta. The step has a
 density only on the subspace: log pi(x' | x) = log N(B^T x'; B^T mu_eta, std^2 I_r), which is what
-``diffgrpo.sde.step_with_logprob`` returns when given a subspace. As with ``SamplerConfig.sde_window``,
+``diffgrpo.sde.reverse_step`` returns when given a subspace. As with ``SamplerConfig.sde_window``,
 the deterministic part moves with theta without a density, so the policy gradient flows through the
 subspace coordinates only.
 

@@ -35,18 +35,18 @@ def check_guidance(cond: Tensor | Mapping[str, Tensor], guidance_scale: float) -
     every ``negative_<key>`` has its ``<key>`` (same shape) and which holds at least one such pair."""
     if not (math.isfinite(guidance_scale) and guidance_scale >= 1.0):
         raise ValueError(f"guidance_scale={guidance_scale} must be >= 1 (1 = no guidance); fix "
-                         "--grpo.sampler.guidance-scale")
+                         "--sampler.guidance-scale")
     if guidance_scale == 1.0:
         return
     if not isinstance(cond, Mapping):
         raise ValueError(f"sampler.guidance_scale={guidance_scale} needs the unconditional input in the condition, "
                          "but the task's encode_condition returns a single tensor; return a dict with "
-                         "'<key>' and 'negative_<key>' entries, or pass --grpo.sampler.guidance-scale 1")
+                         "'<key>' and 'negative_<key>' entries, or pass --sampler.guidance-scale 1")
     pairs = conditional_keys(cond)
     if not pairs:
         raise ValueError(f"sampler.guidance_scale={guidance_scale} needs 'negative_<key>' entries in the condition "
                          f"(got keys {sorted(cond)}); add the unconditional embeddings in the task's "
-                         "encode_condition, or pass --grpo.sampler.guidance-scale 1")
+                         "encode_condition, or pass --sampler.guidance-scale 1")
     for key in pairs:
         if cond[key].shape != cond[NEGATIVE_PREFIX + key].shape:
             raise ValueError(f"condition entry {key!r} has shape {tuple(cond[key].shape)} but "

@@ -22,7 +22,7 @@ from dataclasses import dataclass, fields
 
 import torch
 from accelerate.utils import extract_model_from_parallel
-from torch import Tensor, nn
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -146,8 +146,3 @@ class AdapterDisabledReference(nn.Module):
     def forward(self, *args, **kwargs):
         with torch.no_grad(), adapters_disabled(self._policy):
             return self._policy(*args, **kwargs)
-
-
-def trainable_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The parameters that require gradients, by name (the adapters when training LoRA)."""
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}

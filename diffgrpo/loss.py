@@ -2,7 +2,8 @@
 
 Why: the paper maximises J = (1/G) sum_i (1/n) sum_t ratio_{i,t} A_i over the n stochastic
 steps, ratio = pi_theta(x_{t-1} | x_t, c) / pi_old(x_{t-1} | x_t, c), without clipping or KL
-(method.md section 6, step 5); both are offered as options because other settings need them.
+(MotionGRPO Algorithm 1 lines 7-9; docs/ego_motion_grpo.md); both are offered as options because
+other settings need them.
 
 Averaging: per sample over its trained steps, then over the samples that enter the loss
 (mask True). Samples with no trained step are left out of the sample mean. When nothing is

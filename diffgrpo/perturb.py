@@ -2,7 +2,7 @@
 
 Why: with a strongly constraining condition (a head trajectory) the G samples of a group are
 nearly identical and GRPO's group std collapses; giving each member a slightly different but
-plausible condition spreads the group (method.md section 8). Perlin noise keeps the perturbed
+plausible condition spreads the group (docs/ego_motion_grpo.md). Perlin noise keeps the perturbed
 trajectory smooth in time; white Gaussian noise is the contrast that breaks smoothness.
 
 `pnoise1` is a batched torch port of `noise.pnoise1` (noise 1.2.2, `_perlin.c`) that reproduces
@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
+
+from diffgrpo.registry import Registry
 
 # Ken Perlin's reference permutation of 0..255 ("Improved Noise", 2002), as used by noise 1.2.2.
 # The C source stores it twice (512 entries) so that `PERM[(i & 255) + base]` stays in bounds
@@ -179,34 +181,22 @@ def pnoise1(
 # Perturbers: (x (..., T, D), generator) -> x + scale * noise, noise varying along T.
 
 Perturber = Callable[[Tensor, torch.Generator], Tensor]
-_PERTURBERS: dict[str, Callable[..., Perturber]] = {}
+_PERTURBERS: Registry[Callable[..., Perturber]] = Registry("perturber")
 
 
 def register_perturber(name: str) -> Callable[[Callable[..., Perturber]], Callable[..., Perturber]]:
     """Register a perturber factory (keyword parameters -> perturber) under `name`."""
-
-    def decorator(factory: Callable[..., Perturber]) -> Callable[..., Perturber]:
-        if name in _PERTURBERS:
-            raise ValueError(f"perturber {name!r} is already registered; pick another name")
-        _PERTURBERS[name] = factory
-        return factory
-
-    return decorator
+    return _PERTURBERS.register(name)
 
 
 def available_perturbers() -> tuple[str, ...]:
-    return tuple(sorted(_PERTURBERS))
+    return _PERTURBERS.names()
 
 
 def get_perturber(name: str, **kwargs: object) -> Perturber:
     """Build the perturber registered as `name` with `kwargs`.
     Raises KeyError for an unknown name and ValueError for unknown parameters, listing the options."""
-    if name not in _PERTURBERS:
-        raise KeyError(f"unknown perturber {name!r}; known perturbers: {', '.join(available_perturbers())}")
-    try:
-        return _PERTURBERS[name](**kwargs)
-    except TypeError as err:
-        raise ValueError(f"bad parameters {sorted(kwargs)} for perturber {name!r}: {err}") from err
+    return _PERTURBERS.build(name, **kwargs)
 
 
 def _check_condition(x: Tensor, channels: tuple[int, ...] | None) -> tuple[int, ...]:
@@ -312,18 +302,3 @@ class PerlinPerturber:
         positions = offsets + frames * self.frequency  # (..., T, C) in lattice cells
         noise = pnoise1(positions, self.octaves, self.persistence, self.lacunarity)
         return _add_noise(x, channels, noise, self.scale)
-
-
-def perturb_translation(
-    T_world_head: Float[Tensor, "*batch T 4 4"], perturber: Perturber, generator: torch.Generator
-) -> Float[Tensor, "*batch T 4 4"]:
-    """Perturb only the translation column of homogeneous transforms, keeping rotations.
-
-    Why: the ego-motion condition perturbs the head position tau(t) but not its orientation
-    (method.md section 8); any perturber applies to the (..., T, 3) translation sub-tensor.
-    """
-    if T_world_head.ndim < 3 or T_world_head.shape[-2:] != (4, 4):
-        raise ValueError(f"T_world_head must be shaped (..., T, 4, 4), got {tuple(T_world_head.shape)}")
-    out = T_world_head.clone()
-    out[..., :3, 3] = perturber(T_world_head[..., :3, 3], generator)
-    return out

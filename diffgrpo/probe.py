@@ -21,10 +21,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from diffgrpo.config import ProbeConfig, SamplerConfig
+from diffgrpo.chain import SamplingChain
+from diffgrpo.config import ProbeConfig
 from diffgrpo.guidance import guided_model_fn
 from diffgrpo.rewards import RewardSet
-from diffgrpo.rollout import make_generator, rollout
+from diffgrpo.rng import make_generator
+from diffgrpo.rollout import rollout
 from diffgrpo.task import Task, batch_to, cond_device, repeat_batch
 
 
@@ -38,10 +40,9 @@ def probe_indices(num_examples: int, count: int, seed: int, split: str) -> Tenso
 def evaluate_probe(
     task: Task,
     model: nn.Module,
-    scheduler,
+    chain: SamplingChain,
     cfg: ProbeConfig,
     *,
-    sampler: SamplerConfig,
     rewards: RewardSet | None = None,
     micro_batch_size: int | None = None,
     device: torch.device | str = "cpu",
@@ -63,9 +64,8 @@ def evaluate_probe(
         cond = task.encode_condition(batch)
         pair_ids = torch.arange(num_conditions * num_noises, device=cond_device(cond))  # each (c, m) its own x_T
         generator = make_generator(cfg.seed, "probe_noise", split, device=device)
-        trajectory = rollout(guided_model_fn(task.predict, model, sampler.guidance_scale), scheduler, cond, pair_ids,
-                             task.sampling_timesteps(), task.sample_shape, generator=generator, sampler=sampler,
-                             micro_batch_size=micro_batch_size, x0_pred_steps=())
+        trajectory = rollout(guided_model_fn(task.predict, model, chain.sampler.guidance_scale), chain, cond, pair_ids,
+                             generator=generator, micro_batch_size=micro_batch_size, x0_pred_steps=())
         decoded = task.decode(trajectory.samples, batch)
         if rewards is not None:
             scored = rewards(decoded, batch)

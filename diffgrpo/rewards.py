@@ -1,6 +1,6 @@
 """Rewards as plain registered callables, combined into named, weighted sub-rewards.
 
-Why: GRPO needs several sub-rewards per sample, each normalised separately (method.md section 6)
+Why: GRPO needs several sub-rewards per sample, each normalised separately (docs/ego_motion_grpo.md)
 and each watched in the logs against reward hacking. A reward is any callable
 
     reward(samples, batch) -> Tensor (N,) | Mapping[str, Tensor (N,)]
@@ -30,40 +30,29 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from diffgrpo.registry import Registry
+
 Reward = Callable[[Any, Any], "Tensor | Mapping[str, Tensor]"]
 RewardFactory = Callable[..., Reward]
 
-_REWARDS: dict[str, RewardFactory] = {}
+_REWARDS: Registry[RewardFactory] = Registry("reward")
 
 
 def register_reward(name: str) -> Callable[[RewardFactory], RewardFactory]:
     """Register `factory(**params) -> reward` under `name` (no '/', not already taken)."""
     if not name or "/" in name:
         raise ValueError(f"reward name {name!r} must be non-empty and contain no '/' (used for sub-rewards)")
-
-    def decorator(factory: RewardFactory) -> RewardFactory:
-        if name in _REWARDS:
-            raise ValueError(f"reward {name!r} is already registered; pick another name")
-        _REWARDS[name] = factory
-        return factory
-
-    return decorator
+    return _REWARDS.register(name)
 
 
 def available_rewards() -> tuple[str, ...]:
-    return tuple(sorted(_REWARDS))
+    return _REWARDS.names()
 
 
 def get_reward(name: str, **params: Any) -> Reward:
     """Build the reward registered as `name`. KeyError lists the known names; ValueError reports
     parameters the factory does not accept."""
-    if name not in _REWARDS:
-        known = ", ".join(available_rewards()) or "(none)"
-        raise KeyError(f"unknown reward {name!r}; known rewards: {known}")
-    try:
-        return _REWARDS[name](**params)
-    except TypeError as err:
-        raise ValueError(f"bad parameters {sorted(params)} for reward {name!r}: {err}") from err
+    return _REWARDS.build(name, **params)
 
 
 def _mean_squared_error(samples: Tensor, batch: Mapping[str, Tensor], target_key: str) -> Tensor:

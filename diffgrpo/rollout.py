@@ -14,15 +14,13 @@ row-wise with ``diffgrpo.task.select_rows`` into the same micro-batches when sam
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from diffgrpo.config import SamplerConfig
-from diffgrpo.sde import step_with_logprob
+from diffgrpo.chain import SamplingChain, step_with_logprob
 from diffgrpo.task import Cond, concat_rows, cond_device, cond_rows, select_rows
 
 ModelFn = Callable[[Tensor, Tensor, Cond], Tensor]
@@ -90,71 +88,6 @@ class Trajectory:
         return self.log_probs.shape[1]
 
 
-def make_generator(seed: int, *stream: int | str, device: torch.device | str = "cpu") -> torch.Generator:
-    """A torch.Generator seeded from (seed, *stream), e.g. (seed, "rollout", process_index).
-
-    Why: every random draw in diffgrpo comes from an explicit generator, so runs are reproducible
-    and processes get independent streams by passing their index.
-    """
-    key = ":".join(str(part) for part in (seed, *stream)).encode()
-    derived = int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(derived)
-    return generator
-
-
-@dataclass
-class RandomStreams:
-    """One generator per source of randomness in an iteration, so ablation variants share their draws.
-
-    Why named streams: with one generator, turning the condition perturbation on consumes draws and
-    so changes every initial noise and step noise after it; a variant would then differ from its
-    baseline by its noise as well as by its setting. With a stream per purpose, two variants seeded
-    alike draw identical initial and step noise whatever the other settings are (common random
-    numbers), and each stream's state is saved per rank for an exact resume.
-    """
-
-    perturbation: torch.Generator
-    """Condition perturbation of each group member (``perturb.py``)."""
-    initial_noise: torch.Generator
-    """x_T of each group."""
-    step_noise: torch.Generator
-    """The Gaussian draw of every stochastic step."""
-    step_selection: torch.Generator
-    """Which steps are trained (``loss.select_steps``)."""
-    minibatch_order: torch.Generator
-    """How the update's terms are shuffled into minibatches."""
-
-    @classmethod
-    def from_seed(cls, seed: int, process_index: int = 0, device: torch.device | str = "cpu") -> RandomStreams:
-        """Independent streams seeded from (seed, "rollout", name, process_index)."""
-        return cls(**{f.name: make_generator(seed, "rollout", f.name, process_index, device=device)
-                      for f in fields(cls)})
-
-    @classmethod
-    def shared(cls, generator: torch.Generator) -> RandomStreams:
-        """Every purpose draws from the one ``generator`` (the behaviour of a single-generator call)."""
-        return cls(**{f.name: generator for f in fields(cls)})
-
-    def get_state(self) -> dict[str, Tensor]:
-        """{"stream.<name>": generator state} for a checkpoint's per-rank tensors."""
-        return {f"stream.{f.name}": getattr(self, f.name).get_state() for f in fields(self)}
-
-    def set_state(self, states: dict[str, Tensor]) -> None:
-        """Restore from :meth:`get_state` output; raises naming any missing stream."""
-        missing = [f.name for f in fields(self) if f"stream.{f.name}" not in states]
-        if missing:
-            raise KeyError(f"checkpoint has no state for random stream(s) {missing} (written by an older diffgrpo "
-                           "with a single rollout generator?); restart the run without --resume.")
-        for f in fields(self):
-            getattr(self, f.name).set_state(states[f"stream.{f.name}"])
-
-
-def as_streams(generator: torch.Generator | RandomStreams) -> RandomStreams:
-    """A RandomStreams from either named streams or one generator shared by every purpose."""
-    return generator if isinstance(generator, RandomStreams) else RandomStreams.shared(generator)
-
-
 def group_ids_for(num_conditions: int, group_size: int, *, offset: int = 0, device=None) -> Tensor:
     """(B*G,) ids [o, o, ..., o+1, o+1, ...]: members of condition b get id offset + b.
 
@@ -180,25 +113,23 @@ def _chunks(n: int, size: int) -> list[slice]:
 @torch.no_grad()
 def rollout(
     model_fn: ModelFn,
-    scheduler,
+    chain: SamplingChain,
     cond: Cond,
     group_ids: Tensor,
-    timesteps: Tensor,
-    sample_shape: tuple[int, ...],
     *,
     generator: torch.Generator,
-    sampler: SamplerConfig,
     micro_batch_size: int | None = None,
     step_generator: torch.Generator | None = None,
     x0_pred_steps: tuple[int, ...] | None = None,
 ) -> Trajectory:
-    """Sample N chains (N = len(group_ids)) with group-shared initial noise.
+    """Sample N chains (N = len(group_ids)) of ``chain`` (samples shaped ``chain.sample_shape``) with
+    group-shared initial noise.
 
     ``generator`` draws x_T, and the step noise too unless ``step_generator`` is given (named
-    streams, see :class:`RandomStreams`). Step k is stochastic with ``sampler.eta_at(k)`` (0 outside
-    ``sampler.sde_window``: a deterministic step with no density). ``micro_batch_size`` splits the N
-    chains into fixed chunks for the network call; the policy update re-scores with the same chunks
-    so that the network sees identical batches and the on-policy importance ratio is exactly 1.
+    streams, see :class:`diffgrpo.rng.RandomStreams`). Step k is stochastic with ``chain.sampler.eta_at(k)`` (0
+    outside ``sampler.sde_window``: a deterministic step with no density). ``micro_batch_size`` splits
+    the N chains into fixed chunks for the network call; the policy update re-scores with the same
+    chunks so that the network sees identical batches and the on-policy importance ratio is exactly 1.
     ``x0_pred_steps``: the steps whose x0 estimates are kept (Python indices, negatives count from the
     end; ``()`` keeps none); None keeps every step.
     """
@@ -206,28 +137,19 @@ def rollout(
     if cond_rows(cond) != n:
         raise ValueError(f"cond has {cond_rows(cond)} rows but group_ids has {n}; expand the conditions "
                          "to one row per group member (diffgrpo.task.repeat_batch) before rollout.")
-    timesteps = torch.as_tensor(timesteps)
-    if timesteps.ndim != 1 or len(timesteps) < 2:
-        raise ValueError(f"timesteps must be a 1-D sequence of K+1 >= 2 values, got shape {tuple(timesteps.shape)}")
-    kept_x0 = resolve_steps(x0_pred_steps, len(timesteps) - 1)
+    kept_x0 = resolve_steps(x0_pred_steps, chain.num_steps)
     device = cond_device(cond)
-    x = shared_initial_noise(group_ids, sample_shape, generator).to(device)
-    subspace = sampler.exploration_subspace(sample_shape)
+    x = shared_initial_noise(group_ids, chain.sample_shape, generator).to(device)
     step_generator = step_generator if step_generator is not None else generator
     states, log_probs, x0_preds, stochastic, stds = [x], [], [], [], []
     chunks = _chunks(n, micro_batch_size or n)
-    for k in range(len(timesteps) - 1):
-        t = timesteps[k].to(device).expand(n)
-        t_next = timesteps[k + 1].to(device).expand(n)
+    t_all = chain.timesteps.to(device)
+    for k in range(chain.num_steps):
+        t = t_all[k].expand(n)
         outputs = []
         for part in chunks:
             out = model_fn(x[part], t[part], select_rows(cond, part))
-            outputs.append(step_with_logprob(
-                scheduler, out, t[part], x[part], eta=sampler.eta_at(k), generator=step_generator,
-                next_timestep=t_next[part], method=sampler.method,
-                log_prob_reduction=sampler.log_prob_reduction,
-                egoallo_denominator_offset=sampler.egoallo_denominator_offset, subspace=subspace,
-            ))
+            outputs.append(step_with_logprob(chain, k, out, x[part], generator=step_generator))
         x = torch.cat([o.prev_sample for o in outputs]).to(x.dtype)
         states.append(x)
         log_probs.append(torch.cat([o.log_prob for o in outputs]))
@@ -237,7 +159,7 @@ def rollout(
         stds.append(float(torch.cat([o.std.reshape(-1) for o in outputs]).mean()))
     return Trajectory(
         states=torch.stack(states, dim=1),
-        timesteps=timesteps.to(device),
+        timesteps=t_all,
         log_probs=torch.stack(log_probs, dim=1).float(),
         x0_preds=torch.stack(x0_preds, dim=1) if x0_preds else x.new_zeros((n, 0, *x.shape[1:])),
         is_stochastic=torch.tensor(stochastic, device=device),
@@ -261,77 +183,18 @@ def resolve_steps(steps: tuple[int, ...] | None, num_steps: int) -> set[int] | N
 
 def score_step(
     model_fn: ModelFn,
-    scheduler,
+    chain: SamplingChain,
     trajectory: Trajectory,
     step: int,
     rows: slice | Tensor,
-    *,
-    sampler: SamplerConfig,
 ):
     """Re-score step ``step`` of chains ``rows`` under the current model (with gradients).
 
     Returns the StepOutput whose ``log_prob`` (rows,) is log pi_theta(x_{k+1} | x_k, c) of the
-    recorded transition. Pure in (x_k, t_k, t_{k+1}): no scheduler counters are touched.
+    recorded transition, on ``chain`` (the chain that sampled ``trajectory``). Pure in
+    (x_k, t_k, t_{k+1}): no scheduler counters are touched.
     """
     x_t = trajectory.states[rows, step]
-    n = x_t.shape[0]
-    t = trajectory.timesteps[step].expand(n)
-    t_next = trajectory.timesteps[step + 1].expand(n)
+    t = trajectory.timesteps[step].expand(x_t.shape[0])
     out = model_fn(x_t, t, select_rows(trajectory.cond, rows))
-    return step_with_logprob(
-        scheduler, out, t, x_t, eta=sampler.eta_at(step), prev_sample=trajectory.states[rows, step + 1],
-        next_timestep=t_next, method=sampler.method, log_prob_reduction=sampler.log_prob_reduction,
-        egoallo_denominator_offset=sampler.egoallo_denominator_offset,
-        subspace=sampler.exploration_subspace(tuple(x_t.shape[1:])),
-    )
-
-
-def check_sampler(scheduler, timesteps: Tensor, sampler: SamplerConfig, *,
-                  eta_flag: str = "--grpo.sampler.eta") -> None:
-    """Raise now, before any data or model work, if a step of the chain is undefined for ``sampler``.
-
-    Why: an eta too large for the schedule (e.g. EgoAllo's step above ~0.97 on the ego-motion chain),
-    a method of the wrong scheduler family or a timestep outside the scheduler's table would otherwise
-    fail at the first rollout step, minutes into a run. Every step (t_k, t_{k+1}) is taken once on a
-    one-element dummy sample with a zero model output: the same code path the rollout runs, so the
-    same errors, at no cost. For an eta-dependent failure the message gives the largest eta that
-    passes (to 1e-3) and names ``eta_flag``, the flag that sets it in the caller's recipe.
-    """
-    timesteps = torch.as_tensor(timesteps)
-    if timesteps.ndim != 1 or len(timesteps) < 2:
-        raise ValueError(f"timesteps must be a 1-D sequence of K+1 >= 2 values, got shape {tuple(timesteps.shape)}")
-    num_steps = len(timesteps) - 1
-    if sampler.sde_window is not None and sampler.sde_window[1] > num_steps:
-        raise ValueError(f"sampler.sde_window={sampler.sde_window} ends after the chain's K={num_steps} steps; use "
-                         f"0 <= START < END <= {num_steps}")
-    if sampler.sde_window is not None and sampler.eta == 0:
-        raise ValueError("sampler.sde_window is set but sampler.eta = 0, so no step is stochastic; raise eta")
-
-    def first_error(eta: float) -> ValueError | None:
-        zeros = torch.zeros(1, 1, dtype=torch.float64)
-        for k in range(len(timesteps) - 1):
-            if sampler.eta_at(k) == 0 and sampler.sde_window is not None:
-                eta_k = 0.0  # outside the SDE window the step is deterministic whatever eta is
-            else:
-                eta_k = eta
-            try:
-                step_with_logprob(scheduler, zeros, timesteps[k], zeros, eta=eta_k, prev_sample=zeros,
-                                  next_timestep=timesteps[k + 1], method=sampler.method,
-                                  log_prob_reduction=sampler.log_prob_reduction,
-                                  egoallo_denominator_offset=sampler.egoallo_denominator_offset)
-            except ValueError as error:
-                return ValueError(f"step {k} ({timesteps[k].item()} -> {timesteps[k + 1].item()}): {error}")
-        return None
-
-    error = first_error(sampler.eta)
-    if error is None:
-        return
-    if sampler.eta > 0 and first_error(0.0) is None:
-        low, high = 0.0, sampler.eta
-        while high - low > 1e-3:
-            mid = 0.5 * (low + high)
-            low, high = (mid, high) if first_error(mid) is None else (low, mid)
-        raise ValueError(f"sampler.eta={sampler.eta} is too large for method {sampler.method!r} on this schedule: "
-                         f"valid range 0 <= eta <= {low:.3f}. Lower {eta_flag}. "
-                         f"First failing {error}") from None
-    raise error
+    return step_with_logprob(chain, step, out, x_t, prev_sample=trajectory.states[rows, step + 1])

@@ -170,7 +170,7 @@ def cps_mean_std(x0: Tensor, x1: Tensor, sigma_next: Tensor, eta: float) -> tupl
     return mean, std
 
 
-def step_with_logprob(
+def reverse_step(
     scheduler: DDIMScheduler | DDPMScheduler | FlowMatchEulerDiscreteScheduler,
     model_output: Float[Tensor, "B ..."],
     timestep: int | float | Tensor,
@@ -270,7 +270,7 @@ def step_with_logprob(
             prev_sample = torch.addcmul(mean, std, noise).to(sample.dtype)
         log_prob = gaussian_log_prob(prev_sample.to(dtype), mean, std, log_prob_reduction)
     else:  # noise in span(B), the eta = 0 rule elsewhere (module docstring of diffgrpo.exploration)
-        deterministic = step_with_logprob(
+        deterministic = reverse_step(
             scheduler, model_output, timestep, sample, eta=0.0, prev_sample=sample, next_timestep=next_timestep,
             method=method, egoallo_denominator_offset=egoallo_denominator_offset).mean
         mean = deterministic + subspace.project(mean - deterministic)

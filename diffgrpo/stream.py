@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from diffgrpo.rollout import make_generator
+from diffgrpo.rng import make_generator
 
 
 @dataclass

@@ -23,12 +23,14 @@ import torch
 from torch import Tensor, nn
 
 from diffgrpo.advantages import AdvantageResult, compute_advantages, group_diversity
+from diffgrpo.chain import SamplingChain
 from diffgrpo.config import GRPOConfig
 from diffgrpo.guidance import guided_model_fn
 from diffgrpo.loss import advantage_weighted_x0_loss, gaussian_step_kl, grpo_loss, select_steps
 from diffgrpo.perturb import get_perturber
 from diffgrpo.rewards import RewardOutput, RewardSet
-from diffgrpo.rollout import RandomStreams, Trajectory, as_streams, group_ids_for, rollout, score_step
+from diffgrpo.rng import RandomStreams, as_streams
+from diffgrpo.rollout import Trajectory, group_ids_for, rollout, score_step
 from diffgrpo.task import (
     Batch,
     Task,
@@ -74,7 +76,7 @@ def model_fn_for(task: Task, model: nn.Module, guidance_scale: float = 1.0):
 def collect(
     task: Task,
     model: nn.Module,
-    scheduler,
+    chain: SamplingChain,
     batch: Batch,
     *,
     cfg: GRPOConfig,
@@ -118,16 +120,15 @@ def collect(
         group_ids * heads + torch.arange(cfg.group_size, device=device).repeat(num_conditions)
         // (cfg.group_size // heads))
     model.eval()  # the policy is one fixed function in rollout and update: no dropout/BN noise
-    model_fn = model_fn_for(task, model, cfg.sampler.guidance_scale)
+    model_fn = model_fn_for(task, model, chain.sampler.guidance_scale)
     rows_per_chunk = num_conditions // cfg.rollout_chunks * cfg.group_size
     trajectories, decoded_parts, scored_parts = [], [], []
     for c in range(cfg.rollout_chunks):
         rows = slice(c * rows_per_chunk, (c + 1) * rows_per_chunk)
         with autocast():
-            part = rollout(model_fn, scheduler, select_rows(cond, rows), group_ids[rows], task.sampling_timesteps(),
-                           task.sample_shape, generator=streams.initial_noise, sampler=cfg.sampler,
-                           micro_batch_size=cfg.micro_batch_size, step_generator=streams.step_noise,
-                           x0_pred_steps=x0_pred_steps_of(task))
+            part = rollout(model_fn, chain, select_rows(cond, rows), group_ids[rows],
+                           generator=streams.initial_noise, micro_batch_size=cfg.micro_batch_size,
+                           step_generator=streams.step_noise, x0_pred_steps=x0_pred_steps_of(task))
         chunk_batch = expanded if cfg.rollout_chunks == 1 else select_rows(expanded, rows)
         decoded = task.decode(part.samples, chunk_batch)
         overlap = overlap_rewards and cfg.rollout_chunks > 1
@@ -183,7 +184,7 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 def policy_update(
     task: Task,
     model: nn.Module,
-    scheduler,
+    chain: SamplingChain,
     data: RolloutBatch,
     optimizer: torch.optim.Optimizer,
     *,
@@ -242,8 +243,8 @@ def policy_update(
     weighted = [sum(step_weight[k] * int(keep[rows].sum()) for rows, k in chunk) for chunk in chunks]
     totals = weighted_totals_of_all_processes(accelerator, weighted)
     world = accelerator.num_processes
-    model_fn = model_fn_for(task, model, cfg.sampler.guidance_scale)
-    ref_fn = model_fn_for(task, reference, cfg.sampler.guidance_scale) if reference is not None else None
+    model_fn = model_fn_for(task, model, chain.sampler.guidance_scale)
+    ref_fn = model_fn_for(task, reference, chain.sampler.guidance_scale) if reference is not None else None
     model.eval()
     history: dict[str, list[float]] = {}
     for index, (chunk, total) in enumerate(zip(chunks, totals, strict=True)):
@@ -255,7 +256,7 @@ def policy_update(
             sync = contextlib.nullcontext() if i == len(chunk) - 1 else accelerator.no_sync(model)
             with sync:
                 with accelerator.autocast():
-                    loss, stats = step_terms_loss(model_fn, scheduler, data, k, rows, cfg=cfg, ref_fn=ref_fn)
+                    loss, stats = step_terms_loss(model_fn, chain, data, k, rows, cfg=cfg, ref_fn=ref_fn)
                 accelerator.backward(loss * (world * step_weight[k] * share / total))
             if share == 0:
                 continue  # no term of this process entered the loss: nothing to report
@@ -339,7 +340,7 @@ def kept_counts_of_all_processes(accelerator, kept: list[int], *, num_steps: int
 
 def step_terms_loss(
     model_fn,
-    scheduler,
+    chain: SamplingChain,
     data: RolloutBatch,
     step: int,
     rows: slice | Tensor,
@@ -354,13 +355,13 @@ def step_terms_loss(
     weight it (see :func:`policy_update`).
     """
     traj = data.trajectory
-    out = score_step(model_fn, scheduler, traj, step, rows, sampler=cfg.sampler)
+    out = score_step(model_fn, chain, traj, step, rows)
     kl = None
     if ref_fn is not None and cfg.loss.kl_coef > 0:
         with torch.no_grad():
-            ref_mean = score_step(ref_fn, scheduler, traj, step, rows, sampler=cfg.sampler).mean
+            ref_mean = score_step(ref_fn, chain, traj, step, rows).mean
         kl = gaussian_step_kl(out.density_coordinates(out.mean)[:, None], out.density_coordinates(ref_mean)[:, None],
-                              out.std.reshape(-1, 1, 1), reduction=cfg.sampler.log_prob_reduction)  # (rows, 1)
+                              out.std.reshape(-1, 1, 1), reduction=chain.sampler.log_prob_reduction)  # (rows, 1)
     loss, stats = grpo_loss(out.log_prob[:, None], traj.log_probs[rows, step : step + 1],
                             data.advantages.advantages[rows], mask=data.advantages.mask[rows], kl=kl, cfg=cfg.loss)
     if cfg.loss.objective == "x0_regression":  # the ratio stats are still reported; the gradient is the regression's

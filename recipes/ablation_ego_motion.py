@@ -30,32 +30,24 @@ groups, the mean within-group std of each sub-reward and the intra-group diversi
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import logging
 import math
 import shlex
 import statistics
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import tyro
 
+import tasks.ego_motion.grpo as ego
+import tasks.ego_motion.pretrain as pretrain
 from diffgrpo.checkpoint import git_revision
+from diffgrpo.cli import flags_spelled
 from diffgrpo.config import PerturbConfig
 
 logger = logging.getLogger("recipes.ablation_ego_motion")
 
-_spec = importlib.util.spec_from_file_location("ego_motion_recipe", Path(__file__).with_name("ego_motion.py"))
-ego = importlib.util.module_from_spec(_spec)
-sys.modules["ego_motion_recipe"] = ego
-_spec.loader.exec_module(ego)
-_spec = importlib.util.spec_from_file_location("pretrain_ego_motion_recipe",
-                                               Path(__file__).with_name("pretrain_ego_motion.py"))
-pretrain = importlib.util.module_from_spec(_spec)
-sys.modules["pretrain_ego_motion_recipe"] = pretrain
-_spec.loader.exec_module(pretrain)
 
 
 @dataclass(frozen=True)
@@ -535,4 +527,5 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    with flags_spelled({"--grpo.": "--base.grpo.", "--task.": "--base.task."}):  # the main job's config is --base
+        main(tyro.cli(Config))

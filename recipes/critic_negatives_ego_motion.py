@@ -35,19 +35,18 @@ from pathlib import Path
 import torch
 import tyro
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import ego_motion as main_job  # noqa: E402  (the main job's config: this script measures its critic)
-
-from diffgrpo.probe import paired_difference  # noqa: E402
-from diffgrpo.rewards import RewardSet  # noqa: E402
-from diffgrpo.rollout import RandomStreams, make_generator  # noqa: E402
-from diffgrpo.task import batch_to  # noqa: E402
-from diffgrpo.train_step import collect, make_perturber  # noqa: E402
-from diffgrpo.trainer import check_run, parse_reward_specs  # noqa: E402
-from tasks.ego_motion.model.network import load_denoiser  # noqa: E402
-from tasks.ego_motion.rewards.critic_data import group_correlations, rollout_negatives  # noqa: E402
-from tasks.ego_motion.rewards.perceptual import PerceptualTrainer  # noqa: E402
-from tasks.ego_motion.task import EgoMotionTask  # noqa: E402
+import tasks.ego_motion.grpo as main_job  # the main job: this script measures its critic
+from diffgrpo.chain import SamplingChain
+from diffgrpo.probe import paired_difference
+from diffgrpo.rewards import RewardSet
+from diffgrpo.rng import RandomStreams, make_generator
+from diffgrpo.task import batch_to
+from diffgrpo.train_step import collect, make_perturber
+from diffgrpo.trainer import check_run, parse_reward_specs
+from tasks.ego_motion.model.network import load_denoiser
+from tasks.ego_motion.rewards.critic_data import group_correlations, rollout_negatives
+from tasks.ego_motion.rewards.perceptual import PerceptualTrainer
+from tasks.ego_motion.task import EgoMotionTask
 
 logger = logging.getLogger("recipes.critic_negatives_ego_motion")
 
@@ -97,14 +96,14 @@ def summary(values: torch.Tensor) -> dict[str, float]:
     return {"mean": d.mean, "ci_low": d.ci_low, "ci_high": d.ci_high, "n": d.num_conditions}
 
 
-def rollouts(task: EgoMotionTask, prior: torch.nn.Module, grpo, rewards: RewardSet, seed: int, split: str,
-             batches: range) -> list[tuple[dict, object]]:
+def rollouts(task: EgoMotionTask, chain: SamplingChain, prior: torch.nn.Module, grpo, rewards: RewardSet, seed: int,
+             split: str, batches: range) -> list[tuple[dict, object]]:
     """Per batch index i: B random ``split`` windows x G rollouts of the prior, from streams of (seed, i)."""
     out = []
     for i in batches:
         order = torch.randperm(task.num_examples(split), generator=make_generator(seed, "critic_windows", i))
         batch = batch_to(task.load_examples(split, order[: grpo.conditions_per_iteration].sort().values), "cpu")
-        data = collect(task, prior, task.make_scheduler(), batch, cfg=grpo, rewards=rewards,
+        data = collect(task, prior, chain, batch, cfg=grpo, rewards=rewards,
                        perturber=make_perturber(grpo), generator=RandomStreams.from_seed(seed, process_index=i),
                        group_id_offset=0)
         out.append((batch, data))
@@ -118,9 +117,9 @@ def main(cfg: Config) -> dict:
         return earlier
     torch.set_num_threads(cfg.threads)
     task = EgoMotionTask(cfg.job.task)
-    rollout_task = cfg.job.rollout_task(task)
-    grpo = cfg.job.effective_grpo()
-    check_run(rollout_task, grpo)
+    chain = cfg.job.rollout_chain()
+    grpo = cfg.job.grpo
+    check_run(task, grpo, chain)
     prior = load_denoiser(cfg.job.prior)
     rewards = RewardSet.from_specs(parse_reward_specs(grpo.rewards))
     G = grpo.group_size
@@ -133,7 +132,7 @@ def main(cfg: Config) -> dict:
     tick = time.perf_counter()
     for seed in cfg.seeds:
 
-        draw = dict(task=rollout_task, prior=prior, grpo=grpo, rewards=rewards, seed=seed)
+        draw = dict(task=task, chain=chain, prior=prior, grpo=grpo, rewards=rewards, seed=seed)
         train = rollouts(**draw, split=grpo.train_split, batches=range(cfg.iterations))
         held_out = rollouts(**draw, split="test", batches=range(cfg.iterations, cfg.iterations + cfg.eval_batches))
         per_variant, warmed, seconds = {}, {}, {}
@@ -142,20 +141,20 @@ def main(cfg: Config) -> dict:
             critic = PerceptualTrainer(dataclasses.replace(job.perceptual, seed=seed))
             if job.critic_warmup_steps:  # the same for every variant of this seed: warm up once
                 if job.critic_warmup_steps not in warmed:
-                    main_job.warm_up(rollout_task, prior, critic, job, grpo.train_split)
+                    main_job.warm_up(task, prior, critic, job, grpo.train_split)
                     warmed[job.critic_warmup_steps] = critic.state_dict()
                 state = warmed[job.critic_warmup_steps]
                 critic.load_state_dict(state.tensors, state.meta)
             start = time.perf_counter()
             for batch, data in train:
-                negatives, heads = rollout_negatives(rollout_task, data, batch, G, job.critic_negatives,
+                negatives, heads = rollout_negatives(task, data, batch, G, job.critic_negatives,
                                                      on_own_head=job.critic_on_own_head)
                 critic.train_step(batch["joints_world"], batch["T_world_cpf"], negatives, heads)
             measures = {k: [] for k in MEASURES}
             for batch, data in held_out:
                 joints = data.decoded["joints_world"]
                 score = critic.score(joints, data.batch["T_world_cpf"])
-                metrics = rollout_task.evaluate(data.decoded, data.batch)
+                metrics = task.evaluate(data.decoded, data.batch)
                 measures["corr_neg_mpjpe"].append(group_correlations(score, -metrics["mpjpe_mm"], G))
                 measures["corr_neg_foot_skating"].append(group_correlations(score, -metrics["foot_skating_m"], G))
                 truth = critic.score(batch["joints_world"], batch["T_world_cpf"])

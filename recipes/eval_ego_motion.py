@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 import tyro
 
-from diffgrpo.rollout import make_generator
+from diffgrpo.rng import make_generator
 from tasks.ego_motion.evaluation.render import render_animation_gif, render_frames_png
 from tasks.ego_motion.model.network import load_denoiser
 from tasks.ego_motion.sampling.sampler import (

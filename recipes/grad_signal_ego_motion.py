@@ -20,7 +20,6 @@ import dataclasses
 import json
 import logging
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,19 +27,17 @@ from pathlib import Path
 import torch
 import tyro
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import ego_motion as main_job  # noqa: E402  (the main job's config: this script measures its updates)
-
-from diffgrpo.diagnostics import STEP_BUCKETS, cosine, policy_gradients, step_buckets  # noqa: E402
-from diffgrpo.loss import select_steps  # noqa: E402
-from diffgrpo.probe import probe_indices  # noqa: E402
-from diffgrpo.rewards import RewardSet  # noqa: E402
-from diffgrpo.rollout import RandomStreams  # noqa: E402
-from diffgrpo.task import batch_to  # noqa: E402
-from diffgrpo.train_step import collect, make_perturber, step_weights  # noqa: E402
-from diffgrpo.trainer import check_run, parse_reward_specs  # noqa: E402
-from tasks.ego_motion.model.network import load_denoiser  # noqa: E402
-from tasks.ego_motion.task import EgoMotionTask  # noqa: E402
+import tasks.ego_motion.grpo as main_job  # the main job: this script measures its updates
+from diffgrpo.diagnostics import STEP_BUCKETS, cosine, policy_gradients, step_buckets
+from diffgrpo.loss import select_steps
+from diffgrpo.probe import probe_indices
+from diffgrpo.rewards import RewardSet
+from diffgrpo.rng import RandomStreams
+from diffgrpo.task import batch_to
+from diffgrpo.train_step import collect, make_perturber, step_weights
+from diffgrpo.trainer import check_run, parse_reward_specs
+from tasks.ego_motion.model.network import load_denoiser
+from tasks.ego_motion.task import EgoMotionTask
 
 logger = logging.getLogger("recipes.grad_signal_ego_motion")
 
@@ -77,11 +74,10 @@ def main(cfg: Config) -> dict:
     torch.set_num_threads(cfg.threads)
     job = cfg.job
     task = EgoMotionTask(job.task)
-    rollout_task = job.rollout_task(task)
-    grpo = job.effective_grpo()
-    check_run(rollout_task, grpo)
+    chain = job.rollout_chain()
+    grpo = job.grpo
+    check_run(task, grpo, chain)
     model = load_denoiser(job.prior)
-    scheduler = rollout_task.make_scheduler()
     rewards = RewardSet.from_specs(parse_reward_specs(grpo.rewards))
     perturber = make_perturber(grpo)
     per_bucket: dict[str, list[float]] = {}
@@ -89,10 +85,10 @@ def main(cfg: Config) -> dict:
     for seed in cfg.seeds:
         indices = probe_indices(task.num_examples(grpo.train_split), grpo.conditions_per_iteration, seed,
                                 "grad_signal")
-        batch = batch_to(rollout_task.load_examples(grpo.train_split, indices), "cpu")
+        batch = batch_to(task.load_examples(grpo.train_split, indices), "cpu")
         grads = []
         for draw in (0, 1):
-            data = collect(rollout_task, model, scheduler, batch, cfg=grpo, rewards=rewards, perturber=perturber,
+            data = collect(task, model, chain, batch, cfg=grpo, rewards=rewards, perturber=perturber,
                            generator=RandomStreams.from_seed(1000 * seed + draw), group_id_offset=0)
             if cfg.shuffle_advantages:
                 data = shuffled_within_groups(data, torch.Generator().manual_seed(1000 * seed + draw))
@@ -101,7 +97,7 @@ def main(cfg: Config) -> dict:
                                    is_stochastic=data.trajectory.is_stochastic.cpu())
             steps = trained.nonzero().flatten().tolist()
             all_rows = torch.arange(data.trajectory.states.shape[0])
-            grads.append(policy_gradients(rollout_task, model, scheduler, data, cfg=grpo, row_sets=[all_rows],
+            grads.append(policy_gradients(task, model, chain, data, cfg=grpo, row_sets=[all_rows],
                                           steps=steps)[0])
         weight = step_weights(data.trajectory, steps, grpo.step_weighting)  # as policy_update weighs the steps
         buckets = {"all": steps, **step_buckets(steps, data.trajectory.num_steps)}

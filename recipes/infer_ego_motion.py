@@ -32,12 +32,17 @@ import numpy as np
 import torch
 import tyro
 
-from diffgrpo.rollout import make_generator
+from diffgrpo.rng import make_generator
 from tasks.ego_motion.body.body_model import BodyModel, load_body_model
-from tasks.ego_motion.body.geometry import NUM_HAND_JOINTS, apply_transform, invert_transform, matrix_to_axis_angle
-from tasks.ego_motion.data.amass import AmassSequence, save_amass_npz
+from tasks.ego_motion.body.geometry import (
+    NUM_BETAS,
+    NUM_HAND_JOINTS,
+    apply_transform,
+    invert_transform,
+    matrix_to_axis_angle,
+)
+from tasks.ego_motion.data.amass import TARGET_FPS, AmassSequence, save_amass_npz
 from tasks.ego_motion.data.aria import AriaConfig, AriaRecording, load_recording
-from tasks.ego_motion.data.windows import NUM_BETAS, TARGET_FPS
 from tasks.ego_motion.evaluation.render import render_animation_gif, render_frames_png
 from tasks.ego_motion.model.network import load_denoiser
 from tasks.ego_motion.sampling.sampler import StitchConfig, refine_decoded, sample_sequence

@@ -32,7 +32,6 @@ which ``docs/ego_motion_rlpf.md``'s table is written (``--table-output``).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import statistics
@@ -45,13 +44,15 @@ from typing import Literal
 import torch
 import tyro
 
+import tasks.ego_motion.grpo as ego
 import tasks.ego_motion.rewards.registered  # noqa: F401  (registers the ego_* and physics_* rewards)
 from diffgrpo.checkpoint import latest_checkpoint, load_checkpoint
+from diffgrpo.cli import flags_spelled
 from diffgrpo.config import PerturbConfig, ProbeConfig
 from diffgrpo.launch import make_accelerator
 from diffgrpo.loss import LossConfig
 from diffgrpo.rewards import RewardSet, RewardSpec
-from diffgrpo.rollout import make_generator
+from diffgrpo.rng import make_generator
 from diffgrpo.trainer import check_run, train_grpo
 from tasks.ego_motion.evaluation.render import render_frames_png
 from tasks.ego_motion.model.network import load_denoiser
@@ -61,11 +62,6 @@ from tasks.ego_motion.rewards.perceptual import PerceptualConfig, PerceptualTrai
 from tasks.ego_motion.rewards.registered import GROUND_TRUTH_REWARDS, OMEGA_CONTACT, OMEGA_RESIDUAL, OMEGA_VISUAL
 from tasks.ego_motion.sampling.sampler import evaluate_windows, sample_motion
 from tasks.ego_motion.task import EgoMotionTask
-
-_spec = importlib.util.spec_from_file_location("ego_motion_recipe", Path(__file__).with_name("ego_motion.py"))
-ego = importlib.util.module_from_spec(_spec)
-sys.modules["ego_motion_recipe"] = ego
-_spec.loader.exec_module(ego)
 
 VARIANTS = ("physics", "physics+alignment", "physics+alignment+joint")
 PHYSICS_REWARDS = ("physics_residual", "physics_tracking", "physics_contact")
@@ -185,7 +181,7 @@ def alignment_critic(task: EgoMotionTask, prior: torch.nn.Module, cfg: Config, s
 def evaluate(task: EgoMotionTask, model: torch.nn.Module, evaluator: PhysicsEvaluator, cfg: Config) -> dict[str, float]:
     """Held-out test windows, seeded noise: MotionGRPO's metrics and the physics measures (means)."""
     result = evaluate_windows(task, model, "test", seed=cfg.base.eval_seed, max_windows=cfg.base.eval_max_windows,
-                              sampler_cfg=task.sampler_config(), extra_metrics=evaluator.evaluate, progress=False)
+                              chain=task.sampling_chain(), extra_metrics=evaluator.evaluate, progress=False)
     return {name: float(torch.nanmean(values)) for name, values in result.metrics["base"].items()}
 
 
@@ -193,19 +189,20 @@ def run_dir(cfg: Config, variant: str, seed: int) -> Path:
     return cfg.output_dir / f"{variant.replace('+', '_')}_seed{seed}"
 
 
-def run_variant(task, rollout_task, evaluator, critic, variant: str, seed: int, cfg: Config) -> dict:
+def run_variant(task, evaluator, critic, variant: str, seed: int, cfg: Config) -> dict:
     """One GRPO run of ``variant`` (read back if finished, resumed if interrupted) and its held-out metrics."""
     out_dir = run_dir(cfg, variant, seed)
     if (out_dir / "results.json").exists():
         return json.loads((out_dir / "results.json").read_text())
-    grpo = dataclasses.replace(cfg.base.effective_grpo(), seed=seed)
-    check_run(rollout_task, grpo)
+    grpo = dataclasses.replace(cfg.base.grpo, seed=seed)
+    chain = cfg.base.rollout_chain()
+    check_run(task, grpo, chain)
     model = load_denoiser(cfg.base.prior)
     accelerator = make_accelerator(out_dir, mixed_precision=grpo.mixed_precision)
     rewards = RewardSet.from_specs(reward_specs(variant, cfg, evaluator, critic))
     start = time.perf_counter()
-    history = train_grpo(rollout_task, model, grpo, accelerator=accelerator, output_dir=out_dir, resume=True,
-                         rewards=rewards)
+    history = train_grpo(task, model, grpo, accelerator=accelerator, output_dir=out_dir, resume=True,
+                         rewards=rewards, chain=chain)
     train_seconds = time.perf_counter() - start
     result = {"variant": variant, "seed": seed, "rewards": sorted(rewards.rewards),
               "metrics": evaluate(task, model, evaluator, cfg),
@@ -254,7 +251,7 @@ def before_after(task: EgoMotionTask, prior: torch.nn.Module, evaluator: Physics
     seed = cfg.seeds[0]
 
     def sample(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        trajectory = sample_motion(task, model, batch, sampler_cfg=task.sampler_config(), group_ids=index,
+        trajectory = sample_motion(task, model, batch, chain=task.sampling_chain(), group_ids=index,
                                    generator=make_generator(cfg.base.eval_seed, "eval", cfg.figure_window))
         return task.decode(trajectory.samples, batch)
 
@@ -279,7 +276,6 @@ def main(cfg: Config) -> dict:
     if cfg.base.threads:
         torch.set_num_threads(cfg.base.threads)
     task = EgoMotionTask(cfg.base.task)
-    rollout_task = cfg.base.rollout_task(task)  # one for every run: its windows load once
     evaluator = PhysicsEvaluator(task.body, cfg.physics)
     prior = load_denoiser(cfg.base.prior)
     prior_file = cfg.output_dir / "prior.json"
@@ -297,7 +293,7 @@ def main(cfg: Config) -> dict:
             critic, warmup = alignment_critic(task, prior, cfg, seed)
             (cfg.output_dir / f"alignment_seed{seed}.json").write_text(json.dumps(warmup))
         for variant in cfg.variants:
-            runs.append(run_variant(task, rollout_task, evaluator, critic, variant, seed, cfg))
+            runs.append(run_variant(task, evaluator, critic, variant, seed, cfg))
     summary = {"prior": prior_metrics, "runs": runs,
                "windows": {split: {"kept": task.num_examples(split), "of": len(task.windows(split))}
                            for split in ("post_train", "test")}, "units": {**PHYSICS_METRIC_UNITS},
@@ -315,4 +311,5 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    with flags_spelled({"--grpo.": "--base.grpo.", "--task.": "--base.task."}):  # the main job's config is --base
+        main(tyro.cli(Config))

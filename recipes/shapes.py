@@ -15,24 +15,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import tyro
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import pretrain_shapes  # noqa: E402  (the sibling recipe: pretraining when no prior exists)
-
-from diffgrpo.config import GRPOConfig, OptimConfig, PerturbConfig, SamplerConfig  # noqa: E402
-from diffgrpo.evaluate import evaluate  # noqa: E402
-from diffgrpo.launch import make_accelerator  # noqa: E402
-from diffgrpo.plots import plot_history  # noqa: E402
-from diffgrpo.trainer import train_grpo  # noqa: E402
-from tasks.shapes.model import load_prior  # noqa: E402
-from tasks.shapes.task import ShapesTask, ShapesTaskConfig  # noqa: E402
+import tasks.shapes.pretrain as pretrain_shapes
+from diffgrpo.chain import SamplingChain
+from diffgrpo.cli import parse
+from diffgrpo.config import GRPOConfig, OptimConfig, PerturbConfig, SamplerConfig
+from diffgrpo.evaluate import evaluate
+from diffgrpo.launch import make_accelerator
+from diffgrpo.plots import plot_history
+from diffgrpo.trainer import train_grpo
+from tasks.shapes.model import load_prior
+from tasks.shapes.task import ShapesTask, ShapesTaskConfig
 
 logger = logging.getLogger("recipes.shapes")
 
@@ -43,7 +41,6 @@ def default_grpo() -> GRPOConfig:
         conditions_per_iteration=8,
         group_size=8,
         micro_batch_size=64,
-        sampler=SamplerConfig(eta=0.7, log_prob_reduction="mean"),
         perturb=PerturbConfig(name="none"),
         optim=OptimConfig(learning_rate=1e-4, warmup_steps=0),
         rewards=("shapes_disc",),
@@ -58,7 +55,7 @@ class Config:
     output_dir: Path = Path("runs/shapes")
     """Checkpoints, TensorBoard logs, results.json, results.md and curves go here."""
     prior_dir: Path = Path("runs/shapes_prior")
-    """The pretrained prior; made with recipes/pretrain_shapes.py's defaults when missing."""
+    """The pretrained prior; made with tasks/shapes/pretrain.py's defaults when missing."""
     resume: bool = False
     """Continue from the newest checkpoint in output_dir."""
     eval_seed: int = 1234
@@ -66,6 +63,9 @@ class Config:
     eval_batch_size: int = 256
     threads: int = 0
     """torch CPU threads (0: leave torch's default; 1 is faster on a busy 2-core machine)."""
+    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(eta=0.7, log_prob_reduction="mean"))
+    """The flow SDE of the rollouts and the held-out evaluation (``--sampler.*``; ``--grpo.sampler.*`` is a
+    deprecated spelling)."""
     grpo: GRPOConfig = field(default_factory=default_grpo)
     pretrain: pretrain_shapes.Config = field(default_factory=pretrain_shapes.Config)
 
@@ -93,16 +93,17 @@ def main(cfg: Config) -> dict:
     model, task_kwargs = load_prior(cfg.prior_dir)
     task = ShapesTask(ShapesTaskConfig(**task_kwargs))
     model.to(accelerator.device)
+    chain = SamplingChain.of(task, cfg.sampler, eta_flag="--sampler.eta")
 
     def held_out(m) -> dict[str, float]:
-        return mean_metrics(evaluate(task, m, task.make_scheduler(), split="test", sampler=cfg.grpo.sampler,
+        return mean_metrics(evaluate(task, m, chain, split="test",
                                      seed=cfg.eval_seed, batch_size=cfg.eval_batch_size, accelerator=accelerator,
                                      autocast=accelerator.autocast))
 
     base = held_out(model)
     start = time.perf_counter()
     history = train_grpo(task, model, cfg.grpo, accelerator=accelerator, output_dir=cfg.output_dir,
-                         resume=cfg.resume)
+                         resume=cfg.resume, chain=chain)
     seconds = time.perf_counter() - start
     post = held_out(accelerator.unwrap_model(model))
     accelerator.end_training()
@@ -123,4 +124,4 @@ def main(cfg: Config) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    main(tyro.cli(Config))
+    main(parse(Config, renamed={"--grpo.sampler.": "--sampler."}))

@@ -27,15 +27,17 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import tyro
 
+from diffgrpo.chain import SamplingChain
 from diffgrpo.checkpoint import Checkpoint, latest_checkpoint, read_shared_state
+from diffgrpo.cli import parse
 from diffgrpo.config import GRPOConfig, OptimConfig, ProbeConfig, SamplerConfig
 from diffgrpo.ema import ParameterEMA
 from diffgrpo.launch import make_accelerator
 from diffgrpo.lora import LoRAConfig, add_lora
 from diffgrpo.rewards import RewardSet, RewardSpec
-from diffgrpo.trainer import EMA_PREFIX, LoopHooks, parse_reward_specs, train_grpo
+from diffgrpo.run_state import EMA_PREFIX
+from diffgrpo.trainer import LoopHooks, parse_reward_specs, train_grpo
 from tasks.text_to_image import rewards as _image_rewards  # noqa: F401  (registers jpeg_compressibility, ...)
 from tasks.text_to_image.task import TextToImageTask, TextToImageTaskConfig, save_lora_weights
 from tasks.text_to_image.tiny import save_tiny_pipeline
@@ -58,7 +60,6 @@ def default_grpo() -> GRPOConfig:
         conditions_per_iteration=8,
         group_size=8,
         micro_batch_size=8,
-        sampler=SamplerConfig(eta=1.0, guidance_scale=4.5, log_prob_reduction="mean"),
         optim=OptimConfig(learning_rate=3e-4, weight_decay=0.0),
         rewards=("jpeg_compressibility",),
         probe=ProbeConfig(conditions_per_split=16, noises_per_condition=2, eval_every=20),
@@ -106,6 +107,10 @@ class Config:
     '{"remote": {"url": "http://127.0.0.1:8000", "batch_keys": ["prompt"]}}' (docs/remote_rewards.md)."""
     task: TextToImageTaskConfig = field(default_factory=TextToImageTaskConfig)
     lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(use_lora=True))
+    sampler: SamplerConfig = field(
+        default_factory=lambda: SamplerConfig(eta=1.0, guidance_scale=4.5, log_prob_reduction="mean"))
+    """The rollouts' stochastic step and guidance (``--sampler.*``; ``--grpo.sampler.*`` is a deprecated
+    spelling)."""
     grpo: GRPOConfig = field(default_factory=default_grpo)
 
     def __post_init__(self) -> None:
@@ -249,6 +254,7 @@ def main(cfg: Config) -> dict:
     prompts = {"train": read_prompts(cfg.prompts_file, TRAIN_PROMPTS),
                "test": read_prompts(cfg.test_prompts_file, TEST_PROMPTS)}
     task = TextToImageTask(pipeline, prompts, cfg.task)
+    chain = SamplingChain.of(task, cfg.sampler, eta_flag="--sampler.eta")
     for component in pipeline.components.values():  # only the denoiser (its adapters) trains
         if isinstance(component, torch.nn.Module):
             component.requires_grad_(False)
@@ -271,7 +277,7 @@ def main(cfg: Config) -> dict:
     start = time.perf_counter()
     with rewards:  # the worker thread of --grpo.rollout-chunks > 1 is released at the end
         history = train_grpo(task, model, cfg.grpo, accelerator=accelerator, output_dir=cfg.output_dir,
-                             resume=cfg.resume, rewards=rewards, hooks=settings_hooks(cfg))
+                             resume=cfg.resume, rewards=rewards, hooks=settings_hooks(cfg), chain=chain)
     seconds = time.perf_counter() - start
     accelerator.end_training()
     results = {
@@ -307,4 +313,4 @@ def main(cfg: Config) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    main(tyro.cli(Config))
+    main(parse(Config, renamed={"--grpo.sampler.": "--sampler."}))

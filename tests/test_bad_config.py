@@ -4,12 +4,15 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+import tasks.ego_motion.grpo as ego_job
+from diffgrpo.chain import SamplingChain
 from diffgrpo.config import GRPOConfig, PerturbConfig, SamplerConfig
 from diffgrpo.rewards import RewardSet
-from diffgrpo.rollout import group_ids_for, make_generator, rollout
+from diffgrpo.rng import make_generator
+from diffgrpo.rollout import group_ids_for, rollout
 from diffgrpo.train_step import collect, make_perturber
 from diffgrpo.trainer import train_grpo
-from tests.toy_task import ToyNet, ToyTask
+from tests.toy_task import ToyNet, ToyTask, toy_chain
 
 
 def test_unknown_reward_lists_the_known_ones(tmp_path):
@@ -43,7 +46,7 @@ def test_nan_condition_names_the_rows():
     batch = task.load_examples("train", torch.arange(3))
     batch["condition"][1] = float("nan")
     with pytest.raises(ValueError, match=r"rows \[1\] holds NaN"):
-        collect(task, ToyNet(), task.make_scheduler(), batch, cfg=cfg,
+        collect(task, ToyNet(), toy_chain(task), batch, cfg=cfg,
                 rewards=RewardSet.from_specs({"toy_closeness": 1.0}), perturber=make_perturber(cfg),
                 generator=make_generator(0), group_id_offset=0)
 
@@ -52,8 +55,8 @@ def test_wrong_condition_rows_for_rollout():
     task = ToyTask()
     cond = torch.zeros(5, 1)
     with pytest.raises(ValueError, match="expand the conditions"):
-        rollout(lambda x, t, c: x, task.make_scheduler(), cond, group_ids_for(2, 2), task.sampling_timesteps(),
-                task.sample_shape, generator=make_generator(0), sampler=SamplerConfig())
+        rollout(lambda x, t, c: x, toy_chain(task), cond, group_ids_for(2, 2),
+                generator=make_generator(0))
 
 
 def test_bad_reward_weight_spec():
@@ -86,20 +89,18 @@ def test_step_window_is_checked_on_construction_and_against_the_chain(tmp_path):
     with pytest.raises(ValueError, match="only used with --grpo.steps.mode window"):
         StepSelectionConfig(mode="all", window=(0, 3))
     task = ToyTask()
-    num_steps = len(task.sampling_timesteps()) - 1
+    chain = toy_chain(task)
+    num_steps = chain.num_steps
     cfg = GRPOConfig(rewards=("toy_closeness",), steps=StepSelectionConfig(mode="window", window=(0, num_steps + 1)))
     with pytest.raises(ValueError, match=rf"ends after the chain's K={num_steps} steps"):
-        check_run(task, cfg)
+        check_run(task, cfg, chain)
     with pytest.raises(ValueError, match="ends after the chain"):  # and train_grpo checks before any work
         train_grpo(task, ToyNet(), cfg, accelerator=Accelerator(cpu=True), output_dir=tmp_path)
 
 
-def test_sampler_that_cannot_step_the_chain_fails_before_any_work(tmp_path):
-    from diffgrpo.trainer import check_run
-
-    cfg = GRPOConfig(rewards=("toy_closeness",), sampler=SamplerConfig(method="flow_sde"))
+def test_sampler_that_cannot_step_the_chain_fails_when_the_chain_is_built():
     with pytest.raises(ValueError, match="'flow_sde' does not apply to DDIMScheduler"):
-        check_run(ToyTask("ddim"), cfg)
+        SamplingChain.of(ToyTask("ddim"), SamplerConfig(method="flow_sde"))
 
 
 def test_egoallo_eta_out_of_range_fails_when_the_task_config_is_built():
@@ -125,35 +126,34 @@ def test_optimizer_values_are_checked():
 
 def test_summed_log_probs_with_several_epochs_and_no_clip_are_rejected():
     from diffgrpo.loss import LossConfig
+    from diffgrpo.trainer import check_run
 
-    summed = SamplerConfig(log_prob_reduction="sum")
+    task = ToyTask()
+    summed = SamplingChain.of(task, SamplerConfig(log_prob_reduction="sum"))
     with pytest.raises(ValueError, match=r"exp\(\) overflows.*--grpo.loss.clip-range"):
-        GRPOConfig(rewards=("toy_closeness",), inner_epochs=2, sampler=summed)
-    GRPOConfig(rewards=("toy_closeness",), inner_epochs=2, sampler=summed, loss=LossConfig(clip_range=0.2))
-    GRPOConfig(rewards=("toy_closeness",), inner_epochs=1, sampler=summed)
+        check_run(task, GRPOConfig(rewards=("toy_closeness",), inner_epochs=2), summed)
+    check_run(task, GRPOConfig(rewards=("toy_closeness",), inner_epochs=2, loss=LossConfig(clip_range=0.2)), summed)
+    check_run(task, GRPOConfig(rewards=("toy_closeness",), inner_epochs=1), summed)
 
 
 # Issue 11, item 4: no recipe flag is parsed and then ignored.
 
 
-def test_ego_recipe_rejects_grpo_sampler_flags_and_records_the_effective_sampler():
-    import dataclasses
-
-    from tests.recipes import load_recipe
-
-    recipe = load_recipe("ego_motion")
-    grpo = dataclasses.replace(recipe.default_grpo(), sampler=SamplerConfig(eta=0.5))
-    with pytest.raises(ValueError, match="--grpo.sampler.* was set.*--task.sampler-eta"):
-        recipe.Config(grpo=grpo)
+def test_ego_job_has_one_home_for_its_sampler_and_records_the_chain_it_samples():
+    recipe = ego_job
+    assert not hasattr(recipe.default_grpo(), "sampler")  # no --grpo.sampler.* flag to set and then ignore
     with pytest.raises(ValueError, match="--omega-vis only apply with the perceptual reward"):
         recipe.Config(use_visual_reward=False, omega_vis=2.0)
     cfg = recipe.Config(task=recipe.EgoMotionTaskConfig(sampler_eta=0.7))
     recorded = cfg.effective()["grpo"]["sampler"]
     assert recorded["method"] == "egoallo" and recorded["eta"] == 0.7  # what the run uses, not SamplerConfig()
+    chain = cfg.rollout_chain()
+    assert chain.num_steps == cfg.rollout_sampling_steps and chain.sampler.eta == 0.7
+    assert cfg.rollout_chain() is chain  # built and checked once
 
 
 def test_eta_range_is_checked_on_the_sde_window_steps_only():
-    from diffgrpo.rollout import check_sampler
+    from diffgrpo.chain import check_sampler
     from tasks.ego_motion.model.motion import sampling_timesteps
     from tasks.ego_motion.model.prior import make_scheduler
 
@@ -168,12 +168,14 @@ def test_probe_and_train_splits_are_checked_at_start_up():
     from diffgrpo.trainer import check_run
 
     task = ToyTask()
+    chain = toy_chain(task)
     with pytest.raises(ValueError, match="no split 'post_train'"):
-        check_run(task, GRPOConfig(rewards=("toy_closeness",), train_split="post_train"))
+        check_run(task, GRPOConfig(rewards=("toy_closeness",), train_split="post_train"), chain)
     probe = ProbeConfig(splits=("train", "validation"), eval_every=5)
     with pytest.raises(ValueError, match="no split 'validation'"):
-        check_run(task, GRPOConfig(rewards=("toy_closeness",), probe=probe))
+        check_run(task, GRPOConfig(rewards=("toy_closeness",), probe=probe), chain)
     with pytest.raises(ValueError, match="conditions-per-iteration >= 2"):
-        check_run(task, GRPOConfig(rewards=("toy_closeness",), conditions_per_iteration=1, diagnostics_every=1))
+        check_run(task, GRPOConfig(rewards=("toy_closeness",), conditions_per_iteration=1, diagnostics_every=1),
+                  chain)
     with pytest.raises(ValueError, match="probe.eval_every = 0"):
         ProbeConfig(conditions_per_split=8)

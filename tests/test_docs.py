@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+import recipes.readme_results as readme_results_recipe
 from diffgrpo.rewards import RewardSet, available_rewards
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -28,9 +29,8 @@ def test_reward_tutorial_code_registers_a_working_reward():
 
 
 def test_readme_results_table_is_the_one_generated_from_the_results_files():
-    from tests.recipes import load_recipe
 
-    readme_results = load_recipe("readme_results")
+    readme_results = readme_results_recipe
     readme = (DOCS.parent / "README.md").read_text()
     table = readme_results.results_table()
     assert readme_results.replace_table(readme, table) == readme, (
@@ -41,9 +41,8 @@ def test_readme_results_table_is_the_one_generated_from_the_results_files():
 def test_replace_table_needs_both_markers_in_order():
     import pytest
 
-    from tests.recipes import load_recipe
 
-    readme_results = load_recipe("readme_results")
+    readme_results = readme_results_recipe
     text = f"intro\n{readme_results.BEGIN}\nold\n{readme_results.END}\nrest\n"
     expected = f"intro\n{readme_results.BEGIN}\nnew\n{readme_results.END}\nrest\n"
     assert readme_results.replace_table(text, "new\n") == expected

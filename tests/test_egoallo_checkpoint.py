@@ -18,6 +18,8 @@ import tyro
 import yaml
 from safetensors.torch import load_file, save_file
 
+import recipes.eval_ego_motion as eval_ego_motion_recipe
+import tasks.ego_motion.grpo as ego_job
 from tasks.ego_motion.model.egoallo_checkpoint import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -33,7 +35,6 @@ from tasks.ego_motion.model.egoallo_checkpoint import (
 from tasks.ego_motion.model.motion import sampling_timesteps
 from tasks.ego_motion.model.network import DenoiserConfig, MotionDenoiser, load_denoiser, save_denoiser
 from tasks.ego_motion.model.prior import make_scheduler, sample_prior
-from tests.recipes import load_recipe
 
 TINY = {"d_latent": 32, "d_feedforward": 64, "d_noise_emb": 16, "num_heads": 2, "encoder_layers": 1,
         "decoder_layers": 1}
@@ -360,19 +361,19 @@ def test_the_sampler_reads_the_rows_of_egoallos_grid_minus_one(tiny_folder):
 
 
 def test_both_recipes_parse_prior_folder(tiny_folder, tmp_path):
-    main = tyro.cli(load_recipe("ego_motion").Config, args=["--prior", str(tiny_folder), "--task.include-hands"])
+    main = tyro.cli(ego_job.Config, args=["--prior", str(tiny_folder), "--task.include-hands"])
     assert main.prior == tiny_folder
-    evaluation = tyro.cli(load_recipe("eval_ego_motion").Config, args=["--prior", str(tiny_folder)])
+    evaluation = tyro.cli(eval_ego_motion_recipe.Config, args=["--prior", str(tiny_folder)])
     assert evaluation.prior == tiny_folder
-    old = load_recipe("eval_ego_motion").Config(checkpoint=tiny_folder)  # the deprecated alias
+    old = eval_ego_motion_recipe.Config(checkpoint=tiny_folder)  # the deprecated alias
     assert old.prior == tiny_folder and old.checkpoint is None
     (tmp_path / "not_a_checkpoint").mkdir()
     with pytest.raises(FileNotFoundError, match="has no checkpoints_<N> folder"):
-        load_recipe("ego_motion").Config(prior=tmp_path / "not_a_checkpoint")
+        ego_job.Config(prior=tmp_path / "not_a_checkpoint")
 
 
 def test_one_grpo_iteration_and_the_evaluation_on_an_egoallo_folder(tiny_folder, tmp_path):
-    recipe = load_recipe("ego_motion")
+    recipe = ego_job
     task = recipe.EgoMotionTaskConfig(window_frames=32, include_hands=True, num_sampling_steps=6)
     probe = recipe.ProbeConfig(splits=("test",), conditions_per_split=2, noises_per_condition=1, eval_every=1)
     grpo = dataclasses.replace(recipe.default_grpo(), num_iterations=1, conditions_per_iteration=2, group_size=3,
@@ -393,7 +394,7 @@ def test_one_grpo_iteration_and_the_evaluation_on_an_egoallo_folder(tiny_folder,
                                         task=dataclasses.replace(task, include_hands=False)))
     assert all(torch.equal(before[k], v) for k, v in load_denoiser(tiny_folder).state_dict().items())
 
-    evaluation = load_recipe("eval_ego_motion")
+    evaluation = eval_ego_motion_recipe
     ecfg = evaluation.Config(prior=tiny_folder, output_dir=tmp_path / "eval", seeds=(0,), max_windows=1,
                              batch_size=1, use_tto=False, render=False, task=task,
                              stitch=evaluation.StitchConfig(window_frames=32, overlap_frames=8))

@@ -8,10 +8,11 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
+from diffgrpo.chain import SamplingChain
 from diffgrpo.config import SamplerConfig
 from diffgrpo.exploration import ExplorationSubspace, dct_basis
 from diffgrpo.rollout import group_ids_for, rollout
-from diffgrpo.sde import step_with_logprob
+from diffgrpo.sde import reverse_step
 
 SHAPE = (8, 5)  # (T, F)
 
@@ -66,10 +67,10 @@ def test_step_noise_lives_in_the_subspace_and_its_density_is_exact():
     x = torch.randn(4000, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     out = torch.randn(4000, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     t = int(scheduler.timesteps[3])
-    step = step_with_logprob(scheduler, out, t, x, eta=1.0, generator=torch.Generator().manual_seed(2),
+    step = reverse_step(scheduler, out, t, x, eta=1.0, generator=torch.Generator().manual_seed(2),
                              subspace=space)
-    deterministic = step_with_logprob(scheduler, out, t, x, eta=0.0).prev_sample
-    stochastic_mean = step_with_logprob(scheduler, out, t, x, eta=1.0, prev_sample=x).mean
+    deterministic = reverse_step(scheduler, out, t, x, eta=0.0).prev_sample
+    stochastic_mean = reverse_step(scheduler, out, t, x, eta=1.0, prev_sample=x).mean
     # outside the subspace the step is the eta = 0 rule exactly
     assert torch.allclose(step.prev_sample - space.project(step.prev_sample),
                           deterministic - space.project(deterministic), atol=1e-10)
@@ -83,11 +84,11 @@ def test_step_noise_lives_in_the_subspace_and_its_density_is_exact():
     r = space.num_coordinates
     by_hand = -0.5 * z.square().sum(1) - r * (math.log(std) + 0.5 * math.log(2 * math.pi))
     assert torch.allclose(step.log_prob, by_hand, atol=1e-8)
-    mean_reduced = step_with_logprob(scheduler, out, t, x, eta=1.0, prev_sample=step.prev_sample, subspace=space,
+    mean_reduced = reverse_step(scheduler, out, t, x, eta=1.0, prev_sample=step.prev_sample, subspace=space,
                                      log_prob_reduction="mean").log_prob
     assert torch.allclose(mean_reduced, by_hand / r, atol=1e-10)
     # re-scoring the stored sample reproduces the density exactly (on-policy ratio 1)
-    again = step_with_logprob(scheduler, out, t, x, eta=1.0, prev_sample=step.prev_sample, subspace=space)
+    again = reverse_step(scheduler, out, t, x, eta=1.0, prev_sample=step.prev_sample, subspace=space)
     assert torch.equal(again.log_prob, step.log_prob)
 
 
@@ -118,8 +119,8 @@ def test_chain_with_a_subspace_samples_each_part_like_its_own_eta(family):
             return (sigma - (1 - sigma) * s2) / var * x_t
 
     def final(sampler: SamplerConfig, seed: int):
-        traj = rollout(model, scheduler, torch.zeros(n, 1), group_ids_for(n, 1), timesteps, SHAPE, sampler=sampler,
-                       generator=torch.Generator().manual_seed(seed))
+        traj = rollout(model, SamplingChain.build(scheduler, timesteps, sampler, SHAPE), torch.zeros(n, 1),
+                       group_ids_for(n, 1), generator=torch.Generator().manual_seed(seed))
         return traj.samples.double(), traj
 
     with_subspace, traj = final(SamplerConfig(eta=1.0, noise_frequencies=2, noise_features=(1, 4)), 3)

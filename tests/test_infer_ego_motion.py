@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffgrpo.rollout import make_generator
+import recipes.infer_ego_motion as infer_ego_motion_recipe
+from diffgrpo.rng import make_generator
 from tasks.ego_motion.body.body_model import load_body_model
 from tasks.ego_motion.body.geometry import (
     apply_transform,
@@ -31,14 +32,14 @@ from tasks.ego_motion.body.geometry import (
     matrix_to_quaternion,
 )
 from tasks.ego_motion.data import aria
-from tasks.ego_motion.data.windows import BUNDLED_CMU_DIR, WindowConfig, load_sequence
+from tasks.ego_motion.data.sequences import WindowConfig, load_sequence
+from tasks.ego_motion.data.splits import BUNDLED_CMU_DIR
 from tasks.ego_motion.evaluation.metrics import mpjpe
 from tasks.ego_motion.model.condition import raw_head_features
 from tasks.ego_motion.model.network import load_denoiser
 from tasks.ego_motion.sampling.sampler import StitchConfig, load_clip, refine_decoded, sample_clip, sample_sequence
 from tasks.ego_motion.sampling.tto import TTOConfig
 from tasks.ego_motion.task import DEMO_PRIOR_PATH, EgoMotionTask, EgoMotionTaskConfig
-from tests.recipes import load_recipe
 
 needs_aria = pytest.mark.skipif(find_spec("projectaria_tools") is None,
                                 reason="projectaria-tools not installed (pip install -e '.[dev]')")
@@ -170,7 +171,7 @@ def rewrite_rows(path: Path, edit) -> None:
 
 @needs_aria
 def test_recipe_on_a_synthetic_recording_matches_the_evaluation_of_the_same_clip(tmp_path, task, clip, body):
-    recipe = load_recipe("infer_ego_motion")
+    recipe = infer_ego_motion_recipe
     calibration = calibration_json(tmp_path / "calibration.json", "DVT-L")
     T_device_cpf, _ = aria.T_device_cpf_from_calibration(calibration)
     # A device pose is not a CPF pose: 7 cm and 97 degrees apart (feeding one for the other is the trap).
@@ -332,7 +333,7 @@ def test_timestamps_out_of_order_are_refused(short_recording):
 
 @needs_aria
 def test_a_recording_shorter_than_one_window_is_refused_by_the_recipe(tmp_path, clip, task):
-    recipe = load_recipe("infer_ego_motion")
+    recipe = infer_ego_motion_recipe
     folder = write_mps_folder(tmp_path / "mps", clip["T_world_cpf"][0, :40].double(),
                               aria.T_device_cpf_from_calibration()[0])
     cfg = recipe.Config(mps_dir=folder, output_dir=tmp_path / "out", render=False, task=task.cfg,

@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from diffgrpo.config import GRPOConfig, PerturbConfig, ProbeConfig, SamplerConfig
+from diffgrpo.config import GRPOConfig, PerturbConfig, ProbeConfig
 from diffgrpo.probe import evaluate_probe, paired_difference, probe_indices, t_quantile_975
 from diffgrpo.rewards import RewardSet
-from diffgrpo.rollout import RandomStreams
+from diffgrpo.rng import RandomStreams
 from diffgrpo.train_step import collect, make_perturber
-from tests.toy_task import ToyNet, ToyTask
+from tests.toy_task import ToyNet, ToyTask, toy_chain
 
 
 def test_probe_evaluation_is_deterministic_and_sees_weight_changes():
@@ -18,8 +18,8 @@ def test_probe_evaluation_is_deterministic_and_sees_weight_changes():
     task, model = ToyTask("ddim"), ToyNet()
     cfg = ProbeConfig(splits=("train", "test"), conditions_per_split=5, noises_per_condition=3, eval_every=1)
     rewards = RewardSet.from_specs({"toy_closeness": 1.0})
-    first = evaluate_probe(task, model, task.make_scheduler(), cfg, sampler=SamplerConfig(), rewards=rewards)
-    again = evaluate_probe(task, model, task.make_scheduler(), cfg, sampler=SamplerConfig(), rewards=rewards)
+    first = evaluate_probe(task, model, toy_chain(task), cfg, rewards=rewards)
+    again = evaluate_probe(task, model, toy_chain(task), cfg, rewards=rewards)
     assert set(first) >= {"reward/train/toy_closeness/all", "reward/train/total",
                           "reward/test/toy_closeness/first_half", "metric/test/mse"}
     for key, value in first.items():
@@ -27,7 +27,7 @@ def test_probe_evaluation_is_deterministic_and_sees_weight_changes():
         assert torch.equal(value, again[key]), key  # common random numbers: bit-identical
     with torch.no_grad():
         model.net[-1].bias.add_(0.3)
-    moved = evaluate_probe(task, model, task.make_scheduler(), cfg, sampler=SamplerConfig(), rewards=rewards)
+    moved = evaluate_probe(task, model, toy_chain(task), cfg, rewards=rewards)
     assert not torch.equal(moved["reward/train/total"], first["reward/train/total"])
 
 
@@ -65,7 +65,7 @@ def test_named_streams_keep_initial_noise_independent_of_perturbation():
     runs = {}
     for name, scale in (("none", 0.0), ("perlin", 0.3)):
         cfg = GRPOConfig(rewards=("toy_closeness",), group_size=4, perturb=PerturbConfig(name, scale=scale))
-        runs[name] = collect(task, model, task.make_scheduler(), batch, cfg=cfg, rewards=rewards,
+        runs[name] = collect(task, model, toy_chain(task), batch, cfg=cfg, rewards=rewards,
                              perturber=make_perturber(cfg), generator=RandomStreams.from_seed(0),
                              group_id_offset=0)
     plain, perturbed = runs["none"].trajectory, runs["perlin"].trajectory
@@ -75,7 +75,7 @@ def test_named_streams_keep_initial_noise_independent_of_perturbation():
     shared = {}
     for name, scale in (("none", 0.0), ("perlin", 0.3)):
         cfg = GRPOConfig(rewards=("toy_closeness",), group_size=4, perturb=PerturbConfig(name, scale=scale))
-        shared[name] = collect(task, model, task.make_scheduler(), batch, cfg=cfg, rewards=rewards,
+        shared[name] = collect(task, model, toy_chain(task), batch, cfg=cfg, rewards=rewards,
                                perturber=make_perturber(cfg), generator=torch.Generator().manual_seed(0),
                                group_id_offset=0).trajectory.states[:, 0]
     assert not torch.equal(shared["none"], shared["perlin"])
@@ -96,8 +96,9 @@ def test_streams_state_round_trip():
 def test_sde_window_makes_steps_outside_it_deterministic():
     task, model = ToyTask("ddim"), ToyNet()
     num_steps = len(task.sampling_timesteps()) - 1
-    cfg = GRPOConfig(rewards=("toy_closeness",), group_size=4, sampler=SamplerConfig(eta=1.0, sde_window=(1, 3)))
-    data = collect(task, model, task.make_scheduler(), task.load_examples("train", torch.arange(2)), cfg=cfg,
+    cfg = GRPOConfig(rewards=("toy_closeness",), group_size=4)
+    chain = toy_chain(task, eta=1.0, sde_window=(1, 3))
+    data = collect(task, model, chain, task.load_examples("train", torch.arange(2)), cfg=cfg,
                    rewards=RewardSet.from_specs({"toy_closeness": 1.0}), perturber=make_perturber(cfg),
                    generator=RandomStreams.from_seed(0), group_id_offset=0)
     expected = [1 <= k < 3 for k in range(num_steps)]

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.distributions import Normal
 
-from diffgrpo.sde import StepOutput, gaussian_log_prob, step_with_logprob
+from diffgrpo.sde import StepOutput, gaussian_log_prob, reverse_step
 
 N_DRAWS = 20_000
 REDUCTIONS = st.sampled_from(["sum", "mean"])
@@ -80,7 +80,7 @@ def test_monte_carlo_matches_returned_gaussian_and_density(case: str) -> None:
     dims = 3
     x_t = torch.randn(1, dims, generator=_gen(1)).expand(N_DRAWS, dims)
     model_out = torch.randn(1, dims, generator=_gen(2)).expand(N_DRAWS, dims)
-    out = step_with_logprob(
+    out = reverse_step(
         sched, model_out, t, x_t, next_timestep=t_next, method=method, generator=_gen(3), **kw
     )
     assert bool(out.is_stochastic.all())
@@ -93,7 +93,7 @@ def test_monte_carlo_matches_returned_gaussian_and_density(case: str) -> None:
     assert torch.allclose(emp_std, torch.full_like(emp_std, float(std)), rtol=5 / math.sqrt(2 * N_DRAWS))
     ref_sum, ref_mean = _reference_log_prob(out.prev_sample, out)
     assert torch.allclose(out.log_prob.double(), ref_sum, rtol=1e-5, atol=1e-4)
-    scored = step_with_logprob(
+    scored = reverse_step(
         sched,
         model_out,
         t,
@@ -115,7 +115,7 @@ def test_ddim_matches_diffusers_step(prediction_type: str, eta: float) -> None:
     timesteps = torch.tensor([981, 741, 501, 261, 21, 1])
     x_t = 2.0 * torch.randn(6, 4, 8, 8, generator=_gen(0))
     model_out = 2.0 * torch.randn(6, 4, 8, 8, generator=_gen(1))
-    out = step_with_logprob(sched, model_out, timesteps, x_t, eta=eta, generator=_gen(2))
+    out = reverse_step(sched, model_out, timesteps, x_t, eta=eta, generator=_gen(2))
     for i, t in enumerate(timesteps.tolist()):
         ref = sched.step(
             model_out[i : i + 1], t, x_t[i : i + 1], eta=eta, variance_noise=torch.zeros(1, 4, 8, 8)
@@ -138,12 +138,12 @@ def test_ddpm_matches_diffusers_step(prediction_type: str, n_inference: int | No
     model_out = torch.randn(1, 3, 5, 5, generator=_gen(1), dtype=torch.float64)
     for t in timesteps:
         ref = sched.step(model_out, t, x_t, generator=_gen(7)).prev_sample  # mean + sqrt(var) * noise
-        out = step_with_logprob(sched, model_out, t, x_t, generator=_gen(7))
+        out = reverse_step(sched, model_out, t, x_t, generator=_gen(7))
         assert torch.allclose(out.prev_sample, ref, atol=1e-10)
         assert out.next_timestep.item() == int(sched.previous_timestep(t))
         expected_std = sched._get_variance(t) ** 0.5 if t > 0 else torch.tensor(0.0)
         assert torch.allclose(out.std.flatten(), expected_std.reshape(1).double(), atol=1e-12)
-        in_float32 = step_with_logprob(sched, model_out.float(), t, x_t.float())
+        in_float32 = reverse_step(sched, model_out.float(), t, x_t.float())
         assert torch.allclose(in_float32.mean.double(), out.mean, atol=2e-6)
 
 
@@ -158,9 +158,9 @@ def test_default_next_timestep_is_the_next_table_entry(spacing: str, scheduler_c
     expected = table[1:] + [-1]  # the step after the table's last entry is final
     x_t = torch.randn(n, 2, 3, generator=_gen(0), dtype=torch.float64)
     model_out = torch.randn(n, 2, 3, generator=_gen(1), dtype=torch.float64)
-    out = step_with_logprob(sched, model_out, sched.timesteps, x_t, eta=1.0, generator=_gen(2))
+    out = reverse_step(sched, model_out, sched.timesteps, x_t, eta=1.0, generator=_gen(2))
     assert out.next_timestep.long().tolist() == expected
-    explicit = step_with_logprob(
+    explicit = reverse_step(
         sched, model_out, sched.timesteps, x_t, eta=1.0, prev_sample=out.prev_sample,
         next_timestep=torch.tensor(expected),
     )
@@ -170,7 +170,7 @@ def test_default_next_timestep_is_the_next_table_entry(spacing: str, scheduler_c
         x_i, out_i = x_t[i : i + 1], model_out[i : i + 1]
         if scheduler_cls is DDPMScheduler:  # its step reads the table (previous_timestep) for every spacing
             ref = sched.step(out_i, t, x_i, generator=_gen(7)).prev_sample
-            mine = step_with_logprob(sched, out_i, t, x_i, generator=_gen(7)).prev_sample
+            mine = reverse_step(sched, out_i, t, x_i, generator=_gen(7)).prev_sample
             assert torch.allclose(mine, ref, atol=1e-10)
         elif all(a - b == 1000 // n for a, b in zip(table[:-1], expected[:-1], strict=True)) and table[-1] < 1000 // n:
             # DDIM's step uses t - T // n: only compared where that arithmetic agrees with the table
@@ -182,10 +182,10 @@ def test_ddpm_custom_timesteps_and_full_chain_resolve_next_timestep() -> None:
     x_t, model_out = torch.randn(4, 3, generator=_gen(0)), torch.randn(4, 3, generator=_gen(1))
     custom = _ddpm(n=None)
     custom.set_timesteps(timesteps=[900, 500, 130, 7])
-    out = step_with_logprob(custom, model_out, torch.tensor([900, 500, 130, 7]), x_t)
+    out = reverse_step(custom, model_out, torch.tensor([900, 500, 130, 7]), x_t)
     assert out.next_timestep.long().tolist() == [500, 130, 7, -1]
     full_chain = _ddpm(n=None)  # no set_timesteps: diffusers' DDPM walks every training step
-    out = step_with_logprob(full_chain, model_out, torch.tensor([999, 500, 1, 0]), x_t)
+    out = reverse_step(full_chain, model_out, torch.tensor([999, 500, 1, 0]), x_t)
     assert out.next_timestep.long().tolist() == [998, 499, 0, -1]
 
 
@@ -195,8 +195,8 @@ def test_timestep_missing_from_table_needs_explicit_next(scheduler_cls: type) ->
     sched.set_timesteps(10)  # 999, 888, ..., 111, 0
     x_t, model_out = torch.randn(1, 3, generator=_gen(0)), torch.randn(1, 3, generator=_gen(1))
     with pytest.raises(ValueError, match=r"timestep \[899\] is not .*scheduler.timesteps.*pass next_timestep"):
-        step_with_logprob(sched, model_out, 899, x_t)
-    out = step_with_logprob(sched, model_out, 899, x_t, next_timestep=799)
+        reverse_step(sched, model_out, 899, x_t)
+    out = reverse_step(sched, model_out, 899, x_t, next_timestep=799)
     assert out.next_timestep.long().tolist() == [799]
 
 
@@ -204,11 +204,11 @@ def test_ddpm_posterior_equals_ddim_at_eta_one_and_eta_only_scales_std() -> None
     sched = _ddpm("epsilon")
     x_t, model_out = torch.randn(3, 6, generator=_gen(0)), torch.randn(3, 6, generator=_gen(1))
     t, t_next = torch.tensor([900, 400, 60]), torch.tensor([700, 399, -1])  # non-adjacent pairs too
-    ddpm = step_with_logprob(sched, model_out, t, x_t, next_timestep=t_next, method="ddpm", eta=1.0)
-    ddim = step_with_logprob(sched, model_out, t, x_t, next_timestep=t_next, method="ddim", eta=1.0)
+    ddpm = reverse_step(sched, model_out, t, x_t, next_timestep=t_next, method="ddpm", eta=1.0)
+    ddim = reverse_step(sched, model_out, t, x_t, next_timestep=t_next, method="ddim", eta=1.0)
     assert torch.allclose(ddpm.mean, ddim.mean, atol=1e-5)
     assert torch.allclose(ddpm.std, ddim.std, atol=1e-7)
-    cool = step_with_logprob(sched, model_out, t, x_t, next_timestep=t_next, method="ddpm", eta=0.5)
+    cool = reverse_step(sched, model_out, t, x_t, next_timestep=t_next, method="ddpm", eta=0.5)
     assert torch.allclose(cool.mean, ddpm.mean)
     assert torch.allclose(cool.std, 0.5 * ddpm.std)
 
@@ -221,7 +221,7 @@ def test_egoallo_step_matches_method_formula(offset: float) -> None:
     for k, k_next in zip(ks[:-1], ks[1:], strict=True):
         d, d_next = k - 1, k_next - 1
         x_t, x0 = torch.randn(2, 5, generator=_gen(k)), torch.randn(2, 5, generator=_gen(k + 1))
-        out = step_with_logprob(
+        out = reverse_step(
             sched,
             x0,
             d,
@@ -255,7 +255,7 @@ def test_per_element_timesteps_equal_elementwise_results() -> None:
     for sched, method, ts, ts_next in cases:
         if ts is None:
             ts = sched.timesteps[[0, 3, 7, 9]].tolist()
-        batched = step_with_logprob(
+        batched = reverse_step(
             sched,
             model_out,
             torch.tensor(ts),
@@ -266,7 +266,7 @@ def test_per_element_timesteps_equal_elementwise_results() -> None:
             next_timestep=None if ts_next is None else torch.tensor(ts_next),
         )
         for i in range(4):
-            single = step_with_logprob(
+            single = reverse_step(
                 sched,
                 model_out[i : i + 1],
                 ts[i],
@@ -285,11 +285,11 @@ def test_per_element_timesteps_equal_elementwise_results() -> None:
 def test_generator_list_gives_one_stream_per_element() -> None:
     sched = _ddim()
     x_t, model_out = torch.randn(3, 4, generator=_gen(0)), torch.randn(3, 4, generator=_gen(1))
-    batched = step_with_logprob(sched, model_out, 501, x_t, generator=[_gen(10 + i) for i in range(3)])
+    batched = reverse_step(sched, model_out, 501, x_t, generator=[_gen(10 + i) for i in range(3)])
     for i in range(3):
-        single = step_with_logprob(sched, model_out[i : i + 1], 501, x_t[i : i + 1], generator=_gen(10 + i))
+        single = reverse_step(sched, model_out[i : i + 1], 501, x_t[i : i + 1], generator=_gen(10 + i))
         assert torch.equal(batched.prev_sample[i : i + 1], single.prev_sample)
-    again = step_with_logprob(sched, model_out, 501, x_t, generator=[_gen(10 + i) for i in range(3)])
+    again = reverse_step(sched, model_out, 501, x_t, generator=[_gen(10 + i) for i in range(3)])
     assert torch.equal(again.prev_sample, batched.prev_sample)
 
 
@@ -301,7 +301,7 @@ def test_flow_sde_shifted_table_formula_and_ode_limit() -> None:
         t = sched.timesteps[i]
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         eta = 0.7
-        out = step_with_logprob(sched, v, t, x_t, eta=eta)
+        out = reverse_step(sched, v, t, x_t, eta=eta)
         dt = sigma_next - sigma
         one_minus = 1 - (sigma_next if sigma >= 1 else sigma)  # sigma = 1 uses the next sigma (documented)
         s = eta * torch.sqrt(sigma / one_minus)
@@ -313,10 +313,10 @@ def test_flow_sde_shifted_table_formula_and_ode_limit() -> None:
         euler.set_timesteps(10)
         euler._step_index = i  # diffusers' stateful Euler step, positioned by hand on step i
         ode = euler.step(v, t, x_t).prev_sample
-        exact_ode = step_with_logprob(sched, v, t, x_t, eta=0.0)
+        exact_ode = reverse_step(sched, v, t, x_t, eta=0.0)
         assert torch.allclose(exact_ode.mean, ode, atol=1e-6)
         assert not bool(exact_ode.is_stochastic.any())
-        near_ode = step_with_logprob(sched, v, t, x_t, eta=1e-3)
+        near_ode = reverse_step(sched, v, t, x_t, eta=1e-3)
         assert torch.allclose(near_ode.mean, ode, atol=1e-5)
         assert float(near_ode.std.max()) <= 1.001e-3  # = eta at sigma = 1
 
@@ -326,12 +326,12 @@ def test_flow_duplicate_timesteps_require_explicit_next() -> None:
     sched.set_timesteps(sigmas=[1.0, 0.6, 0.6, 0.3])  # 600 appears twice: its next sigma is ambiguous
     x_t, v = torch.randn(1, 4, generator=_gen(0)), torch.randn(1, 4, generator=_gen(1))
     with pytest.raises(ValueError, match="ambiguous; pass next_timestep"):
-        step_with_logprob(sched, v, 600.0, x_t)
-    first = step_with_logprob(sched, v, 600.0, x_t, next_timestep=600.0)
-    second = step_with_logprob(sched, v, 600.0, x_t, next_timestep=300.0)
+        reverse_step(sched, v, 600.0, x_t)
+    first = reverse_step(sched, v, 600.0, x_t, next_timestep=600.0)
+    second = reverse_step(sched, v, 600.0, x_t, next_timestep=300.0)
     assert torch.equal(first.mean, x_t) and not bool(first.is_stochastic.any())  # dt = 0: identity
     assert bool(second.is_stochastic.all())
-    unique = step_with_logprob(sched, v, 1000.0, x_t)  # unique entries still resolve from the table
+    unique = reverse_step(sched, v, 1000.0, x_t)  # unique entries still resolve from the table
     assert torch.allclose(unique.next_timestep, torch.tensor([600.0]))
 
 
@@ -343,7 +343,7 @@ def test_cps_keeps_noise_level() -> None:
     x0 = torch.randn(1, 2, generator=_gen(0)).expand(N_DRAWS, 2)
     x1 = torch.randn(N_DRAWS, 2, generator=_gen(1))
     x_t = (1 - sigma) * x0 + sigma * x1
-    out = step_with_logprob(sched, x1 - x0, sched.timesteps[i], x_t, method="cps", eta=0.6, generator=_gen(2))
+    out = reverse_step(sched, x1 - x0, sched.timesteps[i], x_t, method="cps", eta=0.6, generator=_gen(2))
     residual = (out.prev_sample - (1 - sigma_next) * x0).double()
     assert torch.allclose(residual.std(0), torch.full((2,), sigma_next, dtype=torch.float64), rtol=0.03)
 
@@ -363,7 +363,7 @@ def test_deterministic_final_steps_have_zero_std_and_log_prob() -> None:
     ]
     for sched, method, t, t_next in cases:
         for prev in (None, off_mean):
-            out = step_with_logprob(
+            out = reverse_step(
                 sched,
                 model_out,
                 t,
@@ -380,7 +380,7 @@ def test_deterministic_final_steps_have_zero_std_and_log_prob() -> None:
             assert bool(torch.isfinite(out.log_prob).all() and torch.isfinite(out.mean).all()), method
             (grad,) = torch.autograd.grad(out.log_prob.sum() + out.mean.sum(), model_out)
             assert bool(torch.isfinite(grad).all()), method
-    flow_end = step_with_logprob(_flow(), model_out, 90.0, x_t, next_timestep=0.0)
+    flow_end = reverse_step(_flow(), model_out, 90.0, x_t, next_timestep=0.0)
     assert torch.allclose(flow_end.prev_sample, x_t - 0.09 * model_out)  # lands on x0 = x - sigma v
 
 
@@ -388,12 +388,12 @@ def test_bf16_model_output_gives_float32_density() -> None:
     sched = _ddim("epsilon")
     x_t = torch.randn(2, 4, 8, generator=_gen(0)).bfloat16()
     model_out = torch.randn(2, 4, 8, generator=_gen(1)).bfloat16()
-    out = step_with_logprob(sched, model_out, 501, x_t, generator=_gen(2))
+    out = reverse_step(sched, model_out, 501, x_t, generator=_gen(2))
     assert out.log_prob.dtype == torch.float32 and out.mean.dtype == torch.float32
     assert out.prev_sample.dtype == torch.bfloat16  # returned in the sample's dtype ...
     ref_sum, _ = _reference_log_prob(out.prev_sample, out)  # ... and scored exactly as returned
     assert torch.allclose(out.log_prob.double(), ref_sum, rtol=1e-5)
-    rescored = step_with_logprob(sched, model_out, 501, x_t, prev_sample=out.prev_sample)
+    rescored = reverse_step(sched, model_out, 501, x_t, prev_sample=out.prev_sample)
     assert torch.equal(rescored.log_prob, out.log_prob)  # on-policy ratio is exactly 1
 
 
@@ -416,39 +416,39 @@ def test_bad_inputs_raise_clear_errors() -> None:
     ddim, flow = _ddim(), _flow()
     x_t, out = torch.randn(2, 3), torch.randn(2, 3)
     with pytest.raises(ValueError, match="unknown method 'ddim_typo'"):
-        step_with_logprob(ddim, out, 501, x_t, method="ddim_typo")
+        reverse_step(ddim, out, 501, x_t, method="ddim_typo")
     with pytest.raises(ValueError, match="does not apply to DDIMScheduler"):
-        step_with_logprob(ddim, out, 501, x_t, method="flow_sde")
+        reverse_step(ddim, out, 501, x_t, method="flow_sde")
     with pytest.raises(ValueError, match="does not apply to FlowMatchEulerDiscreteScheduler"):
-        step_with_logprob(flow, out, 500.0, x_t, method="egoallo")
+        reverse_step(flow, out, 500.0, x_t, method="egoallo")
     with pytest.raises(ValueError, match=r"model_output shape \(2, 6\) != sample shape \(2, 3\)"):
-        step_with_logprob(ddim, torch.randn(2, 6), 501, x_t)
+        reverse_step(ddim, torch.randn(2, 6), 501, x_t)
     with pytest.raises(ValueError, match=r"prev_sample shape"):
-        step_with_logprob(ddim, out, 501, x_t, prev_sample=torch.randn(3, 3))
+        reverse_step(ddim, out, 501, x_t, prev_sample=torch.randn(3, 3))
     with pytest.raises(ValueError, match=r"timestep has shape \(3,\); pass a scalar or a \(2,\) tensor"):
-        step_with_logprob(ddim, out, torch.tensor([501, 481, 461]), x_t)
+        reverse_step(ddim, out, torch.tensor([501, 481, 461]), x_t)
     bad = x_t.clone()
     bad[1, 0] = float("nan")
     with pytest.raises(ValueError, match=r"sample has NaN/inf at batch elements \[1\]"):
-        step_with_logprob(ddim, out, 501, bad)
+        reverse_step(ddim, out, 501, bad)
     with pytest.raises(ValueError, match="eta=1.5 > 1 is undefined"):
-        step_with_logprob(ddim, out, 501, x_t, eta=1.5)
+        reverse_step(ddim, out, 501, x_t, eta=1.5)
     with pytest.raises(ValueError, match="must not be noisier"):
-        step_with_logprob(ddim, out, 501, x_t, next_timestep=701)
+        reverse_step(ddim, out, 501, x_t, next_timestep=701)
     with pytest.raises(ValueError, match="call set_timesteps"):
-        step_with_logprob(DDIMScheduler(), out, 501, x_t)
+        reverse_step(DDIMScheduler(), out, 501, x_t)
     with pytest.raises(ValueError, match=r"integers in \[0, 999\]"):
-        step_with_logprob(ddim, out, 1000, x_t, next_timestep=841)
+        reverse_step(ddim, out, 1000, x_t, next_timestep=841)
     with pytest.raises(ValueError, match="got 3 generators for batch size 2"):
-        step_with_logprob(ddim, out, 501, x_t, generator=[_gen(0), _gen(1), _gen(2)])
+        reverse_step(ddim, out, 501, x_t, generator=[_gen(0), _gen(1), _gen(2)])
     with pytest.raises(ValueError, match="log_prob_reduction='avg'"):
-        step_with_logprob(ddim, out, 501, x_t, log_prob_reduction="avg")
+        reverse_step(ddim, out, 501, x_t, log_prob_reduction="avg")
     with pytest.raises(ValueError, match="variance_type='fixed_large'; build it with variance_type="):
-        step_with_logprob(DDPMScheduler(variance_type="fixed_large"), out, 500, x_t)
+        reverse_step(DDPMScheduler(variance_type="fixed_large"), out, 500, x_t)
     nan_out = out.clone()
     nan_out[0, 1] = float("nan")  # element 0 steps into sigma' = 0 (std 0): NaN must not hide as log_prob 0
     with pytest.raises(ValueError, match=r"model_output has NaN/inf at batch elements \[0\]"):
         t, t_next = torch.tensor([90.0, 500.0]), torch.tensor([0.0, 400.0])
-        step_with_logprob(flow, nan_out, t, x_t, next_timestep=t_next)
+        reverse_step(flow, nan_out, t, x_t, next_timestep=t_next)
     with pytest.raises(ValueError, match="unsupported scheduler"):
-        step_with_logprob(object(), out, 501, x_t)
+        reverse_step(object(), out, 501, x_t)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffgrpo.config import SamplerConfig
-from diffgrpo.rollout import group_ids_for, make_generator, rollout
+from diffgrpo.rng import make_generator
+from diffgrpo.rollout import group_ids_for, rollout
+from diffgrpo.run_state import check_resumable, with_added_fields
 from diffgrpo.task import batch_size, batch_to, concat_rows, cond_rows, repeat_batch, select_rows
-from diffgrpo.trainer import check_resumable, with_added_fields
-from tests.toy_task import ToyNet, ToyTask
+from tests.toy_task import ToyNet, ToyTask, toy_chain
 
 
 def test_batch_helpers_treat_prompt_lists_like_tensor_rows():
@@ -43,8 +43,8 @@ def test_dict_conditions_and_kept_x0_steps_in_rollout():
     ids = group_ids_for(2, 2)
 
     def run(c, fn, steps):
-        return rollout(fn, task.make_scheduler(), c, ids, task.sampling_timesteps(), task.sample_shape,
-                       generator=make_generator(0, "x"), sampler=SamplerConfig(), micro_batch_size=3,
+        return rollout(fn, toy_chain(task), c, ids,
+                       generator=make_generator(0, "x"), micro_batch_size=3,
                        x0_pred_steps=steps)
 
     full = run(cond, lambda x, t, c: model(x, t, c), None)

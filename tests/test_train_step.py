@@ -8,14 +8,17 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from diffgrpo.chain import SamplingChain
 from diffgrpo.config import GRPOConfig, OptimConfig, PerturbConfig, SamplerConfig
 from diffgrpo.loss import LossConfig
 from diffgrpo.rewards import RewardSet
-from diffgrpo.rollout import group_ids_for, make_generator, rollout, shared_initial_noise
+from diffgrpo.rng import make_generator
+from diffgrpo.rollout import group_ids_for, rollout, shared_initial_noise
+from diffgrpo.run_state import make_optimizer
 from diffgrpo.task import batch_to
 from diffgrpo.train_step import collect, make_perturber, policy_update
-from diffgrpo.trainer import make_optimizer, train_grpo
-from tests.toy_task import ToyNet, ToyTask
+from diffgrpo.trainer import train_grpo
+from tests.toy_task import ToyNet, ToyTask, toy_chain
 
 
 def _cfg(**kw) -> GRPOConfig:
@@ -30,17 +33,18 @@ def _cfg(**kw) -> GRPOConfig:
 def test_first_update_is_exactly_on_policy(kind, reduction):
     torch.manual_seed(0)
     task, model = ToyTask(kind), ToyNet()
-    cfg = _cfg(sampler=SamplerConfig(log_prob_reduction=reduction), perturb=PerturbConfig("gaussian", scale=0.1))
+    cfg = _cfg(perturb=PerturbConfig("gaussian", scale=0.1))
+    chain = SamplingChain.of(task, SamplerConfig(log_prob_reduction=reduction))
     accelerator = Accelerator(cpu=True)
     optimizer, schedule = make_optimizer(model, cfg)
     gen = make_generator(0, "rollout", 0)
     batch = task.load_examples("train", torch.arange(4))
     rewards = RewardSet.from_specs({"toy_closeness": 1.0})  # float: the suite checks annotations with beartype
-    data = collect(task, model, task.make_scheduler(), batch, cfg=cfg, rewards=rewards,
+    data = collect(task, model, chain, batch, cfg=cfg, rewards=rewards,
                    perturber=make_perturber(cfg), generator=gen, group_id_offset=0)
     # Several epochs of summed log-probs need a clip (GRPOConfig rejects them otherwise: ratios overflow).
     two_epochs = dataclasses.replace(cfg, inner_epochs=2, loss=LossConfig(clip_range=0.2))
-    stats = policy_update(task, model, task.make_scheduler(), data, optimizer, cfg=two_epochs,
+    stats = policy_update(task, model, chain, data, optimizer, cfg=two_epochs,
                           generator=gen, accelerator=accelerator, lr_scheduler=schedule)
     assert stats["loss/on_policy_ratio_max_dev"] < 1e-5
     # The second inner epoch comes after an optimiser step: the policy has moved.
@@ -64,9 +68,8 @@ def test_rollout_members_differ_only_after_the_first_step():
     task, model = ToyTask("ddim"), ToyNet()
     cond = task.encode_condition(task.load_examples("train", torch.arange(2)))
     cond = cond.repeat_interleave(3, 0)
-    traj = rollout(lambda x, t, c: model(x, t, c), task.make_scheduler(), cond, group_ids_for(2, 3),
-                   task.sampling_timesteps(), task.sample_shape, generator=make_generator(1, "r"),
-                   sampler=SamplerConfig())
+    traj = rollout(lambda x, t, c: model(x, t, c), toy_chain(task), cond, group_ids_for(2, 3),
+                   generator=make_generator(1, "r"))
     assert traj.states.shape == (6, task.num_steps + 1, 4)
     assert torch.equal(traj.states[0, 0], traj.states[2, 0])
     assert not torch.allclose(traj.states[0, 1], traj.states[1, 1])
@@ -113,10 +116,10 @@ def test_several_minibatches_keep_the_first_optimiser_step_on_policy():
     task, model = ToyTask("ddim"), ToyNet()
     cfg = _cfg(num_minibatches=3, micro_batch_size=4)
     optimizer, schedule = make_optimizer(model, cfg)
-    data = collect(task, model, task.make_scheduler(), task.load_examples("train", torch.arange(4)), cfg=cfg,
+    data = collect(task, model, toy_chain(task), task.load_examples("train", torch.arange(4)), cfg=cfg,
                    rewards=RewardSet.from_specs({"toy_closeness": 1.0}), perturber=make_perturber(cfg),
                    generator=make_generator(0, "rollout", 0), group_id_offset=0)
-    stats = policy_update(task, model, task.make_scheduler(), data, optimizer, cfg=cfg,
+    stats = policy_update(task, model, toy_chain(task), data, optimizer, cfg=cfg,
                           generator=make_generator(0, "select"), accelerator=Accelerator(cpu=True),
                           lr_scheduler=schedule)
     assert stats["loss/optimizer_steps"] == 3.0
@@ -141,7 +144,7 @@ def test_unit_score_weights_follow_the_step_stds():
 
     task, model = ToyTask("ddim"), ToyNet()
     cfg = _cfg()
-    data = collect(task, model, task.make_scheduler(), task.load_examples("train", torch.arange(2)), cfg=cfg,
+    data = collect(task, model, toy_chain(task), task.load_examples("train", torch.arange(2)), cfg=cfg,
                    rewards=RewardSet.from_specs({"toy_closeness": 1.0}), perturber=make_perturber(cfg),
                    generator=make_generator(0), group_id_offset=0)
     steps = data.trajectory.is_stochastic.nonzero().flatten().tolist()
@@ -191,7 +194,7 @@ def test_perturbation_sharing(sharing):
     task, model = ToyTask("ddim"), ToyNet()
     cfg = _cfg(group_size=6, perturb=PerturbConfig("gaussian", scale=0.5, sharing=sharing,
                                                    heads_per_group=3 if sharing == "nested" else 2))
-    data = collect(task, model, task.make_scheduler(), task.load_examples("train", torch.arange(2)), cfg=cfg,
+    data = collect(task, model, toy_chain(task), task.load_examples("train", torch.arange(2)), cfg=cfg,
                    rewards=RewardSet.from_specs({"toy_closeness": 1.0}), perturber=make_perturber(cfg),
                    generator=make_generator(0), group_id_offset=0)
     cond = data.trajectory.cond.reshape(2, 6, -1)  # (B, G, D)
@@ -215,14 +218,14 @@ def test_update_with_every_group_dropped_takes_no_step_and_does_not_crash():
 
     task, model = ToyTask("ddim"), ToyNet()
     cfg = _cfg(num_minibatches=4, micro_batch_size=4, advantages=AdvantageConfig(zero_std_policy="drop"))
-    data = collect(task, model, task.make_scheduler(), task.load_examples("train", torch.arange(4)), cfg=cfg,
+    data = collect(task, model, toy_chain(task), task.load_examples("train", torch.arange(4)), cfg=cfg,
                    rewards=RewardSet.from_specs({"toy_closeness": 1.0}), perturber=make_perturber(cfg),
                    generator=make_generator(0), group_id_offset=0)
     dropped = dataclasses.replace(data, advantages=dataclasses.replace(
         data.advantages, mask=torch.zeros_like(data.advantages.mask)))
     optimizer, _ = make_optimizer(model, cfg)
     before = _params(model)
-    stats = policy_update(task, model, task.make_scheduler(), dropped, optimizer, cfg=cfg,
+    stats = policy_update(task, model, toy_chain(task), dropped, optimizer, cfg=cfg,
                           generator=make_generator(1), accelerator=Accelerator(cpu=True))
     assert stats["loss/optimizer_steps"] == 0.0
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
@@ -245,6 +248,6 @@ def test_rollout_chunks_must_divide_the_batch():
     task, model = ToyTask("ddim"), ToyNet()
     cfg = _cfg(rollout_chunks=2)  # 4 conditions per iteration: chunks of 2
     with pytest.raises(ValueError, match=r"B=3 conditions.*--grpo\.rollout-chunks 2"):
-        collect(task, model, task.make_scheduler(), task.load_examples("train", torch.arange(3)), cfg=cfg,
+        collect(task, model, toy_chain(task), task.load_examples("train", torch.arange(3)), cfg=cfg,
                 rewards=RewardSet.from_specs({"toy_closeness": 1.0}), perturber=make_perturber(cfg),
                 generator=make_generator(0), group_id_offset=0)

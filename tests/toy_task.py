@@ -10,6 +10,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from torch import Tensor, nn
 
+from diffgrpo.chain import SamplingChain
+from diffgrpo.config import SamplerConfig
 from diffgrpo.rewards import available_rewards, register_reward
 
 DIM = 4
@@ -88,3 +90,8 @@ class ToyTask:
 
     def evaluate(self, decoded, batch):
         return {"mse": (decoded["x0"] - batch["target"]).square().mean(-1)}
+
+
+def toy_chain(task, **sampler) -> SamplingChain:
+    """The sampling chain of ``task`` with ``SamplerConfig(**sampler)`` (the defaults: DDIM/flow, eta 1)."""
+    return SamplingChain.of(task, SamplerConfig(**sampler))

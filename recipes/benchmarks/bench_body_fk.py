@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from tasks.ego_motion.body.body_model import load_body_model
-from tasks.ego_motion.body.build_body_model import write_synthetic_smplh_npz
 from tasks.ego_motion.body.geometry import axis_angle_to_matrix, make_transform
+from tasks.ego_motion.data.build_body_model import write_synthetic_smplh_npz
 
 logger = logging.getLogger(__name__)
 

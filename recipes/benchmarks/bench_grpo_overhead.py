@@ -18,11 +18,13 @@ from contextlib import contextmanager
 import torch
 from accelerate import Accelerator
 
+from diffgrpo.chain import SamplingChain
 from diffgrpo.config import GRPOConfig, OptimConfig, SamplerConfig
 from diffgrpo.rewards import RewardSet
-from diffgrpo.rollout import make_generator
+from diffgrpo.rng import make_generator
+from diffgrpo.run_state import make_optimizer
 from diffgrpo.train_step import collect, make_perturber, policy_update
-from diffgrpo.trainer import make_optimizer, parse_reward_specs
+from diffgrpo.trainer import parse_reward_specs
 from tasks.shapes.model import ShapesModelConfig, build_model
 from tasks.shapes.task import ShapesTask
 
@@ -41,23 +43,25 @@ class Timer:
 
 
 def make_task(name: str):
-    """(task, model, sampler, rewards) for the benchmarked task."""
+    """(task, model, sampling chain, rewards) for the benchmarked task."""
     if name == "shapes":
-        return ShapesTask(), build_model(ShapesModelConfig(), seed=0), SamplerConfig(eta=0.7), ("shapes_disc",)
+        task = ShapesTask()
+        return task, build_model(ShapesModelConfig(), seed=0), SamplingChain.of(task, SamplerConfig(eta=0.7)), (
+            "shapes_disc",)
     import tasks.ego_motion.rewards.registered  # noqa: F401  (registers the ego_* rewards)
     from tasks.ego_motion.model.network import load_denoiser
     from tasks.ego_motion.task import DEMO_PRIOR_PATH, EgoMotionTask
 
     task = EgoMotionTask()
-    return task, load_denoiser(DEMO_PRIOR_PATH), task.sampler_config(), ("ego_rot", "ego_pos", "ego_pa_pos", "ego_vel")
+    return task, load_denoiser(DEMO_PRIOR_PATH), task.sampling_chain(), ("ego_rot", "ego_pos", "ego_pa_pos", "ego_vel")
 
 
 def run(task_name: str, iterations: int, conditions: int, group_size: int, threads: int) -> dict[str, float]:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    task, model, sampler, reward_names = make_task(task_name)
+    task, model, chain, reward_names = make_task(task_name)
     cfg = GRPOConfig(num_iterations=iterations, conditions_per_iteration=conditions, group_size=group_size,
-                     micro_batch_size=conditions * group_size, sampler=sampler,
+                     micro_batch_size=conditions * group_size,
                      optim=OptimConfig(learning_rate=1e-5), rewards=reward_names)
     accelerator = Accelerator(cpu=True)
     optimizer, schedule = make_optimizer(model, cfg)
@@ -68,7 +72,6 @@ def run(task_name: str, iterations: int, conditions: int, group_size: int, threa
     task.predict = lambda m, x, t, c: _timed(forward, predict, m, x, t, c)  # type: ignore[method-assign]
     accel_backward = accelerator.backward
     accelerator.backward = lambda loss: _timed(backward, accel_backward, loss)  # type: ignore[method-assign]
-    scheduler = task.make_scheduler()
     generator = make_generator(0, "bench")
     totals = []
     for it in range(iterations + 1):  # the first iteration warms up and is not counted
@@ -76,9 +79,9 @@ def run(task_name: str, iterations: int, conditions: int, group_size: int, threa
             forward.seconds = backward.seconds = 0.0
         start = time.perf_counter()
         batch = task.load_examples("train", torch.arange(conditions) + it * conditions)
-        data = collect(task, model, scheduler, batch, cfg=cfg, rewards=rewards, perturber=make_perturber(cfg),
+        data = collect(task, model, chain, batch, cfg=cfg, rewards=rewards, perturber=make_perturber(cfg),
                        generator=generator, group_id_offset=it * conditions)
-        policy_update(task, model, scheduler, data, optimizer, cfg=cfg, generator=generator, accelerator=accelerator,
+        policy_update(task, model, chain, data, optimizer, cfg=cfg, generator=generator, accelerator=accelerator,
                       lr_scheduler=schedule)
         if it >= 1:
             totals.append(time.perf_counter() - start)

@@ -1,4 +1,4 @@
-"""Benchmark: one batched `step_with_logprob` versus a per-element loop over diffusers' `DDIMScheduler.step`.
+"""Benchmark: one batched `reverse_step` versus a per-element loop over diffusers' `DDIMScheduler.step`.
 
 Why: GRPO batches hold steps at different timesteps (each element of a re-scoring batch sits at its own
 t), and diffusers' `step()` takes one timestep per call, so without `diffgrpo.sde` a user loops over the
@@ -20,7 +20,7 @@ import torch
 import tyro
 from diffusers import DDIMScheduler
 
-from diffgrpo.sde import step_with_logprob
+from diffgrpo.sde import reverse_step
 
 
 @dataclass(frozen=True)
@@ -72,12 +72,12 @@ def bench_shape(cfg: Config, shape: tuple[int, ...]) -> dict[str, float]:
     model_out = torch.randn(shape, generator=gen, device=device)
 
     def batched() -> object:
-        return step_with_logprob(sched, model_out, timesteps, x_t, eta=cfg.eta, generator=gen)
+        return reverse_step(sched, model_out, timesteps, x_t, eta=cfg.eta, generator=gen)
 
     prev = batched().prev_sample
 
     def batched_scoring() -> object:  # the policy update's call: re-score stored steps, no sampling
-        return step_with_logprob(sched, model_out, timesteps, x_t, eta=cfg.eta, prev_sample=prev)
+        return reverse_step(sched, model_out, timesteps, x_t, eta=cfg.eta, prev_sample=prev)
 
     t_list = timesteps.tolist()
 
@@ -88,7 +88,7 @@ def bench_shape(cfg: Config, shape: tuple[int, ...]) -> dict[str, float]:
         ]
 
     zeros = torch.zeros((1,) + shape[1:], device=device)
-    ours = step_with_logprob(sched, model_out, timesteps, x_t, eta=cfg.eta, prev_sample=x_t).mean
+    ours = reverse_step(sched, model_out, timesteps, x_t, eta=cfg.eta, prev_sample=x_t).mean
     for i in range(0, batch, max(batch // 8, 1)):
         ref = sched.step(model_out[i : i + 1], t_list[i], x_t[i : i + 1], eta=cfg.eta, variance_noise=zeros)
         if not torch.allclose(ours[i : i + 1], ref.prev_sample, atol=1e-4):
@@ -109,7 +109,7 @@ def main(cfg: Config) -> str:
         f"DDIM eta={cfg.eta}, {cfg.num_inference_steps} steps, device={cfg.device}, "
         f"torch threads={torch.get_num_threads()}, best of {cfg.repeats}",
         "",
-        "| sample shape | loop of `DDIMScheduler.step` (ms) | batched `step_with_logprob`, sampling (ms) "
+        "| sample shape | loop of `DDIMScheduler.step` (ms) | batched `reverse_step`, sampling (ms) "
         "| same, scoring a given `prev_sample` (ms) | loop elem/s | batched elem/s | speed-up (sampling) |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]

@@ -24,6 +24,8 @@ metres, floor at z = 0):
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Mapping
@@ -36,22 +38,15 @@ from diffusers import DDPMScheduler
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from diffgrpo.chain import SamplingChain
 from diffgrpo.config import SamplerConfig
-from diffgrpo.rollout import check_sampler
 from diffgrpo.task import Batch
 from tasks.ego_motion.body.body_model import BodyModel, load_body_model, pose_from_head
-from tasks.ego_motion.body.geometry import HEAD_JOINT
-from tasks.ego_motion.data.windows import (
-    BUNDLED_CMU_DIR,
-    BUNDLED_SPLIT_FILE,
-    NUM_BETAS,
-    SPLITS,
-    TARGET_FPS,
-    DataSource,
-    EgoMotionWindows,
-    WindowConfig,
-    load_windows,
-)
+from tasks.ego_motion.body.geometry import FOOT_JOINTS, HEAD_JOINT, NUM_BETAS
+from tasks.ego_motion.data.amass import TARGET_FPS
+from tasks.ego_motion.data.sequences import WindowConfig
+from tasks.ego_motion.data.splits import BUNDLED_CMU_DIR, BUNDLED_SPLIT_FILE, SPLITS, DataSource
+from tasks.ego_motion.data.windows import EgoMotionWindows, load_windows
 from tasks.ego_motion.evaluation import metrics
 from tasks.ego_motion.model.condition import encode_head_trajectory
 from tasks.ego_motion.model.motion import MotionSample, max_sampling_steps, motion_dim, sampling_timesteps
@@ -134,9 +129,8 @@ class EgoMotionTaskConfig:
                              "(more steps repeat timesteps of the quadratic grid); EgoAllo uses 30.")
         if self.sampler_eta < 0:
             raise ValueError(f"sampler_eta={self.sampler_eta} must be >= 0 (0 = deterministic DDIM-like chain).")
-        try:  # the eta range depends on the chain: check it now, not at the first rollout step
-            check_sampler(make_scheduler(), sampling_timesteps(self.num_sampling_steps, convention="diffusers"),
-                          self.sampler_config(), eta_flag="--task.sampler-eta")
+        try:  # the eta range depends on the chain: build (and so check) the evaluation chain now
+            self.sampling_chain()
         except ValueError as error:
             raise ValueError(f"--task.sampler-eta {self.sampler_eta}: {error}") from None
 
@@ -152,6 +146,36 @@ class EgoMotionTaskConfig:
         """EgoAllo's step (method 'egoallo') with this config's eta and '+0.1' offset."""
         return SamplerConfig(method="egoallo", eta=self.sampler_eta, log_prob_reduction=self.log_prob_reduction,
                              egoallo_denominator_offset=0.1 if self.use_egoallo_offset else 0.0)
+
+    def sampling_chain(self, num_steps: int | None = None, *, sde_window: tuple[int, int] | None = None,
+                       noise_frequencies: int | None = None,
+                       noise_features: tuple[int, int] | None = None) -> SamplingChain:
+        """The task's sampling chain with K = ``num_steps`` (None: ``num_sampling_steps``, the evaluation
+        chain): the prior's scheduler, EgoAllo's grid resampled to K (``motion.sampling_timesteps``) and
+        :meth:`sampler_config`, optionally restricted to an SDE window and an exploration subspace
+        (``SamplerConfig.sde_window`` / ``noise_frequencies`` / ``noise_features``).
+
+        Built and checked once per distinct chain in a process (memoised): the evaluation chain, the
+        shorter rollout chain of MotionGRPO, and the probe all reuse it. Raises ValueError naming
+        ``--task.sampler-eta`` when a step is undefined for the eta."""
+        num_steps = self.num_sampling_steps if num_steps is None else num_steps
+        if not 1 <= num_steps <= max_sampling_steps():
+            raise ValueError(f"a chain of K={num_steps} steps: K must be in [1, {max_sampling_steps()}] (more steps "
+                             "repeat timesteps of the quadratic grid); EgoAllo uses 30.")
+        sampler = dataclasses.replace(self.sampler_config(), sde_window=sde_window,
+                                      noise_frequencies=noise_frequencies, noise_features=noise_features)
+        return _chain(num_steps, sampler, (self.window_frames, motion_dim(self.include_hands)))
+
+
+@functools.cache
+def _chain(num_steps: int, sampler: SamplerConfig, sample_shape: tuple[int, int]) -> SamplingChain:
+    """One checked chain per (K, sampler, sample shape): the prior's scheduler and EgoAllo's grid."""
+    scheduler = make_scheduler()
+    if scheduler.config.prediction_type != "sample":
+        raise ValueError(f"prior.make_scheduler() predicts {scheduler.config.prediction_type!r}; the ego-motion "
+                         "denoiser predicts x0, so the scheduler needs prediction_type='sample'.")
+    return SamplingChain.build(scheduler, sampling_timesteps(num_steps, convention="diffusers"), sampler,
+                               sample_shape, eta_flag="--task.sampler-eta")
 
 
 class EgoMotionTask:
@@ -191,6 +215,11 @@ class EgoMotionTask:
     def sampler_config(self) -> SamplerConfig:
         return self.cfg.sampler_config()
 
+    def sampling_chain(self, num_steps: int | None = None, **restrictions) -> SamplingChain:
+        """The chain of K = ``num_steps`` steps (None: the evaluation chain's); see
+        :meth:`EgoMotionTaskConfig.sampling_chain`."""
+        return self.cfg.sampling_chain(num_steps, **restrictions)
+
     # -- data --------------------------------------------------------------------------------------
     def windows(self, split: str) -> EgoMotionWindows:
         """The cached windows of ``split`` (``windows.SPLITS``; training splits include mirrored copies, test not)."""
@@ -215,7 +244,7 @@ class EgoMotionTask:
                                    self.cfg.floor_contact_m, split, len(windows))
                 self._kept[split] = everything
             else:
-                feet_z = windows.get(everything)["joints_world"][:, :, list(metrics.FOOT_JOINTS), 2]
+                feet_z = windows.get(everything)["joints_world"][:, :, list(FOOT_JOINTS), 2]
                 self._kept[split] = torch.nonzero(feet_z.amin(dim=(1, 2)) <= self.cfg.floor_contact_m).flatten()
                 if len(self._kept[split]) == 0:
                     raise ValueError(f"no {split} window comes within --task.floor-contact-m "

@@ -25,7 +25,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from torch import Tensor, nn
 
-from diffgrpo.config import SamplerConfig
+from diffgrpo.chain import SamplingChain
 from diffgrpo.rollout import group_ids_for, rollout
 from diffgrpo.task import Batch
 from tasks.shapes.rewards import centroid_error_px, image_to_mask, mask_area_px2, soft_iou
@@ -223,19 +223,19 @@ def disc_area_px2(radius_px: Tensor) -> Tensor:
 
 @torch.no_grad()
 def sample_images(task: ShapesTask, model: nn.Module, batch: Batch, *, generator: torch.Generator,
-                  sampler: SamplerConfig, micro_batch_size: int | None = None) -> Tensor:
+                  chain: SamplingChain, micro_batch_size: int | None = None) -> Tensor:
     """Final samples (B, 1, S, S), one chain per example of ``batch``, run by ``diffgrpo.rollout``.
 
     Why a helper: looking at (or plotting) what a model draws needs plain, ungrouped sampling; it
     is a group size of one in the core's rollout, so the chain is the very one GRPO samples
-    (held-out metrics use ``diffgrpo.evaluate``, which seeds each example's noise). ``sampler.eta = 0``
-    gives the deterministic flow ODE (Euler), ``eta > 0`` the flow SDE used for GRPO.
+    (held-out metrics use ``diffgrpo.evaluate``, which seeds each example's noise). A chain with
+    ``sampler.eta = 0`` (``SamplingChain.of(task, SamplerConfig(eta=0.0))``) gives the deterministic
+    flow ODE (Euler), ``eta > 0`` the flow SDE used for GRPO.
     """
     cond = task.encode_condition(batch)  # (B, 3, S, S)
     group_ids = group_ids_for(cond.shape[0], 1, device=cond.device)
     trajectory = rollout(
-        lambda x_t, t, c: task.predict(model, x_t, t, c), task.make_scheduler(), cond, group_ids,
-        task.sampling_timesteps(), task.sample_shape, generator=generator, sampler=sampler,
+        lambda x_t, t, c: task.predict(model, x_t, t, c), chain, cond, group_ids, generator=generator,
         micro_batch_size=micro_batch_size,
     )
     return trajectory.samples

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.recipes import load_recipe
+import recipes.ablation_ego_motion as ablation_ego_motion_recipe
 
 
 @pytest.fixture(scope="module")
 def ablation():
-    return load_recipe("ablation_ego_motion")
+    return ablation_ego_motion_recipe
 
 
 def _run(ablation, base_mpjpe: float, grpo_mpjpe: float, history: dict) -> dict:

@@ -19,8 +19,8 @@ from tasks.ego_motion.body.body_model import (
     mirror_local_rotations,
     mirror_root_pose,
 )
-from tasks.ego_motion.body.build_body_model import build, write_synthetic_smplh_npz
 from tasks.ego_motion.body.geometry import HEAD_JOINT, axis_angle_to_matrix, make_transform
+from tasks.ego_motion.data.build_body_model import build, write_synthetic_smplh_npz
 from tasks.ego_motion.data.convert import DEFAULT_MOCAP_ROOT
 
 

@@ -10,13 +10,13 @@ import torch
 import tasks.ego_motion.rewards.registered  # noqa: F401  (registers ego_pos)
 from diffgrpo.config import GRPOConfig, PerturbConfig
 from diffgrpo.rewards import RewardSet, RewardSpec
-from diffgrpo.rollout import make_generator
+from diffgrpo.rng import make_generator
 from diffgrpo.train_step import collect, make_perturber
 from tasks.ego_motion.model.network import load_denoiser
 from tasks.ego_motion.rewards.critic_data import foreign_truths, next_other_window, rollout_negatives, transplant
 from tasks.ego_motion.rewards.perceptual import PerceptualConfig, PerceptualTrainer
 from tasks.ego_motion.task import EgoMotionTask, EgoMotionTaskConfig
-from tests.recipes import write_tiny_prior
+from tests.ego_motion.tiny_prior import write_tiny_prior
 
 B, G = 2, 3
 
@@ -33,8 +33,8 @@ def rollouts(tmp_path_factory):
 
     def run(perturb: PerturbConfig):
         cfg = GRPOConfig(group_size=G, conditions_per_iteration=B, micro_batch_size=B * G, perturb=perturb,
-                         rewards=("ego_pos",), sampler=task.sampler_config())
-        return collect(task, model, task.make_scheduler(), batch, cfg=cfg, rewards=rewards,
+                         rewards=("ego_pos",))
+        return collect(task, model, task.sampling_chain(), batch, cfg=cfg, rewards=rewards,
                        perturber=make_perturber(cfg), generator=make_generator(0, "test"), group_id_offset=0)
 
     perturbed = run(PerturbConfig(name="perlin", scale=0.05, frequency=1 / 8))

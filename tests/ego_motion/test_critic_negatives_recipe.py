@@ -8,11 +8,12 @@ import json
 import pytest
 import torch
 
-from tests.recipes import load_recipe, write_tiny_prior
+import recipes.critic_negatives_ego_motion as critic_negatives_ego_motion_recipe
+from tests.ego_motion.tiny_prior import write_tiny_prior
 
 
 def test_group_correlations_match_a_hand_computation():
-    recipe = load_recipe("critic_negatives_ego_motion")
+    recipe = critic_negatives_ego_motion_recipe
     score = torch.tensor([0.1, 0.4, 0.2, 1.0, 1.0, 1.0])
     value = torch.tensor([1.0, 3.0, 2.0, 5.0, 6.0, 7.0])
     got = recipe.group_correlations(score, value, 3)
@@ -23,7 +24,7 @@ def test_group_correlations_match_a_hand_computation():
 
 def test_tiny_measurement_pairs_every_variant_against_the_papers(tmp_path):
     torch.set_num_threads(1)
-    recipe = load_recipe("critic_negatives_ego_motion")
+    recipe = critic_negatives_ego_motion_recipe
     job = recipe.main_job
     grpo = dataclasses.replace(job.default_grpo(), conditions_per_iteration=2, group_size=3, micro_batch_size=6)
     base = job.Config(prior=write_tiny_prior(tmp_path / "prior.safetensors"), task=job.EgoMotionTaskConfig(

@@ -18,23 +18,19 @@ import numpy as np
 import pytest
 import torch
 
+import tasks.ego_motion.pretrain as pretrain_job
 from tasks.ego_motion.body.body_model import load_body_model, mirror_joint_positions
 from tasks.ego_motion.body.geometry import (
+    FOOT_JOINTS,
     SMPLH_MIRROR_PERMUTATION,
     SMPLH_PARENTS,
     axis_angle_to_matrix,
     geodesic_angle,
 )
 from tasks.ego_motion.data import windows as data
-from tasks.ego_motion.data.windows import (
-    ContactThresholds,
-    DataSource,
-    WindowConfig,
-    compute_contacts,
-    load_windows,
-    resample_to_fps,
-    window_starts,
-)
+from tasks.ego_motion.data.sequences import ContactThresholds, WindowConfig, compute_contacts, resample_to_fps
+from tasks.ego_motion.data.splits import DataSource
+from tasks.ego_motion.data.windows import load_windows, window_starts
 
 T = 16  # window frames in these tests
 # Rest joints of the stand-in, model frame (+Y up, left on +X); pelvis 0.95 m, ankles 0.09 m, toes 0.03 m.
@@ -149,7 +145,7 @@ def test_head_pose_is_fk_head_joint_times_cpf_offset(moving, model):
     expected = T_world_head @ model.T_head_cpf(betas)
     torch.testing.assert_close(batch["T_world_cpf"][:, 1:], expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(batch["joints_world"], fk.t_world_joint[..., :22, :], atol=1e-5, rtol=0)
-    # and the root recovered from the headset (method.md section 1) is the stored root
+    # and the root recovered from the headset (docs/ego_motion_data.md) is the stored root
     root = model.root_from_cpf(batch["T_world_cpf"][:, 1:], local, betas)
     torch.testing.assert_close(root, batch["T_world_root"], atol=1e-5, rtol=0)
 
@@ -316,12 +312,12 @@ def test_cache_reused_when_unchanged_and_rebuilt_on_change(tmp_path, body_path, 
 def test_floor_is_trusted_with_a_warning_or_refloored(tmp_path, model, caplog):
     n = 40
     path = _write_amass(tmp_path / "lifted.npz", np.zeros((n, 51, 3)), _standing_trans(n) + [0.0, 0.0, 0.5])
-    with caplog.at_level(logging.WARNING, logger="tasks.ego_motion.data.windows"):
+    with caplog.at_level(logging.WARNING, logger="tasks.ego_motion.data.sequences"):
         kept = data.load_sequence(path, model, WindowConfig(window_frames=T))
     assert any("lifted.npz: lowest foot joint is at z = 0.530" in r.getMessage() for r in caplog.records)
     assert kept.contacts.sum() == 0  # 0.5 m above the floor: no contact
     floored = data.load_sequence(path, model, WindowConfig(window_frames=T, refloor="lowest_foot_joint"))
-    assert floored.joints_world[:, list(data.FOOT_JOINTS), 2].min().abs() < 1e-6
+    assert floored.joints_world[:, list(FOOT_JOINTS), 2].min().abs() < 1e-6
     torch.testing.assert_close(floored.T_world_cpf[:, 2, 3], kept.T_world_cpf[:, 2, 3] - 0.53, atol=1e-5, rtol=0)
     assert floored.contacts[:, [9, 10]].all()  # toes now on the floor and still
 
@@ -355,7 +351,7 @@ def test_get_equals_torch_formatted_dataset_rows_across_chunks(moving):
 
 
 def test_three_way_split_is_clip_disjoint_and_post_train_is_held_out_of_the_prior():
-    from tasks.ego_motion.data.windows import DataSource
+    from tasks.ego_motion.data.splits import DataSource
 
     source = DataSource()
     files = {split: {p.stem for p in source.files(split)} for split in ("train", "prior_train", "post_train", "test")}
@@ -369,7 +365,7 @@ def test_three_way_split_is_clip_disjoint_and_post_train_is_held_out_of_the_prio
 def test_split_file_without_post_train_names_the_fix(tmp_path):
     import json
 
-    from tasks.ego_motion.data.windows import BUNDLED_CMU_DIR, DataSource
+    from tasks.ego_motion.data.splits import BUNDLED_CMU_DIR, DataSource
 
     split = json.loads((BUNDLED_CMU_DIR.parent / "split.json").read_text())
     path = tmp_path / "split.json"
@@ -429,9 +425,8 @@ def test_extra_prior_train_dir_errors_name_the_fix(tmp_path):
     with pytest.raises(ValueError, match="overlap"):
         dataclasses.replace(base, extra_prior_train_dir=src / "idle").files("prior_train")
     # The pretraining recipe checks the flag before any work, and only with the prior_train split.
-    from tests.recipes import load_recipe
 
-    recipe = load_recipe("pretrain_ego_motion")
+    recipe = pretrain_job
     with pytest.raises(FileNotFoundError, match="does not exist"):
         recipe.Config(extra_prior_train_dir=tmp_path / "missing")
     with pytest.raises(ValueError, match="--train-split prior_train"):

@@ -1,4 +1,4 @@
-"""Tests of the prior's training loss and of the pretraining recipe (method.md section 5)."""
+"""Tests of the prior's training loss and of the pretraining recipe (docs/ego_motion_prior.md)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from tasks.ego_motion.data.windows import WindowConfig, load_windows
+import tasks.ego_motion.pretrain as pretrain_job
+from tasks.ego_motion.data.sequences import WindowConfig
+from tasks.ego_motion.data.windows import load_windows
 from tasks.ego_motion.model.motion import BETAS, BODY_ROTMATS, CONTACTS, MotionSample
 from tasks.ego_motion.model.network import DenoiserConfig, MotionDenoiser
 from tasks.ego_motion.model.prior import batch_to_motion, diffusion_loss, make_scheduler
-from tests.recipes import load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 WINDOW = 32
@@ -36,7 +37,7 @@ def windows():
 
 @pytest.fixture(scope="module")
 def recipe():
-    return load_recipe("pretrain_ego_motion")
+    return pretrain_job
 
 
 class FixedError(nn.Module):

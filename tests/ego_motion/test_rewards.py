@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from diffgrpo.rewards import RewardSet, get_reward
-from tasks.ego_motion.body.geometry import axis_angle_to_matrix, rotation_about_z
-from tasks.ego_motion.evaluation.metrics import FOOT_JOINTS
+from tasks.ego_motion.body.geometry import FOOT_JOINTS, axis_angle_to_matrix, rotation_about_z
 from tasks.ego_motion.rewards import registered as R
 from tasks.ego_motion.rewards.perceptual import PerceptualConfig, PerceptualTrainer
 

@@ -9,10 +9,12 @@ import math
 import pytest
 import torch
 
+import recipes.rlpf_ego_motion as rlpf_ego_motion_recipe
+import tasks.ego_motion.grpo as ego_job
 from tasks.ego_motion.body.geometry import make_transform
 from tasks.ego_motion.rewards.critic_data import transplant, warm_up_critic, yaw_free_head_frame
 from tasks.ego_motion.rewards.perceptual import PerceptualConfig, PerceptualTrainer
-from tests.recipes import load_recipe, write_tiny_prior
+from tests.ego_motion.tiny_prior import write_tiny_prior
 
 
 def _head(yaw: float, x: float, y: float, z: float = 1.6) -> torch.Tensor:
@@ -68,7 +70,7 @@ def test_alignment_warm_up_names_mismatched_windows():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     torch.set_num_threads(1)
-    recipe = load_recipe("rlpf_ego_motion")
+    recipe = rlpf_ego_motion_recipe
     root = tmp_path_factory.mktemp("rlpf")
     prior = write_tiny_prior(root / "prior.safetensors")
     base = recipe.default_base()
@@ -117,7 +119,7 @@ def test_rlpf_recipe_runs_every_variant_with_its_rewards_and_leaves_the_critic_f
 
 
 def test_rlpf_config_refuses_what_it_would_ignore():
-    recipe = load_recipe("rlpf_ego_motion")
+    recipe = rlpf_ego_motion_recipe
     with pytest.raises(ValueError, match="unknown or empty"):
         recipe.Config(variants=("physics", "joint-only"))
     with pytest.raises(ValueError, match="rewards come from --variants"):
@@ -144,6 +146,6 @@ def test_heads_only_post_training_reads_no_body(tiny, monkeypatch):
     assert math.isfinite(summary["runs"][0]["metrics"]["mpjpe_mm"])
     with pytest.raises(ValueError, match="joint rewards read the body"):
         dataclasses.replace(run, variants=("physics+alignment+joint",))
-    main_job = load_recipe("ego_motion")
+    main_job = ego_job
     with pytest.raises(ValueError, match=r"ego_pos.*need them"):
         dataclasses.replace(main_job.Config(), task=heads_only)

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import recipes.eval_ego_motion as eval_ego_motion_recipe
 from diffgrpo.evaluate import evaluate
-from diffgrpo.rollout import make_generator
+from diffgrpo.rng import make_generator
 from tasks.ego_motion.body.body_model import load_body_model
-from tasks.ego_motion.data.windows import BUNDLED_CMU_DIR
+from tasks.ego_motion.data.splits import BUNDLED_CMU_DIR
 from tasks.ego_motion.model.network import DenoiserConfig, MotionDenoiser, save_denoiser
 from tasks.ego_motion.sampling.sampler import (
     StitchConfig,
@@ -27,7 +28,6 @@ from tasks.ego_motion.sampling.sampler import (
 )
 from tasks.ego_motion.sampling.tto import TTOConfig
 from tasks.ego_motion.task import METRIC_UNITS, EgoMotionTask, EgoMotionTaskConfig
-from tests.recipes import load_recipe
 
 T = 64
 REPO = Path(__file__).resolve().parents[2]
@@ -142,7 +142,7 @@ def test_stitched_two_window_clip_has_the_clip_length_and_agrees_on_the_overlap(
 def test_evaluate_windows_matches_the_core_evaluation_and_tto_refines_the_same_samples(task, model):
     ours = evaluate_windows(task, model, "test", seed=5, use_tto=True, tto_cfg=TTOConfig(num_iterations=5),
                             batch_size=2, max_windows=3, keep_joints=True, progress=False)
-    core = evaluate(task, model, task.make_scheduler(), split="test", sampler=task.sampler_config(), seed=5,
+    core = evaluate(task, model, task.sampling_chain(), split="test", seed=5,
                     batch_size=2, max_examples=3, progress=False)
     assert set(ours.metrics) == {"base", "tto"}
     for name in METRIC_UNITS:
@@ -170,7 +170,7 @@ def test_evaluate_windows_adds_ground_truth_free_measures_of_every_variant(task,
 
 
 def test_eval_recipe_runs_end_to_end_on_a_tiny_model(tmp_path, cache_dir, model):
-    recipe = load_recipe("eval_ego_motion")
+    recipe = eval_ego_motion_recipe
     checkpoint = tmp_path / "tiny.safetensors"
     save_denoiser(checkpoint, model)
     cfg = recipe.Config(checkpoint=checkpoint, output_dir=tmp_path / "eval", seeds=(0, 1), max_windows=2,

@@ -48,6 +48,11 @@ def test_implements_the_protocol_with_egoallo_schedule(task):
     assert (sampler.method, sampler.eta, sampler.egoallo_denominator_offset) == ("egoallo", 0.8, 0.1)
     plain = EgoMotionTaskConfig(use_egoallo_offset=False).sampler_config()
     assert plain.egoallo_denominator_offset == 0.0
+    chain = task.sampling_chain()  # the evaluation chain: the task's scheduler, timesteps and sampler, built once
+    assert torch.equal(chain.timesteps, t) and chain.sampler == sampler and chain.num_steps == 30
+    assert task.sampling_chain() is chain
+    short = task.sampling_chain(10, sde_window=(0, 4))  # a rollout chain of K = 10
+    assert short.num_steps == 10 and short.sampler.sde_window == (0, 4) and short.sampler.eta == sampler.eta
 
 
 def test_test_windows_are_not_mirrored_and_have_window_shapes(task, batch):
@@ -175,3 +180,15 @@ def test_floor_contact_keeps_exactly_the_windows_whose_feet_reach_the_floor(task
     torch.testing.assert_close(kept["joints_world"], everything["joints_world"][expected])
     with pytest.raises(ValueError, match="floor-contact-m"):
         EgoMotionTask(dataclasses.replace(task.cfg, floor_contact_m=-0.5), body=task.body)
+
+
+def test_perturbing_the_raw_condition_moves_the_head_translation_only(task, batch):
+    """MotionGRPO section 8: the head position is perturbed, its orientation kept."""
+    from diffgrpo.perturb import get_perturber
+
+    T = batch["T_world_cpf"]
+    raw = get_perturber("perlin", scale=0.05)(task.raw_condition(batch), torch.Generator().manual_seed(1))
+    out = task.with_raw_condition(batch, raw)["T_world_cpf"]
+    assert torch.equal(out[..., :3, :3], T[..., :3, :3]) and torch.equal(out[..., 3, :], T[..., 3, :])
+    delta = out[..., :3, 3] - T[..., :3, 3]
+    assert 0 < delta.abs().max() <= 0.05 * 2  # |pnoise1| stays within about [-1, 1]

@@ -11,6 +11,7 @@ import torch
 
 from tasks.ego_motion.body.body_model import BodyModel, load_body_model
 from tasks.ego_motion.body.geometry import (
+    FOOT_JOINTS,
     HEAD_JOINT,
     axis_angle_to_matrix,
     geodesic_angle,
@@ -18,7 +19,7 @@ from tasks.ego_motion.body.geometry import (
     make_transform,
     rotation_about_z,
 )
-from tasks.ego_motion.evaluation.metrics import FOOT_JOINTS, foot_skating, jitter, mpjpe
+from tasks.ego_motion.evaluation.metrics import foot_skating, jitter, mpjpe
 from tasks.ego_motion.sampling.tto import FOOT_CONTACT_INDICES, LOSS_TERMS, TTOConfig, optimize_motion
 
 FPS = 30.0

@@ -17,18 +17,16 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from toy_task import ToyNet, ToyTask  # noqa: E402
-
-from diffgrpo.advantages import AdvantageConfig  # noqa: E402
-from diffgrpo.config import GRPOConfig, OptimConfig  # noqa: E402
-from diffgrpo.launch import make_accelerator  # noqa: E402
-from diffgrpo.rewards import RewardSet, register_reward  # noqa: E402
-from diffgrpo.rollout import make_generator  # noqa: E402
-from diffgrpo.stream import IndexStream  # noqa: E402
-from diffgrpo.task import batch_to  # noqa: E402
-from diffgrpo.train_step import collect, make_perturber  # noqa: E402
-from diffgrpo.trainer import train_grpo  # noqa: E402
+from diffgrpo.advantages import AdvantageConfig
+from diffgrpo.config import GRPOConfig, OptimConfig
+from diffgrpo.launch import make_accelerator
+from diffgrpo.rewards import RewardSet, register_reward
+from diffgrpo.rng import make_generator
+from diffgrpo.stream import IndexStream
+from diffgrpo.task import batch_to
+from diffgrpo.train_step import collect, make_perturber
+from diffgrpo.trainer import train_grpo
+from tests.toy_task import ToyNet, ToyTask, toy_chain
 
 SCENARIOS = ("one_rank", "both_ranks", "whole_rank")
 CONDITIONS, GROUP, MICRO = 4, 4, 8  # 16 chains per rank: micro-batch 1 holds conditions 2 and 3
@@ -88,7 +86,7 @@ for scenario in scenarios:
     model = ToyNet()
     # The first iteration's loss mask exactly as train_grpo computes it (to check the scenario).
     batch = batch_to(task.load_examples("train", drawn_ids(cfg, rank, world)[0]), accelerator.device)
-    first = collect(task, model, task.make_scheduler(), batch, cfg=cfg, rewards=RewardSet.from_specs({reward: 1}),
+    first = collect(task, model, toy_chain(task), batch, cfg=cfg, rewards=RewardSet.from_specs({reward: 1}),
                     perturber=make_perturber(cfg), generator=make_generator(cfg.seed, "rollout", rank),
                     group_id_offset=rank * cfg.conditions_per_iteration)
     history = train_grpo(task, model, cfg, accelerator=accelerator, output_dir=out / scenario)

@@ -14,11 +14,9 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from toy_task import DIM, ToyNet  # noqa: E402
-
-from diffgrpo.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from diffgrpo.launch import make_accelerator  # noqa: E402
+from diffgrpo.checkpoint import load_checkpoint, save_checkpoint
+from diffgrpo.launch import make_accelerator
+from tests.toy_task import DIM, ToyNet
 
 out = Path(sys.argv[1])
 accelerator = make_accelerator(out, log_with=None)

@@ -9,17 +9,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from toy_task import ToyNet, ToyTask  # noqa: E402
-
-from diffgrpo.config import GRPOConfig, OptimConfig  # noqa: E402
-from diffgrpo.launch import make_accelerator  # noqa: E402
-from diffgrpo.rewards import RewardSet  # noqa: E402
-from diffgrpo.rollout import make_generator  # noqa: E402
-from diffgrpo.stream import IndexStream  # noqa: E402
-from diffgrpo.task import batch_to  # noqa: E402
-from diffgrpo.train_step import collect, make_perturber  # noqa: E402
-from diffgrpo.trainer import train_grpo  # noqa: E402
+from diffgrpo.config import GRPOConfig, OptimConfig
+from diffgrpo.launch import make_accelerator
+from diffgrpo.rewards import RewardSet
+from diffgrpo.rng import make_generator
+from diffgrpo.stream import IndexStream
+from diffgrpo.task import batch_to
+from diffgrpo.train_step import collect, make_perturber
+from diffgrpo.trainer import train_grpo
+from tests.toy_task import ToyNet, ToyTask, toy_chain
 
 out = Path(sys.argv[1])
 accelerator = make_accelerator(out, log_with=None)
@@ -32,7 +30,7 @@ model = ToyNet()
 # The first rollout exactly as train_grpo draws it.
 stream = IndexStream(task.num_examples("train"), cfg.seed, rank, world)
 batch = batch_to(task.load_examples("train", stream.next(cfg.conditions_per_iteration)), accelerator.device)
-data = collect(task, model, task.make_scheduler(), batch, cfg=cfg, rewards=RewardSet.from_specs({"toy_closeness": 1}),
+data = collect(task, model, toy_chain(task), batch, cfg=cfg, rewards=RewardSet.from_specs({"toy_closeness": 1}),
                perturber=make_perturber(cfg), generator=make_generator(cfg.seed, "rollout", rank),
                group_id_offset=rank * cfg.conditions_per_iteration)
 train_grpo(task, model, cfg, accelerator=accelerator, output_dir=out / "run")

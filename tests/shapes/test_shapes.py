@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import tasks.shapes.pretrain as shapes_pretrain
+from diffgrpo.chain import SamplingChain
 from diffgrpo.config import SamplerConfig
 from diffgrpo.rewards import get_reward
 from diffgrpo.task import Task, repeat_batch
@@ -28,7 +30,6 @@ from tasks.shapes.task import (
     render_disc_mask,
     sample_images,
 )
-from tests.recipes import load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_MODEL = ShapesModelConfig(block_out_channels=(8, 16), norm_num_groups=4, use_mid_block=False)
@@ -184,11 +185,11 @@ def test_sample_images_is_deterministic_for_eta_zero(one_thread):
     model = build_model(TINY_MODEL).eval()
     batch = task.load_examples("test", torch.arange(3))
     samples = [sample_images(task, model, batch, generator=torch.Generator().manual_seed(5),
-                             sampler=SamplerConfig(eta=0.0)) for _ in range(2)]
+                             chain=SamplingChain.of(task, SamplerConfig(eta=0.0))) for _ in range(2)]
     assert samples[0].shape == (3, 1, 16, 16)
     assert torch.equal(samples[0], samples[1])
     noisy = sample_images(task, model, batch, generator=torch.Generator().manual_seed(5),
-                          sampler=SamplerConfig(eta=1.0))
+                          chain=SamplingChain.of(task, SamplerConfig(eta=1.0)))
     assert not torch.allclose(noisy, samples[0])
 
 
@@ -203,7 +204,7 @@ def test_config_errors_name_the_flag():
 
 # -- pretraining -----------------------------------------------------------------------------------
 def test_tiny_pretraining_reduces_loss_and_saves_a_loadable_prior(tmp_path, one_thread):
-    recipe = load_recipe("pretrain_shapes")
+    recipe = shapes_pretrain
     cfg = recipe.Config(steps=60, batch_size=32, warmup_steps=5, log_every=10, output_dir=tmp_path / "prior",
                         use_eval=False, use_progress_bar=False, model=TINY_MODEL)
     result = recipe.pretrain(cfg)

@@ -12,15 +12,18 @@ import torch
 from accelerate import Accelerator
 from safetensors import safe_open
 
+import recipes.text_to_image as text_to_image_recipe
+from diffgrpo.chain import SamplingChain
 from diffgrpo.config import EMAConfig, GRPOConfig, OptimConfig, PerturbConfig, ProbeConfig, SamplerConfig
 from diffgrpo.guidance import guided_model_fn
 from diffgrpo.lora import AdapterDisabledReference, LoRAConfig, add_lora, has_lora, lora_parameters
 from diffgrpo.loss import LossConfig
 from diffgrpo.rewards import RewardSet, available_rewards, register_reward
-from diffgrpo.rollout import make_generator
+from diffgrpo.rng import make_generator
+from diffgrpo.run_state import make_optimizer
 from diffgrpo.task import Task
 from diffgrpo.train_step import collect, make_perturber, policy_update
-from diffgrpo.trainer import make_optimizer, train_grpo
+from diffgrpo.trainer import train_grpo
 from tasks.text_to_image.task import TextToImageTask, TextToImageTaskConfig, pipeline_family
 from tasks.text_to_image.tiny import tiny_pipeline
 
@@ -53,9 +56,13 @@ def make_task(family: str, *, lora: bool = True, seed: int = 0) -> TextToImageTa
     return task
 
 
+def sampling_chain(task: TextToImageTask) -> SamplingChain:
+    """The tests' chain: DDIM eta 1 (UNet) or the flow SDE at 0.7 (SD3), guidance 4.5."""
+    return SamplingChain.of(task, SamplerConfig(eta=1.0 if task.family == "unet" else 0.7, guidance_scale=4.5))
+
+
 def grpo_cfg(family: str, **kw) -> GRPOConfig:
     base = dict(num_iterations=2, conditions_per_iteration=2, group_size=4, micro_batch_size=4,
-                sampler=SamplerConfig(eta=1.0 if family == "unet" else 0.7, guidance_scale=4.5),
                 optim=OptimConfig(learning_rate=1e-2), rewards=("t2i_test_brightness",), checkpoint_every=1)
     base.update(kw)
     return GRPOConfig(**base)
@@ -110,7 +117,7 @@ def test_cfg_on_policy_ratio_is_exactly_one(family):
                    perturb=PerturbConfig("gaussian", scale=0.05))  # each member sees its own perturbed embedding
     model = task.denoiser
     optimizer, _ = make_optimizer(model, cfg)
-    data = collect(task, model, task.make_scheduler(), task.load_examples("train", torch.arange(2)), cfg=cfg,
+    data = collect(task, model, sampling_chain(task), task.load_examples("train", torch.arange(2)), cfg=cfg,
                    rewards=RewardSet.from_specs({"t2i_test_brightness": 1.0}), perturber=make_perturber(cfg),
                    generator=make_generator(0, "rollout"), group_id_offset=0)
     assert data.trajectory.x0_preds.shape[1] == 0  # the task keeps no per-step x0 estimate
@@ -119,7 +126,7 @@ def test_cfg_on_policy_ratio_is_exactly_one(family):
     negative = data.trajectory.cond["negative_prompt_embeds"]
     assert torch.equal(negative[0], negative[1])
     assert data.batch["prompt"] == ["a red cat"] * 4 + ["a blue dog"] * 4  # ... while the prompts stay strings
-    stats = policy_update(task, model, task.make_scheduler(), data, optimizer, cfg=cfg,
+    stats = policy_update(task, model, sampling_chain(task), data, optimizer, cfg=cfg,
                           generator=make_generator(0, "select"), accelerator=Accelerator(cpu=True),
                           reference=AdapterDisabledReference(model))
     assert stats["loss/on_policy_ratio_max_dev"] == 0.0
@@ -154,7 +161,8 @@ def test_lora_checkpoint_holds_adapters_only_and_resume_is_bit_exact(tmp_path):
 
     def run(output_dir, **kw):
         task = make_task("sd3")
-        history = train_grpo(task, task.denoiser, cfg, accelerator=Accelerator(cpu=True), output_dir=output_dir, **kw)
+        history = train_grpo(task, task.denoiser, cfg, accelerator=Accelerator(cpu=True), output_dir=output_dir,
+                             chain=sampling_chain(task), **kw)
         return task.denoiser, history
 
     straight, hist_a = run(tmp_path / "a")
@@ -181,9 +189,10 @@ def test_ema_state_is_restored_on_resume_and_used_for_the_probe(tmp_path):
     probe = ProbeConfig(splits=("test",), conditions_per_split=2, noises_per_condition=1, eval_every=1)
     cfg = grpo_cfg("sd3", num_iterations=2, ema=EMAConfig(use_ema=True, decay=0.5, use_for_eval=True), probe=probe)
     task = make_task("sd3")
-    history = train_grpo(task, task.denoiser, cfg, accelerator=Accelerator(cpu=True), output_dir=tmp_path / "a")
+    history = train_grpo(task, task.denoiser, cfg, accelerator=Accelerator(cpu=True), output_dir=tmp_path / "a",
+                         chain=sampling_chain(task))
     from diffgrpo.probe import evaluate_probe
-    from diffgrpo.trainer import start_run
+    from diffgrpo.run_state import start_run
 
     def restored(output_dir):
         fresh = make_task("sd3")
@@ -199,7 +208,7 @@ def test_ema_state_is_restored_on_resume_and_used_for_the_probe(tmp_path):
     fresh_task = make_task("sd3")
 
     def probe_mean():
-        values = evaluate_probe(fresh_task, run.model, fresh_task.make_scheduler(), probe, sampler=cfg.sampler,
+        values = evaluate_probe(fresh_task, run.model, sampling_chain(fresh_task), probe,
                                 rewards=RewardSet.from_specs({"t2i_test_brightness": 1.0}), micro_batch_size=4)
         return float(values["reward/test/t2i_test_brightness"].double().mean())
 
@@ -221,7 +230,7 @@ def test_overlapped_rewards_are_bit_identical_to_scoring_in_line():
     for overlap in (True, False):
         reward_fn = __import__("diffgrpo.rewards", fromlist=["_REWARDS"])._REWARDS["t2i_test_brightness"]
         reward_fn.threads.clear()
-        outs[overlap] = collect(task, task.denoiser, task.make_scheduler(), batch, cfg=cfg, rewards=rewards,
+        outs[overlap] = collect(task, task.denoiser, sampling_chain(task), batch, cfg=cfg, rewards=rewards,
                                 perturber=make_perturber(cfg), generator=make_generator(0, "rollout"),
                                 group_id_offset=0, overlap_rewards=overlap)
         threads = set(reward_fn.threads)
@@ -253,13 +262,14 @@ def test_guidance_and_chunk_settings_are_checked_at_start_up():
 def recipe_config(recipe, tmp_path, *, lora: LoRAConfig, task: TextToImageTaskConfig | None = None, **grpo):
     """The recipe on the tiny 16 px UNet pipeline: 2 prompts x 4 samples, a 2 x 1 probe set."""
     base = dict(num_iterations=2, conditions_per_iteration=2, group_size=4, micro_batch_size=4,
-                sampler=SamplerConfig(eta=1.0, guidance_scale=3.0), optim=OptimConfig(learning_rate=1e-2),
+                optim=OptimConfig(learning_rate=1e-2),
                 rewards=("jpeg_compressibility",), checkpoint_every=0,
                 probe=ProbeConfig(conditions_per_split=2, noises_per_condition=1, eval_every=2))
     base.update(grpo)
     return recipe.Config(pipeline=str(tmp_path / "tiny_sd"), tiny_pipeline="unet", tiny_image_size_px=16,
                          output_dir=tmp_path / "run", task=task or TextToImageTaskConfig(num_inference_steps=3),
-                         lora=lora, grpo=GRPOConfig(**base), table_output=tmp_path / "table.md")
+                         lora=lora, grpo=GRPOConfig(**base), table_output=tmp_path / "table.md",
+                         sampler=SamplerConfig(eta=1.0, guidance_scale=3.0))
 
 
 def unet_output(pipeline) -> torch.Tensor:
@@ -271,9 +281,8 @@ def unet_output(pipeline) -> torch.Tensor:
 
 
 def test_recipe_runs_and_its_lora_weights_load_into_the_pipeline(tmp_path):
-    from tests.recipes import load_recipe
 
-    recipe = load_recipe("text_to_image")
+    recipe = text_to_image_recipe
     # lora_alpha != r: the adapters' scale alpha / r = 4 must survive the export (diffusers reloads at alpha = r).
     cfg = recipe_config(recipe, tmp_path, lora=LoRAConfig(use_lora=True, r=4, lora_alpha=16.0),
                         ema=EMAConfig(use_ema=True, decay=0.5, use_for_eval=True))
@@ -332,9 +341,8 @@ def test_exported_sd3_lora_reloads_with_its_scale(tmp_path):
 
 
 def test_recipe_resume_refuses_other_lora_or_task_settings(tmp_path):
-    from tests.recipes import load_recipe
 
-    recipe = load_recipe("text_to_image")
+    recipe = text_to_image_recipe
     lora = LoRAConfig(use_lora=True, r=4, lora_alpha=8.0)
     one = dict(num_iterations=1, probe=ProbeConfig(conditions_per_split=2, noises_per_condition=1, eval_every=1))
     recipe.main(recipe_config(recipe, tmp_path, lora=lora, **one))

@@ -2,7 +2,7 @@
 
 Why: the diffusion prior, the rewards and the metrics need world joint positions for thousands
 of frames per step, and the root pose is never predicted but recovered from the head (CPF)
-pose by kinematics (method.md section 1). A full ``smplx`` forward skins a 6,890-vertex mesh;
+pose by kinematics (docs/ego_motion_data.md). A full ``smplx`` forward skins a 6,890-vertex mesh;
 the joints alone follow from a per-joint linear shape model and a 52-joint kinematic chain.
 This module loads any SMPL-H ``.npz`` (the licensed neutral model with 16 betas, or the
 bundled skeleton-level stand-in) through ``smplx``, precomputes
@@ -69,7 +69,7 @@ BUNDLED_BODY_MODEL = Path(__file__).resolve().parents[1] / "assets" / "smplh_cmu
 SMPLH_DOWNLOAD_HINT = (
     "The real SMPL-H comes from https://mano.is.tue.mpg.de ('Extended SMPL+H model', file "
     "smplh/neutral/model.npz, licence required). The open skeleton-level stand-in ships at "
-    f"{BUNDLED_BODY_MODEL} (rebuild it with `python -m tasks.ego_motion.body.build_body_model`)."
+    f"{BUNDLED_BODY_MODEL} (rebuild it with `python -m tasks.ego_motion.data.build_body_model`)."
 )
 
 _HEAD_CHAIN: tuple[int, ...] = (3, 6, 9, 12, HEAD_JOINT)  # spine1 .. head, each the parent's child
@@ -303,7 +303,7 @@ class BodyModel(torch.nn.Module):
         return T_world_root @ self.T_root_head(body_rotmats, betas) @ self.T_head_cpf(betas)
 
     def root_from_cpf(self, T_world_cpf: Tensor, body_rotmats: Tensor, betas: Tensor) -> Tensor:
-        """Recover the pelvis pose from the headset (method.md section 1). -> (..., 4, 4).
+        """Recover the pelvis pose from the headset (docs/ego_motion_data.md). -> (..., 4, 4).
 
         T_world_root = T_world_cpf @ inv(T_head_cpf) @ inv(T_root_head).
         """
@@ -397,7 +397,7 @@ def pose_from_head(
 
     Why one function: decoding samples, decoding test-time-optimised rotations and the stitched
     long-sequence sampler all turn (head, rotations, shape) into world joints the same way
-    (method.md section 1): T_world_root = T_world_cpf inv(T_head_cpf) inv(T_root_head).
+    (docs/ego_motion_data.md): T_world_root = T_world_cpf inv(T_head_cpf) inv(T_root_head).
 
     Args:
         T_world_cpf: (..., T, 4, 4) head poses aligned with the motion frames (not T+1).

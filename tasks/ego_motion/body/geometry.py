@@ -29,6 +29,12 @@ SMPLH_JOINT_NAMES: tuple[str, ...] = (
 )  # fmt: skip
 NUM_BODY_JOINTS = 21  # non-root body joints (SMPL-H joints 1..21)
 NUM_HAND_JOINTS = 30
+NUM_METRIC_JOINTS = 1 + NUM_BODY_JOINTS
+"""22: the pelvis and the 21 body joints, the joints every metric and reward reads."""
+FOOT_JOINTS: tuple[int, ...] = (7, 8, 10, 11)
+"""SMPL-H indices of left_ankle, right_ankle, left_foot (toes), right_foot (toes)."""
+NUM_BETAS = 16
+"""Body shape coefficients the prior predicts and the body is posed with (SMPL-H's 16)."""
 HEAD_JOINT = 15  # SMPL-H index; index 14 among the 21 non-root body joints
 
 

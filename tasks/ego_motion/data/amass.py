@@ -21,6 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+TARGET_FPS = 30.0
+"""Frames per second every ego-motion sequence is resampled to (EgoAllo's rate): windows, metrics, rewards."""
+
 logger = logging.getLogger(__name__)
 
 AMASS_KEYS: tuple[str, ...] = ("poses", "trans", "betas", "gender", "mocap_framerate")

@@ -48,7 +48,7 @@ from ..body.geometry import (
     quaternion_to_matrix,
     slerp_quaternions,
 )
-from .amass import AmassSequence, save_amass_npz
+from .amass import TARGET_FPS, AmassSequence, save_amass_npz
 from .bvh import BvhMotion, BvhSkeleton, global_poses, parse_bvh, positions_relative_to_offsets
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,6 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_MOCAP_ROOT = Path(
     os.environ.get("DIFFGRPO_MOCAP_ROOT", Path(__file__).resolve().parents[4] / "shared" / "mocap")
 )
-TARGET_FPS = 30.0
 CMU_INCH_SCALE_M = 0.056444  # CMU "inches x 0.45" -> metres
 # +90 deg about X: BVH (+Y up) -> world (+Z up).
 W_ZUP_FROM_YUP = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])

@@ -1,4 +1,4 @@
-"""Evaluation metrics of egocentric body recovery (method.md section 10); one value per sequence.
+"""Evaluation metrics of egocentric body recovery (docs/ego_motion_metrics.md); one value per sequence.
 
 Why one module: the reward functions, the evaluation script and the tables must agree on the
 exact definition, joint set and unit of every number, so each metric is written once here and
@@ -26,11 +26,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tasks.ego_motion.body.geometry import NUM_BODY_JOINTS, geodesic_angle
+from tasks.ego_motion.body.geometry import FOOT_JOINTS, NUM_BODY_JOINTS, NUM_METRIC_JOINTS, geodesic_angle
 
-NUM_METRIC_JOINTS = NUM_BODY_JOINTS + 1  # pelvis + 21 body joints = 22
-FOOT_JOINTS: tuple[int, ...] = (7, 8, 10, 11)
-"""SMPL-H indices of left_ankle, right_ankle, left_foot (toes), right_foot (toes)."""
 FOOT_CONTACT_HEIGHTS_M: tuple[float, ...] = (0.08, 0.08, 0.04, 0.04)
 """Foot-skating height threshold H per joint of ``FOOT_JOINTS``: ankles 8 cm, toes 4 cm."""
 M_TO_MM = 1000.0

@@ -1,4 +1,4 @@
-"""The conditioning signal g(head trajectory) of the ego-motion prior (method.md section 3).
+"""The conditioning signal g(head trajectory) of the ego-motion prior (docs/ego_motion_prior.md).
 
 Why this encoding: the headset only tells us where the wearer's head is, and the body that
 produced a head trajectory does not depend on which way the world's x axis points or where the
@@ -148,7 +148,7 @@ def fourier_encode(
 def encode_head_trajectory(
     T_world_cpf: Float[Tensor, "*batch timesteps_plus_1 4 4"],
 ) -> Float[Tensor, "*batch timesteps 154"]:
-    """The condition g fed to the denoiser: Fourier-encoded raw head features (method.md section 3).
+    """The condition g fed to the denoiser: Fourier-encoded raw head features (docs/ego_motion_prior.md).
 
     Args:
         T_world_cpf: (..., T+1, 4, 4) rigid CPF-to-world transforms, metres, world +Z up,

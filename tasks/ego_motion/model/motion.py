@@ -5,7 +5,7 @@ read by the network (one input MLP and one output head per modality), by the los
 weights) and by the sampler's decoder (projection onto SO(3)). Defining the slices once here keeps
 those three in agreement.
 
-Per frame (method.md section 2), in this order:
+Per frame (docs/ego_motion_prior.md), in this order:
 
 ====================  =====  ===========  =========================================
 modality              dims   slice        content
@@ -16,7 +16,7 @@ modality              dims   slice        content
 ``hand_rotmats``      270    226:496      30 local hand-joint rotations (optional)
 ====================  =====  ===========  =========================================
 
-Timestep conventions. method.md counts timesteps like EgoAllo: t = 0 is the clean sample
+Timestep conventions. EgoAllo counts timesteps so: t = 0 is the clean sample
 (alpha_bar = 1) and t = 1..1000 are noise levels. A diffusers scheduler with 1000 training steps
 stores ``alphas_cumprod[i]`` for i = 0..999, which is the noise level of EgoAllo's t = i + 1 (both
 come from the same cosine alpha_bar(i / N) with the clean level dropped). :func:`sampling_timesteps`
@@ -33,9 +33,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from typing_extensions import assert_never
 
-from tasks.ego_motion.body.geometry import NUM_BODY_JOINTS, NUM_HAND_JOINTS, project_to_so3
-
-NUM_BETAS = 16
+from tasks.ego_motion.body.geometry import NUM_BETAS, NUM_BODY_JOINTS, NUM_HAND_JOINTS, project_to_so3
 
 BETAS = slice(0, NUM_BETAS)
 BODY_ROTMATS = slice(BETAS.stop, BETAS.stop + NUM_BODY_JOINTS * 9)
@@ -47,7 +45,7 @@ MOTION_DIM_WITH_HANDS = HAND_ROTMATS.stop  # 496
 
 Modality = Literal["betas", "body_rotmats", "contacts", "hand_rotmats"]
 
-# Per-modality loss weights of method.md section 5 (betas additionally decay as 1/(i+1)).
+# Per-modality loss weights of docs/ego_motion_prior.md (betas additionally decay as 1/(i+1)).
 BETAS_LOSS_WEIGHT = 0.1
 BODY_ROTMATS_LOSS_WEIGHT = 1.0
 CONTACTS_LOSS_WEIGHT = 0.1
@@ -184,7 +182,7 @@ def _project(rotmats: Tensor) -> Tensor:
 
 
 def loss_weights(include_hands: bool, dtype: torch.dtype = torch.float32) -> Float[Tensor, " D"]:
-    """Per-dimension weights of the x0 regression loss (method.md section 5), shape (D,).
+    """Per-dimension weights of the x0 regression loss (docs/ego_motion_prior.md), shape (D,).
 
     Why: rotations dominate what the prior must get right; betas are nearly constant within a
     window, and their higher coefficients matter less (weight 0.1 / (i + 1) for coefficient i);
@@ -204,7 +202,7 @@ def timestep_loss_weights(alphas_cumprod: Float[Tensor, " N"], floor: float = 0.
 
     Why: with x0-prediction, an SNR weight w_t = abar_t / (1 - abar_t) turns the x0 error into the
     usual epsilon-style emphasis on low noise, where the details are decided; the floor keeps the
-    noisiest steps (w ~ 0) from being ignored. Equation (method.md section 5)::
+    noisiest steps (w ~ 0) from being ignored. Equation (docs/ego_motion_prior.md)::
 
         w_t = snr_t / snr_1,   snr_t = abar_t / (1 - abar_t)
         weight_t = (1 - floor) * w_t + floor          (floor = 0.01 -> 0.99 w_t + 0.01)
@@ -229,7 +227,7 @@ TimestepConvention = Literal["egoallo", "diffusers"]
 
 
 REFERENCE_SAMPLING_STEPS = 30
-"""EgoAllo's chain length: timesteps k^2 for k = 30..0 (method.md section 5)."""
+"""EgoAllo's chain length: timesteps k^2 for k = 30..0 (docs/ego_motion_prior.md)."""
 
 
 def sampling_timesteps(

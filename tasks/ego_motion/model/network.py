@@ -1,6 +1,6 @@
 """The EgoAllo-style denoiser: predicts the clean motion x0 from a noisy motion, its timestep and the head condition.
 
-Why this shape of network (method.md section 4): the head trajectory and the body motion are two
+Why this shape of network (docs/ego_motion_prior.md): the head trajectory and the body motion are two
 aligned sequences of frames. An encoder stream (self-attention only) turns the per-frame head
 features into a context; a decoder stream over the noisy motion attends to itself and then to
 that context. Rotary position embeddings (RoPE) on queries and keys make every attention score a

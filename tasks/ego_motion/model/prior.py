@@ -2,7 +2,7 @@
 
 Why one module: the pretraining recipe (``recipes/pretrain_ego_motion.py``) and the GRPO recipe
 must agree on the noise schedule, on how a data window becomes the packed target x0, and on the
-timestep fed to the network; each of those lives here once (method.md sections 2, 4, 5).
+timestep fed to the network; each of those lives here once (docs/ego_motion_prior.md).
 
 Timestep convention: the network receives the *diffusers* index i in 0..999 of
 ``scheduler.alphas_cumprod`` (EgoAllo's t = i + 1, see ``motion.py``). Training draws i uniformly
@@ -23,6 +23,7 @@ from diffusers import DDPMScheduler
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from diffgrpo.chain import SamplingChain
 from diffgrpo.config import SamplerConfig
 from diffgrpo.rollout import rollout
 from tasks.ego_motion.body.body_model import BodyModel, pose_from_head
@@ -44,7 +45,7 @@ LOSS_TERMS: tuple[str, ...] = ("betas", "body_rotmats", "contacts", "hand_rotmat
 
 
 def make_scheduler() -> DDPMScheduler:
-    """The cosine schedule of method.md section 5 (s = 0.008, 1000 steps, betas capped at 0.999), x0-prediction.
+    """The cosine schedule of docs/ego_motion_prior.md (s = 0.008, 1000 steps, betas capped at 0.999), x0-prediction.
 
     Why diffusers: ``squaredcos_cap_v2`` is exactly that schedule, and ``diffgrpo.sde`` reads its
     ``alphas_cumprod`` table; ``clip_sample=False`` because rotation entries and betas are not in [-1, 1].
@@ -93,7 +94,7 @@ def diffusion_loss(
     timesteps: Int[Tensor, " B"] | None = None,
     noise: Float[Tensor, "B T D"] | None = None,
 ) -> DiffusionLoss:
-    """The x0-regression loss of method.md section 5 on one batch of windows.
+    """The x0-regression loss of docs/ego_motion_prior.md on one batch of windows.
 
     Why x0 and these weights: the sampler needs x0_hat, and rotations matter most. Equation, with
     w_t = ``timestep_loss_weights`` (0.99 snr_t / snr_1 + 0.01) and w_d = ``loss_weights`` (betas
@@ -159,9 +160,9 @@ def sample_prior(
     cond = encode_head_trajectory(T_world_cpf.float())  # (B, T, 154)
     B, T = cond.shape[:2]
     timesteps = sampling_timesteps(num_steps, scheduler.config.num_train_timesteps, convention="diffusers")
-    traj = rollout(lambda x, t, c: model(x, t, c), scheduler, cond, torch.arange(B), timesteps,
-                   (T, motion_dim(include_hands)), generator=generator,
-                   sampler=SamplerConfig(method="egoallo", eta=eta))
+    chain = SamplingChain.build(scheduler, timesteps, SamplerConfig(method="egoallo", eta=eta),
+                                (T, motion_dim(include_hands)))
+    traj = rollout(lambda x, t, c: model(x, t, c), chain, cond, torch.arange(B), generator=generator)
     sample = MotionSample.unpack(traj.samples.float(), include_hands=include_hands, project_rotations=True,
                                  clamp_contacts=True)
     betas = sample.betas.mean(dim=1, keepdim=True).expand_as(sample.betas)

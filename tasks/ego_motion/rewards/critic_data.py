@@ -3,7 +3,7 @@
 The critic is trained with InfoNCE: each condition's ground truth under its own head must score
 above M negatives. Which negatives it sees decides what it learns to tell apart:
 
-- ``x0_last`` (MotionGRPO, method.md section 7): the first group member's x0 predictions at the
+- ``x0_last`` (MotionGRPO, docs/ego_motion_rewards.md): the first group member's x0 predictions at the
   last 3 sampling steps, the policy's own near-final errors. Three near-copies of one chain.
 - ``members``: the other G-1 members' final samples, the bodies the reward will score next.
 - ``foreign``: another condition's ground truth moved rigidly under this head
@@ -31,7 +31,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from diffgrpo.rollout import make_generator
+from diffgrpo.chain import SamplingChain
+from diffgrpo.rng import make_generator
 from diffgrpo.task import Batch, batch_to, select_rows
 from diffgrpo.train_step import RolloutBatch
 from tasks.ego_motion.body.geometry import invert_transform, make_transform, rotation_about_z
@@ -42,7 +43,7 @@ from tasks.ego_motion.task import EgoMotionTask
 NegativeKind = Literal["x0_last", "members", "foreign"]
 NEGATIVE_KINDS: tuple[NegativeKind, ...] = ("x0_last", "members", "foreign")
 NUM_X0_LAST = 3
-"""x0_last negatives per condition: the last 3 sampling steps' x0 predictions (method.md section 7)."""
+"""x0_last negatives per condition: the last 3 sampling steps' x0 predictions (docs/ego_motion_rewards.md)."""
 
 
 def yaw_free_head_frame(T_world_cpf: Float[Tensor, "N 4 4"]) -> Float[Tensor, "N 4 4"]:
@@ -158,8 +159,9 @@ def group_correlations(score: Float[Tensor, " N"], value: Float[Tensor, " N"], g
 
 @torch.no_grad()
 def prior_joints(task: EgoMotionTask, model: nn.Module, windows: Batch, seed: int, stream: str,
-                 chunk_size: int = 32) -> Float[Tensor, "W T J 3"]:
-    """One sample of ``model`` per window (the task's sampler), decoded to world joints (metres).
+                 chunk_size: int = 32, *, chain: SamplingChain | None = None) -> Float[Tensor, "W T J 3"]:
+    """One sample of ``model`` per window on ``chain`` (default: the task's evaluation chain), decoded to
+    world joints (metres).
 
     Window w draws its noise from ``make_generator(seed, stream, first window of its chunk)``: the
     same windows, seed and stream give the same bodies. Sampled on the model's device (in eval
@@ -172,7 +174,7 @@ def prior_joints(task: EgoMotionTask, model: nn.Module, windows: Batch, seed: in
     try:
         for idx in torch.arange(len(windows["T_world_cpf"])).split(chunk_size):
             batch = batch_to(select_rows(windows, idx), device)
-            trajectory = sample_motion(task, model, batch, group_ids=idx.to(device),
+            trajectory = sample_motion(task, model, batch, group_ids=idx.to(device), chain=chain,
                                        generator=make_generator(seed, stream, int(idx[0]), device=device))
             out.append(task.decode(trajectory.samples, batch)["joints_world"].to(windows["T_world_cpf"].device))
     finally:

@@ -1,6 +1,6 @@
 """The learned perceptual (visual) reward of MotionGRPO: phi(joints | head trajectory) -> plausibility score.
 
-Why a learned reward (method.md section 7): the joint-level rewards compare a sample with one
+Why a learned reward (docs/ego_motion_rewards.md): the joint-level rewards compare a sample with one
 ground truth, but many bodies fit a head trajectory and the policy's typical artefacts (jitter,
 sliding feet, limbs that do not match the head's motion) are better judged by a critic that has
 seen what real motion under that head looks like. The critic is trained online with InfoNCE at
@@ -144,7 +144,7 @@ def info_nce_loss(
 
 
 def visual_reward(scores: Float[Tensor, " N"], omega_vis: float) -> Float[Tensor, " N"]:
-    """R_vis = exp(omega_vis * s) (method.md section 7).
+    """R_vis = exp(omega_vis * s) (docs/ego_motion_rewards.md).
 
     Why the scores must be bounded: exp of an unbounded logit lets one sample's reward dwarf the
     group and invites the policy to chase the critic's extrapolations. :class:`PerceptualModel`

@@ -1,4 +1,4 @@
-"""Registered rewards of the ego-motion task (method.md section 7, plus a physics extra from section 13).
+"""Registered rewards of the ego-motion task (docs/ego_motion_rewards.md; the physics ones: docs/ego_motion_rlpf.md).
 
 Why one registered reward per term: MotionGRPO normalises every sub-reward within its group
 before summing the advantages, so rotation, position, aligned position, velocity and visual
@@ -37,7 +37,7 @@ from torch import Tensor
 
 from diffgrpo.rewards import Reward, register_reward
 from tasks.ego_motion.body.geometry import NUM_BODY_JOINTS
-from tasks.ego_motion.data.windows import TARGET_FPS
+from tasks.ego_motion.data.amass import TARGET_FPS
 from tasks.ego_motion.evaluation import metrics
 from tasks.ego_motion.physics.evaluator import PhysicsEvaluator
 from tasks.ego_motion.rewards.perceptual import visual_reward
@@ -252,7 +252,7 @@ def ego_physics(omega: float = OMEGA_PHYSICS, fps: float = TARGET_FPS,
                 penetration_weight: float = PENETRATION_WEIGHT) -> Reward:
     """R_phys = exp(-omega * :func:`physics_error`): feet above the floor and not sliding.
 
-    Why (method.md section 13): a local, ground-truth-free plausibility reward in the spirit of
+    Why (docs/ego_motion_rlpf.md): a local, ground-truth-free plausibility reward in the spirit of
     RLPF's physics feedback. It reads only ``decoded["joints_world"]``, so it also scores samples
     whose window has no labels. The ground truth itself does not score 1 (real feet roll and
     slide a little while near the floor); the group normalisation only needs the ordering.

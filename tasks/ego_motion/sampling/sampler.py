@@ -1,10 +1,10 @@
 """Sampling body motion from the prior: one window, a long sequence stitched from windows, a held-out evaluation.
 
 Why every path goes through ``diffgrpo.rollout.rollout``: the sampler that is evaluated here is
-then, bit for bit, the policy GRPO post-trains (EgoAllo's step, ``sde.step_with_logprob`` method
+then, bit for bit, the policy GRPO post-trains (EgoAllo's step, ``chain.step_with_logprob`` method
 'egoallo'); no second sampling loop can drift from it.
 
-Long sequences (method.md section 5): a clip of L motion frames (L+1 head poses) is covered by
+Long sequences (docs/ego_motion_prior.md): a clip of L motion frames (L+1 head poses) is covered by
 windows of ``window_frames`` frames that overlap by ``overlap_frames`` (the last window is moved
 back to end at frame L, so every window has the same length and they all run as one batch of
 chains). Window k covers motion frames s_k .. s_k + w - 1 and is conditioned on its own w + 1 head
@@ -33,11 +33,12 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from diffgrpo.config import SamplerConfig
-from diffgrpo.rollout import Trajectory, group_ids_for, make_generator, rollout
+from diffgrpo.chain import SamplingChain
+from diffgrpo.rng import make_generator
+from diffgrpo.rollout import Trajectory, group_ids_for, rollout
 from diffgrpo.task import Batch
 from tasks.ego_motion.body.body_model import pose_from_head
-from tasks.ego_motion.data.windows import MotionSequence, load_sequence
+from tasks.ego_motion.data.sequences import MotionSequence, load_sequence
 from tasks.ego_motion.model.condition import encode_head_trajectory
 from tasks.ego_motion.sampling.tto import TTOConfig, optimize_motion
 from tasks.ego_motion.task import EgoMotionTask, decode_motion
@@ -52,14 +53,15 @@ def sample_motion(
     batch: Batch,
     *,
     generator: torch.Generator,
-    sampler_cfg: SamplerConfig | None = None,
+    chain: SamplingChain | None = None,
     group_ids: Tensor | None = None,
     micro_batch_size: int | None = None,
 ) -> Trajectory:
     """One chain per window of ``batch`` (B windows of T+1 head poses), run by the core rollout.
 
     The window length is read from the batch (any T works: the denoiser uses relative positions).
-    ``sampler_cfg`` defaults to the task's (EgoAllo's step, eta 0.8, '+0.1'). ``group_ids`` (B,)
+    ``chain`` defaults to the task's evaluation chain (EgoAllo's step, eta 0.8, '+0.1', K =
+    ``--task.num-sampling-steps``); it is used at the batch's window length. ``group_ids`` (B,)
     default 0..B-1; each id draws its own initial noise. Returns the trajectory: ``.samples``
     (B, T, D) final x0, ``.x0_preds`` (B, K, T, D) per-step predictions (decode them with
     ``task.decode_x0``). Deterministic given the generator's state.
@@ -69,11 +71,9 @@ def sample_motion(
     cond = task.encode_condition(batch)  # (B, T, 154)
     if group_ids is None:
         group_ids = group_ids_for(num_windows, 1, device=cond.device)
-    return rollout(
-        lambda x_t, t, c: task.predict(model, x_t, t, c), task.make_scheduler(), cond, group_ids,
-        task.sampling_timesteps(), (num_frames, task.sample_shape[-1]), generator=generator,
-        sampler=sampler_cfg or task.sampler_config(), micro_batch_size=micro_batch_size,
-    )
+    chain = (chain or task.sampling_chain()).with_sample_shape((num_frames, task.sample_shape[-1]))
+    return rollout(lambda x_t, t, c: task.predict(model, x_t, t, c), chain, cond, group_ids, generator=generator,
+                   micro_batch_size=micro_batch_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +188,7 @@ def sample_sequence(
     *,
     generator: torch.Generator,
     stitch_cfg: StitchConfig | None = None,
-    sampler_cfg: SamplerConfig | None = None,
+    chain: SamplingChain | None = None,
 ) -> StitchedSample:
     """Sample B sequences of L motion frames from their L+1 head poses by stitching windows (module doc).
 
@@ -214,11 +214,8 @@ def sample_sequence(
             raise RuntimeError(f"the merged predictor got {x0.shape[0]} chains, expected all {B * W} windows at once.")
         return unstitch(stitch(x0.reshape(B, W, w, -1), layout), layout).reshape(x0.shape)
 
-    trajectory = rollout(
-        merged_predict, task.make_scheduler(), cond, group_ids_for(B * W, 1, device=cond.device),
-        task.sampling_timesteps(), (w, task.sample_shape[-1]), generator=generator,
-        sampler=sampler_cfg or task.sampler_config(),
-    )
+    chain = (chain or task.sampling_chain()).with_sample_shape((w, task.sample_shape[-1]))
+    trajectory = rollout(merged_predict, chain, cond, group_ids_for(B * W, 1, device=cond.device), generator=generator)
     x0 = stitch(trajectory.samples.reshape(B, W, w, -1), layout)  # (B, L, D)
     decoded = decode_motion(task.body, x0, T_world_cpf, include_hands=task.cfg.include_hands)
     return StitchedSample(x0=x0, decoded=decoded, layout=layout, trajectory=trajectory)
@@ -263,12 +260,12 @@ def sample_clip(
     *,
     generator: torch.Generator,
     stitch_cfg: StitchConfig | None = None,
-    sampler_cfg: SamplerConfig | None = None,
+    chain: SamplingChain | None = None,
 ) -> tuple[Batch, StitchedSample]:
     """The clip's batch (ground truth) and a stitched sample of its whole length."""
     batch = load_clip(task, path)
     return batch, sample_sequence(task, model, batch["T_world_cpf"], generator=generator,
-                                  stitch_cfg=stitch_cfg, sampler_cfg=sampler_cfg)
+                                  stitch_cfg=stitch_cfg, chain=chain)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,7 +317,7 @@ def evaluate_windows(
     tto_cfg: TTOConfig | None = None,
     batch_size: int = 32,
     max_windows: int | None = None,
-    sampler_cfg: SamplerConfig | None = None,
+    chain: SamplingChain | None = None,
     keep_joints: bool = False,
     progress: bool = True,
     extra_metrics: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
@@ -347,7 +344,7 @@ def evaluate_windows(
         batch = {k: v.to(device) for k, v in task.load_examples(split, idx).items()}
         generator = make_generator(seed, "eval", int(idx[0]), device=device)
         start = time.perf_counter()
-        trajectory = sample_motion(task, model, batch, generator=generator, sampler_cfg=sampler_cfg,
+        trajectory = sample_motion(task, model, batch, generator=generator, chain=chain,
                                    group_ids=idx.to(device))
         decoded = {"base": task.decode(trajectory.samples, batch)}
         sampling_seconds += time.perf_counter() - start

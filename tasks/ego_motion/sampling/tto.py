@@ -1,4 +1,4 @@
-"""Test-time optimisation (TTO) of sampled body motions (method.md section 9, the aleph rows).
+"""Test-time optimisation (TTO) of sampled body motions (docs/ego_motion_eval.md, the aleph rows).
 
 Why: the diffusion prior samples each window in about 30 network evaluations and nothing ties its
 output to physics: planted feet slide a little and joints jitter from frame to frame. A short
@@ -29,7 +29,7 @@ frame at the data rate, 30 fps, so velocities are metres per frame and nothing d
 with p^s the sample's joints, the 22 joints pelvis + 21 body joints, torso = pelvis, left/right
 hip, spine1-3, neck, left/right collar (``TORSO_JOINTS``), feet = left/right ankle and left/right
 foot (toe) (``metrics.FOOT_JOINTS``), c the predicted contact probabilities of those joints and
-xy the horizontal (world x, y) part. The weights are the paper's (method.md section 9).
+xy the horizontal (world x, y) part. The weights are the paper's (docs/ego_motion_eval.md).
 
 Two readings of the spec are fixed here and stated so they can be changed deliberately:
 
@@ -62,8 +62,7 @@ from torch import Tensor
 from typing_extensions import assert_never
 
 from tasks.ego_motion.body.body_model import BodyModel
-from tasks.ego_motion.body.geometry import NUM_BODY_JOINTS, axis_angle_to_matrix
-from tasks.ego_motion.evaluation.metrics import FOOT_JOINTS, NUM_METRIC_JOINTS
+from tasks.ego_motion.body.geometry import FOOT_JOINTS, NUM_BODY_JOINTS, NUM_METRIC_JOINTS, axis_angle_to_matrix
 
 TORSO_JOINTS: tuple[int, ...] = (0, 1, 2, 3, 6, 9, 12, 13, 14)
 """SMPL-H indices of pelvis, left_hip, right_hip, spine1, spine2, spine3, neck, left_collar, right_collar."""

@@ -19,7 +19,7 @@ through one loader. What it contains (docs/ego_motion_data.md has the full accou
   symmetric, so mirroring stays exact for any betas.
 - CPF: ``cpf_offset_head`` = eye midpoint minus head joint from the CC rig's eye joints (scaled).
 
-Run ``python -m tasks.ego_motion.body.build_body_model`` (deterministic; a test rebuilds and compares).
+Run ``python -m tasks.ego_motion.data.build_body_model`` (deterministic; a test rebuilds and compares).
 """
 
 from __future__ import annotations
@@ -30,14 +30,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.bvh import parse_bvh
-from ..data.convert import DEFAULT_MOCAP_ROOT, SEGMENTS, VARIANTS, reference_pose, segment_lengths
-from .geometry import SMPLH_MIRROR_PERMUTATION, SMPLH_PARENTS
+from ..body.geometry import NUM_BETAS, SMPLH_MIRROR_PERMUTATION, SMPLH_PARENTS
+from .bvh import parse_bvh
+from .convert import DEFAULT_MOCAP_ROOT, SEGMENTS, VARIANTS, reference_pose, segment_lengths
 
 logger = logging.getLogger(__name__)
 
 OUTPUT = Path(__file__).resolve().parents[1] / "assets" / "smplh_cmu_skeleton.npz"
-NUM_BETAS = 16
 STATURE_M = 1.70
 EYE_HEIGHT_FRACTION = 0.936
 SUBJECT_CLIPS = ("cmu_iclone/007/007_03.bvh", "cmu_original/01_01.bvh", "cmu_original/131_01.bvh")

@@ -1,0 +1,209 @@
+"""The state a GRPO run carries from one iteration to the next, and through a checkpoint.
+
+Why a module of its own: starting, checkpointing and resuming a run (optimiser, LR schedule, data
+stream, named random streams, KL reference, EMA, probe baseline) and deciding whether a checkpoint may
+be resumed under the current configuration are one concern, separate from the loop that uses them
+(``diffgrpo.trainer``). A checkpoint records :func:`run_record`; a resume under another configuration is
+refused naming the differences, and fields added after a checkpoint was written resume when they keep
+their old behaviour (:data:`FIELDS_ADDED_LATER`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate.utils import gather_object
+from torch import nn
+
+from diffgrpo.chain import SamplingChain
+from diffgrpo.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from diffgrpo.config import GRPOConfig
+from diffgrpo.ema import ParameterEMA
+from diffgrpo.lora import AdapterDisabledReference, has_lora
+from diffgrpo.probe import probe_logs
+from diffgrpo.rng import RandomStreams
+from diffgrpo.stream import IndexStream
+from diffgrpo.task import Task
+from diffgrpo.train_step import frozen_copy
+
+logger = logging.getLogger(__name__)
+
+
+def make_optimizer(model: nn.Module, cfg: GRPOConfig):
+    """AdamW and a linear warm-up schedule (constant afterwards)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.learning_rate,
+                                  weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas)
+    warmup = max(cfg.optim.warmup_steps, 0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+    return optimizer, schedule
+
+
+@dataclass
+class GRPORun:
+    """Everything a GRPO run carries from one iteration to the next (and through a checkpoint)."""
+
+    model: nn.Module
+    """The policy, as prepared by accelerate (DDP-wrapped with several processes)."""
+    optimizer: torch.optim.Optimizer
+    lr_schedule: torch.optim.lr_scheduler.LRScheduler
+    stream: IndexStream
+    """This process's resumable order of training conditions."""
+    streams: RandomStreams
+    """This process's named random streams (perturbation, initial noise, step noise, step selection)."""
+    reference: nn.Module | None
+    """The starting policy for the KL term (None without KL): the policy with its LoRA adapters switched
+    off when it has adapters (``diffgrpo.lora.AdapterDisabledReference``), else a frozen copy."""
+    start: int = 0
+    """Iterations already done (> 0 after a resume)."""
+    history: dict[str, list[float]] = field(default_factory=dict)
+    """Logged scalars of every iteration so far, restored on resume. Probe keys (``probe/...``,
+    ``probe_diff/...``) have one entry per probe evaluation, at the iterations in ``probe/iteration``."""
+    probe_baseline: dict[str, torch.Tensor] | None = None
+    """The probe set's values before training (C, M) per key; paired differences are taken against it."""
+    ema: ParameterEMA | None = None
+    """Moving average of the trainable weights (``cfg.ema.use_ema``), saved in checkpoints."""
+
+    def log(self, accelerator, iteration: int, values: dict[str, float]) -> dict[str, float]:
+        """Average ``values`` over processes, send them to the trackers and the history."""
+        values = _mean_over_processes(accelerator, values)
+        accelerator.log(values, step=iteration + 1)
+        for key, value in values.items():
+            self.history.setdefault(key, []).append(value)
+        return values
+
+    def log_probe(self, iteration: int, values: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Record a probe evaluation after ``iteration`` iterations; the first one becomes the baseline.
+
+        Every process evaluates the whole probe set (the same numbers), so nothing is gathered here.
+        """
+        if self.probe_baseline is None:
+            self.probe_baseline = {k: v.clone() for k, v in values.items()}
+        logs = {"probe/iteration": float(iteration), **probe_logs(values, self.probe_baseline)}
+        for key, value in logs.items():
+            self.history.setdefault(key, []).append(value)
+        return logs
+
+    def save(self, accelerator, output_dir: str | Path, done: int, record: dict, *,
+             shared_tensors: dict[str, torch.Tensor] | None = None, meta: dict | None = None) -> None:
+        """Checkpoint after ``done`` iterations (every process must call this); ``record`` is
+        :func:`run_record`, the configuration a resume must match."""
+        shared = dict(shared_tensors or {})
+        shared.update({f"probe_baseline.{k}": v for k, v in (self.probe_baseline or {}).items()})
+        ema_meta = {}
+        if self.ema is not None:
+            shared.update({f"{EMA_PREFIX}{k}": v for k, v in self.ema.state_tensors().items()})
+            ema_meta = {"ema_num_updates": self.ema.num_updates}
+        save_checkpoint(accelerator, output_dir, done, model=self.model, optimizer=self.optimizer,
+                        lr_scheduler=self.lr_schedule, rank_tensors=self.streams.get_state(),
+                        rank_meta={"stream": self.stream.state_dict()}, shared_tensors=shared,
+                        meta={"config": json.dumps(record), "history": json.dumps(self.history),
+                              **ema_meta, **(meta or {})},
+                        trainable_only=has_lora(self.model))
+
+
+EMA_PREFIX = "ema."
+"""Prefix of the EMA's tensors among a checkpoint's shared tensors."""
+
+
+def run_record(cfg: GRPOConfig, chain: SamplingChain) -> dict:
+    """The configuration a checkpoint records and a resume must match: ``cfg`` with the chain's sampler
+    settings under ``"sampler"`` (where checkpoints written before the chain existed kept them), JSON-able."""
+    return json.loads(json.dumps({**asdict(cfg), "sampler": asdict(chain.sampler)}, default=str))
+
+
+def start_run(task: Task, model: nn.Module, cfg: GRPOConfig, *, accelerator, output_dir: str | Path,
+              resume: bool = False, record: dict | None = None) -> tuple[GRPORun, Checkpoint | None]:
+    """Optimiser, schedule, data stream and RNG for a run; restored from the newest checkpoint if ``resume``.
+
+    ``record`` (:func:`run_record`; default ``cfg`` alone) is what the checkpoint's config must match.
+
+    Returns the run and the checkpoint it resumed from (None for a fresh start), so a recipe can
+    restore its own extra state (e.g. a learned reward model) from ``checkpoint.shared_tensors``.
+    """
+    rank, world = accelerator.process_index, accelerator.num_processes
+    optimizer, lr_schedule = make_optimizer(model, cfg)
+    reference = reference_policy(model) if cfg.loss.kl_coef > 0 else None
+    ema = ParameterEMA(model, cfg.ema.decay) if cfg.ema.use_ema else None
+    model, optimizer = accelerator.prepare(model, optimizer)
+    run = GRPORun(model=model, optimizer=optimizer, lr_schedule=lr_schedule,
+                  stream=IndexStream(task.num_examples(cfg.train_split), cfg.seed, rank, world),
+                  streams=RandomStreams.from_seed(cfg.seed, rank, device=accelerator.device), reference=reference,
+                  ema=ema)
+    ckpt = None
+    if resume and (path := latest_checkpoint(output_dir)) is not None:
+        ckpt = load_checkpoint(accelerator, path, model=model, optimizer=optimizer, lr_scheduler=lr_schedule)
+        current = record if record is not None else json.loads(json.dumps(asdict(cfg), default=str))
+        check_resumable(json.loads(ckpt.meta.get("config", "{}")), current, path)
+        run.streams.set_state(ckpt.rank_tensors)
+        prefix = "probe_baseline."
+        baseline = {k[len(prefix):]: v for k, v in ckpt.shared_tensors.items() if k.startswith(prefix)}
+        run.probe_baseline = baseline or None
+        if ema is not None:
+            ema.load_state_tensors({k[len(EMA_PREFIX):]: v for k, v in ckpt.shared_tensors.items()
+                                    if k.startswith(EMA_PREFIX)}, int(ckpt.meta.get("ema_num_updates", 0)))
+        run.stream.load_state_dict(ckpt.rank_meta["stream"])
+        run.start = ckpt.step
+        run.history = json.loads(ckpt.meta.get("history", "{}"))
+        logger.info("resumed from %s at iteration %d", path, run.start)
+    elif resume:
+        logger.info("--resume given but %s holds no checkpoint: starting from scratch", output_dir)
+    return run, ckpt
+
+
+def reference_policy(model: nn.Module) -> nn.Module:
+    """The KL reference: the policy with its LoRA adapters switched off if it has any (no copy of the
+    weights), else a frozen copy of the starting weights."""
+    return AdapterDisabledReference(model) if has_lora(model) else frozen_copy(model)
+
+
+RESUMABLE_CHANGES = ("num_iterations", "checkpoint_every")
+"""GRPOConfig fields a resumed run may change (e.g. to extend a finished run); any other change is refused."""
+
+FIELDS_ADDED_LATER = {("sampler", "guidance_scale"): 1.0, ("rollout_chunks",): 1,
+                      ("sampler", "noise_frequencies"): None, ("sampler", "noise_features"): None,
+                      ("ema",): {"use_ema": False, "decay": 0.9, "use_for_eval": False}}
+"""Config fields newer than some checkpoints, with the value that reproduces the older behaviour: a
+checkpoint without one resumes when the current run keeps that value."""
+
+
+def with_added_fields(saved: dict) -> dict:
+    """``saved`` with every field of :data:`FIELDS_ADDED_LATER` it lacks set to its old-behaviour value."""
+    out = json.loads(json.dumps(saved))
+    for path, value in FIELDS_ADDED_LATER.items():
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node.setdefault(path[-1], value)
+    return out
+
+
+def check_resumable(saved: dict, current: dict, path) -> None:
+    """Refuse to continue a checkpoint under a different configuration (it would silently mix two runs)."""
+    if not saved:
+        raise ValueError(f"{path} records no config; it was not written by train_grpo, so it cannot be resumed")
+    saved = with_added_fields(saved)
+    changed = {k: (saved.get(k), current[k]) for k in current
+               if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]}
+    if changed:
+        raise ValueError(f"--resume with a different configuration than {path} was written with (saved, now): "
+                         f"{changed}; resume with the same flags, or start a new --output-dir")
+
+
+def _mean_over_processes(accelerator, values: dict[str, float]) -> dict[str, float]:
+    """Per key, the mean over the processes that report it; a non-finite value makes it NaN.
+
+    Why one gather of the whole dict rather than a collective per key: a process may lack a key
+    (no loss term of its own this iteration, every group dropped), and a collective per key would
+    then pair different keys across processes, or wait forever.
+    """
+    if accelerator.num_processes == 1:
+        return {k: float(v) for k, v in values.items()}
+    reported = gather_object([dict(values)])  # one dict per process, in rank order
+    keys = dict.fromkeys(k for d in reported for k in d)
+    return {k: float(torch.tensor([float(d[k]) if math.isfinite(d[k]) else float("nan")
+                                   for d in reported if k in d]).mean()) for k in keys}
