@@ -1,18 +1,20 @@
-"""Mixed precision that pays: which devices compute bf16 natively, and where attention stays fp32.
+"""Mixed precision that pays: which devices gain from bf16, and where attention stays fp32.
 
-Why: bf16 autocast only speeds a run up where the hardware has bf16 arithmetic. A CPU with
-AVX512-BF16 or AMX multiplies bf16 matrices several times faster than fp32 ones (about 390 against
-95 GFLOP/s on one core of the reference machine, ``recipes/benchmarks/bench_precision.py``); a CPU
-without them emulates bf16 through fp32 conversions and runs slower than plain fp32. So
-``resolve_mixed_precision("auto", device)`` picks bf16 only where it is native.
+Why: bf16 autocast only speeds a run up where bf16 matrix products are much faster than fp32 ones.
+On x86 CPUs that takes AMX (the ``amx_bf16`` matrix units, Sapphire Rapids and later): AMX-BF16 is
+rated at up to 16x the fp32 FMA throughput per core. AVX512-BF16 alone (``avx512_bf16`` without AMX)
+computes bf16 natively but, at the ego-motion denoiser's sizes, oneDNN's bf16 matrix products ran
+at 0.6-0.8x of fp32 on such a CPU, and bf16 autocast made rollout + update slower than fp32
+(``recipes/benchmarks/bench_precision.py``, ``docs/data/bench_precision.json``). So
+``resolve_mixed_precision("auto", device)`` picks bf16 only where it pays: CUDA GPUs with native
+bf16, CPUs with AMX-BF16.
 
 Attention is the exception inside the autocast region: PyTorch's CPU kernel for
 ``scaled_dot_product_attention`` in bf16 runs its backward about 3x slower than in fp32 (half of a
-bf16 forward + backward of the ego-motion denoiser), while the surrounding matrix products gain
-4x. :func:`scaled_dot_product_attention` therefore casts q, k, v up to fp32 on CPU, attends in
-fp32 with autocast off, and casts the output back to the autocast dtype; on CUDA the fused bf16
-kernels are fast and it calls them unchanged (:func:`attention_in_float32`). The numbers behind
-this policy come from ``recipes/benchmarks/bench_precision.py`` (see ``docs/benchmarks.md``).
+bf16 forward + backward of the ego-motion denoiser on an AMX CPU), while the surrounding matrix
+products gain several-fold. :func:`scaled_dot_product_attention` therefore casts q, k, v up to fp32
+on CPU, attends in fp32 with autocast off, and casts the output back to the autocast dtype; on CUDA
+the fused bf16 kernels are fast and it calls them unchanged (:func:`attention_in_float32`).
 
 Densities stay exact in every mode: rollout and update call the same network under the same
 autocast, so the first update after sampling reproduces the stored log-probabilities bit for bit
@@ -41,6 +43,10 @@ NATIVE_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 FEAT_BF16 (``Features`` line)."""
 
 
+FAST_BF16_CPU_FLAGS = frozenset({"amx_bf16"})
+"""``/proc/cpuinfo`` flags of bf16 matrix units fast enough for bf16 autocast to pay (x86 AMX-BF16)."""
+
+
 def cpu_flags(cpuinfo: str) -> frozenset[str]:
     """The feature flags of the first processor listed in ``cpuinfo`` (the text of ``/proc/cpuinfo``):
     the ``flags`` line on x86, the ``Features`` line on Arm; empty when neither is present."""
@@ -51,6 +57,14 @@ def cpu_flags(cpuinfo: str) -> frozenset[str]:
     return frozenset()
 
 
+def _cpuinfo_text(cpuinfo: str | None) -> str:
+    """``cpuinfo`` itself, or the system's ``/proc/cpuinfo`` when None ("" where there is none)."""
+    if cpuinfo is not None:
+        return cpuinfo
+    path = Path("/proc/cpuinfo")
+    return path.read_text() if path.exists() else ""
+
+
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     """Whether the CPU computes bf16 natively (one of :data:`NATIVE_BF16_CPU_FLAGS`).
 
@@ -58,12 +72,17 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     has no ``/proc/cpuinfo`` (macOS, Windows) the answer is False: bf16 is then only used when asked
     for explicitly.
     """
-    if cpuinfo is None:
-        path = Path("/proc/cpuinfo")
-        if not path.exists():
-            return False
-        cpuinfo = path.read_text()
-    return bool(cpu_flags(cpuinfo) & NATIVE_BF16_CPU_FLAGS)
+    return bool(cpu_flags(_cpuinfo_text(cpuinfo)) & NATIVE_BF16_CPU_FLAGS)
+
+
+def cpu_bf16_pays(cpuinfo: str | None = None) -> bool:
+    """Whether bf16 autocast is expected to speed up training on this CPU: x86 with AMX-BF16
+    (``amx_bf16``, :data:`FAST_BF16_CPU_FLAGS`).
+
+    AVX512-BF16 without AMX is native but measured slower than fp32 (module docstring); Arm
+    FEAT_BF16 is native but unmeasured here, so it is not assumed to pay either.
+    """
+    return bool(cpu_flags(_cpuinfo_text(cpuinfo)) & FAST_BF16_CPU_FLAGS)
 
 
 def has_native_bf16(device: torch.device | str, *, cpuinfo: str | None = None) -> bool:
@@ -81,31 +100,36 @@ def resolve_mixed_precision(requested: str, device: torch.device | str, *, cpuin
                             ) -> MixedPrecision:
     """The accelerate ``mixed_precision`` to run with on ``device`` for a requested value.
 
-    "auto" becomes "bf16" where the device computes bf16 natively (:func:`has_native_bf16`) and
-    "no" elsewhere; "no", "fp16" and "bf16" are kept. An explicit "bf16" on a CPU without native
-    bf16 is kept but logged as a warning, because emulated bf16 runs slower than fp32.
+    "auto" becomes "bf16" where bf16 pays: a CUDA device with native bf16 (:func:`has_native_bf16`)
+    or a CPU with AMX-BF16 (:func:`cpu_bf16_pays`); "no" elsewhere. "no", "fp16" and "bf16" are
+    kept. An explicit "bf16" on a CPU without AMX is kept but logged as a warning: emulated bf16
+    (no AVX512-BF16 either) and AVX512-BF16 alone both ran slower than fp32.
 
     Raises:
         ValueError: ``requested`` is not one of :data:`REQUESTABLE`.
     """
     if requested not in REQUESTABLE:
         raise ValueError(f"mixed_precision={requested!r} is not one of {REQUESTABLE}; pass --mixed-precision auto "
-                         "to use bf16 where the device computes it natively.")
-    native = has_native_bf16(device, cpuinfo=cpuinfo)
+                         "to use bf16 where it pays (CUDA with native bf16, CPUs with AMX-BF16).")
+    on_cpu = torch.device(device).type == "cpu"
+    pays = cpu_bf16_pays(cpuinfo) if on_cpu else has_native_bf16(device)
     if requested == "auto":
-        return "bf16" if native else "no"
-    if requested == "bf16" and torch.device(device).type == "cpu" and not native:
-        logger.warning("mixed_precision='bf16' on a CPU without AVX512-BF16, AMX or Arm BF16: bf16 is emulated and "
-                       "runs slower than fp32; pass --mixed-precision auto (or no) to train in fp32 here.")
+        return "bf16" if pays else "no"
+    if requested == "bf16" and on_cpu and not pays:
+        how = ("AVX512-BF16 without AMX: bf16 matrix products ran at 0.6-0.8x of fp32"
+               if cpu_has_native_bf16(cpuinfo) else "no native bf16: bf16 is emulated")
+        logger.warning("mixed_precision='bf16' on a CPU with %s, so bf16 runs slower than fp32 here; pass "
+                       "--mixed-precision auto (or no) to train in fp32.", how)
     return requested  # type: ignore[return-value]  # checked against REQUESTABLE above
 
 
 def attention_in_float32(device: torch.device | str) -> bool:
     """Whether attention inside a bf16/fp16 autocast region runs in fp32 on ``device``.
 
-    CPU: yes. PyTorch's CPU attention backward in bf16 is about 3x slower than in fp32, so on the
-    ego-motion main job's sizes bf16 autocast with fp32 attention ran rollout + update about 1.9x
-    faster than fp32, against about 1.1-1.5x with bf16 attention (``bench_precision.py``).
+    CPU: yes. PyTorch's CPU attention backward in bf16 is about 3x slower than in fp32: on an AMX CPU
+    at the ego-motion main job's sizes, bf16 autocast with fp32 attention ran rollout + update 1.89x
+    faster than fp32, where bf16 attention gained only 1.13-1.52x per iteration; on an AVX512-BF16 CPU
+    without AMX fp32 attention also recovers part of bf16's loss (``bench_precision.py``).
     CUDA and others: no, their fused low-precision attention kernels are the fast path.
     """
     return torch.device(device).type == "cpu"

@@ -24,7 +24,8 @@ from tasks.ego_motion.body.body_model import load_body_model
 from tasks.ego_motion.model.network import DenoiserConfig, MotionDenoiser
 from tasks.ego_motion.task import EgoMotionTask, EgoMotionTaskConfig
 
-X86_WITH_BF16 = "processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile\n"
+X86_AMX = "processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+X86_AVX512_BF16 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_bf16 avx512_fp16\n"
 X86_WITHOUT = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n\nprocessor\t: 1\nflags\t\t: avx512_bf16\n"
 ARM_WITH_BF16 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\nCPU implementer\t: 0x41\n"
 
@@ -41,39 +42,47 @@ def _one_thread():
 
 
 def test_cpu_flags_read_the_first_processor_on_x86_and_arm():
-    assert "avx512_bf16" in precision.cpu_flags(X86_WITH_BF16)
+    assert {"avx512_bf16", "amx_bf16"} <= precision.cpu_flags(X86_AMX)
     assert precision.cpu_flags(X86_WITHOUT) == {"fpu", "sse2", "avx2", "avx512f", "avx512bw"}
     assert "bf16" in precision.cpu_flags(ARM_WITH_BF16)
     assert precision.cpu_flags("model name\t: something\n") == frozenset()
 
 
-def test_native_bf16_detection():
-    assert precision.cpu_has_native_bf16(X86_WITH_BF16)
-    assert precision.cpu_has_native_bf16(ARM_WITH_BF16)
+def test_native_bf16_and_where_it_pays():
+    for native in (X86_AMX, X86_AVX512_BF16, ARM_WITH_BF16):
+        assert precision.cpu_has_native_bf16(native)
+        assert precision.has_native_bf16("cpu", cpuinfo=native)
     assert not precision.cpu_has_native_bf16(X86_WITHOUT)  # "avx512bw" is not bf16 arithmetic
-    assert precision.cpu_has_native_bf16("flags\t: sse2 amx_bf16\n")
-    assert precision.has_native_bf16("cpu", cpuinfo=X86_WITH_BF16)
-    assert not precision.has_native_bf16("meta", cpuinfo=X86_WITH_BF16)  # neither CPU nor CUDA
+    assert not precision.has_native_bf16("meta", cpuinfo=X86_AMX)  # neither CPU nor CUDA
+    assert precision.cpu_bf16_pays(X86_AMX)
+    for slow in (X86_AVX512_BF16, X86_WITHOUT, ARM_WITH_BF16):
+        assert not precision.cpu_bf16_pays(slow)
 
 
-def test_auto_picks_bf16_only_where_native():
-    assert precision.resolve_mixed_precision("auto", "cpu", cpuinfo=X86_WITH_BF16) == "bf16"
-    assert precision.resolve_mixed_precision("auto", torch.device("cpu"), cpuinfo=X86_WITHOUT) == "no"
+def test_auto_picks_bf16_only_where_it_pays():
+    assert precision.resolve_mixed_precision("auto", "cpu", cpuinfo=X86_AMX) == "bf16"
+    for cpuinfo in (X86_AVX512_BF16, X86_WITHOUT, ARM_WITH_BF16):
+        assert precision.resolve_mixed_precision("auto", torch.device("cpu"), cpuinfo=cpuinfo) == "no"
     with mock.patch.object(torch.cuda, "is_available", return_value=True), \
             mock.patch.object(torch.cuda, "is_bf16_supported", return_value=False) as supported:
-        assert precision.resolve_mixed_precision("auto", "cuda") == "no"  # e.g. a V100
+        assert precision.resolve_mixed_precision("auto", "cuda", cpuinfo=X86_AMX) == "no"  # e.g. a V100
         supported.assert_called_once_with(including_emulation=False)
+    with mock.patch.object(torch.cuda, "is_available", return_value=True), \
+            mock.patch.object(torch.cuda, "is_bf16_supported", return_value=True):
+        assert precision.resolve_mixed_precision("auto", "cuda:0", cpuinfo=X86_WITHOUT) == "bf16"
     for explicit in ("no", "fp16", "bf16"):
-        assert precision.resolve_mixed_precision(explicit, "cpu", cpuinfo=X86_WITH_BF16) == explicit
+        assert precision.resolve_mixed_precision(explicit, "cpu", cpuinfo=X86_AMX) == explicit
 
 
-def test_bf16_on_a_cpu_without_it_warns_and_bad_values_raise(caplog):
-    with caplog.at_level(logging.WARNING, logger="diffgrpo.precision"):
-        assert precision.resolve_mixed_precision("bf16", "cpu", cpuinfo=X86_WITHOUT) == "bf16"
-    assert "emulated and runs slower than fp32" in caplog.text
+def test_bf16_on_a_cpu_where_it_does_not_pay_warns_and_bad_values_raise(caplog):
+    for cpuinfo, reason in ((X86_AVX512_BF16, "AVX512-BF16 without AMX"), (X86_WITHOUT, "emulated")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="diffgrpo.precision"):
+            assert precision.resolve_mixed_precision("bf16", "cpu", cpuinfo=cpuinfo) == "bf16"
+        assert reason in caplog.text and "slower than fp32" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="diffgrpo.precision"):
-        precision.resolve_mixed_precision("bf16", "cpu", cpuinfo=X86_WITH_BF16)
+        precision.resolve_mixed_precision("bf16", "cpu", cpuinfo=X86_AMX)
     assert caplog.text == ""
     with pytest.raises(ValueError, match="'bfloat16' is not one of.*auto"):
         precision.resolve_mixed_precision("bfloat16", "cpu")
