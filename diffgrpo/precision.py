@@ -146,6 +146,8 @@ def scaled_dot_product_attention(
     Outside autocast, or where the policy keeps the native kernel, this is the plain call. Inside a
     bf16/fp16 autocast region on CPU: q, k, v are cast up to fp32, attended with autocast off, and
     the output is cast back to the autocast dtype, so the next layer sees what plain autocast gives.
+    The choice depends on the device alone, never on the grad mode: the rollout (no_grad) and the
+    update (with grad) must compute the same function, or the on-policy ratio departs from 1.
     """
     device_type = q.device.type
     if not (torch.is_autocast_enabled(device_type) and attention_in_float32(q.device)):
