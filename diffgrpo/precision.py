@@ -4,8 +4,9 @@ Why: bf16 autocast only speeds a run up where bf16 matrix products are much fast
 On x86 CPUs that takes AMX (the ``amx_bf16`` matrix units, Sapphire Rapids and later): AMX-BF16 is
 rated at up to 16x the fp32 FMA throughput per core. AVX512-BF16 alone (``avx512_bf16`` without AMX)
 computes bf16 natively but, at the ego-motion denoiser's sizes, oneDNN's bf16 matrix products ran
-at 0.6-0.8x of fp32 on such a CPU, and bf16 autocast made rollout + update slower than fp32
-(``recipes/benchmarks/bench_precision.py``, ``docs/data/bench_precision.json``). So
+at 0.67x of fp32 on such a CPU, and bf16 autocast ran rollout + update at 0.62x of fp32's speed
+(0.77x with fp32 attention; medians over 5 interleaved rounds at one thread,
+``recipes/benchmarks/bench_precision.py``, ``docs/data/bench_precision.json``). So
 ``resolve_mixed_precision("auto", device)`` picks bf16 only where it pays: CUDA GPUs with native
 bf16, CPUs with AMX-BF16.
 
@@ -116,7 +117,7 @@ def resolve_mixed_precision(requested: str, device: torch.device | str, *, cpuin
     if requested == "auto":
         return "bf16" if pays else "no"
     if requested == "bf16" and on_cpu and not pays:
-        how = ("AVX512-BF16 without AMX: bf16 matrix products ran at 0.6-0.8x of fp32"
+        how = ("AVX512-BF16 without AMX: bf16 matrix products ran at 0.67x of fp32"
                if cpu_has_native_bf16(cpuinfo) else "no native bf16: bf16 is emulated")
         logger.warning("mixed_precision='bf16' on a CPU with %s, so bf16 runs slower than fp32 here; pass "
                        "--mixed-precision auto (or no) to train in fp32.", how)
@@ -126,10 +127,12 @@ def resolve_mixed_precision(requested: str, device: torch.device | str, *, cpuin
 def attention_in_float32(device: torch.device | str) -> bool:
     """Whether attention inside a bf16/fp16 autocast region runs in fp32 on ``device``.
 
-    CPU: yes. PyTorch's CPU attention backward in bf16 is about 3x slower than in fp32: on an AMX CPU
-    at the ego-motion main job's sizes, bf16 autocast with fp32 attention ran rollout + update 1.89x
-    faster than fp32, where bf16 attention gained only 1.13-1.52x per iteration; on an AVX512-BF16 CPU
-    without AMX fp32 attention also recovers part of bf16's loss (``bench_precision.py``).
+    CPU: yes. PyTorch's CPU attention backward in bf16 is about 3x slower than in fp32. On a CPU whose
+    bf16 matrix products ran about 4x faster than fp32 (390 against 95 GFLOP/s on one core: matrix
+    units), bf16 autocast with fp32 attention ran the main job's rollout + update 1.89x faster than
+    fp32, where bf16 attention gained only 1.13-1.52x per iteration. On an AVX512-BF16 CPU without
+    AMX, fp32 attention recovers part of bf16's loss: rollout + update at 0.77x of fp32 against 0.62x
+    (``bench_precision.py``).
     CUDA and others: no, their fused low-precision attention kernels are the fast path.
     """
     return torch.device(device).type == "cpu"
