@@ -97,9 +97,12 @@ def has_native_bf16(device: torch.device | str, *, cpuinfo: str | None = None) -
     return False
 
 
-def resolve_mixed_precision(requested: str, device: torch.device | str, *, cpuinfo: str | None = None
-                            ) -> MixedPrecision:
+def resolve_mixed_precision(requested: str, device: torch.device | str | None = None, *,
+                            cpuinfo: str | None = None) -> MixedPrecision:
     """The accelerate ``mixed_precision`` to run with on ``device`` for a requested value.
+
+    ``device``: where the run computes; None means the one accelerate picks by default (CUDA when
+    available, else the CPU).
 
     "auto" becomes "bf16" where bf16 pays: a CUDA device with native bf16 (:func:`has_native_bf16`)
     or a CPU with AMX-BF16 (:func:`cpu_bf16_pays`); "no" elsewhere. "no", "fp16" and "bf16" are
@@ -112,6 +115,8 @@ def resolve_mixed_precision(requested: str, device: torch.device | str, *, cpuin
     if requested not in REQUESTABLE:
         raise ValueError(f"mixed_precision={requested!r} is not one of {REQUESTABLE}; pass --mixed-precision auto "
                          "to use bf16 where it pays (CUDA with native bf16, CPUs with AMX-BF16).")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     on_cpu = torch.device(device).type == "cpu"
     pays = cpu_bf16_pays(cpuinfo) if on_cpu else has_native_bf16(device)
     if requested == "auto":

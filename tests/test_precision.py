@@ -70,6 +70,9 @@ def test_auto_picks_bf16_only_where_it_pays():
     with mock.patch.object(torch.cuda, "is_available", return_value=True), \
             mock.patch.object(torch.cuda, "is_bf16_supported", return_value=True):
         assert precision.resolve_mixed_precision("auto", "cuda:0", cpuinfo=X86_WITHOUT) == "bf16"
+    with mock.patch.object(torch.cuda, "is_available", return_value=False):  # None: the default device, here the CPU
+        assert precision.resolve_mixed_precision("auto", cpuinfo=X86_AMX) == "bf16"
+        assert precision.resolve_mixed_precision("auto", cpuinfo=X86_AVX512_BF16) == "no"
     for explicit in ("no", "fp16", "bf16"):
         assert precision.resolve_mixed_precision(explicit, "cpu", cpuinfo=X86_AMX) == explicit
 
