@@ -52,6 +52,10 @@ from .balance import BalanceController
 from .dynamics import smoothed_derivatives
 from .humanoid import Humanoid
 
+TOUCHING_M = 0.005
+"""A simulated foot point touches the floor when its bottom is at most this high (m): MuJoCo's soft contacts
+sink a few millimetres under load."""
+
 
 @dataclass(frozen=True)
 class TrackingConfig:
@@ -61,7 +65,10 @@ class TrackingConfig:
     """The humanoid has fallen when its pelvis or head is farther than this from the reference (m)."""
     max_residual_per_weight: float = 0.1
     """Success also needs the mean root residual force to stay at most this fraction of body weight."""
-    control_hz: float = 90.0
+    max_pelvis_rise_m: float = 0.01
+    """Success also needs the simulated pelvis to sit on average at most this much above the reference's (m):
+    a reference whose feet go into the floor lifts the simulated body (the floor does not give way)."""
+    control_hz: float = 60.0
     """Control updates per second (the QP); the joint PD springs act at every simulation step."""
     root_frequency_hz: float = 2.0
     """Natural frequency of the root's PD in the desired accelerations (critically damped): the balance feedback."""
@@ -88,8 +95,9 @@ class TrackingConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"TrackingConfig.{name} must be finite and > 0, got {value!r}.")
-        for name in ("max_residual_per_weight", "contact_band_m", "root_rotation_frequency_hz", "residual_bound",
-                     "residual_weight", "force_weight", "continuity_weight"):
+        for name in ("max_residual_per_weight", "max_pelvis_rise_m", "contact_band_m",
+                     "root_rotation_frequency_hz", "residual_bound", "residual_weight", "force_weight",
+                     "continuity_weight"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"TrackingConfig.{name} must be finite and >= 0, got {value!r}.")
@@ -108,6 +116,9 @@ class TrackingResult:
         success: every frame executed within ``fail_distance_m``, with mean residual force <= the bound.
         survival: fraction of the T frames before the first fall, in [0, 1].
         tracking_error_m: mean joint position error over the survived frames, frame 0 included (m).
+        pelvis_rise_m: mean height of the simulated pelvis above the reference's over the survived frames (m).
+        foot_slip_m_per_s: mean horizontal speed of the simulated foot points that touch the floor (within
+            :data:`TOUCHING_M`) in two consecutive frames (m/s; 0 if none do).
         residual_force_n: (T,) norm of the root residual force applied over each frame's interval (N;
             0 after a fall).
         residual_torque_nm: (T,) norm of the root residual torque (N m; 0 after a fall).
@@ -119,6 +130,8 @@ class TrackingResult:
     success: bool
     survival: float
     tracking_error_m: float
+    pelvis_rise_m: float
+    foot_slip_m_per_s: float
     residual_force_n: np.ndarray
     residual_torque_nm: np.ndarray
     contact_force_n: np.ndarray
@@ -182,9 +195,11 @@ def track(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: TrackingConfig 
     error = np.empty(nv)
     simulated = np.zeros((T, len(ids), 3))
     residual_force, residual_torque, contact_force = np.zeros(T), np.zeros(T), np.zeros(T)
-    errors, failed_at = [], T
+    errors, rises, slips, failed_at = [], [], [], T
     try:
         mujoco.mj_kinematics(model, data)
+        previous_feet = controller.foot_points(data)
+        previous_planted = np.zeros(len(previous_feet), dtype=bool)
         for t in range(T):
             reference.qpos[:] = qpos[t]
             mujoco.mj_kinematics(model, reference)
@@ -195,6 +210,12 @@ def track(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: TrackingConfig 
                 simulated[t:] = simulated[t]
                 break
             errors.append(np.linalg.norm(data.xpos[ids] - reference.xpos[ids], axis=-1).mean())
+            rises.append(data.xpos[ids[0], 2] - reference.xpos[ids[0], 2])
+            feet = controller.foot_points(data)
+            planted = feet[:, 2] <= TOUCHING_M
+            both = planted & previous_planted
+            slips.extend(np.linalg.norm(feet[both, :2] - previous_feet[both, :2], axis=-1) * fps)
+            previous_feet, previous_planted = feet, planted
             if t == T - 1:
                 break
             for step in range(substeps):
@@ -224,8 +245,12 @@ def track(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: TrackingConfig 
         spring[:] = saved_spring
     survival = failed_at / T
     alive = max(1, failed_at)
-    success = failed_at == T and residual_force[:alive].mean() <= cfg.max_residual_per_weight * humanoid.weight_n
+    rise = float(np.mean(rises)) if rises else float("nan")
+    slip = float(np.mean(slips)) if slips else 0.0
+    success = (failed_at == T and residual_force[:alive].mean() <= cfg.max_residual_per_weight * humanoid.weight_n
+               and rise <= cfg.max_pelvis_rise_m)
     return TrackingResult(success=bool(success), survival=survival,
-                          tracking_error_m=float(np.mean(errors)) if errors else float("nan"),
+                          tracking_error_m=float(np.mean(errors)) if errors else float("nan"), pelvis_rise_m=rise,
+                          foot_slip_m_per_s=slip,
                           residual_force_n=residual_force, residual_torque_nm=residual_torque,
                           contact_force_n=contact_force, simulated_joints=simulated)
