@@ -16,6 +16,7 @@ them) of the test split and of the post-train split (where the tracker's default
 
     python recipes/benchmarks/bench_physics.py --repeats 3 --output docs/data/bench_physics.json
     python recipes/benchmarks/bench_physics.py --table-from docs/data/bench_physics.json   # the doc tables
+    python recipes/benchmarks/bench_physics.py --strips-only --strips-dir docs   # the RLPF page's PNG strips
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ from tasks.ego_motion.task import EgoMotionTask, EgoMotionTaskConfig
 
 FPS = 30.0
 SPLITS = ("test", "post_train")
+ON_FLOOR_M = 0.1
+"""A window is on the floor throughout when every frame has a foot point this close to z = 0 (m); the others
+climb or stand on boxes, which the simulation does not have."""
 
 
 def _best_ms(fn, repeats: int) -> float:
@@ -79,9 +83,12 @@ def separation(task: EgoMotionTask, split: str, limit: int) -> dict:
     """Per motion kind (ground truth, each edit): the mean of each measure over the split's windows."""
     batch, n = _windows(task, split, limit)
     rows: dict[str, dict[str, list[float]]] = {}
+    on_floor = []  # every frame has a foot point within ON_FLOOR_M of z = 0 (no box under the feet)
     for i in range(n):
         h = _humanoid(task, batch["betas"][i])
         motion = (batch["T_world_root"][i], batch["body_rotmats"][i])
+        feet_z = h.foot_points(*h.geom_poses(h.qpos(*motion)))[..., 2]  # (T, 8)
+        on_floor.append(bool((feet_z.min(axis=1) <= ON_FLOOR_M).all()))
         for name, edit in {"ground truth": None, **EDITS}.items():
             qpos = h.qpos(*(motion if edit is None else edit(*motion)))
             tr = track(h, qpos, FPS)
@@ -93,9 +100,38 @@ def separation(task: EgoMotionTask, split: str, limit: int) -> dict:
             row["residual_force_per_weight"].append(float(inverse_dynamics(h, qpos, FPS).residual_force_n.mean()
                                                           / h.weight_n))
     truth = np.array(rows["ground truth"]["tracking_residual_per_weight"])
+    floor = np.array(on_floor)
     return {"windows": n, "rows": {name: {k: statistics.mean(v) for k, v in row.items()} for name, row in rows.items()},
+            "on_floor_windows": int(floor.sum()),
+            "on_floor_ground_truth": {k: float(np.mean(np.array(v)[floor])) for k, v in rows["ground truth"].items()},
             "ground_truth_residual_quantiles": {f"q{int(q * 100)}": float(np.quantile(truth, q))
                                                 for q in (0.1, 0.5, 0.9, 1.0)}}
+
+
+STRIP_WINDOW = 16
+"""The test window the strips show (a walk at about 1 m/s that the tracker executes)."""
+
+
+def strips(task: EgoMotionTask, out_dir: Path) -> list[Path]:
+    """PNG strips of reference (blue) vs simulated humanoid (orange): a test window's ground truth and the
+    same window leaned 0 -> 60 deg (which the humanoid cannot follow: it falls behind and the run stops)."""
+    from tasks.ego_motion.evaluation.render import render_frames_png
+
+    batch = task.load_examples("test", torch.tensor([STRIP_WINDOW]))
+    h = _humanoid(task, batch["betas"][0])
+    motion = (batch["T_world_root"][0], batch["body_rotmats"][0])
+    paths = []
+    for name, edit in (("ground_truth", None), ("leaned", EDITS["leaned 0->60 deg"])):
+        root, rotmats = motion if edit is None else edit(*motion)
+        qpos = h.qpos(root, rotmats)
+        tr = track(h, qpos, FPS)
+        joints = task.body.forward_kinematics(rotmats, betas=torch.nn.functional.pad(
+            batch["betas"][0], (0, task.body.num_betas - 16)), T_world_root=root).t_world_joint[:, :22]
+        title = (f"test window {STRIP_WINDOW}, {name.replace('_', ' ')}: success {tr.success}, survival "
+                 f"{tr.survival:.2f}, residual {tr.assist_n / h.weight_n:.3f} m g")
+        paths.append(render_frames_png(out_dir / f"ego_motion_rlpf_tracker_{name}.png", joints, tr.simulated_joints,
+                                       title=title, gt_label="reference", pred_label="simulated"))
+    return paths
 
 
 def table(result: dict) -> str:
@@ -106,11 +142,15 @@ def table(result: dict) -> str:
         checks = "\n".join(f"| {name} | {v['success']:.2f} | {v['survival']:.2f} | "
                            f"{v['tracking_residual_per_weight']:.3f} | {v['residual_force_per_weight']:.2f} |"
                            for name, v in sep["rows"].items())
+        floor = sep["on_floor_ground_truth"]
         quantiles = ", ".join(f"{k} {v:.3f}" for k, v in sep["ground_truth_residual_quantiles"].items())
         text += (f"\nSeparation on the {sep['windows']} floor-contact {split} windows (means):\n\n| motion | tracking "
                  f"success | survival | tracker residual / (m g) | inverse-dynamics residual / (m g) |\n"
                  f"|---|---:|---:|---:|---:|\n{checks}\n\nGround truth's tracker residual / (m g) over windows: "
-                 f"{quantiles}.\n")
+                 f"{quantiles}. On the {sep['on_floor_windows']} windows on the floor throughout (a foot within "
+                 f"{ON_FLOOR_M} m of z = 0 at every frame), ground truth: success "
+                 f"{floor['success']:.2f}, survival {floor['survival']:.2f}, tracker residual "
+                 f"{floor['tracking_residual_per_weight']:.3f} m g.\n")
     return text
 
 
@@ -120,12 +160,18 @@ if __name__ == "__main__":
     parser.add_argument("--limit", type=int, default=1000, help="at most this many windows per split")
     parser.add_argument("--output", type=Path, default=None, help="write the result as JSON here")
     parser.add_argument("--table-from", type=Path, default=None, help="print the tables of this JSON result only")
+    parser.add_argument("--strips-dir", type=Path, default=None, help="also write the reference-vs-simulated PNGs here")
+    parser.add_argument("--strips-only", action="store_true", help="write the PNGs (--strips-dir) and stop")
     args = parser.parse_args()
     if args.table_from is not None:
         print(table(json.loads(args.table_from.read_text())))
         raise SystemExit(0)
     torch.set_num_threads(1)
     task = EgoMotionTask(dataclasses.replace(EgoMotionTaskConfig(), floor_contact_m=0.1))
+    if args.strips_dir is not None:
+        print("\n".join(str(p) for p in strips(task, args.strips_dir)))
+    if args.strips_only:
+        raise SystemExit(0)
     result = speed(task, args.repeats, args.limit)
     result["separation"] = {split: separation(task, split, args.limit) for split in SPLITS}
     if args.output:

@@ -2,43 +2,22 @@
 
 from __future__ import annotations
 
-import math
-
 import mujoco
 import numpy as np
 import pytest
 import torch
 
-from tasks.ego_motion.body.body_model import load_body_model
-from tasks.ego_motion.body.geometry import axis_angle_to_matrix, make_transform
 from tasks.ego_motion.physics.balance import BalanceController
 from tasks.ego_motion.physics.dynamics import smoothed_derivatives
 from tasks.ego_motion.physics.edits import EDITS
 from tasks.ego_motion.physics.evaluator import PhysicsEvaluator
 from tasks.ego_motion.physics.humanoid import build_humanoid
 from tasks.ego_motion.physics.tracking import TrackingConfig, track
+from tests.ego_motion import test_physics as physics_tests
 
 FPS = 30.0
-
-
-@pytest.fixture(scope="module")
-def body():
-    return load_body_model(dtype=torch.float64)
-
-
-@pytest.fixture(scope="module")
-def humanoid(body):
-    return build_humanoid(body.shaped_joints(torch.zeros(body.num_betas, dtype=torch.float64))[:22])
-
-
-def _standing(humanoid, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rest pose standing still, lowest geom point on the floor: (T_world_root, body_rotmats)."""
-    R = axis_angle_to_matrix(torch.tensor([math.pi / 2, 0.0, 0.0], dtype=torch.float64))  # model +Y up -> world +Z up
-    T_world_root = make_transform(R, torch.zeros(3, dtype=torch.float64)).expand(frames, 4, 4).clone()
-    rotmats = torch.eye(3, dtype=torch.float64).expand(frames, 21, 3, 3).clone()
-    lowest = humanoid.lowest_points(*humanoid.geom_poses(humanoid.qpos(T_world_root[:1], rotmats[:1])))
-    T_world_root[:, 2, 3] -= float(lowest.min())
-    return T_world_root, rotmats
+body, humanoid = physics_tests.body, physics_tests.humanoid  # the shared module-scoped fixtures
+_standing = physics_tests._standing  # the rest pose standing on the floor
 
 
 def _state(humanoid, qpos: np.ndarray, seed: int) -> mujoco.MjData:
@@ -69,8 +48,8 @@ def test_control_update_meets_the_equations_of_motion_inside_friction_cones(huma
         mujoco.mj_rne(model, data, 1, needed)  # M qacc + c of the bodies; the joints' armature is in M too
         needed += model.dof_armature * control.qacc
         supplied = np.concatenate([control.residual, control.joint_torques])
-        for point, body, force in zip(control.points, controller.point_bodies, control.forces, strict=True):
-            mujoco.mj_applyFT(model, data, force, np.zeros(3), point, body, supplied)
+        for point, body_id, force in zip(control.points, controller.point_bodies, control.forces, strict=True):
+            mujoco.mj_applyFT(model, data, force, np.zeros(3), point, body_id, supplied)
         np.testing.assert_allclose(supplied, needed, atol=1e-6 * humanoid.weight_n)
         assert control.forces[:, 2].sum() > 0.5 * humanoid.weight_n  # the feet carry the body
         fx, fy, fz = control.forces.T
