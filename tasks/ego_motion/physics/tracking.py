@@ -11,32 +11,25 @@ formulation). At every control update (``control_hz``, PD servos in between):
    configuration manifold, ``mj_differentiatePos``), with the reference's velocities and
    accelerations from a Savitzky-Golay fit (``dynamics.smoothed_derivatives``). The root's PD is the
    balance feedback: a pelvis that lags, leans or drops asks for a root acceleration back.
-2. **Contact forces and residual, one QP.** The unactuated root's six rows of
-   M qdd + c = S^T tau + J_c^T f + [r; 0] cannot be met by joint torques: they must be met by
-   forces f_k at the foot points touching the floor (within ``contact_band_m``; 4-edge friction
-   pyramid, f_k = E w_k, w_k >= 0) and an explicit root residual wrench r (Yuan and Kitani 2020,
-   "Residual force control"), bounded by ``residual_bound`` x m g. With b = (M qdd_des + c)_root and
-   A w the contact forces' root rows, the QP (``daqp``, a dual active-set solver) is
+2. **Contact forces and residual, one QP** (``balance.py``): the unactuated root's six rows of
+   M qdd + c = S^T tau + J_c^T f + [r; 0] are met by forces at the simulated feet's points touching the
+   floor, inside friction pyramids, and by an explicit root residual wrench r (Yuan and Kitani 2020,
+   "Residual force control"), bounded by ``residual_bound`` x m g and costed (``residual_weight``);
+   what neither supplies is left unmet, so the root falls behind and its PD pulls it back.
+3. **Joint torques** from the actuated rows (gravity compensation, the reference's inertial torques,
+   the legs' share of the load split), held until the next update, plus the joint PD realised by
+   MuJoCo joint springs whose rest pose follows the reference at every simulation step
+   (interpolated between frames) and dampers on the velocity error (stiffness explicit, damping
+   implicit in ``implicitfast``: stable PD, Tan, Liu and Turk 2011). The residual is applied to the
+   root as ``qfrc_applied``; MuJoCo's contact solver then produces the actual contact forces.
 
-       min_{w >= 0, |r| <= r_max}  |N (A w + r - b)|^2 + residual_weight |N r|^2
-                                   + force_weight |F w|^2 + continuity_weight |F w - f_prev|^2,
-
-   N = diag(1/(m g) x 3, 1/(m g x 1 m) x 3) and F the stacked edges over m g. The first term is the
-   part of the root's demand left unmet: the root's acceleration then deviates from the desired one
-   by delta = M_rr^-1 (A w + r - b) (the motion falls behind, the PD pulls it back); the residual is
-   the costly, bounded, reported alternative; the last two terms keep the load split small and
-   without jumps between control updates.
-3. **Joint torques** from the actuated rows: tau = (M (qdd_des + [delta; 0]) + c)_joints - J_c,joints^T f,
-   held until the next update, with the joint PD realised by MuJoCo joint springs whose rest pose is
-   moved to the reference at every simulation step (interpolated between frames; stiffness explicit,
-   damping implicit in ``implicitfast``: stable PD, Tan, Liu and Turk 2011). The residual r is applied
-   to the root as ``qfrc_applied``. MuJoCo's own contact solver then produces the actual forces.
-
-**Success** (RLPF's binary signal): every frame of the window executed, the pelvis and the head
-never farther than ``fail_distance_m`` from the reference's, and the mean residual force at most
-``max_residual_per_weight`` x m g. Why the residual condition: the residual is the hand of god that
-could hold up a floating motion; bounded and costly as it is, a lifted motion would still lean on
-it for as long as its feet find no floor. Success thus means that the feet alone carried the motion.
+**Success** (RLPF's binary signal) needs: every frame executed with the pelvis and the head within
+``fail_distance_m`` of the reference's; the mean residual force at most ``max_residual_per_weight``
+x m g (bounded and costly as it is, the residual could otherwise hold up a floating motion for as
+long as its feet find no floor: success means the feet carried the motion); and the simulated pelvis
+on average at most ``max_pelvis_rise_m`` above the reference's (a reference whose feet go into the
+floor lifts the simulated body, as the floor does not give way). Failures are falls, not errors: a
+non-finite simulated state also counts as a fall, and a run takes at most T x (steps per frame) steps.
 """
 
 from __future__ import annotations
@@ -69,11 +62,12 @@ class TrackingConfig:
     """Success also needs the simulated pelvis to sit on average at most this much above the reference's (m):
     a reference whose feet go into the floor lifts the simulated body (the floor does not give way)."""
     control_hz: float = 60.0
-    """Control updates per second (the QP); the joint PD springs act at every simulation step."""
+    """Control updates per second (the QP); the joint PD springs act at every simulation step. One update per
+    30 fps frame made the humanoid hop and fall (docs/ego_motion_rlpf.md)."""
     root_frequency_hz: float = 2.0
     """Natural frequency of the root's PD in the desired accelerations (critically damped): the balance feedback."""
     root_rotation_frequency_hz: float = 4.0
-    """The same for the pelvis orientation (0: none; in stance the legs' PD holds it)."""
+    """The same for the pelvis orientation (0: none, which on post-train windows made every ground truth fall)."""
     root_damping_ratio: float = 1.0
     contact_band_m: float = 0.02
     """A foot point of the simulated humanoid can carry force when its bottom is at most this high (m)."""
