@@ -182,6 +182,16 @@ def track(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: TrackingConfig 
     ids = humanoid.body_ids
     checked = ids[[0, HEAD_JOINT]]
     controller = BalanceController(humanoid, cfg)
+    # the reference at each simulation step of each frame interval, linear between frames: accelerations and
+    # velocities at the step's start, the root's lead over frame t's pose (to first order), spring targets
+    # at the step's end (ball-joint springs normalise their quaternion)
+    start = (np.arange(substeps) / substeps)[None, :, None]  # (1, S, 1)
+    acc_sub = (1 - start) * qacc_ref[:-1, None] + start * qacc_ref[1:, None]  # (T - 1, S, nv)
+    vel_sub = (1 - start) * qvel_ref[:-1, None] + start * qvel_ref[1:, None]
+    lead = start / fps * qvel_ref[:-1, None, :6]  # (T - 1, S, 6)
+    end = start + 1.0 / substeps
+    spring_targets = (1 - end) * qpos[:-1, None, quat_adr] + end * qpos[1:, None, quat_adr]  # (T - 1, S, 84)
+    share = steps_per_update / substeps  # of a frame's interval, per control update
 
     reference = mujoco.MjData(model)
     data = mujoco.MjData(model)
@@ -213,26 +223,21 @@ def track(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: TrackingConfig 
             if t == T - 1:
                 break
             for step in range(substeps):
-                alpha = (step + 1) / substeps
-                spring[quat_adr] = (1 - alpha) * qpos[t][quat_adr] + alpha * qpos[t + 1][quat_adr]
+                spring[quat_adr] = spring_targets[t, step]
                 if step % steps_per_update:
                     mujoco.mj_step(model, data)
                     continue
                 mujoco.mj_step1(model, data)  # positions, velocities, M, bias, contacts at the current state
-                s = t + step / substeps  # reference time in frames, linear between frames
-                i, frac = int(s), s - int(s)
-                acc = (1 - frac) * qacc_ref[i] + frac * qacc_ref[min(i + 1, T - 1)]
-                vel = (1 - frac) * qvel_ref[i] + frac * qvel_ref[min(i + 1, T - 1)]
-                mujoco.mj_differentiatePos(model, error, 1.0, data.qpos, qpos[i])
-                error += (frac / fps) * qvel_ref[i]  # to the reference between frames, to first order
-                qdd = acc.copy()
-                qdd[:6] += kp_root * error[:6] + kd_root * (vel[:6] - data.qvel[:6])
+                vel = vel_sub[t, step]
+                mujoco.mj_differentiatePos(model, error, 1.0, data.qpos, qpos[t])
+                qdd = acc_sub[t, step].copy()
+                qdd[:6] += kp_root * (error[:6] + lead[t, step]) + kd_root * (vel[:6] - data.qvel[:6])
                 control = controller(data, qdd)
                 data.qfrc_applied[6:] = control.joint_torques + joint_damping * vel[6:]  # dampers: velocity error
                 data.qfrc_applied[:6] = control.residual
-                share = steps_per_update / substeps
-                residual_force[t] += np.linalg.norm(control.residual[:3]) * share
-                residual_torque[t] += np.linalg.norm(control.residual[3:]) * share
+                residual = control.residual
+                residual_force[t] += math.sqrt(residual[:3] @ residual[:3]) * share
+                residual_torque[t] += math.sqrt(residual[3:] @ residual[3:]) * share
                 contact_force[t] += control.forces[:, 2].sum() * share
                 mujoco.mj_step2(model, data)
     finally:
