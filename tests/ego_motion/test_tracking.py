@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import mujoco
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import torch
 from tasks.ego_motion.physics.balance import BalanceController
 from tasks.ego_motion.physics.dynamics import smoothed_derivatives
 from tasks.ego_motion.physics.edits import EDITS
-from tasks.ego_motion.physics.evaluator import PhysicsEvaluator
+from tasks.ego_motion.physics.evaluator import PhysicsEvaluator, summarize
 from tasks.ego_motion.physics.humanoid import build_humanoid
 from tasks.ego_motion.physics.tracking import TrackingConfig, track
 from tests.ego_motion import test_physics as physics_tests
@@ -149,6 +151,8 @@ def test_evaluator_reports_the_residual_and_scores_bad_rows_as_invalid(body, hum
     assert "row 2" in caplog.text and "body_rotmats" in caplog.text and "row 3" in caplog.text
     assert measures["tracking_residual_per_weight"][0] < 0.02 < 0.1 < measures["tracking_residual_per_weight"][1]
     assert measures["tracking_success"].tolist() == [1.0, 0.0, 0.0, 0.0]
+    summary = summarize(measures)
+    assert summary["invalid"] == 0.5 and math.isfinite(summary["tracking_residual_per_weight"])
     alone = PhysicsEvaluator(body).evaluate({k: v[:1] for k, v in decoded.items()})
     assert measures["tracking_residual_per_weight"][0] == alone["tracking_residual_per_weight"][0]
     with pytest.raises(ValueError, match="smoothing_frames"):

@@ -172,6 +172,13 @@ class PhysicsEvaluator:
 
 
 def summarize(measures: Mapping[str, Tensor]) -> dict[str, float]:
-    """Means over samples (NaN-aware) of :meth:`PhysicsEvaluator.evaluate`'s output."""
-    return {name: float(np.nanmean(values.numpy())) if values.numel() else float("nan")
-            for name, values in measures.items()}
+    """Means over samples (NaN-aware) of :meth:`PhysicsEvaluator.evaluate`'s output; rows marked invalid are
+    left out of every mean but ``invalid``'s own (the fraction of invalid rows), so one bad row does not make
+    a mean infinite."""
+    invalid = measures.get("invalid")
+
+    def mean(name: str, values: Tensor) -> float:
+        kept = values if name == "invalid" or invalid is None else values[invalid.to(values.device) == 0]
+        return float(np.nanmean(kept.cpu().numpy())) if kept.numel() else float("nan")
+
+    return {name: mean(name, values) for name, values in measures.items()}
