@@ -28,6 +28,7 @@ import statistics
 import time
 from pathlib import Path
 
+import mujoco
 import numpy as np
 import torch
 
@@ -63,9 +64,21 @@ def _humanoid(task: EgoMotionTask, betas: torch.Tensor):
     return build_humanoid(task.body.shaped_joints(torch.nn.functional.pad(betas, (0, task.body.num_betas - 16)))[:22])
 
 
+def _steps_alone(h, qpos) -> None:
+    """The MuJoCo steps one tracking takes (``mj_step1`` + ``mj_step2`` per step, 2 per frame), with no control:
+    the part of the tracker's cost that is not the controller's Python."""
+    model = h.tracker_model
+    data = mujoco.MjData(model)
+    data.qpos[:] = qpos[0]
+    for _ in range(round((len(qpos) - 1) / (FPS * model.opt.timestep))):
+        mujoco.mj_step1(model, data)
+        mujoco.mj_step2(model, data)
+
+
 def speed(task: EgoMotionTask, repeats: int, limit: int) -> dict:
     batch, n = _windows(task, "test", limit)
-    stages: dict[str, list[float]] = {"build": [], "inverse_dynamics": [], "plausibility": [], "tracking": []}
+    stages: dict[str, list[float]] = {"build": [], "inverse_dynamics": [], "plausibility": [], "tracking": [],
+                                      "tracking's simulation steps alone": []}
     for i in range(n):
         rest = task.body.shaped_joints(torch.nn.functional.pad(batch["betas"][i], (0, task.body.num_betas - 16)))[:22]
         stages["build"].append(_best_ms(lambda rest=rest: build_humanoid(rest), repeats))
@@ -74,6 +87,7 @@ def speed(task: EgoMotionTask, repeats: int, limit: int) -> dict:
         stages["inverse_dynamics"].append(_best_ms(lambda h=h, q=qpos: inverse_dynamics(h, q, FPS), repeats))
         stages["plausibility"].append(_best_ms(lambda h=h, q=qpos: plausibility(h, q), repeats))
         stages["tracking"].append(_best_ms(lambda h=h, q=qpos: track(h, q, FPS), repeats))
+        stages["tracking's simulation steps alone"].append(_best_ms(lambda h=h, q=qpos: _steps_alone(h, q), repeats))
     medians = {k: statistics.median(v) for k, v in stages.items()}
     medians["total, cached humanoid"] = medians["inverse_dynamics"] + medians["plausibility"] + medians["tracking"]
     return {"motions": n, "frames": int(batch["T_world_root"].shape[1]), "repeats": repeats, "median_ms": medians}
