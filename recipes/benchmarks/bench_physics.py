@@ -1,37 +1,49 @@
-"""Benchmark: the MuJoCo physics evaluator per 64-frame motion, stage by stage, on one core.
+"""Benchmark: the MuJoCo physics evaluator per 64-frame motion, stage by stage, on one core; and how the
+balancing tracker separates real motion from non-physical edits of it.
 
-Why: the physics rewards score every sample of every group (issue goal: at most 20 ms per
-64-frame motion on one core, so a group of 64 takes about a second). Motions are the bundled
-test split's ground-truth windows (30 fps, 64 frames); each stage's time is the median over the
-windows of the best of ``--repeats`` runs. "build" compiles a new humanoid (paid once per body
-shape; the evaluator caches humanoids by betas).
+Why: the physics rewards score every sample of every group (issue goal: at most 20 ms per 64-frame
+motion on one core, so that a group of 64 takes about a second), and RLPF's success signal is only
+worth its cost if the ground truth succeeds and non-physical motion does not. Motions are the
+ground-truth windows that touch the floor (``floor_contact_m = 0.1``, as the RLPF recipe serves
+them) of the test split and of the post-train split (where the tracker's defaults were chosen).
 
-It also checks that the measures separate physical from non-physical versions of the same
-windows (the windows whose pelvis stays below 1.2 m, i.e. not climbing): the ground truth, the
-same lifted 0.3 m, leaned forward about the feet by 0 -> 60 degrees over the window, and with its
-frames shuffled: tracking success rate, survival and residual force per body weight.
+- Speed: each stage's time is the median over the test windows of the best of ``--repeats`` runs;
+  "build" compiles a new humanoid (paid once per body shape; the evaluator caches humanoids).
+- Separation: per split, the ground truth and the edits of ``physics/edits.py`` (lifted 0.3 m,
+  leaned 0 -> 60 deg, frames shuffled, 1 m/s sliding, sunk 5 cm): tracking success, survival, the
+  tracker's root residual (mean over the survived frames, / m g), and the inverse-dynamics residual;
+  plus the ground truth's residual distribution (quantiles over windows).
 
     python recipes/benchmarks/bench_physics.py --repeats 3 --output docs/data/bench_physics.json
+    python recipes/benchmarks/bench_physics.py --table-from docs/data/bench_physics.json   # the doc tables
+    python recipes/benchmarks/bench_physics.py --strips-only --strips-dir docs   # the RLPF page's PNG strips
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
 from pathlib import Path
 
+import mujoco
+import numpy as np
 import torch
 
-from tasks.ego_motion.body.geometry import axis_angle_to_matrix
 from tasks.ego_motion.physics.dynamics import inverse_dynamics
+from tasks.ego_motion.physics.edits import EDITS
 from tasks.ego_motion.physics.humanoid import build_humanoid
 from tasks.ego_motion.physics.plausibility import plausibility
 from tasks.ego_motion.physics.tracking import track
-from tasks.ego_motion.task import EgoMotionTask
+from tasks.ego_motion.task import EgoMotionTask, EgoMotionTaskConfig
 
 FPS = 30.0
+SPLITS = ("test", "post_train")
+ON_FLOOR_M = 0.1
+"""A window is on the floor throughout when every frame has a foot point this close to z = 0 (m); the others
+climb or stand on boxes, which the simulation does not have."""
 
 
 def _best_ms(fn, repeats: int) -> float:
@@ -43,130 +55,139 @@ def _best_ms(fn, repeats: int) -> float:
     return best * 1e3
 
 
-def run(repeats: int, limit: int) -> dict:
-    torch.set_num_threads(1)
-    task = EgoMotionTask()
-    n = min(task.num_examples("test"), limit)
-    batch = task.load_examples("test", torch.arange(n))
-    stages: dict[str, list[float]] = {"build": [], "inverse_dynamics": [], "plausibility": [], "tracking": []}
+def _windows(task: EgoMotionTask, split: str, limit: int):
+    n = min(task.num_examples(split), limit)
+    return task.load_examples(split, torch.arange(n)), n
+
+
+def _humanoid(task: EgoMotionTask, betas: torch.Tensor):
+    return build_humanoid(task.body.shaped_joints(torch.nn.functional.pad(betas, (0, task.body.num_betas - 16)))[:22])
+
+
+def _steps_alone(h, qpos) -> None:
+    """The MuJoCo steps one tracking takes (``mj_step1`` + ``mj_step2`` per step, 2 per frame), with no control:
+    the part of the tracker's cost that is not the controller's Python."""
+    model = h.tracker_model
+    data = mujoco.MjData(model)
+    data.qpos[:] = qpos[0]
+    for _ in range(round((len(qpos) - 1) / (FPS * model.opt.timestep))):
+        mujoco.mj_step1(model, data)
+        mujoco.mj_step2(model, data)
+
+
+def speed(task: EgoMotionTask, repeats: int, limit: int) -> dict:
+    batch, n = _windows(task, "test", limit)
+    stages: dict[str, list[float]] = {"build": [], "inverse_dynamics": [], "plausibility": [], "tracking": [],
+                                      "tracking's simulation steps alone": []}
     for i in range(n):
-        betas = torch.nn.functional.pad(batch["betas"][i], (0, task.body.num_betas - 16))
-        rest = task.body.shaped_joints(betas)[:22]
+        rest = task.body.shaped_joints(torch.nn.functional.pad(batch["betas"][i], (0, task.body.num_betas - 16)))[:22]
         stages["build"].append(_best_ms(lambda rest=rest: build_humanoid(rest), repeats))
         h = build_humanoid(rest)
         qpos = h.qpos(batch["T_world_root"][i], batch["body_rotmats"][i])
         stages["inverse_dynamics"].append(_best_ms(lambda h=h, q=qpos: inverse_dynamics(h, q, FPS), repeats))
         stages["plausibility"].append(_best_ms(lambda h=h, q=qpos: plausibility(h, q), repeats))
         stages["tracking"].append(_best_ms(lambda h=h, q=qpos: track(h, q, FPS), repeats))
+        stages["tracking's simulation steps alone"].append(_best_ms(lambda h=h, q=qpos: _steps_alone(h, q), repeats))
     medians = {k: statistics.median(v) for k, v in stages.items()}
     medians["total, cached humanoid"] = medians["inverse_dynamics"] + medians["plausibility"] + medians["tracking"]
     return {"motions": n, "frames": int(batch["T_world_root"].shape[1]), "repeats": repeats, "median_ms": medians}
 
 
-STEP_VARIANTS = {"as built (Newton, implicitfast, auto Jacobian)": {}, "sparse Jacobian": {"jacobian": 1},
-                 "dense Jacobian": {"jacobian": 0}, "PGS solver": {"solver": 0}, "CG solver": {"solver": 1},
-                 "Euler integrator": {"integrator": 0},
-                 "tolerance 1e-6, 20 iterations": {"tolerance": 1e-6, "iterations": 20, "ls_iterations": 10}}
-"""MuJoCo solver options (``MjOption`` fields) tried on the tracker model, to see whether a cheaper step exists."""
-
-
-def step_costs(repeats: int, steps: int = 300) -> dict:
-    """Microseconds per ``mj_step`` of the tracker model from a test window's first pose (feet on the floor),
-    best of ``repeats`` runs of ``steps`` steps, for each of :data:`STEP_VARIANTS`; and the simulation steps one
-    64-frame tracking takes. Why: tracking is most of the evaluator's time, and this step is a large part of it
-    (the Python loop around it is the rest)."""
-    import copy
-
-    import mujoco
-
-    task = EgoMotionTask()
-    batch = task.load_examples("test", torch.arange(1))
-    h = build_humanoid(task.body.shaped_joints(torch.nn.functional.pad(batch["betas"][0],
-                                                                       (0, task.body.num_betas - 16)))[:22])
-    qpos0 = h.qpos(batch["T_world_root"][0], batch["body_rotmats"][0])[0]
-    out = {}
-    for name, options in STEP_VARIANTS.items():
-        model = copy.copy(h.tracker_model)
-        for key, value in options.items():
-            setattr(model.opt, key, value)
-        best = float("inf")
-        for _ in range(repeats):
-            data = mujoco.MjData(model)
-            data.qpos[:] = qpos0
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                mujoco.mj_step(model, data)
-            best = min(best, (time.perf_counter() - t0) / steps)
-        out[name] = best * 1e6
-    substeps = round(1.0 / (FPS * h.tracker_model.opt.timestep))
-    return {"us_per_step": out, "steps_per_64_frames": 63 * substeps}
-
-
-def leaned(T_world_root: torch.Tensor, max_angle_rad: float = 1.05) -> torch.Tensor:
-    """The motion rotated forward (about world x) around its ground point, 0 -> ``max_angle_rad`` over the window."""
-    angles = torch.linspace(0.0, max_angle_rad, T_world_root.shape[0], dtype=T_world_root.dtype)
-    R = axis_angle_to_matrix(torch.stack([angles, 0 * angles, 0 * angles], -1))
-    pivot = T_world_root[:, :3, 3].clone()
-    pivot[:, 2] = 0.0
-    out = T_world_root.clone()
-    out[:, :3, :3] = R @ T_world_root[:, :3, :3]
-    out[:, :3, 3] = (R @ (T_world_root[:, :3, 3] - pivot)[..., None])[..., 0] + pivot
-    return out
-
-
-def separation() -> dict:
-    """Tracking and residual of the test windows' ground truth and of three non-physical edits of it."""
-    task = EgoMotionTask()
-    batch = task.load_examples("test", torch.arange(task.num_examples("test")))
-    keep = [i for i in range(len(batch["betas"])) if batch["joints_world"][i, :, 0, 2].max() < 1.2]
+def separation(task: EgoMotionTask, split: str, limit: int) -> dict:
+    """Per motion kind (ground truth, each edit): the mean of each measure over the split's windows."""
+    batch, n = _windows(task, split, limit)
     rows: dict[str, dict[str, list[float]]] = {}
-    shuffle = torch.randperm(batch["T_world_root"].shape[1], generator=torch.Generator().manual_seed(0))
-    for i in keep:
-        betas = torch.nn.functional.pad(batch["betas"][i], (0, task.body.num_betas - 16))
-        h = build_humanoid(task.body.shaped_joints(betas)[:22])
-        root, rot = batch["T_world_root"][i], batch["body_rotmats"][i]
-        lifted = root.clone()
-        lifted[:, 2, 3] += 0.3
-        for name, (r, b) in {"ground truth": (root, rot), "lifted 0.3 m": (lifted, rot),
-                             "leaned 0->60 deg": (leaned(root), rot),
-                             "frames shuffled": (root[shuffle], rot[shuffle])}.items():
-            qpos = h.qpos(r, b)
+    on_floor = []  # every frame has a foot point within ON_FLOOR_M of z = 0 (no box under the feet)
+    for i in range(n):
+        h = _humanoid(task, batch["betas"][i])
+        motion = (batch["T_world_root"][i], batch["body_rotmats"][i])
+        feet_z = h.foot_points(*h.geom_poses(h.qpos(*motion)))[..., 2]  # (T, 8)
+        on_floor.append(bool((feet_z.min(axis=1) <= ON_FLOOR_M).all()))
+        for name, edit in {"ground truth": None, **EDITS}.items():
+            qpos = h.qpos(*(motion if edit is None else edit(*motion)))
             tr = track(h, qpos, FPS)
-            row = rows.setdefault(name, {"success": [], "survival": [], "residual_force_per_weight": []})
+            row = rows.setdefault(name, {"success": [], "survival": [], "tracking_residual_per_weight": [],
+                                         "residual_force_per_weight": []})
             row["success"].append(float(tr.success))
             row["survival"].append(tr.survival)
+            row["tracking_residual_per_weight"].append(tr.assist_n / h.weight_n)
             row["residual_force_per_weight"].append(float(inverse_dynamics(h, qpos, FPS).residual_force_n.mean()
                                                           / h.weight_n))
-    return {"windows": len(keep), "rows": {name: {k: statistics.mean(v) for k, v in row.items()}
-                                           for name, row in rows.items()}}
+    truth = np.array(rows["ground truth"]["tracking_residual_per_weight"])
+    floor = np.array(on_floor)
+    return {"windows": n, "rows": {name: {k: statistics.mean(v) for k, v in row.items()} for name, row in rows.items()},
+            "on_floor_windows": int(floor.sum()),
+            "on_floor_ground_truth": {k: float(np.mean(np.array(v)[floor])) for k, v in rows["ground truth"].items()},
+            "ground_truth_residual_quantiles": {f"q{int(q * 100)}": float(np.quantile(truth, q))
+                                                for q in (0.1, 0.5, 0.9, 1.0)}}
+
+
+STRIP_WINDOW = 16
+"""The test window the strips show (a walk at about 1 m/s that the tracker executes)."""
+
+
+def strips(task: EgoMotionTask, out_dir: Path) -> list[Path]:
+    """PNG strips of reference (blue) vs simulated humanoid (orange): a test window's ground truth and the
+    same window leaned 0 -> 60 deg (which the humanoid cannot follow: it falls behind and the run stops)."""
+    from tasks.ego_motion.evaluation.render import render_frames_png
+
+    batch = task.load_examples("test", torch.tensor([STRIP_WINDOW]))
+    h = _humanoid(task, batch["betas"][0])
+    motion = (batch["T_world_root"][0], batch["body_rotmats"][0])
+    paths = []
+    for name, edit in (("ground_truth", None), ("leaned", EDITS["leaned 0->60 deg"])):
+        root, rotmats = motion if edit is None else edit(*motion)
+        qpos = h.qpos(root, rotmats)
+        tr = track(h, qpos, FPS)
+        joints = task.body.forward_kinematics(rotmats, betas=torch.nn.functional.pad(
+            batch["betas"][0], (0, task.body.num_betas - 16)), T_world_root=root).t_world_joint[:, :22]
+        title = (f"test window {STRIP_WINDOW}, {name.replace('_', ' ')}: success {tr.success}, survival "
+                 f"{tr.survival:.2f}, residual {tr.assist_n / h.weight_n:.3f} m g")
+        paths.append(render_frames_png(out_dir / f"ego_motion_rlpf_tracker_{name}.png", joints, tr.simulated_joints,
+                                       title=title, gt_label="reference", pred_label="simulated"))
+    return paths
 
 
 def table(result: dict) -> str:
     rows = "\n".join(f"| {k} | {v:.1f} |" for k, v in result["median_ms"].items())
-    sep = result["separation"]
-    checks = "\n".join(f"| {name} | {v['success']:.2f} | {v['survival']:.2f} | {v['residual_force_per_weight']:.2f} |"
-                       for name, v in sep["rows"].items())
-    text = (f"{result['motions']} test windows of {result['frames']} frames, best of {result['repeats']}, median "
-            f"over windows, 1 thread.\n\n| stage | ms per motion |\n|---|---:|\n{rows}\n\n"
-            f"Separation on {sep['windows']} test windows (means):\n\n| motion | tracking success | survival | "
-            f"residual force / (m g) |\n|---|---:|---:|---:|\n{checks}\n")
-    if "step_costs" in result:
-        costs = result["step_costs"]
-        text += (f"\nOne tracker step (`mj_step`), microseconds, best of {result['repeats']} x 300 steps; a 64-frame "
-                 f"tracking takes {costs['steps_per_64_frames']} steps:\n\n| MuJoCo option | us per step |\n"
-                 "|---|---:|\n" + "\n".join(f"| {k} | {v:.0f} |" for k, v in costs["us_per_step"].items()) + "\n")
+    text = (f"{result['motions']} floor-contact test windows of {result['frames']} frames, best of "
+            f"{result['repeats']}, median over windows, 1 thread.\n\n| stage | ms per motion |\n|---|---:|\n{rows}\n")
+    for split, sep in result["separation"].items():
+        checks = "\n".join(f"| {name} | {v['success']:.2f} | {v['survival']:.2f} | "
+                           f"{v['tracking_residual_per_weight']:.3f} | {v['residual_force_per_weight']:.2f} |"
+                           for name, v in sep["rows"].items())
+        floor = sep["on_floor_ground_truth"]
+        quantiles = ", ".join(f"{k} {v:.3f}" for k, v in sep["ground_truth_residual_quantiles"].items())
+        text += (f"\nSeparation on the {sep['windows']} floor-contact {split} windows (means):\n\n| motion | tracking "
+                 f"success | survival | tracker residual / (m g) | inverse-dynamics residual / (m g) |\n"
+                 f"|---|---:|---:|---:|---:|\n{checks}\n\nGround truth's tracker residual / (m g) over windows: "
+                 f"{quantiles}. On the {sep['on_floor_windows']} windows on the floor throughout (a foot within "
+                 f"{ON_FLOOR_M} m of z = 0 at every frame), ground truth: success "
+                 f"{floor['success']:.2f}, survival {floor['survival']:.2f}, tracker residual "
+                 f"{floor['tracking_residual_per_weight']:.3f} m g.\n")
     return text
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--limit", type=int, default=1000, help="at most this many test windows")
+    parser.add_argument("--limit", type=int, default=1000, help="at most this many windows per split")
     parser.add_argument("--output", type=Path, default=None, help="write the result as JSON here")
+    parser.add_argument("--table-from", type=Path, default=None, help="print the tables of this JSON result only")
+    parser.add_argument("--strips-dir", type=Path, default=None, help="also write the reference-vs-simulated PNGs here")
+    parser.add_argument("--strips-only", action="store_true", help="write the PNGs (--strips-dir) and stop")
     args = parser.parse_args()
-    result = run(args.repeats, args.limit)
-    result["separation"] = separation()
-    result["step_costs"] = step_costs(args.repeats)
+    if args.table_from is not None:
+        print(table(json.loads(args.table_from.read_text())))
+        raise SystemExit(0)
+    torch.set_num_threads(1)
+    task = EgoMotionTask(dataclasses.replace(EgoMotionTaskConfig(), floor_contact_m=0.1))
+    if args.strips_dir is not None:
+        print("\n".join(str(p) for p in strips(task, args.strips_dir)))
+    if args.strips_only:
+        raise SystemExit(0)
+    result = speed(task, args.repeats, args.limit)
+    result["separation"] = {split: separation(task, split, args.limit) for split in SPLITS}
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(result, indent=2))

@@ -5,10 +5,19 @@ shape, converts its pose to MuJoCo coordinates and runs inverse dynamics (``dyna
 simulated tracking (``tracking.py``) and the plausibility measures (``plausibility.py``), on CPU,
 one motion after another. The three physics rewards read the same result, so it is computed once
 per decoded batch (the last batch is memoised).
+
+Rows are scored independently: a row with NaN or inf in ``T_world_root``, ``body_rotmats`` or
+``betas``, or whose body shape gives no humanoid (a zero-length bone), cannot be simulated. It is
+logged (the row, the input key and the reason), marked ``invalid = 1``, and gets the worst value of
+every measure (success and survival 0, residuals and distances inf), so the physics rewards score
+it 0 and a training loop goes on. Batch-level mistakes (a missing key, wrong shapes, a window too
+short for the reference's derivatives) raise.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -24,16 +33,21 @@ from .humanoid import NUM_HUMANOID_BODIES, HumanoidCache, HumanoidConfig
 from .plausibility import PlausibilityConfig, plausibility
 from .tracking import TrackingConfig, track
 
+logger = logging.getLogger(__name__)
+
 PHYSICS_METRIC_UNITS: dict[str, str] = {
     "residual_force_per_weight": "mean root residual force / (m g), unitless",
     "residual_torque_per_weight": "mean root residual torque / (m g x 1 m), unitless",
-    "tracking_success": "1 if the tracker followed every frame, else 0",
+    "tracking_success": "1 if the balancing tracker executed every frame with little residual, else 0",
     "tracking_survival": "fraction of frames tracked before falling",
     "tracking_error_m": "mean joint position error while tracking, m",
-    "tracking_assist_per_weight": "mean root balance aid / (m g), unitless",
+    "tracking_residual_per_weight": "mean root residual force the tracker applied / (m g), unitless",
+    "tracking_residual_torque_per_weight": "mean root residual torque the tracker applied / (m g x 1 m), unitless",
+    "tracking_assist_per_weight": "the same as tracking_residual_per_weight (the name of the earlier tracker's aid)",
     "penetration_m": "mean depth of the lowest geom point below the floor, m",
     "floating_m": "mean height of the lowest geom point above the floor beyond the float tolerance, m",
     "skating_m": "mean horizontal step of foot points in floor contact, m per frame",
+    "invalid": "1 if the row could not be evaluated (non-finite input or no humanoid for its shape), else 0",
 }
 """Every measure :meth:`PhysicsEvaluator.evaluate` returns, with its unit."""
 
@@ -78,7 +92,9 @@ class PhysicsEvaluator:
                 rotations, ``betas`` (N, 16) shapes. T >= 3.
 
         Raises:
-            KeyError / ValueError: a missing key or a wrong shape, named.
+            KeyError / ValueError: a missing key, a wrong shape, or fewer frames than the tracker's
+                smoothing window (``TrackingConfig.smoothing_frames``), named. Bad rows do not raise
+                (module doc).
         """
         for key in ("T_world_root", "body_rotmats", "betas"):
             if key not in decoded:
@@ -90,17 +106,42 @@ class PhysicsEvaluator:
             raise ValueError(f"expected T_world_root (N, T, 4, 4), body_rotmats (N, T, 21, 3, 3), betas (N, "
                              f"{NUM_BETAS}); got {tuple(T_world_root.shape)}, {tuple(rotmats.shape)}, "
                              f"{tuple(betas.shape)}.")
+        frames = T_world_root.shape[1]
+        if frames < 3:
+            raise ValueError(f"decoded windows have {frames} frames; the physics measures need at least 3 (finite "
+                             "differences of the inverse dynamics).")
+        if self.cfg.simulate and frames < self.cfg.tracking.smoothing_frames:
+            raise ValueError(f"decoded windows have {frames} frames; the tracker's reference derivatives need at "
+                             f"least TrackingConfig.smoothing_frames={self.cfg.tracking.smoothing_frames} (use longer "
+                             "windows or a smaller --physics.tracking.smoothing-frames, odd and >= 5).")
         # the very same tensors, unmodified since (in-place edits bump a tensor's version): the last batch again
         inputs = (T_world_root, rotmats, betas)
         versions = tuple(t._version for t in inputs)
         if (self._memo is not None and all(a is b for a, b in zip(self._memo[0], inputs, strict=True))
                 and self._memo[1] == versions):
             return self._memo[2]
-        rows = [self.evaluate_one(T_world_root[n], rotmats[n], betas[n]) for n in range(T_world_root.shape[0])]
+        rows = [self._evaluate_row(n, T_world_root[n], rotmats[n], betas[n]) for n in range(T_world_root.shape[0])]
         out = {name: torch.tensor([row[name] for row in rows], dtype=torch.float32, device=T_world_root.device)
                for name in PHYSICS_METRIC_UNITS}  # on the batch's device, like every other reward
         self._memo = (inputs, versions, out)
         return out
+
+    def _evaluate_row(self, n: int, T_world_root: Tensor, body_rotmats: Tensor, betas: Tensor) -> dict[str, float]:
+        """Row ``n``'s measures, or the worst values with ``invalid = 1`` when it cannot be evaluated."""
+        reason = next((f"decoded[{key!r}][{n}] has NaN or inf" for key, value in
+                       (("T_world_root", T_world_root), ("body_rotmats", body_rotmats), ("betas", betas))
+                       if not torch.isfinite(value).all()), None)
+        if reason is None:
+            try:
+                self.humanoids(betas)  # compiled and cached here, so that only this call's errors are caught
+            except ValueError as error:  # build_humanoid: e.g. a zero-length bone
+                reason = f"decoded['betas'][{n}] gives no humanoid: {error}"
+            else:
+                return self.evaluate_one(T_world_root, body_rotmats, betas)
+        logger.warning("physics evaluation: row %d scored as invalid (worst values): %s", n, reason)
+        worst = {name: math.inf for name in PHYSICS_METRIC_UNITS}
+        worst.update(tracking_success=0.0, tracking_survival=0.0, invalid=1.0)
+        return worst
 
     def evaluate_one(self, T_world_root: Float[Tensor, "T 4 4"], body_rotmats: Float[Tensor, "T 21 3 3"],
                      betas: Float[Tensor, " 16"]) -> dict[str, float]:
@@ -108,9 +149,7 @@ class PhysicsEvaluator:
         humanoid = self.humanoids(betas)
         qpos = humanoid.qpos(T_world_root, body_rotmats)
         poses = humanoid.geom_poses(qpos)  # shared by the contact candidates and the plausibility
-        feed_forward = self.cfg.simulate and self.cfg.tracking.feed_forward
-        dyn = inverse_dynamics(humanoid, qpos, self.fps, self.cfg.inverse_dynamics, joint_torques=feed_forward,
-                               geom_poses=poses)
+        dyn = inverse_dynamics(humanoid, qpos, self.fps, self.cfg.inverse_dynamics, geom_poses=poses)
         plaus = plausibility(humanoid, qpos, self.cfg.plausibility, geom_poses=poses)
         weight = humanoid.weight_n
         out = {
@@ -119,18 +158,27 @@ class PhysicsEvaluator:
             "penetration_m": plaus.penetration_m,
             "floating_m": plaus.floating_m,
             "skating_m": plaus.skating_m,
+            "invalid": 0.0,
         }
         if self.cfg.simulate:
-            tr = track(humanoid, qpos, self.fps, self.cfg.tracking, joint_torques_nm=dyn.joint_torques_nm)
+            tr = track(humanoid, qpos, self.fps, self.cfg.tracking)
             out.update(tracking_success=float(tr.success), tracking_survival=tr.survival,
-                       tracking_error_m=tr.tracking_error_m, tracking_assist_per_weight=tr.assist_n / weight)
+                       tracking_error_m=tr.tracking_error_m, tracking_residual_per_weight=tr.assist_n / weight,
+                       tracking_residual_torque_per_weight=tr.assist_torque_nm / weight,
+                       tracking_assist_per_weight=tr.assist_n / weight)
         else:
-            out.update({k: float("nan") for k in ("tracking_success", "tracking_survival", "tracking_error_m",
-                                                  "tracking_assist_per_weight")})
+            out.update({k: float("nan") for k in PHYSICS_METRIC_UNITS if k.startswith("tracking_")})
         return out
 
 
 def summarize(measures: Mapping[str, Tensor]) -> dict[str, float]:
-    """Means over samples (NaN-aware) of :meth:`PhysicsEvaluator.evaluate`'s output."""
-    return {name: float(np.nanmean(values.numpy())) if values.numel() else float("nan")
-            for name, values in measures.items()}
+    """Means over samples (NaN-aware) of :meth:`PhysicsEvaluator.evaluate`'s output; rows marked invalid are
+    left out of every mean but ``invalid``'s own (the fraction of invalid rows), so one bad row does not make
+    a mean infinite."""
+    invalid = measures.get("invalid")
+
+    def mean(name: str, values: Tensor) -> float:
+        kept = values if name == "invalid" or invalid is None else values[invalid.to(values.device) == 0]
+        return float(np.nanmean(kept.cpu().numpy())) if kept.numel() else float("nan")
+
+    return {name: mean(name, values) for name, values in measures.items()}

@@ -1,32 +1,35 @@
-"""Simulated tracking: can a PD-controlled humanoid with an unactuated root execute the motion?
+"""Simulated tracking: can a humanoid with an unactuated root execute the motion, balancing on its feet?
 
-RLPF's physical feedback (arXiv 2506.12769) is whether a tracking controller executes a generated
-motion in a physics simulator. Here the controller is a non-learned computed-torque tracker:
+RLPF's physical feedback (arXiv 2506.12769) is whether a tracking controller executes a motion in a
+physics simulator. Here the controller is model-based, as physics-based character animation did it
+before learned policies (contact-aware inverse dynamics with balance feedback: Macchietto, Zordan
+and Shelton 2009; de Lasa, Mordatch and Hertzmann 2010; the task-space inverse dynamics (TSID)
+formulation). At every control update (``control_hz``, PD servos in between):
 
-    tau_j = tau_ff,j(t) - kp_j log(q_ref,j(t)^-1 q_j) - kd_j qvel_j      per ball joint j,
+1. **Desired accelerations** of every degree of freedom, the root's included,
+   qdd_des = qacc_ref(t) + Kp (q_ref(t) - q) + Kd (qvel_ref(t) - qvel)   (differences on the
+   configuration manifold, ``mj_differentiatePos``), with the reference's velocities and
+   accelerations from a Savitzky-Golay fit (``dynamics.smoothed_derivatives``). The root's PD is the
+   balance feedback: a pelvis that lags, leans or drops asks for a root acceleration back.
+2. **Contact forces and residual, one QP** (``balance.py``): the unactuated root's six rows of
+   M qdd + c = S^T tau + J_c^T f + [r; 0] are met by forces at the simulated feet's points touching the
+   floor, inside friction pyramids, and by an explicit root residual wrench r (Yuan and Kitani 2020,
+   "Residual force control"), bounded by ``residual_bound`` x m g and costed (``residual_weight``);
+   what neither supplies is left unmet, so the root falls behind and its PD pulls it back.
+3. **Joint torques** from the actuated rows (gravity compensation, the reference's inertial torques,
+   the legs' share of the load split), held until the next update, plus the joint PD realised by
+   MuJoCo joint springs whose rest pose follows the reference at every simulation step
+   (interpolated between frames) and dampers on the velocity error (stiffness explicit, damping
+   implicit in ``implicitfast``: stable PD, Tan, Liu and Turk 2011). The residual is applied to the
+   root as ``qfrc_applied``; MuJoCo's contact solver then produces the actual contact forces.
 
-with the (optional) feed-forward tau_ff the joint torques of the motion's own inverse dynamics
-(``dynamics.py``), and the PD part realised by MuJoCo joint springs whose rest configuration
-(``qpos_spring``) is moved to the reference every frame (stiffness explicit, damping implicit in
-the ``implicitfast`` integrator).
-
-The root is not actuated except for a **bounded balance aid**: a PD pull of the pelvis towards
-its reference pose, clipped to ``assist_fraction`` x m g (force, N) and ``assist_fraction`` x m g
-x 1 m (torque, N m). Why: a joint-space PD tracker has no balance strategy, so without any aid
-even a motion-capture clip of quiet standing topples within a second (a one-off check); RLPF's
-tracker is a learned policy that balances. The aid stands in for that skill, and its bound keeps
-the test physical: a motion that needs more help than 30 % of body weight (floating, leaning past
-the feet, teleporting) still makes the humanoid fall. For ground truth, though, the aid sits at
-its bound most of the time (the joint PD has no gravity compensation): survival then measures
-how long 30 % of body-weight support suffices, a graded score of physical consistency. The aid is
-recomputed every simulation step: held over a whole frame, ground-truth success on the test
-windows fell (a one-off check). Its mean use is reported (``assist_n``).
-
-The simulation starts at the motion's first frame with its finite-difference velocity and runs
-``timestep_s`` steps for each frame at ``fps``. The humanoid *fails* at the first frame where its
-pelvis or head is farther than ``fail_distance_m`` from the reference's; ``success`` means it
-never fails, ``survival`` is the fraction of frames before failure (1 on success), and the
-tracking error is the mean joint position error (m) over the frames survived.
+**Success** (RLPF's binary signal) needs: every frame executed with the pelvis and the head within
+``fail_distance_m`` of the reference's; the mean residual force at most ``max_residual_per_weight``
+x m g (bounded and costly as it is, the residual could otherwise hold up a floating motion for as
+long as its feet find no floor: success means the feet carried the motion); and the simulated pelvis
+on average at most ``max_pelvis_rise_m`` above the reference's (a reference whose feet go into the
+floor lifts the simulated body, as the floor does not give way). Failures are falls, not errors: a
+non-finite simulated state also counts as a fall, and a run takes at most T x (steps per frame) steps.
 """
 
 from __future__ import annotations
@@ -38,40 +41,65 @@ import mujoco
 import numpy as np
 
 from ..body.geometry import HEAD_JOINT
-from .dynamics import finite_difference_velocities
+from .balance import BalanceController
+from .dynamics import smoothed_derivatives
 from .humanoid import Humanoid
 
-ROOT_GYRATION_M = 0.3
-"""Radius of gyration (m) that turns body mass into the root aid's rotational inertia."""
-
-
-def _clip_norm(v: np.ndarray, bound: float) -> np.ndarray:
-    norm = math.sqrt(v @ v)
-    return v * (bound / norm) if norm > bound else v
+TOUCHING_M = 0.005
+"""A simulated foot point touches the floor when its bottom is at most this high (m): MuJoCo's soft contacts
+sink a few millimetres under load."""
 
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    """Failure criterion of the tracker."""
+    """Controller gains, QP weights and the success criterion of the tracker (SI units)."""
 
-    fail_distance_m: float = 0.3
+    fail_distance_m: float = 0.25
     """The humanoid has fallen when its pelvis or head is farther than this from the reference (m)."""
-    feed_forward: bool = False
-    """Add the motion's inverse-dynamics joint torques to the PD torques. Off by default: in one-off
-    checks on the test windows it lowered ground-truth survival, the finite-difference accelerations
-    of 30 fps capture being noisy (docs/ego_motion_rlpf.md)."""
-    assist_fraction: float = 0.3
-    """Bound of the root balance aid as a fraction of body weight (0 disables it)."""
-    assist_frequency_hz: float = 2.0
-    """Natural frequency of the root balance aid's PD loop (critically damped)."""
+    max_residual_per_weight: float = 0.1
+    """Success also needs the mean root residual force to stay at most this fraction of body weight."""
+    max_pelvis_rise_m: float = 0.01
+    """Success also needs the simulated pelvis to sit on average at most this much above the reference's (m):
+    a reference whose feet go into the floor lifts the simulated body (the floor does not give way)."""
+    control_hz: float = 60.0
+    """Control updates per second (the QP); the joint PD springs act at every simulation step. One update per
+    30 fps frame made the humanoid hop and fall (docs/ego_motion_rlpf.md)."""
+    root_frequency_hz: float = 2.0
+    """Natural frequency of the root's PD in the desired accelerations (critically damped): the balance feedback."""
+    root_rotation_frequency_hz: float = 4.0
+    """The same for the pelvis orientation (0: none, which on post-train windows made every ground truth fall)."""
+    root_damping_ratio: float = 1.0
+    contact_band_m: float = 0.02
+    """A foot point of the simulated humanoid can carry force when its bottom is at most this high (m)."""
+    friction: float = 0.8
+    """Friction coefficient of the QP's pyramid: below the simulator's (``HumanoidConfig.friction``), a margin."""
+    residual_bound: float = 0.2
+    """Bound of the root residual wrench: force <= this x m g per axis, torque <= this x m g x 1 m per axis."""
+    residual_weight: float = 3.0
+    """Cost of the residual relative to leaving the root's demand unmet (both over m g, squared)."""
+    force_weight: float = 1e-3
+    """Regularisation of the contact forces (over m g, squared)."""
+    continuity_weight: float = 1e-2
+    """Cost of changing each point's contact force between control updates (over m g, squared)."""
+    smoothing_frames: int = 9
+    """Savitzky-Golay window (odd, frames) of the reference's velocities and accelerations."""
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.fail_distance_m) and self.fail_distance_m > 0):
-            raise ValueError(f"fail_distance_m must be finite and > 0, got {self.fail_distance_m!r}.")
-        if not (math.isfinite(self.assist_fraction) and self.assist_fraction >= 0):
-            raise ValueError(f"assist_fraction must be finite and >= 0, got {self.assist_fraction!r}.")
-        if not (math.isfinite(self.assist_frequency_hz) and self.assist_frequency_hz > 0):
-            raise ValueError(f"assist_frequency_hz must be finite and > 0, got {self.assist_frequency_hz!r}.")
+        for name in ("fail_distance_m", "control_hz", "root_frequency_hz", "root_damping_ratio", "friction"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"TrackingConfig.{name} must be finite and > 0, got {value!r}.")
+        for name in ("max_residual_per_weight", "max_pelvis_rise_m", "contact_band_m",
+                     "root_rotation_frequency_hz", "residual_bound", "residual_weight", "force_weight",
+                     "continuity_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"TrackingConfig.{name} must be finite and >= 0, got {value!r}.")
+        if self.force_weight + self.continuity_weight <= 0:
+            raise ValueError("TrackingConfig.force_weight + continuity_weight must be > 0 (the QP needs a "
+                             "strictly convex cost in the contact forces).")
+        if self.smoothing_frames < 5 or self.smoothing_frames % 2 == 0:
+            raise ValueError(f"TrackingConfig.smoothing_frames must be odd and >= 5, got {self.smoothing_frames}.")
 
 
 @dataclass(frozen=True)
@@ -79,102 +107,149 @@ class TrackingResult:
     """Outcome of tracking one motion.
 
     Attributes:
-        success: the humanoid followed every frame without failing.
-        survival: fraction of the T frames before the first failure, in [0, 1].
-        tracking_error_m: mean joint position error over the survived frames, frame 0 (error 0) included (m).
-        assist_n: mean magnitude of the root balance aid's force over the survived frames (N).
+        success: every frame executed within ``fail_distance_m``, with mean residual force <= the bound.
+        survival: fraction of the T frames before the first fall, in [0, 1].
+        tracking_error_m: mean joint position error over the survived frames, frame 0 included (m).
+        pelvis_rise_m: mean height of the simulated pelvis above the reference's over the survived frames (m).
+        foot_slip_m_per_s: mean horizontal speed of the simulated foot points that touch the floor (within
+            :data:`TOUCHING_M`) in two consecutive frames (m/s; 0 if none do).
+        residual_force_n: (T,) norm of the root residual force applied over each frame's interval (N;
+            0 after a fall).
+        residual_torque_nm: (T,) norm of the root residual torque (N m; 0 after a fall).
+        contact_force_n: (T,) total vertical contact force the QP planned (N).
         simulated_joints: (T, 22, 3) world joint positions of the humanoid per frame (frames after a
-            failure repeat the state at failure).
+            fall repeat the state at the fall).
     """
 
     success: bool
     survival: float
     tracking_error_m: float
-    assist_n: float
+    pelvis_rise_m: float
+    foot_slip_m_per_s: float
+    residual_force_n: np.ndarray
+    residual_torque_nm: np.ndarray
+    contact_force_n: np.ndarray
     simulated_joints: np.ndarray
 
+    @property
+    def assist_n(self) -> float:
+        """Mean root residual force over the survived frames (N), the help the motion needed."""
+        return float(self.residual_force_n[:self._alive].mean())
 
-def track(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: TrackingConfig | None = None,
-          joint_torques_nm: np.ndarray | None = None) -> TrackingResult:
-    """Simulate the PD tracker on the reference motion ``qpos`` (T, nq) sampled at ``fps``.
+    @property
+    def assist_torque_nm(self) -> float:
+        """Mean root residual torque over the survived frames (N m)."""
+        return float(self.residual_torque_nm[:self._alive].mean())
+
+    @property
+    def _alive(self) -> int:
+        return max(1, round(self.survival * len(self.residual_force_n)))
+
+
+def track(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: TrackingConfig | None = None) -> TrackingResult:
+    """Simulate the balancing tracker (module doc) on the reference motion ``qpos`` (T, nq) sampled at ``fps``.
 
     Args:
-        humanoid: the body's humanoid.
-        qpos: (T, nq) reference configurations (:meth:`Humanoid.qpos`), T >= 3.
-        fps: frame rate (frames per second); ``humanoid.config.timestep_s`` must divide 1 / fps
-            into at least one step.
-        joint_torques_nm: (T, 21, 3) feed-forward torques (``InverseDynamicsResult.joint_torques_nm``);
-            required when ``cfg.feed_forward``.
+        humanoid: the body's humanoid (``tracker_model``: joint springs and floor contacts).
+        qpos: (T, nq) reference configurations (:meth:`Humanoid.qpos`), T >= ``cfg.smoothing_frames``.
+        fps: frame rate (frames per second); ``humanoid.config.timestep_s`` must divide 1 / fps into
+            whole steps and ``cfg.control_hz`` must divide ``fps``'s steps evenly.
 
     Raises:
-        ValueError: bad shapes, or feed-forward asked without torques.
+        ValueError: bad shapes, non-finite values, too few frames, or time steps that do not divide.
     """
     cfg = cfg or TrackingConfig()
     model = humanoid.tracker_model
     T = qpos.shape[0]
     if qpos.ndim != 2 or qpos.shape[1] != model.nq or not np.isfinite(qpos).all():
         raise ValueError(f"qpos must be a finite (T, {model.nq}) array from Humanoid.qpos, got shape {qpos.shape}.")
-    if cfg.feed_forward and (joint_torques_nm is None or joint_torques_nm.shape != (T, 21, 3)
-                             or not np.isfinite(joint_torques_nm).all()):
-        raise ValueError("feed-forward tracking needs finite joint_torques_nm of shape (T, 21, 3) from "
-                         "inverse_dynamics(..., joint_torques=True) (or TrackingConfig(feed_forward=False)).")
-    substeps = max(1, round(1.0 / (fps * model.opt.timestep)))
-    if abs(substeps * model.opt.timestep - 1.0 / fps) > 1e-9:
+    substeps = round(1.0 / (fps * model.opt.timestep))
+    if substeps < 1 or abs(substeps * model.opt.timestep - 1.0 / fps) > 1e-9:
         raise ValueError(f"HumanoidConfig.timestep_s={model.opt.timestep} does not divide a frame of 1/{fps} s into "
                          f"whole steps; use 1 / ({fps:g} x n) for an integer n (e.g. {1.0 / (3 * fps):.6g}).")
-    qvel, _ = finite_difference_velocities(model, qpos, fps)
+    steps_per_update = round(fps * substeps / cfg.control_hz)
+    if steps_per_update < 1 or substeps % steps_per_update:
+        raise ValueError(f"TrackingConfig.control_hz={cfg.control_hz} must divide the {substeps} simulation steps of "
+                         f"a frame at {fps:g} fps evenly (e.g. {fps:g} or {fps * substeps:g}).")
+    qvel_ref, qacc_ref = smoothed_derivatives(model, qpos, fps, cfg.smoothing_frames)
+    nv = model.nv
+    omega = 2 * math.pi * np.repeat([cfg.root_frequency_hz, cfg.root_rotation_frequency_hz], 3)
+    kp_root, kd_root = omega**2, 2 * cfg.root_damping_ratio * omega
+    quat_adr = np.concatenate([np.arange(a, a + 4) for a in humanoid.qpos_adr])
+    joint_damping = model.dof_damping[6:]
+    spring = model.qpos_spring  # edited per step; restored below
+    saved_spring = spring.copy()
+    ids = humanoid.body_ids
+    checked = ids[[0, HEAD_JOINT]]
+    controller = BalanceController(humanoid, cfg)
+    # the reference at each simulation step of each frame interval, linear between frames: accelerations and
+    # velocities at the step's start, the root's lead over frame t's pose (to first order), spring targets
+    # at the step's end (ball-joint springs normalise their quaternion)
+    start = (np.arange(substeps) / substeps)[None, :, None]  # (1, S, 1)
+    acc_sub = (1 - start) * qacc_ref[:-1, None] + start * qacc_ref[1:, None]  # (T - 1, S, nv)
+    vel_sub = (1 - start) * qvel_ref[:-1, None] + start * qvel_ref[1:, None]
+    lead = start / fps * qvel_ref[:-1, None, :6]  # (T - 1, S, 6)
+    end = start + 1.0 / substeps
+    spring_targets = (1 - end) * qpos[:-1, None, quat_adr] + end * qpos[1:, None, quat_adr]  # (T - 1, S, 84)
+    share = steps_per_update / substeps  # of a frame's interval, per control update
+
     reference = mujoco.MjData(model)
     data = mujoco.MjData(model)
-    data.qpos[:], data.qvel[:] = qpos[0], qvel[0]
-    spring = model.qpos_spring  # edited per frame; restored below
-    saved_spring = spring.copy()
-    quat_adr = np.concatenate([np.arange(a, a + 4) for a in humanoid.qpos_adr])
-    dof_adr = np.concatenate([np.arange(a, a + 3) for a in humanoid.dof_adr])
-    ids = humanoid.body_ids
-    simulated = np.empty((T, len(ids), 3))
-    errors, assists, failed_at = [], [], T
-    weight = humanoid.weight_n
-    omega = 2 * math.pi * cfg.assist_frequency_hz
-    root_inertia = humanoid.total_mass_kg * ROOT_GYRATION_M**2
-    kp = np.array([humanoid.total_mass_kg] * 3 + [root_inertia] * 3) * omega**2
-    kd = 2 * np.array([humanoid.total_mass_kg] * 3 + [root_inertia] * 3) * omega
-    to_reference = np.empty(model.nv)
+    data.qpos[:], data.qvel[:] = qpos[0], qvel_ref[0]
+    error = np.empty(nv)
+    simulated = np.zeros((T, len(ids), 3))
+    residual_force, residual_torque, contact_force = np.zeros(T), np.zeros(T), np.zeros(T)
+    errors, rises, slips, failed_at = [], [], [], T
     try:
+        mujoco.mj_kinematics(model, data)
+        previous_feet = controller.foot_points(data)
+        previous_planted = np.zeros(len(previous_feet), dtype=bool)
         for t in range(T):
             reference.qpos[:] = qpos[t]
             mujoco.mj_kinematics(model, reference)
-            if t > 0:
-                spring[quat_adr] = qpos[t][quat_adr]
-                if cfg.feed_forward:
-                    data.qfrc_applied[dof_adr] = joint_torques_nm[t].reshape(-1)
-                if cfg.assist_fraction > 0:
-                    frame_assist = 0.0
-                    for _ in range(substeps):  # the aid is recomputed every simulation step (stable PD)
-                        # displacement taking the simulated pose to the reference, root part: world
-                        # linear (0:3), pelvis-frame angular (3:6), as the free joint's dofs
-                        mujoco.mj_differentiatePos(model, to_reference, 1.0, data.qpos, qpos[t])
-                        aid = kp * to_reference[:6] + kd * (qvel[t, :6] - data.qvel[:6])
-                        aid[:3] = _clip_norm(aid[:3], cfg.assist_fraction * weight)
-                        aid[3:] = _clip_norm(aid[3:], cfg.assist_fraction * weight * 1.0)
-                        data.qfrc_applied[:6] = aid
-                        frame_assist += math.sqrt(aid[:3] @ aid[:3]) / substeps
-                        mujoco.mj_step(model, data)
-                    assists.append(frame_assist)
-                else:
-                    mujoco.mj_step(model, data, substeps)
-            else:
-                mujoco.mj_kinematics(model, data)
             simulated[t] = data.xpos[ids]
-            drift = np.linalg.norm(data.xpos[ids[[0, HEAD_JOINT]]] - reference.xpos[ids[[0, HEAD_JOINT]]], axis=-1)
+            drift = np.linalg.norm(data.xpos[checked] - reference.xpos[checked], axis=-1)
             if not np.isfinite(drift).all() or drift.max() > cfg.fail_distance_m:
                 failed_at = t
                 simulated[t:] = simulated[t]
                 break
             errors.append(np.linalg.norm(data.xpos[ids] - reference.xpos[ids], axis=-1).mean())
+            rises.append(data.xpos[ids[0], 2] - reference.xpos[ids[0], 2])
+            feet = controller.foot_points(data)
+            planted = feet[:, 2] <= TOUCHING_M
+            both = planted & previous_planted
+            slips.extend(np.linalg.norm(feet[both, :2] - previous_feet[both, :2], axis=-1) * fps)
+            previous_feet, previous_planted = feet, planted
+            if t == T - 1:
+                break
+            for step in range(substeps):
+                spring[quat_adr] = spring_targets[t, step]
+                if step % steps_per_update:
+                    mujoco.mj_step(model, data)
+                    continue
+                mujoco.mj_step1(model, data)  # positions, velocities, M, bias, contacts at the current state
+                vel = vel_sub[t, step]
+                mujoco.mj_differentiatePos(model, error, 1.0, data.qpos, qpos[t])
+                qdd = acc_sub[t, step].copy()
+                qdd[:6] += kp_root * (error[:6] + lead[t, step]) + kd_root * (vel[:6] - data.qvel[:6])
+                control = controller(data, qdd)
+                data.qfrc_applied[6:] = control.joint_torques + joint_damping * vel[6:]  # dampers: velocity error
+                data.qfrc_applied[:6] = control.residual
+                residual = control.residual
+                residual_force[t] += math.sqrt(residual[:3] @ residual[:3]) * share
+                residual_torque[t] += math.sqrt(residual[3:] @ residual[3:]) * share
+                contact_force[t] += control.forces[:, 2].sum() * share
+                mujoco.mj_step2(model, data)
     finally:
         spring[:] = saved_spring
     survival = failed_at / T
-    return TrackingResult(success=failed_at == T, survival=survival,
-                          tracking_error_m=float(np.mean(errors)) if errors else float("nan"),
-                          assist_n=float(np.mean(assists)) if assists else 0.0,
-                          simulated_joints=simulated)
+    alive = max(1, failed_at)
+    rise = float(np.mean(rises)) if rises else float("nan")
+    slip = float(np.mean(slips)) if slips else 0.0
+    success = (failed_at == T and residual_force[:alive].mean() <= cfg.max_residual_per_weight * humanoid.weight_n
+               and rise <= cfg.max_pelvis_rise_m)
+    return TrackingResult(success=bool(success), survival=survival,
+                          tracking_error_m=float(np.mean(errors)) if errors else float("nan"), pelvis_rise_m=rise,
+                          foot_slip_m_per_s=slip,
+                          residual_force_n=residual_force, residual_torque_nm=residual_torque,
+                          contact_force_n=contact_force, simulated_joints=simulated)
