@@ -27,6 +27,12 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from diffgrpo.exploration import ExplorationSubspace
+from diffgrpo.step_rules import (
+    StepCoefficients,
+    ddpm_family_coefficients,
+    flow_coefficients,
+    prediction_coefficients,
+)
 
 Method = Literal["ddim", "ddpm", "egoallo", "flow_sde", "cps"]
 Reduction = Literal["sum", "mean"]
@@ -100,76 +106,6 @@ def gaussian_log_prob(
     return out / dims if reduction == "mean" else out
 
 
-def posterior_variance(alpha_bar_t: Tensor, alpha_bar_next: Tensor) -> Tensor:
-    """Variance of q(x_{t'} | x_t, x0) for t' < t: (1 - abar')/(1 - abar) * (1 - abar/abar').
-
-    DDIM eq. (16) with eta = 1; also DDPM's "fixed_small" variance and EgoAllo's single-step std^2.
-    """
-    one_minus = 1.0 - alpha_bar_t
-    safe = torch.where(one_minus > 0, one_minus, torch.ones_like(one_minus))
-    var = (1.0 - alpha_bar_next) / safe * (1.0 - alpha_bar_t / alpha_bar_next)
-    return torch.where(one_minus > 0, var, torch.zeros_like(var)).clamp_min(0.0)
-
-
-def ddim_coefficients(alpha_bar_next: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
-    """(sqrt(abar'), sqrt(1 - abar' - std^2)): mean = c_x0 x0 + c_eps eps (DDIM eq. 12).
-
-    Why one home: ddim, ddpm and egoallo all use this mean; the DDPM posterior is it with std^2 = the
-    posterior variance and eps = (x_t - sqrt(abar) x0)/sqrt(1 - abar), EgoAllo's with its own std and
-    eps denominator sqrt(1 - abar + offset). Call it on float64 schedule values: 1 - abar' cancels badly
-    in float32 near t = 0.
-    """
-    radicand = 1.0 - alpha_bar_next - std.square()
-    if bool((radicand < -1e-9).any()):
-        raise ValueError(
-            "std^2 exceeds 1 - abar_next for some elements (no variance left for the eps direction); "
-            "lower eta or use adjacent timesteps."
-        )
-    return alpha_bar_next.sqrt(), radicand.clamp_min(0.0).sqrt()
-
-
-def _fold_eps_into_xt(c_x0: Tensor, c_eps: Tensor, alpha_bar_t: Tensor, eps_denominator: Tensor):
-    """Rewrite c_x0 x0 + c_eps eps with eps = (x_t - sqrt(abar) x0)/d as coefficients on x0 and x_t.
-
-    Folding in float64 keeps the mean accurate near t = 0, where x_t - sqrt(abar) x0 is tiny.
-    """
-    return c_x0 - c_eps * alpha_bar_t.sqrt() / eps_denominator, c_eps / eps_denominator
-
-
-def flow_sde_mean_std(
-    x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, eta: float
-) -> tuple[Tensor, Tensor]:
-    """Flow-GRPO's SDE step: s = eta sqrt(sigma/(1-sigma)), dt = sigma' - sigma,
-    mean = x + dt (v + s^2/(2 sigma) (x + (1-sigma) v)), std = s sqrt(-dt).
-
-    At sigma = 1 the factor 1/(1 - sigma) is infinite, so 1 - sigma' (the step's target) is used in
-    its place there. A step with dt = 0 is the identity; a step into sigma' = 0 lands deterministically
-    on x0 = x - sigma v (no noise level is left to hold noise). Masked branches use safe values so
-    gradients stay finite.
-    """
-    dt = sigma_next - sigma
-    degenerate = (dt >= 0) | (sigma_next <= 0)
-    safe_sigma = torch.where(degenerate, torch.full_like(sigma, 0.5), sigma)
-    one_minus = torch.where(safe_sigma >= 1, 1.0 - sigma_next, 1.0 - safe_sigma)
-    one_minus = torch.where(degenerate | (one_minus <= 0), torch.full_like(one_minus, 0.5), one_minus)
-    s = eta * (safe_sigma / one_minus).sqrt()
-    safe_dt = torch.where(degenerate, torch.full_like(dt, -0.5), dt)
-    x1 = x + (1.0 - safe_sigma) * v
-    sde_mean = x + safe_dt * (v + s.square() / (2.0 * safe_sigma) * x1)
-    end_mean = torch.where(dt >= 0, x, x - sigma * v)
-    mean = torch.where(degenerate, end_mean, sde_mean)
-    std = torch.where(degenerate, torch.zeros_like(s), s * (-safe_dt).sqrt())
-    return mean, std
-
-
-def cps_mean_std(x0: Tensor, x1: Tensor, sigma_next: Tensor, eta: float) -> tuple[Tensor, Tensor]:
-    """Coefficient-preserving sampling: std = sigma' sin(eta pi/2),
-    mean = (1 - sigma') x0 + sqrt(sigma'^2 - std^2) x1, so x_{t'} keeps the noise level sigma' exactly."""
-    std = sigma_next * math.sin(eta * math.pi / 2.0)
-    mean = (1.0 - sigma_next) * x0 + (sigma_next.square() - std.square()).clamp_min(0.0).sqrt() * x1
-    return mean, std
-
-
 def reverse_step(
     scheduler: DDIMScheduler | DDPMScheduler | FlowMatchEulerDiscreteScheduler,
     model_output: Float[Tensor, "B ..."],
@@ -201,7 +137,7 @@ def reverse_step(
       egoallo: mean = sqrt(abar') x0 + sqrt(1 - abar' - s^2) (x_t - sqrt(abar) x0) / sqrt(1 - abar + offset),
                s = eta sqrt(posterior_variance(abar_t, abar_{t-1})) (single-step, at t - 1 not t');
                s = 0 where abar' = 1 (a step into the clean end, e.g. t = 0 -> final, is deterministic).
-      flow_sde, cps: see `flow_sde_mean_std`, `cps_mean_std`; a step into sigma' = 0 is deterministic.
+      flow_sde, cps: see ``diffgrpo.step_rules``; a step into sigma' = 0 is deterministic.
     x0 follows the scheduler's `clip_sample` / `thresholding` settings, as diffusers' `step()` does.
     `log_prob_reduction`: "sum" (default: the exact density) or "mean" (per dimension, see
     `gaussian_log_prob`). `subspace` (``diffgrpo.exploration``): the noise lives in an orthonormal
@@ -230,40 +166,15 @@ def reverse_step(
     x_t, out = sample.to(dtype), model_output.to(dtype)
     bshape = (batch,) + (1,) * (sample.ndim - 1)  # (B, 1, ..., 1)
 
-    if family == "ddpm":
-        t, t_next = _resolve_ddpm_timesteps(scheduler, timestep, next_timestep, batch)
-        abar_t, abar_next, abar_prev1 = _alpha_bars(scheduler, t, t_next)  # (B,) float64, CPU
-        coef = lambda v: v.to(x_t.device, dtype).reshape(bshape)
-        x0, eps = _x0_eps(scheduler.config.prediction_type, out, x_t, coef(abar_t))
-        x0 = _clip_x0(scheduler, x0)
-        if method == "ddim":
-            std = eta * posterior_variance(abar_t, abar_next).sqrt()
-            c_x0, c_eps = ddim_coefficients(abar_next, std)
-            mean = torch.addcmul(coef(c_x0) * x0, coef(c_eps), eps)
-        else:
-            if method == "ddpm":
-                mean_std = posterior_variance(abar_t, abar_next).sqrt()  # the mean is always eta = 1's
-                std, denominator = eta * mean_std, (1.0 - abar_t).clamp_min(1e-20).sqrt()
-            else:  # egoallo: single-step std at t; a step into abar' = 1 has no noise budget left
-                std = eta * posterior_variance(abar_t, abar_prev1).sqrt()
-                std = mean_std = torch.where(abar_next >= 1.0, torch.zeros_like(std), std)
-                denominator = (1.0 - abar_t + egoallo_denominator_offset).sqrt()
-            c_x0, c_xt = _fold_eps_into_xt(*ddim_coefficients(abar_next, mean_std), abar_t, denominator)
-            mean = torch.addcmul(coef(c_x0) * x0, coef(c_xt), x_t)
-        std = coef(std)
-        resolved_next = t_next.to(dtype)
-    else:
-        sigma, sigma_next = _resolve_flow_sigmas(scheduler, timestep, next_timestep, batch)
-        sigma = sigma.to(x_t.device, dtype).reshape(bshape)
-        sigma_next = sigma_next.to(x_t.device, dtype).reshape(bshape)
-        x0 = x_t - sigma * out
-        if method == "flow_sde":
-            mean, std = flow_sde_mean_std(x_t, out, sigma, sigma_next, eta)
-        else:  # cps
-            mean, std = cps_mean_std(x0, x_t + (1.0 - sigma) * out, sigma_next, eta)
-        resolved_next = sigma_next.reshape(batch).cpu() * scheduler.config.num_train_timesteps
-
-    std = std.expand(bshape).contiguous()
+    coef, resolved_next = step_coefficients(scheduler, timestep, next_timestep, batch, method=method, eta=eta,
+                                            egoallo_denominator_offset=egoallo_denominator_offset)
+    view = lambda c: c.to(x_t.device, dtype).reshape(bshape)  # (B,) float64 -> (B, 1, ..., 1)
+    x0 = affine(view(coef.x0_x_t), x_t, view(coef.x0_out), out)
+    mean = affine(view(coef.mean_x_t), x_t, view(coef.mean_out), out)
+    if family == "ddpm" and clips_x0(scheduler):
+        clipped = _clip_x0(scheduler, x0)
+        mean, x0 = torch.addcmul(mean, view(coef.mean_x0), clipped - x0), clipped
+    std = view(coef.std)
     if subspace is None:
         if prev_sample is None:
             noise = _draw_noise(sample.shape, generator, x_t.device, dtype)
@@ -288,8 +199,92 @@ def reverse_step(
         log_prob=log_prob,
         x0_pred=x0,
         is_stochastic=std.reshape(batch) > 0,
-        next_timestep=resolved_next.to(x_t.device),
+        next_timestep=resolved_next.to(x_t.device, dtype),
         subspace=subspace,
+    )
+
+
+def step_coefficients(
+    scheduler, timestep, next_timestep, batch: int, *, method: Method | None, eta: float | Tensor,
+    egoallo_denominator_offset: float = 0.1,
+) -> tuple[StepCoefficients, Tensor]:
+    """The coefficients of ``batch`` steps t -> t' (``diffgrpo.step_rules``) and the resolved t' ((B,) float64).
+
+    ``timestep``/``next_timestep`` as in :func:`reverse_step`; ``eta`` a number or a (B,) tensor (one per
+    step, e.g. a chain's steps inside and outside its SDE window); ``method=None``: the scheduler's default.
+    The one place that reads the schedule's tables.
+    """
+    method = _default_method(scheduler) if method is None else method
+    family = _check_method(scheduler, method)
+    if family == "ddpm":
+        t, t_next = _resolve_ddpm_timesteps(scheduler, timestep, next_timestep, batch)
+        abar_t, abar_next, abar_prev1 = _alpha_bars(scheduler, t, t_next)  # (B,) float64, CPU
+        coef = ddpm_family_coefficients(method, scheduler.config.prediction_type, abar_t, abar_next, abar_prev1, eta,
+                                        egoallo_denominator_offset)
+        return coef, t_next.to(torch.float64)
+    sigma, sigma_next = _resolve_flow_sigmas(scheduler, timestep, next_timestep, batch)
+    return flow_coefficients(method, sigma, sigma_next, eta), sigma_next * scheduler.config.num_train_timesteps
+
+
+def affine(a: Tensor | float, x: Tensor, b: Tensor | float, y: Tensor) -> Tensor:
+    """a x + b y in two passes over the latents (one when a = 1); a, b numbers or tensors broadcasting to x."""
+    if isinstance(b, Tensor):
+        return torch.addcmul(x * a, b, y)
+    return torch.add(x if isinstance(a, float) and a == 1.0 else x * a, y, alpha=b)
+
+
+def fixed_step(
+    coef: StepCoefficients,
+    model_output: Float[Tensor, "B ..."],
+    sample: Float[Tensor, "B ..."],
+    *,
+    next_timestep: float,
+    prev_sample: Float[Tensor, "B ..."] | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    log_prob_reduction: Reduction = "sum",
+    clip_x0=None,
+) -> StepOutput:
+    """:func:`reverse_step` for one step whose coefficients are already known (``StepCoefficients.row``).
+
+    Why: a sampling chain fixes every (t, t') when it is built, so the schedule lookups, checks and
+    coefficient formulas run once per chain (``diffgrpo.chain``) and a step is only its arithmetic:
+    mean (2 passes), x0 (1), the noise draw and x_{t'} (2), and the squared distance for the density (2).
+    Same Gaussian as :func:`reverse_step` (to float32 rounding) and the same noise draws, so a chain
+    sampled here and re-scored here reproduces its log-probabilities exactly. ``clip_x0``: the scheduler's
+    x0 clipping (``_clip_x0`` bound to it) or None. ``next_timestep``: the resolved t' to report.
+    """
+    _check_shapes(model_output, sample, prev_sample)
+    batch = sample.shape[0]
+    dtype = torch.float64 if torch.float64 in (sample.dtype, model_output.dtype) else torch.float32
+    x_t, out = sample.to(dtype), model_output.to(dtype)
+    x0 = affine(coef.x0_x_t, x_t, coef.x0_out, out)
+    mean = affine(coef.mean_x_t, x_t, coef.mean_out, out)
+    if clip_x0 is not None:
+        clipped = clip_x0(x0)
+        mean, x0 = torch.add(mean, clipped - x0, alpha=coef.mean_x0), clipped
+    std = coef.std
+    if prev_sample is None:
+        noise = _draw_noise(sample.shape, generator, x_t.device, dtype)
+        prev_sample = torch.add(mean, noise, alpha=std).to(sample.dtype)
+    diff = (prev_sample.to(dtype) - mean).reshape(batch, -1)
+    if std > 0:  # gaussian_log_prob with one std for all: -|d|^2 / (2 std^2) - D (log std + log sqrt(2 pi))
+        dims = diff.shape[1]
+        log_prob = torch.linalg.vecdot(diff, diff).mul_(-0.5 / (std * std)).sub_(dims * (math.log(std) + _LOG_SQRT_2PI))
+        if log_prob_reduction == "mean":
+            log_prob = log_prob.div_(max(dims, 1))
+    else:  # no density; NaN/inf inputs still surface
+        log_prob = diff.sum(1).mul_(0.0)
+    if not bool(torch.isfinite(log_prob).all()):
+        _raise_non_finite(model_output, sample, prev_sample)
+    shape = (batch,) + (1,) * (sample.ndim - 1)
+    return StepOutput(
+        prev_sample=prev_sample,
+        mean=mean,
+        std=torch.full(shape, std, dtype=dtype, device=x_t.device),
+        log_prob=log_prob,
+        x0_pred=x0,
+        is_stochastic=torch.full((batch,), std > 0, device=x_t.device),
+        next_timestep=torch.full((batch,), next_timestep, dtype=dtype, device=x_t.device),
     )
 
 
@@ -428,13 +423,13 @@ def _alpha_bars(scheduler, t: Tensor, t_next: Tensor) -> tuple[Tensor, Tensor, T
 
 def _x0_eps(prediction_type: str, out: Tensor, x_t: Tensor, abar: Tensor) -> tuple[Tensor, Tensor]:
     """(x0, eps) from the model output, before any clipping (as diffusers' DDIM step does)."""
-    if prediction_type == "epsilon":
-        return torch.addcmul(x_t, out, -(1.0 - abar).sqrt()) / abar.sqrt(), out
-    if prediction_type == "sample":
-        return out, (x_t - abar.sqrt() * out) / (1.0 - abar).clamp_min(1e-20).sqrt()
-    if prediction_type == "v_prediction":
-        return abar.sqrt() * x_t - (1.0 - abar).sqrt() * out, abar.sqrt() * out + (1.0 - abar).sqrt() * x_t
-    raise ValueError(f"prediction_type={prediction_type!r} must be 'epsilon', 'sample' or 'v_prediction'.")
+    p, q, e_x, e_o = prediction_coefficients(prediction_type, abar)
+    return affine(p, x_t, q, out), affine(e_x, x_t, e_o, out)
+
+
+def clips_x0(scheduler) -> bool:
+    """Whether the scheduler clips or thresholds x0 (then the mean is not affine in the model output)."""
+    return bool(getattr(scheduler.config, "thresholding", False) or getattr(scheduler.config, "clip_sample", False))
 
 
 def _clip_x0(scheduler, x0: Tensor) -> Tensor:
