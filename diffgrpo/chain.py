@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,8 @@ from torch import Tensor
 
 from diffgrpo.config import SamplerConfig
 from diffgrpo.exploration import ExplorationSubspace
-from diffgrpo.sde import StepOutput, _clip_x0, clips_x0, fixed_step, reverse_step, step_coefficients
+from diffgrpo.schedule_tables import step_coefficients
+from diffgrpo.sde import StepOutput, _clip_x0, clips_x0, fixed_step, reverse_step
 from diffgrpo.step_rules import StepCoefficients
 
 
@@ -48,6 +50,8 @@ class SamplingChain:
     chain is made, so that a step is only its arithmetic on the latents (:func:`step_with_logprob`)."""
     next_timesteps: tuple[float, ...] = field(init=False, repr=False, compare=False)
     """Per step k: the resolved t_{k+1} a step reports (``StepOutput.next_timestep``)."""
+    clip_x0: Callable[[Tensor], Tensor] | None = field(init=False, repr=False, compare=False)
+    """The scheduler's x0 clipping or thresholding (``clip_sample``/``thresholding``), None without."""
 
     def __post_init__(self) -> None:
         etas = torch.tensor([self.sampler.eta_at(k) for k in range(len(self.timesteps) - 1)], dtype=torch.float64)
@@ -56,6 +60,8 @@ class SamplingChain:
                                            egoallo_denominator_offset=self.sampler.egoallo_denominator_offset)
         object.__setattr__(self, "steps", tuple(coef.row(k) for k in range(len(etas))))
         object.__setattr__(self, "next_timesteps", tuple(resolved.tolist()))
+        object.__setattr__(self, "clip_x0", functools.partial(_clip_x0, self.scheduler)
+                           if clips_x0(self.scheduler) else None)
 
     @classmethod
     def build(cls, scheduler, timesteps: Tensor, sampler: SamplerConfig, sample_shape: tuple[int, ...], *,
@@ -117,10 +123,9 @@ def step_with_logprob(
             method=sampler.method, log_prob_reduction=sampler.log_prob_reduction,
             egoallo_denominator_offset=sampler.egoallo_denominator_offset, subspace=chain.subspace,
         )
-    clip = functools.partial(_clip_x0, chain.scheduler) if clips_x0(chain.scheduler) else None
     return fixed_step(chain.steps[step], model_output, x_t, next_timestep=chain.next_timesteps[step],
                       prev_sample=prev_sample, generator=generator, log_prob_reduction=sampler.log_prob_reduction,
-                      clip_x0=clip)
+                      clip_x0=chain.clip_x0)
 
 
 def check_sampler(scheduler, timesteps: Tensor, sampler: SamplerConfig, *,

@@ -163,3 +163,13 @@ def test_the_precomputed_step_clips_x0_as_the_scheduler_does_and_sums_or_average
         torch.testing.assert_close(ours.mean, general.mean)
         summed = step_with_logprob(sum_chain, k, out, x_t, prev_sample=ours.prev_sample)
         torch.testing.assert_close(summed.log_prob / 12, ours.log_prob)
+
+
+@pytest.mark.unchecked_annotations
+def test_the_precomputed_step_names_non_finite_inputs_also_on_a_deterministic_step():
+    chain = _chain_of("flow_sde", "flow_prediction")
+    x_t, out = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    out[1, 0, 0] = float("nan")
+    for k in (0, chain.num_steps - 1):  # a stochastic step and the deterministic last one
+        with pytest.raises(ValueError, match=r"model_output has NaN/inf at batch elements \[1\]"):
+            step_with_logprob(chain, k, out, x_t, generator=torch.Generator().manual_seed(0))

@@ -67,8 +67,10 @@ class Config:
     per_call_shapes: tuple[str, ...] = ("8,4,4,4", "8,4,32,32", "8,16,64,64")
     """per_call: latent shapes, batch first."""
     rounds: int = 41
-    """per_call: interleaved rounds; each times ``calls_per_round`` calls of every contender."""
-    calls_per_round: int = 20
+    """per_call: interleaved rounds; each times a batch of calls of every contender."""
+    round_ms: float = 30.0
+    """per_call: calls per round are chosen so that the plain formula's share of a round takes about this long
+    (a scheduler time slice on a loaded machine is a few ms: short rounds measure the load, not the call)."""
     flow_steps: int = 10
     """per_call: flow-matching schedule length (shift 3, SD3's); the step timed is ``flow_step``."""
     flow_step: int = 3
@@ -153,23 +155,28 @@ def plain_flow_sde_step(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_ne
     return prev_sample, log_prob.sum(dim=tuple(range(1, x.ndim))), mean, std
 
 
-def _interleaved(contenders: dict[str, Callable[[], object]], cfg: Config, device: torch.device) -> dict[str, list]:
-    """Per-call seconds of each contender in each round; within a round the contenders run one after another."""
-    for fn in contenders.values():  # warm-up
-        for _ in range(3):
-            fn()
+def _seconds_per_call(fn: Callable[[], object], calls: int, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / calls
+
+
+def _interleaved(contenders: dict[str, Callable[[], object]], cfg: Config, device: torch.device,
+                 reference: str) -> tuple[dict[str, list], int]:
+    """Per-call seconds of each contender in each round (the contenders one after another within a round), and
+    the calls per round: as many as make ``reference`` take about ``cfg.round_ms``."""
+    warm = {name: min(_seconds_per_call(fn, 3, device) for _ in range(3)) for name, fn in contenders.items()}
+    calls = max(1, round(cfg.round_ms / 1e3 / warm[reference]))
     times: dict[str, list] = {name: [] for name in contenders}
     for _ in range(cfg.rounds):
         for name, fn in contenders.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            for _ in range(cfg.calls_per_round):
-                fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times[name].append((time.perf_counter() - start) / cfg.calls_per_round)
-    return times
+            times[name].append(_seconds_per_call(fn, calls, device))
+    return times, calls
 
 
 def per_call_shape(cfg: Config, shape: tuple[int, ...]) -> dict:
@@ -178,7 +185,8 @@ def per_call_shape(cfg: Config, shape: tuple[int, ...]) -> dict:
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     scheduler.set_timesteps(cfg.flow_steps)
     timesteps = torch.cat([scheduler.timesteps.float(), torch.zeros(1)])
-    chain = SamplingChain.build(scheduler, timesteps, SamplerConfig(method="flow_sde", eta=cfg.flow_eta), shape[1:])
+    sampler = SamplerConfig(method="flow_sde", eta=cfg.flow_eta, log_prob_reduction="sum")  # the exact density
+    chain = SamplingChain.build(scheduler, timesteps, sampler, shape[1:])
     k, batch = cfg.flow_step, shape[0]
     sigma, sigma_next = float(scheduler.sigmas[k]), float(scheduler.sigmas[k + 1])
     gen = torch.Generator(device).manual_seed(cfg.seed)
@@ -213,9 +221,9 @@ def per_call_shape(cfg: Config, shape: tuple[int, ...]) -> dict:
             scheduler, v, fg_t, x, noise_level=cfg.flow_eta, prev_sample=prev)
     out = {"shape": list(shape), "checks": checks}
     for mode, contenders in (("sampling", sampling), ("scoring", scoring)):
-        times = _interleaved(contenders, cfg, device)
+        times, calls = _interleaved(contenders, cfg, device, reference="plain formula")
         ours_times = times["diffgrpo step_with_logprob"]
-        out[mode] = {name: {"median_us": 1e6 * statistics.median(ts),
+        out[mode] = {name: {"median_us": 1e6 * statistics.median(ts), "calls_per_round": calls,
                             "ratio_ours_over_this": _ratio_summary(ours_times, ts)} for name, ts in times.items()}
     return out
 
@@ -243,7 +251,7 @@ def per_call_table(record: dict) -> str:
     cfg = record["config"]
     lines = [f"flow_sde step {cfg['flow_step']} of {cfg['flow_steps']} (shift 3), eta {cfg['flow_eta']}, "
              f"device={cfg['device']}, torch {record['torch']}, {record['torch_threads']} thread(s), "
-             f"{cfg['rounds']} interleaved rounds x {cfg['calls_per_round']} calls, load average "
+             f"{cfg['rounds']} interleaved rounds of about {cfg['round_ms']:.0f} ms per contender, load average "
              f"{record['load_average_before'][0]:.1f} -> {record['load_average_after'][0]:.1f} "
              f"on {record['cpu_count']} cores", "",
              "| latents | mode | contender | median per call (us) | diffgrpo / contender (median, p10-p90) |",
