@@ -250,7 +250,7 @@ def fixed_step(
     diff = ((prev_sample if prev_sample.dtype == dtype else prev_sample.to(dtype)) - mean).reshape(batch, -1)
     if std > 0:  # gaussian_log_prob with one std for all: -|d|^2 / (2 std^2) - D (log std + log sqrt(2 pi))
         dims = diff.shape[1]
-        sq_dist = torch.linalg.vector_norm(diff, dim=1).square_()  # one read of diff (vecdot is slower on CPUs)
+        sq_dist = torch.linalg.vector_norm(diff, dim=1).square()  # one read of diff (vecdot is slower on CPUs)
         log_prob = sq_dist.mul_(-0.5 / (std * std)).sub_(dims * (math.log(std) + _LOG_SQRT_2PI))
         if log_prob_reduction == "mean":
             log_prob = log_prob.div_(max(dims, 1))

@@ -173,3 +173,23 @@ def test_the_precomputed_step_names_non_finite_inputs_also_on_a_deterministic_st
     for k in (0, chain.num_steps - 1):  # a stochastic step and the deterministic last one
         with pytest.raises(ValueError, match=r"model_output has NaN/inf at batch elements \[1\]"):
             step_with_logprob(chain, k, out, x_t, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("method, prediction_type", [("ddim", "v_prediction"), ("flow_sde", "flow_prediction")])
+def test_the_precomputed_step_has_the_general_steps_gradient(method: str, prediction_type: str):
+    """The update differentiates log pi through the chain's step: same gradient as the per-call step."""
+    chain = _chain_of(method, prediction_type)
+    x_t, out = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    prev = step_with_logprob(chain, 1, out, x_t, generator=torch.Generator().manual_seed(0)).prev_sample
+    grads = []
+    for fused in (True, False):
+        leaf = out.clone().requires_grad_(True)
+        if fused:
+            step = step_with_logprob(chain, 1, leaf, x_t, prev_sample=prev)
+        else:
+            step = reverse_step(chain.scheduler, leaf, chain.timesteps[1].expand(2), x_t, eta=chain.sampler.eta_at(1),
+                                prev_sample=prev, next_timestep=chain.timesteps[2].expand(2), method=method,
+                                log_prob_reduction=chain.sampler.log_prob_reduction)
+        (step.log_prob.sum() + step.x0_pred.sum()).backward()
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
