@@ -256,7 +256,7 @@ def fixed_step(
             log_prob = log_prob.div_(max(dims, 1))
     else:  # no density; NaN/inf inputs still surface
         log_prob = diff.sum(1).mul_(0.0)
-    if not math.isfinite(float(log_prob.sum())):  # one reduction: any NaN/inf element makes the sum non-finite
+    if not math.isfinite(float(log_prob.detach().sum())):  # one reduction: any NaN/inf element makes the sum non-finite
         _raise_non_finite(model_output, sample, prev_sample)
     shape = (batch,) + (1,) * (sample.ndim - 1)
     return StepOutput(
