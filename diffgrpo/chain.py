@@ -14,7 +14,9 @@ Shapes: K steps, K+1 timesteps in sampling order (the noisiest first); S the sam
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,7 +24,9 @@ from torch import Tensor
 
 from diffgrpo.config import SamplerConfig
 from diffgrpo.exploration import ExplorationSubspace
-from diffgrpo.sde import StepOutput, reverse_step
+from diffgrpo.schedule_tables import step_coefficients
+from diffgrpo.sde import StepOutput, _clip_x0, clips_x0, fixed_step, reverse_step
+from diffgrpo.step_rules import StepCoefficients
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,23 @@ class SamplingChain:
     """S, one sample's shape without the batch axis."""
     subspace: ExplorationSubspace | None
     """Where the stochastic steps put their noise (None: everywhere), built once for ``sample_shape``."""
+    steps: tuple[StepCoefficients, ...] = field(init=False, repr=False, compare=False)
+    """Per step k: its coefficients (``diffgrpo.step_rules``) as numbers, computed once in float64 when the
+    chain is made, so that a step is only its arithmetic on the latents (:func:`step_with_logprob`)."""
+    next_timesteps: tuple[float, ...] = field(init=False, repr=False, compare=False)
+    """Per step k: the resolved t_{k+1} a step reports (``StepOutput.next_timestep``)."""
+    clip_x0: Callable[[Tensor], Tensor] | None = field(init=False, repr=False, compare=False)
+    """The scheduler's x0 clipping or thresholding (``clip_sample``/``thresholding``), None without."""
+
+    def __post_init__(self) -> None:
+        etas = torch.tensor([self.sampler.eta_at(k) for k in range(len(self.timesteps) - 1)], dtype=torch.float64)
+        coef, resolved = step_coefficients(self.scheduler, self.timesteps[:-1], self.timesteps[1:], len(etas),
+                                           method=self.sampler.method, eta=etas,
+                                           egoallo_denominator_offset=self.sampler.egoallo_denominator_offset)
+        object.__setattr__(self, "steps", tuple(coef.row(k) for k in range(len(etas))))
+        object.__setattr__(self, "next_timesteps", tuple(resolved.tolist()))
+        object.__setattr__(self, "clip_x0", functools.partial(_clip_x0, self.scheduler)
+                           if clips_x0(self.scheduler) else None)
 
     @classmethod
     def build(cls, scheduler, timesteps: Tensor, sampler: SamplerConfig, sample_shape: tuple[int, ...], *,
@@ -87,19 +108,24 @@ def step_with_logprob(
     the samples x_t (B, *S) given the network's ``model_output`` (B, *S).
 
     Why: sampling and re-scoring go through this one call, so the update re-scores a recorded step
-    with the very numerics that sampled it (on-policy ratio exactly 1). The Gaussian itself is
-    ``diffgrpo.sde.reverse_step`` at (t_k, t_{k+1}) with ``chain.sampler.eta_at(step)``.
+    with the very numerics that sampled it (on-policy ratio exactly 1). The Gaussian is that of
+    ``diffgrpo.sde.reverse_step`` at (t_k, t_{k+1}) with ``chain.sampler.eta_at(step)`` (equal to float32
+    rounding), from the step's coefficients computed once when the chain was made
+    (``diffgrpo.sde.fixed_step``: no table lookups or formulas per call); with an exploration subspace it
+    is ``reverse_step`` itself.
     """
-    n = x_t.shape[0]
-    t = chain.timesteps[step].to(x_t.device).expand(n)
-    t_next = chain.timesteps[step + 1].to(x_t.device).expand(n)
     sampler = chain.sampler
-    return reverse_step(
-        chain.scheduler, model_output, t, x_t, eta=sampler.eta_at(step), prev_sample=prev_sample,
-        generator=generator, next_timestep=t_next, method=sampler.method,
-        log_prob_reduction=sampler.log_prob_reduction,
-        egoallo_denominator_offset=sampler.egoallo_denominator_offset, subspace=chain.subspace,
-    )
+    if chain.subspace is not None:  # noise in a subspace: the general step (its eta = 0 part is a second mean)
+        n = x_t.shape[0]
+        return reverse_step(
+            chain.scheduler, model_output, chain.timesteps[step].expand(n), x_t, eta=sampler.eta_at(step),
+            prev_sample=prev_sample, generator=generator, next_timestep=chain.timesteps[step + 1].expand(n),
+            method=sampler.method, log_prob_reduction=sampler.log_prob_reduction,
+            egoallo_denominator_offset=sampler.egoallo_denominator_offset, subspace=chain.subspace,
+        )
+    return fixed_step(chain.steps[step], model_output, x_t, next_timestep=chain.next_timesteps[step],
+                      prev_sample=prev_sample, generator=generator, log_prob_reduction=sampler.log_prob_reduction,
+                      clip_x0=chain.clip_x0)
 
 
 def check_sampler(scheduler, timesteps: Tensor, sampler: SamplerConfig, *,

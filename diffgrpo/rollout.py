@@ -155,8 +155,8 @@ def rollout(
         log_probs.append(torch.cat([o.log_prob for o in outputs]))
         if kept_x0 is None or k in kept_x0:
             x0_preds.append(torch.cat([o.x0_pred for o in outputs]))
-        stochastic.append(bool(torch.cat([o.is_stochastic for o in outputs]).all()))
-        stds.append(float(torch.cat([o.std.reshape(-1) for o in outputs]).mean()))
+        stds.append(chain.steps[k].std)  # known when the chain was made: no device sync per step
+        stochastic.append(chain.steps[k].std > 0)
     return Trajectory(
         states=torch.stack(states, dim=1),
         timesteps=t_all,

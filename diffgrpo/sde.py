@@ -13,6 +13,12 @@ Conventions
 - Flow matching (`FlowMatchEulerDiscreteScheduler`): x_t = (1 - sigma) x0 + sigma x1 (x1 = noise),
   the model predicts v = x1 - x0, and sigma = t / num_train_timesteps.
 - Densities are computed in float32 (float64 if an input is float64), whatever the model's dtype.
+
+Where the rest lives: each method's formulas, as coefficients of an affine map of (x_t, model output),
+in ``diffgrpo.step_rules``; reading (t, t') and abar / sigma from the scheduler's tables in
+``diffgrpo.schedule_tables``. This module turns coefficients into the Gaussian step and its density:
+:func:`reverse_step` for any (t, t') per element, :func:`fixed_step` for a chain's step whose
+coefficients were computed once (``diffgrpo.chain``).
 """
 
 from __future__ import annotations
@@ -27,11 +33,10 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from diffgrpo.exploration import ExplorationSubspace
+from diffgrpo.schedule_tables import Method, _check_method, _default_method, step_coefficients
+from diffgrpo.step_rules import StepCoefficients, prediction_coefficients
 
-Method = Literal["ddim", "ddpm", "egoallo", "flow_sde", "cps"]
 Reduction = Literal["sum", "mean"]
-DDPM_FAMILY_METHODS = ("ddim", "ddpm", "egoallo")
-FLOW_METHODS = ("flow_sde", "cps")
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
@@ -100,76 +105,6 @@ def gaussian_log_prob(
     return out / dims if reduction == "mean" else out
 
 
-def posterior_variance(alpha_bar_t: Tensor, alpha_bar_next: Tensor) -> Tensor:
-    """Variance of q(x_{t'} | x_t, x0) for t' < t: (1 - abar')/(1 - abar) * (1 - abar/abar').
-
-    DDIM eq. (16) with eta = 1; also DDPM's "fixed_small" variance and EgoAllo's single-step std^2.
-    """
-    one_minus = 1.0 - alpha_bar_t
-    safe = torch.where(one_minus > 0, one_minus, torch.ones_like(one_minus))
-    var = (1.0 - alpha_bar_next) / safe * (1.0 - alpha_bar_t / alpha_bar_next)
-    return torch.where(one_minus > 0, var, torch.zeros_like(var)).clamp_min(0.0)
-
-
-def ddim_coefficients(alpha_bar_next: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
-    """(sqrt(abar'), sqrt(1 - abar' - std^2)): mean = c_x0 x0 + c_eps eps (DDIM eq. 12).
-
-    Why one home: ddim, ddpm and egoallo all use this mean; the DDPM posterior is it with std^2 = the
-    posterior variance and eps = (x_t - sqrt(abar) x0)/sqrt(1 - abar), EgoAllo's with its own std and
-    eps denominator sqrt(1 - abar + offset). Call it on float64 schedule values: 1 - abar' cancels badly
-    in float32 near t = 0.
-    """
-    radicand = 1.0 - alpha_bar_next - std.square()
-    if bool((radicand < -1e-9).any()):
-        raise ValueError(
-            "std^2 exceeds 1 - abar_next for some elements (no variance left for the eps direction); "
-            "lower eta or use adjacent timesteps."
-        )
-    return alpha_bar_next.sqrt(), radicand.clamp_min(0.0).sqrt()
-
-
-def _fold_eps_into_xt(c_x0: Tensor, c_eps: Tensor, alpha_bar_t: Tensor, eps_denominator: Tensor):
-    """Rewrite c_x0 x0 + c_eps eps with eps = (x_t - sqrt(abar) x0)/d as coefficients on x0 and x_t.
-
-    Folding in float64 keeps the mean accurate near t = 0, where x_t - sqrt(abar) x0 is tiny.
-    """
-    return c_x0 - c_eps * alpha_bar_t.sqrt() / eps_denominator, c_eps / eps_denominator
-
-
-def flow_sde_mean_std(
-    x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, eta: float
-) -> tuple[Tensor, Tensor]:
-    """Flow-GRPO's SDE step: s = eta sqrt(sigma/(1-sigma)), dt = sigma' - sigma,
-    mean = x + dt (v + s^2/(2 sigma) (x + (1-sigma) v)), std = s sqrt(-dt).
-
-    At sigma = 1 the factor 1/(1 - sigma) is infinite, so 1 - sigma' (the step's target) is used in
-    its place there. A step with dt = 0 is the identity; a step into sigma' = 0 lands deterministically
-    on x0 = x - sigma v (no noise level is left to hold noise). Masked branches use safe values so
-    gradients stay finite.
-    """
-    dt = sigma_next - sigma
-    degenerate = (dt >= 0) | (sigma_next <= 0)
-    safe_sigma = torch.where(degenerate, torch.full_like(sigma, 0.5), sigma)
-    one_minus = torch.where(safe_sigma >= 1, 1.0 - sigma_next, 1.0 - safe_sigma)
-    one_minus = torch.where(degenerate | (one_minus <= 0), torch.full_like(one_minus, 0.5), one_minus)
-    s = eta * (safe_sigma / one_minus).sqrt()
-    safe_dt = torch.where(degenerate, torch.full_like(dt, -0.5), dt)
-    x1 = x + (1.0 - safe_sigma) * v
-    sde_mean = x + safe_dt * (v + s.square() / (2.0 * safe_sigma) * x1)
-    end_mean = torch.where(dt >= 0, x, x - sigma * v)
-    mean = torch.where(degenerate, end_mean, sde_mean)
-    std = torch.where(degenerate, torch.zeros_like(s), s * (-safe_dt).sqrt())
-    return mean, std
-
-
-def cps_mean_std(x0: Tensor, x1: Tensor, sigma_next: Tensor, eta: float) -> tuple[Tensor, Tensor]:
-    """Coefficient-preserving sampling: std = sigma' sin(eta pi/2),
-    mean = (1 - sigma') x0 + sqrt(sigma'^2 - std^2) x1, so x_{t'} keeps the noise level sigma' exactly."""
-    std = sigma_next * math.sin(eta * math.pi / 2.0)
-    mean = (1.0 - sigma_next) * x0 + (sigma_next.square() - std.square()).clamp_min(0.0).sqrt() * x1
-    return mean, std
-
-
 def reverse_step(
     scheduler: DDIMScheduler | DDPMScheduler | FlowMatchEulerDiscreteScheduler,
     model_output: Float[Tensor, "B ..."],
@@ -201,7 +136,7 @@ def reverse_step(
       egoallo: mean = sqrt(abar') x0 + sqrt(1 - abar' - s^2) (x_t - sqrt(abar) x0) / sqrt(1 - abar + offset),
                s = eta sqrt(posterior_variance(abar_t, abar_{t-1})) (single-step, at t - 1 not t');
                s = 0 where abar' = 1 (a step into the clean end, e.g. t = 0 -> final, is deterministic).
-      flow_sde, cps: see `flow_sde_mean_std`, `cps_mean_std`; a step into sigma' = 0 is deterministic.
+      flow_sde, cps: see ``diffgrpo.step_rules``; a step into sigma' = 0 is deterministic.
     x0 follows the scheduler's `clip_sample` / `thresholding` settings, as diffusers' `step()` does.
     `log_prob_reduction`: "sum" (default: the exact density) or "mean" (per dimension, see
     `gaussian_log_prob`). `subspace` (``diffgrpo.exploration``): the noise lives in an orthonormal
@@ -230,40 +165,15 @@ def reverse_step(
     x_t, out = sample.to(dtype), model_output.to(dtype)
     bshape = (batch,) + (1,) * (sample.ndim - 1)  # (B, 1, ..., 1)
 
-    if family == "ddpm":
-        t, t_next = _resolve_ddpm_timesteps(scheduler, timestep, next_timestep, batch)
-        abar_t, abar_next, abar_prev1 = _alpha_bars(scheduler, t, t_next)  # (B,) float64, CPU
-        coef = lambda v: v.to(x_t.device, dtype).reshape(bshape)
-        x0, eps = _x0_eps(scheduler.config.prediction_type, out, x_t, coef(abar_t))
-        x0 = _clip_x0(scheduler, x0)
-        if method == "ddim":
-            std = eta * posterior_variance(abar_t, abar_next).sqrt()
-            c_x0, c_eps = ddim_coefficients(abar_next, std)
-            mean = torch.addcmul(coef(c_x0) * x0, coef(c_eps), eps)
-        else:
-            if method == "ddpm":
-                mean_std = posterior_variance(abar_t, abar_next).sqrt()  # the mean is always eta = 1's
-                std, denominator = eta * mean_std, (1.0 - abar_t).clamp_min(1e-20).sqrt()
-            else:  # egoallo: single-step std at t; a step into abar' = 1 has no noise budget left
-                std = eta * posterior_variance(abar_t, abar_prev1).sqrt()
-                std = mean_std = torch.where(abar_next >= 1.0, torch.zeros_like(std), std)
-                denominator = (1.0 - abar_t + egoallo_denominator_offset).sqrt()
-            c_x0, c_xt = _fold_eps_into_xt(*ddim_coefficients(abar_next, mean_std), abar_t, denominator)
-            mean = torch.addcmul(coef(c_x0) * x0, coef(c_xt), x_t)
-        std = coef(std)
-        resolved_next = t_next.to(dtype)
-    else:
-        sigma, sigma_next = _resolve_flow_sigmas(scheduler, timestep, next_timestep, batch)
-        sigma = sigma.to(x_t.device, dtype).reshape(bshape)
-        sigma_next = sigma_next.to(x_t.device, dtype).reshape(bshape)
-        x0 = x_t - sigma * out
-        if method == "flow_sde":
-            mean, std = flow_sde_mean_std(x_t, out, sigma, sigma_next, eta)
-        else:  # cps
-            mean, std = cps_mean_std(x0, x_t + (1.0 - sigma) * out, sigma_next, eta)
-        resolved_next = sigma_next.reshape(batch).cpu() * scheduler.config.num_train_timesteps
-
-    std = std.expand(bshape).contiguous()
+    coef, resolved_next = step_coefficients(scheduler, timestep, next_timestep, batch, method=method, eta=eta,
+                                            egoallo_denominator_offset=egoallo_denominator_offset)
+    view = lambda c: c.to(x_t.device, dtype).reshape(bshape)  # (B,) float64 -> (B, 1, ..., 1)
+    x0 = affine(view(coef.x0_x_t), x_t, view(coef.x0_out), out)
+    mean = affine(view(coef.mean_x_t), x_t, view(coef.mean_out), out)
+    if family == "ddpm" and clips_x0(scheduler):
+        clipped = _clip_x0(scheduler, x0)
+        mean, x0 = mean.addcmul_(view(coef.mean_x0), clipped - x0), clipped
+    std = view(coef.std)
     if subspace is None:
         if prev_sample is None:
             noise = _draw_noise(sample.shape, generator, x_t.device, dtype)
@@ -288,44 +198,76 @@ def reverse_step(
         log_prob=log_prob,
         x0_pred=x0,
         is_stochastic=std.reshape(batch) > 0,
-        next_timestep=resolved_next.to(x_t.device),
+        next_timestep=resolved_next.to(x_t.device, dtype),
         subspace=subspace,
     )
 
 
-def _default_method(scheduler: object) -> Method:
-    if isinstance(scheduler, DDIMScheduler):
-        return "ddim"
-    if isinstance(scheduler, DDPMScheduler):
-        return "ddpm"
-    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
-        return "flow_sde"
-    raise ValueError(
-        f"unsupported scheduler {type(scheduler).__name__}; use DDIMScheduler, DDPMScheduler or "
-        "FlowMatchEulerDiscreteScheduler (their tables are what the densities are read from)."
+def affine(a: Tensor | float, x: Tensor, b: Tensor | float, y: Tensor) -> Tensor:
+    """a x + b y: one new tensor, two passes over the latents (one when a = 1); a, b numbers or tensors
+    broadcasting to x. (On a CPU, writing a fresh tensor costs several times an in-place pass: its pages are new.)"""
+    if isinstance(b, Tensor):
+        return (x * a).addcmul_(b, y)
+    if isinstance(a, float) and a == 1.0:
+        return torch.add(x, y, alpha=b)
+    return (x * a).add_(y, alpha=b)
+
+
+def fixed_step(
+    coef: StepCoefficients,
+    model_output: Float[Tensor, "B ..."],
+    sample: Float[Tensor, "B ..."],
+    *,
+    next_timestep: float,
+    prev_sample: Float[Tensor, "B ..."] | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    log_prob_reduction: Reduction = "sum",
+    clip_x0=None,
+) -> StepOutput:
+    """:func:`reverse_step` for one step whose coefficients are already known (``StepCoefficients.row``).
+
+    Why: a sampling chain fixes every (t, t') when it is built, so the schedule lookups, checks and
+    coefficient formulas run once per chain (``diffgrpo.chain``) and a step is only its arithmetic:
+    mean (2 passes), x0 (1), the noise draw and x_{t'} (2, in place), and the squared distance for the
+    density (2), with three new latent-sized tensors when scoring and four when sampling.
+    Same Gaussian as :func:`reverse_step` (to float32 rounding) and the same noise draws, so a chain
+    sampled here and re-scored here reproduces its log-probabilities exactly. ``clip_x0``: the scheduler's
+    x0 clipping (``_clip_x0`` bound to it) or None. ``next_timestep``: the resolved t' to report.
+    """
+    _check_shapes(model_output, sample, prev_sample)
+    batch = sample.shape[0]
+    dtype = torch.float64 if torch.float64 in (sample.dtype, model_output.dtype) else torch.float32
+    x_t = sample if sample.dtype == dtype else sample.to(dtype)
+    out = model_output if model_output.dtype == dtype else model_output.to(dtype)
+    x0 = affine(coef.x0_x_t, x_t, coef.x0_out, out)
+    mean = affine(coef.mean_x_t, x_t, coef.mean_out, out)
+    if clip_x0 is not None:
+        clipped = clip_x0(x0)
+        mean, x0 = mean.add_(clipped - x0, alpha=coef.mean_x0), clipped
+    std = coef.std
+    if prev_sample is None:  # x_{t'} = mean + std noise, written into the noise's own memory
+        prev_sample = _draw_noise(sample.shape, generator, x_t.device, dtype).mul_(std).add_(mean).to(sample.dtype)
+    diff = ((prev_sample if prev_sample.dtype == dtype else prev_sample.to(dtype)) - mean).reshape(batch, -1)
+    if std > 0:  # gaussian_log_prob with one std for all: -|d|^2 / (2 std^2) - D (log std + log sqrt(2 pi))
+        dims = diff.shape[1]
+        sq_dist = torch.linalg.vector_norm(diff, dim=1).square()  # one read of diff (vecdot is slower on CPUs)
+        log_prob = sq_dist.mul_(-0.5 / (std * std)).sub_(dims * (math.log(std) + _LOG_SQRT_2PI))
+        if log_prob_reduction == "mean":
+            log_prob = log_prob.div_(max(dims, 1))
+    else:  # no density; NaN/inf inputs still surface
+        log_prob = diff.sum(1).mul_(0.0)
+    if not math.isfinite(float(log_prob.detach().sum())):  # one reduction: any NaN/inf element makes the sum non-finite
+        _raise_non_finite(model_output, sample, prev_sample)
+    shape = (batch,) + (1,) * (sample.ndim - 1)
+    return StepOutput(
+        prev_sample=prev_sample,
+        mean=mean,
+        std=torch.full(shape, std, dtype=dtype, device=x_t.device),
+        log_prob=log_prob,
+        x0_pred=x0,
+        is_stochastic=torch.full((batch,), std > 0, device=x_t.device),
+        next_timestep=torch.full((batch,), next_timestep, dtype=dtype, device=x_t.device),
     )
-
-
-def _check_method(scheduler: object, method: str) -> Literal["ddpm", "flow"]:
-    family = "flow" if _default_method(scheduler) == "flow_sde" else "ddpm"
-    allowed = FLOW_METHODS if family == "flow" else DDPM_FAMILY_METHODS
-    if method not in DDPM_FAMILY_METHODS + FLOW_METHODS:
-        raise ValueError(f"unknown method {method!r}; known: {DDPM_FAMILY_METHODS + FLOW_METHODS}.")
-    if method not in allowed:
-        raise ValueError(
-            f"method {method!r} does not apply to {type(scheduler).__name__}; pass one of {allowed} "
-            "or use a scheduler of the matching family."
-        )
-    variance_type = getattr(scheduler.config, "variance_type", "fixed_small")
-    if method == "ddpm" and variance_type not in ("fixed_small", "fixed_small_log"):
-        raise ValueError(
-            f"method 'ddpm' is the exact posterior (variance_type='fixed_small') but the scheduler has "
-            f"variance_type={variance_type!r}; build it with variance_type='fixed_small' or use 'ddim'."
-        )
-    if family == "flow" and scheduler.config.invert_sigmas:
-        raise ValueError("invert_sigmas=True (sigma rising 0 -> 1) is not supported; build the scheduler "
-                         "with invert_sigmas=False.")
-    return family
 
 
 def _check_shapes(model_output: Tensor, sample: Tensor, prev_sample: Tensor | None) -> None:
@@ -358,83 +300,15 @@ def _raise_non_finite(model_output: Tensor, sample: Tensor, prev_sample: Tensor)
     )
 
 
-def _as_batch(value: int | float | Tensor, batch: int, name: str) -> Tensor:
-    """Scalar or (B,) -> (B,) float64 on CPU (schedule lookups are tiny and the tables live on CPU)."""
-    tensor = torch.as_tensor(value).detach().to("cpu", torch.float64)
-    if tensor.numel() == 1:
-        return tensor.reshape(1).expand(batch).clone()
-    if tensor.shape != (batch,):
-        raise ValueError(f"{name} has shape {tuple(tensor.shape)}; pass a scalar or a ({batch},) tensor.")
-    return tensor
-
-
-def _resolve_ddpm_timesteps(scheduler, timestep, next_timestep, batch: int) -> tuple[Tensor, Tensor]:
-    """(t, t') as (B,) int64 on CPU; t' = -1 marks the final step."""
-    t = _as_batch(timestep, batch, "timestep")
-    num_train = scheduler.alphas_cumprod.shape[0]
-    if bool((t != t.round()).any()) or bool(((t < 0) | (t >= num_train)).any()):
-        raise ValueError(f"timestep {t.tolist()[:8]} must be integers in [0, {num_train - 1}] (they index "
-                         "alphas_cumprod; EgoAllo's k is diffusers' k - 1).")
-    t = t.long()
-    if next_timestep is not None:
-        t_next = _as_batch(next_timestep, batch, "next_timestep")
-        if bool((t_next != t_next.round()).any()):
-            raise ValueError(f"next_timestep {t_next.tolist()[:8]} must be integers (-1 = final).")
-        t_next = t_next.long().clamp_min(-1)
-    elif isinstance(scheduler, DDIMScheduler) and scheduler.num_inference_steps is None:
-        raise ValueError(
-            "DDIMScheduler has no num_inference_steps; call set_timesteps(n) or pass next_timestep."
-        )
-    elif isinstance(scheduler, DDIMScheduler) or scheduler.custom_timesteps or scheduler.num_inference_steps:
-        t_next = _next_in_table(scheduler.timesteps, t)
-    else:  # DDPMScheduler before set_timesteps walks every training step, as its previous_timestep() does
-        t_next = t - 1
-    if bool((t_next > t).any()):
-        raise ValueError("next_timestep must not be noisier than timestep (t' <= t); reverse steps go down.")
-    return t, t_next
-
-
-def _next_in_table(timesteps: Tensor, t: Tensor) -> Tensor:
-    """The entry after each t in the scheduler's `timesteps` table, -1 (final) after its last entry.
-
-    Why the table and never t - T // n: "linspace" and "trailing" spacings (and custom tables) are not
-    evenly spaced by T // n, so arithmetic silently pairs x_t with the wrong abar' (linspace, n = 10:
-    999 -> 899 instead of 888, and 111 -> 11 instead of 0).
-    """
-    table = timesteps.detach().to("cpu").long()  # (N,)
-    hits = t[:, None] == table[None, :]  # (B, N)
-    count = hits.sum(1)
-    if bool((count != 1).any()):
-        missing = sorted(set(t[count != 1].tolist()))[:8]
-        raise ValueError(
-            f"timestep {missing} is not (exactly once) in scheduler.timesteps {table.tolist()[:8]}..., so "
-            "its next timestep is unknown; pass next_timestep explicitly (or step on the table's entries)."
-        )
-    index = hits.long().argmax(1) + 1  # (B,)
-    return torch.where(index < table.shape[0], table[index.clamp_max(table.shape[0] - 1)], -1)
-
-
-def _alpha_bars(scheduler, t: Tensor, t_next: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """abar_t, abar_{t'} and abar_{t-1} (EgoAllo's single-step value) as (B,) float64 on CPU."""
-    table = scheduler.alphas_cumprod.detach().to("cpu", torch.float64)
-    final = scheduler.final_alpha_cumprod if isinstance(scheduler, DDIMScheduler) else torch.tensor(1.0)
-    final = final.detach().to("cpu", torch.float64)
-
-    def lookup(index: Tensor) -> Tensor:
-        return torch.where(index >= 0, table[index.clamp_min(0)], final)
-
-    return lookup(t), lookup(t_next), lookup(t - 1)
-
-
 def _x0_eps(prediction_type: str, out: Tensor, x_t: Tensor, abar: Tensor) -> tuple[Tensor, Tensor]:
     """(x0, eps) from the model output, before any clipping (as diffusers' DDIM step does)."""
-    if prediction_type == "epsilon":
-        return torch.addcmul(x_t, out, -(1.0 - abar).sqrt()) / abar.sqrt(), out
-    if prediction_type == "sample":
-        return out, (x_t - abar.sqrt() * out) / (1.0 - abar).clamp_min(1e-20).sqrt()
-    if prediction_type == "v_prediction":
-        return abar.sqrt() * x_t - (1.0 - abar).sqrt() * out, abar.sqrt() * out + (1.0 - abar).sqrt() * x_t
-    raise ValueError(f"prediction_type={prediction_type!r} must be 'epsilon', 'sample' or 'v_prediction'.")
+    p, q, e_x, e_o = prediction_coefficients(prediction_type, abar)
+    return affine(p, x_t, q, out), affine(e_x, x_t, e_o, out)
+
+
+def clips_x0(scheduler) -> bool:
+    """Whether the scheduler clips or thresholds x0 (then the mean is not affine in the model output)."""
+    return bool(getattr(scheduler.config, "thresholding", False) or getattr(scheduler.config, "clip_sample", False))
 
 
 def _clip_x0(scheduler, x0: Tensor) -> Tensor:
@@ -444,39 +318,6 @@ def _clip_x0(scheduler, x0: Tensor) -> Tensor:
         bound = scheduler.config.clip_sample_range
         return x0.clamp(-bound, bound)
     return x0
-
-
-def _resolve_flow_sigmas(scheduler, timestep, next_timestep, batch: int) -> tuple[Tensor, Tensor]:
-    """(sigma, sigma') as (B,) float64 on CPU, with 0 <= sigma' <= sigma <= 1."""
-    num_train = scheduler.config.num_train_timesteps
-    t = _as_batch(timestep, batch, "timestep")
-    sigma = t / num_train
-    if next_timestep is not None:
-        sigma_next = _as_batch(next_timestep, batch, "next_timestep") / num_train
-    else:
-        if scheduler.num_inference_steps is None:
-            raise ValueError("FlowMatchEulerDiscreteScheduler has no schedule yet; call set_timesteps(n) or "
-                             "pass next_timestep.")
-        table_t = scheduler.timesteps.detach().to("cpu", torch.float64)
-        table_sigma = scheduler.sigmas.detach().to("cpu", torch.float64)
-        hits = (t[:, None] - table_t[None, :]).abs() <= 1e-5 * num_train  # (B, N)
-        count = hits.sum(1)
-        if bool((count != 1).any()):
-            bad = sorted(set(t[count != 1].tolist()))[:8]
-            raise ValueError(f"timestep {bad} is missing from, or repeated in, scheduler.timesteps, so the "
-                             "next sigma is ambiguous; pass next_timestep explicitly.")
-        index = hits.long().argmax(1)
-        inconsistent = bool(((table_sigma[index] - sigma).abs() > 1e-5).any())
-        if inconsistent or table_sigma.shape[0] <= int(index.max()) + 1:
-            raise ValueError(
-                "scheduler.timesteps and scheduler.sigmas disagree (timesteps set without sigmas?) "
-                "or no next sigma exists; pass next_timestep explicitly."
-            )
-        sigma_next = table_sigma[index + 1]
-    if bool(((sigma < 0) | (sigma > 1 + 1e-6) | (sigma_next < 0) | (sigma_next > sigma + 1e-9)).any()):
-        raise ValueError("need 0 <= next_timestep <= timestep <= num_train_timesteps for flow matching "
-                         "(sigma falls from 1 to 0).")
-    return sigma.clamp(0, 1), sigma_next.clamp(0, 1)
 
 
 def _draw_noise(shape, generator, device, dtype) -> Tensor:

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.recipes import load_recipe
+import recipes.benchmarks.gpu_check as gpu_check
 
 ROOT = Path(__file__).resolve().parents[1]
-gpu_check = load_recipe("benchmarks/gpu_check")
 
 
 @pytest.mark.slow
@@ -52,8 +51,11 @@ def test_dry_run_runs_every_section_on_policy_and_writes_the_docs_table(tmp_path
     assert [r["precision"] for r in sections["ego_grpo_bf16"]["rows"]] == ["bf16"]
 
     text = docs.read_text()
-    assert text.startswith(original.rstrip("\n"))  # the rest of the file is untouched
-    generated = text[text.index(gpu_check.report.DOCS_BEGIN):]
+    begin, end = gpu_check.DOCS_BEGIN, gpu_check.DOCS_END
+    assert original.count(begin) == 1  # docs/benchmarks.md holds the section's place in its GPU part
+    assert text.startswith(original[:original.index(begin)])  # the rest of the file is untouched
+    assert text.endswith(original[original.index(end):])
+    generated = text[text.index(begin):text.index(end)]
     assert generated.count("DRY RUN") == 1
     figure_rows = sum(len(s.get("rows", [])) or 1 for s in sections.values())
     assert generated.count("\n| ") == 1 + figure_rows  # header + one row per figure (or status)
@@ -66,8 +68,8 @@ def test_dry_run_runs_every_section_on_policy_and_writes_the_docs_table(tmp_path
 
 
 def test_docs_section_is_inserted_once_then_replaced_and_broken_markers_are_refused() -> None:
-    begin, end = gpu_check.report.DOCS_BEGIN, gpu_check.report.DOCS_END
-    replace = gpu_check.report.replace_docs_section
+    begin, end = gpu_check.DOCS_BEGIN, gpu_check.DOCS_END
+    replace = gpu_check.replace_docs_section
     once = replace("# Benchmarks\n\nCPU tables.\n", "table 1\n")
     assert once == f"# Benchmarks\n\nCPU tables.\n\n## GPU check\n\n{begin}\ntable 1\n{end}\n"
     assert replace(once, "table 1\n") == once
@@ -111,7 +113,7 @@ def test_budget_skips_the_sections_that_no_longer_fit_and_a_failure_does_not_sto
     assert status["ego_grpo_fp32"] == "ok"
     assert status["t2i_unet"] == "skipped: budget (10 s elapsed + 0 s reserve > 7 s)"
     assert json.loads(output.read_text())["sections"].keys() == status.keys()  # written after every section
-    assert "| t2i_unet: skipped: budget" in gpu_check.report.markdown(results)
+    assert "| t2i_unet: skipped: budget" in gpu_check.markdown(results)
 
 
 def test_full_size_pipelines_have_the_published_parameter_counts() -> None:

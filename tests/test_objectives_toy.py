@@ -30,7 +30,7 @@ from diffgrpo.awm import AWMConfig, awm_loss
 from diffgrpo.ema import ParameterEMA
 from diffgrpo.forward_process import ForwardProcess, forward_noise
 from diffgrpo.nft import NFTConfig, OldPolicySchedule, nft_loss, update_old_policy
-from diffgrpo.sde import step_with_logprob
+from diffgrpo.sde import reverse_step
 
 REWARD_CENTER, REWARD_WIDTH = 2.0, 1.0
 TILTED_MEAN = REWARD_CENTER / (1.0 + REWARD_WIDTH**2)  # 1.0
@@ -74,7 +74,7 @@ def _sample(model: nn.Module, scheduler, method: str, n: int, gen: torch.Generat
     x = torch.randn(n, 1, generator=gen)
     for t in scheduler.timesteps:
         out = model(x, t.expand(n))
-        x = step_with_logprob(scheduler, out, t, x, eta=0.0, method=method).prev_sample
+        x = reverse_step(scheduler, out, t, x, eta=0.0, method=method).prev_sample
     return x
 
 

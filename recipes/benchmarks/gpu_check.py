@@ -38,63 +38,64 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
-import sys
+import platform
+import shlex
 import tempfile
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
 import torch
 import tyro
 
+from diffgrpo.chain import SamplingChain
 from diffgrpo.config import GRPOConfig, OptimConfig, PerturbConfig, SamplerConfig
 from diffgrpo.launch import make_accelerator
 from diffgrpo.lora import LoRAConfig, add_lora
 from diffgrpo.rewards import RewardSet
-from diffgrpo.rollout import RandomStreams, group_ids_for, rollout
+from diffgrpo.rng import RandomStreams
+from diffgrpo.rollout import group_ids_for, rollout
+from diffgrpo.run_state import make_optimizer
 from diffgrpo.task import batch_to, x0_pred_steps_of
 from diffgrpo.train_step import collect, make_perturber, model_fn_for, policy_update
-from diffgrpo.trainer import make_optimizer, parse_reward_specs
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import gpu_check_report as report  # noqa: E402  (the environment record, command lines and docs table)
+from diffgrpo.trainer import parse_reward_specs
 
 # ---------------------------------------------------------------------------------------------
 # The library's sampling and GRPO API, called only from these functions (adapt them here when
 # the core's signatures change).
 
 
-def sample_chains(task, model, scheduler, sampler: SamplerConfig, cond, num_chains: int, *,
-                  micro_batch_size: int, streams: RandomStreams):
+def sample_chains(task, model, chain: SamplingChain, cond, num_chains: int, *, micro_batch_size: int,
+                  streams: RandomStreams):
     """``num_chains`` independent sampling chains (one group each) of ``task`` under ``cond`` (num_chains rows)."""
     group_ids = group_ids_for(num_chains, 1, device=streams.initial_noise.device)
-    return rollout(model_fn_for(task, model, sampler.guidance_scale), scheduler, cond, group_ids,
-                   task.sampling_timesteps(), task.sample_shape, generator=streams.initial_noise, sampler=sampler,
-                   micro_batch_size=micro_batch_size, step_generator=streams.step_noise,
-                   x0_pred_steps=x0_pred_steps_of(task))
+    return rollout(model_fn_for(task, model, chain.sampler.guidance_scale), chain, cond, group_ids,
+                   generator=streams.initial_noise, micro_batch_size=micro_batch_size,
+                   step_generator=streams.step_noise, x0_pred_steps=x0_pred_steps_of(task))
 
 
-def grpo_collect(task, policy, scheduler, batch, grpo: GRPOConfig, rewards: RewardSet, streams: RandomStreams,
-                 accelerator):
+def grpo_collect(task, policy, chain: SamplingChain, batch, grpo: GRPOConfig, rewards: RewardSet,
+                 streams: RandomStreams, accelerator):
     """Alg. 1 lines 2-6 for one batch of conditions: perturb, sample the groups, score, normalise."""
-    return collect(task, policy, scheduler, batch, cfg=grpo, rewards=rewards, perturber=make_perturber(grpo),
+    return collect(task, policy, chain, batch, cfg=grpo, rewards=rewards, perturber=make_perturber(grpo),
                    generator=streams, group_id_offset=0, autocast=accelerator.autocast)
 
 
-def grpo_update(task, model, scheduler, data, optimizer, grpo: GRPOConfig, streams: RandomStreams,
+def grpo_update(task, model, chain: SamplingChain, data, optimizer, grpo: GRPOConfig, streams: RandomStreams,
                 accelerator) -> float:
     """Alg. 1 lines 7-9 (one optimiser step); returns the first update's largest |ratio - 1| (exactly on-policy)."""
-    stats = policy_update(task, model, scheduler, data, optimizer, cfg=grpo, generator=streams.step_selection,
+    stats = policy_update(task, model, chain, data, optimizer, cfg=grpo, generator=streams.step_selection,
                           accelerator=accelerator, order_generator=streams.minibatch_order)
     return stats["loss/on_policy_ratio_max_dev"]
 
 
 FORWARD_PROCESS_ITERATION: Callable[..., dict] | None = None
 """One iteration of a forward-process objective (rollouts keep only x0 and rewards; the update noises
-them afresh), called as ``fn(task, model, scheduler, batch, grpo, rewards, streams, optimizer, accelerator)``
+them afresh), called as ``fn(task, model, chain, batch, grpo, rewards, streams, optimizer, accelerator)``
 like :func:`grpo_collect` then :func:`grpo_update` (``model`` as ``accelerator.prepare`` returned it), returning
 scalars to record. None: the library has no such objective yet and section ``t2i_forward_process`` is
 recorded as skipped."""
@@ -248,7 +249,8 @@ class Iteration:
     """The module itself (what rollouts call)."""
     model: torch.nn.Module
     """The module as ``accelerator.prepare`` returned it (what the update calls)."""
-    scheduler: object
+    chain: SamplingChain
+    """The task's sampling chain under the iteration's sampler (``SamplingChain.of``)."""
     optimizer: torch.optim.Optimizer
     accelerator: object
     rewards: RewardSet
@@ -258,7 +260,7 @@ def grpo_step(it: Iteration, batch, grpo: GRPOConfig, streams: RandomStreams, en
     """Collect (sampling, decoding, rewards, advantages) then update, each timed; the update is skipped (and
     said so) once the budget is spent."""
     data, collect_s, collect_peak = timed(
-        lambda: grpo_collect(it.task, it.policy, it.scheduler, batch, grpo, it.rewards, streams, it.accelerator),
+        lambda: grpo_collect(it.task, it.policy, it.chain, batch, grpo, it.rewards, streams, it.accelerator),
         env.device)
     out = {"collect_s": collect_s, "peak_memory_gib": collect_peak,
            "samples_finite": bool(torch.isfinite(data.trajectory.samples).all())}
@@ -266,7 +268,7 @@ def grpo_step(it: Iteration, batch, grpo: GRPOConfig, streams: RandomStreams, en
         return {**out, "update": "skipped: budget"}
     try:
         ratio_dev, update_s, update_peak = timed(
-            lambda: grpo_update(it.task, it.model, it.scheduler, data, it.optimizer, grpo, streams, it.accelerator),
+            lambda: grpo_update(it.task, it.model, it.chain, data, it.optimizer, grpo, streams, it.accelerator),
             env.device)
     except torch.cuda.OutOfMemoryError as error:
         raise UpdateOutOfMemory(str(error)) from None
@@ -277,11 +279,12 @@ def grpo_step(it: Iteration, batch, grpo: GRPOConfig, streams: RandomStreams, en
 def forward_process_step(it: Iteration, batch, grpo: GRPOConfig, streams: RandomStreams, env: Env) -> dict:
     """One timed call of :data:`FORWARD_PROCESS_ITERATION`."""
     stats, seconds, peak = timed(lambda: FORWARD_PROCESS_ITERATION(
-        it.task, it.model, it.scheduler, batch, grpo, it.rewards, streams, it.optimizer, it.accelerator), env.device)
+        it.task, it.model, it.chain, batch, grpo, it.rewards, streams, it.optimizer, it.accelerator), env.device)
     return {**{k: float(v) for k, v in stats.items()}, "iteration_s": seconds, "peak_memory_gib": peak}
 
 
-def measure_iteration(task, model: torch.nn.Module, grpo: GRPOConfig, env: Env, step=grpo_step) -> dict:
+def measure_iteration(task, model: torch.nn.Module, grpo: GRPOConfig, sampler: SamplerConfig, env: Env,
+                      step=grpo_step) -> dict:
     """A warm-up iteration of one micro-batch, then ``step`` at B = ``grpo.conditions_per_iteration``.
 
     Out of memory in the update halves the micro-batch (it bounds the activations); out of memory
@@ -290,8 +293,8 @@ def measure_iteration(task, model: torch.nn.Module, grpo: GRPOConfig, env: Env, 
     accelerator = fresh_accelerator(env, grpo.mixed_precision)
     optimizer, _ = make_optimizer(model, grpo)
     prepared, optimizer = accelerator.prepare(model, optimizer)
-    it = Iteration(task, accelerator.unwrap_model(prepared), prepared, task.make_scheduler(), optimizer, accelerator,
-                   RewardSet.from_specs(parse_reward_specs(grpo.rewards)))
+    it = Iteration(task, accelerator.unwrap_model(prepared), prepared, SamplingChain.of(task, sampler), optimizer,
+                   accelerator, RewardSet.from_specs(parse_reward_specs(grpo.rewards)))
 
     def once(conditions: int, micro_batch_size: int) -> dict:
         sized = dataclasses.replace(grpo, conditions_per_iteration=conditions, micro_batch_size=micro_batch_size)
@@ -398,13 +401,13 @@ def ego_sampling(cfg: Config, env: Env) -> dict:
     model, numel = egoallo_denoiser(cfg, env.device)
     model.eval()
     cond = task.encode_condition(load_batch(task, "post_train", cfg.ego_windows, env.device))
-    scheduler, sampler = task.make_scheduler(), task.sampler_config()
+    chain = SamplingChain.of(task, task.sampler_config())
     rows = []
     for precision in ("fp32", "bf16"):
         def sample(precision: str = precision) -> object:
             streams = RandomStreams.from_seed(cfg.seed, device=env.device)
             with autocast(precision, env.device):
-                return sample_chains(task, model, scheduler, sampler, cond, cfg.ego_windows,
+                return sample_chains(task, model, chain, cond, cfg.ego_windows,
                                      micro_batch_size=cfg.ego_micro_batch_size, streams=streams)
 
         sample()  # warm-up: kernel choice and allocator
@@ -420,10 +423,10 @@ def ego_grpo(cfg: Config, env: Env, precision: str) -> dict:
     model, numel = egoallo_denoiser(cfg, env.device)
     grpo = GRPOConfig(num_iterations=1, seed=cfg.seed, conditions_per_iteration=cfg.ego_conditions,
                       group_size=cfg.ego_group_size, micro_batch_size=cfg.ego_micro_batch_size,
-                      sampler=task.sampler_config(), perturb=PerturbConfig(name="perlin", scale=0.03),
+                      perturb=PerturbConfig(name="perlin", scale=0.03),  # MotionGRPO's lambda = 0.03 m
                       optim=OptimConfig(learning_rate=1e-5), rewards=EGO_REWARDS, train_split="post_train",
                       mixed_precision="bf16" if precision == "bf16" else "no")
-    result = measure_iteration(task, model, grpo, env)  # Perlin head perturbation at MotionGRPO's lambda = 0.03 m
+    result = measure_iteration(task, model, grpo, task.sampler_config(), env)
     what = f"{ego_label(cfg, numel)}: GRPO iteration"
     return {"rows": iteration_rows(what, precision, result), "parameters": numel, **result}
 
@@ -453,10 +456,13 @@ def t2i_task(cfg: Config, env: Env, family: str):
     return task
 
 
+def t2i_sampler(cfg: Config) -> SamplerConfig:
+    return SamplerConfig(eta=1.0, guidance_scale=cfg.t2i_guidance_scale)
+
+
 def t2i_grpo_config(cfg: Config) -> GRPOConfig:
     return GRPOConfig(num_iterations=1, seed=cfg.seed, conditions_per_iteration=cfg.t2i_conditions,
                       group_size=cfg.t2i_group_size, micro_batch_size=cfg.t2i_micro_batch_size,
-                      sampler=SamplerConfig(eta=1.0, guidance_scale=cfg.t2i_guidance_scale),
                       optim=OptimConfig(learning_rate=3e-4, weight_decay=0.0), rewards=("jpeg_compressibility",),
                       mixed_precision="bf16" if cfg.t2i_dtype == "bfloat16" else "no")
 
@@ -474,7 +480,7 @@ def t2i_label(cfg: Config, task, family: str) -> str:
 
 def t2i_grpo(cfg: Config, env: Env, family: str) -> dict:
     task = t2i_task(cfg, env, family)
-    result = measure_iteration(task, task.denoiser, t2i_grpo_config(cfg), env)
+    result = measure_iteration(task, task.denoiser, t2i_grpo_config(cfg), t2i_sampler(cfg), env)
     what = f"{t2i_label(cfg, task, family)}: GRPO iteration"
     precision = "bf16" if cfg.t2i_dtype == "bfloat16" else "fp32"
     return {"rows": iteration_rows(what, precision, result), **result}
@@ -484,7 +490,8 @@ def t2i_forward_process(cfg: Config, env: Env) -> dict:
     if FORWARD_PROCESS_ITERATION is None:
         return {"status": "skipped: the library has no forward-process objective (FORWARD_PROCESS_ITERATION is None)"}
     task = t2i_task(cfg, env, "sd3")
-    result = measure_iteration(task, task.denoiser, t2i_grpo_config(cfg), env, step=forward_process_step)
+    result = measure_iteration(task, task.denoiser, t2i_grpo_config(cfg), t2i_sampler(cfg), env,
+                               step=forward_process_step)
     what = f"{t2i_label(cfg, task, 'sd3')}: forward-process objective iteration"
     return {"rows": iteration_rows(what, "bf16" if cfg.t2i_dtype == "bfloat16" else "fp32", result), **result}
 
@@ -500,7 +507,102 @@ SECTION_FUNCTIONS: dict[str, Callable[[Config, Env], dict]] = {
 
 
 # ---------------------------------------------------------------------------------------------
-# Running, recording, reporting
+# Running, recording, reporting. The docs table is regenerated from a results file without running
+# anything (``--from-results``) and replaces its section of the docs in place, between two markers.
+
+SCRIPT = "python recipes/benchmarks/gpu_check.py"
+DOCS_BEGIN = f"<!-- GPU check: generated by `{SCRIPT} --write-docs docs/benchmarks.md` -->"
+DOCS_END = "<!-- end of the generated GPU check -->"
+OUTPUT_FLAGS = ("output", "write_docs", "from_results")
+"""Config fields that say where results go, not what is measured."""
+
+
+def command_for(cfg, *, sections: tuple[str, ...] | None = None, include_outputs: bool = True,
+                omit_prefixes: tuple[str, ...] = ()) -> str:
+    """The command line that runs the dataclass config ``cfg``: its non-default fields as flags.
+
+    ``sections`` replaces ``cfg.sections`` (and is always written); ``include_outputs=False`` leaves out
+    the output flags and ``omit_prefixes`` the fields of other sections (a figure's own command). Flags
+    are tyro's: ``--field-name VALUE...``, a bare flag for a true boolean.
+    """
+    defaults = type(cfg)()
+    parts = []
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        forced = field.name == "sections" and sections is not None
+        value = sections if forced else value
+        omitted = (field.name in OUTPUT_FLAGS and not include_outputs) or field.name.startswith(omit_prefixes)
+        if omitted or (value == getattr(defaults, field.name) and not forced):
+            continue
+        parts.append("--" + field.name.replace("_", "-"))
+        if not isinstance(value, bool):
+            parts += [str(v) for v in (value if isinstance(value, tuple) else (value,))]
+    return " ".join([SCRIPT, *(shlex.quote(p) for p in parts)])
+
+
+def environment(device: torch.device, revision: str = "") -> dict:
+    """Device, library versions, commit (``revision``, or git's when empty) and date of a run."""
+    import diffusers
+
+    from diffgrpo.checkpoint import git_revision
+
+    cuda = device.type == "cuda"
+    return {
+        "device": torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.machine()}, "
+                                                                   f"{torch.get_num_threads()} torch threads)",
+        "memory_gib": torch.cuda.get_device_properties(device).total_memory / 2**30 if cuda else None,
+        "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+        "diffusers": diffusers.__version__, "python": platform.python_version(),
+        "git_revision": revision or git_revision(), "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(results: dict) -> str:
+    """What ran where, then one table row per figure (or per section not run, with its status) and its command."""
+    env = results["environment"]
+    memory = f" ({env['memory_gib']:.0f} GiB)" if env["memory_gib"] is not None else ""
+    kind = (f"DRY RUN on {env['device']}{memory} at tiny sizes (checks the code paths; not a measurement)"
+            if results["dry_run"] else f"{env['device']}{memory}")
+    lines = [f"{kind}: `{results['command']}` at commit `{env['git_revision']}`, {env['date_utc']}; torch "
+             f"{env['torch']}, CUDA {env['cuda']}, diffusers {env['diffusers']}, TF32 matmul "
+             f"{'on' if env['tf32_matmul'] else 'off'}. {results['total_s']:.0f} s of the {results['budget_s']:.0f} s "
+             "budget. Random weights; peak memory is `torch.cuda.max_memory_allocated`; the ratio column is the "
+             "largest |ratio - 1| of the first update after sampling (exactly 0 when on-policy).", "",
+             "| measured | precision | seconds | peak memory (GiB) | on-policy max abs(ratio - 1) | detail | command |",
+             "|---|---|---:|---:|---:|---|---|"]
+    for name, section in results["sections"].items():
+        if section["status"] != "ok":
+            lines.append(f"| {name}: {section['status']} | | | | | | `{section['command']}` |")
+            continue
+        for r in section["rows"]:
+            ratio = r["on_policy_ratio_max_dev"]
+            lines.append(f"| {r['what']} | {r['precision']} | {r['seconds']:.2f} | {_number(r['peak_memory_gib'], 2)} "
+                         f"| {'' if ratio is None else f'{ratio:.3g}'} | {r['detail']} | `{section['command']}` |")
+    return "\n".join(lines) + "\n"
+
+
+def replace_docs_section(text: str, generated: str) -> str:
+    """``text`` with the block between :data:`DOCS_BEGIN` and :data:`DOCS_END` replaced by ``generated``;
+    without the markers, the block is appended under a heading of its own. Applying it twice changes nothing.
+
+    Raises:
+        ValueError: only one marker, markers out of order, or a marker twice.
+    """
+    block = f"{DOCS_BEGIN}\n{generated}{DOCS_END}"
+    counts = (text.count(DOCS_BEGIN), text.count(DOCS_END))
+    if counts == (0, 0):
+        return text.rstrip("\n") + "\n\n## GPU check\n\n" + block + "\n"
+    start, end = text.find(DOCS_BEGIN), text.find(DOCS_END)
+    if counts != (1, 1) or end < start:
+        raise ValueError(f"the GPU check's markers appear {counts} times (or out of order); the file needs the lines "
+                         f"{DOCS_BEGIN!r} and {DOCS_END!r} once each, in that order, or neither")
+    return text[:start] + block + text[end + len(DOCS_END):]
+
 
 
 def run(cfg: Config) -> dict:
@@ -509,8 +611,8 @@ def run(cfg: Config) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("no CUDA device: the full-size check needs a GPU; pass --dry-run for the CPU check of the "
                            "same code paths at tiny sizes")
-    results = {"command": report.command_for(cfg), "dry_run": cfg.dry_run, "budget_s": cfg.budget_s,
-               "margin_s": cfg.margin_s, "environment": report.environment(device, cfg.git_revision), "sections": {}}
+    results = {"command": command_for(cfg), "dry_run": cfg.dry_run, "budget_s": cfg.budget_s,
+               "margin_s": cfg.margin_s, "environment": environment(device, cfg.git_revision), "sections": {}}
     sizes = cfg.effective()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as workdir:
@@ -532,7 +634,7 @@ def run_section(name: str, cfg: Config, sizes: Config, env: Env, began: float) -
     seconds, or "failed: <error>" (with the traceback) when it raised."""
     reserve = 0.0 if cfg.dry_run else RESERVE_S[name]
     other = ("t2i_", "lora_") if name.startswith("ego_") else ("ego_",)
-    record: dict = {"command": report.command_for(cfg, sections=(name,), include_outputs=False, omit_prefixes=other),
+    record: dict = {"command": command_for(cfg, sections=(name,), include_outputs=False, omit_prefixes=other),
                     "started_at_s": began}
     if began + reserve > cfg.budget_s - cfg.margin_s:
         return {**record, "status": f"skipped: budget ({began:.0f} s elapsed + {reserve:.0f} s reserve > "
@@ -548,9 +650,9 @@ def run_section(name: str, cfg: Config, sizes: Config, env: Env, began: float) -
 
 def main(cfg: Config) -> dict:
     results = json.loads(cfg.from_results.read_text()) if cfg.from_results is not None else run(cfg)
-    table = report.markdown(results)
+    table = markdown(results)
     if cfg.write_docs is not None:
-        cfg.write_docs.write_text(report.replace_docs_section(cfg.write_docs.read_text(), table))
+        cfg.write_docs.write_text(replace_docs_section(cfg.write_docs.read_text(), table))
     print(table, end="")
     return results
 
