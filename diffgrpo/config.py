@@ -127,9 +127,9 @@ class StepSelectionConfig:
 class PerturbConfig:
     """Per-member perturbation of the raw condition (MotionGRPO section 8)."""
 
-    name: Literal["none", "gaussian", "perlin"] = "none"
-    """Perturber: none, gaussian or perlin (the registry's built-ins; pass a custom registered perturber
-    to ``collect`` directly)."""
+    name: str = "none"
+    """Perturber: a name in ``diffgrpo.perturb.available_perturbers()`` (built-ins: none, gaussian, perlin; a
+    perturber registered with ``@register_perturber`` before the config is built is accepted too)."""
     scale: float = 0.0
     """lambda: amplitude of the added noise, in the raw condition's units."""
     frequency: float = 1.0 / 32.0
@@ -144,10 +144,15 @@ class PerturbConfig:
     sub-group, so an advantage compares samples of one condition and never scores the perturbation."""
     heads_per_group: int = 2
     """nested only: P perturbed conditions per group (G must be a multiple of P, with G / P >= 2)."""
+    params: tuple[str, ...] = ()
+    """Further factory parameters of the perturber as KEY=VALUE, e.g. ``lacunarity=3.0`` for perlin; the
+    fields above that the factory takes are passed under their own names (``perturb.perturber_from_config``)."""
 
     def __post_init__(self) -> None:
-        if self.name not in ("none", "gaussian", "perlin"):
-            raise ValueError(f"perturb.name={self.name!r} is not one of 'none', 'gaussian', 'perlin'")
+        from diffgrpo.perturb import available_perturbers, perturber_from_config
+
+        if self.name not in available_perturbers():
+            raise ValueError(f"perturb.name={self.name!r} is not one of {', '.join(map(repr, available_perturbers()))}")
         if not math.isfinite(self.scale) or self.scale < 0:
             raise ValueError(f"perturb.scale must be >= 0, got {self.scale}")
         if self.name == "none" and self.scale != 0:
@@ -165,6 +170,7 @@ class PerturbConfig:
         if self.name == "none" and self.sharing != "member":
             raise ValueError(f"perturb.sharing={self.sharing!r} has no effect without a perturbation; drop it or pick "
                              "--grpo.perturb.name perlin or gaussian")
+        perturber_from_config(self)  # the factory refuses parameters it does not take
         if self.sharing == "nested" and self.heads_per_group < 2:
             raise ValueError(f"perturb.heads_per_group={self.heads_per_group} must be >= 2 for sharing 'nested' "
                              "(1 is sharing 'group')")

@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from diffgrpo.registry import Registry
+from diffgrpo.registry import Registry, parse_assignments
 
 # Ken Perlin's reference permutation of 0..255 ("Improved Noise", 2002), as used by noise 1.2.2.
 # The C source stores it twice (512 entries) so that `PERM[(i & 255) + base]` stays in bounds
@@ -197,6 +197,18 @@ def get_perturber(name: str, **kwargs: object) -> Perturber:
     """Build the perturber registered as `name` with `kwargs`.
     Raises KeyError for an unknown name and ValueError for unknown parameters, listing the options."""
     return _PERTURBERS.build(name, **kwargs)
+
+
+def perturber_from_config(cfg: object) -> Perturber:
+    """The perturber ``cfg.name`` of a ``diffgrpo.config.PerturbConfig``, by the registry's one rule
+    (``Registry.build_from_config``): the config fields the factory takes (perlin: scale, frequency, octaves;
+    gaussian: scale; none: nothing) under their own names, plus ``cfg.params`` (KEY=VALUE strings).
+
+    Raises:
+        KeyError: an unknown ``cfg.name``; ValueError: a parameter the factory does not take, or a bad value.
+    """
+    extra = parse_assignments(cfg.params, "perturb.params")
+    return _PERTURBERS.build_from_config(cfg.name, cfg, extra)
 
 
 def _check_condition(x: Tensor, channels: tuple[int, ...] | None) -> tuple[int, ...]:

@@ -48,7 +48,7 @@ from diffgrpo.config import GRPOConfig, OptimConfig, PerturbConfig, ProbeConfig,
 from diffgrpo.launch import make_accelerator
 from diffgrpo.loss import LossConfig
 from diffgrpo.plots import plot_history
-from diffgrpo.rewards import RewardSet, RewardSpec
+from diffgrpo.rewards import RewardSet, RewardSpec, parse_reward_params
 from diffgrpo.rng import make_generator
 from diffgrpo.trainer import LoopHooks, check_run, parse_reward_specs, train_grpo
 from tasks.ego_motion.model.egoallo_checkpoint import find_checkpoint_files
@@ -110,6 +110,9 @@ class Config:
     """Add the learned perceptual reward R_vis = exp(omega_vis * s) as a sub-reward."""
     omega_vis: float = 1.0
     """omega_vis of R_vis; scores s lie in [-1, 1]."""
+    reward_params: tuple[str, ...] = ()
+    """Factory parameters of the rewards as REWARD.KEY=VALUE, e.g. ``ego_rot.omega=3 ego_pos.omega=20`` (the
+    omegas of R = exp(-omega * error)); a key not given keeps the factory's default (docs/ego_motion_rewards.md)."""
     perceptual_steps: int = 1
     """Perceptual-model updates per GRPO iteration (InfoNCE against --critic-negatives)."""
     critic_negatives: tuple[NegativeKind, ...] = ("x0_last",)
@@ -165,6 +168,13 @@ class Config:
             if unused:
                 raise ValueError(f"{', '.join(unused)} only apply with the perceptual reward; drop them or drop "
                                  "--no-use-visual-reward.")
+        params = parse_reward_params(self.reward_params)  # unknown rewards or parameters fail here
+        configured = set(parse_reward_specs(self.grpo.rewards)) | ({"ego_visual"} if self.use_visual_reward else set())
+        if set(params) - configured:
+            raise ValueError(f"--reward-params sets {', '.join(sorted(set(params) - configured))}, which this run does "
+                             f"not use (its rewards: {', '.join(sorted(configured))}); drop them or add the reward.")
+        if "omega" in params.get("ego_visual", {}):
+            raise ValueError("--reward-params ego_visual.omega repeats --omega-vis; pass --omega-vis only.")
         if not math.isfinite(self.omega_vis):
             raise ValueError(f"omega_vis={self.omega_vis} must be finite")
         if self.perceptual_steps < 1:
@@ -272,8 +282,11 @@ def main(cfg: Config) -> dict:
                          f"{cfg.task.include_hands}; pass --task.include-hands {model.config.include_hands}.")
     perceptual = (PerceptualTrainer(cfg.perceptual, device=accelerator.device, accelerator=accelerator)
                   if cfg.use_visual_reward else None)
-    joint_rewards = [RewardSpec(name, weight) for name, weight in parse_reward_specs(grpo.rewards).items()]
-    visual = [RewardSpec("ego_visual", 1.0, {"scorer": perceptual, "omega": cfg.omega_vis})] if perceptual else []
+    params = parse_reward_params(cfg.reward_params)
+    joint_rewards = [RewardSpec(name, weight, params.get(name, {}))
+                     for name, weight in parse_reward_specs(grpo.rewards).items()]
+    visual = ([RewardSpec("ego_visual", 1.0, {**params.get("ego_visual", {}), "scorer": perceptual,
+                                              "omega": cfg.omega_vis})] if perceptual else [])
     rewards = RewardSet.from_specs(joint_rewards + visual)
 
     base = evaluate_all(task, model, cfg) if accelerator.is_main_process else {}
