@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import tyro
 
 import tasks.ego_motion.grpo as main_job  # the main job: this script measures its updates
+from diffgrpo import cli
 from diffgrpo.diagnostics import STEP_BUCKETS, cosine, policy_gradients, step_buckets
 from diffgrpo.loss import select_steps
 from diffgrpo.probe import probe_indices
@@ -138,4 +138,4 @@ def render_table(records: dict[str, dict], source: Path) -> str:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    main(tyro.cli(Config))
+    main(cli.parse(Config, renamed=main_job.renamed_flags('--job.')))

@@ -4,10 +4,10 @@ RLPF ("RL from physical feedback", arXiv 2506.12769) post-trains a motion genera
 from a physics simulator plus an alignment check that keeps the motion faithful to its condition
 (without it the generator drifts toward trivial motion). Here, per seed:
 
-1. **Alignment guard.** MotionGRPO's perceptual critic (``perceptual.py``) is warmed up on the
+1. **Alignment guard.** MotionGRPO's perceptual model (``perceptual.py``) is warmed up on the
    prior-train windows (positives: the truth under its own head; negatives: the prior's sample for
    that head and another window's truth transplanted under it), then frozen: the
-   ``ego_visual`` reward scores with it and it never trains again.
+   ``ego_perceptual`` reward scores with it and it never trains again.
 2. **GRPO** (``diffgrpo.trainer.train_grpo``, the one loop) on the post-train windows with the
    variant's rewards. The physics and alignment rewards read no ground truth: they score the
    generated body against the floor, the simulator and the head trajectory only.
@@ -19,7 +19,7 @@ the bundled captures include climbing and standing on boxes, where the physics w
 feet toward a floor that is not there.
 
 Variants (``--variants``): ``physics`` (physics_residual + physics_tracking + physics_contact),
-``physics+alignment`` (+ ego_visual with the frozen critic), ``physics+alignment+joint``
+``physics+alignment`` (+ ego_perceptual with the frozen critic), ``physics+alignment+joint``
 (+ MotionGRPO's four joint rewards, which do read the post-train ground truth).
 
     python recipes/rlpf_ego_motion.py --seeds 0 1 2
@@ -42,10 +42,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import tyro
 
 import tasks.ego_motion.grpo as ego
 import tasks.ego_motion.rewards.registered  # noqa: F401  (registers the ego_* and physics_* rewards)
+from diffgrpo import cli
 from diffgrpo.checkpoint import latest_checkpoint, load_checkpoint
 from diffgrpo.cli import flags_spelled
 from diffgrpo.config import PerturbConfig, ProbeConfig
@@ -57,9 +57,9 @@ from diffgrpo.trainer import check_run, train_grpo
 from tasks.ego_motion.evaluation.render import render_frames_png
 from tasks.ego_motion.model.network import load_denoiser
 from tasks.ego_motion.physics.evaluator import PHYSICS_METRIC_UNITS, PhysicsConfig, PhysicsEvaluator
-from tasks.ego_motion.rewards.critic_data import prior_joints, warm_up_critic
 from tasks.ego_motion.rewards.perceptual import PerceptualConfig, PerceptualTrainer
-from tasks.ego_motion.rewards.registered import GROUND_TRUTH_REWARDS, OMEGA_CONTACT, OMEGA_RESIDUAL, OMEGA_VISUAL
+from tasks.ego_motion.rewards.perceptual_data import prior_joints, warm_up_perceptual
+from tasks.ego_motion.rewards.registered import GROUND_TRUTH_REWARDS, OMEGA_CONTACT, OMEGA_PERCEPTUAL, OMEGA_RESIDUAL
 from tasks.ego_motion.sampling.sampler import evaluate_windows, sample_motion
 from tasks.ego_motion.task import EgoMotionTask
 
@@ -79,7 +79,7 @@ class RewardParams:
     contact_omega: float = OMEGA_CONTACT
     tracking_mode: Literal["survival", "success"] = "survival"
     """'survival' (fraction of frames tracked) or 'success' (RLPF's binary signal)."""
-    alignment_omega: float = OMEGA_VISUAL
+    alignment_omega: float = OMEGA_PERCEPTUAL
     """omega of R_align = exp(omega * s), s the frozen critic's score in [-1, 1]."""
 
 
@@ -102,7 +102,7 @@ def default_base() -> ego.Config:
     task = dataclasses.replace(ego.EgoMotionTaskConfig(), floor_contact_m=0.1)  # the physics assumes floor z = 0
     # K = 10 rollout steps: the physics rewards read only the final sample, and it triples the updates per
     # CPU-minute (evaluation keeps EgoAllo's K = 30)
-    return ego.Config(use_visual_reward=False, use_tto=False, grpo=grpo, task=task, rollout_sampling_steps=10)
+    return ego.Config(use_perceptual_reward=False, use_tto=False, grpo=grpo, task=task, rollout_sampling_steps=10)
 
 
 @dataclass(frozen=True)
@@ -148,8 +148,8 @@ class Config:
             raise ValueError("--base.task.post-train-heads-only post-trains on head trajectories alone, but the "
                              "'physics+alignment+joint' variant's joint rewards read the body; drop that variant "
                              "or the flag.")
-        if self.base.use_visual_reward or self.base.grpo.rewards != PHYSICS_REWARDS:
-            raise ValueError("--base.use-visual-reward / --base.grpo.rewards are not used by this recipe: the "
+        if self.base.use_perceptual_reward or self.base.grpo.rewards != PHYSICS_REWARDS:
+            raise ValueError("--base.use-perceptual-reward / --base.grpo.rewards are not used by this recipe: the "
                              "rewards come from --variants (and --rewards.*).")
 
 
@@ -160,19 +160,20 @@ def reward_specs(variant: str, cfg: Config, evaluator: PhysicsEvaluator, critic:
              RewardSpec("physics_tracking", 1.0, {"mode": r.tracking_mode, "evaluator": evaluator}),
              RewardSpec("physics_contact", 1.0, {"omega": r.contact_omega, "evaluator": evaluator})]
     if "alignment" in variant:
-        specs.append(RewardSpec("ego_visual", 1.0, {"scorer": critic, "omega": r.alignment_omega}))
+        specs.append(RewardSpec("ego_perceptual", 1.0, {"scorer": critic, "omega": r.alignment_omega}))
     if variant.endswith("+joint"):
         specs += [RewardSpec(name) for name in GROUND_TRUTH_REWARDS]
     return specs
 
 
-def alignment_critic(task: EgoMotionTask, prior: torch.nn.Module, cfg: Config, seed: int) -> tuple[PerceptualTrainer,
-                                                                                                  list[dict]]:
-    """Warm up the alignment critic on the prior-train windows (module doc, step 1); returns it and its stats."""
+def alignment_perceptual_model(task: EgoMotionTask, prior: torch.nn.Module, cfg: Config,
+                               seed: int) -> tuple[PerceptualTrainer, list[dict]]:
+    """Warm up the alignment perceptual model on the prior-train windows (module doc, step 1); returns it and
+    its stats."""
     windows = task.load_examples("prior_train", torch.arange(task.num_examples("prior_train")))
     negatives = prior_joints(task, prior, windows, seed, "alignment")
     critic = PerceptualTrainer(dataclasses.replace(cfg.alignment.perceptual, seed=seed))
-    stats = warm_up_critic(critic, windows["joints_world"], windows["T_world_cpf"], negatives,
+    stats = warm_up_perceptual(critic, windows["joints_world"], windows["T_world_cpf"], negatives,
                            steps=cfg.alignment.warmup_steps, batch_size=cfg.alignment.batch_size,
                            generator=torch.Generator().manual_seed(seed))
     return critic, stats
@@ -290,7 +291,7 @@ def main(cfg: Config) -> dict:
         pending = [v for v in cfg.variants if not (run_dir(cfg, v, seed) / "results.json").exists()]
         critic = None
         if any("alignment" in v for v in pending):  # only needed to train those variants
-            critic, warmup = alignment_critic(task, prior, cfg, seed)
+            critic, warmup = alignment_perceptual_model(task, prior, cfg, seed)
             (cfg.output_dir / f"alignment_seed{seed}.json").write_text(json.dumps(warmup))
         for variant in cfg.variants:
             runs.append(run_variant(task, evaluator, critic, variant, seed, cfg))
@@ -312,4 +313,4 @@ def main(cfg: Config) -> dict:
 
 if __name__ == "__main__":
     with flags_spelled({"--grpo.": "--base.grpo.", "--task.": "--base.task."}):  # the main job's config is --base
-        main(tyro.cli(Config))
+        main(cli.parse(Config, renamed=ego.renamed_flags('--base.')))

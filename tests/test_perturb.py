@@ -220,8 +220,8 @@ def test_perturber_from_config_passes_the_fields_each_factory_takes():
     assert perturber_from_config(PerturbConfig(name="gaussian", scale=0.2)) == GaussianPerturber(scale=0.2)
     assert perturber_from_config(PerturbConfig()) == NoPerturbation()
     # Further parameters come as KEY=VALUE strings (the command line's --grpo.perturb.params), as literals.
-    extra = PerturbConfig(name="perlin", scale=0.1, params=("lacunarity=3", "channels=(0, 2)"))
-    assert perturber_from_config(extra) == PerlinPerturber(scale=0.1, lacunarity=3, channels=(0, 2))
+    extra = PerturbConfig(name="perlin", scale=0.1, params=("lacunarity=3.0", "channels=(0, 2)"))
+    assert perturber_from_config(extra) == PerlinPerturber(scale=0.1, lacunarity=3.0, channels=(0, 2))
 
 
 def test_perturb_config_refuses_parameters_the_factory_does_not_take():

@@ -7,11 +7,11 @@ import torch
 
 from diffgrpo.advantages import AdvantageConfig, compute_advantages
 from diffgrpo.rewards import (
-    parse_reward_params,
     RewardSet,
     RewardSpec,
     available_rewards,
     get_reward,
+    parse_reward_params,
     register_reward,
 )
 
