@@ -117,3 +117,29 @@ def test_group_agreement_is_the_mean_within_group_pearson_correlation(tiny):
     expected = float(torch.corrcoef(torch.stack([visual[:3], pos[:3]]).double())[0, 1])
     assert group_agreement(data, "ego_perceptual", "ego_pos", 3) == pytest.approx(expected, abs=1e-12)
     assert math.isnan(group_agreement(data, "ego_perceptual", "ego_rot", 3))
+
+
+def test_former_flag_spellings_of_the_learned_reward_still_parse(caplog):
+    from diffgrpo import cli
+
+    old = ["--critic-warmup-steps", "2", "--omega-vis", "2.0", "--critic-negatives", "x0_last", "members",
+           "--critic-on-own-head"]
+    new = ["--perceptual-warmup-steps", "2", "--perceptual-omega", "2.0", "--perceptual-negatives", "x0_last",
+           "members", "--perceptual-on-own-head"]
+    parsed = cli.parse(ego_job.Config, renamed=ego_job.renamed_flags(), args=old)
+    assert parsed == cli.parse(ego_job.Config, args=new)
+    assert "--critic-warmup-steps is deprecated; use --perceptual-warmup-steps" in caplog.text
+    off = cli.parse(ego_job.Config, renamed=ego_job.renamed_flags(), args=["--no-use-visual-reward"])
+    assert not off.use_perceptual_reward
+    assert ego_job.renamed_flags("--base.")["--base.critic-"] == "--base.perceptual-"
+
+
+def test_reward_params_reach_the_joint_rewards_and_are_checked_at_start_up(tiny):
+    _, cfg, _ = tiny
+    with pytest.raises(ValueError, match="ego_physics, which this run does not use"):
+        dataclasses.replace(cfg, reward_params=("ego_physics.omega=2.0",))
+    with pytest.raises(ValueError, match="takes no parameter sigma"):
+        dataclasses.replace(cfg, reward_params=("ego_pos.sigma=2.0",))
+    with pytest.raises(ValueError, match="repeats --perceptual-omega"):
+        dataclasses.replace(cfg, reward_params=("ego_perceptual.omega=2.0",))
+    dataclasses.replace(cfg, reward_params=("ego_pos.omega=20.0",))  # a used reward's own parameter: accepted
