@@ -61,7 +61,7 @@ def test_resume_continues_identically(tiny):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_critic_options_warm_up_and_resume_identically(tiny):
+def test_perceptual_options_warm_up_and_resume_identically(tiny):
     """Every negative kind on the samples' own heads, after a warm-up: the run finishes, the warm-up is
     reported, and a run killed after one iteration resumes (without warming up again) to the same critic."""
     recipe, cfg, root = tiny
@@ -89,7 +89,7 @@ def test_critic_options_warm_up_and_resume_identically(tiny):
 
 
 @pytest.mark.unchecked_annotations  # the Literal annotation would reject "hard" before __post_init__ names it
-def test_critic_options_are_checked_at_start_up(tiny):
+def test_perceptual_options_are_checked_at_start_up(tiny):
     recipe, cfg, _ = tiny
     with pytest.raises(ValueError, match="distinct kinds"):
         dataclasses.replace(cfg, perceptual_negatives=("x0_last", "hard"))

@@ -195,7 +195,7 @@ def test_score_is_invariant_to_world_yaw_and_horizontal_translation(body):
 # -------------------------------------------------------------------------------------- learning
 
 
-def test_critic_learns_to_rank_ground_truth_above_corrupted_copies(body):
+def test_perceptual_model_learns_to_rank_ground_truth_above_corrupted_copies(body):
     B, T = 6, 24
     joints, T_world_cpf, _ = _walk(body, n=B, T=T, seed=2)
     stretched, _, _ = _walk(body, n=B, T=T, seed=2, shaped_scale=1.15)

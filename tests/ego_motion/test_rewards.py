@@ -212,7 +212,7 @@ def test_perceptual_reward_is_exp_of_omega_times_score() -> None:
     assert scorer.calls == [(torch.Size([2, 5, 22, 3]), torch.Size([2, 6, 4, 4]))]
 
 
-def test_perceptual_reward_with_the_real_critic() -> None:
+def test_perceptual_reward_with_the_real_model() -> None:
     """A tiny untrained PerceptualTrainer: R_vis = exp(omega * trainer.score(...)) and stays in [e^-w, e^w]."""
     gt = _motion(13)
     head = _head(2, 5)

@@ -86,7 +86,7 @@ def tiny(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_rlpf_recipe_runs_every_variant_with_its_rewards_and_leaves_the_critic_frozen(tiny, monkeypatch):
+def test_rlpf_recipe_runs_every_variant_with_its_rewards_and_leaves_the_perceptual_model_frozen(tiny, monkeypatch):
     recipe, cfg = tiny
     critics = []
     original = recipe.alignment_perceptual_model
