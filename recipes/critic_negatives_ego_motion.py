@@ -1,10 +1,10 @@
 """Which negatives make MotionGRPO's perceptual model a useful reward? The perceptual model trained alone, paired.
 
-The policy is held fixed (the prior), so every critic variant trains on the *same* rollouts, drawn
+The policy is held fixed (the prior), so every perceptual-model variant trains on the *same* rollouts, drawn
 once per seed with the main job's settings (post-train windows, Perlin heads, K = 10), and is
 scored on the same held-out rollouts (test windows): common random numbers, so the differences
 between variants are the perceptual model's alone. Per variant (``--variants``, see ``VARIANTS``):
-``--iterations`` critic steps, one per rollout batch, as in the main job (after an optional
+``--iterations`` perceptual-model steps, one per rollout batch, as in the main job (after an optional
 warm-up on the prior's samples). Then, on the held-out groups, for each group the Pearson
 correlation across its members of the perceptual model's score with:
 
@@ -12,7 +12,7 @@ correlation across its members of the perceptual model's score with:
 - ``-foot_skating``: a realism defect the perceptual model is meant to see without the ground truth;
 
 and the perceptual model's InfoNCE accuracy (truth above every member of its group). Reported: mean over
-groups with a 95 % interval, and each variant's paired difference from the paper's critic.
+groups with a 95 % interval, and each variant's paired difference from the paper's perceptual model.
 
     python recipes/critic_negatives_ego_motion.py --seeds 0 1 2 --output docs/data/critic_negatives.json \
         --table-output docs/data/critic_negatives_table.md
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-import tasks.ego_motion.grpo as main_job  # the main job: this script measures its critic
+import tasks.ego_motion.grpo as main_job  # the main job: this script measures its perceptual model
 from diffgrpo import cli
 from diffgrpo.chain import SamplingChain
 from diffgrpo.probe import paired_difference
@@ -60,7 +60,7 @@ VARIANTS = {
     "all negatives, own head + warm-up": dict(perceptual_negatives=("x0_last", "members", "foreign"),
                                               perceptual_on_own_head=True, perceptual_warmup_steps=30),
 }
-"""The main job's critic flags per variant; the first is the reference of the paired differences."""
+"""The main job's perceptual model flags per variant; the first is the reference of the paired differences."""
 MEASURES = ("corr_neg_mpjpe", "corr_neg_foot_skating", "infonce_accuracy")
 
 
@@ -79,7 +79,7 @@ class Config:
     """Also write the markdown table of every record in --output here (with ``--seeds`` empty: only that)."""
     threads: int = 1
     job: main_job.Config = field(default_factory=main_job.Config)
-    """The main job's config (prior, task, rollout steps, G, perturbation, critic size) under --job.*"""
+    """The main job's config (prior, task, rollout steps, G, perturbation, perceptual model size) under --job.*"""
 
     def __post_init__(self) -> None:
         unknown = [v for v in self.variants if v not in VARIANTS]
@@ -139,26 +139,26 @@ def main(cfg: Config) -> dict:
         per_variant, warmed, seconds = {}, {}, {}
         for name in cfg.variants:
             job = dataclasses.replace(cfg.job, grpo=dataclasses.replace(cfg.job.grpo, seed=seed), **VARIANTS[name])
-            critic = PerceptualTrainer(dataclasses.replace(job.perceptual, seed=seed))
+            perceptual = PerceptualTrainer(dataclasses.replace(job.perceptual, seed=seed))
             if job.perceptual_warmup_steps:  # the same for every variant of this seed: warm up once
                 if job.perceptual_warmup_steps not in warmed:
-                    main_job.warm_up(task, prior, critic, job, grpo.train_split)
-                    warmed[job.perceptual_warmup_steps] = critic.state_dict()
+                    main_job.warm_up(task, prior, perceptual, job, grpo.train_split)
+                    warmed[job.perceptual_warmup_steps] = perceptual.state_dict()
                 state = warmed[job.perceptual_warmup_steps]
-                critic.load_state_dict(state.tensors, state.meta)
+                perceptual.load_state_dict(state.tensors, state.meta)
             start = time.perf_counter()
             for batch, data in train:
                 negatives, heads = rollout_negatives(task, data, batch, G, job.perceptual_negatives,
                                                      on_own_head=job.perceptual_on_own_head)
-                critic.train_step(batch["joints_world"], batch["T_world_cpf"], negatives, heads)
+                perceptual.train_step(batch["joints_world"], batch["T_world_cpf"], negatives, heads)
             measures = {k: [] for k in MEASURES}
             for batch, data in held_out:
                 joints = data.decoded["joints_world"]
-                score = critic.score(joints, data.batch["T_world_cpf"])
+                score = perceptual.score(joints, data.batch["T_world_cpf"])
                 metrics = task.evaluate(data.decoded, data.batch)
                 measures["corr_neg_mpjpe"].append(group_correlations(score, -metrics["mpjpe_mm"], G))
                 measures["corr_neg_foot_skating"].append(group_correlations(score, -metrics["foot_skating_m"], G))
-                truth = critic.score(batch["joints_world"], batch["T_world_cpf"])
+                truth = perceptual.score(batch["joints_world"], batch["T_world_cpf"])
                 measures["infonce_accuracy"].append((truth[:, None] > score.view(-1, G)).all(dim=1).double())
             per_variant[name] = {k: torch.cat(v) for k, v in measures.items()}
             seconds[name] = time.perf_counter() - start

@@ -19,7 +19,7 @@ the bundled captures include climbing and standing on boxes, where the physics w
 feet toward a floor that is not there.
 
 Variants (``--variants``): ``physics`` (physics_residual + physics_tracking + physics_contact),
-``physics+alignment`` (+ ego_perceptual with the frozen critic), ``physics+alignment+joint``
+``physics+alignment`` (+ ego_perceptual with the frozen perceptual model), ``physics+alignment+joint``
 (+ MotionGRPO's four joint rewards, which do read the post-train ground truth).
 
     python recipes/rlpf_ego_motion.py --seeds 0 1 2
@@ -80,12 +80,12 @@ class RewardParams:
     tracking_mode: Literal["survival", "success"] = "survival"
     """'survival' (fraction of frames tracked) or 'success' (RLPF's binary signal)."""
     alignment_omega: float = OMEGA_PERCEPTUAL
-    """omega of R_align = exp(omega * s), s the frozen critic's score in [-1, 1]."""
+    """omega of R_align = exp(omega * s), s the frozen perceptual model's score in [-1, 1]."""
 
 
 @dataclass(frozen=True)
 class AlignmentConfig:
-    """Warm-up of the frozen alignment critic."""
+    """Warm-up of the frozen alignment perceptual model."""
 
     warmup_steps: int = 150
     batch_size: int = 16
@@ -125,7 +125,7 @@ class Config:
     physics: PhysicsConfig = field(default_factory=PhysicsConfig)
     base: ego.Config = field(default_factory=default_base)
     """The main job's settings (prior, task, GRPO iterations, group size, ...); its reward and
-    critic flags are not used here (rewards come from --variants)."""
+    perceptual model flags are not used here (rewards come from --variants)."""
 
     def __post_init__(self) -> None:
         unknown = [v for v in self.variants if v not in VARIANTS]
@@ -153,14 +153,15 @@ class Config:
                              "rewards come from --variants (and --rewards.*).")
 
 
-def reward_specs(variant: str, cfg: Config, evaluator: PhysicsEvaluator, critic: PerceptualTrainer) -> list[RewardSpec]:
+def reward_specs(variant: str, cfg: Config, evaluator: PhysicsEvaluator,
+                 perceptual: PerceptualTrainer) -> list[RewardSpec]:
     """The sub-rewards of ``variant``, all sharing one physics evaluator (one evaluation per batch)."""
     r = cfg.rewards
     specs = [RewardSpec("physics_residual", 1.0, {"omega": r.residual_omega, "evaluator": evaluator}),
              RewardSpec("physics_tracking", 1.0, {"mode": r.tracking_mode, "evaluator": evaluator}),
              RewardSpec("physics_contact", 1.0, {"omega": r.contact_omega, "evaluator": evaluator})]
     if "alignment" in variant:
-        specs.append(RewardSpec("ego_perceptual", 1.0, {"scorer": critic, "omega": r.alignment_omega}))
+        specs.append(RewardSpec("ego_perceptual", 1.0, {"scorer": perceptual, "omega": r.alignment_omega}))
     if variant.endswith("+joint"):
         specs += [RewardSpec(name) for name in GROUND_TRUTH_REWARDS]
     return specs
@@ -172,11 +173,11 @@ def alignment_perceptual_model(task: EgoMotionTask, prior: torch.nn.Module, cfg:
     its stats."""
     windows = task.load_examples("prior_train", torch.arange(task.num_examples("prior_train")))
     negatives = prior_joints(task, prior, windows, seed, "alignment")
-    critic = PerceptualTrainer(dataclasses.replace(cfg.alignment.perceptual, seed=seed))
-    stats = warm_up_perceptual(critic, windows["joints_world"], windows["T_world_cpf"], negatives,
+    perceptual = PerceptualTrainer(dataclasses.replace(cfg.alignment.perceptual, seed=seed))
+    stats = warm_up_perceptual(perceptual, windows["joints_world"], windows["T_world_cpf"], negatives,
                            steps=cfg.alignment.warmup_steps, batch_size=cfg.alignment.batch_size,
                            generator=torch.Generator().manual_seed(seed))
-    return critic, stats
+    return perceptual, stats
 
 
 def evaluate(task: EgoMotionTask, model: torch.nn.Module, evaluator: PhysicsEvaluator, cfg: Config) -> dict[str, float]:
@@ -190,7 +191,7 @@ def run_dir(cfg: Config, variant: str, seed: int) -> Path:
     return cfg.output_dir / f"{variant.replace('+', '_')}_seed{seed}"
 
 
-def run_variant(task, evaluator, critic, variant: str, seed: int, cfg: Config) -> dict:
+def run_variant(task, evaluator, perceptual, variant: str, seed: int, cfg: Config) -> dict:
     """One GRPO run of ``variant`` (read back if finished, resumed if interrupted) and its held-out metrics."""
     out_dir = run_dir(cfg, variant, seed)
     if (out_dir / "results.json").exists():
@@ -200,7 +201,7 @@ def run_variant(task, evaluator, critic, variant: str, seed: int, cfg: Config) -
     check_run(task, grpo, chain)
     model = load_denoiser(cfg.base.prior)
     accelerator = make_accelerator(out_dir, mixed_precision=grpo.mixed_precision)
-    rewards = RewardSet.from_specs(reward_specs(variant, cfg, evaluator, critic))
+    rewards = RewardSet.from_specs(reward_specs(variant, cfg, evaluator, perceptual))
     start = time.perf_counter()
     history = train_grpo(task, model, grpo, accelerator=accelerator, output_dir=out_dir, resume=True,
                          rewards=rewards, chain=chain)
@@ -289,12 +290,12 @@ def main(cfg: Config) -> dict:
     runs = []
     for seed in cfg.seeds:
         pending = [v for v in cfg.variants if not (run_dir(cfg, v, seed) / "results.json").exists()]
-        critic = None
+        perceptual = None
         if any("alignment" in v for v in pending):  # only needed to train those variants
-            critic, warmup = alignment_perceptual_model(task, prior, cfg, seed)
+            perceptual, warmup = alignment_perceptual_model(task, prior, cfg, seed)
             (cfg.output_dir / f"alignment_seed{seed}.json").write_text(json.dumps(warmup))
         for variant in cfg.variants:
-            runs.append(run_variant(task, evaluator, critic, variant, seed, cfg))
+            runs.append(run_variant(task, evaluator, perceptual, variant, seed, cfg))
     summary = {"prior": prior_metrics, "runs": runs,
                "windows": {split: {"kept": task.num_examples(split), "of": len(task.windows(split))}
                            for split in ("post_train", "test")}, "units": {**PHYSICS_METRIC_UNITS},

@@ -1,7 +1,7 @@
 """The MotionGRPO job: GRPO post-training of the ego-motion prior (the paper's Algorithm 1), importable.
 
 Why a module and not only a script: the ablation, RLPF, perceptual-negatives and gradient-signal
-recipes run this very job (its config, critic hooks, warm-up, evaluation and results) with other
+recipes run this very job (its config, perceptual model hooks, warm-up, evaluation and results) with other
 settings; ``recipes/ego_motion.py`` is its command line. The loop itself is the core's
 ``diffgrpo.trainer.train_grpo`` (Algorithm 1 with the paper's line numbers); this module adds what
 the ego-motion job puts around it: the two sampling chains (rollouts with K = 10, evaluation with

@@ -105,8 +105,8 @@ class PerceptualTrainer:
     calls ``score`` for the reward; everything else (which negatives, how often) stays in it.
 
     Several processes: pass the run's ``accelerator``. Every process then holds one replica of the
-    critic, trained on its own batch with the gradients averaged over processes before each step
-    (like DDP does for the policy), so all processes score with the same critic and the copy that
+    perceptual model, trained on its own batch with the gradients averaged over processes before each step
+    (like DDP does for the policy), so all processes score with the same perceptual model and the copy that
     rank 0 checkpoints is every rank's. The seed gives every replica the same initial weights, and
     each step compares a checksum of the weights across processes and raises if they differ.
     ``train_step`` is then a collective: every process must call it, as often, in the same order.

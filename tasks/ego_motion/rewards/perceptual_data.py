@@ -13,7 +13,7 @@ above M negatives. Which negatives it sees decides what it learns to tell apart:
 Which head a policy negative is scored on: with per-member condition perturbation each sample
 was generated for, and is rewarded on, its own perturbed head. ``on_own_head=True`` decodes and
 scores the negatives there, as the reward does; False decodes them on the clean head, as
-MotionGRPO's critic does (they then differ from the truth only by the policy's errors).
+MotionGRPO's perceptual model does (they then differ from the truth only by the policy's errors).
 
 A warm-up (:func:`warm_up_perceptual`) trains the perceptual model on the prior's samples before GRPO starts,
 so the first iterations' perceptual reward is not a random network's. RLPF (arXiv 2506.12769) freezes
@@ -192,7 +192,7 @@ def warm_up_perceptual(
     """Train ``trainer`` for ``steps`` InfoNCE steps on W windows before GRPO starts.
 
     Positives: the windows' ground truth under their own heads. Negatives per window (M = 2): the
-    prior's sample for that head (``prior_joints``, the realism contrast of MotionGRPO's critic)
+    prior's sample for that head (``prior_joints``, the realism contrast of MotionGRPO's perceptual model)
     and another window's ground truth transplanted under this head (the alignment contrast).
     Batches of ``batch_size`` windows drawn with ``generator``. Returns each step's statistics
     (``PerceptualTrainer.train_step``'s dict).
