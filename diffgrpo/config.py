@@ -13,6 +13,7 @@ from typing import Literal
 from diffgrpo.advantages import AdvantageConfig
 from diffgrpo.exploration import ExplorationSubspace
 from diffgrpo.loss import LossConfig
+from diffgrpo.perturb import PerturbConfig  # its home is the perturbers' module; imported for GRPOConfig.perturb
 from diffgrpo.sde import Method
 
 
@@ -121,56 +122,6 @@ class StepSelectionConfig:
         elif self.window is not None:
             raise ValueError(f"steps.window={self.window} is only used with --grpo.steps.mode window; set that mode "
                              "or drop the flag")
-
-
-@dataclass(frozen=True)
-class PerturbConfig:
-    """Per-member perturbation of the raw condition (MotionGRPO section 8)."""
-
-    name: Literal["none", "gaussian", "perlin"] = "none"
-    """Perturber: none, gaussian or perlin (the registry's built-ins; pass a custom registered perturber
-    to ``collect`` directly)."""
-    scale: float = 0.0
-    """lambda: amplitude of the added noise, in the raw condition's units."""
-    frequency: float = 1.0 / 32.0
-    """Perlin only: lattice cells per frame along the condition's time axis (about one smooth bump
-    per cell: 1/32 gives a bump roughly every second at 30 fps)."""
-    octaves: int = 1
-    """Perlin only: number of octaves."""
-    sharing: Literal["member", "group", "nested"] = "member"
-    """Who shares a perturbed condition. member: each group member gets its own (the paper). group: all
-    members see one perturbed condition. nested: ``heads_per_group`` perturbed conditions per group, each
-    shared by G / heads_per_group members, and advantages normalised within each same-condition
-    sub-group, so an advantage compares samples of one condition and never scores the perturbation."""
-    heads_per_group: int = 2
-    """nested only: P perturbed conditions per group (G must be a multiple of P, with G / P >= 2)."""
-
-    def __post_init__(self) -> None:
-        if self.name not in ("none", "gaussian", "perlin"):
-            raise ValueError(f"perturb.name={self.name!r} is not one of 'none', 'gaussian', 'perlin'")
-        if not math.isfinite(self.scale) or self.scale < 0:
-            raise ValueError(f"perturb.scale must be >= 0, got {self.scale}")
-        if self.name == "none" and self.scale != 0:
-            raise ValueError(f"perturb.scale={self.scale} has no effect with perturb.name='none'; pick "
-                             "--grpo.perturb.name perlin or gaussian, or drop the scale")
-        if not math.isfinite(self.frequency) or self.frequency <= 0:
-            raise ValueError(f"perturb.frequency must be > 0 (lattice cells per frame), got {self.frequency}")
-        if self.octaves < 1:
-            raise ValueError(f"perturb.octaves must be >= 1, got {self.octaves}")
-        if self.sharing not in ("member", "group", "nested"):
-            raise ValueError(f"perturb.sharing={self.sharing!r} is not one of 'member', 'group', 'nested'")
-        if self.name != "perlin" and (self.frequency, self.octaves) != (1.0 / 32.0, 1):
-            raise ValueError("perturb.frequency and perturb.octaves only apply to the perlin perturber; drop them or "
-                             "pass --grpo.perturb.name perlin")
-        if self.name == "none" and self.sharing != "member":
-            raise ValueError(f"perturb.sharing={self.sharing!r} has no effect without a perturbation; drop it or pick "
-                             "--grpo.perturb.name perlin or gaussian")
-        if self.sharing == "nested" and self.heads_per_group < 2:
-            raise ValueError(f"perturb.heads_per_group={self.heads_per_group} must be >= 2 for sharing 'nested' "
-                             "(1 is sharing 'group')")
-        if self.sharing != "nested" and self.heads_per_group != 2:
-            raise ValueError(f"perturb.heads_per_group={self.heads_per_group} is only used with --grpo.perturb.sharing "
-                             "nested; set that or drop the flag")
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from diffgrpo.chain import SamplingChain
 from diffgrpo.config import GRPOConfig
 from diffgrpo.loss import gaussian_step_kl
+from diffgrpo.modes import evaluation_mode
 from diffgrpo.rollout import score_step
 from diffgrpo.task import Task
 from diffgrpo.train_step import RolloutBatch, model_fn_for, step_terms_loss, step_weights
@@ -66,14 +67,12 @@ def policy_gradients(
     """
     params = [p for p in model.parameters() if p.requires_grad]
     model_fn = model_fn_for(task, model, chain.sampler.guidance_scale)
-    was_training = model.training
-    model.eval()
-    out: list[dict[int, Tensor]] = []
-    for rows in row_sets:
-        rows = rows.to(data.trajectory.states.device)
-        out.append({k: flat_grad(step_terms_loss(model_fn, chain, data, k, rows, cfg=cfg)[0], params)
-                    for k in steps})
-    model.train(was_training)
+    with evaluation_mode(model):
+        out: list[dict[int, Tensor]] = []
+        for rows in row_sets:
+            rows = rows.to(data.trajectory.states.device)
+            out.append({k: flat_grad(step_terms_loss(model_fn, chain, data, k, rows, cfg=cfg)[0], params)
+                        for k in steps})
     return out
 
 
@@ -124,13 +123,12 @@ def step_means(task: Task, model: nn.Module, chain: SamplingChain, data: Rollout
     """(mean, std) of the step Gaussians of ``rows`` at ``steps`` under ``model`` (for policy movement), the
     means in the coordinates their density lives on (``StepOutput.density_coordinates``)."""
     model_fn = model_fn_for(task, model, chain.sampler.guidance_scale)
-    was_training = model.training
-    model.eval()
-    out = {}
-    for k in steps:
-        step = score_step(model_fn, chain, data.trajectory, k, rows)
-        out[k] = (step.density_coordinates(step.mean).float(), step.std.reshape(-1, 1).float())  # (rows, r), (rows, 1)
-    model.train(was_training)
+    with evaluation_mode(model):
+        out = {}
+        for k in steps:
+            step = score_step(model_fn, chain, data.trajectory, k, rows)
+            # (rows, r), (rows, 1)
+            out[k] = (step.density_coordinates(step.mean).float(), step.std.reshape(-1, 1).float())
     return out
 
 

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from diffgrpo.chain import SamplingChain
 from diffgrpo.guidance import guided_model_fn
+from diffgrpo.modes import evaluation_mode
 from diffgrpo.rng import make_generator
 from diffgrpo.rollout import rollout
 from diffgrpo.task import Task, batch_to
@@ -44,21 +45,19 @@ def evaluate(
     world = accelerator.num_processes if accelerator is not None else 1
     indices = torch.arange(rank, n_total, world)
     device = accelerator.device if accelerator is not None else torch.device("cpu")
-    was_training = model.training
-    model.eval()
-    per_metric: dict[str, list[Tensor]] = {}
-    batches = indices.split(batch_size)
-    for idx in tqdm(batches, desc=f"eval {split}", disable=not progress or rank != 0, leave=False):
-        batch = batch_to(task.load_examples(split, idx), device)
-        cond = task.encode_condition(batch)
-        gen = make_generator(seed, "eval", int(idx[0]), device=device)
-        with autocast():
-            traj = rollout(guided_model_fn(task.predict, model, chain.sampler.guidance_scale), chain, cond,
-                           idx.to(device), generator=gen, x0_pred_steps=())
-        decoded = task.decode(traj.samples, batch)
-        for name, value in task.evaluate(decoded, batch).items():
-            per_metric.setdefault(name, []).append(value.float())
-    model.train(was_training)
+    with evaluation_mode(model):
+        per_metric: dict[str, list[Tensor]] = {}
+        batches = indices.split(batch_size)
+        for idx in tqdm(batches, desc=f"eval {split}", disable=not progress or rank != 0, leave=False):
+            batch = batch_to(task.load_examples(split, idx), device)
+            cond = task.encode_condition(batch)
+            gen = make_generator(seed, "eval", int(idx[0]), device=device)
+            with autocast():
+                traj = rollout(guided_model_fn(task.predict, model, chain.sampler.guidance_scale), chain, cond,
+                               idx.to(device), generator=gen, x0_pred_steps=())
+            decoded = task.decode(traj.samples, batch)
+            for name, value in task.evaluate(decoded, batch).items():
+                per_metric.setdefault(name, []).append(value.float())
     out = {name: torch.cat(values) for name, values in per_metric.items()}
     if accelerator is not None and world > 1:
         out = {name: accelerator.gather_for_metrics(value) for name, value in out.items()}

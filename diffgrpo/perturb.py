@@ -12,15 +12,17 @@ it bit for bit in float32, so that training can use it on any device and batch s
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from diffgrpo.registry import Registry
+from diffgrpo.registry import Registry, parse_assignments
 
 # Ken Perlin's reference permutation of 0..255 ("Improved Noise", 2002), as used by noise 1.2.2.
 # The C source stores it twice (512 entries) so that `PERM[(i & 255) + base]` stays in bounds
@@ -197,6 +199,72 @@ def get_perturber(name: str, **kwargs: object) -> Perturber:
     """Build the perturber registered as `name` with `kwargs`.
     Raises KeyError for an unknown name and ValueError for unknown parameters, listing the options."""
     return _PERTURBERS.build(name, **kwargs)
+
+
+@dataclass(frozen=True)
+class PerturbConfig:
+    """Per-member perturbation of the raw condition (MotionGRPO section 8)."""
+
+    name: str = "none"
+    """Perturber: a name in ``diffgrpo.perturb.available_perturbers()`` (built-ins: none, gaussian, perlin; a
+    perturber registered with ``@register_perturber`` before the config is built is accepted too)."""
+    scale: float = 0.0
+    """lambda: amplitude of the added noise, in the raw condition's units."""
+    frequency: float = 1.0 / 32.0
+    """Perlin only: lattice cells per frame along the condition's time axis (about one smooth bump
+    per cell: 1/32 gives a bump roughly every second at 30 fps)."""
+    octaves: int = 1
+    """Perlin only: number of octaves."""
+    sharing: Literal["member", "group", "nested"] = "member"
+    """Who shares a perturbed condition. member: each group member gets its own (the paper). group: all
+    members see one perturbed condition. nested: ``heads_per_group`` perturbed conditions per group, each
+    shared by G / heads_per_group members, and advantages normalised within each same-condition
+    sub-group, so an advantage compares samples of one condition and never scores the perturbation."""
+    heads_per_group: int = 2
+    """nested only: P perturbed conditions per group (G must be a multiple of P, with G / P >= 2)."""
+    params: tuple[str, ...] = ()
+    """Further factory parameters of the perturber as KEY=VALUE, e.g. ``lacunarity=3.0`` for perlin; the
+    fields above that the factory takes are passed under their own names (``perturb.perturber_from_config``)."""
+
+    def __post_init__(self) -> None:
+        if self.name not in available_perturbers():
+            raise ValueError(f"perturb.name={self.name!r} is not one of {', '.join(map(repr, available_perturbers()))}")
+        if not math.isfinite(self.scale) or self.scale < 0:
+            raise ValueError(f"perturb.scale must be >= 0, got {self.scale}")
+        if self.name == "none" and self.scale != 0:
+            raise ValueError(f"perturb.scale={self.scale} has no effect with perturb.name='none'; pick "
+                             "--grpo.perturb.name perlin or gaussian, or drop the scale")
+        if not math.isfinite(self.frequency) or self.frequency <= 0:
+            raise ValueError(f"perturb.frequency must be > 0 (lattice cells per frame), got {self.frequency}")
+        if self.octaves < 1:
+            raise ValueError(f"perturb.octaves must be >= 1, got {self.octaves}")
+        if self.sharing not in ("member", "group", "nested"):
+            raise ValueError(f"perturb.sharing={self.sharing!r} is not one of 'member', 'group', 'nested'")
+        if self.name != "perlin" and (self.frequency, self.octaves) != (1.0 / 32.0, 1):
+            raise ValueError("perturb.frequency and perturb.octaves only apply to the perlin perturber; drop them or "
+                             "pass --grpo.perturb.name perlin")
+        if self.name == "none" and self.sharing != "member":
+            raise ValueError(f"perturb.sharing={self.sharing!r} has no effect without a perturbation; drop it or pick "
+                             "--grpo.perturb.name perlin or gaussian")
+        perturber_from_config(self)  # the factory refuses parameters it does not take
+        if self.sharing == "nested" and self.heads_per_group < 2:
+            raise ValueError(f"perturb.heads_per_group={self.heads_per_group} must be >= 2 for sharing 'nested' "
+                             "(1 is sharing 'group')")
+        if self.sharing != "nested" and self.heads_per_group != 2:
+            raise ValueError(f"perturb.heads_per_group={self.heads_per_group} is only used with --grpo.perturb.sharing "
+                             "nested; set that or drop the flag")
+
+
+def perturber_from_config(cfg: PerturbConfig) -> Perturber:
+    """The perturber ``cfg.name`` of a :class:`PerturbConfig`, by the registry's one rule
+    (``Registry.build_from_config``): the config fields the factory takes (perlin: scale, frequency, octaves;
+    gaussian: scale; none: nothing) under their own names, plus ``cfg.params`` (KEY=VALUE strings).
+
+    Raises:
+        KeyError: an unknown ``cfg.name``; ValueError: a parameter the factory does not take, or a bad value.
+    """
+    extra = parse_assignments(cfg.params, "perturb.params")
+    return _PERTURBERS.build_from_config(cfg.name, cfg, extra)
 
 
 def _check_condition(x: Tensor, channels: tuple[int, ...] | None) -> tuple[int, ...]:

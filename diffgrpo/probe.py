@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from diffgrpo.chain import SamplingChain
 from diffgrpo.config import ProbeConfig
 from diffgrpo.guidance import guided_model_fn
+from diffgrpo.modes import evaluation_mode
 from diffgrpo.rewards import RewardSet
 from diffgrpo.rng import make_generator
 from diffgrpo.rollout import rollout
@@ -54,27 +55,26 @@ def evaluate_probe(
     Deterministic: two calls with equal weights return equal tensors (same conditions, x_T and step
     noise). The model is put in eval mode and restored.
     """
-    was_training = model.training
-    model.eval()
-    out: dict[str, Tensor] = {}
-    for split in cfg.splits:
-        indices = probe_indices(task.num_examples(split), cfg.conditions_per_split, cfg.seed, split)
-        num_conditions, num_noises = len(indices), cfg.noises_per_condition
-        batch = repeat_batch(batch_to(task.load_examples(split, indices), device), num_noises)
-        cond = task.encode_condition(batch)
-        pair_ids = torch.arange(num_conditions * num_noises, device=cond_device(cond))  # each (c, m) its own x_T
-        generator = make_generator(cfg.seed, "probe_noise", split, device=device)
-        trajectory = rollout(guided_model_fn(task.predict, model, chain.sampler.guidance_scale), chain, cond, pair_ids,
-                             generator=generator, micro_batch_size=micro_batch_size, x0_pred_steps=())
-        decoded = task.decode(trajectory.samples, batch)
-        if rewards is not None:
-            scored = rewards(decoded, batch)
-            total = sum(scored.weights[name] * value.double() for name, value in scored.components.items())
-            for name, value in {**scored.components, "total": total}.items():
-                out[f"reward/{split}/{name}"] = value.float().reshape(num_conditions, num_noises).cpu()
-        for name, value in task.evaluate(decoded, batch).items():
-            out[f"metric/{split}/{name}"] = value.float().reshape(num_conditions, num_noises).cpu()
-    model.train(was_training)
+    with evaluation_mode(model):
+        out: dict[str, Tensor] = {}
+        for split in cfg.splits:
+            indices = probe_indices(task.num_examples(split), cfg.conditions_per_split, cfg.seed, split)
+            num_conditions, num_noises = len(indices), cfg.noises_per_condition
+            batch = repeat_batch(batch_to(task.load_examples(split, indices), device), num_noises)
+            cond = task.encode_condition(batch)
+            pair_ids = torch.arange(num_conditions * num_noises, device=cond_device(cond))  # each (c, m) its own x_T
+            generator = make_generator(cfg.seed, "probe_noise", split, device=device)
+            model_fn = guided_model_fn(task.predict, model, chain.sampler.guidance_scale)
+            trajectory = rollout(model_fn, chain, cond, pair_ids, generator=generator,
+                                 micro_batch_size=micro_batch_size, x0_pred_steps=())
+            decoded = task.decode(trajectory.samples, batch)
+            if rewards is not None:
+                scored = rewards(decoded, batch)
+                total = sum(scored.weights[name] * value.double() for name, value in scored.components.items())
+                for name, value in {**scored.components, "total": total}.items():
+                    out[f"reward/{split}/{name}"] = value.float().reshape(num_conditions, num_noises).cpu()
+            for name, value in task.evaluate(decoded, batch).items():
+                out[f"metric/{split}/{name}"] = value.float().reshape(num_conditions, num_noises).cpu()
     return out
 
 

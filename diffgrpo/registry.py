@@ -8,7 +8,10 @@ those rules (and their messages) the same for both.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import ast
+import dataclasses
+import inspect
+from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
 Factory = TypeVar("Factory", bound=Callable[..., Any])
@@ -53,3 +56,46 @@ class Registry(Generic[Factory]):
             return factory(**params)
         except TypeError as err:
             raise ValueError(f"bad parameters {sorted(params)} for {self.kind} {name!r}: {err}") from err
+
+    def build_from_config(self, name: str, config: object, extra: dict[str, Any] | None = None) -> Any:
+        """``factory(**params)`` of ``name``, its parameters read from ``config`` by one rule: every field of the
+        dataclass ``config`` that the factory takes as a keyword parameter is passed under its own name, then
+        ``extra`` (e.g. parsed ``KEY=VALUE`` flags) is added and wins. So the factory owns the mapping: a field
+        it does not take is not passed, and a new factory parameter is set by naming it in ``extra``."""
+        params = {key: value for key, value in config_fields(config).items() if key in self.parameters(name)}
+        return self.build(name, **{**params, **(extra or {})})
+
+    def parameters(self, name: str) -> tuple[str, ...]:
+        """The keyword parameters the factory of ``name`` takes (its signature; a dataclass's fields)."""
+        signature = inspect.signature(self[name])
+        return tuple(key for key, p in signature.parameters.items()
+                     if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def config_fields(config: object) -> dict[str, Any]:
+    """The fields of the dataclass instance ``config`` by name (not recursing into nested dataclasses)."""
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise TypeError(f"config must be a dataclass instance, got {type(config).__name__}")
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+def parse_assignments(items: Iterable[str], flag: str) -> dict[str, Any]:
+    """``("KEY=VALUE", ...)`` -> ``{KEY: VALUE}``, each VALUE read as a Python literal (number, bool, tuple,
+    quoted string) or else kept as the plain string. ``flag`` names the option in the error messages.
+
+    Raises:
+        ValueError: an item without ``=``, an empty key, or a key given twice.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"{flag} {item!r}: write KEY=VALUE, e.g. {flag} omega=3.0")
+        if key in out:
+            raise ValueError(f"{flag} sets {key!r} twice; give each key once")
+        try:
+            out[key] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            out[key] = text.strip()
+    return out

@@ -30,7 +30,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from diffgrpo.registry import Registry
+from diffgrpo.registry import Registry, parse_assignments
 
 Reward = Callable[[Any, Any], "Tensor | Mapping[str, Tensor]"]
 RewardFactory = Callable[..., Reward]
@@ -53,6 +53,36 @@ def get_reward(name: str, **params: Any) -> Reward:
     """Build the reward registered as `name`. KeyError lists the known names; ValueError reports
     parameters the factory does not accept."""
     return _REWARDS.build(name, **params)
+
+
+def reward_parameters(name: str) -> tuple[str, ...]:
+    """The keyword parameters the factory of reward ``name`` takes (KeyError listing the known names)."""
+    return _REWARDS.parameters(name)
+
+
+def parse_reward_params(items: Iterable[str], flag: str = "--reward-params") -> dict[str, dict[str, Any]]:
+    """``("REWARD.KEY=VALUE", ...)`` -> ``{REWARD: {KEY: VALUE}}``: factory parameters of registered rewards
+    from the command line (e.g. ``ego_rot.omega=3``), each VALUE read as a Python literal (``parse_assignments``).
+
+    Raises:
+        ValueError: an item not of the form REWARD.KEY=VALUE, a key given twice, or a KEY the factory of REWARD
+            does not take (the message lists the ones it does); KeyError: an unregistered REWARD.
+    """
+    grouped: dict[str, list[str]] = {}
+    for item in items:
+        name, dot, assignment = item.partition(".")
+        if not dot or not name or "=" not in assignment:
+            raise ValueError(f"{flag} {item!r}: write REWARD.KEY=VALUE, e.g. {flag} ego_rot.omega=3.0")
+        grouped.setdefault(name, []).append(assignment)
+    out = {}
+    for name, assignments in grouped.items():
+        params = parse_assignments(assignments, f"{flag} {name}.")
+        unknown = sorted(set(params) - set(reward_parameters(name)))
+        if unknown:
+            raise ValueError(f"{flag}: reward {name!r} takes no parameter {', '.join(unknown)}; it takes "
+                             f"{', '.join(reward_parameters(name)) or 'none'}")
+        out[name] = params
+    return out
 
 
 def _mean_squared_error(samples: Tensor, batch: Mapping[str, Tensor], target_key: str) -> Tensor:

@@ -166,7 +166,7 @@ RESUMABLE_CHANGES = ("num_iterations", "checkpoint_every")
 
 FIELDS_ADDED_LATER = {("sampler", "guidance_scale"): 1.0, ("rollout_chunks",): 1,
                       ("sampler", "noise_frequencies"): None, ("sampler", "noise_features"): None,
-                      ("ema",): {"use_ema": False, "decay": 0.9, "use_for_eval": False}}
+                      ("ema",): {"use_ema": False, "decay": 0.9, "use_for_eval": False}, ("perturb", "params"): []}
 """Config fields newer than some checkpoints, with the value that reproduces the older behaviour: a
 checkpoint without one resumes when the current run keeps that value."""
 

@@ -27,7 +27,7 @@ from diffgrpo.chain import SamplingChain
 from diffgrpo.config import GRPOConfig
 from diffgrpo.guidance import guided_model_fn
 from diffgrpo.loss import advantage_weighted_x0_loss, gaussian_step_kl, grpo_loss, select_steps
-from diffgrpo.perturb import get_perturber
+from diffgrpo.perturb import perturber_from_config
 from diffgrpo.rewards import RewardOutput, RewardSet
 from diffgrpo.rng import RandomStreams, as_streams
 from diffgrpo.rollout import Trajectory, group_ids_for, rollout, score_step
@@ -57,13 +57,8 @@ class RolloutBatch:
 
 
 def make_perturber(cfg: GRPOConfig):
-    """The configured condition perturber from the registry."""
-    p = cfg.perturb
-    if p.name == "perlin":
-        return get_perturber("perlin", scale=p.scale, frequency=p.frequency, octaves=p.octaves)
-    if p.name == "none":
-        return get_perturber("none")
-    return get_perturber(p.name, scale=p.scale)
+    """The configured condition perturber (``cfg.perturb``) from the registry: ``perturb.perturber_from_config``."""
+    return perturber_from_config(cfg.perturb)
 
 
 def model_fn_for(task: Task, model: nn.Module, guidance_scale: float = 1.0):

@@ -38,10 +38,9 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tyro
-
 import tasks.ego_motion.grpo as ego
 import tasks.ego_motion.pretrain as pretrain
+from diffgrpo import cli
 from diffgrpo.checkpoint import git_revision
 from diffgrpo.cli import flags_spelled
 from diffgrpo.config import PerturbConfig
@@ -112,6 +111,11 @@ IGNORED_CONFIG_KEYS = frozenset({"output_dir", "resume", "threads", "num_threads
                                  "checkpoint_every", "log_every"})
 """Config entries that do not change what a run computes: a finished run is read back whatever they were. A key
 is matched by its last name, at any depth (``grpo.checkpoint_every`` and ``checkpoint_every`` alike)."""
+RENAMED_CONFIG_KEYS = {"use_visual_reward": "use_perceptual_reward", "omega_vis": "perceptual_omega",
+                       "critic_negatives": "perceptual_negatives", "critic_on_own_head": "perceptual_on_own_head",
+                       "critic_warmup_steps": "perceptual_warmup_steps",
+                       "critic_warmup_batch_size": "perceptual_warmup_batch_size"}
+"""Config entries of runs stored before the learned reward had one name -> today's names (matched by last name)."""
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -141,6 +145,12 @@ def _flatten(values: dict, prefix: str = "") -> dict:
     return out
 
 
+def _renamed(key: str) -> str:
+    """``key`` (dotted) with its last name as today's config spells it (``RENAMED_CONFIG_KEYS``)."""
+    head, dot, last = key.rpartition(".")
+    return head + dot + RENAMED_CONFIG_KEYS.get(last, last)
+
+
 def _as_json(config) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
@@ -157,7 +167,7 @@ def variant_configs(cfg: Config) -> dict[str, ego.Config]:
     none = PerturbConfig()
 
     def make(use_visual: bool, perturb) -> ego.Config:
-        return dataclasses.replace(base, use_visual_reward=use_visual, grpo=dataclasses.replace(base.grpo,
+        return dataclasses.replace(base, use_perceptual_reward=use_visual, grpo=dataclasses.replace(base.grpo,
                                                                                                perturb=perturb))
 
     out: dict[str, ego.Config] = {}
@@ -262,7 +272,8 @@ def preamble(runs: dict[str, list[dict]], cfg: Config) -> str:
         f"{g.num_iterations} iterations of {g.conditions_per_iteration} training conditions x groups of "
         f"{g.group_size}, rollouts of {cfg.base.rollout_sampling_steps or cfg.base.task.num_sampling_steps} steps, "
         f"objective {g.loss.objective}, AdamW lr {g.optim.learning_rate:g}, rewards {', '.join(g.rewards)}"
-        f" (+ ego_visual, omega_vis {cfg.base.omega_vis:g}, where the variant uses it), perturbation of the head "
+        f" (+ ego_perceptual, perceptual_omega {cfg.base.perceptual_omega:g}, where the variant uses it), "
+        "perturbation of the head "
         f"translation at {g.perturb.frequency:g} cells per frame, evaluation on all held-out CMU test windows "
         f"with eval seed {cfg.base.eval_seed}; the training seed is the `--grpo.seed` of each run.{timing}\n\n"
         "| variant | rewards | head perturbation |\n|---|---|---|\n"
@@ -381,6 +392,7 @@ def config_differences(stored: dict, wanted: dict, defaults: dict) -> list[str]:
     ``"key: stored -> wanted"`` strings, empty when the run is the one asked for.
     """
     stored, wanted, defaults = _flatten(stored), _flatten(wanted), _flatten(defaults)
+    stored = {_renamed(key): value for key, value in stored.items()}
     diffs = []
     for key, value in wanted.items():
         if _ignored(key):
@@ -528,4 +540,4 @@ def main(cfg: Config) -> dict:
 
 if __name__ == "__main__":
     with flags_spelled({"--grpo.": "--base.grpo.", "--task.": "--base.task."}):  # the main job's config is --base
-        main(tyro.cli(Config))
+        main(cli.parse(Config, renamed=ego.renamed_flags('--base.')))

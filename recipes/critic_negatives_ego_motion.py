@@ -1,23 +1,23 @@
-"""Which negatives make MotionGRPO's perceptual critic a useful reward? The critic trained alone, paired.
+"""Which negatives make MotionGRPO's perceptual model a useful reward? The perceptual model trained alone, paired.
 
-The policy is held fixed (the prior), so every critic variant trains on the *same* rollouts, drawn
+The policy is held fixed (the prior), so every perceptual-model variant trains on the *same* rollouts, drawn
 once per seed with the main job's settings (post-train windows, Perlin heads, K = 10), and is
 scored on the same held-out rollouts (test windows): common random numbers, so the differences
-between variants are the critic's alone. Per variant (``--variants``, see ``VARIANTS``):
-``--iterations`` critic steps, one per rollout batch, as in the main job (after an optional
+between variants are the perceptual model's alone. Per variant (``--variants``, see ``VARIANTS``):
+``--iterations`` perceptual-model steps, one per rollout batch, as in the main job (after an optional
 warm-up on the prior's samples). Then, on the held-out groups, for each group the Pearson
-correlation across its members of the critic's score with:
+correlation across its members of the perceptual model's score with:
 
 - ``-mpjpe``: accuracy against the ground truth (what the joint rewards reward);
-- ``-foot_skating``: a realism defect the critic is meant to see without the ground truth;
+- ``-foot_skating``: a realism defect the perceptual model is meant to see without the ground truth;
 
-and the critic's InfoNCE accuracy (truth above every member of its group). Reported: mean over
-groups with a 95 % interval, and each variant's paired difference from the paper's critic.
+and the perceptual model's InfoNCE accuracy (truth above every member of its group). Reported: mean over
+groups with a 95 % interval, and each variant's paired difference from the paper's perceptual model.
 
     python recipes/critic_negatives_ego_motion.py --seeds 0 1 2 --output docs/data/critic_negatives.json \
         --table-output docs/data/critic_negatives_table.md
 
-What it cannot say: how the critic co-evolves with a moving policy (a GRPO run measures that).
+What it cannot say: how the perceptual model co-evolves with a moving policy (a GRPO run measures that).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import tyro
 
-import tasks.ego_motion.grpo as main_job  # the main job: this script measures its critic
+import tasks.ego_motion.grpo as main_job  # the main job: this script measures its perceptual model
+from diffgrpo import cli
 from diffgrpo.chain import SamplingChain
 from diffgrpo.probe import paired_difference
 from diffgrpo.rewards import RewardSet
@@ -44,22 +44,23 @@ from diffgrpo.task import batch_to
 from diffgrpo.train_step import collect, make_perturber
 from diffgrpo.trainer import check_run, parse_reward_specs
 from tasks.ego_motion.model.network import load_denoiser
-from tasks.ego_motion.rewards.critic_data import group_correlations, rollout_negatives
 from tasks.ego_motion.rewards.perceptual import PerceptualTrainer
+from tasks.ego_motion.rewards.perceptual_data import group_correlations, rollout_negatives
 from tasks.ego_motion.task import EgoMotionTask
 
 logger = logging.getLogger("recipes.critic_negatives_ego_motion")
 
 VARIANTS = {
-    "paper (x0_last, clean head)": dict(critic_negatives=("x0_last",), critic_on_own_head=False),
-    "x0_last, own head": dict(critic_negatives=("x0_last",), critic_on_own_head=True),
-    "x0_last + members + foreign, own head": dict(critic_negatives=("x0_last", "members", "foreign"),
-                                                  critic_on_own_head=True),
-    "paper + warm-up": dict(critic_negatives=("x0_last",), critic_on_own_head=False, critic_warmup_steps=30),
-    "all negatives, own head + warm-up": dict(critic_negatives=("x0_last", "members", "foreign"),
-                                              critic_on_own_head=True, critic_warmup_steps=30),
+    "paper (x0_last, clean head)": dict(perceptual_negatives=("x0_last",), perceptual_on_own_head=False),
+    "x0_last, own head": dict(perceptual_negatives=("x0_last",), perceptual_on_own_head=True),
+    "x0_last + members + foreign, own head": dict(perceptual_negatives=("x0_last", "members", "foreign"),
+                                                  perceptual_on_own_head=True),
+    "paper + warm-up": dict(perceptual_negatives=("x0_last",), perceptual_on_own_head=False,
+                            perceptual_warmup_steps=30),
+    "all negatives, own head + warm-up": dict(perceptual_negatives=("x0_last", "members", "foreign"),
+                                              perceptual_on_own_head=True, perceptual_warmup_steps=30),
 }
-"""The main job's critic flags per variant; the first is the reference of the paired differences."""
+"""The main job's perceptual model flags per variant; the first is the reference of the paired differences."""
 MEASURES = ("corr_neg_mpjpe", "corr_neg_foot_skating", "infonce_accuracy")
 
 
@@ -78,7 +79,7 @@ class Config:
     """Also write the markdown table of every record in --output here (with ``--seeds`` empty: only that)."""
     threads: int = 1
     job: main_job.Config = field(default_factory=main_job.Config)
-    """The main job's config (prior, task, rollout steps, G, perturbation, critic size) under --job.*"""
+    """The main job's config (prior, task, rollout steps, G, perturbation, perceptual model size) under --job.*"""
 
     def __post_init__(self) -> None:
         unknown = [v for v in self.variants if v not in VARIANTS]
@@ -138,26 +139,26 @@ def main(cfg: Config) -> dict:
         per_variant, warmed, seconds = {}, {}, {}
         for name in cfg.variants:
             job = dataclasses.replace(cfg.job, grpo=dataclasses.replace(cfg.job.grpo, seed=seed), **VARIANTS[name])
-            critic = PerceptualTrainer(dataclasses.replace(job.perceptual, seed=seed))
-            if job.critic_warmup_steps:  # the same for every variant of this seed: warm up once
-                if job.critic_warmup_steps not in warmed:
-                    main_job.warm_up(task, prior, critic, job, grpo.train_split)
-                    warmed[job.critic_warmup_steps] = critic.state_dict()
-                state = warmed[job.critic_warmup_steps]
-                critic.load_state_dict(state.tensors, state.meta)
+            perceptual = PerceptualTrainer(dataclasses.replace(job.perceptual, seed=seed))
+            if job.perceptual_warmup_steps:  # the same for every variant of this seed: warm up once
+                if job.perceptual_warmup_steps not in warmed:
+                    main_job.warm_up(task, prior, perceptual, job, grpo.train_split)
+                    warmed[job.perceptual_warmup_steps] = perceptual.state_dict()
+                state = warmed[job.perceptual_warmup_steps]
+                perceptual.load_state_dict(state.tensors, state.meta)
             start = time.perf_counter()
             for batch, data in train:
-                negatives, heads = rollout_negatives(task, data, batch, G, job.critic_negatives,
-                                                     on_own_head=job.critic_on_own_head)
-                critic.train_step(batch["joints_world"], batch["T_world_cpf"], negatives, heads)
+                negatives, heads = rollout_negatives(task, data, batch, G, job.perceptual_negatives,
+                                                     on_own_head=job.perceptual_on_own_head)
+                perceptual.train_step(batch["joints_world"], batch["T_world_cpf"], negatives, heads)
             measures = {k: [] for k in MEASURES}
             for batch, data in held_out:
                 joints = data.decoded["joints_world"]
-                score = critic.score(joints, data.batch["T_world_cpf"])
+                score = perceptual.score(joints, data.batch["T_world_cpf"])
                 metrics = task.evaluate(data.decoded, data.batch)
                 measures["corr_neg_mpjpe"].append(group_correlations(score, -metrics["mpjpe_mm"], G))
                 measures["corr_neg_foot_skating"].append(group_correlations(score, -metrics["foot_skating_m"], G))
-                truth = critic.score(batch["joints_world"], batch["T_world_cpf"])
+                truth = perceptual.score(batch["joints_world"], batch["T_world_cpf"])
                 measures["infonce_accuracy"].append((truth[:, None] > score.view(-1, G)).all(dim=1).double())
             per_variant[name] = {k: torch.cat(v) for k, v in measures.items()}
             seconds[name] = time.perf_counter() - start
@@ -219,4 +220,4 @@ def render_table(out: dict) -> str:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    main(tyro.cli(Config))
+    main(cli.parse(Config, renamed=main_job.renamed_flags('--job.')))

@@ -1,7 +1,7 @@
 """MotionGRPO: GRPO post-training of the ego-motion prior (the main job; the paper's Algorithm 1).
 
-The job lives in ``tasks/ego_motion/grpo.py`` (its ``Config``, the perceptual critic's hooks, the
-evaluation before and after, the results), so that the ablation, RLPF, critic-negatives and
+The job lives in ``tasks/ego_motion/grpo.py`` (its ``Config``, the perceptual model's hooks, the
+evaluation before and after, the results), so that the ablation, RLPF, perceptual-negatives and
 gradient-signal recipes run the very same job; the loop is ``diffgrpo.trainer.train_grpo``
 (docs/architecture.md, "Where Algorithm 1 lives").
 
@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import logging
 
-import tyro
-
-from tasks.ego_motion.grpo import Config, main
+from diffgrpo import cli
+from tasks.ego_motion.grpo import Config, main, renamed_flags
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    main(tyro.cli(Config))
+    main(cli.parse(Config, renamed=renamed_flags()))

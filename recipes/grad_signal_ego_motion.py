@@ -5,7 +5,7 @@ streams: initial noise, step noise, perturbation) of G samples each are collecte
 windows with the prior, and the GRPO policy gradient of each is computed (all trained steps, and per
 step bucket: early / middle / late thirds of the chain). Two independent estimates of one expected
 gradient have cosine ~ SNR^2 / (1 + SNR^2), so a cosine near 0 says the update is mostly noise.
-The joint rewards are used (no learned critic: a fresh one would only add noise).
+The joint rewards are used (no learned perceptual model: a fresh one would only add noise).
 
     python recipes/grad_signal_ego_motion.py --name default --seeds 0 1 2 3 4   # the main job's defaults
     python recipes/grad_signal_ego_motion.py --name ratio_window --job.grpo.loss.objective ratio --job.sde-window 0 4
@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import tyro
 
 import tasks.ego_motion.grpo as main_job  # the main job: this script measures its updates
+from diffgrpo import cli
 from diffgrpo.diagnostics import STEP_BUCKETS, cosine, policy_gradients, step_buckets
 from diffgrpo.loss import select_steps
 from diffgrpo.probe import probe_indices
@@ -138,4 +138,4 @@ def render_table(records: dict[str, dict], source: Path) -> str:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    main(tyro.cli(Config))
+    main(cli.parse(Config, renamed=main_job.renamed_flags('--job.')))

@@ -4,10 +4,10 @@ RLPF ("RL from physical feedback", arXiv 2506.12769) post-trains a motion genera
 from a physics simulator plus an alignment check that keeps the motion faithful to its condition
 (without it the generator drifts toward trivial motion). Here, per seed:
 
-1. **Alignment guard.** MotionGRPO's perceptual critic (``perceptual.py``) is warmed up on the
+1. **Alignment guard.** MotionGRPO's perceptual model (``perceptual.py``) is warmed up on the
    prior-train windows (positives: the truth under its own head; negatives: the prior's sample for
    that head and another window's truth transplanted under it), then frozen: the
-   ``ego_visual`` reward scores with it and it never trains again.
+   ``ego_perceptual`` reward scores with it and it never trains again.
 2. **GRPO** (``diffgrpo.trainer.train_grpo``, the one loop) on the post-train windows with the
    variant's rewards. The physics and alignment rewards read no ground truth: they score the
    generated body against the floor, the simulator and the head trajectory only.
@@ -19,7 +19,7 @@ the bundled captures include climbing and standing on boxes, where the physics w
 feet toward a floor that is not there.
 
 Variants (``--variants``): ``physics`` (physics_residual + physics_tracking + physics_contact),
-``physics+alignment`` (+ ego_visual with the frozen critic), ``physics+alignment+joint``
+``physics+alignment`` (+ ego_perceptual with the frozen perceptual model), ``physics+alignment+joint``
 (+ MotionGRPO's four joint rewards, which do read the post-train ground truth).
 
     python recipes/rlpf_ego_motion.py --seeds 0 1 2
@@ -42,10 +42,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import tyro
 
 import tasks.ego_motion.grpo as ego
 import tasks.ego_motion.rewards.registered  # noqa: F401  (registers the ego_* and physics_* rewards)
+from diffgrpo import cli
 from diffgrpo.checkpoint import latest_checkpoint, load_checkpoint
 from diffgrpo.cli import flags_spelled
 from diffgrpo.config import PerturbConfig, ProbeConfig
@@ -57,9 +57,9 @@ from diffgrpo.trainer import check_run, train_grpo
 from tasks.ego_motion.evaluation.render import render_frames_png
 from tasks.ego_motion.model.network import load_denoiser
 from tasks.ego_motion.physics.evaluator import PHYSICS_METRIC_UNITS, PhysicsConfig, PhysicsEvaluator
-from tasks.ego_motion.rewards.critic_data import prior_joints, warm_up_critic
 from tasks.ego_motion.rewards.perceptual import PerceptualConfig, PerceptualTrainer
-from tasks.ego_motion.rewards.registered import GROUND_TRUTH_REWARDS, OMEGA_CONTACT, OMEGA_RESIDUAL, OMEGA_VISUAL
+from tasks.ego_motion.rewards.perceptual_data import prior_joints, warm_up_perceptual
+from tasks.ego_motion.rewards.registered import GROUND_TRUTH_REWARDS, OMEGA_CONTACT, OMEGA_PERCEPTUAL, OMEGA_RESIDUAL
 from tasks.ego_motion.sampling.sampler import evaluate_windows, sample_motion
 from tasks.ego_motion.task import EgoMotionTask
 
@@ -79,13 +79,13 @@ class RewardParams:
     contact_omega: float = OMEGA_CONTACT
     tracking_mode: Literal["survival", "success"] = "survival"
     """'survival' (fraction of frames tracked) or 'success' (RLPF's binary signal)."""
-    alignment_omega: float = OMEGA_VISUAL
-    """omega of R_align = exp(omega * s), s the frozen critic's score in [-1, 1]."""
+    alignment_omega: float = OMEGA_PERCEPTUAL
+    """omega of R_align = exp(omega * s), s the frozen perceptual model's score in [-1, 1]."""
 
 
 @dataclass(frozen=True)
 class AlignmentConfig:
-    """Warm-up of the frozen alignment critic."""
+    """Warm-up of the frozen alignment perceptual model."""
 
     warmup_steps: int = 150
     batch_size: int = 16
@@ -102,7 +102,7 @@ def default_base() -> ego.Config:
     task = dataclasses.replace(ego.EgoMotionTaskConfig(), floor_contact_m=0.1)  # the physics assumes floor z = 0
     # K = 10 rollout steps: the physics rewards read only the final sample, and it triples the updates per
     # CPU-minute (evaluation keeps EgoAllo's K = 30)
-    return ego.Config(use_visual_reward=False, use_tto=False, grpo=grpo, task=task, rollout_sampling_steps=10)
+    return ego.Config(use_perceptual_reward=False, use_tto=False, grpo=grpo, task=task, rollout_sampling_steps=10)
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ class Config:
     physics: PhysicsConfig = field(default_factory=PhysicsConfig)
     base: ego.Config = field(default_factory=default_base)
     """The main job's settings (prior, task, GRPO iterations, group size, ...); its reward and
-    critic flags are not used here (rewards come from --variants)."""
+    perceptual model flags are not used here (rewards come from --variants)."""
 
     def __post_init__(self) -> None:
         unknown = [v for v in self.variants if v not in VARIANTS]
@@ -148,34 +148,36 @@ class Config:
             raise ValueError("--base.task.post-train-heads-only post-trains on head trajectories alone, but the "
                              "'physics+alignment+joint' variant's joint rewards read the body; drop that variant "
                              "or the flag.")
-        if self.base.use_visual_reward or self.base.grpo.rewards != PHYSICS_REWARDS:
-            raise ValueError("--base.use-visual-reward / --base.grpo.rewards are not used by this recipe: the "
+        if self.base.use_perceptual_reward or self.base.grpo.rewards != PHYSICS_REWARDS:
+            raise ValueError("--base.use-perceptual-reward / --base.grpo.rewards are not used by this recipe: the "
                              "rewards come from --variants (and --rewards.*).")
 
 
-def reward_specs(variant: str, cfg: Config, evaluator: PhysicsEvaluator, critic: PerceptualTrainer) -> list[RewardSpec]:
+def reward_specs(variant: str, cfg: Config, evaluator: PhysicsEvaluator,
+                 perceptual: PerceptualTrainer) -> list[RewardSpec]:
     """The sub-rewards of ``variant``, all sharing one physics evaluator (one evaluation per batch)."""
     r = cfg.rewards
     specs = [RewardSpec("physics_residual", 1.0, {"omega": r.residual_omega, "evaluator": evaluator}),
              RewardSpec("physics_tracking", 1.0, {"mode": r.tracking_mode, "evaluator": evaluator}),
              RewardSpec("physics_contact", 1.0, {"omega": r.contact_omega, "evaluator": evaluator})]
     if "alignment" in variant:
-        specs.append(RewardSpec("ego_visual", 1.0, {"scorer": critic, "omega": r.alignment_omega}))
+        specs.append(RewardSpec("ego_perceptual", 1.0, {"scorer": perceptual, "omega": r.alignment_omega}))
     if variant.endswith("+joint"):
         specs += [RewardSpec(name) for name in GROUND_TRUTH_REWARDS]
     return specs
 
 
-def alignment_critic(task: EgoMotionTask, prior: torch.nn.Module, cfg: Config, seed: int) -> tuple[PerceptualTrainer,
-                                                                                                  list[dict]]:
-    """Warm up the alignment critic on the prior-train windows (module doc, step 1); returns it and its stats."""
+def alignment_perceptual_model(task: EgoMotionTask, prior: torch.nn.Module, cfg: Config,
+                               seed: int) -> tuple[PerceptualTrainer, list[dict]]:
+    """Warm up the alignment perceptual model on the prior-train windows (module doc, step 1); returns it and
+    its stats."""
     windows = task.load_examples("prior_train", torch.arange(task.num_examples("prior_train")))
     negatives = prior_joints(task, prior, windows, seed, "alignment")
-    critic = PerceptualTrainer(dataclasses.replace(cfg.alignment.perceptual, seed=seed))
-    stats = warm_up_critic(critic, windows["joints_world"], windows["T_world_cpf"], negatives,
+    perceptual = PerceptualTrainer(dataclasses.replace(cfg.alignment.perceptual, seed=seed))
+    stats = warm_up_perceptual(perceptual, windows["joints_world"], windows["T_world_cpf"], negatives,
                            steps=cfg.alignment.warmup_steps, batch_size=cfg.alignment.batch_size,
                            generator=torch.Generator().manual_seed(seed))
-    return critic, stats
+    return perceptual, stats
 
 
 def evaluate(task: EgoMotionTask, model: torch.nn.Module, evaluator: PhysicsEvaluator, cfg: Config) -> dict[str, float]:
@@ -189,7 +191,7 @@ def run_dir(cfg: Config, variant: str, seed: int) -> Path:
     return cfg.output_dir / f"{variant.replace('+', '_')}_seed{seed}"
 
 
-def run_variant(task, evaluator, critic, variant: str, seed: int, cfg: Config) -> dict:
+def run_variant(task, evaluator, perceptual, variant: str, seed: int, cfg: Config) -> dict:
     """One GRPO run of ``variant`` (read back if finished, resumed if interrupted) and its held-out metrics."""
     out_dir = run_dir(cfg, variant, seed)
     if (out_dir / "results.json").exists():
@@ -199,7 +201,7 @@ def run_variant(task, evaluator, critic, variant: str, seed: int, cfg: Config) -
     check_run(task, grpo, chain)
     model = load_denoiser(cfg.base.prior)
     accelerator = make_accelerator(out_dir, mixed_precision=grpo.mixed_precision)
-    rewards = RewardSet.from_specs(reward_specs(variant, cfg, evaluator, critic))
+    rewards = RewardSet.from_specs(reward_specs(variant, cfg, evaluator, perceptual))
     start = time.perf_counter()
     history = train_grpo(task, model, grpo, accelerator=accelerator, output_dir=out_dir, resume=True,
                          rewards=rewards, chain=chain)
@@ -288,12 +290,12 @@ def main(cfg: Config) -> dict:
     runs = []
     for seed in cfg.seeds:
         pending = [v for v in cfg.variants if not (run_dir(cfg, v, seed) / "results.json").exists()]
-        critic = None
+        perceptual = None
         if any("alignment" in v for v in pending):  # only needed to train those variants
-            critic, warmup = alignment_critic(task, prior, cfg, seed)
+            perceptual, warmup = alignment_perceptual_model(task, prior, cfg, seed)
             (cfg.output_dir / f"alignment_seed{seed}.json").write_text(json.dumps(warmup))
         for variant in cfg.variants:
-            runs.append(run_variant(task, evaluator, critic, variant, seed, cfg))
+            runs.append(run_variant(task, evaluator, perceptual, variant, seed, cfg))
     summary = {"prior": prior_metrics, "runs": runs,
                "windows": {split: {"kept": task.num_examples(split), "of": len(task.windows(split))}
                            for split in ("post_train", "test")}, "units": {**PHYSICS_METRIC_UNITS},
@@ -312,4 +314,4 @@ def main(cfg: Config) -> dict:
 
 if __name__ == "__main__":
     with flags_spelled({"--grpo.": "--base.grpo.", "--task.": "--base.task."}):  # the main job's config is --base
-        main(tyro.cli(Config))
+        main(cli.parse(Config, renamed=ego.renamed_flags('--base.')))

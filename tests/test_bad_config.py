@@ -142,8 +142,8 @@ def test_summed_log_probs_with_several_epochs_and_no_clip_are_rejected():
 def test_ego_job_has_one_home_for_its_sampler_and_records_the_chain_it_samples():
     recipe = ego_job
     assert not hasattr(recipe.default_grpo(), "sampler")  # no --grpo.sampler.* flag to set and then ignore
-    with pytest.raises(ValueError, match="--omega-vis only apply with the perceptual reward"):
-        recipe.Config(use_visual_reward=False, omega_vis=2.0)
+    with pytest.raises(ValueError, match="--perceptual-omega only apply with the perceptual reward"):
+        recipe.Config(use_perceptual_reward=False, perceptual_omega=2.0)
     cfg = recipe.Config(task=recipe.EgoMotionTaskConfig(sampler_eta=0.7))
     recorded = cfg.effective()["grpo"]["sampler"]
     assert recorded["method"] == "egoallo" and recorded["eta"] == 0.7  # what the run uses, not SamplerConfig()

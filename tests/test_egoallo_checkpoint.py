@@ -379,7 +379,7 @@ def test_one_grpo_iteration_and_the_evaluation_on_an_egoallo_folder(tiny_folder,
     grpo = dataclasses.replace(recipe.default_grpo(), num_iterations=1, conditions_per_iteration=2, group_size=3,
                                micro_batch_size=6, checkpoint_every=1, probe=probe, diagnostics_every=0)
     cfg = recipe.Config(output_dir=tmp_path / "grpo", prior=tiny_folder, eval_max_windows=2, use_tto=False,
-                        use_visual_reward=False, task=task, grpo=grpo)
+                        use_perceptual_reward=False, task=task, grpo=grpo)
     before = load_denoiser(tiny_folder).state_dict()
     results = recipe.main(cfg)
     assert set(results["grpo"]) == set(recipe.METRIC_UNITS)

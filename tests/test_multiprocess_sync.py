@@ -71,8 +71,8 @@ def test_rank_dependent_dropped_groups_finish_with_identical_replicas(tmp_path):
         assert r0["history"] == r1["history"]
 
 
-def test_perceptual_critic_stays_identical_across_ranks(tmp_path):
-    """Each rank trains the critic on its own batch; averaged gradients keep the replicas bit-identical."""
+def test_perceptual_model_stays_identical_across_ranks(tmp_path):
+    """Each rank trains the perceptual model on its own batch; averaged gradients keep the replicas bit-identical."""
     launch_two_ranks(SCRIPTS / "two_rank_perceptual.py", str(tmp_path), log=tmp_path / "log.txt")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["world"] == r1["world"] == 2

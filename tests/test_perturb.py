@@ -1,4 +1,5 @@
 import math
+from dataclasses import dataclass
 
 import noise
 import pytest
@@ -6,11 +7,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from diffgrpo.config import PerturbConfig
 from diffgrpo.perturb import (
     GaussianPerturber,
+    NoPerturbation,
     PerlinPerturber,
     available_perturbers,
     get_perturber,
+    perturber_from_config,
     pnoise1,
     register_perturber,
 )
@@ -206,3 +210,39 @@ def test_perturbers_validate_inputs_and_parameters():
         PerlinPerturber(frequency=0.0)
     with pytest.raises(ValueError, match="octaves"):
         PerlinPerturber(octaves=0)
+
+
+def test_perturber_from_config_passes_the_fields_each_factory_takes():
+    # The one rule (a config field goes to the factory under its own name when the factory takes it) gives
+    # the built-ins exactly these arguments: perlin scale, frequency, octaves; gaussian scale; none nothing.
+    perlin = PerturbConfig(name="perlin", scale=0.3, frequency=1 / 8, octaves=2)
+    assert perturber_from_config(perlin) == PerlinPerturber(scale=0.3, frequency=1 / 8, octaves=2)
+    assert perturber_from_config(PerturbConfig(name="gaussian", scale=0.2)) == GaussianPerturber(scale=0.2)
+    assert perturber_from_config(PerturbConfig()) == NoPerturbation()
+    # Further parameters come as KEY=VALUE strings (the command line's --grpo.perturb.params), as literals.
+    extra = PerturbConfig(name="perlin", scale=0.1, params=("lacunarity=3.0", "channels=(0, 2)"))
+    assert perturber_from_config(extra) == PerlinPerturber(scale=0.1, lacunarity=3.0, channels=(0, 2))
+
+
+def test_perturb_config_refuses_parameters_the_factory_does_not_take():
+    with pytest.raises(ValueError, match="amplitude"):
+        PerturbConfig(name="perlin", scale=0.1, params=("amplitude=2",))
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        PerturbConfig(name="gaussian", scale=0.1, params=("lacunarity",))
+    with pytest.raises(ValueError, match="persistence"):  # the factory's own check runs at config time
+        PerturbConfig(name="perlin", scale=0.1, octaves=2, params=("persistence=-1.0",))
+
+
+def test_a_registered_custom_perturber_is_configurable_by_name():
+    @register_perturber("test_constant_offset")
+    @dataclass(frozen=True)
+    class ConstantOffset:
+        scale: float = 0.0
+        offset: float = 0.0
+
+        def __call__(self, x, generator):
+            return x + self.scale * self.offset
+
+    perturber = perturber_from_config(PerturbConfig(name="test_constant_offset", scale=2.0, params=("offset=0.5",)))
+    assert perturber == ConstantOffset(scale=2.0, offset=0.5)
+    assert torch.equal(perturber(torch.zeros(1, 3, 2), torch.Generator()), torch.ones(1, 3, 2))

@@ -11,6 +11,7 @@ from diffgrpo.rewards import (
     RewardSpec,
     available_rewards,
     get_reward,
+    parse_reward_params,
     register_reward,
 )
 
@@ -137,3 +138,23 @@ def test_submit_propagates_errors_through_the_future():
         future = rewards.submit(samples, batch)
         with pytest.raises(ValueError, match="NaN"):
             future.result(timeout=30)
+
+
+def test_reward_params_from_the_command_line_reach_the_factory():
+    params = parse_reward_params(("exp_neg_mse.omega=2.5", "exp_neg_mse.target_key='goal'", "neg_mse.target_key=goal"))
+    assert params == {"exp_neg_mse": {"omega": 2.5, "target_key": "goal"}, "neg_mse": {"target_key": "goal"}}
+    rewards = RewardSet.from_specs([RewardSpec("exp_neg_mse", 1.0, params["exp_neg_mse"])])
+    samples, goal = torch.zeros(2, 3), torch.ones(2, 3)
+    out = rewards(samples, {"goal": goal})
+    torch.testing.assert_close(out.total, torch.full((2,), math.exp(-2.5)))  # exp(-omega * mean (x - y)^2), MSE 1
+
+
+def test_reward_params_name_the_mistake():
+    with pytest.raises(ValueError, match="REWARD.KEY=VALUE"):
+        parse_reward_params(("omega=2",))
+    with pytest.raises(ValueError, match="takes no parameter sigma; it takes omega, target_key"):
+        parse_reward_params(("exp_neg_mse.sigma=2",))
+    with pytest.raises(KeyError, match="unknown reward 'no_such_reward'"):
+        parse_reward_params(("no_such_reward.omega=2",))
+    with pytest.raises(ValueError, match="twice"):
+        parse_reward_params(("exp_neg_mse.omega=2", "exp_neg_mse.omega=3"))

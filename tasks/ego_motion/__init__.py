@@ -7,7 +7,7 @@ clips to training windows at ``TARGET_FPS``; Aria recordings) -> ``evaluation`` 
 ``model`` (condition encoding, motion packing, the denoiser, EgoAllo's checkpoints, the prior's loss) ->
 ``task`` (the ``Task`` adapter and its sampling chains) -> ``sampling`` (windows, stitched sequences,
 held-out evaluation, test-time optimisation) -> ``physics`` (the MuJoCo evaluator) -> ``rewards`` (the
-registered rewards, the learned perceptual critic) -> the jobs ``grpo`` (MotionGRPO) and ``pretrain``.
+registered rewards, the learned perceptual model) -> the jobs ``grpo`` (MotionGRPO) and ``pretrain``.
 
 The public face below names what a user of the wing needs; each name is imported from its home on
 first use, so importing one submodule does not load the whole wing. Import

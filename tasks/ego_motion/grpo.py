@@ -1,11 +1,11 @@
 """The MotionGRPO job: GRPO post-training of the ego-motion prior (the paper's Algorithm 1), importable.
 
-Why a module and not only a script: the ablation, RLPF, critic-negatives and gradient-signal
-recipes run this very job (its config, critic hooks, warm-up, evaluation and results) with other
+Why a module and not only a script: the ablation, RLPF, perceptual-negatives and gradient-signal
+recipes run this very job (its config, perceptual model hooks, warm-up, evaluation and results) with other
 settings; ``recipes/ego_motion.py`` is its command line. The loop itself is the core's
 ``diffgrpo.trainer.train_grpo`` (Algorithm 1 with the paper's line numbers); this module adds what
 the ego-motion job puts around it: the two sampling chains (rollouts with K = 10, evaluation with
-K = 30), the learned perceptual critic, and the held-out evaluation before and after.
+K = 30), the learned perceptual model, and the held-out evaluation before and after.
 
 Loads the demo prior (shipped in ``tasks/ego_motion/assets``; or ``--prior``), evaluates it on
 the held-out CMU windows, post-trains it with GRPO on the post-train clips (which the prior never
@@ -48,25 +48,36 @@ from diffgrpo.config import GRPOConfig, OptimConfig, PerturbConfig, ProbeConfig,
 from diffgrpo.launch import make_accelerator
 from diffgrpo.loss import LossConfig
 from diffgrpo.plots import plot_history
-from diffgrpo.rewards import RewardSet, RewardSpec
+from diffgrpo.rewards import RewardSet, RewardSpec, parse_reward_params
 from diffgrpo.rng import make_generator
 from diffgrpo.trainer import LoopHooks, check_run, parse_reward_specs, train_grpo
 from tasks.ego_motion.model.egoallo_checkpoint import find_checkpoint_files
 from tasks.ego_motion.model.motion import Modality, feature_range
 from tasks.ego_motion.model.network import load_denoiser
-from tasks.ego_motion.rewards.critic_data import (
+from tasks.ego_motion.rewards.perceptual import PerceptualConfig, PerceptualTrainer
+from tasks.ego_motion.rewards.perceptual_data import (
     NEGATIVE_KINDS,
     NegativeKind,
     prior_joints,
-    warm_up_critic,
+    warm_up_perceptual,
 )
-from tasks.ego_motion.rewards.critic_update import CriticUpdate
-from tasks.ego_motion.rewards.perceptual import PerceptualConfig, PerceptualTrainer
+from tasks.ego_motion.rewards.perceptual_update import PerceptualUpdate
 from tasks.ego_motion.rewards.registered import GROUND_TRUTH_REWARDS
 from tasks.ego_motion.sampling.sampler import evaluate_windows
 from tasks.ego_motion.task import DEMO_PRIOR_PATH, METRIC_UNITS, EgoMotionTask, EgoMotionTaskConfig
 
 logger = logging.getLogger(__name__)
+
+RENAMED_FLAGS = {"--use-visual-reward": "--use-perceptual-reward",
+                 "--no-use-visual-reward": "--no-use-perceptual-reward",
+                 "--omega-vis": "--perceptual-omega", "--critic-": "--perceptual-"}
+"""Deprecated spellings of this job's flags -> the current ones (``diffgrpo.cli.parse``): the learned reward was
+called visual, perceptual and critic; it is now the perceptual reward everywhere (docs/ego_motion_rewards.md)."""
+
+
+def renamed_flags(prefix: str = "--") -> dict[str, str]:
+    """``RENAMED_FLAGS`` for a recipe that nests this job's config, e.g. ``prefix="--base."``."""
+    return {prefix + old[2:]: prefix + new[2:] for old, new in RENAMED_FLAGS.items()}
 
 
 def default_grpo() -> GRPOConfig:
@@ -106,24 +117,27 @@ class Config:
     EgoAllo's released checkpoint folder (model_config.yaml + checkpoints_<N>/; docs/egoallo_checkpoint.md)."""
     resume: bool = False
     """Continue from the newest checkpoint in output_dir."""
-    use_visual_reward: bool = True
-    """Add the learned perceptual reward R_vis = exp(omega_vis * s) as a sub-reward."""
-    omega_vis: float = 1.0
-    """omega_vis of R_vis; scores s lie in [-1, 1]."""
+    use_perceptual_reward: bool = True
+    """Add the learned perceptual reward R_vis = exp(perceptual_omega * s) as a sub-reward."""
+    perceptual_omega: float = 1.0
+    """perceptual_omega of R_vis; scores s lie in [-1, 1]."""
+    reward_params: tuple[str, ...] = ()
+    """Factory parameters of the rewards as REWARD.KEY=VALUE, e.g. ``ego_rot.omega=3 ego_pos.omega=20`` (the
+    omegas of R = exp(-omega * error)); a key not given keeps the factory's default (docs/ego_motion_rewards.md)."""
     perceptual_steps: int = 1
-    """Perceptual-model updates per GRPO iteration (InfoNCE against --critic-negatives)."""
-    critic_negatives: tuple[NegativeKind, ...] = ("x0_last",)
-    """What the perceptual critic contrasts each condition's truth with (tasks/ego_motion/rewards/critic_data.py):
+    """Perceptual-model updates per GRPO iteration (InfoNCE against --perceptual-negatives)."""
+    perceptual_negatives: tuple[NegativeKind, ...] = ("x0_last",)
+    """What the perceptual model contrasts each condition's truth with (tasks/ego_motion/rewards/perceptual_data.py):
     'x0_last' (the paper's: the first member's x0 at the last 3 steps), 'members' (the other members' final
     samples), 'foreign' (another window's truth moved rigidly under this head)."""
-    critic_on_own_head: bool = False
+    perceptual_on_own_head: bool = False
     """Decode and score the policy's negatives on the (perturbed) head each chain was sampled for, as the
-    visual reward scores samples; False: on the clean head, the paper's."""
-    critic_warmup_steps: int = 0
+    perceptual reward scores samples; False: on the clean head, the paper's."""
+    perceptual_warmup_steps: int = 0
     """InfoNCE steps on the post-train windows before GRPO starts (negatives: the prior's sample and a
-    foreign truth, ``critic_data.warm_up_critic``); 0: the critic starts from its random initialisation
-    (the paper's). Skipped when resuming from a checkpoint, which holds the critic."""
-    critic_warmup_batch_size: int = 16
+    foreign truth, ``perceptual_data.warm_up_perceptual``); 0: the perceptual model starts from its random
+    initialisation (the paper's). Skipped when resuming from a checkpoint, which holds the perceptual model."""
+    perceptual_warmup_batch_size: int = 16
     """Windows per warm-up step."""
     rollout_sampling_steps: int | None = 10
     """K of the training rollouts (EgoAllo's quadratic grid resampled, see motion.sampling_timesteps); None:
@@ -154,38 +168,49 @@ class Config:
     perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
 
     def __post_init__(self) -> None:
-        if not self.use_visual_reward:
-            unused = [flag for flag, changed in (("--omega-vis", self.omega_vis != 1.0),
-                                                 ("--perceptual-steps", self.perceptual_steps != 1),
-                                                 ("--critic-negatives", self.critic_negatives != ("x0_last",)),
-                                                 ("--critic-on-own-head", self.critic_on_own_head),
-                                                 ("--critic-warmup-steps", self.critic_warmup_steps != 0),
-                                                 ("--critic-warmup-batch-size", self.critic_warmup_batch_size != 16),
-                                                 ("--perceptual.*", self.perceptual != PerceptualConfig())) if changed]
+        if not self.use_perceptual_reward:
+            unused = [flag for flag, changed in (
+                ("--perceptual-omega", self.perceptual_omega != 1.0),
+                ("--perceptual-steps", self.perceptual_steps != 1),
+                ("--perceptual-negatives", self.perceptual_negatives != ("x0_last",)),
+                ("--perceptual-on-own-head", self.perceptual_on_own_head),
+                ("--perceptual-warmup-steps", self.perceptual_warmup_steps != 0),
+                ("--perceptual-warmup-batch-size", self.perceptual_warmup_batch_size != 16),
+                ("--perceptual.*", self.perceptual != PerceptualConfig())) if changed]
             if unused:
                 raise ValueError(f"{', '.join(unused)} only apply with the perceptual reward; drop them or drop "
-                                 "--no-use-visual-reward.")
-        if not math.isfinite(self.omega_vis):
-            raise ValueError(f"omega_vis={self.omega_vis} must be finite")
+                                 "--no-use-perceptual-reward.")
+        params = parse_reward_params(self.reward_params)  # unknown rewards or parameters fail here
+        configured = set(parse_reward_specs(self.grpo.rewards))
+        configured |= {"ego_perceptual"} if self.use_perceptual_reward else set()
+        if set(params) - configured:
+            raise ValueError(f"--reward-params sets {', '.join(sorted(set(params) - configured))}, which this run does "
+                             f"not use (its rewards: {', '.join(sorted(configured))}); drop them or add the reward.")
+        if "omega" in params.get("ego_perceptual", {}):
+            raise ValueError("--reward-params ego_perceptual.omega repeats --perceptual-omega; pass --perceptual-omega "
+                             "only.")
+        if not math.isfinite(self.perceptual_omega):
+            raise ValueError(f"perceptual_omega={self.perceptual_omega} must be finite")
         if self.perceptual_steps < 1:
-            raise ValueError(f"perceptual_steps={self.perceptual_steps} must be >= 1 (use --no-use-visual-reward "
+            raise ValueError(f"perceptual_steps={self.perceptual_steps} must be >= 1 (use --no-use-perceptual-reward "
                              "to train without the perceptual reward)")
-        unknown = [k for k in self.critic_negatives if k not in NEGATIVE_KINDS]
-        if unknown or not self.critic_negatives or len(set(self.critic_negatives)) != len(self.critic_negatives):
-            raise ValueError(f"--critic-negatives {list(self.critic_negatives)}: give one or more distinct kinds from "
+        unknown = [k for k in self.perceptual_negatives if k not in NEGATIVE_KINDS]
+        negatives = self.perceptual_negatives
+        if unknown or not negatives or len(set(negatives)) != len(negatives):
+            raise ValueError(f"--perceptual-negatives {list(negatives)}: give one or more distinct kinds from "
                              f"{NEGATIVE_KINDS}.")
-        if "foreign" in self.critic_negatives and self.grpo.conditions_per_iteration < 2:
-            raise ValueError("--critic-negatives foreign takes another condition's truth: it needs "
+        if "foreign" in self.perceptual_negatives and self.grpo.conditions_per_iteration < 2:
+            raise ValueError("--perceptual-negatives foreign takes another condition's truth: it needs "
                              "--grpo.conditions-per-iteration >= 2 per process.")
-        if self.critic_warmup_steps < 0 or self.critic_warmup_batch_size < 2:
-            raise ValueError(f"--critic-warmup-steps {self.critic_warmup_steps} must be >= 0 and "
-                             f"--critic-warmup-batch-size {self.critic_warmup_batch_size} >= 2.")
+        if self.perceptual_warmup_steps < 0 or self.perceptual_warmup_batch_size < 2:
+            raise ValueError(f"--perceptual-warmup-steps {self.perceptual_warmup_steps} must be >= 0 and "
+                             f"--perceptual-warmup-batch-size {self.perceptual_warmup_batch_size} >= 2.")
         if self.task.post_train_heads_only:  # before any data loading: these would fail at the first batch
             if self.grpo.train_split != "post_train":
                 raise ValueError(f"--task.post-train-heads-only only changes the post_train split, but GRPO trains on "
                                  f"--grpo.train-split {self.grpo.train_split}; use post_train or drop the flag.")
             reads_body = [r for r in parse_reward_specs(self.grpo.rewards) if r in GROUND_TRUTH_REWARDS]
-            reads_body += ["the perceptual critic (its positives are bodies)"] * self.use_visual_reward
+            reads_body += ["the perceptual model (its positives are bodies)"] * self.use_perceptual_reward
             reads_body += (["--grpo.probe.splits post_train (the probe's metrics compare with the body)"]
                            if self.grpo.probe.eval_every and "post_train" in self.grpo.probe.splits else [])
             if reads_body:
@@ -220,28 +245,30 @@ class Config:
         return json.loads(json.dumps(values, default=str))
 
 
-def critic_hooks(task: EgoMotionTask, perceptual: PerceptualTrainer | None, cfg: Config) -> LoopHooks:
-    """Alg. 1 l.10 (``rewards.critic_update.CriticUpdate``): after each policy update, train the perceptual
-    critic on this iteration's negatives (``--critic-negatives``); no hooks without the critic."""
+def perceptual_hooks(task: EgoMotionTask, perceptual: PerceptualTrainer | None, cfg: Config) -> LoopHooks:
+    """Alg. 1 l.10 (``rewards.perceptual_update.PerceptualUpdate``): after each policy update, train the
+    perceptual model on this iteration's negatives (``--perceptual-negatives``); no hooks without it."""
     if perceptual is None:
         return LoopHooks()
-    settings = {"critic_negatives": list(cfg.critic_negatives), "critic_on_own_head": cfg.critic_on_own_head,
-                "critic_warmup_steps": cfg.critic_warmup_steps,
-                "critic_warmup_batch_size": cfg.critic_warmup_batch_size, "perceptual_steps": cfg.perceptual_steps}
-    return CriticUpdate(task, perceptual, cfg.grpo.group_size, cfg.critic_negatives, cfg.critic_on_own_head,
-                        cfg.perceptual_steps, settings).hooks()
+    settings = {"perceptual_negatives": list(cfg.perceptual_negatives),
+                "perceptual_on_own_head": cfg.perceptual_on_own_head,
+                "perceptual_warmup_steps": cfg.perceptual_warmup_steps,
+                "perceptual_warmup_batch_size": cfg.perceptual_warmup_batch_size,
+                "perceptual_steps": cfg.perceptual_steps}
+    return PerceptualUpdate(task, perceptual, cfg.grpo.group_size, cfg.perceptual_negatives,
+                            cfg.perceptual_on_own_head, cfg.perceptual_steps, settings).hooks()
 
 
 def warm_up(task: EgoMotionTask, model: torch.nn.Module, perceptual: PerceptualTrainer, cfg: Config,
             split: str) -> dict[str, float]:
-    """``--critic-warmup-steps`` InfoNCE steps on every ``split`` window (prior samples and foreign truths as
+    """``--perceptual-warmup-steps`` InfoNCE steps on every ``split`` window (prior samples and foreign truths as
     negatives) before GRPO; returns the mean statistics of the last 10 steps. The prior samples on the
     rollout chain's K with the task's plain sampler (no SDE window or exploration subspace)."""
     windows = task.load_examples(split, torch.arange(task.num_examples(split)))
     negatives = prior_joints(task, model, windows, cfg.grpo.seed, "critic_warmup",
                              chain=task.sampling_chain(cfg.rollout_sampling_steps))
-    history = warm_up_critic(perceptual, windows["joints_world"], windows["T_world_cpf"], negatives,
-                             steps=cfg.critic_warmup_steps, batch_size=cfg.critic_warmup_batch_size,
+    history = warm_up_perceptual(perceptual, windows["joints_world"], windows["T_world_cpf"], negatives,
+                             steps=cfg.perceptual_warmup_steps, batch_size=cfg.perceptual_warmup_batch_size,
                              generator=make_generator(cfg.grpo.seed, "critic_warmup"))
     return {k: sum(h[k] for h in history[-10:]) / len(history[-10:]) for k in history[-1]}
 
@@ -271,21 +298,25 @@ def main(cfg: Config) -> dict:
         raise ValueError(f"the prior {cfg.prior} has include_hands={model.config.include_hands} but the task "
                          f"{cfg.task.include_hands}; pass --task.include-hands {model.config.include_hands}.")
     perceptual = (PerceptualTrainer(cfg.perceptual, device=accelerator.device, accelerator=accelerator)
-                  if cfg.use_visual_reward else None)
-    joint_rewards = [RewardSpec(name, weight) for name, weight in parse_reward_specs(grpo.rewards).items()]
-    visual = [RewardSpec("ego_visual", 1.0, {"scorer": perceptual, "omega": cfg.omega_vis})] if perceptual else []
+                  if cfg.use_perceptual_reward else None)
+    params = parse_reward_params(cfg.reward_params)
+    joint_rewards = [RewardSpec(name, weight, params.get(name, {}))
+                     for name, weight in parse_reward_specs(grpo.rewards).items()]
+    visual = ([RewardSpec("ego_perceptual", 1.0, {**params.get("ego_perceptual", {}), "scorer": perceptual,
+                                              "omega": cfg.perceptual_omega})] if perceptual else [])
     rewards = RewardSet.from_specs(joint_rewards + visual)
 
     base = evaluate_all(task, model, cfg) if accelerator.is_main_process else {}
     start_time = time.perf_counter()
     warmup = {}
-    if perceptual is not None and cfg.critic_warmup_steps and not (cfg.resume and latest_checkpoint(cfg.output_dir)):
-        warmup = warm_up(task, model, perceptual, cfg, grpo.train_split)  # a resume loads the critic instead
-        logger.info("critic warm-up, last 10 steps: %s", warmup)
+    resuming = cfg.resume and latest_checkpoint(cfg.output_dir)
+    if perceptual is not None and cfg.perceptual_warmup_steps and not resuming:
+        warmup = warm_up(task, model, perceptual, cfg, grpo.train_split)  # a resume loads the perceptual model instead
+        logger.info("perceptual-model warm-up, last 10 steps: %s", warmup)
     history = train_grpo(task, model, grpo, accelerator=accelerator, output_dir=cfg.output_dir,  # Alg. 1
-                         resume=cfg.resume, rewards=rewards, hooks=critic_hooks(task, perceptual, cfg),
+                         resume=cfg.resume, rewards=rewards, hooks=perceptual_hooks(task, perceptual, cfg),
                          chain=chain, probe_chain=evaluation_chain,
-                         probe_rewards=RewardSet.from_specs(joint_rewards))  # the critic moves: probe the fixed ones
+                         probe_rewards=RewardSet.from_specs(joint_rewards))  # the learned one moves: probe the fixed
     train_seconds = time.perf_counter() - start_time
     accelerator.end_training()
     if not accelerator.is_main_process:

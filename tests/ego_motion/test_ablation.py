@@ -31,8 +31,8 @@ def test_variants_cover_the_paper_rows_without_duplicating_the_full_model(ablati
         f"full, lambda={x}" for x in cfg.lambdas if x != lam]
     assert variants["full, nested heads (lambda=0.1)"].grpo.perturb.sharing == "nested"
     assert variants["full, group-shared head (lambda=0.03)"].grpo.perturb.sharing == "group"
-    assert variants["vanilla"].grpo.perturb.name == "none" and not variants["vanilla"].use_visual_reward
-    assert variants["+visual"].use_visual_reward and variants["+visual"].grpo.perturb.name == "none"
+    assert variants["vanilla"].grpo.perturb.name == "none" and not variants["vanilla"].use_perceptual_reward
+    assert variants["+visual"].use_perceptual_reward and variants["+visual"].grpo.perturb.name == "none"
     assert variants["full with Gaussian (lambda=0.03)"].grpo.perturb.name == "gaussian"
     assert variants["full, lambda=0.1"].grpo.perturb.scale == 0.1
 
@@ -104,6 +104,16 @@ def test_config_differences_treat_missing_entries_as_defaults_and_skip_run_paths
     wanted_new = {**wanted, "new_flag": True, "grpo": {"seed": 1, "perturb": {"scale": 0.1}}}
     assert ablation.config_differences(stored, wanted_new, defaults) == ["grpo.perturb.scale: 0.03 -> 0.1",
                                                                           "new_flag: False -> True"]
+
+
+def test_config_differences_read_runs_stored_under_the_learned_reward_s_former_names(ablation):
+    # Runs stored before the perceptual reward had one name hold use_visual_reward, omega_vis, critic_*.
+    defaults = {"use_perceptual_reward": True, "perceptual_omega": 1.0, "perceptual_negatives": ["x0_last"]}
+    wanted = {"use_perceptual_reward": False, "perceptual_omega": 1.0, "perceptual_negatives": ["x0_last"]}
+    stored = {"use_visual_reward": False, "omega_vis": 1.0, "critic_negatives": ["x0_last"]}
+    assert ablation.config_differences(stored, wanted, defaults) == []
+    stored_visual = {**stored, "use_visual_reward": True}
+    assert ablation.config_differences(stored_visual, wanted, defaults) == ["use_perceptual_reward: True -> False"]
 
 
 def test_main_refuses_a_finished_run_made_with_another_config(ablation, tmp_path, monkeypatch):

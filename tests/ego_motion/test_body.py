@@ -21,7 +21,7 @@ from tasks.ego_motion.body.body_model import (
 )
 from tasks.ego_motion.body.geometry import HEAD_JOINT, axis_angle_to_matrix, make_transform
 from tasks.ego_motion.data.build_body_model import build, write_synthetic_smplh_npz
-from tasks.ego_motion.data.convert import DEFAULT_MOCAP_ROOT
+from tasks.ego_motion.data.retarget import DEFAULT_MOCAP_ROOT
 
 
 @pytest.fixture(scope="module")

@@ -18,16 +18,13 @@ from tasks.ego_motion.body.body_model import (
 from tasks.ego_motion.body.geometry import axis_angle_to_matrix, geodesic_angle, rotation_about_z
 from tasks.ego_motion.data.amass import AmassSequence, load_amass_npz, save_amass_npz
 from tasks.ego_motion.data.bvh import BvhMotion, global_poses, parse_bvh, positions_relative_to_offsets
-from tasks.ego_motion.data.convert import (
-    ASSETS,
+from tasks.ego_motion.data.convert import ASSETS, TEST_CLIPS, main
+from tasks.ego_motion.data.reactidle import convert_reactidle
+from tasks.ego_motion.data.retarget import (
     DEFAULT_MOCAP_ROOT,
-    TEST_CLIPS,
     RetargetedMotion,
     convert_bvh,
-    convert_reactidle,
-    detect_variant,
     fit_betas,
-    main,
     reference_pose,
     resample_motion,
     retarget,
@@ -36,6 +33,7 @@ from tasks.ego_motion.data.convert import (
     toe_clearance_m,
 )
 from tasks.ego_motion.data.sequences import WindowConfig, load_sequence
+from tasks.ego_motion.data.skeletons import detect_variant
 
 needs_mocap = pytest.mark.skipif(
     not (DEFAULT_MOCAP_ROOT / "cmu_iclone").exists(), reason="needs ../shared/mocap"

@@ -1,4 +1,4 @@
-"""The critic-negatives measurement: its correlation statistic, and a tiny run end to end."""
+"""The perceptual-negatives measurement: its correlation statistic, and a tiny run end to end."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import tasks.ego_motion.grpo as ego_job
-from tasks.ego_motion.rewards.critic_update import group_agreement
+from tasks.ego_motion.rewards.perceptual_update import group_agreement
 from tests.ego_motion.tiny_prior import write_tiny_prior
 
 
@@ -61,16 +61,16 @@ def test_resume_continues_identically(tiny):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_critic_options_warm_up_and_resume_identically(tiny):
+def test_perceptual_options_warm_up_and_resume_identically(tiny):
     """Every negative kind on the samples' own heads, after a warm-up: the run finishes, the warm-up is
     reported, and a run killed after one iteration resumes (without warming up again) to the same critic."""
     recipe, cfg, root = tiny
-    options = dict(critic_negatives=("x0_last", "members", "foreign"), critic_on_own_head=True,
-                   critic_warmup_steps=2, critic_warmup_batch_size=2)
+    options = dict(perceptual_negatives=("x0_last", "members", "foreign"), perceptual_on_own_head=True,
+                   perceptual_warmup_steps=2, perceptual_warmup_batch_size=2)
     straight = dataclasses.replace(cfg, output_dir=root / "critic_straight", **options)
     results = recipe.main(straight)
     assert set(results["critic_warmup"]) >= {"loss", "accuracy", "score_gap"}
-    assert results["config"]["critic_negatives"] == ["x0_last", "members", "foreign"]
+    assert results["config"]["perceptual_negatives"] == ["x0_last", "members", "foreign"]
     interrupted = dataclasses.replace(straight, output_dir=root / "critic_interrupted")
     recipe.main(dataclasses.replace(interrupted, grpo=dataclasses.replace(cfg.grpo, num_iterations=1)))
     resumed = recipe.main(dataclasses.replace(interrupted, resume=True))
@@ -84,27 +84,27 @@ def test_critic_options_warm_up_and_resume_identically(tiny):
         recipe.main(cfg)
     plain = load_file(str(cfg.output_dir / "checkpoints" / "step_000002" / "shared.safetensors"))
     assert not torch.equal(a["task.perceptual.model.head.2.weight"], plain["task.perceptual.model.head.2.weight"])
-    with pytest.raises(ValueError, match="other critic settings"):  # a resume must not mix two critic recipes
-        recipe.main(dataclasses.replace(interrupted, resume=True, critic_negatives=("x0_last",)))
+    with pytest.raises(ValueError, match="other perceptual-model settings"):  # a resume must not mix two recipes
+        recipe.main(dataclasses.replace(interrupted, resume=True, perceptual_negatives=("x0_last",)))
 
 
 @pytest.mark.unchecked_annotations  # the Literal annotation would reject "hard" before __post_init__ names it
-def test_critic_options_are_checked_at_start_up(tiny):
+def test_perceptual_options_are_checked_at_start_up(tiny):
     recipe, cfg, _ = tiny
     with pytest.raises(ValueError, match="distinct kinds"):
-        dataclasses.replace(cfg, critic_negatives=("x0_last", "hard"))
+        dataclasses.replace(cfg, perceptual_negatives=("x0_last", "hard"))
     with pytest.raises(ValueError, match="conditions-per-iteration >= 2"):
-        dataclasses.replace(cfg, critic_negatives=("foreign",),
+        dataclasses.replace(cfg, perceptual_negatives=("foreign",),
                             grpo=dataclasses.replace(cfg.grpo, conditions_per_iteration=1, micro_batch_size=3))
-    with pytest.raises(ValueError, match="--critic-warmup-steps"):
-        dataclasses.replace(cfg, use_visual_reward=False, critic_warmup_steps=5)
+    with pytest.raises(ValueError, match="--perceptual-warmup-steps"):
+        dataclasses.replace(cfg, use_perceptual_reward=False, perceptual_warmup_steps=5)
     heads_only = dataclasses.replace(cfg.task, post_train_heads_only=True)
     physics = dataclasses.replace(cfg.grpo, rewards=("physics_contact",))
     with pytest.raises(ValueError, match="--grpo.train-split train"):
-        dataclasses.replace(cfg, task=heads_only, use_visual_reward=False, perceptual=recipe.PerceptualConfig(),
+        dataclasses.replace(cfg, task=heads_only, use_perceptual_reward=False, perceptual=recipe.PerceptualConfig(),
                             grpo=dataclasses.replace(physics, train_split="train"))
     with pytest.raises(ValueError, match="probe's metrics"):
-        dataclasses.replace(cfg, task=heads_only, use_visual_reward=False, perceptual=recipe.PerceptualConfig(),
+        dataclasses.replace(cfg, task=heads_only, use_perceptual_reward=False, perceptual=recipe.PerceptualConfig(),
                             grpo=physics)
 
 
@@ -113,7 +113,33 @@ def test_group_agreement_is_the_mean_within_group_pearson_correlation(tiny):
     recipe, _, _ = tiny
     visual = torch.tensor([1.0, 2.0, 3.0, 0.5, 0.1, 0.9])
     pos = torch.tensor([2.0, 4.0, 7.0, 1.0, 1.0, 1.0])  # the second group has no spread: left out
-    data = type("Data", (), {"rewards": {"ego_visual": visual, "ego_pos": pos}})()
+    data = type("Data", (), {"rewards": {"ego_perceptual": visual, "ego_pos": pos}})()
     expected = float(torch.corrcoef(torch.stack([visual[:3], pos[:3]]).double())[0, 1])
-    assert group_agreement(data, "ego_visual", "ego_pos", 3) == pytest.approx(expected, abs=1e-12)
-    assert math.isnan(group_agreement(data, "ego_visual", "ego_rot", 3))
+    assert group_agreement(data, "ego_perceptual", "ego_pos", 3) == pytest.approx(expected, abs=1e-12)
+    assert math.isnan(group_agreement(data, "ego_perceptual", "ego_rot", 3))
+
+
+def test_former_flag_spellings_of_the_learned_reward_still_parse(caplog):
+    from diffgrpo import cli
+
+    old = ["--critic-warmup-steps", "2", "--omega-vis", "2.0", "--critic-negatives", "x0_last", "members",
+           "--critic-on-own-head"]
+    new = ["--perceptual-warmup-steps", "2", "--perceptual-omega", "2.0", "--perceptual-negatives", "x0_last",
+           "members", "--perceptual-on-own-head"]
+    parsed = cli.parse(ego_job.Config, renamed=ego_job.renamed_flags(), args=old)
+    assert parsed == cli.parse(ego_job.Config, args=new)
+    assert "--critic-warmup-steps is deprecated; use --perceptual-warmup-steps" in caplog.text
+    off = cli.parse(ego_job.Config, renamed=ego_job.renamed_flags(), args=["--no-use-visual-reward"])
+    assert not off.use_perceptual_reward
+    assert ego_job.renamed_flags("--base.")["--base.critic-"] == "--base.perceptual-"
+
+
+def test_reward_params_reach_the_joint_rewards_and_are_checked_at_start_up(tiny):
+    _, cfg, _ = tiny
+    with pytest.raises(ValueError, match="ego_physics, which this run does not use"):
+        dataclasses.replace(cfg, reward_params=("ego_physics.omega=2.0",))
+    with pytest.raises(ValueError, match="takes no parameter sigma"):
+        dataclasses.replace(cfg, reward_params=("ego_pos.sigma=2.0",))
+    with pytest.raises(ValueError, match="repeats --perceptual-omega"):
+        dataclasses.replace(cfg, reward_params=("ego_perceptual.omega=2.0",))
+    dataclasses.replace(cfg, reward_params=("ego_pos.omega=20.0",))  # a used reward's own parameter: accepted

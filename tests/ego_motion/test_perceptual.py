@@ -1,5 +1,5 @@
-"""Tests of the perceptual critic: InfoNCE against hand-computed values and its gradient signs, the
-visual reward's range, invariance of the score to world yaw and horizontal position, learning to
+"""Tests of the perceptual model: InfoNCE against hand-computed values and its gradient signs, the
+perceptual reward's range, invariance of the score to world yaw and horizontal position, learning to
 rank real motion above corrupted copies, the safetensors/JSON state round trip with a bit-identical
 next step, and input validation."""
 
@@ -24,7 +24,7 @@ from tasks.ego_motion.rewards.perceptual import (
     PerceptualTrainer,
     canonical_joint_features,
     info_nce_loss,
-    visual_reward,
+    perceptual_reward,
 )
 
 TAU = 0.07
@@ -90,7 +90,7 @@ def _walk(body: BodyModel, n: int, T: int, seed: int, shaped_scale: float = 1.0)
 
 
 def _negatives(joints: torch.Tensor, stretched: torch.Tensor, seed: int) -> torch.Tensor:
-    """(B, 3, T, 22, 3) negatives with artefacts the critic must learn to see: per-frame jitter
+    """(B, 3, T, 22, 3) negatives with artefacts the perceptual model must learn to see: per-frame jitter
     (1.5 cm), the same motion lagging the head by 3 frames (0.1 s), and ``stretched`` (the same
     rotations and root with 15 % longer forearms and shins, from ``_walk(shaped_scale=1.15)``)."""
     g = torch.Generator().manual_seed(seed)
@@ -149,16 +149,16 @@ def test_info_nce_rejects_bad_shapes_and_temperature():
         info_nce_loss(torch.zeros(3), torch.zeros(3, 2), temperature=0.0)
 
 
-# --------------------------------------------------------------------------------- visual reward
+# --------------------------------------------------------------------------------- perceptual reward
 
 
-def test_visual_reward_values_and_range():
+def test_perceptual_reward_values_and_range():
     scores = torch.tensor([-1.0, 0.0, 0.5, 1.0])
-    torch.testing.assert_close(visual_reward(scores, 2.0), torch.exp(2.0 * scores))
+    torch.testing.assert_close(perceptual_reward(scores, 2.0), torch.exp(2.0 * scores))
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
-        visual_reward(torch.tensor([3.0]), 1.0)  # a raw logit, not a tanh-squashed score
-    with pytest.raises(ValueError, match="omega_vis"):
-        visual_reward(scores, -1.0)
+        perceptual_reward(torch.tensor([3.0]), 1.0)  # a raw logit, not a tanh-squashed score
+    with pytest.raises(ValueError, match="perceptual_omega"):
+        perceptual_reward(scores, -1.0)
 
 
 # ------------------------------------------------------------------------- features and invariance
@@ -195,7 +195,7 @@ def test_score_is_invariant_to_world_yaw_and_horizontal_translation(body):
 # -------------------------------------------------------------------------------------- learning
 
 
-def test_critic_learns_to_rank_ground_truth_above_corrupted_copies(body):
+def test_perceptual_model_learns_to_rank_ground_truth_above_corrupted_copies(body):
     B, T = 6, 24
     joints, T_world_cpf, _ = _walk(body, n=B, T=T, seed=2)
     stretched, _, _ = _walk(body, n=B, T=T, seed=2, shaped_scale=1.15)

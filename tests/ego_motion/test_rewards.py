@@ -204,39 +204,39 @@ def _head(n: int, frames: int) -> torch.Tensor:
     return torch.eye(4, dtype=DTYPE).expand(n, frames + 1, 4, 4).clone()
 
 
-def test_visual_reward_is_exp_of_omega_times_score() -> None:
+def test_perceptual_reward_is_exp_of_omega_times_score() -> None:
     gt = _motion(12)
     scorer = _FakeScorer(torch.tensor([0.5, -0.25]))
-    out = get_reward("ego_visual", scorer=scorer, omega=2.0)(dict(gt), {**gt, "T_world_cpf": _head(2, 5)})
+    out = get_reward("ego_perceptual", scorer=scorer, omega=2.0)(dict(gt), {**gt, "T_world_cpf": _head(2, 5)})
     torch.testing.assert_close(out, torch.tensor([math.exp(1.0), math.exp(-0.5)], dtype=torch.float32))
     assert scorer.calls == [(torch.Size([2, 5, 22, 3]), torch.Size([2, 6, 4, 4]))]
 
 
-def test_visual_reward_with_the_real_critic() -> None:
+def test_perceptual_reward_with_the_real_model() -> None:
     """A tiny untrained PerceptualTrainer: R_vis = exp(omega * trainer.score(...)) and stays in [e^-w, e^w]."""
     gt = _motion(13)
     head = _head(2, 5)
     head[..., :3, 3] = torch.tensor([0.0, 0.0, 1.6], dtype=DTYPE)
     trainer = PerceptualTrainer(PerceptualConfig(width=16, num_heads=2, num_blocks=1, ff_dim=16, seed=0))
     batch = {**gt, "T_world_cpf": head}
-    out = get_reward("ego_visual", scorer=trainer)(dict(gt), batch)
-    expected = torch.exp(R.OMEGA_VISUAL * trainer.score(gt["joints_world"].float(), head.float()))
+    out = get_reward("ego_perceptual", scorer=trainer)(dict(gt), batch)
+    expected = torch.exp(R.OMEGA_PERCEPTUAL * trainer.score(gt["joints_world"].float(), head.float()))
     torch.testing.assert_close(out, expected.float())
-    assert bool(((out >= math.exp(-R.OMEGA_VISUAL)) & (out <= math.exp(R.OMEGA_VISUAL))).all())
+    assert bool(((out >= math.exp(-R.OMEGA_PERCEPTUAL)) & (out <= math.exp(R.OMEGA_PERCEPTUAL))).all())
 
 
-def test_visual_reward_rejects_bad_scorers_and_heads() -> None:
+def test_perceptual_reward_rejects_bad_scorers_and_heads() -> None:
     gt = _motion(14)
     with pytest.raises(ValueError, match="score"):
-        get_reward("ego_visual", scorer=object())
-    wrong_rows = get_reward("ego_visual", scorer=_FakeScorer(torch.zeros(3)))
+        get_reward("ego_perceptual", scorer=object())
+    wrong_rows = get_reward("ego_perceptual", scorer=_FakeScorer(torch.zeros(3)))
     with pytest.raises(ValueError, match=r"scorer.score returned \(3,\)"):
         wrong_rows(dict(gt), {**gt, "T_world_cpf": _head(2, 5)})
-    reward = get_reward("ego_visual", scorer=_FakeScorer(torch.zeros(2)))
+    reward = get_reward("ego_perceptual", scorer=_FakeScorer(torch.zeros(2)))
     with pytest.raises(ValueError, match=r"batch\['T_world_cpf'\].*\(N, T\+1, 4, 4\)"):
         reward(dict(gt), {**gt, "T_world_cpf": _head(2, 4)})  # T poses: the decoded head, not the window
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
-        out_of_range = get_reward("ego_visual", scorer=_FakeScorer(torch.tensor([3.0, 0.0])))
+        out_of_range = get_reward("ego_perceptual", scorer=_FakeScorer(torch.tensor([3.0, 0.0])))
         out_of_range(dict(gt), {**gt, "T_world_cpf": _head(2, 5)})
 
 

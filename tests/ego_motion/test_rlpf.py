@@ -12,8 +12,8 @@ import torch
 import recipes.rlpf_ego_motion as rlpf_ego_motion_recipe
 import tasks.ego_motion.grpo as ego_job
 from tasks.ego_motion.body.geometry import make_transform
-from tasks.ego_motion.rewards.critic_data import transplant, warm_up_critic, yaw_free_head_frame
 from tasks.ego_motion.rewards.perceptual import PerceptualConfig, PerceptualTrainer
+from tasks.ego_motion.rewards.perceptual_data import transplant, warm_up_perceptual, yaw_free_head_frame
 from tests.ego_motion.tiny_prior import write_tiny_prior
 
 
@@ -48,12 +48,12 @@ def test_alignment_warm_up_learns_to_prefer_the_truth_and_checks_its_inputs():
     truth[..., 2] = truth[..., 2].clamp(min=0.0)
     far = truth + torch.tensor([0.0, 0.0, 0.8])  # a "prior" that floats: easy to tell apart
     critic = PerceptualTrainer(dataclasses.replace(PerceptualConfig(), width=16, num_blocks=1, ff_dim=32))
-    stats = warm_up_critic(critic, truth, heads, far, steps=30, batch_size=4,
+    stats = warm_up_perceptual(critic, truth, heads, far, steps=30, batch_size=4,
                                      generator=torch.Generator().manual_seed(1))
     assert len(stats) == 30 and stats[-1]["score_gap"] > stats[0]["score_gap"]
     assert (critic.score(truth, heads) > critic.score(far, heads)).all()
     with pytest.raises(ValueError, match="steps >= 1"):
-        warm_up_critic(critic, truth, heads, far, steps=0, batch_size=2, generator=gen)
+        warm_up_perceptual(critic, truth, heads, far, steps=0, batch_size=2, generator=gen)
 
 
 @pytest.mark.unchecked_annotations  # the library's own shape error, not the annotation checker's
@@ -63,7 +63,7 @@ def test_alignment_warm_up_names_mismatched_windows():
     truth = torch.zeros(W, T, 22, 3)
     critic = PerceptualTrainer(dataclasses.replace(PerceptualConfig(), width=16, num_blocks=1, ff_dim=32))
     with pytest.raises(ValueError, match="same W windows"):
-        warm_up_critic(critic, truth, heads, truth[:-1], steps=1, batch_size=2,
+        warm_up_perceptual(critic, truth, heads, truth[:-1], steps=1, batch_size=2,
                                  generator=torch.Generator().manual_seed(0))
 
 
@@ -86,22 +86,22 @@ def tiny(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_rlpf_recipe_runs_every_variant_with_its_rewards_and_leaves_the_critic_frozen(tiny, monkeypatch):
+def test_rlpf_recipe_runs_every_variant_with_its_rewards_and_leaves_the_perceptual_model_frozen(tiny, monkeypatch):
     recipe, cfg = tiny
     critics = []
-    original = recipe.alignment_critic
+    original = recipe.alignment_perceptual_model
 
     def spy(*args, **kwargs):
         critic, stats = original(*args, **kwargs)
         critics.append((critic, {k: v.clone() for k, v in critic.model.state_dict().items()}))
         return critic, stats
 
-    monkeypatch.setattr(recipe, "alignment_critic", spy)
+    monkeypatch.setattr(recipe, "alignment_perceptual_model", spy)
     summary = recipe.main(cfg)
     assert [r["variant"] for r in summary["runs"]] == list(recipe.VARIANTS)
     expected = {"physics": set(recipe.PHYSICS_REWARDS),
-                "physics+alignment": {*recipe.PHYSICS_REWARDS, "ego_visual"},
-                "physics+alignment+joint": {*recipe.PHYSICS_REWARDS, "ego_visual", *recipe.GROUND_TRUTH_REWARDS}}
+                "physics+alignment": {*recipe.PHYSICS_REWARDS, "ego_perceptual"},
+                "physics+alignment+joint": {*recipe.PHYSICS_REWARDS, "ego_perceptual", *recipe.GROUND_TRUTH_REWARDS}}
     for run in summary["runs"]:
         assert {k.removeprefix("reward/") for k in run["final_rewards"]} >= expected[run["variant"]]
         assert not any(k.removeprefix("reward/") not in expected[run["variant"]] and "/" not in
@@ -110,7 +110,7 @@ def test_rlpf_recipe_runs_every_variant_with_its_rewards_and_leaves_the_critic_f
             assert math.isfinite(run["metrics"][name]), (run["variant"], name)
     critic, before = critics[0]
     for k, v in critic.model.state_dict().items():
-        assert torch.equal(v, before[k]), k  # GRPO scored with the critic but never trained it
+        assert torch.equal(v, before[k]), k  # GRPO scored with the perceptual model but never trained it
     for variant in recipe.VARIANTS:  # one before/after picture per variant
         assert (cfg.output_dir.parent / f"before_after_{variant.replace('+', '_')}.png").stat().st_size > 1000
     table = (cfg.table_output).read_text()
@@ -123,7 +123,7 @@ def test_rlpf_config_refuses_what_it_would_ignore():
     with pytest.raises(ValueError, match="unknown or empty"):
         recipe.Config(variants=("physics", "joint-only"))
     with pytest.raises(ValueError, match="rewards come from --variants"):
-        recipe.Config(base=dataclasses.replace(recipe.default_base(), use_visual_reward=True))
+        recipe.Config(base=dataclasses.replace(recipe.default_base(), use_perceptual_reward=True))
     with pytest.raises(ValueError, match="tracking-mode"):
         recipe.Config(rewards=recipe.RewardParams(tracking_mode="binary"))  # type: ignore[arg-type]
 

@@ -1,7 +1,7 @@
 """Run by tests/test_multiprocess_sync.py under `accelerate launch --multi_gpu --num_processes 2`.
 
-Each rank trains the perceptual critic for a few steps on its own random batch (different on
-every rank), writes the critic's and its optimiser's state, then knocks its replica out of step
+Each rank trains the perceptual model for a few steps on its own random batch (different on
+every rank), writes the perceptual model's and its optimiser's state, then knocks its replica out of step
 on rank 1 only and records whether the next step notices.
 """
 

@@ -123,7 +123,7 @@ def load_amass_npz(path: str | Path, *, expected_framerate: float | None = None)
     if expected_framerate is not None and abs(seq.mocap_framerate - expected_framerate) > 1e-3:
         raise ValueError(
             f"{path} is at {seq.mocap_framerate} fps, expected {expected_framerate}; resample it "
-            f"(tasks.ego_motion.data.convert.resample_motion) or change the expected rate."
+            f"(tasks.ego_motion.data.retarget.resample_motion) or change the expected rate."
         )
     return seq
 

@@ -32,7 +32,8 @@ import numpy as np
 
 from ..body.geometry import NUM_BETAS, SMPLH_MIRROR_PERMUTATION, SMPLH_PARENTS
 from .bvh import parse_bvh
-from .convert import DEFAULT_MOCAP_ROOT, SEGMENTS, VARIANTS, reference_pose, segment_lengths
+from .retarget import DEFAULT_MOCAP_ROOT, reference_pose, segment_lengths
+from .skeletons import SEGMENTS, VARIANTS
 
 logger = logging.getLogger(__name__)
 

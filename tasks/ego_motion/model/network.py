@@ -167,7 +167,8 @@ def timestep_embedding(t: Real[Tensor, " B"], num_features: int) -> Float[Tensor
 # Blocks
 
 
-def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+def feed_forward(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    """The transformer feed-forward block Linear -> GELU -> Linear (also the perceptual model's)."""
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
 
 
@@ -225,7 +226,7 @@ class EncoderLayer(nn.Module):
     def __init__(self, cfg: DenoiserConfig) -> None:
         super().__init__()
         self.attn = RotaryAttention(cfg.width, cfg.num_heads)
-        self.ff = _mlp(cfg.width, cfg.ff_dim, cfg.width)
+        self.ff = feed_forward(cfg.width, cfg.ff_dim, cfg.width)
         self.res_attn = _Residual(cfg.width, cfg.norm_placement)
         self.res_ff = _Residual(cfg.width, cfg.norm_placement)
 
@@ -241,7 +242,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = RotaryAttention(cfg.width, cfg.num_heads)
         self.cross_attn = RotaryAttention(cfg.width, cfg.num_heads)
-        self.ff = _mlp(cfg.width, cfg.ff_dim, cfg.width)
+        self.ff = feed_forward(cfg.width, cfg.ff_dim, cfg.width)
         self.res_self = _Residual(cfg.width, cfg.norm_placement)
         self.res_cross = _Residual(cfg.width, cfg.norm_placement)
         self.res_ff = _Residual(cfg.width, cfg.norm_placement)
@@ -269,10 +270,10 @@ class MotionDenoiser(nn.Module):
         self.config = config
         W = config.width
         self.slices = modality_slices(config.include_hands)
-        self.motion_in = nn.ModuleDict({n: _mlp(s.stop - s.start, W, W) for n, s in self.slices.items()})
-        self.motion_out = nn.ModuleDict({n: _mlp(W, W, s.stop - s.start) for n, s in self.slices.items()})
-        self.cond_in = _mlp(config.cond_dim, W, W)
-        self.noise_mlp = _mlp(config.timestep_features, W, W)
+        self.motion_in = nn.ModuleDict({n: feed_forward(s.stop - s.start, W, W) for n, s in self.slices.items()})
+        self.motion_out = nn.ModuleDict({n: feed_forward(W, W, s.stop - s.start) for n, s in self.slices.items()})
+        self.cond_in = feed_forward(config.cond_dim, W, W)
+        self.noise_mlp = feed_forward(config.timestep_features, W, W)
         self.noise_to_encoder = nn.Linear(W, W)
         self.noise_to_decoder = nn.Linear(W, W)
         self.encoder = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_encoder_layers))

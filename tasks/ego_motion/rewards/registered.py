@@ -16,7 +16,7 @@ Inputs (N samples = conditions x group members, T motion frames at ``fps``, worl
   pelvis + 21 body joints and ``body_rotmats`` (N, T, 21, 3, 3) local rotations.
 - ``batch``: the expanded batch the samples were conditioned on; read here: ground truth
   ``joints_world`` (N, T, 22, 3), ``body_rotmats`` (N, T, 21, 3, 3), and the (possibly perturbed)
-  head ``T_world_cpf`` (N, T+1, 4, 4) for the visual reward.
+  head ``T_world_cpf`` (N, T+1, 4, 4) for the perceptual reward.
 
 Every reward runs under ``torch.no_grad()``, computes in at least float32 and returns a float32
 (N,) tensor. The error definitions are public functions so the tests, docs and evaluation can
@@ -27,6 +27,7 @@ geodesic angle, ground penetration, foot skating) come from ``metrics.py``, not 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Mapping
 from typing import Literal, Protocol, runtime_checkable
@@ -40,8 +41,9 @@ from tasks.ego_motion.body.geometry import NUM_BODY_JOINTS
 from tasks.ego_motion.data.amass import TARGET_FPS
 from tasks.ego_motion.evaluation import metrics
 from tasks.ego_motion.physics.evaluator import PhysicsEvaluator
-from tasks.ego_motion.rewards.perceptual import visual_reward
+from tasks.ego_motion.rewards.perceptual import perceptual_reward
 
+logger = logging.getLogger(__name__)
 J = metrics.NUM_METRIC_JOINTS  # 22 = pelvis + 21 body joints
 
 # Default omegas: a demo prior's typical error at the start of post-training gives R ~ 0.5, the
@@ -60,8 +62,8 @@ OMEGA_PHYSICS = 1.5
 """Default omega of ``ego_physics`` (1/m, error in metres, see :func:`physics_error`)."""
 PENETRATION_WEIGHT = 10.0
 """Default weight of ground penetration against foot skating in :func:`physics_error` (unitless)."""
-OMEGA_VISUAL = 1.0
-"""Default omega_vis of ``ego_visual``: R_vis = exp(omega_vis * s), s in [-1, 1]."""
+OMEGA_PERCEPTUAL = 1.0
+"""Default perceptual_omega of ``ego_perceptual``: R_vis = exp(perceptual_omega * s), s in [-1, 1]."""
 GROUND_TRUTH_REWARDS = ("ego_rot", "ego_pos", "ego_pa_pos", "ego_vel")
 """The rewards that compare a sample with the window's body ground truth (the joint rewards); the others
 read only the sample, the floor and the head trajectory, so they can post-train on heads alone."""
@@ -277,26 +279,26 @@ def ego_physics(omega: float = OMEGA_PHYSICS, fps: float = TARGET_FPS,
 
 @runtime_checkable
 class Scorer(Protocol):
-    """What ``ego_visual`` needs of the critic: ``perceptual.PerceptualTrainer`` fits."""
+    """What ``ego_perceptual`` needs of the perceptual model: ``perceptual.PerceptualTrainer`` fits."""
 
     def score(self, joints: Tensor, T_world_cpf: Tensor) -> Tensor:
         """(N, T, 22, 3) world joints and (N, T+1, 4, 4) head poses -> (N,) scores in [-1, 1]."""
         ...
 
 
-@register_reward("ego_visual")
-def ego_visual(scorer: Scorer, omega: float = OMEGA_VISUAL) -> Reward:
+@register_reward("ego_perceptual")
+def ego_perceptual(scorer: Scorer, omega: float = OMEGA_PERCEPTUAL) -> Reward:
     """R_vis = exp(omega * s), s = ``scorer.score(decoded["joints_world"], batch["T_world_cpf"])``.
 
-    Why a factory over the scorer object: the critic trains online beside the policy, so the
+    Why a factory over the scorer object: the perceptual model trains online beside the policy, so the
     reward must call the live trainer, not a copy; ``PerceptualTrainer.score`` freezes it (eval
     mode, no gradients) while it scores. The head is the batch's (N, T+1, 4, 4) window, perturbed
     if the condition was, as the samples saw it. Squashing and the [-1, 1] check are
-    ``perceptual.visual_reward``'s.
+    ``perceptual.perceptual_reward``'s.
     """
     if not callable(getattr(scorer, "score", None)):
         raise ValueError(f"scorer {type(scorer).__name__} has no score(joints, T_world_cpf) method; pass the "
-                         "perceptual.PerceptualTrainer, e.g. get_reward('ego_visual', scorer=trainer).")
+                         "perceptual.PerceptualTrainer, e.g. get_reward('ego_perceptual', scorer=trainer).")
     w = _check_omega(omega)
 
     @torch.no_grad()
@@ -314,9 +316,17 @@ def ego_visual(scorer: Scorer, omega: float = OMEGA_VISUAL) -> Reward:
         if not isinstance(scores, Tensor) or tuple(scores.shape) != (N,):
             shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
             raise ValueError(f"scorer.score returned {shape}, expected a tensor of shape ({N},).")
-        return visual_reward(scores.float(), w).float()
+        return perceptual_reward(scores.float(), w).float()
 
     return reward
+
+
+@register_reward("ego_visual")
+def ego_visual(scorer: Scorer, omega: float = OMEGA_PERCEPTUAL) -> Reward:
+    """Deprecated name of :func:`ego_perceptual` (the paper's "visual-level reward"), kept so that old
+    commands and reward specs still build; logs a deprecation warning."""
+    logger.warning("reward 'ego_visual' is deprecated; use 'ego_perceptual'")
+    return ego_perceptual(scorer, omega)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from diffgrpo.chain import SamplingChain
+from diffgrpo.modes import evaluation_mode
 from diffgrpo.rng import make_generator
 from diffgrpo.rollout import Trajectory, group_ids_for, rollout
 from diffgrpo.task import Batch
@@ -334,33 +335,31 @@ def evaluate_windows(
     device = next(model.parameters()).device
     n_total = task.num_examples(split) if max_windows is None else min(max_windows, task.num_examples(split))
     indices = torch.arange(n_total)
-    was_training = model.training
-    model.eval()
-    variants = ("base", "tto") if use_tto else ("base",)
-    values: dict[str, dict[str, list[Tensor]]] = {v: {} for v in variants}
-    joints: dict[str, list[Tensor]] = {v: [] for v in variants}
-    sampling_seconds = tto_seconds = 0.0
-    for idx in tqdm(indices.split(batch_size), desc=f"ego_motion eval {split}", disable=not progress, leave=False):
-        batch = {k: v.to(device) for k, v in task.load_examples(split, idx).items()}
-        generator = make_generator(seed, "eval", int(idx[0]), device=device)
-        start = time.perf_counter()
-        trajectory = sample_motion(task, model, batch, generator=generator, chain=chain,
-                                   group_ids=idx.to(device))
-        decoded = {"base": task.decode(trajectory.samples, batch)}
-        sampling_seconds += time.perf_counter() - start
-        if use_tto:
+    with evaluation_mode(model):
+        variants = ("base", "tto") if use_tto else ("base",)
+        values: dict[str, dict[str, list[Tensor]]] = {v: {} for v in variants}
+        joints: dict[str, list[Tensor]] = {v: [] for v in variants}
+        sampling_seconds = tto_seconds = 0.0
+        for idx in tqdm(indices.split(batch_size), desc=f"ego_motion eval {split}", disable=not progress, leave=False):
+            batch = {k: v.to(device) for k, v in task.load_examples(split, idx).items()}
+            generator = make_generator(seed, "eval", int(idx[0]), device=device)
             start = time.perf_counter()
-            decoded["tto"] = refine_decoded(task, decoded["base"], batch["T_world_cpf"], tto_cfg)
-            tto_seconds += time.perf_counter() - start
-        for variant in variants:
-            measures = task.evaluate(decoded[variant], batch)
-            if extra_metrics is not None:
-                measures.update(extra_metrics(decoded[variant]))
-            for name, value in measures.items():
-                values[variant].setdefault(name, []).append(value.float().cpu())
-            if keep_joints:
-                joints[variant].append(decoded[variant]["joints_world"].cpu())
-    model.train(was_training)
+            trajectory = sample_motion(task, model, batch, generator=generator, chain=chain,
+                                       group_ids=idx.to(device))
+            decoded = {"base": task.decode(trajectory.samples, batch)}
+            sampling_seconds += time.perf_counter() - start
+            if use_tto:
+                start = time.perf_counter()
+                decoded["tto"] = refine_decoded(task, decoded["base"], batch["T_world_cpf"], tto_cfg)
+                tto_seconds += time.perf_counter() - start
+            for variant in variants:
+                measures = task.evaluate(decoded[variant], batch)
+                if extra_metrics is not None:
+                    measures.update(extra_metrics(decoded[variant]))
+                for name, value in measures.items():
+                    values[variant].setdefault(name, []).append(value.float().cpu())
+                if keep_joints:
+                    joints[variant].append(decoded[variant]["joints_world"].cpu())
     return WindowEvaluation(
         indices=indices,
         metrics={v: {name: torch.cat(parts) for name, parts in per.items()} for v, per in values.items()},

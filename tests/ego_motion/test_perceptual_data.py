@@ -1,4 +1,4 @@
-"""The perceptual critic's training data: rollout negatives on the right heads, foreign truths, per-negative heads."""
+"""The perceptual model's training data: rollout negatives on the right heads, foreign truths, per-negative heads."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from diffgrpo.rewards import RewardSet, RewardSpec
 from diffgrpo.rng import make_generator
 from diffgrpo.train_step import collect, make_perturber
 from tasks.ego_motion.model.network import load_denoiser
-from tasks.ego_motion.rewards.critic_data import foreign_truths, next_other_window, rollout_negatives, transplant
 from tasks.ego_motion.rewards.perceptual import PerceptualConfig, PerceptualTrainer
+from tasks.ego_motion.rewards.perceptual_data import foreign_truths, next_other_window, rollout_negatives, transplant
 from tasks.ego_motion.task import EgoMotionTask, EgoMotionTaskConfig
 from tests.ego_motion.tiny_prior import write_tiny_prior
 

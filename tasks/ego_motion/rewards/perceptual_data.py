@@ -1,6 +1,6 @@
-"""What the perceptual critic (``perceptual.py``) learns from: positives, negatives and its warm-up.
+"""What the perceptual model (``perceptual.py``) learns from: positives, negatives and its warm-up.
 
-The critic is trained with InfoNCE: each condition's ground truth under its own head must score
+The perceptual model is trained with InfoNCE: each condition's ground truth under its own head must score
 above M negatives. Which negatives it sees decides what it learns to tell apart:
 
 - ``x0_last`` (MotionGRPO, docs/ego_motion_rewards.md): the first group member's x0 predictions at the
@@ -13,11 +13,11 @@ above M negatives. Which negatives it sees decides what it learns to tell apart:
 Which head a policy negative is scored on: with per-member condition perturbation each sample
 was generated for, and is rewarded on, its own perturbed head. ``on_own_head=True`` decodes and
 scores the negatives there, as the reward does; False decodes them on the clean head, as
-MotionGRPO's critic does (they then differ from the truth only by the policy's errors).
+MotionGRPO's perceptual model does (they then differ from the truth only by the policy's errors).
 
-A warm-up (:func:`warm_up_critic`) trains the critic on the prior's samples before GRPO starts,
-so the first iterations' visual reward is not a random network's. RLPF (arXiv 2506.12769) freezes
-the critic after it as the alignment guard; MotionGRPO's recipe keeps training it online.
+A warm-up (:func:`warm_up_perceptual`) trains the perceptual model on the prior's samples before GRPO starts,
+so the first iterations' perceptual reward is not a random network's. RLPF (arXiv 2506.12769) freezes
+the perceptual model after it as the alignment guard; MotionGRPO's recipe keeps training it online.
 
 Shapes: B conditions, G group members, M negatives per condition, T frames, J = 22 joints.
 """
@@ -32,6 +32,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from diffgrpo.chain import SamplingChain
+from diffgrpo.modes import evaluation_mode
 from diffgrpo.rng import make_generator
 from diffgrpo.task import Batch, batch_to, select_rows
 from diffgrpo.train_step import RolloutBatch
@@ -132,7 +133,7 @@ def next_other_window(joints: Float[Tensor, "B T J 3"]) -> Tensor:
     """(B,) for each row b the next row (cyclically) holding another motion than row b.
 
     Why not simply b + 1: a batch may hold one window twice (a draw crossing an epoch boundary), and
-    a foreign negative equal to its positive would ask the critic to score one motion above itself.
+    a foreign negative equal to its positive would ask the perceptual model to score one motion above itself.
 
     Raises:
         ValueError: every row holds the same motion.
@@ -168,21 +169,17 @@ def prior_joints(task: EgoMotionTask, model: nn.Module, windows: Batch, seed: in
     mode, restored after); returned on the windows' device.
     """
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     out = []
-    try:
+    with evaluation_mode(model):
         for idx in torch.arange(len(windows["T_world_cpf"])).split(chunk_size):
             batch = batch_to(select_rows(windows, idx), device)
             trajectory = sample_motion(task, model, batch, group_ids=idx.to(device), chain=chain,
                                        generator=make_generator(seed, stream, int(idx[0]), device=device))
             out.append(task.decode(trajectory.samples, batch)["joints_world"].to(windows["T_world_cpf"].device))
-    finally:
-        model.train(was_training)
     return torch.cat(out)
 
 
-def warm_up_critic(
+def warm_up_perceptual(
     trainer: PerceptualTrainer,
     joints: Float[Tensor, "W T J 3"],
     T_world_cpf: Float[Tensor, "W T+1 4 4"],
@@ -195,7 +192,7 @@ def warm_up_critic(
     """Train ``trainer`` for ``steps`` InfoNCE steps on W windows before GRPO starts.
 
     Positives: the windows' ground truth under their own heads. Negatives per window (M = 2): the
-    prior's sample for that head (``prior_joints``, the realism contrast of MotionGRPO's critic)
+    prior's sample for that head (``prior_joints``, the realism contrast of MotionGRPO's perceptual model)
     and another window's ground truth transplanted under this head (the alignment contrast).
     Batches of ``batch_size`` windows drawn with ``generator``. Returns each step's statistics
     (``PerceptualTrainer.train_step``'s dict).
