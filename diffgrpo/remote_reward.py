@@ -25,6 +25,10 @@ Threads: a ``RemoteReward`` holds no mutable state after construction, so one in
 called from several threads at once (``RewardSet.submit`` calls it in a worker thread, which lets
 the HTTP round trip overlap with the next rollout). One call splits its N samples into requests
 of at most ``batch_size`` samples and sends up to ``max_concurrency`` of them at a time.
+
+Length: one concept, the client side of the reward protocol (request encoding, batching,
+concurrency, retries, redirect refusal, error excerpts, the health check); splitting it would scatter
+one protocol's rules over several modules.
 """
 
 from __future__ import annotations

@@ -48,6 +48,10 @@ given ``read_timeout_s``; the token; ``Content-Length`` (ASCII digits, at most
 ``max_request_bytes``); room for the body in ``max_bytes_in_flight`` (bodies of requests being read,
 scored or waiting, granted in arrival order; 503 after ``queue_timeout_s``); then the body is read
 and decoded, and the request waits for one of ``max_concurrent_calls`` reward calls.
+
+Length: one concept, the server side of the reward protocol (its admission rules live in
+``reward_admission.py``); what remains is the request handler, the accept loop with its signal
+handling and the command line, which are read together.
 """
 
 from __future__ import annotations

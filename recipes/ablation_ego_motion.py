@@ -25,6 +25,9 @@ groups, the mean within-group std of each sub-reward and the intra-group diversi
 
     python recipes/ablation_ego_motion.py --seeds 0 1 2 --output docs/results.md
     python recipes/ablation_ego_motion.py --variants nested nested@0.1 --output-dir runs/ablation --output nested.md
+
+Length: a recipe reads top to bottom (torchtune's rule); the variants table, the runner that reads
+back finished runs, and the table writer are this recipe's alone and are kept with it.
 """
 
 from __future__ import annotations

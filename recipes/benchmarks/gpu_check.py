@@ -31,6 +31,9 @@ every section, so a run stopped by an outer timeout keeps what it finished. A se
 recorded as failed (with the error) and the others still run. Each timed iteration follows a warm-up
 iteration of one micro-batch (kernel selection, allocator); peak memory (``torch.cuda.max_memory_allocated``)
 includes the weights and optimiser state.
+
+Length: the check must run as one command on a bare GPU machine, so every section, the budget
+logic and the docs writer live in this one script (a recipe may not import another script).
 """
 
 from __future__ import annotations
