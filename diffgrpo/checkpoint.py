@@ -149,6 +149,8 @@ class Checkpoint:
     """Task tensors saved with ``shared_tensors=`` (e.g. a reward model), by name."""
     meta: dict[str, Any]
     """Shared JSON metadata: config, git revision, task metadata."""
+    run_id: str = ""
+    """The ``run_id`` it was saved with ("" for checkpoints written before run ids)."""
 
 
 def _nonfinite(tensors: dict[str, Tensor], names: dict[int, str]) -> str:
@@ -346,6 +348,7 @@ def load_checkpoint(
         rank_meta=json.loads(rank_file_meta.get("rank_meta", "{}")),
         shared_tensors={k[len("task."):]: v for k, v in tensors.items() if k.startswith("task.")},
         meta=json.loads(metadata["meta"]),
+        run_id=metadata.get("run_id", ""),
     )
 
 

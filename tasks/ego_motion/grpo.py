@@ -213,11 +213,27 @@ class Config:
         return self.task.sampling_chain(self.rollout_sampling_steps, sde_window=self.sde_window,
                                         noise_frequencies=self.noise_frequencies, noise_features=features)
 
+    def fingerprint(self) -> dict:
+        """The job's settings a resumed run must keep, besides the GRPO config and the chain the core records
+        (``train_grpo(fingerprint=...)``): everything that feeds the rewards, the rollout chain or the data
+        (``--omega-vis``, ``--rollout-sampling-steps``, ``--no-use-visual-reward``, ``--task.*``, the prior...).
+        Left out: where the run writes and how it runs (``RUN_CONTROL``), the held-out evaluation's settings,
+        and ``--task.cache-dir`` (where decoded windows are cached, not what they are)."""
+        values = dataclasses.asdict(self)
+        for key in (*RUN_CONTROL, "grpo"):
+            values.pop(key)
+        values["task"].pop("cache_dir")
+        return json.loads(json.dumps(values, default=str))
+
     def effective(self) -> dict:
         """This config as JSON-able data, with the rollout chain's sampler as ``grpo.sampler`` (results.json)."""
         values = dataclasses.asdict(self)
         values["grpo"]["sampler"] = dataclasses.asdict(self.rollout_chain().sampler)
         return json.loads(json.dumps(values, default=str))
+
+
+RUN_CONTROL = ("output_dir", "resume", "threads", "eval_seed", "eval_max_windows", "use_tto")
+"""Config fields a resumed run may change: where it writes, how it runs, and the held-out evaluation after it."""
 
 
 def critic_hooks(task: EgoMotionTask, perceptual: PerceptualTrainer | None, cfg: Config) -> LoopHooks:
@@ -284,7 +300,7 @@ def main(cfg: Config) -> dict:
         logger.info("critic warm-up, last 10 steps: %s", warmup)
     history = train_grpo(task, model, grpo, accelerator=accelerator, output_dir=cfg.output_dir,  # Alg. 1
                          resume=cfg.resume, rewards=rewards, hooks=critic_hooks(task, perceptual, cfg),
-                         chain=chain, probe_chain=evaluation_chain,
+                         chain=chain, probe_chain=evaluation_chain, fingerprint=cfg.fingerprint(),
                          probe_rewards=RewardSet.from_specs(joint_rewards))  # the critic moves: probe the fixed ones
     train_seconds = time.perf_counter() - start_time
     accelerator.end_training()
