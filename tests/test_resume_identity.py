@@ -37,18 +37,17 @@ def test_a_run_that_does_not_resume_refuses_a_folder_holding_checkpoints(tmp_pat
     assert len(history["reward/toy_closeness/all"]) == 1  # from iteration 0, the old checkpoints gone
 
 
-@pytest.mark.parametrize(("change", "named"), [
-    (dict(task=ToyTask("ddim", seed=1)), "examples_sha256"),              # another data set
-    (dict(task=ToyTask("ddim", num_steps=4)), "timesteps"),              # another chain (K)
-    (dict(fingerprint={"omega_vis": 2.0}), "omega_vis"),                 # a job setting that feeds a reward
+@pytest.mark.parametrize(("first", "then", "named"), [
+    ({}, dict(task=ToyTask("ddim", seed=1)), "examples_sha256"),                         # another data set
+    ({}, dict(task=ToyTask("ddim", num_steps=4)), "timesteps"),                         # another chain (K)
+    ({"fingerprint": {"omega_vis": 1.0}}, {"fingerprint": {"omega_vis": 2.0}}, "omega_vis"),  # a reward's setting
 ])
-def test_resume_under_another_fingerprint_is_refused_naming_it(tmp_path, change, named):
+def test_resume_under_another_fingerprint_is_refused_naming_it(tmp_path, first, then, named):
     """Issue 24: another data set, --omega-vis and --rollout-sampling-steps were accepted silently on resume."""
-    _train(tmp_path, stop_after=1, fingerprint={"omega_vis": 1.0})
-    kw = {"fingerprint": {"omega_vis": 1.0}, **change}
+    _train(tmp_path, stop_after=1, **first)
     with pytest.raises(ValueError, match=rf"different configuration.*{named}"):
-        _train(tmp_path, resume=True, **kw)
-    history = _train(tmp_path, resume=True, fingerprint={"omega_vis": 1.0})  # the same fingerprint resumes
+        _train(tmp_path, resume=True, **then)
+    history = _train(tmp_path, resume=True, **first)  # the same fingerprint resumes
     assert len(history["reward/toy_closeness/all"]) == 2
 
 
