@@ -11,10 +11,15 @@ same protocol; its module docstring and ``docs/remote_rewards.md`` describe the 
                        -> 200 {"scores": [N floats]} or {"scores": {name: [N floats], ...}}
                        -> 4xx/5xx {"error": <message>}
 
-Retries: connection errors, time-outs and 5xx answers are retried ``max_retries`` times, waiting
-``backoff_s * 2**k`` seconds before retry k + 1; 4xx answers (a request the server rejects) and
-malformed scores are never retried. Scoring is a pure function of the request, so a retried POST
-is safe.
+Retries: connection errors, time-outs and 5xx answers (503: the server is busy) are retried
+``max_retries`` times, waiting ``backoff_s * 2**k`` seconds before retry k + 1; 4xx answers (a
+request the server rejects, 401 a missing or wrong token) and malformed scores are never retried.
+Scoring is a pure function of the request, so a retried POST is safe. Redirects (3xx) are refused,
+not followed: they could carry the samples and the token to another address. An error quotes at
+most ``EXCERPT_CHARS`` characters of what the server sent, control characters replaced.
+
+Token: ``token=`` (else the environment variable ``DIFFGRPO_REWARD_TOKEN``, which keeps it out of
+configs that are saved with checkpoints) is sent as ``Authorization: Bearer <token>``.
 
 Threads: a ``RemoteReward`` holds no mutable state after construction, so one instance may be
 called from several threads at once (``RewardSet.submit`` calls it in a worker thread, which lets
@@ -28,6 +33,7 @@ import http.client
 import json
 import logging
 import math
+import os
 import struct
 import time
 import urllib.error
@@ -52,6 +58,12 @@ CONTENT_TYPE = "application/vnd.diffgrpo.safetensors"
 """Content-Type of a ``/score`` request body."""
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 """Names accepted by ``wire_dtype``: floating tensors are cast to it before sending."""
+TOKEN_ENV = "DIFFGRPO_REWARD_TOKEN"
+"""Environment variable holding the shared-secret token, read by the server and (without token=) the client."""
+EXCERPT_CHARS = 200
+"""The most characters of a server's answer that an error message quotes."""
+MAX_ANSWER_BYTES = 64 * 2**20
+"""The largest ``/score`` or ``/health`` answer the client reads (scores are ~25 bytes each)."""
 
 Samples = Tensor | Mapping[str, Tensor]
 Scores = Tensor | dict[str, Tensor]
@@ -62,6 +74,23 @@ class RemoteRewardError(RuntimeError):
 
 
 # --- wire format (one home for both the client and diffgrpo.reward_server) ---------------------------------
+
+
+def check_token(token: str) -> str:
+    """Raise ValueError unless ``token`` can travel in an ``Authorization`` header: visible ASCII, no spaces."""
+    if not (isinstance(token, str) and token and token.isascii() and token.isprintable() and " " not in token):
+        raise ValueError("the reward server's token must be a non-empty string of visible ASCII characters "
+                         "without spaces, e.g. python -c 'import secrets; print(secrets.token_hex(32))'")
+    return token
+
+
+def excerpt(text: str | bytes, limit: int = EXCERPT_CHARS) -> str:
+    """At most ``limit`` characters of a peer's text for an error message, non-printable ones
+    (newlines, terminal escapes, bidi controls) replaced by '?'."""
+    if isinstance(text, bytes):
+        text = text[: 4 * limit].decode("utf-8", errors="replace")
+    clean = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return clean + ("... (cut)" if len(text) > limit else "")
 
 
 def num_samples(samples: Samples) -> int:
@@ -160,11 +189,19 @@ def decode_request(body: bytes) -> tuple[Samples, dict[str, Any]]:
             raise ValueError(f"batch strings {key!r} hold {len(values)} entries, expected N={n}")
     batch: dict[str, Any] = {k[len("batch/"):]: v for k, v in tensors.items() if k.startswith("batch/")}
     batch.update(strings)
-    if metadata.get("samples_layout") == "tensor":
+    if n < 1:
+        raise ValueError(f"the request holds num_samples={n}; send at least one sample")
+    layout = metadata.get("samples_layout")
+    if layout == "tensor":
         if "samples" not in tensors:
             raise ValueError("the request declares a sample tensor but holds no tensor named 'samples'")
         return tensors["samples"], batch
-    return {k[len("samples/"):]: v for k, v in tensors.items() if k.startswith("samples/")}, batch
+    samples = {k[len("samples/"):]: v for k, v in tensors.items() if k.startswith("samples/")}
+    if layout != "mapping" or not samples:
+        raise ValueError(f"the request declares samples_layout={excerpt(str(layout), 40)!r} with tensors "
+                         f"{excerpt(str(sorted(tensors)), 100)}; it needs 'tensor' with a tensor 'samples', or "
+                         "'mapping' with at least one 'samples/<key>' tensor")
+    return samples, batch
 
 
 def encode_response(scores: Any) -> bytes:
@@ -192,12 +229,13 @@ def decode_response(body: bytes, n: int) -> Scores:
     try:
         scores = json.loads(body)["scores"]
     except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"the answer is not JSON with a 'scores' field ({err!r}): {body[:200]!r}") from None
+        raise ValueError(f"the answer is not JSON with a 'scores' field ({type(err).__name__}): "
+                         f"{excerpt(body)!r}") from None
 
     def as_tensor(name: str, values: Any) -> Tensor:
         numbers = isinstance(values, list) and all(type(v) in (int, float) for v in values)  # not bool
         if not numbers:
-            raise ValueError(f"scores {name!r} must be a list of numbers, got {str(values)[:100]}")
+            raise ValueError(f"scores {excerpt(name, 40)!r} must be a list of numbers, got {excerpt(str(values), 100)}")
         if len(values) != n:
             raise ValueError(f"{len(values)} scores for {name!r}, expected {n} (one per sample sent)")
         scores_f32 = torch.tensor(values, dtype=torch.float64).to(torch.float32)  # (n,)
@@ -225,7 +263,8 @@ class RemoteReward:
 
     def __init__(self, url: str, *, batch_keys: Sequence[str] = (), names: Sequence[str] | None = None,
                  batch_size: int = 32, timeout_s: float = 60.0, max_retries: int = 2, backoff_s: float = 0.5,
-                 max_concurrency: int = 4, wire_dtype: str | None = None, use_health_check: bool = True) -> None:
+                 max_concurrency: int = 4, wire_dtype: str | None = None, use_health_check: bool = True,
+                 token: str | None = None) -> None:
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise ValueError(f"url={url!r} must be an http(s) URL such as http://localhost:8000")
@@ -249,25 +288,30 @@ class RemoteReward:
         self.backoff_s = backoff_s
         self.max_concurrency = max_concurrency
         self.wire_dtype = None if wire_dtype is None else WIRE_DTYPES[wire_dtype]
+        token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+        self._headers = {} if token is None else {"Authorization": f"Bearer {check_token(token)}"}
         if use_health_check:
             self.check()
 
     def check(self) -> dict[str, Any]:
         """GET ``<url>/health`` (with the usual retries) and check the protocol version; returns the answer."""
-        body = self._send(urllib.request.Request(f"{self.url}/health"), "GET /health")
+        body = self._send(urllib.request.Request(f"{self.url}/health", headers=self._headers), "GET /health")
         try:
             health = json.loads(body)
-        except ValueError:
-            raise RemoteRewardError(f"{self.url}/health did not answer JSON ({body[:200]!r}); is url the address "
-                                    "of a diffgrpo reward server?") from None
-        if health.get("protocol") != PROTOCOL_VERSION:
-            raise RemoteRewardError(f"the reward server at {self.url} speaks protocol {health.get('protocol')!r}, "
+            protocol = health.get("protocol")
+        except (ValueError, AttributeError):
+            raise RemoteRewardError(f"{self.url}/health did not answer a JSON object ({excerpt(body)!r}); is url the "
+                                    "address of a diffgrpo reward server?") from None
+        if protocol != PROTOCOL_VERSION:
+            raise RemoteRewardError(f"the reward server at {self.url} speaks protocol {excerpt(repr(protocol), 40)}, "
                                     f"this client {PROTOCOL_VERSION}; install matching diffgrpo versions")
         return health
 
     def __call__(self, samples: Samples, batch: Mapping[str, Any]) -> Scores:
         """Scores of N samples: float32 (N,) or {name: (N,)}, in the samples' order, on their device."""
         n = num_samples(samples)
+        if n == 0:
+            raise ValueError("the remote reward got 0 samples (N = 0 on the first axis); score at least one sample")
         selected = select_batch(batch, self.batch_keys, n)  # checked once, for every request
         bounds = [(start, min(start + self.batch_size, n)) for start in range(0, n, self.batch_size)]
         if len(bounds) == 1:
@@ -295,7 +339,7 @@ class RemoteReward:
         sliced = {key: value[start:stop] for key, value in selected.items()}
         body = encode_request(chunk, sliced, self.batch_keys, self.wire_dtype)
         request = urllib.request.Request(f"{self.url}/score", data=body, method="POST",
-                                         headers={"Content-Type": CONTENT_TYPE})
+                                         headers={"Content-Type": CONTENT_TYPE, **self._headers})
         answer = self._send(request, f"POST /score ({stop - start} samples)")
         try:
             scores = decode_response(answer, stop - start)
@@ -309,14 +353,29 @@ class RemoteReward:
         return scores
 
     def _send(self, request: urllib.request.Request, what: str) -> bytes:
-        """Send with retries (connection errors, time-outs, 5xx); 4xx raises at once."""
+        """Send with retries (connection errors, time-outs, 5xx); 3xx and 4xx raise at once."""
         attempts = self.max_retries + 1
         for attempt in range(attempts):
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    return response.read()
+                with _OPENER.open(request, timeout=self.timeout_s) as response:
+                    answer = response.read(MAX_ANSWER_BYTES + 1)
+                if len(answer) > MAX_ANSWER_BYTES:
+                    raise RemoteRewardError(f"{what} to the reward server at {self.url}: the answer exceeds "
+                                            f"{MAX_ANSWER_BYTES} bytes; is url the address of a diffgrpo reward "
+                                            "server?")
+                return answer
             except urllib.error.HTTPError as err:
                 message = _error_message(err)
+                if 300 <= err.code < 400:
+                    raise RemoteRewardError(
+                        f"{what} to {self.url} was answered HTTP {err.code}, a redirect to "
+                        f"{excerpt(err.headers.get('Location') or '(no Location)', 100)!r}: not followed (it could "
+                        "carry the samples and the token elsewhere); pass the reward server's own address as url"
+                    ) from None
+                if err.code == 401:
+                    raise RemoteRewardError(
+                        f"{what} to the reward server at {self.url} was refused with HTTP 401: {message}; pass the "
+                        f"server's token as token= or in {TOKEN_ENV}") from None
                 if err.code < 500:
                     raise RemoteRewardError(
                         f"{what} to the reward server at {self.url} was rejected with HTTP {err.code}: {message}; "
@@ -342,22 +401,32 @@ class RemoteReward:
                                 f"attempt(s) (max_retries={self.max_retries}); {fix}")
 
 
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """A 3xx becomes an HTTPError for the caller instead of a request to the ``Location``."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_RefuseRedirects)
+
+
 def _error_message(err: urllib.error.HTTPError) -> str:
-    """The server's ``{"error": ...}`` message, or the start of its body."""
+    """A short, sanitised excerpt of the server's ``{"error": ...}`` message, or of its body."""
     try:
-        body = err.read()
+        body = err.read(64 * EXCERPT_CHARS)  # enough for the excerpt: a huge error body is never read whole
     except (OSError, http.client.HTTPException):
-        return err.reason or ""
+        return excerpt(str(err.reason or ""))
     try:
-        return str(json.loads(body)["error"])
+        return excerpt(str(json.loads(body)["error"]))
     except (ValueError, KeyError, TypeError):
-        return body[:300].decode(errors="replace") or str(err.reason)
+        return excerpt(body) or excerpt(str(err.reason or ""))
 
 
 @register_reward("remote")
 def remote(url: str, *, batch_keys: Sequence[str] = (), names: Sequence[str] | None = None, batch_size: int = 32,
            timeout_s: float = 60.0, max_retries: int = 2, backoff_s: float = 0.5, max_concurrency: int = 4,
-           wire_dtype: str | None = None, use_health_check: bool = True) -> RemoteReward:
+           wire_dtype: str | None = None, use_health_check: bool = True, token: str | None = None) -> RemoteReward:
     """Scores from a reward server at ``url`` (its base URL, e.g. ``http://localhost:8000``).
 
     batch_keys: batch entries sent with the samples (tensors (N, ...) or lists of N strings, e.g.
@@ -372,7 +441,10 @@ def remote(url: str, *, batch_keys: Sequence[str] = (), names: Sequence[str] | N
     wire_dtype: "float32", "float16" or "bfloat16" casts floating tensors before sending (float16
         halves the bytes of float32 images); None sends every tensor as it is.
     use_health_check: GET ``<url>/health`` on construction, so a wrong url fails before any rollout.
+    token: the server's shared secret, sent as ``Authorization: Bearer <token>``; None reads the
+        environment variable ``DIFFGRPO_REWARD_TOKEN`` (unset: no token). Raises ValueError for a
+        token that cannot travel in a header.
     """
     return RemoteReward(url, batch_keys=batch_keys, names=names, batch_size=batch_size, timeout_s=timeout_s,
                         max_retries=max_retries, backoff_s=backoff_s, max_concurrency=max_concurrency,
-                        wire_dtype=wire_dtype, use_health_check=use_health_check)
+                        wire_dtype=wire_dtype, use_health_check=use_health_check, token=token)

@@ -32,7 +32,8 @@ from tasks.ego_motion.body.geometry import (
     matrix_to_quaternion,
 )
 from tasks.ego_motion.data import aria
-from tasks.ego_motion.data.windows import BUNDLED_CMU_DIR, WindowConfig, load_sequence
+from tasks.ego_motion.data.sequences import WindowConfig, load_sequence
+from tasks.ego_motion.data.splits import BUNDLED_CMU_DIR
 from tasks.ego_motion.evaluation.metrics import mpjpe
 from tasks.ego_motion.model.condition import raw_head_features
 from tasks.ego_motion.model.network import load_denoiser

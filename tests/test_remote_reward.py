@@ -4,6 +4,7 @@ last checkpoint intact. Every server is shut down by the ``serve`` fixture."""
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -12,7 +13,8 @@ import socket
 import subprocess
 import sys
 import threading
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,7 @@ from accelerate import Accelerator
 
 from diffgrpo.config import GRPOConfig, OptimConfig
 from diffgrpo.remote_reward import RemoteReward, RemoteRewardError, decode_request, encode_request
-from diffgrpo.reward_server import parse_param, reward_from_args, serve_in_background
+from diffgrpo.reward_server import ServerLimits, parse_param, reward_from_args, serve_in_background
 from diffgrpo.rewards import RewardSet, get_reward
 from diffgrpo.trainer import train_grpo
 from tasks.text_to_image import rewards as t2i_rewards  # noqa: F401  (registers the JPEG rewards)
@@ -98,7 +100,7 @@ def test_batches_are_split_sent_concurrently_and_reassembled_in_order(serve):
             both_in_flight.wait()
 
     recorder = Recorder(lambda s, b: s["images"].mean(dim=(1, 2, 3)) + b["t"], before=wait_for_partner)
-    url = serve(recorder, max_concurrent_calls=2)
+    url = serve(recorder, limits=ServerLimits(max_concurrent_calls=2))
     decoded, batch = {"images": images(10)}, {"t": torch.arange(10.0)}
     remote = RemoteReward(url, batch_keys=("t",), batch_size=4, max_concurrency=2, max_retries=0)
     assert torch.equal(remote(decoded, batch), decoded["images"].mean(dim=(1, 2, 3)) + batch["t"])
@@ -120,7 +122,7 @@ def test_a_server_past_the_timeout_fails_after_the_configured_retries(serve):
     release = threading.Event()
     recorder = Recorder(lambda s, b: torch.zeros(len(s["images"])), before=lambda call: release.wait(10))
     try:
-        url = serve(recorder, max_concurrent_calls=4)
+        url = serve(recorder, limits=ServerLimits(max_concurrent_calls=4))
         remote = RemoteReward(url, timeout_s=0.3, max_retries=2, **FAST)
         with pytest.raises(RemoteRewardError, match=rf"{url}.*no answer within timeout_s=0.3.*all 3 attempt"
                                                     r".*raise timeout_s, lower batch_size"):
@@ -320,3 +322,63 @@ def test_a_body_with_bad_metadata_is_answered_400(serve, metadata):
         connection.close()
     assert status == 400 and error.startswith("bad request:"), error
     assert recorder.sizes == []  # the reward never ran
+
+
+@contextmanager
+def fixed_answer_server(status: int, body: bytes, headers: dict[str, str] | None = None):
+    """A plain HTTP server that answers every request with this status, headers and body; yields
+    (base URL, list of the paths it was asked for)."""
+    requested: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def answer(self):
+            requested.append(self.path)
+            self.send_response(status)
+            for key, value in {"Content-Length": str(len(body)), **(headers or {})}.items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = answer
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", requested
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_the_client_refuses_redirects_and_never_quotes_the_target():
+    secret = b"target body: internal-only data " * 100
+    with fixed_answer_server(200, secret) as (target, target_requests):
+        with fixed_answer_server(302, b"moved", {"Location": f"{target}/score"}) as (url, requests):
+            with pytest.raises(RemoteRewardError, match=rf"GET /health to {url} was answered HTTP 302, a redirect to "
+                                                        rf"'{target}/score': not followed"):
+                RemoteReward(url, max_retries=3, **FAST)
+            remote = RemoteReward(url, max_retries=3, use_health_check=False, **FAST)
+            with pytest.raises(RemoteRewardError, match="HTTP 302") as caught:
+                remote({"images": images(2)}, {})
+            with pytest.raises(RemoteRewardError, match="HTTP 302"):  # the token never leaves for the target
+                RemoteReward(url, max_retries=3, token="0123456789abcdef", **FAST)
+    assert requests == ["/health", "/score", "/health"]  # one request each: a redirect is not retried
+    assert target_requests == [] and "internal-only" not in str(caught.value)
+
+
+@pytest.mark.parametrize("status", [400, 500])
+@pytest.mark.parametrize("as_json", [True, False], ids=["json_error", "raw_body"])
+def test_errors_quote_a_short_sanitised_excerpt_of_the_answer(status, as_json):
+    text = "\x1b[31mred\x1b[0m\nline two\r\u202eevil " + "x" * 5000
+    body = json.dumps({"error": text}).encode() if as_json else text.encode()
+    with fixed_answer_server(status, body) as (url, _):
+        with pytest.raises(RemoteRewardError) as caught:
+            RemoteReward(url, max_retries=1, **FAST)
+    message = str(caught.value)
+    assert f"HTTP {status}" in message and "red?[0m?line two??evil xxx" in message and "x... (cut)" in message
+    assert len(message) < 1000 and all(c.isprintable() for c in message), message

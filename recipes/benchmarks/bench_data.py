@@ -22,7 +22,9 @@ import datasets
 import torch
 import tyro
 
-from tasks.ego_motion.data.windows import BUNDLED_CMU_DIR, BUNDLED_SPLIT_FILE, DataSource, WindowConfig, load_windows
+from tasks.ego_motion.data.sequences import WindowConfig
+from tasks.ego_motion.data.splits import BUNDLED_CMU_DIR, BUNDLED_SPLIT_FILE, DataSource
+from tasks.ego_motion.data.windows import load_windows
 
 
 @dataclass(frozen=True)

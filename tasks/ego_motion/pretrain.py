@@ -42,7 +42,9 @@ from diffgrpo.launch import make_accelerator
 from diffgrpo.rng import make_generator
 from diffgrpo.stream import IndexStream
 from tasks.ego_motion.body.body_model import load_body_model
-from tasks.ego_motion.data.windows import DataSource, WindowConfig, extra_split_files, load_windows
+from tasks.ego_motion.data.sequences import WindowConfig
+from tasks.ego_motion.data.splits import DataSource, extra_split_files
+from tasks.ego_motion.data.windows import load_windows
 from tasks.ego_motion.model.network import DenoiserConfig, MotionDenoiser, load_denoiser, save_denoiser
 from tasks.ego_motion.model.prior import diffusion_loss, evaluate_prior, make_scheduler, mean_pose
 

@@ -44,15 +44,9 @@ from diffgrpo.task import Batch
 from tasks.ego_motion.body.body_model import BodyModel, load_body_model, pose_from_head
 from tasks.ego_motion.body.geometry import FOOT_JOINTS, HEAD_JOINT, NUM_BETAS
 from tasks.ego_motion.data.amass import TARGET_FPS
-from tasks.ego_motion.data.windows import (
-    BUNDLED_CMU_DIR,
-    BUNDLED_SPLIT_FILE,
-    SPLITS,
-    DataSource,
-    EgoMotionWindows,
-    WindowConfig,
-    load_windows,
-)
+from tasks.ego_motion.data.sequences import WindowConfig
+from tasks.ego_motion.data.splits import BUNDLED_CMU_DIR, BUNDLED_SPLIT_FILE, SPLITS, DataSource
+from tasks.ego_motion.data.windows import EgoMotionWindows, load_windows
 from tasks.ego_motion.evaluation import metrics
 from tasks.ego_motion.model.condition import encode_head_trajectory
 from tasks.ego_motion.model.motion import MotionSample, max_sampling_steps, motion_dim, sampling_timesteps

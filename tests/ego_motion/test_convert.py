@@ -35,7 +35,7 @@ from tasks.ego_motion.data.convert import (
     to_amass,
     toe_clearance_m,
 )
-from tasks.ego_motion.data.windows import WindowConfig, load_sequence
+from tasks.ego_motion.data.sequences import WindowConfig, load_sequence
 
 needs_mocap = pytest.mark.skipif(
     not (DEFAULT_MOCAP_ROOT / "cmu_iclone").exists(), reason="needs ../shared/mocap"

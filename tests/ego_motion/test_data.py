@@ -21,21 +21,16 @@ import torch
 import tasks.ego_motion.pretrain as pretrain_job
 from tasks.ego_motion.body.body_model import load_body_model, mirror_joint_positions
 from tasks.ego_motion.body.geometry import (
+    FOOT_JOINTS,
     SMPLH_MIRROR_PERMUTATION,
     SMPLH_PARENTS,
     axis_angle_to_matrix,
     geodesic_angle,
 )
 from tasks.ego_motion.data import windows as data
-from tasks.ego_motion.data.windows import (
-    ContactThresholds,
-    DataSource,
-    WindowConfig,
-    compute_contacts,
-    load_windows,
-    resample_to_fps,
-    window_starts,
-)
+from tasks.ego_motion.data.sequences import ContactThresholds, WindowConfig, compute_contacts, resample_to_fps
+from tasks.ego_motion.data.splits import DataSource
+from tasks.ego_motion.data.windows import load_windows, window_starts
 
 T = 16  # window frames in these tests
 # Rest joints of the stand-in, model frame (+Y up, left on +X); pelvis 0.95 m, ankles 0.09 m, toes 0.03 m.
@@ -317,12 +312,12 @@ def test_cache_reused_when_unchanged_and_rebuilt_on_change(tmp_path, body_path, 
 def test_floor_is_trusted_with_a_warning_or_refloored(tmp_path, model, caplog):
     n = 40
     path = _write_amass(tmp_path / "lifted.npz", np.zeros((n, 51, 3)), _standing_trans(n) + [0.0, 0.0, 0.5])
-    with caplog.at_level(logging.WARNING, logger="tasks.ego_motion.data.windows"):
+    with caplog.at_level(logging.WARNING, logger="tasks.ego_motion.data.sequences"):
         kept = data.load_sequence(path, model, WindowConfig(window_frames=T))
     assert any("lifted.npz: lowest foot joint is at z = 0.530" in r.getMessage() for r in caplog.records)
     assert kept.contacts.sum() == 0  # 0.5 m above the floor: no contact
     floored = data.load_sequence(path, model, WindowConfig(window_frames=T, refloor="lowest_foot_joint"))
-    assert floored.joints_world[:, list(data.FOOT_JOINTS), 2].min().abs() < 1e-6
+    assert floored.joints_world[:, list(FOOT_JOINTS), 2].min().abs() < 1e-6
     torch.testing.assert_close(floored.T_world_cpf[:, 2, 3], kept.T_world_cpf[:, 2, 3] - 0.53, atol=1e-5, rtol=0)
     assert floored.contacts[:, [9, 10]].all()  # toes now on the floor and still
 
@@ -356,7 +351,7 @@ def test_get_equals_torch_formatted_dataset_rows_across_chunks(moving):
 
 
 def test_three_way_split_is_clip_disjoint_and_post_train_is_held_out_of_the_prior():
-    from tasks.ego_motion.data.windows import DataSource
+    from tasks.ego_motion.data.splits import DataSource
 
     source = DataSource()
     files = {split: {p.stem for p in source.files(split)} for split in ("train", "prior_train", "post_train", "test")}
@@ -370,7 +365,7 @@ def test_three_way_split_is_clip_disjoint_and_post_train_is_held_out_of_the_prio
 def test_split_file_without_post_train_names_the_fix(tmp_path):
     import json
 
-    from tasks.ego_motion.data.windows import BUNDLED_CMU_DIR, DataSource
+    from tasks.ego_motion.data.splits import BUNDLED_CMU_DIR, DataSource
 
     split = json.loads((BUNDLED_CMU_DIR.parent / "split.json").read_text())
     path = tmp_path / "split.json"

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 import tasks.ego_motion.pretrain as pretrain_job
-from tasks.ego_motion.data.windows import WindowConfig, load_windows
+from tasks.ego_motion.data.sequences import WindowConfig
+from tasks.ego_motion.data.windows import load_windows
 from tasks.ego_motion.model.motion import BETAS, BODY_ROTMATS, CONTACTS, MotionSample
 from tasks.ego_motion.model.network import DenoiserConfig, MotionDenoiser
 from tasks.ego_motion.model.prior import batch_to_motion, diffusion_loss, make_scheduler

@@ -13,7 +13,7 @@ import recipes.eval_ego_motion as eval_ego_motion_recipe
 from diffgrpo.evaluate import evaluate
 from diffgrpo.rng import make_generator
 from tasks.ego_motion.body.body_model import load_body_model
-from tasks.ego_motion.data.windows import BUNDLED_CMU_DIR
+from tasks.ego_motion.data.splits import BUNDLED_CMU_DIR
 from tasks.ego_motion.model.network import DenoiserConfig, MotionDenoiser, save_denoiser
 from tasks.ego_motion.sampling.sampler import (
     StitchConfig,

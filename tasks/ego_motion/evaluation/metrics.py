@@ -309,3 +309,48 @@ def foot_skating(joints: Float[Tensor, "B T 22 3"]) -> Float[Tensor, " B"]:
     H = torch.tensor(FOOT_CONTACT_HEIGHTS_M, dtype=joints.dtype, device=joints.device)  # (4,)
     weight = torch.where(z < H, 2.0 - torch.pow(2.0, z / H), torch.zeros_like(z))
     return (weight * step_m).sum(dim=(1, 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# The MotionGRPO paper's definitions, beside ours (its tables' Jitter and GP columns)
+
+
+def jitter_ratio(pred: Float[Tensor, "B T 22 3"], gt: Float[Tensor, "B T 22 3"]) -> Float[Tensor, " B"]:
+    """The MotionGRPO paper's jitter: the prediction's mean jerk divided by the ground truth's (no unit).
+
+    Why beside :func:`jitter`: the paper's first author's evaluation divides the prediction's
+    mean jerk magnitude by that of the ground-truth motion, so its Jitter column reads about
+    2.0-2.4 (1 = as smooth as the capture). :func:`jitter` reports the prediction's own mean jerk
+    in m/s^3 and needs no ground truth; multiply this ratio by ``jitter(gt, fps)`` to get it back.
+
+    Per sequence: jitter_ratio = jitter(pred) / jitter(gt), both the mean over T-3 frames and 22
+    joints of the third-difference jerk's magnitude; the frame rate cancels. Average the (B,)
+    values for a table entry. Needs T >= 4.
+
+    Raises:
+        ValueError: the shapes differ, or a ground-truth sequence has no jerk (a motion with
+            constant acceleration throughout): the ratio is undefined there.
+    """
+    _check_pair(pred, gt)
+    jerk_gt = jitter(gt, fps=1.0)  # (B,), m/frame^3: the fps^3 factors cancel in the ratio
+    still = torch.nonzero(jerk_gt == 0).flatten().tolist()
+    if still:
+        raise ValueError(f"ground-truth sequences {still} have zero jerk, so jitter_ratio is undefined for them; "
+                         "drop those windows or report jitter() in m/s^3 instead.")
+    return jitter(pred, fps=1.0) / jerk_gt
+
+
+def ground_penetration_sum(joints: Float[Tensor, "B T 22 3"]) -> Float[Tensor, " B"]:
+    """The MotionGRPO paper's ground penetration: per frame, the lowest joint's depth below the floor
+    z = 0, summed over the T frames, in metres.
+
+    GP_sum = sum_t max(0, -min_j z[t, j]) over all 22 joints (pelvis + 21 body joints).
+
+    How it differs from :func:`ground_penetration` (ours): ours averages the depth of the 4 foot
+    joints over frames and feet, so it reads in metres per foot-frame and does not grow with the
+    clip's length; this one takes only the deepest joint of each frame (any joint, not just the
+    feet) and sums over frames, so compare it only between clips of equal length.
+    """
+    _check_joints("joints", joints)
+    lowest_z = joints[..., 2].amin(dim=-1)  # (B, T)
+    return (-lowest_z).clamp_min(0.0).sum(dim=1)

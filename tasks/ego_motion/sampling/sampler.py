@@ -38,7 +38,7 @@ from diffgrpo.rng import make_generator
 from diffgrpo.rollout import Trajectory, group_ids_for, rollout
 from diffgrpo.task import Batch
 from tasks.ego_motion.body.body_model import pose_from_head
-from tasks.ego_motion.data.windows import MotionSequence, load_sequence
+from tasks.ego_motion.data.sequences import MotionSequence, load_sequence
 from tasks.ego_motion.model.condition import encode_head_trajectory
 from tasks.ego_motion.sampling.tto import TTOConfig, optimize_motion
 from tasks.ego_motion.task import EgoMotionTask, decode_motion
