@@ -127,3 +127,22 @@ def test_empty_batches_are_refused_naming_the_batch():
                 generator=make_generator(0))
     with pytest.raises(ValueError, match="evaluate got an empty batch: split 'test'.*max_examples=0"):
         evaluate(task, model, chain, seed=0, max_examples=0, progress=False)
+
+
+@pytest.mark.slow
+def test_a_nonfinite_shard_on_one_rank_stops_the_step_and_the_save_on_both(tmp_path):
+    """FSDP2 on 2 CPU ranks: an inf in rank 1's gradient shard skips the step on both ranks, and a NaN in
+    rank 1's weight shard makes save_checkpoint refuse on both, writing nothing
+    (tests/scripts/two_rank_nonfinite.py)."""
+    import shutil
+
+    from tests.test_multiprocess_sync import SCRIPTS, launch_two_ranks
+
+    if shutil.which("accelerate") is None:
+        pytest.skip("accelerate CLI not on PATH")
+    launch_two_ranks(SCRIPTS / "two_rank_nonfinite.py", str(tmp_path), log=tmp_path / "log.txt")
+    for rank in (0, 1):
+        seen = torch.load(tmp_path / f"rank{rank}.pt")
+        assert seen["allowed"] is False and seen["skipped"] == 1
+        assert "not writing checkpoint" in seen["save_error"] and "non-finite weight" in seen["save_error"]
+        assert not [name for name in seen["written"] if name.startswith("step_000001")]
