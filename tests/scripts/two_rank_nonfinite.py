@@ -12,22 +12,16 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.distributed.fsdp import fully_shard
 
 from diffgrpo.checkpoint import CheckpointError, save_checkpoint
 from diffgrpo.finite_update import FiniteUpdateGuard
 from diffgrpo.launch import make_accelerator
-from tests.toy_task import DIM, ToyNet
+from tests.toy_task import DIM, sharded_toy_net
 
 out = Path(sys.argv[1])
 accelerator = make_accelerator(out, log_with=None)
 rank = accelerator.process_index
-torch.manual_seed(0)
-model = ToyNet()
-for layer in model.net:
-    if isinstance(layer, torch.nn.Linear):
-        fully_shard(layer)
-fully_shard(model)
+model = sharded_toy_net()
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
 first = next(p for p in model.parameters())
 
