@@ -310,7 +310,7 @@ class GRPOConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     overwrite_output_dir: bool = False
     """Start over in an output directory that already holds checkpoints, deleting them; without it a run that
-    does not resume refuses such a directory (``diffgrpo.run_state.start_run``)."""
+    does not resume refuses such a directory (``diffgrpo.run_state.start_run``). Ignored by a run that resumes."""
 
     def __post_init__(self) -> None:
         for name in ("num_iterations", "conditions_per_iteration", "group_size", "inner_epochs",
