@@ -17,9 +17,9 @@ import tasks.ego_motion.rewards.registered  # noqa: F401  (registers the ego_* r
 from diffgrpo import precision
 from diffgrpo.config import GRPOConfig, PerturbConfig
 from diffgrpo.rewards import RewardSet
-from diffgrpo.rollout import make_generator
+from diffgrpo.rng import make_generator
+from diffgrpo.run_state import make_optimizer
 from diffgrpo.train_step import collect, make_perturber, policy_update
-from diffgrpo.trainer import make_optimizer
 from tasks.ego_motion.body.body_model import load_body_model
 from tasks.ego_motion.model.network import DenoiserConfig, MotionDenoiser
 from tasks.ego_motion.task import EgoMotionTask, EgoMotionTaskConfig
@@ -145,7 +145,7 @@ def test_first_update_reproduces_the_rollout_log_probs_exactly(ego_task, mixed_p
     model = MotionDenoiser(dataclasses.replace(DenoiserConfig.demo(), width=32, ff_dim=64, num_encoder_layers=1,
                                                num_decoder_layers=1))
     cfg = GRPOConfig(num_iterations=1, conditions_per_iteration=2, group_size=2, micro_batch_size=4,
-                     rewards=("ego_pos",), sampler=ego_task.sampler_config(),
+                     rewards=("ego_pos",),
                      perturb=PerturbConfig("gaussian", scale=0.01), mixed_precision=mixed_precision)
     AcceleratorState._reset_state(reset_partial_state=True)  # each case builds its own precision
     accelerator = Accelerator(cpu=True, mixed_precision=mixed_precision)
@@ -153,10 +153,11 @@ def test_first_update_reproduces_the_rollout_log_probs_exactly(ego_task, mixed_p
     attended = mock.Mock(wraps=F.scaled_dot_product_attention)  # records the dtype attention really ran in
     with mock.patch.object(precision, "attention_in_float32", return_value=fp32_attention), \
             mock.patch.object(precision.F, "scaled_dot_product_attention", attended):
-        data = collect(ego_task, model, ego_task.make_scheduler(), ego_task.load_examples("test", torch.arange(2)),
+        chain = ego_task.sampling_chain()
+        data = collect(ego_task, model, chain, ego_task.load_examples("test", torch.arange(2)),
                        cfg=cfg, rewards=RewardSet.from_specs({"ego_pos": 1.0}), perturber=make_perturber(cfg),
                        generator=make_generator(0, "rollout"), group_id_offset=0, autocast=accelerator.autocast)
-        stats = policy_update(ego_task, model, ego_task.make_scheduler(), data, optimizer, cfg=cfg,
+        stats = policy_update(ego_task, model, chain, data, optimizer, cfg=cfg,
                               generator=make_generator(0, "select"), accelerator=accelerator)
     AcceleratorState._reset_state(reset_partial_state=True)
     assert torch.isfinite(data.trajectory.log_probs).all()

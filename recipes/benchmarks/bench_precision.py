@@ -38,41 +38,30 @@ from accelerate.state import AcceleratorState
 
 from diffgrpo import precision
 from diffgrpo.rewards import RewardSet
-from diffgrpo.rollout import make_generator
+from diffgrpo.rng import make_generator
+from diffgrpo.run_state import make_optimizer
 from diffgrpo.train_step import collect, make_perturber, policy_update
-from diffgrpo.trainer import make_optimizer, parse_reward_specs
+from diffgrpo.trainer import parse_reward_specs
+from tasks.ego_motion.grpo import default_grpo
 
 MODES = {"fp32": ("no", False), "bf16": ("bf16", False), "bf16_fp32_attention": ("bf16", True)}
 """mode -> (accelerate mixed_precision, attention in fp32 inside autocast)."""
 
 
 def main_job_setup(rollout_steps: int):
-    """(task, model, cfg, rewards, batch) at the main job's default sizes."""
+    """(task, chain, model, cfg, rewards, batch) at the main job's default sizes."""
     import dataclasses
 
     import tasks.ego_motion.rewards.registered  # noqa: F401  (registers the ego_* rewards)
     from tasks.ego_motion.model.network import load_denoiser
     from tasks.ego_motion.task import DEMO_PRIOR_PATH, EgoMotionTask, EgoMotionTaskConfig
 
-    recipe = _load_recipe()
-    grpo = recipe.default_grpo()
-    task = EgoMotionTask(EgoMotionTaskConfig(num_sampling_steps=rollout_steps))
-    cfg = dataclasses.replace(grpo, sampler=task.sampler_config(), diagnostics_every=0)
+    grpo = default_grpo()
+    task = EgoMotionTask(EgoMotionTaskConfig())
+    cfg = dataclasses.replace(grpo, diagnostics_every=0)
     batch = task.load_examples(grpo.train_split, torch.arange(cfg.conditions_per_iteration))
     rewards = RewardSet.from_specs(parse_reward_specs(cfg.rewards))
-    return task, load_denoiser(DEMO_PRIOR_PATH), cfg, rewards, batch
-
-
-def _load_recipe():
-    import importlib.util
-    import sys
-
-    path = Path(__file__).resolve().parents[1] / "ego_motion.py"
-    spec = importlib.util.spec_from_file_location("ego_motion_recipe", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return task, task.sampling_chain(rollout_steps), load_denoiser(DEMO_PRIOR_PATH), cfg, rewards, batch
 
 
 @contextlib.contextmanager
@@ -88,16 +77,15 @@ def precision_mode(mode: str):
 
 def time_rollout_update(setup, initial_state, mode: str, seed: int) -> tuple[float, float]:
     """Seconds of ``collect`` and of ``policy_update`` in ``mode`` from ``initial_state``."""
-    task, model, cfg, rewards, batch = setup
+    task, chain, model, cfg, rewards, batch = setup
     model.load_state_dict(initial_state)
     optimizer, schedule = make_optimizer(model, cfg)
-    scheduler = task.make_scheduler()
     with precision_mode(mode) as accelerator:
         start = time.perf_counter()
-        data = collect(task, model, scheduler, batch, cfg=cfg, rewards=rewards, perturber=make_perturber(cfg),
+        data = collect(task, model, chain, batch, cfg=cfg, rewards=rewards, perturber=make_perturber(cfg),
                        generator=make_generator(seed, "bench"), group_id_offset=0, autocast=accelerator.autocast)
         middle = time.perf_counter()
-        policy_update(task, model, scheduler, data, optimizer, cfg=cfg, generator=make_generator(seed, "select"),
+        policy_update(task, model, chain, data, optimizer, cfg=cfg, generator=make_generator(seed, "select"),
                       accelerator=accelerator, lr_scheduler=schedule)
         end = time.perf_counter()
     return middle - start, end - middle
@@ -165,10 +153,10 @@ def main() -> None:
     from tasks.ego_motion.rewards.perceptual import PerceptualConfig, PerceptualModel
 
     setup = main_job_setup(args.rollout_steps)
-    initial_state = {k: v.clone() for k, v in setup[1].state_dict().items()}
+    initial_state = {k: v.clone() for k, v in setup[2].state_dict().items()}
     torch.manual_seed(0)
     critic = PerceptualModel(PerceptualConfig()).eval()
-    n = setup[2].conditions_per_iteration * setup[2].group_size
+    n = setup[3].conditions_per_iteration * setup[3].group_size
     inputs = critic_inputs(n, setup[0].cfg.window_frames, torch.Generator().manual_seed(0))
     print(f"load average before: {os.getloadavg()}", flush=True)
     for mode in MODES:  # warm-up: first calls allocate and pick kernels
@@ -176,7 +164,7 @@ def main() -> None:
         time_critic(critic, inputs, mode)
     parts: dict[str, dict[str, list[float]]] = {p: {m: [] for m in MODES} for p in ("rollout", "update", "critic")}
     parts["gemm"] = {"fp32": [], "bf16": []}
-    frames, width = setup[0].cfg.window_frames, setup[1].config.width
+    frames, width = setup[0].cfg.window_frames, setup[2].config.width
     for r in range(args.rounds):
         for mode in MODES:
             rollout_s, update_s = time_rollout_update(setup, initial_state, mode, seed=1 + r)
@@ -194,7 +182,7 @@ def main() -> None:
         "native_bf16": precision.cpu_has_native_bf16(), "amx_bf16": precision.cpu_bf16_pays(),
         "auto_resolves_to": precision.resolve_mixed_precision("auto", "cpu"),
         "load_average_at_end": list(os.getloadavg()),
-        "sizes": {"conditions": setup[2].conditions_per_iteration, "group_size": setup[2].group_size,
+        "sizes": {"conditions": setup[3].conditions_per_iteration, "group_size": setup[3].group_size,
                   "window_frames": setup[0].cfg.window_frames, "rollout_steps": args.rollout_steps},
         "rollout_update": summary(combined), "rollout": summary(parts["rollout"]),
         "update": summary(parts["update"]), "critic": summary(parts["critic"]), "gemm": summary(parts["gemm"]),
