@@ -21,6 +21,12 @@ A checkpoint is written into ``step_XXXXXX.tmp`` and renamed once every rank has
 ``latest`` is replaced atomically afterwards, so a crash at any moment leaves the previous
 checkpoint intact and resumable.
 
+Which checkpoint a resume continues from, and which ones retention deletes, is decided by
+:mod:`diffgrpo.checkpoint_discovery`.
+
+Weights and optimiser state are checked finite before a checkpoint is written (nothing is written
+otherwise) and when one is loaded (before anything is restored); a failing check names the tensor.
+
 Sharded models (FSDP): the full model and optimiser states are assembled by *every* process
 (``state_dict`` is then a collective: rank 0 alone would hang, or save its own shard), rank 0
 receives them and writes the same full-tensor layout; the optimiser state is then keyed by
@@ -50,7 +56,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-_FORMAT = "diffgrpo-checkpoint-v1"
+from diffgrpo.checkpoint_discovery import (
+    FORMAT,
+    CheckpointError,
+    checkpoint_dir,
+    read_header,
+    retain,
+    with_previous,
+)
+from diffgrpo.checkpoint_discovery import latest_checkpoint as latest_checkpoint  # callers' import path
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -135,20 +149,31 @@ class Checkpoint:
     """Task tensors saved with ``shared_tensors=`` (e.g. a reward model), by name."""
     meta: dict[str, Any]
     """Shared JSON metadata: config, git revision, task metadata."""
+    run_id: str = ""
+    """The ``run_id`` it was saved with ("" for checkpoints written before run ids)."""
 
 
-def checkpoint_dir(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "checkpoints"
+def _nonfinite(tensors: dict[str, Tensor], names: dict[int, str]) -> str:
+    """The floating-point tensors holding a NaN or an infinity, with how many, spelled for a user ("" when
+    none); ``names`` maps optimiser positions to parameter names (:func:`_optimizer_tensor_names`)."""
+    bad = []
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            count = int((~torch.isfinite(value)).sum())
+            if key.startswith("optimizer."):
+                param, state = key[len("optimizer."):].rsplit(".", 1)
+                key = f"optimiser state {state} of {names.get(int(param), param) if param.isdigit() else param}"
+            else:
+                key = "weight " + key[len("model."):]
+            bad.append(f"{key} ({count} of {value.numel()} values)")
+    return ", ".join(bad)
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint directory, or None when there is none."""
-    root = checkpoint_dir(output_dir)
-    pointer = root / "latest"
-    if not pointer.exists():
-        return None
-    path = root / pointer.read_text().strip()
-    return path if (path / "shared.safetensors").exists() else None
+def _optimizer_tensor_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, str]:
+    """Parameter name by position in the optimiser's state_dict (positions run over its param groups in order)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    params = [p for group in getattr(optimizer, "optimizer", optimizer).param_groups for p in group["params"]]
+    return {i: names.get(id(p), f"parameter {i}") for i, p in enumerate(params)}
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -171,6 +196,7 @@ def save_checkpoint(
     meta: dict[str, Any] | None = None,
     keep_last: int = 2,
     trainable_only: bool = False,
+    run_id: str = "",
 ) -> Path:
     """Write checkpoint ``step`` atomically. Every process must call this (it synchronises, and
     under FSDP every process takes part in gathering the model and optimiser states).
@@ -179,33 +205,47 @@ def save_checkpoint(
     ``generator.get_state()``, data position); ``shared_tensors``/``meta`` hold state that is
     identical on all processes (a learned reward model, the config). ``trainable_only`` saves only
     the model's parameters that require gradients (LoRA adapters), see the module docstring.
+    ``keep_last`` (0: keep all) bounds the checkpoints of run ``run_id`` that retention keeps.
+
+    Raises :class:`CheckpointError` on every process, before anything is written, when a weight or an
+    optimiser tensor holds a NaN or an infinity.
     """
     root = checkpoint_dir(output_dir)
     name = f"step_{step:06d}"
     tmp_dir, final_dir = root / (name + ".tmp"), root / name
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        tmp_dir.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-
     rank_payload = {"torch_rng": torch.get_rng_state(), **(rank_tensors or {})}
-    save_file({k: v.detach().contiguous().cpu() for k, v in rank_payload.items()},
-              str(tmp_dir / f"rank_{accelerator.process_index}.safetensors"),
-              metadata={"format": _FORMAT, "rank_meta": json.dumps(rank_meta or {})})
-
     sharded = is_sharded(model)
     model_state, optimizer_state = _full_states(accelerator, model, optimizer)  # on every rank
     if trainable_only:
         trainable = {name for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
         model_state = {k: v for k, v in model_state.items() if k in trainable}
-    if accelerator.is_main_process:
+    tensors, opt_meta, bad = {}, {}, ""
+    if accelerator.is_main_process:  # sharded: only the main process holds the full states
         tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model_state.items()}
         opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
         tensors.update(opt_tensors)
+        bad = _nonfinite(tensors, _optimizer_tensor_names(accelerator.unwrap_model(model), optimizer))
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        bad = broadcast_object_list([bad])[0]
+    if bad:
+        raise CheckpointError(f"not writing checkpoint {final_dir}: non-finite "
+                              f"{bad}; {root / 'latest'} still names the previous checkpoint")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        tmp_dir.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in rank_payload.items()},
+              str(tmp_dir / f"rank_{accelerator.process_index}.safetensors"),
+              metadata={"format": FORMAT, "rank_meta": json.dumps(rank_meta or {})})
+    if accelerator.is_main_process:
         tensors.update({f"task.{k}": v.detach().contiguous().cpu() for k, v in (shared_tensors or {}).items()})
         metadata = {
-            "format": _FORMAT,
+            "format": FORMAT,
             "step": str(step),
+            "run_id": run_id,
             "optimizer": json.dumps(opt_meta),
             "lr_scheduler": json.dumps(lr_scheduler.state_dict() if lr_scheduler is not None else None),
             "num_processes": str(accelerator.num_processes),
@@ -220,11 +260,21 @@ def save_checkpoint(
         shutil.rmtree(final_dir, ignore_errors=True)
         os.replace(tmp_dir, final_dir)
         _atomic_write_text(root / "latest", name)
-        done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-        for old in done[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        retain(root, step, keep_last, run_id)
     accelerator.wait_for_everyone()
     return final_dir
+
+
+def _read_tensors(file: Path, checkpoint: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """All tensors and the metadata of one checkpoint file; :class:`CheckpointError` naming the file and
+    the previous intact checkpoint when it cannot be read."""
+    meta, problem = read_header(file)
+    if problem is None:
+        try:
+            return load_file(str(file)), meta
+        except Exception as error:  # SafetensorError, OSError: the data section is unreadable
+            problem = f"{file} is damaged (safetensors: {error})"
+    raise CheckpointError(with_previous(problem, checkpoint))
 
 
 def load_checkpoint(
@@ -237,18 +287,17 @@ def load_checkpoint(
 ) -> Checkpoint:
     """Restore model/optimiser/LR schedule in place and return the rest of the saved state.
 
-    Every process calls this; a sharded (FSDP) model loads the full state on every process.
+    Every process calls this; a sharded (FSDP) model loads the full state on every process. Every file is
+    read and checked before anything is restored: :class:`CheckpointError` (naming the file, or the
+    non-finite tensors, and the previous intact checkpoint) leaves the model and optimiser untouched.
     """
     path = Path(path)
     shared_file = path / "shared.safetensors"
-    if not shared_file.exists():
-        raise FileNotFoundError(f"{shared_file} does not exist: pass a checkpoint directory such as "
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} does not exist: pass a checkpoint directory such as "
                                 f"'<output_dir>/checkpoints/step_000010', or use --resume with the run's output dir")
-    from safetensors import safe_open
-
-    with safe_open(str(shared_file), framework="pt") as f:
-        metadata = f.metadata() or {}
-    if metadata.get("format") != _FORMAT:
+    tensors, metadata = _read_tensors(shared_file, path)
+    if metadata.get("format") != FORMAT:
         raise ValueError(f"{shared_file} is not a diffgrpo checkpoint (format={metadata.get('format')!r})")
     saved_procs = int(metadata["num_processes"])
     if saved_procs != accelerator.num_processes:
@@ -261,7 +310,10 @@ def load_checkpoint(
         raise ValueError(f"{shared_file} was written by an unsharded run (optimiser state keyed by position) and "
                          "cannot be loaded into an FSDP-sharded model; resume it without FSDP (e.g. plain "
                          "`accelerate launch --multi_gpu`)")
-    tensors = load_file(str(shared_file))
+    names = _optimizer_tensor_names(accelerator.unwrap_model(model), optimizer) if optimizer is not None else {}
+    if bad := _nonfinite({k: v for k, v in tensors.items() if k.startswith(("model.", "optimizer."))}, names):
+        raise CheckpointError(with_previous(f"{shared_file} holds non-finite {bad}", path))
+    rank_tensors, rank_file_meta = _read_tensors(path / f"rank_{accelerator.process_index}.safetensors", path)
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     partial = metadata.get("model_state", "full") == "trainable"
     if partial:
@@ -288,19 +340,15 @@ def load_checkpoint(
     lr_state = json.loads(metadata["lr_scheduler"])
     if lr_scheduler is not None and lr_state is not None:
         lr_scheduler.load_state_dict(lr_state)
-
-    rank_file = path / f"rank_{accelerator.process_index}.safetensors"
-    rank_tensors = load_file(str(rank_file))
-    with safe_open(str(rank_file), framework="pt") as f:
-        rank_meta = json.loads((f.metadata() or {}).get("rank_meta", "{}"))
     torch.set_rng_state(rank_tensors.pop("torch_rng"))
     return Checkpoint(
         step=int(metadata["step"]),
         path=path,
         rank_tensors=rank_tensors,
-        rank_meta=rank_meta,
+        rank_meta=json.loads(rank_file_meta.get("rank_meta", "{}")),
         shared_tensors={k[len("task."):]: v for k, v in tensors.items() if k.startswith("task.")},
         meta=json.loads(metadata["meta"]),
+        run_id=metadata.get("run_id", ""),
     )
 
 
@@ -314,7 +362,7 @@ def read_shared_state(path: str | Path, prefix: str = "") -> tuple[dict[str, Ten
     shared_file = Path(path) / "shared.safetensors"
     with safe_open(str(shared_file), framework="pt") as f:
         metadata = f.metadata() or {}
-        if metadata.get("format") != _FORMAT:
+        if metadata.get("format") != FORMAT:
             raise ValueError(f"{shared_file} is not a diffgrpo checkpoint (format={metadata.get('format')!r})")
         start = "task." + prefix
         tensors = {k[len("task."):]: f.get_tensor(k) for k in f.keys() if k.startswith(start)}

@@ -164,8 +164,19 @@ class OptimConfig:
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (0 = no clipping)."""
     betas: tuple[float, float] = (0.9, 0.999)
+    on_nonfinite: Literal["skip", "stop"] = "skip"
+    """An optimiser step whose loss or gradient holds a NaN or an infinity (``diffgrpo.finite_update``): 'skip'
+    drops it on every process (weights, optimiser moments and LR schedule untouched; counted in
+    ``loss/nonfinite_steps``), 'stop' ends the run naming the parameters."""
+    max_consecutive_nonfinite: int = 3
+    """With 'skip', the run stops at this many skipped optimiser steps in a row: then the policy itself, not
+    one unlucky batch, produces them."""
 
     def __post_init__(self) -> None:
+        if self.on_nonfinite not in ("skip", "stop"):
+            raise ValueError(f"optim.on_nonfinite={self.on_nonfinite!r} is not one of 'skip', 'stop'")
+        if self.max_consecutive_nonfinite < 1:
+            raise ValueError(f"optim.max_consecutive_nonfinite must be >= 1, got {self.max_consecutive_nonfinite}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"optim.learning_rate must be > 0, got {self.learning_rate}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
@@ -248,6 +259,9 @@ class GRPOConfig:
     step distributions before and after the update, and the relative weight change. Costs about one
     extra forward and backward pass over the batch on those iterations."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    overwrite_output_dir: bool = False
+    """Start over in an output directory that already holds checkpoints, deleting them; without it a run that
+    does not resume refuses such a directory (``diffgrpo.run_state.start_run``). Ignored by a run that resumes."""
 
     def __post_init__(self) -> None:
         for name in ("num_iterations", "conditions_per_iteration", "group_size", "inner_epochs",

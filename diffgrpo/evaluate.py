@@ -41,6 +41,9 @@ def evaluate(
     on batch size and process count: compare models evaluated with the same settings.
     """
     n_total = task.num_examples(split) if max_examples is None else min(max_examples, task.num_examples(split))
+    if n_total < 1:
+        raise ValueError(f"evaluate got an empty batch: split {split!r} holds {task.num_examples(split)} examples "
+                         f"and max_examples={max_examples}; evaluate a split with examples and max_examples >= 1")
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
     indices = torch.arange(rank, n_total, world)

@@ -134,6 +134,8 @@ def rollout(
     end; ``()`` keeps none); None keeps every step.
     """
     n = group_ids.shape[0]
+    if n == 0:
+        raise ValueError("rollout got an empty batch: cond and group_ids hold 0 chains; pass at least one condition")
     if cond_rows(cond) != n:
         raise ValueError(f"cond has {cond_rows(cond)} rows but group_ids has {n}; expand the conditions "
                          "to one row per group member (diffgrpo.task.repeat_batch) before rollout.")

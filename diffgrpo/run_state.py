@@ -3,16 +3,21 @@
 Why a module of its own: starting, checkpointing and resuming a run (optimiser, LR schedule, data
 stream, named random streams, KL reference, EMA, probe baseline) and deciding whether a checkpoint may
 be resumed under the current configuration are one concern, separate from the loop that uses them
-(``diffgrpo.trainer``). A checkpoint records :func:`run_record`; a resume under another configuration is
+(``diffgrpo.trainer``). A checkpoint records :func:`run_record`, the run's fingerprint (the GRPO config,
+the chain, the task, its training data and the job's own settings); a resume under another fingerprint is
 refused naming the differences, and fields added after a checkpoint was written resume when they keep
-their old behaviour (:data:`FIELDS_ADDED_LATER`).
+their old behaviour (:data:`FIELDS_ADDED_LATER`). A run that does not resume refuses an output directory
+holding checkpoints unless ``GRPOConfig.overwrite_output_dir`` says to start over.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import shutil
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,8 +27,10 @@ from torch import nn
 
 from diffgrpo.chain import SamplingChain
 from diffgrpo.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from diffgrpo.checkpoint_discovery import checkpoint_dir, checkpoint_steps
 from diffgrpo.config import GRPOConfig
 from diffgrpo.ema import ParameterEMA
+from diffgrpo.finite_update import FiniteUpdateGuard
 from diffgrpo.lora import AdapterDisabledReference, has_lora
 from diffgrpo.probe import probe_logs
 from diffgrpo.rng import RandomStreams
@@ -67,6 +74,10 @@ class GRPORun:
     """The probe set's values before training (C, M) per key; paired differences are taken against it."""
     ema: ParameterEMA | None = None
     """Moving average of the trainable weights (``cfg.ema.use_ema``), saved in checkpoints."""
+    guard: FiniteUpdateGuard = field(default_factory=FiniteUpdateGuard)
+    """Skips (or stops at) non-finite optimiser steps; its counts are saved in checkpoints."""
+    run_id: str = ""
+    """This run's id (kept through resumes): retention deletes only checkpoints carrying it."""
 
     def log(self, accelerator, iteration: int, values: dict[str, float]) -> dict[str, float]:
         """Average ``values`` over processes, send them to the trackers and the history."""
@@ -102,18 +113,51 @@ class GRPORun:
                         lr_scheduler=self.lr_schedule, rank_tensors=self.streams.get_state(),
                         rank_meta={"stream": self.stream.state_dict()}, shared_tensors=shared,
                         meta={"config": json.dumps(record), "history": json.dumps(self.history),
-                              **ema_meta, **(meta or {})},
-                        trainable_only=has_lora(self.model))
+                              "finite_update": self.guard.state_dict(), **ema_meta, **(meta or {})},
+                        trainable_only=has_lora(self.model), run_id=self.run_id)
 
 
 EMA_PREFIX = "ema."
 """Prefix of the EMA's tensors among a checkpoint's shared tensors."""
 
 
-def run_record(cfg: GRPOConfig, chain: SamplingChain) -> dict:
-    """The configuration a checkpoint records and a resume must match: ``cfg`` with the chain's sampler
-    settings under ``"sampler"`` (where checkpoints written before the chain existed kept them), JSON-able."""
-    return json.loads(json.dumps({**asdict(cfg), "sampler": asdict(chain.sampler)}, default=str))
+def run_record(cfg: GRPOConfig, chain: SamplingChain, task: Task | None = None, job: dict | None = None) -> dict:
+    """The run's fingerprint, which a checkpoint records and a resume must match (JSON-able).
+
+    ``cfg`` with the chain's sampler settings under ``"sampler"`` (where checkpoints written before the
+    chain existed kept them), the chain's timesteps and sample shape under ``"chain"``, the task's class
+    and its training data (:func:`data_identity`) under ``"task"`` and ``"data"``, and ``job``: the
+    calling job's settings that feed the rewards, the chain or the data (e.g. the ego-motion job's
+    ``--omega-vis``, ``--rollout-sampling-steps``, ``--no-use-visual-reward``).
+    """
+    record = {**asdict(cfg), "sampler": asdict(chain.sampler),
+              "chain": {"timesteps": chain.timesteps.tolist(), "sample_shape": list(chain.sample_shape)},
+              "job": job or {}}
+    if task is not None:
+        record.update(task=f"{type(task).__module__}.{type(task).__qualname__}",
+                      data=data_identity(task, cfg.train_split))
+    return json.loads(json.dumps(record, default=str))
+
+
+def data_identity(task: Task, split: str, samples: int = 16) -> dict:
+    """What identifies a task's training data: the split, its size and a SHA-256 of up to ``samples``
+    evenly spaced examples (every key, in key order; tensors as safetensors bytes, strings as JSON).
+
+    Why a sample and not every example: the check runs at every start; another data set, another filter
+    or another order changes the count or one of these examples in all but contrived cases."""
+    from safetensors.torch import save as safetensors_bytes
+
+    count = task.num_examples(split)
+    digest = hashlib.sha256()
+    if count:
+        indices = torch.linspace(0, count - 1, min(samples, count)).round().long().unique()
+        batch = task.load_examples(split, indices)
+        for key in sorted(batch):
+            value = batch[key]
+            digest.update(key.encode())
+            digest.update(safetensors_bytes({key: value.detach().cpu().contiguous().clone()})
+                          if isinstance(value, torch.Tensor) else json.dumps(value, default=str).encode())
+    return {"split": split, "num_examples": count, "examples_sha256": digest.hexdigest()}
 
 
 def start_run(task: Task, model: nn.Module, cfg: GRPOConfig, *, accelerator, output_dir: str | Path,
@@ -121,11 +165,17 @@ def start_run(task: Task, model: nn.Module, cfg: GRPOConfig, *, accelerator, out
     """Optimiser, schedule, data stream and RNG for a run; restored from the newest checkpoint if ``resume``.
 
     ``record`` (:func:`run_record`; default ``cfg`` alone) is what the checkpoint's config must match.
+    Without ``resume``, an output directory holding checkpoints is refused unless
+    ``cfg.overwrite_output_dir`` (then they are deleted first). With it, the checkpoint comes from
+    ``diffgrpo.checkpoint_discovery.latest_checkpoint`` (the newest intact one); ``cfg.num_iterations``
+    below the checkpoint's step is refused.
 
     Returns the run and the checkpoint it resumed from (None for a fresh start), so a recipe can
     restore its own extra state (e.g. a learned reward model) from ``checkpoint.shared_tensors``.
     """
     rank, world = accelerator.process_index, accelerator.num_processes
+    if not resume:
+        start_over(accelerator, output_dir, overwrite=cfg.overwrite_output_dir)
     optimizer, lr_schedule = make_optimizer(model, cfg)
     reference = reference_policy(model) if cfg.loss.kl_coef > 0 else None
     ema = ParameterEMA(model, cfg.ema.decay) if cfg.ema.use_ema else None
@@ -133,12 +183,15 @@ def start_run(task: Task, model: nn.Module, cfg: GRPOConfig, *, accelerator, out
     run = GRPORun(model=model, optimizer=optimizer, lr_schedule=lr_schedule,
                   stream=IndexStream(task.num_examples(cfg.train_split), cfg.seed, rank, world),
                   streams=RandomStreams.from_seed(cfg.seed, rank, device=accelerator.device), reference=reference,
-                  ema=ema)
+                  ema=ema, guard=FiniteUpdateGuard.from_config(cfg.optim), run_id=_new_run_id(accelerator))
     ckpt = None
     if resume and (path := latest_checkpoint(output_dir)) is not None:
         ckpt = load_checkpoint(accelerator, path, model=model, optimizer=optimizer, lr_scheduler=lr_schedule)
         current = record if record is not None else json.loads(json.dumps(asdict(cfg), default=str))
         check_resumable(json.loads(ckpt.meta.get("config", "{}")), current, path)
+        if cfg.num_iterations < ckpt.step:
+            raise ValueError(f"--grpo.num-iterations {cfg.num_iterations} is below the {ckpt.step} iterations {path} "
+                             f"already holds; pass --grpo.num-iterations {ckpt.step} or more to resume it")
         run.streams.set_state(ckpt.rank_tensors)
         prefix = "probe_baseline."
         baseline = {k[len(prefix):]: v for k, v in ckpt.shared_tensors.items() if k.startswith(prefix)}
@@ -147,6 +200,8 @@ def start_run(task: Task, model: nn.Module, cfg: GRPOConfig, *, accelerator, out
             ema.load_state_tensors({k[len(EMA_PREFIX):]: v for k, v in ckpt.shared_tensors.items()
                                     if k.startswith(EMA_PREFIX)}, int(ckpt.meta.get("ema_num_updates", 0)))
         run.stream.load_state_dict(ckpt.rank_meta["stream"])
+        run.guard.load_state_dict(ckpt.meta.get("finite_update", {}))
+        run.run_id = ckpt.run_id
         run.start = ckpt.step
         run.history = json.loads(ckpt.meta.get("history", "{}"))
         logger.info("resumed from %s at iteration %d", path, run.start)
@@ -155,20 +210,53 @@ def start_run(task: Task, model: nn.Module, cfg: GRPOConfig, *, accelerator, out
     return run, ckpt
 
 
+def start_over(accelerator, output_dir: str | Path, *, overwrite: bool) -> None:
+    """Before a run that does not resume: refuse an output directory holding checkpoints, or with
+    ``overwrite`` delete them (main process; every process waits)."""
+    root = checkpoint_dir(output_dir)
+    if not (checkpoint_steps(output_dir) or (root / "latest").exists()):
+        return
+    if not overwrite:
+        names = [p.name for p in checkpoint_steps(output_dir)]
+        raise ValueError(f"{root} already holds checkpoints ({', '.join(names[-3:]) or 'a latest pointer'}) and this "
+                         "run does not resume: pass --resume to continue that run, --grpo.overwrite-output-dir to "
+                         "delete them and start over, or another --output-dir")
+    if accelerator.is_main_process:
+        logger.warning("--grpo.overwrite-output-dir: deleting %s and starting over", root)
+        shutil.rmtree(root)
+    accelerator.wait_for_everyone()
+
+
+def _new_run_id(accelerator) -> str:
+    """A fresh random id, the main process's on every process."""
+    run_id = uuid.uuid4().hex
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        run_id = broadcast_object_list([run_id])[0]
+    return run_id
+
+
 def reference_policy(model: nn.Module) -> nn.Module:
     """The KL reference: the policy with its LoRA adapters switched off if it has any (no copy of the
     weights), else a frozen copy of the starting weights."""
     return AdapterDisabledReference(model) if has_lora(model) else frozen_copy(model)
 
 
-RESUMABLE_CHANGES = ("num_iterations", "checkpoint_every")
+RESUMABLE_CHANGES = ("num_iterations", "checkpoint_every", "overwrite_output_dir")
 """GRPOConfig fields a resumed run may change (e.g. to extend a finished run); any other change is refused."""
 
 FIELDS_ADDED_LATER = {("sampler", "guidance_scale"): 1.0, ("rollout_chunks",): 1,
                       ("sampler", "noise_frequencies"): None, ("sampler", "noise_features"): None,
-                      ("ema",): {"use_ema": False, "decay": 0.9, "use_for_eval": False}, ("perturb", "params"): []}
+                      ("ema",): {"use_ema": False, "decay": 0.9, "use_for_eval": False}, ("perturb", "params"): [],
+                      ("optim", "on_nonfinite"): "skip", ("optim", "max_consecutive_nonfinite"): 3}
 """Config fields newer than some checkpoints, with the value that reproduces the older behaviour: a
-checkpoint without one resumes when the current run keeps that value."""
+checkpoint without one resumes when the current run keeps that value. (The non-finite policy: a run whose
+updates are all finite, as every resumable older one is, steps the same under 'skip'.)"""
+
+FINGERPRINT_ADDED_LATER = ("chain", "task", "data", "job")
+"""Parts of the fingerprint (:func:`run_record`) that checkpoints written before them lack: such a
+checkpoint resumes with a WARNING that these parts could not be compared."""
 
 
 def with_added_fields(saved: dict) -> dict:
@@ -183,15 +271,26 @@ def with_added_fields(saved: dict) -> dict:
 
 
 def check_resumable(saved: dict, current: dict, path) -> None:
-    """Refuse to continue a checkpoint under a different configuration (it would silently mix two runs)."""
+    """Refuse to continue a checkpoint under a different fingerprint (it would silently mix two runs)."""
     if not saved:
         raise ValueError(f"{path} records no config; it was not written by train_grpo, so it cannot be resumed")
     saved = with_added_fields(saved)
-    changed = {k: (saved.get(k), current[k]) for k in current
-               if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]}
+    unrecorded = [k for k in FINGERPRINT_ADDED_LATER if k in current and k not in saved]
+    if unrecorded:
+        logger.warning("%s predates the run fingerprint's %s: resuming without comparing them", path, unrecorded)
+    changed = {k: _difference(saved.get(k), current[k]) for k in current
+               if k not in RESUMABLE_CHANGES and k not in unrecorded and saved.get(k) != current[k]}
     if changed:
         raise ValueError(f"--resume with a different configuration than {path} was written with (saved, now): "
                          f"{changed}; resume with the same flags, or start a new --output-dir")
+
+
+def _difference(saved, now):
+    """(saved, now), narrowed to the differing keys when both are mappings (a job's or the data's fields)."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return {k: _difference(saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
+                if saved.get(k) != now.get(k)}
+    return (saved, now)
 
 
 def _mean_over_processes(accelerator, values: dict[str, float]) -> dict[str, float]:

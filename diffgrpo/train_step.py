@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from diffgrpo.advantages import AdvantageResult, compute_advantages, group_diversity
 from diffgrpo.chain import SamplingChain
 from diffgrpo.config import GRPOConfig
+from diffgrpo.finite_update import FiniteUpdateGuard
 from diffgrpo.guidance import guided_model_fn
 from diffgrpo.loss import advantage_weighted_x0_loss, gaussian_step_kl, grpo_loss, select_steps
 from diffgrpo.perturb import perturber_from_config
@@ -95,6 +96,9 @@ def collect(
     """
     streams = as_streams(generator)
     num_conditions = batch_size(batch)
+    if num_conditions == 0:
+        raise ValueError("collect got an empty batch: 0 conditions (the training batch of "
+                         "--grpo.conditions-per-iteration examples from --grpo.train-split); pass at least one")
     if num_conditions % cfg.rollout_chunks:  # equal chunks, or the last rows would never be sampled
         raise ValueError(f"rollout_chunks={cfg.rollout_chunks} does not divide the batch's B={num_conditions} "
                          f"conditions; pass B divisible by --grpo.rollout-chunks {cfg.rollout_chunks} (or change it)")
@@ -189,6 +193,7 @@ def policy_update(
     lr_scheduler=None,
     reference: nn.Module | None = None,
     order_generator: torch.Generator | None = None,
+    guard: FiniteUpdateGuard | None = None,
 ) -> dict[str, float]:
     """Alg. 1 lines 7-9: ``cfg.inner_epochs`` x ``cfg.num_minibatches`` optimiser steps on the GRPO surrogate.
 
@@ -213,9 +218,14 @@ def policy_update(
     collective. Which micro-batches and minibatches run is thus decided from the kept counts of all
     processes (small gathers): one is skipped only when no process keeps a sample in it, and a
     process that keeps none of it still runs it, with a loss of exactly 0.
+
+    An optimiser step whose loss or gradient is not finite is skipped on every process, or stops the run
+    (``guard``, default from ``cfg.optim``; ``diffgrpo.finite_update``); ``loss/nonfinite_steps`` counts them.
     """
     traj = data.trajectory
     n = traj.states.shape[0]
+    if n == 0:
+        raise ValueError("policy_update got an empty rollout batch (0 chains); collect() at least one condition")
     trained = select_steps(traj.num_steps, cfg.steps.mode, fraction=cfg.steps.fraction, window=cfg.steps.window,
                            generator=generator, is_stochastic=traj.is_stochastic.cpu())
     steps = trained.nonzero().flatten().tolist()
@@ -230,7 +240,7 @@ def policy_update(
     rows_list = [rows for rows, kept in zip(rows_list, kept_all.tolist(), strict=True) if kept > 0]
     terms = [(rows, k) for rows in rows_list for k in steps]
     if not terms:  # every group of every process dropped (decided alike everywhere): no update this iteration
-        return {"loss/trained_steps": float(len(steps)), "loss/optimizer_steps": 0.0}
+        return {"loss/trained_steps": float(len(steps)), "loss/optimizer_steps": 0.0, "loss/nonfinite_steps": 0.0}
     # Fewer terms than minibatches (micro-batches dropped): one term per optimiser step.
     chunks = minibatch_terms(terms, cfg.inner_epochs, min(cfg.num_minibatches, len(terms)),
                              order_generator if order_generator is not None else generator)  # [E x P] term lists
@@ -241,11 +251,13 @@ def policy_update(
     model_fn = model_fn_for(task, model, chain.sampler.guidance_scale)
     ref_fn = model_fn_for(task, reference, chain.sampler.guidance_scale) if reference is not None else None
     model.eval()
-    history: dict[str, list[float]] = {}
+    history: dict[str, list[float]] = {"optimizer_steps": [], "nonfinite_steps": []}
+    guard = guard if guard is not None else FiniteUpdateGuard.from_config(cfg.optim)
     for index, (chunk, total) in enumerate(zip(chunks, totals, strict=True)):
         if total <= 0:
             continue  # no process keeps a sample in this minibatch (decided alike on every process)
         optimizer.zero_grad(set_to_none=True)
+        losses = []
         for i, (rows, k) in enumerate(chunk):
             share = int(keep[rows].sum())  # may be 0 here while other processes train on this micro-batch
             sync = contextlib.nullcontext() if i == len(chunk) - 1 else accelerator.no_sync(model)
@@ -253,12 +265,17 @@ def policy_update(
                 with accelerator.autocast():
                     loss, stats = step_terms_loss(model_fn, chain, data, k, rows, cfg=cfg, ref_fn=ref_fn)
                 accelerator.backward(loss * (world * step_weight[k] * share / total))
+            losses.append(loss.detach())
             if share == 0:
                 continue  # no term of this process entered the loss: nothing to report
             for key, value in stats.to_dict().items():
                 history.setdefault(key, []).append(value)
             if index == 0:  # before any optimiser step: exactly on-policy
                 history.setdefault("on_policy_ratio_max_dev", []).append(float(stats.ratio_max_dev))
+        if not guard.allow_step(accelerator, model, losses, where=f"optimiser step {index + 1} of {len(chunks)}"):
+            optimizer.zero_grad(set_to_none=True)  # skipped alike on every process: weights and moments untouched
+            history["nonfinite_steps"].append(1.0)
+            continue
         if cfg.optim.max_grad_norm > 0:
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
             history.setdefault("grad_norm", []).append(float(grad_norm))
@@ -267,9 +284,9 @@ def policy_update(
         if lr_scheduler is not None:
             lr_scheduler.step()
     maxima = ("ratio_max_dev", "on_policy_ratio_max_dev")
-    sums = ("optimizer_steps",)
-    out_stats = {f"loss/{k}": (max(v) if k in maxima else sum(v) if k in sums else sum(v) / len(v))
-                 for k, v in history.items()}
+    sums = ("optimizer_steps", "nonfinite_steps")
+    out_stats = {f"loss/{k}": (max(v) if k in maxima else float(sum(v)) if k in sums else sum(v) / len(v))
+                 for k, v in history.items() if v or k in sums}
     out_stats["loss/trained_steps"] = float(len(steps))
     return out_stats
 

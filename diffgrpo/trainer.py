@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from diffgrpo.chain import SamplingChain
+from diffgrpo.chain import SamplingChain, step_with_logprob
 from diffgrpo.checkpoint import Checkpoint
 from diffgrpo.config import GRPOConfig, SamplerConfig
 from diffgrpo.diagnostics import gradient_agreement, parameter_vector, policy_movement, step_means
@@ -51,11 +51,13 @@ def check_run(task: Task, cfg: GRPOConfig, chain: SamplingChain) -> None:
 
     The config checks itself on construction, the chain on :meth:`SamplingChain.build`; this adds what
     needs both: the trained-step window against the chain's K steps, several optimiser steps against
-    summed log-densities, guidance against the task's condition, and the reward names against the registry.
+    summed log-densities, guidance against the task's condition, and the reward names against the registry,
+    and that the chain has stochastic steps whose noise survives float32 (:func:`check_stochastic_steps`).
     """
     if tuple(chain.sample_shape) != tuple(task.sample_shape):
         raise ValueError(f"the sampling chain is built for samples {chain.sample_shape} but the task samples "
                          f"{tuple(task.sample_shape)}; build it with SamplingChain.of(task, sampler)")
+    check_stochastic_steps(chain)
     num_steps = chain.num_steps
     several = cfg.inner_epochs * cfg.num_minibatches > 1
     if several and chain.sampler.log_prob_reduction == "sum" and cfg.loss.clip_range is None:
@@ -92,6 +94,39 @@ def check_run(task: Task, cfg: GRPOConfig, chain: SamplingChain) -> None:
     if chain.sampler.guidance_scale != 1.0:  # one example's condition must carry its unconditional counterpart
         check_guidance(task.encode_condition(task.load_examples(cfg.train_split, torch.tensor([0]))),
                        chain.sampler.guidance_scale)
+
+
+RESOLVABLE_STD = 4 * torch.finfo(torch.float32).eps
+"""The smallest step std a rollout may train on: 4 float32 ulps of a unit-scale sample (about 4.8e-7).
+Below it x' = mean + std z rounds back onto the mean for most entries, so a stored step is not a draw of the
+Gaussian whose density the loss trains: std 1e-8 around a mean of 0.7 lands exactly on the mean whenever
+|z| < 2.98 (half a float32 ulp of 0.7 over 1e-8), 99.7 % of the entries."""
+
+
+def check_stochastic_steps(chain: SamplingChain) -> None:
+    """Refuse, before any sampling, a training chain with no stochastic step (nothing for GRPO's density
+    ratio to train) or with a stochastic step whose std is below :data:`RESOLVABLE_STD`, naming the steps.
+
+    Why refuse rather than warn: a step that rounds onto its mean stores a sample of no Gaussian at all,
+    and its log-density (of the mean itself) is the largest the step can give, so the ratio and the loss
+    are wrong on every such step. Samples are assumed unit-scale (diffusion data and noise are). Each
+    step's std is read from one dummy step (``diffgrpo.chain.step_with_logprob``; it depends on the step
+    alone). Evaluation chains are not checked: eta 0 is how they sample deterministically.
+    """
+    zeros = torch.zeros(1, *chain.sample_shape)
+    stds = [float(step_with_logprob(chain, k, zeros, zeros, prev_sample=zeros).std.max())
+            for k in range(chain.num_steps)]
+    if not any(std > 0 for std in stds):
+        raise ValueError(f"no step of the sampling chain is stochastic (eta={chain.sampler.eta}, "
+                         f"sde_window={chain.sampler.sde_window}, K={chain.num_steps}): GRPO trains the density of "
+                         "stochastic steps and would find none after a full rollout; raise the sampler's eta")
+    tiny = {k: std for k, std in enumerate(stds) if 0 < std < RESOLVABLE_STD}
+    if tiny:
+        raise ValueError(f"steps {sorted(tiny)} of the sampling chain have stds "
+                         f"{', '.join(f'{std:.2e}' for std in tiny.values())} (eta={chain.sampler.eta}), below "
+                         f"{RESOLVABLE_STD:.1e}, a few float32 ulps of a unit-scale sample: mean + std z rounds back "
+                         "onto the mean, so these steps would not be draws of the Gaussian the loss trains. Raise "
+                         "the sampler's eta, or leave these steps deterministic with the sampler's sde_window")
 
 
 def iteration_logs(data: RolloutBatch, stats: dict[str, float], lr: float) -> dict[str, float]:
@@ -136,6 +171,7 @@ def train_grpo(
     chain: SamplingChain | None = None,
     probe_chain: SamplingChain | None = None,
     probe_rewards: RewardSet | None = None,
+    fingerprint: dict | None = None,
 ) -> dict[str, list[float]]:
     """Post-train ``model`` on ``task`` for ``cfg.num_iterations`` iterations; returns the logged history.
 
@@ -151,6 +187,11 @@ def train_grpo(
     ``eval_every`` iterations and after the last, on ``probe_chain`` (default ``chain``; e.g. the
     evaluation chain when rollouts use a shorter one) with ``probe_rewards`` (default ``rewards``;
     pass fixed rewards when a reward is learned during the run).
+
+    ``fingerprint``: the job's own settings that feed the rewards, the chain or the data (JSON-able); every
+    checkpoint records them with the GRPO config, the chain, the task and its data, and a resume under
+    other ones is refused naming them (``diffgrpo.run_state.run_record``). Without ``resume`` an output
+    directory holding checkpoints is refused unless ``cfg.overwrite_output_dir``.
     """
     rank, world = accelerator.process_index, accelerator.num_processes
     hooks = hooks or LoopHooks()
@@ -160,7 +201,7 @@ def train_grpo(
     perturber = make_perturber(cfg)
     probe_chain = probe_chain or chain
     probe_rewards = probe_rewards or rewards
-    record = run_record(cfg, chain)
+    record = run_record(cfg, chain, task, job=fingerprint)
     run, ckpt = start_run(task, model, cfg, accelerator=accelerator, output_dir=output_dir, resume=resume,
                           record=record)
     if ckpt is not None and hooks.load_shared_state is not None:
@@ -195,7 +236,7 @@ def train_grpo(
         stats = policy_update(task, run.model, chain, data, run.optimizer, cfg=cfg,       # l.7-9
                               generator=run.streams.step_selection, accelerator=accelerator,
                               lr_scheduler=run.lr_schedule, reference=run.reference,
-                              order_generator=run.streams.minibatch_order)
+                              order_generator=run.streams.minibatch_order, guard=run.guard)
         if run.ema is not None:
             run.ema.update(policy)
         if before is not None:

@@ -95,3 +95,17 @@ class ToyTask:
 def toy_chain(task, **sampler) -> SamplingChain:
     """The sampling chain of ``task`` with ``SamplerConfig(**sampler)`` (the defaults: DDIM/flow, eta 1)."""
     return SamplingChain.of(task, SamplerConfig(**sampler))
+
+
+def sharded_toy_net(seed: int = 0) -> ToyNet:
+    """A seeded ToyNet sharded over the running processes with torch FSDP2 (``fully_shard`` per linear layer,
+    then the whole net), for the multi-process checkpoint and update scripts."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(seed)
+    model = ToyNet()
+    for layer in model.net:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model

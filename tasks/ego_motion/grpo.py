@@ -238,11 +238,28 @@ class Config:
         return self.task.sampling_chain(self.rollout_sampling_steps, sde_window=self.sde_window,
                                         noise_frequencies=self.noise_frequencies, noise_features=features)
 
+    def fingerprint(self) -> dict:
+        """The job's settings a resumed run must keep, besides the GRPO config and the chain the core records
+        (``train_grpo(fingerprint=...)``): everything that feeds the rewards, the rollout chain or the data
+        (``--perceptual-omega``, ``--rollout-sampling-steps``, ``--no-use-perceptual-reward``, ``--reward-params``,
+        ``--task.*``, the prior...).
+        Left out: where the run writes and how it runs (``RUN_CONTROL``), the held-out evaluation's settings,
+        and ``--task.cache-dir`` (where decoded windows are cached, not what they are)."""
+        values = dataclasses.asdict(self)
+        for key in (*RUN_CONTROL, "grpo"):
+            values.pop(key)
+        values["task"].pop("cache_dir")
+        return json.loads(json.dumps(values, default=str))
+
     def effective(self) -> dict:
         """This config as JSON-able data, with the rollout chain's sampler as ``grpo.sampler`` (results.json)."""
         values = dataclasses.asdict(self)
         values["grpo"]["sampler"] = dataclasses.asdict(self.rollout_chain().sampler)
         return json.loads(json.dumps(values, default=str))
+
+
+RUN_CONTROL = ("output_dir", "resume", "threads", "eval_seed", "eval_max_windows", "use_tto")
+"""Config fields a resumed run may change: where it writes, how it runs, and the held-out evaluation after it."""
 
 
 def perceptual_hooks(task: EgoMotionTask, perceptual: PerceptualTrainer | None, cfg: Config) -> LoopHooks:
@@ -315,7 +332,7 @@ def main(cfg: Config) -> dict:
         logger.info("perceptual-model warm-up, last 10 steps: %s", warmup)
     history = train_grpo(task, model, grpo, accelerator=accelerator, output_dir=cfg.output_dir,  # Alg. 1
                          resume=cfg.resume, rewards=rewards, hooks=perceptual_hooks(task, perceptual, cfg),
-                         chain=chain, probe_chain=evaluation_chain,
+                         chain=chain, probe_chain=evaluation_chain, fingerprint=cfg.fingerprint(),
                          probe_rewards=RewardSet.from_specs(joint_rewards))  # the learned one moves: probe the fixed
     train_seconds = time.perf_counter() - start_time
     accelerator.end_training()

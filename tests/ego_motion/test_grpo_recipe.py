@@ -84,7 +84,7 @@ def test_perceptual_options_warm_up_and_resume_identically(tiny):
         recipe.main(cfg)
     plain = load_file(str(cfg.output_dir / "checkpoints" / "step_000002" / "shared.safetensors"))
     assert not torch.equal(a["task.perceptual.model.head.2.weight"], plain["task.perceptual.model.head.2.weight"])
-    with pytest.raises(ValueError, match="other perceptual-model settings"):  # a resume must not mix two recipes
+    with pytest.raises(ValueError, match="'job': {'perceptual_negatives'"):  # a resume must not mix two recipes
         recipe.main(dataclasses.replace(interrupted, resume=True, perceptual_negatives=("x0_last",)))
 
 

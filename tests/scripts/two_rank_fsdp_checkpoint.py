@@ -12,11 +12,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import fully_shard
 
 from diffgrpo.checkpoint import load_checkpoint, save_checkpoint
 from diffgrpo.launch import make_accelerator
-from tests.toy_task import DIM, ToyNet
+from tests.toy_task import DIM, sharded_toy_net
 
 out = Path(sys.argv[1])
 accelerator = make_accelerator(out, log_with=None)
@@ -24,12 +23,7 @@ rank = accelerator.process_index
 
 
 def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    torch.manual_seed(0)
-    model = ToyNet()
-    for layer in model.net:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
+    model = sharded_toy_net()
     return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
 
 
