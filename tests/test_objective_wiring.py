@@ -11,7 +11,7 @@ import torch
 from accelerate import Accelerator
 
 from diffgrpo.cli import flags_spelled
-from diffgrpo.config import GRPOConfig, OptimConfig, StepSelectionConfig
+from diffgrpo.config import GRPOConfig, OptimConfig, PerturbConfig, StepSelectionConfig
 from diffgrpo.ema import ParameterEMA
 from diffgrpo.loss import LossConfig
 from diffgrpo.nft import NFTConfig, OldPolicySchedule
@@ -124,10 +124,14 @@ def test_kl_guard_pulls_towards_the_reference(objective):
 
 @pytest.mark.parametrize("objective", ["nft", "awm"])
 def test_forward_objectives_train_with_a_deterministic_sampler(objective, tmp_path):
+    """With eta = 0 the members of a group share their whole chain (one initial noise), so they differ only
+    through the perturbed condition; without weight decay the weights move only through the rewards."""
     torch.manual_seed(0)
     task = ToyTask("flow")
-    history = train_grpo(task, ToyNet(), _cfg(objective, num_iterations=2, checkpoint_every=0),
-                         accelerator=Accelerator(cpu=True), output_dir=tmp_path, chain=toy_chain(task, eta=0.0))
+    cfg = _cfg(objective, num_iterations=2, checkpoint_every=0, perturb=PerturbConfig("gaussian", scale=0.3),
+               optim=OptimConfig(learning_rate=1e-3, weight_decay=0.0))
+    history = train_grpo(task, ToyNet(), cfg, accelerator=Accelerator(cpu=True), output_dir=tmp_path,
+                         chain=toy_chain(task, eta=0.0))
     assert all(v > 0 for v in history["policy/relative_step"])
     if objective == "nft":
         assert len(history["loss/old_deviation"]) == 2 and history["old_policy/decay"] == [0.0, 0.001]
