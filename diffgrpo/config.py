@@ -295,3 +295,8 @@ class GRPOConfig:
             raise ValueError(f"mixed_precision={self.mixed_precision!r} is not one of 'no', 'fp16', 'bf16'")
         if self.step_weighting not in ("uniform", "unit_score"):
             raise ValueError(f"step_weighting={self.step_weighting!r} is not one of 'uniform', 'unit_score'")
+        if self.loss.objective in ("nft", "awm") and (self.steps != StepSelectionConfig()
+                                                      or self.step_weighting != "uniform"):
+            raise ValueError(f"--grpo.steps.* and --grpo.step-weighting select and weight the rollout's steps, but "
+                             f"objective={self.loss.objective!r} trains on forward noisings of the final samples "
+                             "(--grpo.loss.forward-timesteps, --grpo.loss.timesteps-per-sample); drop them")

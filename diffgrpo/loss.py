@@ -14,13 +14,21 @@ graph, so a training step can call backward() unconditionally.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 from typing_extensions import assert_never
+
+from diffgrpo.awm import AWMConfig
+from diffgrpo.forward_process import TimestepSampling
+from diffgrpo.nft import NFTConfig, OldPolicySchedule
+
+FORWARD_OBJECTIVES = ("nft", "awm")
+"""Objectives trained on fresh forward noisings of the rollout's final samples (``diffgrpo.forward_update``):
+they need neither step log-densities nor a stochastic sampler."""
 
 
 @dataclass(frozen=True)
@@ -32,14 +40,31 @@ class LossConfig:
     (eps_low, eps_high): asymmetric clip to [1 - eps_low, 1 + eps_high]. The ratio's scale
     depends on whether step log-probs are summed or averaged over dimensions; pick eps for one."""
     kl_coef: float = 0.0
-    """Weight beta of the per-step KL to the reference, added to the loss (needs `kl`)."""
-    objective: Literal["ratio", "x0_regression"] = "ratio"
+    """Weight of the KL guard to the frozen reference, in the form the objective needs (docs/objectives.md):
+    ratio: the exact per-step Gaussian KL (``gaussian_step_kl``); x0_regression: the gap between the
+    clean-sample predictions of policy and reference at the rollout's states; nft and awm: the prediction
+    gap ||f_theta(x_t, t) - f_ref(x_t, t)||^2 / D at the forward-noised x_t (``diffgrpo.guard``). > 0 costs
+    one forward pass of the reference per loss term, without gradient."""
+    objective: Literal["ratio", "x0_regression", "nft", "awm"] = "ratio"
     """ratio: the GRPO surrogate ratio * A (a score-function estimate: its noise grows with the
     dimension of each step's Gaussian). x0_regression: advantage-weighted regression of the step's
     clean-sample prediction onto the chain's own final sample, A_i ||x0_theta(x_k^i) - x0^i||^2 / 2
     (mean over dimensions); it moves predictions towards the better members of a group and away
     from the worse ones along the outcomes themselves rather than along the sampling noise (see
-    `advantage_weighted_x0_loss`)."""
+    `advantage_weighted_x0_loss`). nft: DiffusionNFT (``diffgrpo.nft``); awm: advantage-weighted
+    matching (``diffgrpo.awm``); both train on fresh forward noisings of the final samples, so any
+    sampler works, deterministic (eta = 0) included."""
+    nft: NFTConfig = field(default_factory=NFTConfig)
+    """DiffusionNFT's settings (objective 'nft' only); its guard weight is ``kl_coef``."""
+    old_policy: OldPolicySchedule = field(default_factory=OldPolicySchedule)
+    """Decay schedule of DiffusionNFT's old policy, an EMA of the trained weights (objective 'nft' only)."""
+    awm: AWMConfig = field(default_factory=AWMConfig)
+    """Advantage-weighted matching's settings (objective 'awm' only); its guard weight is ``kl_coef``."""
+    forward_timesteps: TimestepSampling = field(default_factory=TimestepSampling)
+    """Where nft / awm noise the final samples (``diffgrpo.forward_process.TimestepSampling``)."""
+    timesteps_per_sample: int = 1
+    """nft / awm: noise levels t drawn per final sample and update, each a loss term of its own (the
+    counterpart of the ratio objective's trained steps)."""
     max_log_ratio: float = 20.0
     """Bound B (nats) on each step's log-ratio before exp: log_prob - log_prob_old is clamped to
     [-B, B], and a bounded term carries no gradient (counted in LossStats.bounded_frac). Why: step
@@ -57,11 +82,13 @@ class LossConfig:
                     f"clip_range={self.clip_range!r} gives ratio bounds [{low}, {high}]; expected "
                     "0 <= 1 - eps_low < 1 < 1 + eps_high, i.e. eps (or each of eps_low, eps_high) in (0, 1]"
                 )
-        if self.objective not in ("ratio", "x0_regression"):
-            raise ValueError(f"objective={self.objective!r} is not one of 'ratio', 'x0_regression'")
-        if self.objective == "x0_regression" and (self.kl_coef > 0 or self.clip_range is not None):
-            raise ValueError("objective='x0_regression' has no ratio to clip and no KL term; drop --grpo.loss.kl-coef "
-                             "and --grpo.loss.clip-range, or use objective 'ratio'")
+        if self.objective not in ("ratio", "x0_regression", *FORWARD_OBJECTIVES):
+            raise ValueError(f"objective={self.objective!r} is not one of 'ratio', 'x0_regression', 'nft', 'awm'; "
+                             "fix --grpo.loss.objective")
+        if self.objective != "ratio" and self.clip_range is not None:
+            raise ValueError(f"objective={self.objective!r} has no ratio to clip; drop "
+                             "--grpo.loss.clip-range, or use --grpo.loss.objective ratio")
+        self._check_objective_settings()
         if not (math.isfinite(self.kl_coef) and self.kl_coef >= 0):
             raise ValueError(f"kl_coef={self.kl_coef!r} must be finite and >= 0")
         if not (math.isfinite(self.max_log_ratio) and self.max_log_ratio > 0):
@@ -69,6 +96,24 @@ class LossConfig:
                 f"max_log_ratio={self.max_log_ratio!r} must be finite and > 0 (nats; e.g. 20) so exp() "
                 "cannot overflow"
             )
+
+    def _check_objective_settings(self) -> None:
+        """Settings of one objective given with another are refused (they would silently do nothing)."""
+        unused = {"nft": self.nft != NFTConfig(), "old-policy": self.old_policy != OldPolicySchedule(),
+                  "awm": self.awm != AWMConfig(), "forward-timesteps": self.forward_timesteps != TimestepSampling(),
+                  "timesteps-per-sample": self.timesteps_per_sample != 1}
+        owner = {"nft": ("nft",), "old-policy": ("nft",), "awm": ("awm",), "forward-timesteps": FORWARD_OBJECTIVES,
+                 "timesteps-per-sample": FORWARD_OBJECTIVES}
+        for name, given in unused.items():
+            if given and self.objective not in owner[name]:
+                raise ValueError(f"--grpo.loss.{name} settings were given but objective={self.objective!r} does not "
+                                 f"use them; pass --grpo.loss.objective {owner[name][0]} or drop them")
+        if self.nft.kl_coef != 0 or self.awm.kl_coef != 0:
+            raise ValueError("the guard's weight of every objective is --grpo.loss.kl-coef; drop "
+                             "--grpo.loss.nft.kl-coef / --grpo.loss.awm.kl-coef")
+        if isinstance(self.timesteps_per_sample, bool) or self.timesteps_per_sample < 1:
+            raise ValueError(f"timesteps_per_sample={self.timesteps_per_sample!r} must be an int >= 1; fix "
+                             "--grpo.loss.timesteps-per-sample")
 
     def bounds(self) -> tuple[float, float]:
         """Ratio bounds (low, high) of the clip; (0, inf) without clipping."""

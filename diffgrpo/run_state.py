@@ -25,13 +25,16 @@ import torch
 from accelerate.utils import gather_object
 from torch import nn
 
+from diffgrpo.awm import AWMConfig
 from diffgrpo.chain import SamplingChain
 from diffgrpo.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from diffgrpo.checkpoint_discovery import checkpoint_dir, checkpoint_steps
 from diffgrpo.config import GRPOConfig
 from diffgrpo.ema import ParameterEMA
 from diffgrpo.finite_update import FiniteUpdateGuard
+from diffgrpo.forward_process import TimestepSampling
 from diffgrpo.lora import AdapterDisabledReference, has_lora
+from diffgrpo.nft import NFTConfig, OldPolicySchedule
 from diffgrpo.probe import probe_logs
 from diffgrpo.rng import RandomStreams
 from diffgrpo.stream import IndexStream
@@ -78,6 +81,9 @@ class GRPORun:
     """Skips (or stops at) non-finite optimiser steps; its counts are saved in checkpoints."""
     run_id: str = ""
     """This run's id (kept through resumes): retention deletes only checkpoints carrying it."""
+    old_policy: ParameterEMA | None = None
+    """DiffusionNFT's old policy (objective 'nft'): an EMA of the trainable weights with the decay schedule
+    of ``cfg.loss.old_policy`` (``diffgrpo.nft.update_old_policy``), saved in checkpoints."""
 
     def log(self, accelerator, iteration: int, values: dict[str, float]) -> dict[str, float]:
         """Average ``values`` over processes, send them to the trackers and the history."""
@@ -109,6 +115,11 @@ class GRPORun:
         if self.ema is not None:
             shared.update({f"{EMA_PREFIX}{k}": v for k, v in self.ema.state_tensors().items()})
             ema_meta = {"ema_num_updates": self.ema.num_updates}
+        if self.old_policy is not None:
+            shared.update({f"{OLD_POLICY_PREFIX}{k}": v for k, v in self.old_policy.state_tensors().items()})
+            ema_meta["old_policy_num_updates"] = self.old_policy.num_updates
+        if self.reference is not None and not has_lora(self.model):  # a frozen copy: its weights travel along
+            shared.update({f"{REFERENCE_PREFIX}{k}": v for k, v in self.reference.state_dict().items()})
         save_checkpoint(accelerator, output_dir, done, model=self.model, optimizer=self.optimizer,
                         lr_scheduler=self.lr_schedule, rank_tensors=self.streams.get_state(),
                         rank_meta={"stream": self.stream.state_dict()}, shared_tensors=shared,
@@ -119,6 +130,13 @@ class GRPORun:
 
 EMA_PREFIX = "ema."
 """Prefix of the EMA's tensors among a checkpoint's shared tensors."""
+OLD_POLICY_PREFIX = "old_policy."
+"""Prefix of DiffusionNFT's old-policy tensors among a checkpoint's shared tensors."""
+REFERENCE_PREFIX = "reference."
+"""Prefix of the frozen reference copy's weights (KL guard without LoRA) among a checkpoint's shared tensors.
+Why saved: a resumed process may build its model from other weights than the run started from; the
+guard must keep pulling towards the run's own starting policy. Under LoRA the reference is the
+adapter-disabled base model, whose frozen weights the resumed model carries anyway."""
 
 
 def run_record(cfg: GRPOConfig, chain: SamplingChain, task: Task | None = None, job: dict | None = None) -> dict:
@@ -179,11 +197,13 @@ def start_run(task: Task, model: nn.Module, cfg: GRPOConfig, *, accelerator, out
     optimizer, lr_schedule = make_optimizer(model, cfg)
     reference = reference_policy(model) if cfg.loss.kl_coef > 0 else None
     ema = ParameterEMA(model, cfg.ema.decay) if cfg.ema.use_ema else None
+    old_policy = ParameterEMA(model, cfg.loss.old_policy.decay(0)) if cfg.loss.objective == "nft" else None
     model, optimizer = accelerator.prepare(model, optimizer)
     run = GRPORun(model=model, optimizer=optimizer, lr_schedule=lr_schedule,
                   stream=IndexStream(task.num_examples(cfg.train_split), cfg.seed, rank, world),
                   streams=RandomStreams.from_seed(cfg.seed, rank, device=accelerator.device), reference=reference,
-                  ema=ema, guard=FiniteUpdateGuard.from_config(cfg.optim), run_id=_new_run_id(accelerator))
+                  ema=ema, old_policy=old_policy, guard=FiniteUpdateGuard.from_config(cfg.optim),
+                  run_id=_new_run_id(accelerator))
     ckpt = None
     if resume and (path := latest_checkpoint(output_dir)) is not None:
         ckpt = load_checkpoint(accelerator, path, model=model, optimizer=optimizer, lr_scheduler=lr_schedule)
@@ -199,6 +219,7 @@ def start_run(task: Task, model: nn.Module, cfg: GRPOConfig, *, accelerator, out
         if ema is not None:
             ema.load_state_tensors({k[len(EMA_PREFIX):]: v for k, v in ckpt.shared_tensors.items()
                                     if k.startswith(EMA_PREFIX)}, int(ckpt.meta.get("ema_num_updates", 0)))
+        restore_objective_state(run, ckpt)
         run.stream.load_state_dict(ckpt.rank_meta["stream"])
         run.guard.load_state_dict(ckpt.meta.get("finite_update", {}))
         run.run_id = ckpt.run_id
@@ -237,6 +258,22 @@ def _new_run_id(accelerator) -> str:
     return run_id
 
 
+def restore_objective_state(run: GRPORun, ckpt: Checkpoint) -> None:
+    """DiffusionNFT's old policy and the frozen reference copy from ``ckpt``, so a resume stays bit-exact."""
+    if run.old_policy is not None:
+        run.old_policy.load_state_tensors({k[len(OLD_POLICY_PREFIX):]: v for k, v in ckpt.shared_tensors.items()
+                                           if k.startswith(OLD_POLICY_PREFIX)},
+                                          int(ckpt.meta.get("old_policy_num_updates", 0)))
+    saved = {k[len(REFERENCE_PREFIX):]: v for k, v in ckpt.shared_tensors.items() if k.startswith(REFERENCE_PREFIX)}
+    if run.reference is not None and not has_lora(run.model):
+        if not saved:
+            raise ValueError("the checkpoint holds no KL reference weights (it was written without "
+                             "--grpo.loss.kl-coef); resume with the same flags")
+        with torch.no_grad():
+            for name, tensor in run.reference.state_dict().items():
+                tensor.copy_(saved[name].to(tensor.device))
+
+
 def reference_policy(model: nn.Module) -> nn.Module:
     """The KL reference: the policy with its LoRA adapters switched off if it has any (no copy of the
     weights), else a frozen copy of the starting weights."""
@@ -249,7 +286,11 @@ RESUMABLE_CHANGES = ("num_iterations", "checkpoint_every", "overwrite_output_dir
 FIELDS_ADDED_LATER = {("sampler", "guidance_scale"): 1.0, ("rollout_chunks",): 1,
                       ("sampler", "noise_frequencies"): None, ("sampler", "noise_features"): None,
                       ("ema",): {"use_ema": False, "decay": 0.9, "use_for_eval": False}, ("perturb", "params"): [],
-                      ("optim", "on_nonfinite"): "skip", ("optim", "max_consecutive_nonfinite"): 3}
+                      ("optim", "on_nonfinite"): "skip", ("optim", "max_consecutive_nonfinite"): 3,
+                      **{("loss", name): json.loads(json.dumps(asdict(value)))
+                         for name, value in (("nft", NFTConfig()), ("old_policy", OldPolicySchedule()),
+                                             ("awm", AWMConfig()), ("forward_timesteps", TimestepSampling()))},
+                      ("loss", "timesteps_per_sample"): 1}
 """Config fields newer than some checkpoints, with the value that reproduces the older behaviour: a
 checkpoint without one resumes when the current run keeps that value. (The non-finite policy: a run whose
 updates are all finite, as every resumable older one is, steps the same under 'skip'.)"""

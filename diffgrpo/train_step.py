@@ -25,9 +25,18 @@ from torch import Tensor, nn
 from diffgrpo.advantages import AdvantageResult, compute_advantages, group_diversity
 from diffgrpo.chain import SamplingChain
 from diffgrpo.config import GRPOConfig
+from diffgrpo.ema import ParameterEMA
 from diffgrpo.finite_update import FiniteUpdateGuard
+from diffgrpo.forward_update import forward_terms_loss, plain_model_fn, prepare_forward_terms
+from diffgrpo.guard import prediction_gap
 from diffgrpo.guidance import guided_model_fn
-from diffgrpo.loss import advantage_weighted_x0_loss, gaussian_step_kl, grpo_loss, select_steps
+from diffgrpo.loss import (
+    FORWARD_OBJECTIVES,
+    advantage_weighted_x0_loss,
+    gaussian_step_kl,
+    grpo_loss,
+    select_steps,
+)
 from diffgrpo.perturb import perturber_from_config
 from diffgrpo.rewards import RewardOutput, RewardSet
 from diffgrpo.rng import RandomStreams, as_streams
@@ -194,8 +203,15 @@ def policy_update(
     reference: nn.Module | None = None,
     order_generator: torch.Generator | None = None,
     guard: FiniteUpdateGuard | None = None,
+    old_policy: ParameterEMA | None = None,
 ) -> dict[str, float]:
-    """Alg. 1 lines 7-9: ``cfg.inner_epochs`` x ``cfg.num_minibatches`` optimiser steps on the GRPO surrogate.
+    """Alg. 1 lines 7-9: ``cfg.inner_epochs`` x ``cfg.num_minibatches`` optimiser steps on ``cfg.loss.objective``.
+
+    Objectives 'ratio' and 'x0_regression' re-score the rollout's stored steps; 'nft' and 'awm' train on
+    fresh forward noisings of its final samples (``diffgrpo.forward_update``): their terms are
+    (micro-batch, noise draw) instead of (micro-batch, trained step), ``generator`` draws the noisings, and
+    'nft' needs ``old_policy`` (its EMA old policy, moved by the caller after the update). ``reference``:
+    the frozen policy of the KL guard (needed when ``cfg.loss.kl_coef > 0``).
 
     ``generator`` draws the trained steps (``cfg.steps``); ``order_generator`` (default: ``generator``)
     shuffles the terms into minibatches, so runs that differ only in ``num_minibatches`` train on the
@@ -226,15 +242,23 @@ def policy_update(
     n = traj.states.shape[0]
     if n == 0:
         raise ValueError("policy_update got an empty rollout batch (0 chains); collect() at least one condition")
-    trained = select_steps(traj.num_steps, cfg.steps.mode, fraction=cfg.steps.fraction, window=cfg.steps.window,
-                           generator=generator, is_stochastic=traj.is_stochastic.cpu())
-    steps = trained.nonzero().flatten().tolist()
-    if not steps:
-        raise ValueError("no stochastic step selected for training: widen --steps.window or raise "
-                         "--steps.fraction, and check that sampler.eta > 0")
-    step_weight = step_weights(traj, steps, cfg.step_weighting)
+    forward = cfg.loss.objective in FORWARD_OBJECTIVES
     keep = data.advantages.mask
     rows_list = [slice(i, min(i + cfg.micro_batch_size, n)) for i in range(0, n, cfg.micro_batch_size)]
+    if forward:  # one term per (micro-batch, noise draw); everything fixed during the update computed now
+        steps = list(range(cfg.loss.timesteps_per_sample))
+        forward_terms = prepare_forward_terms(task, model, chain, traj.samples, traj.cond, rows_list, cfg=cfg,
+                                              generator=generator, autocast=accelerator.autocast,
+                                              reference=reference, old_policy=old_policy)
+        step_weight = dict.fromkeys(steps, 1.0)
+    else:
+        trained = select_steps(traj.num_steps, cfg.steps.mode, fraction=cfg.steps.fraction, window=cfg.steps.window,
+                               generator=generator, is_stochastic=traj.is_stochastic.cpu())
+        steps = trained.nonzero().flatten().tolist()
+        if not steps:
+            raise ValueError("no stochastic step selected for training: widen --grpo.steps.window or raise "
+                             "--grpo.steps.fraction, and check that sampler.eta > 0")
+        step_weight = step_weights(traj, steps, cfg.step_weighting)
     kept_all = kept_counts_of_all_processes(accelerator, [int(keep[rows].sum()) for rows in rows_list],
                                             num_steps=len(steps))  # [M] summed over processes
     rows_list = [rows for rows, kept in zip(rows_list, kept_all.tolist(), strict=True) if kept > 0]
@@ -248,7 +272,7 @@ def policy_update(
     weighted = [sum(step_weight[k] * int(keep[rows].sum()) for rows, k in chunk) for chunk in chunks]
     totals = weighted_totals_of_all_processes(accelerator, weighted)
     world = accelerator.num_processes
-    model_fn = model_fn_for(task, model, chain.sampler.guidance_scale)
+    model_fn = plain_model_fn(task, model) if forward else model_fn_for(task, model, chain.sampler.guidance_scale)
     ref_fn = model_fn_for(task, reference, chain.sampler.guidance_scale) if reference is not None else None
     model.eval()
     history: dict[str, list[float]] = {"optimizer_steps": [], "nonfinite_steps": []}
@@ -263,14 +287,18 @@ def policy_update(
             sync = contextlib.nullcontext() if i == len(chunk) - 1 else accelerator.no_sync(model)
             with sync:
                 with accelerator.autocast():
-                    loss, stats = step_terms_loss(model_fn, chain, data, k, rows, cfg=cfg, ref_fn=ref_fn)
+                    if forward:
+                        loss, stats = forward_terms_loss(model_fn, forward_terms, traj.cond,
+                                                         data.advantages.advantages, keep, k, rows, cfg=cfg)
+                    else:
+                        loss, stats = step_terms_loss(model_fn, chain, data, k, rows, cfg=cfg, ref_fn=ref_fn)
                 accelerator.backward(loss * (world * step_weight[k] * share / total))
             losses.append(loss.detach())
             if share == 0:
                 continue  # no term of this process entered the loss: nothing to report
             for key, value in stats.to_dict().items():
                 history.setdefault(key, []).append(value)
-            if index == 0:  # before any optimiser step: exactly on-policy
+            if index == 0 and not forward:  # before any optimiser step: exactly on-policy
                 history.setdefault("on_policy_ratio_max_dev", []).append(float(stats.ratio_max_dev))
         if not guard.allow_step(accelerator, model, losses, where=f"optimiser step {index + 1} of {len(chunks)}"):
             optimizer.zero_grad(set_to_none=True)  # skipped alike on every process: weights and moments untouched
@@ -283,7 +311,7 @@ def policy_update(
         history.setdefault("optimizer_steps", []).append(1.0)
         if lr_scheduler is not None:
             lr_scheduler.step()
-    maxima = ("ratio_max_dev", "on_policy_ratio_max_dev")
+    maxima = ("ratio_max_dev", "on_policy_ratio_max_dev", "old_deviation_max")
     sums = ("optimizer_steps", "nonfinite_steps")
     out_stats = {f"loss/{k}": (max(v) if k in maxima else float(sum(v)) if k in sums else sum(v) / len(v))
                  for k, v in history.items() if v or k in sums}
@@ -368,15 +396,25 @@ def step_terms_loss(
     """
     traj = data.trajectory
     out = score_step(model_fn, chain, traj, step, rows)
-    kl = None
+    ref = None
     if ref_fn is not None and cfg.loss.kl_coef > 0:
         with torch.no_grad():
-            ref_mean = score_step(ref_fn, chain, traj, step, rows).mean
-        kl = gaussian_step_kl(out.density_coordinates(out.mean)[:, None], out.density_coordinates(ref_mean)[:, None],
-                              out.std.reshape(-1, 1, 1), reduction=chain.sampler.log_prob_reduction)  # (rows, 1)
-    loss, stats = grpo_loss(out.log_prob[:, None], traj.log_probs[rows, step : step + 1],
-                            data.advantages.advantages[rows], mask=data.advantages.mask[rows], kl=kl, cfg=cfg.loss)
+            ref = score_step(ref_fn, chain, traj, step, rows)
+    mask = data.advantages.mask[rows]
     if cfg.loss.objective == "x0_regression":  # the ratio stats are still reported; the gradient is the regression's
-        loss = advantage_weighted_x0_loss(out.x0_pred, traj.samples[rows], data.advantages.advantages[rows],
-                                          data.advantages.mask[rows])
-    return loss, stats
+        unguarded = dataclasses.replace(cfg.loss, kl_coef=0.0)
+        _, stats = grpo_loss(out.log_prob[:, None], traj.log_probs[rows, step : step + 1],
+                             data.advantages.advantages[rows], mask=mask, cfg=unguarded)
+        loss = advantage_weighted_x0_loss(out.x0_pred, traj.samples[rows], data.advantages.advantages[rows], mask)
+        if ref is not None:  # the guard: clean-sample prediction gap to the reference at the rollout's state
+            gap = prediction_gap(out.x0_pred, ref.x0_pred)
+            kl = (gap * mask).sum() / mask.sum().clamp(min=1)
+            loss = loss + cfg.loss.kl_coef * kl
+            stats = dataclasses.replace(stats, kl=kl.detach())
+        return loss, stats
+    kl = None
+    if ref is not None:
+        kl = gaussian_step_kl(out.density_coordinates(out.mean)[:, None], out.density_coordinates(ref.mean)[:, None],
+                              out.std.reshape(-1, 1, 1), reduction=chain.sampler.log_prob_reduction)  # (rows, 1)
+    return grpo_loss(out.log_prob[:, None], traj.log_probs[rows, step : step + 1],
+                     data.advantages.advantages[rows], mask=mask, kl=kl, cfg=cfg.loss)

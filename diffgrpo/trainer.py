@@ -24,6 +24,8 @@ from diffgrpo.checkpoint import Checkpoint
 from diffgrpo.config import GRPOConfig, SamplerConfig
 from diffgrpo.diagnostics import gradient_agreement, parameter_vector, policy_movement, step_means
 from diffgrpo.guidance import check_guidance
+from diffgrpo.loss import FORWARD_OBJECTIVES
+from diffgrpo.nft import update_old_policy
 from diffgrpo.probe import evaluate_probe
 from diffgrpo.rewards import RewardSet, available_rewards
 from diffgrpo.rollout import resolve_steps
@@ -59,8 +61,17 @@ def check_run(task: Task, cfg: GRPOConfig, chain: SamplingChain) -> None:
                          f"{tuple(task.sample_shape)}; build it with SamplingChain.of(task, sampler)")
     check_stochastic_steps(chain)
     num_steps = chain.num_steps
+    replays_steps = cfg.loss.objective not in FORWARD_OBJECTIVES  # ratio, x0_regression: the stored steps
+    if replays_steps and chain.sampler.eta == 0:
+        raise ValueError(f"objective={cfg.loss.objective!r} trains the chain's stochastic steps, but sampler.eta = 0 "
+                         "makes every step deterministic; raise --sampler.eta, or pick --grpo.loss.objective nft or "
+                         "awm (they accept a deterministic sampler)")
+    if cfg.diagnostics_every and not replays_steps:
+        raise ValueError(f"--grpo.diagnostics-every measures the gradients of the rollout's step terms, which "
+                         f"objective={cfg.loss.objective!r} does not train; set it to 0 (the iteration logs carry "
+                         "policy/relative_step and, for nft, loss/old_deviation)")
     several = cfg.inner_epochs * cfg.num_minibatches > 1
-    if several and chain.sampler.log_prob_reduction == "sum" and cfg.loss.clip_range is None:
+    if replays_steps and several and chain.sampler.log_prob_reduction == "sum" and cfg.loss.clip_range is None:
         raise ValueError(
             f"inner_epochs={cfg.inner_epochs} x num_minibatches={cfg.num_minibatches} optimiser steps per "
             "rollout with summed step log-probs (sampler.log_prob_reduction='sum') and no clip: after the first "
@@ -233,12 +244,17 @@ def train_grpo(
                        autocast=accelerator.autocast)
         diagnose = bool(cfg.diagnostics_every) and it % cfg.diagnostics_every == 0
         before = update_diagnostics_before(task, policy, chain, data, cfg) if diagnose else None
+        theta_before = parameter_vector(policy)
         stats = policy_update(task, run.model, chain, data, run.optimizer, cfg=cfg,       # l.7-9
                               generator=run.streams.step_selection, accelerator=accelerator,
                               lr_scheduler=run.lr_schedule, reference=run.reference,
-                              order_generator=run.streams.minibatch_order, guard=run.guard)
+                              order_generator=run.streams.minibatch_order, guard=run.guard,
+                              old_policy=run.old_policy)
+        stats["policy/relative_step"] = relative_change(parameter_vector(policy), theta_before)
         if run.ema is not None:
             run.ema.update(policy)
+        if run.old_policy is not None:  # DiffusionNFT's old policy follows the trained one with its schedule
+            stats["old_policy/decay"] = update_old_policy(run.old_policy, policy, it, cfg.loss.old_policy)
         if before is not None:
             stats.update(update_diagnostics_after(task, policy, chain, data, cfg, before, theta_start))
         if hooks.after_update is not None:                                                   # e.g. a learned reward
@@ -257,24 +273,29 @@ def train_grpo(
 def update_diagnostics_before(task: Task, policy: nn.Module, chain: SamplingChain, data: RolloutBatch,
                               cfg: GRPOConfig) -> dict:
     """Gradient agreement of the two halves of the groups (per step bucket), per-step gradient norms,
-    and the state needed to measure the update's movement (``diffgrpo.diagnostics``). Draws nothing
+    and the state needed to measure the update's step KL (``diffgrpo.diagnostics``). Draws nothing
     from the run's random streams, so a run with diagnostics samples what one without them does."""
     steps = data.trajectory.is_stochastic.nonzero().flatten().tolist()
     rows = slice(0, min(cfg.micro_batch_size, 16, data.trajectory.states.shape[0]))
     return {"logs": gradient_agreement(task, policy, chain, data, cfg=cfg, steps=steps),
             "means": step_means(task, policy, chain, data, cfg=cfg, rows=rows, steps=steps),
-            "rows": rows, "steps": steps, "theta": parameter_vector(policy)}
+            "rows": rows, "steps": steps}
 
 
 def update_diagnostics_after(task: Task, policy: nn.Module, chain: SamplingChain, data: RolloutBatch, cfg: GRPOConfig,
                              before: dict, theta_start) -> dict[str, float]:
-    """Add the update's movement: per-step KL(new || old) on up to 16 stored chains, ||delta theta|| / ||theta||,
-    and ||theta - theta_start|| / ||theta_start|| (theta_start: the weights when this call began)."""
+    """Add the update's movement: per-step KL(new || old) on up to 16 stored chains and
+    ||theta - theta_start|| / ||theta_start|| (theta_start: the weights when this call began)."""
     after = step_means(task, policy, chain, data, cfg=cfg, rows=before["rows"], steps=before["steps"])
     theta = parameter_vector(policy)
     return {**before["logs"], **policy_movement(before["means"], after, reduction=chain.sampler.log_prob_reduction),
-            "policy/relative_step": float((theta - before["theta"]).norm() / before["theta"].norm()),
-            "policy/drift_since_start": float((theta - theta_start).norm() / theta_start.norm())}
+            "policy/drift_since_start": relative_change(theta, theta_start)}
+
+
+def relative_change(theta, theta_before) -> float:
+    """||theta - theta_before|| / ||theta_before||: how far an update moved the trainable weights (the
+    policy's movement, logged every iteration as ``policy/relative_step``; 0 for a whole run means no learning)."""
+    return float((theta - theta_before).norm() / theta_before.norm().clamp(min=1e-30))
 
 
 def group_id_offset(iteration: int, process_index: int, num_processes: int, conditions_per_iteration: int) -> int:
