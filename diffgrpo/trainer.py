@@ -54,18 +54,21 @@ def check_run(task: Task, cfg: GRPOConfig, chain: SamplingChain) -> None:
     The config checks itself on construction, the chain on :meth:`SamplingChain.build`; this adds what
     needs both: the trained-step window against the chain's K steps, several optimiser steps against
     summed log-densities, guidance against the task's condition, and the reward names against the registry,
-    and that the chain has stochastic steps whose noise survives float32 (:func:`check_stochastic_steps`).
+    and, for the objectives that re-score the stored steps (ratio, x0_regression), that the chain has
+    stochastic steps whose noise survives float32 (:func:`check_stochastic_steps`).
     """
     if tuple(chain.sample_shape) != tuple(task.sample_shape):
         raise ValueError(f"the sampling chain is built for samples {chain.sample_shape} but the task samples "
                          f"{tuple(task.sample_shape)}; build it with SamplingChain.of(task, sampler)")
-    check_stochastic_steps(chain)
     num_steps = chain.num_steps
     replays_steps = cfg.loss.objective not in FORWARD_OBJECTIVES  # ratio, x0_regression: the stored steps
     if replays_steps and chain.sampler.eta == 0:
         raise ValueError(f"objective={cfg.loss.objective!r} trains the chain's stochastic steps, but sampler.eta = 0 "
-                         "makes every step deterministic; raise --sampler.eta, or pick --grpo.loss.objective nft or "
-                         "awm (they accept a deterministic sampler)")
+                         "makes every step deterministic, so no step of the sampling chain is stochastic; raise "
+                         "--sampler.eta, or pick --grpo.loss.objective nft or awm (they accept a deterministic "
+                         "sampler)")
+    if replays_steps:  # nft and awm train on fresh forward noise: the chain's own noise is not trained on
+        check_stochastic_steps(chain)
     if cfg.diagnostics_every and not replays_steps:
         raise ValueError(f"--grpo.diagnostics-every measures the gradients of the rollout's step terms, which "
                          f"objective={cfg.loss.objective!r} does not train; set it to 0 (the iteration logs carry "

@@ -76,16 +76,17 @@ def test_the_fingerprint_holds_task_data_chain_and_job(tmp_path):
 
 
 def test_the_ego_jobs_fingerprint_holds_what_feeds_rewards_chain_and_data():
-    """Issue 24: --omega-vis, --rollout-sampling-steps and --no-use-visual-reward were not compared on resume."""
+    """Issue 24: --omega-vis, --rollout-sampling-steps and --no-use-visual-reward (now --perceptual-omega and
+    --no-use-perceptual-reward) were not compared on resume."""
     import dataclasses
 
     from tasks.ego_motion.grpo import Config
 
     cfg = Config()
     base = cfg.fingerprint()
-    assert {"omega_vis", "rollout_sampling_steps", "use_visual_reward", "task", "prior"} <= set(base)
+    assert {"perceptual_omega", "rollout_sampling_steps", "use_perceptual_reward", "task", "prior"} <= set(base)
     assert not {"output_dir", "resume", "threads", "grpo"} & set(base) and "cache_dir" not in base["task"]
-    for change in (dict(omega_vis=2.0), dict(rollout_sampling_steps=12), dict(use_visual_reward=False)):
+    for change in (dict(perceptual_omega=2.0), dict(rollout_sampling_steps=12), dict(use_perceptual_reward=False)):
         other = dataclasses.replace(cfg, **change).fingerprint()
         assert [k for k in base if base[k] != other[k]] == list(change), change
     assert dataclasses.replace(cfg, resume=True, threads=2).fingerprint() == base  # run control may change
