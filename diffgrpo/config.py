@@ -258,7 +258,10 @@ class GRPOConfig:
     agreement of two halves of the groups per step bucket, per-step gradient norms, the KL between the
     step distributions before and after the update, and the relative weight change. Costs about one
     extra forward and backward pass over the batch on those iterations."""
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Literal["no", "fp16", "bf16", "auto"] = "no"
+    """accelerate's mixed precision. "auto": bf16 where it pays (CUDA with native bf16, a CPU with AMX-BF16),
+    fp32 elsewhere (``diffgrpo.precision``; on a CPU with AVX512-BF16 alone bf16 measured slower than fp32,
+    docs/benchmarks.md). Densities and the on-policy ratio are exact in every mode."""
     overwrite_output_dir: bool = False
     """Start over in an output directory that already holds checkpoints, deleting them; without it a run that
     does not resume refuses such a directory (``diffgrpo.run_state.start_run``). Ignored by a run that resumes."""
@@ -291,8 +294,8 @@ class GRPOConfig:
             raise ValueError(f"diagnostics_every must be >= 0 (0 = never), got {self.diagnostics_every}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0 (0 = only at the end), got {self.checkpoint_every}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"mixed_precision={self.mixed_precision!r} is not one of 'no', 'fp16', 'bf16'")
+        if self.mixed_precision not in ("no", "fp16", "bf16", "auto"):
+            raise ValueError(f"mixed_precision={self.mixed_precision!r} is not one of 'no', 'fp16', 'bf16', 'auto'")
         if self.step_weighting not in ("uniform", "unit_score"):
             raise ValueError(f"step_weighting={self.step_weighting!r} is not one of 'uniform', 'unit_score'")
         if self.loss.objective in ("nft", "awm") and (self.steps != StepSelectionConfig()

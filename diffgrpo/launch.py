@@ -15,13 +15,19 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 
+from diffgrpo.precision import resolve_mixed_precision
+
 logger = logging.getLogger(__name__)
 
 
 def make_accelerator(output_dir: str | Path, *, mixed_precision: str = "no", log_with: str | None = "tensorboard",
                      cpu: bool | None = None) -> Accelerator:
-    """An Accelerator logging to ``output_dir/logs``; CPU multi-process (gloo) when no GPU is present."""
+    """An Accelerator logging to ``output_dir/logs``; CPU multi-process (gloo) when no GPU is present.
+
+    ``mixed_precision`` "auto" becomes bf16 where it pays and "no" elsewhere
+    (:func:`diffgrpo.precision.resolve_mixed_precision`)."""
     use_cpu = not torch.cuda.is_available() if cpu is None else cpu
+    mixed_precision = resolve_mixed_precision(mixed_precision, "cpu" if use_cpu else "cuda")
     if use_cpu and mixed_precision == "fp16":
         raise ValueError("fp16 mixed precision needs a GPU; on CPU use --mixed-precision bf16 or no")
     accelerator = Accelerator(
