@@ -160,9 +160,10 @@ def test_the_exported_prior_evaluates_to_the_jobs_own_numbers_and_every_recipe_t
     on_disk = json.loads((cfg.output_dir / "results.json").read_text())
     exported = cfg.output_dir / "prior.safetensors"
     assert on_disk["prior"] == str(exported) and not exported.with_name("prior.safetensors.tmp").exists()
+    stitch = dataclasses.replace(infer_recipe.StitchConfig(), window_frames=cfg.task.window_frames)
     evaluation = eval_recipe.run_eval(eval_recipe.Config(
         prior=exported, output_dir=root / "eval_exported", seeds=(cfg.eval_seed,), batch_size=32,
-        max_windows=cfg.eval_max_windows, use_tto=False, render=False, task=cfg.task))
+        max_windows=cfg.eval_max_windows, use_tto=False, render=False, task=cfg.task, stitch=stitch))
     per_window = evaluation["per_window_first_seed"]["base"]
     assert {name: float(torch.tensor(values).mean()) for name, values in per_window.items()} == on_disk["grpo"]
     assert on_disk["grpo"] != on_disk["base"]  # the file holds the post-trained weights, not the prior's
@@ -170,8 +171,8 @@ def test_the_exported_prior_evaluates_to_the_jobs_own_numbers_and_every_recipe_t
     again = recipe.main(dataclasses.replace(cfg, prior=exported, output_dir=root / "from_exported",
                                             grpo=dataclasses.replace(cfg.grpo, num_iterations=1)))
     assert again["base"] == on_disk["grpo"]  # the main job starts from the exported weights
-    rlpf_recipe.Config(base=dataclasses.replace(cfg, prior=exported))  # RLPF's --base.prior is the main job's
-    stitch = dataclasses.replace(infer_recipe.StitchConfig(), window_frames=cfg.task.window_frames)
+    rlpf = rlpf_recipe.Config(base=dataclasses.replace(rlpf_recipe.default_base(), prior=exported))
+    assert rlpf.base.prior == exported  # RLPF's --base.prior is the main job's --prior, checked at start-up
     infer_recipe.Config(mps_dir=root, prior=exported, task=cfg.task, stitch=stitch)
     task = recipe.EgoMotionTask(cfg.task)  # inference's step 3 on a test head trajectory with the loaded file
     head = task.load_examples("test", torch.arange(1))["T_world_cpf"]
