@@ -11,8 +11,11 @@ gradient-signal recipes run the very same job; the loop is ``diffgrpo.trainer.tr
     accelerate launch recipes/ego_motion.py --prior egoallo_checkpoint_april13 --task.include-hands  # EgoAllo's
                                           # released prior on AMASS: docs/egoallo_checkpoint.md has the flags
 
-Writes into ``--output-dir``: results.json ({"base", "grpo", "base+tto", "grpo+tto", "config"}),
-results.md, curves.png, history.json, checkpoints/ and TensorBoard logs/.
+Writes into ``--output-dir``: prior.safetensors (the post-trained denoiser; an EgoAllo prior becomes the
+folder prior/), which ``--prior`` of every ego-motion recipe reads, e.g.
+``python recipes/eval_ego_motion.py --prior runs/ego_motion/prior.safetensors --seeds 1234 --batch-size 32``
+(the job's own held-out evaluation), results.json ({"base", "grpo", "base+tto", "grpo+tto", "prior",
+"config"}), results.md, curves.png, history.json, checkpoints/ and TensorBoard logs/.
 """
 
 from __future__ import annotations

@@ -389,6 +389,9 @@ def test_one_grpo_iteration_and_the_evaluation_on_an_egoallo_folder(tiny_folder,
     assert policy.keys() == before.keys()  # the post-trained policy keeps EgoAllo's keys
     unchanged = sorted(k for k in before if torch.equal(policy[k], before[k]))
     assert unchanged == ["decoder_layers.0.rotary_emb.freqs", "encoder_layers.0.rotary_emb.freqs"]  # all else moved
+    exported = load_denoiser(results["prior"]).state_dict()  # the job's export, in EgoAllo's layout: that policy
+    assert results["prior"] == str(cfg.output_dir / "prior")
+    assert exported.keys() == policy.keys() and all(torch.equal(exported[k], policy[k]) for k in policy)
     with pytest.raises(ValueError, match="pass --task.include-hands True"):
         recipe.main(dataclasses.replace(cfg, output_dir=tmp_path / "no_hands",
                                         task=dataclasses.replace(task, include_hands=False)))

@@ -24,9 +24,10 @@ group, update the policy, then train the perceptual model on this iteration's ha
     accelerate launch recipes/ego_motion.py --prior egoallo_checkpoint_april13 --task.include-hands  # EgoAllo's
                                           # released prior on AMASS: docs/egoallo_checkpoint.md has the flags
 
-Writes into ``--output-dir``: results.json ({"base", "grpo", "base+tto", "grpo+tto", "config"}),
-results.md, curves.png (sub-rewards, group std per sub-reward, zero-std fraction, diversity),
-checkpoints/ and TensorBoard logs/.
+Writes into ``--output-dir``: prior.safetensors (the post-trained denoiser, which ``--prior`` of every
+recipe reads; an EgoAllo prior becomes the folder prior/: ``model.prior_export``), results.json ({"base",
+"grpo", "base+tto", "grpo+tto", "prior", "config"}), results.md, curves.png (sub-rewards, group std per
+sub-reward, zero-std fraction, diversity), checkpoints/ and TensorBoard logs/.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from diffgrpo.trainer import LoopHooks, check_run, parse_reward_specs, train_grp
 from tasks.ego_motion.model.egoallo_checkpoint import find_checkpoint_files
 from tasks.ego_motion.model.motion import Modality, feature_range
 from tasks.ego_motion.model.network import load_denoiser
+from tasks.ego_motion.model.prior_export import export_prior
 from tasks.ego_motion.rewards.perceptual import PerceptualConfig, PerceptualTrainer
 from tasks.ego_motion.rewards.perceptual_data import (
     NEGATIVE_KINDS,
@@ -339,8 +341,9 @@ def main(cfg: Config) -> dict:
     if not accelerator.is_main_process:
         return {}
 
-    post = evaluate_all(task, model, cfg)
-    results = {"base": base[""], "grpo": post[""], "train_seconds": train_seconds,
+    post = evaluate_all(task, model, cfg)  # the raw weights (an EMA is swapped in only for the probe): export those
+    prior = export_prior(model, cfg.output_dir, cfg.prior, grpo.num_iterations)
+    results = {"base": base[""], "grpo": post[""], "prior": str(prior), "train_seconds": train_seconds,
                "seconds_per_iteration": _mean(history.get("time/iteration_seconds", [])),
                "num_processes": accelerator.num_processes, "critic_warmup": warmup, "config": cfg.effective()}
     if cfg.use_tto:

@@ -143,3 +143,40 @@ def test_reward_params_reach_the_joint_rewards_and_are_checked_at_start_up(tiny)
     with pytest.raises(ValueError, match="repeats --perceptual-omega"):
         dataclasses.replace(cfg, reward_params=("ego_perceptual.omega=2.0",))
     dataclasses.replace(cfg, reward_params=("ego_pos.omega=20.0",))  # a used reward's own parameter: accepted
+
+
+def test_the_exported_prior_evaluates_to_the_jobs_own_numbers_and_every_recipe_takes_it(tiny):
+    """prior.safetensors is the model the job's final evaluation scored: the evaluation recipe on it, with the
+    job's seed, windows and batch size, gives the job's held-out numbers bit for bit; the main job, inference
+    and RLPF accept it as --prior."""
+    import recipes.eval_ego_motion as eval_recipe
+    import recipes.infer_ego_motion as infer_recipe
+    import recipes.rlpf_ego_motion as rlpf_recipe
+    from tasks.ego_motion.model.network import load_denoiser
+
+    recipe, cfg, root = tiny
+    if not (cfg.output_dir / "results.json").exists():
+        recipe.main(cfg)
+    on_disk = json.loads((cfg.output_dir / "results.json").read_text())
+    exported = cfg.output_dir / "prior.safetensors"
+    assert on_disk["prior"] == str(exported) and not exported.with_name("prior.safetensors.tmp").exists()
+    stitch = dataclasses.replace(infer_recipe.StitchConfig(), window_frames=cfg.task.window_frames)
+    evaluation = eval_recipe.run_eval(eval_recipe.Config(
+        prior=exported, output_dir=root / "eval_exported", seeds=(cfg.eval_seed,), batch_size=32,
+        max_windows=cfg.eval_max_windows, use_tto=False, render=False, task=cfg.task, stitch=stitch))
+    per_window = evaluation["per_window_first_seed"]["base"]
+    assert {name: float(torch.tensor(values).mean()) for name, values in per_window.items()} == on_disk["grpo"]
+    assert on_disk["grpo"] != on_disk["base"]  # the file holds the post-trained weights, not the prior's
+
+    again = recipe.main(dataclasses.replace(cfg, prior=exported, output_dir=root / "from_exported",
+                                            grpo=dataclasses.replace(cfg.grpo, num_iterations=1)))
+    assert again["base"] == on_disk["grpo"]  # the main job starts from the exported weights
+    rlpf = rlpf_recipe.Config(base=dataclasses.replace(rlpf_recipe.default_base(), prior=exported))
+    assert rlpf.base.prior == exported  # RLPF's --base.prior is the main job's --prior, checked at start-up
+    infer_recipe.Config(mps_dir=root, prior=exported, task=cfg.task, stitch=stitch)
+    task = recipe.EgoMotionTask(cfg.task)  # inference's step 3 on a test head trajectory with the loaded file
+    head = task.load_examples("test", torch.arange(1))["T_world_cpf"]
+    sample = infer_recipe.sample_sequence(task, load_denoiser(exported).eval(), head,
+                                          generator=torch.Generator().manual_seed(0), stitch_cfg=stitch)
+    assert sample.decoded["joints_world"].shape[:2] == (1, cfg.task.window_frames)
+    assert torch.isfinite(sample.decoded["joints_world"]).all()
