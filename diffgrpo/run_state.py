@@ -146,7 +146,7 @@ def run_record(cfg: GRPOConfig, chain: SamplingChain, task: Task | None = None, 
     chain existed kept them), the chain's timesteps and sample shape under ``"chain"``, the task's class
     and its training data (:func:`data_identity`) under ``"task"`` and ``"data"``, and ``job``: the
     calling job's settings that feed the rewards, the chain or the data (e.g. the ego-motion job's
-    ``--omega-vis``, ``--rollout-sampling-steps``, ``--no-use-visual-reward``).
+    ``--perceptual-omega``, ``--rollout-sampling-steps``, ``--no-use-perceptual-reward``).
     """
     record = {**asdict(cfg), "sampler": asdict(chain.sampler),
               "chain": {"timesteps": chain.timesteps.tolist(), "sample_shape": list(chain.sample_shape)},
