@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from diffgrpo.chain import SamplingChain, step_with_logprob
+from diffgrpo.chain import SamplingChain
 from diffgrpo.checkpoint import Checkpoint
 from diffgrpo.config import GRPOConfig, SamplerConfig
 from diffgrpo.diagnostics import gradient_agreement, parameter_vector, policy_movement, step_means
@@ -124,12 +124,10 @@ def check_stochastic_steps(chain: SamplingChain) -> None:
     Why refuse rather than warn: a step that rounds onto its mean stores a sample of no Gaussian at all,
     and its log-density (of the mean itself) is the largest the step can give, so the ratio and the loss
     are wrong on every such step. Samples are assumed unit-scale (diffusion data and noise are). Each
-    step's std is read from one dummy step (``diffgrpo.chain.step_with_logprob``; it depends on the step
-    alone). Evaluation chains are not checked: eta 0 is how they sample deterministically.
+    step's std is the chain's own (``SamplingChain.steps``, computed once when it is made). Evaluation
+    chains are not checked: eta 0 is how they sample deterministically.
     """
-    zeros = torch.zeros(1, *chain.sample_shape)
-    stds = [float(step_with_logprob(chain, k, zeros, zeros, prev_sample=zeros).std.max())
-            for k in range(chain.num_steps)]
+    stds = [step.std for step in chain.steps]  # computed when the chain was made
     if not any(std > 0 for std in stds):
         raise ValueError(f"no step of the sampling chain is stochastic (eta={chain.sampler.eta}, "
                          f"sde_window={chain.sampler.sde_window}, K={chain.num_steps}): GRPO trains the density of "
