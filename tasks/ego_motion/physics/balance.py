@@ -32,7 +32,7 @@ import mujoco
 import numpy as np
 
 from .dynamics import friction_cone_edges
-from .humanoid import FOOT_BODIES, JOINT_NAMES, Humanoid
+from .humanoid import Humanoid
 
 if TYPE_CHECKING:
     from .tracking import TrackingConfig
@@ -45,8 +45,8 @@ class Control:
     Attributes:
         joint_torques: (nv - 6,) generalized forces of the 21 ball joints (N m, child frames).
         residual: (6,) root residual: world force (N), then torque in the pelvis frame (N m).
-        forces: (8, 3) planned contact force at each foot point (zero where not in contact).
-        points: (8, 3) the foot points (``Humanoid.foot_points`` order) of the simulated humanoid.
+        forces: (P, 3) planned contact force at each foot point (zero where not in contact).
+        points: (P, 3) the foot points (``Humanoid.foot_points`` order) of the simulated humanoid.
         qacc: (nv,) the accelerations the update is consistent with (qdd with the root's unmet part).
     """
 
@@ -64,24 +64,17 @@ class BalanceController:
         self.cfg, self.model = cfg, humanoid.tracker_model
         self.edges = friction_cone_edges(cfg.friction)  # (3, 4)
         self.weight = humanoid.weight_n
-        feet = [JOINT_NAMES.index(name) for name in FOOT_BODIES]
-        self.foot_geoms = humanoid.geom_ids[feet]
-        self.point_bodies = np.repeat(humanoid.body_ids[feet], 2)  # (8,)
-        self.half_length = self.model.geom_size[self.foot_geoms, 1][:, None]
-        self.radius = np.repeat(self.model.geom_size[self.foot_geoms, 0], 2)
-        self.previous = np.zeros((2 * len(FOOT_BODIES), 3))
+        self.humanoid = humanoid
+        self.point_bodies = humanoid.foot_point_bodies  # (P,)
+        self.previous = np.zeros((len(self.point_bodies), 3))
         self.residual_bound = np.full(6, cfg.residual_bound * self.weight)
         nv = self.model.nv
         self._M, self._jacp = np.empty((nv, nv)), np.empty((3, nv))
 
     def foot_points(self, data: mujoco.MjData) -> np.ndarray:
-        """(8, 3) bottoms of the foot capsules' ends in ``data``'s state (as ``Humanoid.foot_points``)."""
-        centre = data.geom_xpos[self.foot_geoms]
-        axis = data.geom_xmat[self.foot_geoms][:, 6:9]  # capsule axis = local z
-        points = np.stack([centre - self.half_length * axis, centre + self.half_length * axis], axis=1)
-        points = points.reshape(-1, 3)
-        points[:, 2] -= self.radius
-        return points
+        """(P, 3) the sole corners (``Humanoid.foot_points``) in ``data``'s state."""
+        ids = self.humanoid.geom_ids
+        return self.humanoid.foot_points(data.geom_xpos[ids], data.geom_xmat[ids].reshape(-1, 3, 3))
 
     def __call__(self, data: mujoco.MjData, qdd: np.ndarray) -> Control:
         """The control update for desired accelerations ``qdd`` (nv,) in ``data``'s state (``mj_step1`` done)."""
@@ -105,8 +98,8 @@ class BalanceController:
         return Control(joint_torques=joint_torques, residual=residual, forces=forces, points=points, qacc=qacc)
 
     def _solve(self, A: np.ndarray, b: np.ndarray, active: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(forces (8, 3), residual (6,)) of the module doc's QP for root rows ``A`` (6, 4 P) of the P
-        ``active`` (8,) points and the root's demand ``b`` (6,)."""
+        """(forces (P_all, 3), residual (6,)) of the module doc's QP for root rows ``A`` (6, 4 P) of the P
+        ``active`` (P_all,) points and the root's demand ``b`` (6,)."""
         cfg, E = self.cfg, self.edges
         P = int(active.sum())
         n_w = 4 * P
