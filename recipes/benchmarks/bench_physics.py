@@ -69,7 +69,7 @@ def _humanoid(task: EgoMotionTask, betas: torch.Tensor):
 
 
 def _steps_alone(h, qpos) -> None:
-    """The MuJoCo steps one tracking takes (``mj_step1`` + ``mj_step2`` per step, 2 per frame), with no control:
+    """The MuJoCo steps one tracking takes (``mj_step1`` + ``mj_step2`` per step, 4 per frame), with no control:
     the part of the tracker's cost that is not the controller's Python."""
     model = h.tracker_model
     data = mujoco.MjData(model)

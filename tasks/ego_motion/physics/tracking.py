@@ -63,7 +63,8 @@ class TrackingConfig:
     a reference whose feet go into the floor lifts the simulated body (the floor does not give way)."""
     control_hz: float = 60.0
     """Control updates per second (the QP); the joint PD springs act at every simulation step. One update per
-    30 fps frame made the humanoid hop and fall (docs/ego_motion_rlpf.md)."""
+    30 fps frame made the humanoid hop and fall; at 1/120 s steps, 120 Hz gave ground-truth success 0.92 on the
+    post-train windows against 0.91 at 60 Hz, at 1.5 times the cost (docs/ego_motion_rlpf.md)."""
     root_frequency_hz: float = 2.0
     """Natural frequency of the root's PD in the desired accelerations (critically damped): the balance feedback."""
     root_rotation_frequency_hz: float = 4.0
