@@ -85,6 +85,14 @@ def test_quiet_standing_is_held_for_ten_seconds(humanoid):
     assert result.contact_force_n[frames // 2:].mean() == pytest.approx(humanoid.weight_n, rel=0.1)
 
 
+def test_quiet_standing_sunk_into_the_floor_is_not_executed(humanoid):
+    """The standing of the test above with its feet 5 cm into the floor: the floor lifts the simulated pelvis by
+    about that much, which fails the pelvis-rise criterion. (The same standing drifting at 1 m/s is executed: the
+    humanoid shuffles its feet within the tracking tolerance, docs/ego_motion_rlpf.md.)"""
+    sunk = track(humanoid, humanoid.qpos(*EDITS["sunk 5 cm"](*_standing(humanoid, 64))), FPS)
+    assert not sunk.success and sunk.survival == 1.0 and 0.03 < sunk.pelvis_rise_m < 0.06
+
+
 def test_smoothed_derivatives_are_exact_for_a_quadratic_path_and_quiet_on_jitter(humanoid):
     """The Savitzky-Golay fit recovers a parabola's velocity and acceleration at every frame (ends included),
     and turns 1 mm of white jitter into far less acceleration than central differences do."""
