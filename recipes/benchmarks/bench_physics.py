@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -38,7 +40,7 @@ import torch
 from tasks.ego_motion.body.geometry import FOOT_JOINTS
 from tasks.ego_motion.physics.dynamics import inverse_dynamics
 from tasks.ego_motion.physics.edits import EDITS
-from tasks.ego_motion.physics.humanoid import build_humanoid
+from tasks.ego_motion.physics.humanoid import HumanoidConfig, build_humanoid
 from tasks.ego_motion.physics.plausibility import plausibility
 from tasks.ego_motion.physics.tracking import TrackingConfig, track
 from tasks.ego_motion.task import EgoMotionTask, EgoMotionTaskConfig
@@ -64,8 +66,12 @@ def _windows(task: EgoMotionTask, split: str, limit: int):
     return task.load_examples(split, torch.arange(n)), n
 
 
-def _humanoid(task: EgoMotionTask, betas: torch.Tensor):
-    return build_humanoid(task.body.shaped_joints(torch.nn.functional.pad(betas, (0, task.body.num_betas - 16)))[:22])
+def _rest_joints(task: EgoMotionTask, betas: torch.Tensor) -> torch.Tensor:
+    return task.body.shaped_joints(torch.nn.functional.pad(betas, (0, task.body.num_betas - 16)))[:22]
+
+
+def _humanoid(task: EgoMotionTask, betas: torch.Tensor, cfg: HumanoidConfig | None = None):
+    return build_humanoid(_rest_joints(task, betas), cfg)
 
 
 def _steps_alone(h, qpos) -> None:
@@ -79,12 +85,31 @@ def _steps_alone(h, qpos) -> None:
         mujoco.mj_step2(model, data)
 
 
-def speed(task: EgoMotionTask, repeats: int, limit: int) -> dict:
+def _baseline(folder: Path):
+    """(build_humanoid, track) of an older checkout's ``tasks`` package, copied to ``folder/baseline_tasks`` (e.g.
+    ``git archive 7fcf2a5 tasks | tar -x -C folder && mv folder/tasks folder/baseline_tasks``)."""
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    humanoid = importlib.import_module("baseline_tasks.ego_motion.physics.humanoid")
+    tracking = importlib.import_module("baseline_tasks.ego_motion.physics.tracking")
+    return humanoid.build_humanoid, tracking.track
+
+
+def speed(task: EgoMotionTask, repeats: int, limit: int, baseline_dir: Path | None = None) -> dict:
+    """Per stage, the median over the test windows of the best of ``repeats`` (ms); with ``baseline_dir``, an older
+    checkout's tracker timed on the same windows, alternating with this one."""
     batch, n = _windows(task, "test", limit)
     stages: dict[str, list[float]] = {"build": [], "inverse_dynamics": [], "plausibility": [], "tracking": [],
                                       "tracking's simulation steps alone": []}
+    if baseline_dir is not None:
+        baseline_build, baseline_track = _baseline(baseline_dir)
+        stages["baseline tracking"] = []
     for i in range(n):
-        rest = task.body.shaped_joints(torch.nn.functional.pad(batch["betas"][i], (0, task.body.num_betas - 16)))[:22]
+        rest = _rest_joints(task, batch["betas"][i])
+        if baseline_dir is not None:
+            hb = baseline_build(rest)
+            qb = hb.qpos(batch["T_world_root"][i], batch["body_rotmats"][i])
+            stages["baseline tracking"].append(_best_ms(lambda h=hb, q=qb: baseline_track(h, q, FPS), repeats))
         stages["build"].append(_best_ms(lambda rest=rest: build_humanoid(rest), repeats))
         h = build_humanoid(rest)
         qpos = h.qpos(batch["T_world_root"][i], batch["body_rotmats"][i])
@@ -95,6 +120,29 @@ def speed(task: EgoMotionTask, repeats: int, limit: int) -> dict:
     medians = {k: statistics.median(v) for k, v in stages.items()}
     medians["total, cached humanoid"] = medians["inverse_dynamics"] + medians["plausibility"] + medians["tracking"]
     return {"motions": n, "frames": int(batch["T_world_root"].shape[1]), "repeats": repeats, "median_ms": medians}
+
+
+def sweep(task: EgoMotionTask, split: str, tracking: TrackingConfig, humanoid: HumanoidConfig,
+          baseline_dir: Path | None = None) -> dict:
+    """The ground truth alone of every floor-contact window of ``split`` under one tracker configuration: how the
+    defaults were chosen (on post_train). Means, the count of windows failing each criterion, ms per motion. With
+    ``baseline_dir``, an older checkout's tracker at its own defaults instead (the overrides are not applied)."""
+    batch, n = _windows(task, split, 10**9)
+    build, run = (build_humanoid, lambda h, q: track(h, q, FPS, tracking)) if baseline_dir is None else (
+        lambda rest, _: _baseline(baseline_dir)[0](rest), lambda h, q: _baseline(baseline_dir)[1](h, q, FPS))
+    rows = []
+    for i in range(n):
+        h = build(_rest_joints(task, batch["betas"][i]), humanoid)
+        qpos = h.qpos(batch["T_world_root"][i], batch["body_rotmats"][i])
+        t0 = time.perf_counter()
+        tr = run(h, qpos)
+        rows.append((tr.success, tr.survival, tr.assist_n / h.weight_n, (time.perf_counter() - t0) * 1e3,
+                     _failed_criteria(tr, h.weight_n, tracking)))
+    success, survival, residual, ms, failed = zip(*rows, strict=True)
+    return {"split": split, "windows": n, "success": float(np.mean(success)), "survival": float(np.mean(survival)),
+            "residual_per_weight": float(np.mean(residual)), "ms_per_motion": float(np.median(ms)),
+            "failing": {k: sum(any(f.startswith(k) for f in fs) for fs in failed)
+                        for k in ("fell", "residual", "pelvis")}}
 
 
 def _touching_counts(task: EgoMotionTask, split: str) -> dict:
@@ -123,11 +171,15 @@ def separation(task: EgoMotionTask, split: str, limit: int) -> dict:
             row["success"].append(float(tr.success))
             row["survival"].append(tr.survival)
             row["tracking_residual_per_weight"].append(tr.assist_n / h.weight_n)
-            row["residual_force_per_weight"].append(float(inverse_dynamics(h, qpos, FPS).residual_force_n.mean()
-                                                          / h.weight_n))
+            needed = inverse_dynamics(h, qpos, FPS).residual_force_n / h.weight_n  # (T,)
+            row["residual_force_per_weight"].append(float(needed.mean()))
             if edit is None:
+                speed = float((motion[0][1:, :2, 3] - motion[0][:-1, :2, 3]).norm(dim=-1).mean()) * FPS
                 windows.append({"window": i, "sequence": names[i], "success": bool(tr.success),
                                 "survival": tr.survival, "residual_per_weight": tr.assist_n / h.weight_n,
+                                "inverse_dynamics_residual_per_weight": float(needed.mean()),
+                                "inverse_dynamics_residual_max_per_weight": float(needed.max()),
+                                "pelvis_speed_m_per_s": speed,
                                 "pelvis_rise_m": tr.pelvis_rise_m, "failed": _failed_criteria(tr, h.weight_n)})
     truth = np.array(rows["ground truth"]["tracking_residual_per_weight"])
     return {"windows": n, "rows": {name: {k: statistics.mean(v) for k, v in row.items()} for name, row in rows.items()},
@@ -136,9 +188,9 @@ def separation(task: EgoMotionTask, split: str, limit: int) -> dict:
                                                 for q in (0.1, 0.5, 0.9, 1.0)}}
 
 
-def _failed_criteria(tr, weight_n: float) -> list[str]:
+def _failed_criteria(tr, weight_n: float, cfg: TrackingConfig | None = None) -> list[str]:
     """The success criteria (``TrackingConfig``) a tracking result misses, in words."""
-    cfg, T = TrackingConfig(), len(tr.residual_force_n)
+    cfg, T = cfg or TrackingConfig(), len(tr.residual_force_n)
     failed = []
     if tr.survival < 1:
         failed.append(f"fell at frame {round(tr.survival * T)}")
@@ -195,14 +247,32 @@ def table(result: dict) -> str:
 
 def failures(result: dict) -> str:
     """The ground-truth windows that fail, with the criterion and the clip (the docs' diagnosis table)."""
-    lines = ["| split | window | clip | survival | residual / (m g) | pelvis rise (cm) | failed |",
-             "|---|---:|---|---:|---:|---:|---|"]
+    lines = ["| split | window | clip | survival | residual / (m g) | pelvis rise (cm) | inverse-dynamics residual, "
+             "mean / max (m g) | pelvis speed (m/s) | failed |", "|---|---:|---|---:|---:|---:|---:|---:|---|"]
     for split, sep in result["separation"].items():
         for w in sep["ground_truth_windows"]:
             if not w["success"]:
                 lines.append(f"| {split} | {w['window']} | {w['sequence']} | {w['survival']:.2f} | "
                              f"{w['residual_per_weight']:.3f} | {w['pelvis_rise_m'] * 100:.1f} | "
+                             f"{w['inverse_dynamics_residual_per_weight']:.2f} / "
+                             f"{w['inverse_dynamics_residual_max_per_weight']:.2f} | {w['pelvis_speed_m_per_s']:.2f} | "
                              f"{'; '.join(w['failed'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def sweep_table(records: list[dict]) -> str:
+    """The docs' table of ``--sweep`` results: records {"tracking": {...}, "humanoid": {...}, "result": {...}}, or
+    {"label": ..., "result": {...}} for a baseline."""
+    lines = ["| change from the defaults | success | survival | residual / (m g) | failing: fell / residual / "
+             "pelvis rise | ms per motion |", "|---|---:|---:|---:|---:|---:|"]
+    for record in records:
+        change = record.get("label") or ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in
+                                                  {**record["humanoid"], **record["tracking"]}.items())
+        change = change or "none (the defaults)"
+        r = record["result"]
+        failing = " / ".join(str(r["failing"][k]) for k in ("fell", "residual", "pelvis"))
+        lines.append(f"| {change} | {r['success']:.3f} | {r['survival']:.3f} | {r['residual_per_weight']:.3f} | "
+                     f"{failing} | {r['ms_per_motion']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -211,22 +281,37 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--limit", type=int, default=1000, help="at most this many windows per split")
     parser.add_argument("--output", type=Path, default=None, help="write the result as JSON here")
-    parser.add_argument("--table-from", type=Path, default=None, help="print the tables of this JSON result only")
+    parser.add_argument("--table-from", type=Path, default=None,
+                        help="print the tables of this JSON result only (a list: --sweep records)")
     parser.add_argument("--strips-dir", type=Path, default=None, help="also write the reference-vs-simulated PNGs here")
     parser.add_argument("--failures", action="store_true", help="with --table-from: also the failing windows")
     parser.add_argument("--strips-only", action="store_true", help="write the PNGs (--strips-dir) and stop")
+    parser.add_argument("--baseline-dir", type=Path, default=None,
+                        help="time an older checkout's tracker side by side (see _baseline)")
+    parser.add_argument("--sweep", choices=SPLITS, default=None,
+                        help="only the ground truth of this split under --tracking / --humanoid overrides, and stop")
+    parser.add_argument("--tracking", type=json.loads, default={},
+                        help='TrackingConfig overrides, JSON: {"control_hz": 120}')
+    parser.add_argument("--humanoid", type=json.loads, default={}, help='HumanoidConfig overrides, JSON')
     args = parser.parse_args()
     if args.table_from is not None:
         loaded = json.loads(args.table_from.read_text())
-        print(table(loaded) + ("\n" + failures(loaded) if args.failures else ""))
+        if isinstance(loaded, list):  # --sweep records
+            print(sweep_table(loaded))
+        else:
+            print(table(loaded) + ("\n" + failures(loaded) if args.failures else ""))
         raise SystemExit(0)
     torch.set_num_threads(1)
     task = EgoMotionTask(dataclasses.replace(EgoMotionTaskConfig(), floor_contact_m=FLOOR_CONTACT_M))
+    if args.sweep is not None:
+        print(json.dumps(sweep(task, args.sweep, TrackingConfig(**args.tracking), HumanoidConfig(**args.humanoid),
+                               args.baseline_dir)))
+        raise SystemExit(0)
     if args.strips_dir is not None:
         print("\n".join(str(p) for p in strips(task, args.strips_dir)))
     if args.strips_only:
         raise SystemExit(0)
-    result = speed(task, args.repeats, args.limit)
+    result = speed(task, args.repeats, args.limit, args.baseline_dir)
     result["separation"] = {split: separation(task, split, args.limit) for split in SPLITS}
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
