@@ -68,8 +68,14 @@ class BalanceController:
         self.point_bodies = humanoid.foot_point_bodies  # (P,)
         self.previous = np.zeros((len(self.point_bodies), 3))
         self.residual_bound = np.full(6, cfg.residual_bound * self.weight)
-        nv = self.model.nv
+        nv, P = self.model.nv, len(self.point_bodies)
         self._M, self._jacp = np.empty((nv, nv)), np.empty((3, nv))
+        # the QP's pieces that do not change between updates, for all P points (sliced to the active ones):
+        # per-point force cost blocks, and the bounds of [w (4 P), r (6)]
+        per_point = (cfg.force_weight + cfg.continuity_weight) / self.weight**2 * (self.edges.T @ self.edges)  # (4, 4)
+        self._force_cost = np.kron(np.eye(P), per_point)
+        self._upper = np.concatenate([np.full(4 * P, np.inf), self.residual_bound])
+        self._lower = np.concatenate([np.zeros(4 * P), -self.residual_bound])
 
     def foot_points(self, data: mujoco.MjData) -> np.ndarray:
         """(P, 3) the sole corners (``Humanoid.foot_points``) in ``data``'s state."""
@@ -104,17 +110,16 @@ class BalanceController:
         P = int(active.sum())
         n_w = 4 * P
         N2 = 1.0 / self.weight**2  # forces over m g, torques over m g x 1 m
-        B = np.concatenate([A, np.eye(6)], axis=1)  # (6, n_w + 6): A w + r
-        H = N2 * (B.T @ B)
-        H[n_w:, n_w:] += cfg.residual_weight * N2 * np.eye(6)
-        point_block = (cfg.force_weight + cfg.continuity_weight) * N2 * (E.T @ E)
-        for k in range(P):
-            H[4 * k: 4 * k + 4, 4 * k: 4 * k + 4] += point_block
-        g = -N2 * (B.T @ b)
-        g[:n_w] -= cfg.continuity_weight * N2 * (self.previous[active] @ E).reshape(-1)
-        upper = np.concatenate([np.full(n_w, np.inf), self.residual_bound])
-        lower = np.concatenate([np.zeros(n_w), -self.residual_bound])
-        x, _, exitflag, _ = daqp.solve(2 * H, 2 * g, np.zeros((0, n_w + 6)), upper, lower)
+        H = np.empty((n_w + 6, n_w + 6))  # N2 (B^T B) for B = [A, I] (A w + r), plus the costs
+        H[:n_w, :n_w] = N2 * (A.T @ A) + self._force_cost[:n_w, :n_w]
+        H[:n_w, n_w:] = N2 * A.T
+        H[n_w:, :n_w] = N2 * A
+        H[n_w:, n_w:] = (1.0 + cfg.residual_weight) * N2 * np.eye(6)
+        g = np.empty(n_w + 6)
+        g[:n_w] = -N2 * (A.T @ b) - cfg.continuity_weight * N2 * (self.previous[active] @ E).reshape(-1)
+        g[n_w:] = -N2 * b
+        skip = len(self._upper) - 6 - n_w  # the bounds of the inactive points' weights
+        x, _, exitflag, _ = daqp.solve(2 * H, 2 * g, np.zeros((0, n_w + 6)), self._upper[skip:], self._lower[skip:])
         if exitflag < 1:  # w = 0, r = 0 is always feasible: numerical trouble only; then no support (it falls)
             x = np.zeros(n_w + 6)
         forces = np.zeros_like(self.previous)

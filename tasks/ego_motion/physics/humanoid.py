@@ -171,6 +171,10 @@ class Humanoid:
         self.qpos_adr = np.array([self.model.jnt_qposadr[j] for j in joint_ids])
         self.dof_adr = np.array([self.model.jnt_dofadr[j] for j in joint_ids])
         self.geom_ids = np.array([self.model.geom(name).id for name in JOINT_NAMES])
+        index = [JOINT_NAMES.index(name) for name in FOOT_BODIES]
+        half = self.model.geom_size[self.geom_ids[index]]  # (4, 3): half width, half height, half length
+        signs = np.array([[-1, -1, -1], [1, -1, -1], [-1, -1, 1], [1, -1, 1]], dtype=float)  # (4 corners, 3)
+        self._soles = (index, signs[None] * half[:, None])
 
     @property
     def weight_n(self) -> float:
@@ -230,13 +234,9 @@ class Humanoid:
         arrays (or one state's (22, 3) and (22, 3, 3)): for each of ``FOOT_BODIES`` (left ankle, left toes, right
         ankle, right toes) the corners (back, -x), (back, +x), (front, -x), (front, +x) of its bottom face (local
         -y; local z points from heel to toe, local x across the foot)."""
-        feet = self.geom_ids[[JOINT_NAMES.index(name) for name in FOOT_BODIES]]
-        half = self.model.geom_size[feet]  # (4, 3): half width, half height, half length
-        signs = np.array([[-1, -1, -1], [1, -1, -1], [-1, -1, 1], [1, -1, 1]], dtype=float)  # (4 corners, 3)
-        local = signs[None] * half[:, None]  # (4 soles, 4 corners, 3)
-        index = [JOINT_NAMES.index(name) for name in FOOT_BODIES]
+        index, local = self._soles  # (4,) SMPL-H joints of the soles, (4 soles, 4 corners, 3) corners in geom frames
         centre, R = geom_xpos[..., index, :], geom_xmat[..., index, :, :]  # (..., 4, 3), (..., 4, 3, 3)
-        corners = centre[..., None, :] + np.einsum("...sij,scj->...sci", R, local)  # (..., 4, 4, 3)
+        corners = centre[..., None, :] + local @ np.swapaxes(R, -1, -2)  # (..., 4, 4, 3): R @ corner per sole
         return corners.reshape(*corners.shape[:-3], POINTS_PER_SOLE * len(FOOT_BODIES), 3)
 
 
