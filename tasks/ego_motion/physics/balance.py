@@ -7,7 +7,7 @@ desired accelerations qdd (nv,), the equations of motion
     M qacc + c = S^T tau + J_c^T f + [r; 0]
 
 must hold with the root unactuated. The root's demand b = (M qdd + c)[:6] is met by forces f_k at
-the foot points touching the floor (within ``contact_band_m``), each in a 4-edge friction pyramid
+the foot points (sole corners) touching the floor (within ``contact_band_m``), each in a 4-edge friction pyramid
 (f_k = E w_k, w_k >= 0; ``dynamics.friction_cone_edges``), and by an explicit residual wrench r,
 |r_i| <= ``residual_bound`` x m g (x 1 m for torques), chosen by the QP
 

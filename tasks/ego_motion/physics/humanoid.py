@@ -108,7 +108,7 @@ class HumanoidConfig:
     """Half the width of the sole boxes (m). A foot with width resists a roll moment on one foot: a heel-to-toe
     line (the earlier capsule foot) cannot, so single stance could not balance sideways without root help."""
     heel_behind_ankle_m: float = 0.06
-    """How far the heel end of the foot capsule sits behind the ankle joint."""
+    """How far the heel end of the ankle's sole box sits behind the ankle joint."""
     tracker_frequency_hz: float = 6.0
     """Natural frequency of each joint's PD loop: kp = I w^2, kd = 2 zeta I w with I the joint's
     subtree mass times its squared distance to the subtree's centre of mass at rest."""

@@ -3,12 +3,12 @@
 The definitions follow PhysDiff (Yuan et al., ICCV 2023, section 5 "Metrics"), which measures
 them on the lowest SMPL mesh vertices; the body here has no mesh (the bundled SMPL-H stand-in is
 skeleton-level), so the "vertices" are the lowest points of the humanoid's collision geoms
-(``humanoid.py``: capsules and the head sphere), the same surfaces the simulator puts on the floor.
+(``humanoid.py``: capsules, the head sphere and the sole boxes), the same surfaces the simulator puts on the floor.
 Per frame t, z_min(t) is the lowest point of all 22 geoms (m, floor at z = 0):
 
 - penetration (m): mean over frames of max(0, -z_min(t));
 - floating (m): mean over frames of max(0, z_min(t) - ``float_tolerance_m``), PhysDiff's 5 mm;
-- skating (m per frame): over the 16 foot points (sole corners, (``Humanoid.foot_points``) and the
+- skating (m per frame): over the 16 foot points (the sole corners, ``Humanoid.foot_points``) and the
   adjacent frame pairs in which the point is within ``skate_contact_height_m`` of the floor in
   both frames, the mean horizontal displacement; 0 when no point is ever in contact.
 
