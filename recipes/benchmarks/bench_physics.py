@@ -29,7 +29,6 @@ import dataclasses
 import importlib
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -85,28 +84,27 @@ def _steps_alone(h, qpos) -> None:
         mujoco.mj_step2(model, data)
 
 
-def _baseline(folder: Path):
-    """(build_humanoid, track) of an older checkout's ``tasks`` package, copied to ``folder/baseline_tasks`` (e.g.
-    ``git archive 7fcf2a5 tasks | tar -x -C folder && mv folder/tasks folder/baseline_tasks``)."""
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
-    humanoid = importlib.import_module("baseline_tasks.ego_motion.physics.humanoid")
-    tracking = importlib.import_module("baseline_tasks.ego_motion.physics.tracking")
+def _baseline(package: str):
+    """(build_humanoid, track) of an older checkout's ``tasks`` package, importable under the name ``package``: e.g.
+    ``git archive 7fcf2a5 tasks | tar -x -C /tmp/baseline && mv /tmp/baseline/tasks /tmp/baseline/baseline_tasks``,
+    then ``PYTHONPATH=/tmp/baseline python recipes/benchmarks/bench_physics.py --baseline baseline_tasks``."""
+    humanoid = importlib.import_module(f"{package}.ego_motion.physics.humanoid")
+    tracking = importlib.import_module(f"{package}.ego_motion.physics.tracking")
     return humanoid.build_humanoid, tracking.track
 
 
-def speed(task: EgoMotionTask, repeats: int, limit: int, baseline_dir: Path | None = None) -> dict:
-    """Per stage, the median over the test windows of the best of ``repeats`` (ms); with ``baseline_dir``, an older
-    checkout's tracker timed on the same windows, alternating with this one."""
+def speed(task: EgoMotionTask, repeats: int, limit: int, baseline: str | None = None) -> dict:
+    """Per stage, the median over the test windows of the best of ``repeats`` (ms); with ``baseline`` (a package name,
+    ``_baseline``), an older checkout's tracker timed on the same windows, alternating with this one."""
     batch, n = _windows(task, "test", limit)
     stages: dict[str, list[float]] = {"build": [], "inverse_dynamics": [], "plausibility": [], "tracking": [],
                                       "tracking's simulation steps alone": []}
-    if baseline_dir is not None:
-        baseline_build, baseline_track = _baseline(baseline_dir)
+    if baseline is not None:
+        baseline_build, baseline_track = _baseline(baseline)
         stages["baseline tracking"] = []
     for i in range(n):
         rest = _rest_joints(task, batch["betas"][i])
-        if baseline_dir is not None:
+        if baseline is not None:
             hb = baseline_build(rest)
             qb = hb.qpos(batch["T_world_root"][i], batch["body_rotmats"][i])
             stages["baseline tracking"].append(_best_ms(lambda h=hb, q=qb: baseline_track(h, q, FPS), repeats))
@@ -123,13 +121,14 @@ def speed(task: EgoMotionTask, repeats: int, limit: int, baseline_dir: Path | No
 
 
 def sweep(task: EgoMotionTask, split: str, tracking: TrackingConfig, humanoid: HumanoidConfig,
-          baseline_dir: Path | None = None) -> dict:
+          baseline: str | None = None) -> dict:
     """The ground truth alone of every floor-contact window of ``split`` under one tracker configuration: how the
     defaults were chosen (on post_train). Means, the count of windows failing each criterion, ms per motion. With
-    ``baseline_dir``, an older checkout's tracker at its own defaults instead (the overrides are not applied)."""
+    ``baseline`` (a package name, ``_baseline``), an older checkout's tracker at its own defaults instead (the
+    overrides are not applied)."""
     batch, n = _windows(task, split, 10**9)
-    build, run = (build_humanoid, lambda h, q: track(h, q, FPS, tracking)) if baseline_dir is None else (
-        lambda rest, _: _baseline(baseline_dir)[0](rest), lambda h, q: _baseline(baseline_dir)[1](h, q, FPS))
+    build, run = (build_humanoid, lambda h, q: track(h, q, FPS, tracking)) if baseline is None else (
+        lambda rest, _: _baseline(baseline)[0](rest), lambda h, q: _baseline(baseline)[1](h, q, FPS))
     rows = []
     for i in range(n):
         h = build(_rest_joints(task, batch["betas"][i]), humanoid)
@@ -286,8 +285,9 @@ if __name__ == "__main__":
     parser.add_argument("--strips-dir", type=Path, default=None, help="also write the reference-vs-simulated PNGs here")
     parser.add_argument("--failures", action="store_true", help="with --table-from: also the failing windows")
     parser.add_argument("--strips-only", action="store_true", help="write the PNGs (--strips-dir) and stop")
-    parser.add_argument("--baseline-dir", type=Path, default=None,
-                        help="time an older checkout's tracker side by side (see _baseline)")
+    parser.add_argument("--baseline", default=None,
+                        help="package name of an older checkout's tasks on PYTHONPATH: its tracker side by side "
+                             "(see _baseline)")
     parser.add_argument("--sweep", choices=SPLITS, default=None,
                         help="only the ground truth of this split under --tracking / --humanoid overrides, and stop")
     parser.add_argument("--tracking", type=json.loads, default={},
@@ -305,13 +305,13 @@ if __name__ == "__main__":
     task = EgoMotionTask(dataclasses.replace(EgoMotionTaskConfig(), floor_contact_m=FLOOR_CONTACT_M))
     if args.sweep is not None:
         print(json.dumps(sweep(task, args.sweep, TrackingConfig(**args.tracking), HumanoidConfig(**args.humanoid),
-                               args.baseline_dir)))
+                               args.baseline)))
         raise SystemExit(0)
     if args.strips_dir is not None:
         print("\n".join(str(p) for p in strips(task, args.strips_dir)))
     if args.strips_only:
         raise SystemExit(0)
-    result = speed(task, args.repeats, args.limit, args.baseline_dir)
+    result = speed(task, args.repeats, args.limit, args.baseline)
     result["separation"] = {split: separation(task, split, args.limit) for split in SPLITS}
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
