@@ -110,8 +110,9 @@ def test_smoothed_derivatives_are_exact_for_a_quadratic_path_and_quiet_on_jitter
         smoothed_derivatives(humanoid.model, qpos[:5], FPS)
 
 
-# Test windows the tracker executes at its defaults (measured once): walks at 1.1 and 0.3 m/s of the pelvis.
-EXECUTED_TEST_WINDOWS = (16, 31)
+# Test windows the tracker executes at its defaults with a margin (measured once: residual 0.047 and 0.046 m g against
+# the 0.1 allowed): walks at 1.1 and 0.3 m/s of the pelvis (clips 006_01 and 131_02).
+EXECUTED_TEST_WINDOWS = (24, 31)
 
 
 @pytest.fixture(scope="module")
