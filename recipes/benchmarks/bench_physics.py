@@ -36,13 +36,16 @@ import mujoco
 import numpy as np
 import torch
 
+from diffgrpo.rng import make_generator
 from tasks.ego_motion.body.geometry import FOOT_JOINTS
+from tasks.ego_motion.model.network import load_denoiser
 from tasks.ego_motion.physics.dynamics import inverse_dynamics
 from tasks.ego_motion.physics.edits import EDITS
 from tasks.ego_motion.physics.humanoid import HumanoidConfig, build_humanoid
 from tasks.ego_motion.physics.plausibility import plausibility
 from tasks.ego_motion.physics.tracking import TrackingConfig, track
-from tasks.ego_motion.task import EgoMotionTask, EgoMotionTaskConfig
+from tasks.ego_motion.sampling.sampler import sample_motion
+from tasks.ego_motion.task import DEMO_PRIOR_PATH, EgoMotionTask, EgoMotionTaskConfig
 
 FPS = 30.0
 SPLITS = ("test", "post_train")
@@ -200,13 +203,16 @@ def _failed_criteria(tr, weight_n: float, cfg: TrackingConfig | None = None) -> 
     return failed
 
 
+STRIP_PRIOR_SEEDS = 10
+"""The strips' prior sample is the first of this many seeds whose sample the humanoid cannot execute to the end."""
 STRIP_WINDOW = 18
 """The floor-contact test window the strips show (clip 007_02, a walk, which the tracker executes)."""
 
 
 def strips(task: EgoMotionTask, out_dir: Path) -> list[Path]:
-    """PNG strips of reference (blue) vs simulated humanoid (orange): a test window's ground truth and the
-    same window leaned 0 -> 60 deg (which the humanoid cannot follow: it falls behind and the run stops)."""
+    """PNG strips of reference (blue) vs simulated humanoid (orange): a test window's ground truth, the same window
+    leaned 0 -> 60 deg (which the humanoid cannot follow: it falls behind and the run stops), and the shipped prior's
+    sample for its head trajectory that falls (``STRIP_PRIOR_SEEDS``)."""
     from tasks.ego_motion.evaluation.render import render_frames_png
 
     batch = task.load_examples("test", torch.tensor([STRIP_WINDOW]))
@@ -223,6 +229,20 @@ def strips(task: EgoMotionTask, out_dir: Path) -> list[Path]:
                  f"{tr.survival:.2f}, residual {tr.assist_n / h.weight_n:.3f} m g")
         paths.append(render_frames_png(out_dir / f"ego_motion_rlpf_tracker_{name}.png", joints, tr.simulated_joints,
                                        title=title, gt_label="reference", pred_label="simulated"))
+    # the shipped prior's sample for the same head trajectory: the first of the seeds 0, 1, ... whose sample falls
+    model = load_denoiser(DEMO_PRIOR_PATH)
+    for seed in range(STRIP_PRIOR_SEEDS):
+        trajectory = sample_motion(task, model, batch, generator=make_generator(seed, "strip", STRIP_WINDOW))
+        decoded = task.decode(trajectory.samples, batch)
+        h = _humanoid(task, decoded["betas"][0])
+        tr = track(h, h.qpos(decoded["T_world_root"][0], decoded["body_rotmats"][0]), FPS)
+        if tr.survival < 1:
+            title = (f"test window {STRIP_WINDOW}, the prior's sample (seed {seed}): success {tr.success}, survival "
+                     f"{tr.survival:.2f}, residual {tr.assist_n / h.weight_n:.3f} m g")
+            paths.append(render_frames_png(out_dir / "ego_motion_rlpf_tracker_prior_sample.png",
+                                           decoded["joints_world"][0, :, :22], tr.simulated_joints, title=title,
+                                           gt_label="prior sample (reference)", pred_label="simulated"))
+            break
     return paths
 
 
