@@ -4,18 +4,21 @@ balancing tracker separates real motion from non-physical edits of it.
 Why: the physics rewards score every sample of every group (issue goal: at most 20 ms per 64-frame
 motion on one core, so that a group of 64 takes about a second), and RLPF's success signal is only
 worth its cost if the ground truth succeeds and non-physical motion does not. Motions are the
-ground-truth windows that touch the floor (``floor_contact_m = 0.1``, as the RLPF recipe serves
-them) of the test split and of the post-train split (where the tracker's defaults were chosen).
+ground-truth windows that stand on the floor (``floor_contact_m = 0.15``: a foot joint within 0.15 m
+of z = 0 in at least 90 % of the frames, as the RLPF recipe serves them) of the test split and of the
+post-train split (where the tracker's defaults were chosen).
 
 - Speed: each stage's time is the median over the test windows of the best of ``--repeats`` runs;
   "build" compiles a new humanoid (paid once per body shape; the evaluator caches humanoids).
 - Separation: per split, the ground truth and the edits of ``physics/edits.py`` (lifted 0.3 m,
   leaned 0 -> 60 deg, frames shuffled, 1 m/s sliding, sunk 5 cm): tracking success, survival, the
   tracker's root residual (mean over the survived frames, / m g), and the inverse-dynamics residual;
-  plus the ground truth's residual distribution (quantiles over windows).
+  plus the ground truth's residual distribution (quantiles over windows) and, per window, the success
+  criteria it failed (``--failures`` prints them), and the filter's counts against the earlier
+  definition (a foot joint within 0.1 m of z = 0 at some frame).
 
     python recipes/benchmarks/bench_physics.py --repeats 3 --output docs/data/bench_physics.json
-    python recipes/benchmarks/bench_physics.py --table-from docs/data/bench_physics.json   # the doc tables
+    python recipes/benchmarks/bench_physics.py --table-from docs/data/bench_physics.json --failures  # doc tables
     python recipes/benchmarks/bench_physics.py --strips-only --strips-dir docs   # the RLPF page's PNG strips
 """
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import statistics
 import time
@@ -32,18 +36,22 @@ import mujoco
 import numpy as np
 import torch
 
+from diffgrpo.rng import make_generator
+from tasks.ego_motion.body.geometry import FOOT_JOINTS
+from tasks.ego_motion.model.network import load_denoiser
 from tasks.ego_motion.physics.dynamics import inverse_dynamics
 from tasks.ego_motion.physics.edits import EDITS
-from tasks.ego_motion.physics.humanoid import build_humanoid
+from tasks.ego_motion.physics.humanoid import HumanoidConfig, build_humanoid
 from tasks.ego_motion.physics.plausibility import plausibility
-from tasks.ego_motion.physics.tracking import track
-from tasks.ego_motion.task import EgoMotionTask, EgoMotionTaskConfig
+from tasks.ego_motion.physics.tracking import TrackingConfig, track
+from tasks.ego_motion.sampling.sampler import sample_motion
+from tasks.ego_motion.task import DEMO_PRIOR_PATH, EgoMotionTask, EgoMotionTaskConfig
 
 FPS = 30.0
 SPLITS = ("test", "post_train")
-ON_FLOOR_M = 0.1
-"""A window is on the floor throughout when every frame has a foot point this close to z = 0 (m); the others
-climb or stand on boxes, which the simulation does not have."""
+FLOOR_CONTACT_M = 0.15
+"""The floor filter the RLPF recipe serves (``--base.task.floor-contact-m``): a foot joint within this of z = 0 in
+at least ``task.FLOOR_FRAME_FRACTION`` of the frames."""
 
 
 def _best_ms(fn, repeats: int) -> float:
@@ -60,12 +68,16 @@ def _windows(task: EgoMotionTask, split: str, limit: int):
     return task.load_examples(split, torch.arange(n)), n
 
 
-def _humanoid(task: EgoMotionTask, betas: torch.Tensor):
-    return build_humanoid(task.body.shaped_joints(torch.nn.functional.pad(betas, (0, task.body.num_betas - 16)))[:22])
+def _rest_joints(task: EgoMotionTask, betas: torch.Tensor) -> torch.Tensor:
+    return task.body.shaped_joints(torch.nn.functional.pad(betas, (0, task.body.num_betas - 16)))[:22]
+
+
+def _humanoid(task: EgoMotionTask, betas: torch.Tensor, cfg: HumanoidConfig | None = None):
+    return build_humanoid(_rest_joints(task, betas), cfg)
 
 
 def _steps_alone(h, qpos) -> None:
-    """The MuJoCo steps one tracking takes (``mj_step1`` + ``mj_step2`` per step, 2 per frame), with no control:
+    """The MuJoCo steps one tracking takes (``mj_step1`` + ``mj_step2`` per step, 4 per frame), with no control:
     the part of the tracker's cost that is not the controller's Python."""
     model = h.tracker_model
     data = mujoco.MjData(model)
@@ -75,12 +87,30 @@ def _steps_alone(h, qpos) -> None:
         mujoco.mj_step2(model, data)
 
 
-def speed(task: EgoMotionTask, repeats: int, limit: int) -> dict:
+def _baseline(package: str):
+    """(build_humanoid, track) of an older checkout's ``tasks`` package, importable under the name ``package``: e.g.
+    ``git archive 7fcf2a5 tasks | tar -x -C /tmp/baseline && mv /tmp/baseline/tasks /tmp/baseline/baseline_tasks``,
+    then ``PYTHONPATH=/tmp/baseline python recipes/benchmarks/bench_physics.py --baseline baseline_tasks``."""
+    humanoid = importlib.import_module(f"{package}.ego_motion.physics.humanoid")
+    tracking = importlib.import_module(f"{package}.ego_motion.physics.tracking")
+    return humanoid.build_humanoid, tracking.track
+
+
+def speed(task: EgoMotionTask, repeats: int, limit: int, baseline: str | None = None) -> dict:
+    """Per stage, the median over the test windows of the best of ``repeats`` (ms); with ``baseline`` (a package name,
+    ``_baseline``), an older checkout's tracker timed on the same windows, alternating with this one."""
     batch, n = _windows(task, "test", limit)
     stages: dict[str, list[float]] = {"build": [], "inverse_dynamics": [], "plausibility": [], "tracking": [],
                                       "tracking's simulation steps alone": []}
+    if baseline is not None:
+        baseline_build, baseline_track = _baseline(baseline)
+        stages["baseline tracking"] = []
     for i in range(n):
-        rest = task.body.shaped_joints(torch.nn.functional.pad(batch["betas"][i], (0, task.body.num_betas - 16)))[:22]
+        rest = _rest_joints(task, batch["betas"][i])
+        if baseline is not None:
+            hb = baseline_build(rest)
+            qb = hb.qpos(batch["T_world_root"][i], batch["body_rotmats"][i])
+            stages["baseline tracking"].append(_best_ms(lambda h=hb, q=qb: baseline_track(h, q, FPS), repeats))
         stages["build"].append(_best_ms(lambda rest=rest: build_humanoid(rest), repeats))
         h = build_humanoid(rest)
         qpos = h.qpos(batch["T_world_root"][i], batch["body_rotmats"][i])
@@ -93,16 +123,48 @@ def speed(task: EgoMotionTask, repeats: int, limit: int) -> dict:
     return {"motions": n, "frames": int(batch["T_world_root"].shape[1]), "repeats": repeats, "median_ms": medians}
 
 
+def sweep(task: EgoMotionTask, split: str, tracking: TrackingConfig, humanoid: HumanoidConfig,
+          baseline: str | None = None) -> dict:
+    """The ground truth alone of every floor-contact window of ``split`` under one tracker configuration: how the
+    defaults were chosen (on post_train). Means, the count of windows failing each criterion, ms per motion. With
+    ``baseline`` (a package name, ``_baseline``), an older checkout's tracker at its own defaults instead (the
+    overrides are not applied)."""
+    batch, n = _windows(task, split, 10**9)
+    build, run = (build_humanoid, lambda h, q: track(h, q, FPS, tracking)) if baseline is None else (
+        lambda rest, _: _baseline(baseline)[0](rest), lambda h, q: _baseline(baseline)[1](h, q, FPS))
+    rows = []
+    for i in range(n):
+        h = build(_rest_joints(task, batch["betas"][i]), humanoid)
+        qpos = h.qpos(batch["T_world_root"][i], batch["body_rotmats"][i])
+        t0 = time.perf_counter()
+        tr = run(h, qpos)
+        rows.append((tr.success, tr.survival, tr.assist_n / h.weight_n, (time.perf_counter() - t0) * 1e3,
+                     _failed_criteria(tr, h.weight_n, tracking)))
+    success, survival, residual, ms, failed = zip(*rows, strict=True)
+    return {"split": split, "windows": n, "success": float(np.mean(success)), "survival": float(np.mean(survival)),
+            "residual_per_weight": float(np.mean(residual)), "ms_per_motion": float(np.median(ms)),
+            "failing": {k: sum(any(f.startswith(k) for f in fs) for fs in failed)
+                        for k in ("fell", "residual", "pelvis")}}
+
+
+def _touching_counts(task: EgoMotionTask, split: str) -> dict:
+    """How many of the split's windows the floor filter keeps, against the earlier definition (a foot joint within
+    0.1 m of z = 0 at one frame or more), for the docs' honest count."""
+    feet_z = task.windows(split).get(torch.arange(len(task.windows(split))))["joints_world"][:, :, list(FOOT_JOINTS), 2]
+    return {"all_windows": int(feet_z.shape[0]), "touching_at_some_frame": int((feet_z.amin(dim=(1, 2)) <= 0.1).sum()),
+            "on_the_floor": task.num_examples(split)}
+
+
 def separation(task: EgoMotionTask, split: str, limit: int) -> dict:
-    """Per motion kind (ground truth, each edit): the mean of each measure over the split's windows."""
+    """Per motion kind (ground truth, each edit): the mean of each measure over the split's windows; and per window,
+    the ground truth's outcome and the criterion it failed (the docs' failure diagnosis)."""
     batch, n = _windows(task, split, limit)
+    names = task.windows(split).sequence_names(task.kept_windows(split)[:n].tolist())
     rows: dict[str, dict[str, list[float]]] = {}
-    on_floor = []  # every frame has a foot point within ON_FLOOR_M of z = 0 (no box under the feet)
+    windows = []
     for i in range(n):
         h = _humanoid(task, batch["betas"][i])
         motion = (batch["T_world_root"][i], batch["body_rotmats"][i])
-        feet_z = h.foot_points(*h.geom_poses(h.qpos(*motion)))[..., 2]  # (T, 8)
-        on_floor.append(bool((feet_z.min(axis=1) <= ON_FLOOR_M).all()))
         for name, edit in {"ground truth": None, **EDITS}.items():
             qpos = h.qpos(*(motion if edit is None else edit(*motion)))
             tr = track(h, qpos, FPS)
@@ -111,24 +173,46 @@ def separation(task: EgoMotionTask, split: str, limit: int) -> dict:
             row["success"].append(float(tr.success))
             row["survival"].append(tr.survival)
             row["tracking_residual_per_weight"].append(tr.assist_n / h.weight_n)
-            row["residual_force_per_weight"].append(float(inverse_dynamics(h, qpos, FPS).residual_force_n.mean()
-                                                          / h.weight_n))
+            needed = inverse_dynamics(h, qpos, FPS).residual_force_n / h.weight_n  # (T,)
+            row["residual_force_per_weight"].append(float(needed.mean()))
+            if edit is None:
+                speed = float((motion[0][1:, :2, 3] - motion[0][:-1, :2, 3]).norm(dim=-1).mean()) * FPS
+                windows.append({"window": i, "sequence": names[i], "success": bool(tr.success),
+                                "survival": tr.survival, "residual_per_weight": tr.assist_n / h.weight_n,
+                                "inverse_dynamics_residual_per_weight": float(needed.mean()),
+                                "inverse_dynamics_residual_max_per_weight": float(needed.max()),
+                                "pelvis_speed_m_per_s": speed,
+                                "pelvis_rise_m": tr.pelvis_rise_m, "failed": _failed_criteria(tr, h.weight_n)})
     truth = np.array(rows["ground truth"]["tracking_residual_per_weight"])
-    floor = np.array(on_floor)
     return {"windows": n, "rows": {name: {k: statistics.mean(v) for k, v in row.items()} for name, row in rows.items()},
-            "on_floor_windows": int(floor.sum()),
-            "on_floor_ground_truth": {k: float(np.mean(np.array(v)[floor])) for k, v in rows["ground truth"].items()},
+            "floor_filter": _touching_counts(task, split), "ground_truth_windows": windows,
             "ground_truth_residual_quantiles": {f"q{int(q * 100)}": float(np.quantile(truth, q))
                                                 for q in (0.1, 0.5, 0.9, 1.0)}}
 
 
-STRIP_WINDOW = 16
-"""The test window the strips show (a walk at about 1 m/s that the tracker executes)."""
+def _failed_criteria(tr, weight_n: float, cfg: TrackingConfig | None = None) -> list[str]:
+    """The success criteria (``TrackingConfig``) a tracking result misses, in words."""
+    cfg, T = cfg or TrackingConfig(), len(tr.residual_force_n)
+    failed = []
+    if tr.survival < 1:
+        failed.append(f"fell at frame {round(tr.survival * T)}")
+    if tr.assist_n / weight_n > cfg.max_residual_per_weight:
+        failed.append(f"residual {tr.assist_n / weight_n:.3f} m g")
+    if tr.pelvis_rise_m > cfg.max_pelvis_rise_m:
+        failed.append(f"pelvis rise {tr.pelvis_rise_m * 100:.1f} cm")
+    return failed
+
+
+STRIP_PRIOR_SEEDS = 10
+"""The strips' prior sample is the first of this many seeds whose sample the humanoid cannot execute to the end."""
+STRIP_WINDOW = 18
+"""The floor-contact test window the strips show (clip 007_02, a walk, which the tracker executes)."""
 
 
 def strips(task: EgoMotionTask, out_dir: Path) -> list[Path]:
-    """PNG strips of reference (blue) vs simulated humanoid (orange): a test window's ground truth and the
-    same window leaned 0 -> 60 deg (which the humanoid cannot follow: it falls behind and the run stops)."""
+    """PNG strips of reference (blue) vs simulated humanoid (orange): a test window's ground truth, the same window
+    leaned 0 -> 60 deg (which the humanoid cannot follow: it falls behind and the run stops), and the shipped prior's
+    sample for its head trajectory that falls (``STRIP_PRIOR_SEEDS``)."""
     from tasks.ego_motion.evaluation.render import render_frames_png
 
     batch = task.load_examples("test", torch.tensor([STRIP_WINDOW]))
@@ -145,6 +229,20 @@ def strips(task: EgoMotionTask, out_dir: Path) -> list[Path]:
                  f"{tr.survival:.2f}, residual {tr.assist_n / h.weight_n:.3f} m g")
         paths.append(render_frames_png(out_dir / f"ego_motion_rlpf_tracker_{name}.png", joints, tr.simulated_joints,
                                        title=title, gt_label="reference", pred_label="simulated"))
+    # the shipped prior's sample for the same head trajectory: the first of the seeds 0, 1, ... whose sample falls
+    model = load_denoiser(DEMO_PRIOR_PATH)
+    for seed in range(STRIP_PRIOR_SEEDS):
+        trajectory = sample_motion(task, model, batch, generator=make_generator(seed, "strip", STRIP_WINDOW))
+        decoded = task.decode(trajectory.samples, batch)
+        h = _humanoid(task, decoded["betas"][0])
+        tr = track(h, h.qpos(decoded["T_world_root"][0], decoded["body_rotmats"][0]), FPS)
+        if tr.survival < 1:
+            title = (f"test window {STRIP_WINDOW}, the prior's sample (seed {seed}): success {tr.success}, survival "
+                     f"{tr.survival:.2f}, residual {tr.assist_n / h.weight_n:.3f} m g")
+            paths.append(render_frames_png(out_dir / "ego_motion_rlpf_tracker_prior_sample.png",
+                                           decoded["joints_world"][0, :, :22], tr.simulated_joints, title=title,
+                                           gt_label="prior sample (reference)", pred_label="simulated"))
+            break
     return paths
 
 
@@ -156,16 +254,45 @@ def table(result: dict) -> str:
         checks = "\n".join(f"| {name} | {v['success']:.2f} | {v['survival']:.2f} | "
                            f"{v['tracking_residual_per_weight']:.3f} | {v['residual_force_per_weight']:.2f} |"
                            for name, v in sep["rows"].items())
-        floor = sep["on_floor_ground_truth"]
+        counts = sep["floor_filter"]
         quantiles = ", ".join(f"{k} {v:.3f}" for k, v in sep["ground_truth_residual_quantiles"].items())
-        text += (f"\nSeparation on the {sep['windows']} floor-contact {split} windows (means):\n\n| motion | tracking "
+        text += (f"\nSeparation on the {sep['windows']} floor-contact {split} windows (of {counts['all_windows']}; "
+                 f"{counts['touching_at_some_frame']} touch the floor at some frame), means:\n\n| motion | tracking "
                  f"success | survival | tracker residual / (m g) | inverse-dynamics residual / (m g) |\n"
                  f"|---|---:|---:|---:|---:|\n{checks}\n\nGround truth's tracker residual / (m g) over windows: "
-                 f"{quantiles}. On the {sep['on_floor_windows']} windows on the floor throughout (a foot within "
-                 f"{ON_FLOOR_M} m of z = 0 at every frame), ground truth: success "
-                 f"{floor['success']:.2f}, survival {floor['survival']:.2f}, tracker residual "
-                 f"{floor['tracking_residual_per_weight']:.3f} m g.\n")
+                 f"{quantiles}.\n")
     return text
+
+
+def failures(result: dict) -> str:
+    """The ground-truth windows that fail, with the criterion and the clip (the docs' diagnosis table)."""
+    lines = ["| split | window | clip | survival | residual / (m g) | pelvis rise (cm) | inverse-dynamics residual, "
+             "mean / max (m g) | pelvis speed (m/s) | failed |", "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+    for split, sep in result["separation"].items():
+        for w in sep["ground_truth_windows"]:
+            if not w["success"]:
+                lines.append(f"| {split} | {w['window']} | {w['sequence']} | {w['survival']:.2f} | "
+                             f"{w['residual_per_weight']:.3f} | {w['pelvis_rise_m'] * 100:.1f} | "
+                             f"{w['inverse_dynamics_residual_per_weight']:.2f} / "
+                             f"{w['inverse_dynamics_residual_max_per_weight']:.2f} | {w['pelvis_speed_m_per_s']:.2f} | "
+                             f"{'; '.join(w['failed'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def sweep_table(records: list[dict]) -> str:
+    """The docs' table of ``--sweep`` results: records {"tracking": {...}, "humanoid": {...}, "result": {...}}, or
+    {"label": ..., "result": {...}} for a baseline."""
+    lines = ["| change from the defaults | success | survival | residual / (m g) | failing: fell / residual / "
+             "pelvis rise | ms per motion |", "|---|---:|---:|---:|---:|---:|"]
+    for record in records:
+        change = record.get("label") or ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in
+                                                  {**record["humanoid"], **record["tracking"]}.items())
+        change = change or "none (the defaults)"
+        r = record["result"]
+        failing = " / ".join(str(r["failing"][k]) for k in ("fell", "residual", "pelvis"))
+        lines.append(f"| {change} | {r['success']:.3f} | {r['survival']:.3f} | {r['residual_per_weight']:.3f} | "
+                     f"{failing} | {r['ms_per_motion']:.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
@@ -173,20 +300,38 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--limit", type=int, default=1000, help="at most this many windows per split")
     parser.add_argument("--output", type=Path, default=None, help="write the result as JSON here")
-    parser.add_argument("--table-from", type=Path, default=None, help="print the tables of this JSON result only")
+    parser.add_argument("--table-from", type=Path, default=None,
+                        help="print the tables of this JSON result only (a list: --sweep records)")
     parser.add_argument("--strips-dir", type=Path, default=None, help="also write the reference-vs-simulated PNGs here")
+    parser.add_argument("--failures", action="store_true", help="with --table-from: also the failing windows")
     parser.add_argument("--strips-only", action="store_true", help="write the PNGs (--strips-dir) and stop")
+    parser.add_argument("--baseline", default=None,
+                        help="package name of an older checkout's tasks on PYTHONPATH: its tracker side by side "
+                             "(see _baseline)")
+    parser.add_argument("--sweep", choices=SPLITS, default=None,
+                        help="only the ground truth of this split under --tracking / --humanoid overrides, and stop")
+    parser.add_argument("--tracking", type=json.loads, default={},
+                        help='TrackingConfig overrides, JSON: {"control_hz": 120}')
+    parser.add_argument("--humanoid", type=json.loads, default={}, help='HumanoidConfig overrides, JSON')
     args = parser.parse_args()
     if args.table_from is not None:
-        print(table(json.loads(args.table_from.read_text())))
+        loaded = json.loads(args.table_from.read_text())
+        if isinstance(loaded, list):  # --sweep records
+            print(sweep_table(loaded))
+        else:
+            print(table(loaded) + ("\n" + failures(loaded) if args.failures else ""))
         raise SystemExit(0)
     torch.set_num_threads(1)
-    task = EgoMotionTask(dataclasses.replace(EgoMotionTaskConfig(), floor_contact_m=0.1))
+    task = EgoMotionTask(dataclasses.replace(EgoMotionTaskConfig(), floor_contact_m=FLOOR_CONTACT_M))
+    if args.sweep is not None:
+        print(json.dumps(sweep(task, args.sweep, TrackingConfig(**args.tracking), HumanoidConfig(**args.humanoid),
+                               args.baseline)))
+        raise SystemExit(0)
     if args.strips_dir is not None:
         print("\n".join(str(p) for p in strips(task, args.strips_dir)))
     if args.strips_only:
         raise SystemExit(0)
-    result = speed(task, args.repeats, args.limit)
+    result = speed(task, args.repeats, args.limit, args.baseline)
     result["separation"] = {split: separation(task, split, args.limit) for split in SPLITS}
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -54,6 +54,10 @@ from tasks.ego_motion.model.prior import make_scheduler
 
 logger = logging.getLogger(__name__)
 
+FLOOR_FRAME_FRACTION = 0.9
+"""The floor filter (``floor_contact_m``) keeps a window whose feet are near z = 0 in at least this fraction of
+its frames: brief flights (hops, jumps) stay, captures standing on a box or a step for longer do not."""
+
 DEMO_PRIOR_PATH = Path(__file__).resolve().parent / "assets" / "demo_prior.safetensors"
 """The shipped demo prior (``DenoiserConfig.demo()`` trained on the bundled CMU clips, 64-frame windows)."""
 METRIC_UNITS: dict[str, str] = {
@@ -104,9 +108,10 @@ class EgoMotionTaskConfig:
     log_prob_reduction: Literal["sum", "mean"] = "mean"
     """Per-step log-density over the T x D entries: 'mean' (GRPO default, size-independent) or 'sum'."""
     floor_contact_m: float | None = None
-    """Keep only the windows whose lowest foot joint (ankles, toes) comes within this many metres of z = 0
-    at some frame, in every split: the windows whose floor is the world's, for rewards that assume it
-    (the physics rewards). None: every window. The bundled data has captures on boxes and stairs."""
+    """Keep only the windows whose lowest foot joint (ankles, toes) is within this many metres of z = 0 in at
+    least ``FLOOR_FRAME_FRACTION`` of their frames, in every split: the windows that stand on the world's floor,
+    for rewards that assume it (the physics rewards). None: every window. The bundled data has captures on
+    boxes and stairs."""
 
     extra_post_train_dir: Path | None = None
     """A folder of AMASS-layout clips added to the post_train split (``windows.DataSource.extra_post_train_dir``),
@@ -245,9 +250,10 @@ class EgoMotionTask:
                 self._kept[split] = everything
             else:
                 feet_z = windows.get(everything)["joints_world"][:, :, list(FOOT_JOINTS), 2]
-                self._kept[split] = torch.nonzero(feet_z.amin(dim=(1, 2)) <= self.cfg.floor_contact_m).flatten()
+                on_floor = (feet_z.amin(dim=2) <= self.cfg.floor_contact_m).double().mean(dim=1)  # (N,) of frames
+                self._kept[split] = torch.nonzero(on_floor >= FLOOR_FRAME_FRACTION).flatten()
                 if len(self._kept[split]) == 0:
-                    raise ValueError(f"no {split} window comes within --task.floor-contact-m "
+                    raise ValueError(f"no {split} window stays within --task.floor-contact-m "
                                      f"{self.cfg.floor_contact_m} of the floor z = 0; raise it or unset it.")
         return self._kept[split]
 

@@ -170,11 +170,11 @@ def test_mpjre_sees_a_rotated_joint(task, batch):
     assert torch.allclose(task.evaluate(decoded, batch)["mpjre_deg"], torch.full((3,), 30.0 / 21), atol=1e-3)
 
 
-def test_floor_contact_keeps_exactly_the_windows_whose_feet_reach_the_floor(task):
+def test_floor_contact_keeps_exactly_the_windows_whose_feet_stay_on_the_floor(task):
     floored = EgoMotionTask(dataclasses.replace(task.cfg, floor_contact_m=0.1), body=task.body)
     everything = task.load_examples("post_train", torch.arange(task.num_examples("post_train")))
-    lowest = everything["joints_world"][:, :, [7, 8, 10, 11], 2].amin(dim=(1, 2))
-    expected = torch.nonzero(lowest <= 0.1).flatten()
+    lowest = everything["joints_world"][:, :, [7, 8, 10, 11], 2].amin(dim=2)  # (N, T)
+    expected = torch.nonzero((lowest <= 0.1).double().mean(dim=1) >= 0.9).flatten()
     assert 0 < floored.num_examples("post_train") == len(expected) < task.num_examples("post_train")
     kept = floored.load_examples("post_train", torch.arange(len(expected)))
     torch.testing.assert_close(kept["joints_world"], everything["joints_world"][expected])

@@ -85,6 +85,14 @@ def test_quiet_standing_is_held_for_ten_seconds(humanoid):
     assert result.contact_force_n[frames // 2:].mean() == pytest.approx(humanoid.weight_n, rel=0.1)
 
 
+def test_quiet_standing_sunk_into_the_floor_is_not_executed(humanoid):
+    """The standing of the test above with its feet 5 cm into the floor: the floor lifts the simulated pelvis by
+    about that much, which fails the pelvis-rise criterion. (The same standing drifting at 1 m/s is executed: the
+    humanoid shuffles its feet within the tracking tolerance, docs/ego_motion_rlpf.md.)"""
+    sunk = track(humanoid, humanoid.qpos(*EDITS["sunk 5 cm"](*_standing(humanoid, 64))), FPS)
+    assert not sunk.success and sunk.survival == 1.0 and 0.03 < sunk.pelvis_rise_m < 0.06
+
+
 def test_smoothed_derivatives_are_exact_for_a_quadratic_path_and_quiet_on_jitter(humanoid):
     """The Savitzky-Golay fit recovers a parabola's velocity and acceleration at every frame (ends included),
     and turns 1 mm of white jitter into far less acceleration than central differences do."""
@@ -102,8 +110,9 @@ def test_smoothed_derivatives_are_exact_for_a_quadratic_path_and_quiet_on_jitter
         smoothed_derivatives(humanoid.model, qpos[:5], FPS)
 
 
-# Test windows the tracker executes at its defaults (measured once): walks at 1.1 and 0.3 m/s of the pelvis.
-EXECUTED_TEST_WINDOWS = (16, 31)
+# Test windows the tracker executes at its defaults with a margin (measured once: residual 0.047 and 0.046 m g against
+# the 0.1 allowed): walks at 1.1 and 0.3 m/s of the pelvis (clips 006_01 and 131_02).
+EXECUTED_TEST_WINDOWS = (24, 31)
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +166,39 @@ def test_evaluator_reports_the_residual_and_scores_bad_rows_as_invalid(body, hum
     assert measures["tracking_residual_per_weight"][0] == alone["tracking_residual_per_weight"][0]
     with pytest.raises(ValueError, match="smoothing_frames"):
         evaluator.evaluate({k: v[:, :5] if k != "betas" else v for k, v in decoded.items()})
+
+
+def test_sole_corners_are_where_the_simulator_touches_the_floor(humanoid):
+    """A foot turned about every axis and lowered until one sole corner is 2 mm into the floor: MuJoCo's own
+    box-floor contact lies under that corner (``Humanoid.foot_points``, the controller's contact candidates), and
+    the corner's height is the sole's lowest point (``Humanoid.lowest_points``, an independent formula)."""
+    model = humanoid.tracker_model
+    T_world_root, rotmats = _standing(humanoid, 1)
+    rng = np.random.default_rng(0)
+    ankle = 7 - 1  # left ankle among the 21 body joints
+    for _ in range(3):
+        rotmats[0, ankle] = torch.as_tensor(_random_rotation(rng, max_angle_rad=0.5))
+        qpos = humanoid.qpos(T_world_root, rotmats)[0]
+        data = mujoco.MjData(model)
+        data.qpos[:] = qpos
+        mujoco.mj_kinematics(model, data)
+        ids = humanoid.geom_ids
+        corners = BalanceController(humanoid, TrackingConfig()).foot_points(data)[:4]  # the left ankle's sole
+        lowest = humanoid.lowest_points(data.geom_xpos[ids], data.geom_xmat[ids].reshape(-1, 3, 3))[7]
+        assert corners[:, 2].min() == pytest.approx(lowest, abs=1e-9)
+        data.qpos[2] -= corners[:, 2].min() + 0.002  # that corner 2 mm into the floor, every other point above
+        mujoco.mj_forward(model, data)
+        touching = [data.contact[k].pos for k in range(data.ncon) if ids[7] in (data.contact[k].geom1,
+                                                                                 data.contact[k].geom2)]
+        assert touching, "the turned sole should touch the floor at its lowest corner"
+        corner = corners[np.argmin(corners[:, 2])]
+        assert np.linalg.norm(touching[0][:2] - corner[:2]) < 2e-3
+
+
+def _random_rotation(rng: np.random.Generator, max_angle_rad: float) -> np.ndarray:
+    """A rotation matrix about a random axis by an angle of up to ``max_angle_rad`` (Rodrigues' formula)."""
+    axis = rng.normal(size=3)
+    axis /= np.linalg.norm(axis)
+    angle = rng.uniform(0.2, 1.0) * max_angle_rad
+    K = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + math.sin(angle) * K + (1 - math.cos(angle)) * K @ K

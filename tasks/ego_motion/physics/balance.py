@@ -7,7 +7,7 @@ desired accelerations qdd (nv,), the equations of motion
     M qacc + c = S^T tau + J_c^T f + [r; 0]
 
 must hold with the root unactuated. The root's demand b = (M qdd + c)[:6] is met by forces f_k at
-the foot points touching the floor (within ``contact_band_m``), each in a 4-edge friction pyramid
+the foot points (sole corners) touching the floor (within ``contact_band_m``), each in a 4-edge friction pyramid
 (f_k = E w_k, w_k >= 0; ``dynamics.friction_cone_edges``), and by an explicit residual wrench r,
 |r_i| <= ``residual_bound`` x m g (x 1 m for torques), chosen by the QP
 
@@ -32,7 +32,7 @@ import mujoco
 import numpy as np
 
 from .dynamics import friction_cone_edges
-from .humanoid import FOOT_BODIES, JOINT_NAMES, Humanoid
+from .humanoid import Humanoid
 
 if TYPE_CHECKING:
     from .tracking import TrackingConfig
@@ -45,8 +45,8 @@ class Control:
     Attributes:
         joint_torques: (nv - 6,) generalized forces of the 21 ball joints (N m, child frames).
         residual: (6,) root residual: world force (N), then torque in the pelvis frame (N m).
-        forces: (8, 3) planned contact force at each foot point (zero where not in contact).
-        points: (8, 3) the foot points (``Humanoid.foot_points`` order) of the simulated humanoid.
+        forces: (P, 3) planned contact force at each foot point (zero where not in contact).
+        points: (P, 3) the foot points (``Humanoid.foot_points`` order) of the simulated humanoid.
         qacc: (nv,) the accelerations the update is consistent with (qdd with the root's unmet part).
     """
 
@@ -64,24 +64,23 @@ class BalanceController:
         self.cfg, self.model = cfg, humanoid.tracker_model
         self.edges = friction_cone_edges(cfg.friction)  # (3, 4)
         self.weight = humanoid.weight_n
-        feet = [JOINT_NAMES.index(name) for name in FOOT_BODIES]
-        self.foot_geoms = humanoid.geom_ids[feet]
-        self.point_bodies = np.repeat(humanoid.body_ids[feet], 2)  # (8,)
-        self.half_length = self.model.geom_size[self.foot_geoms, 1][:, None]
-        self.radius = np.repeat(self.model.geom_size[self.foot_geoms, 0], 2)
-        self.previous = np.zeros((2 * len(FOOT_BODIES), 3))
+        self.humanoid = humanoid
+        self.point_bodies = humanoid.foot_point_bodies  # (P,)
+        self.previous = np.zeros((len(self.point_bodies), 3))
         self.residual_bound = np.full(6, cfg.residual_bound * self.weight)
-        nv = self.model.nv
+        nv, P = self.model.nv, len(self.point_bodies)
         self._M, self._jacp = np.empty((nv, nv)), np.empty((3, nv))
+        # the QP's pieces that do not change between updates, for all P points (sliced to the active ones):
+        # per-point force cost blocks, and the bounds of [w (4 P), r (6)]
+        per_point = (cfg.force_weight + cfg.continuity_weight) / self.weight**2 * (self.edges.T @ self.edges)  # (4, 4)
+        self._force_cost = np.kron(np.eye(P), per_point)
+        self._upper = np.concatenate([np.full(4 * P, np.inf), self.residual_bound])
+        self._lower = np.concatenate([np.zeros(4 * P), -self.residual_bound])
 
     def foot_points(self, data: mujoco.MjData) -> np.ndarray:
-        """(8, 3) bottoms of the foot capsules' ends in ``data``'s state (as ``Humanoid.foot_points``)."""
-        centre = data.geom_xpos[self.foot_geoms]
-        axis = data.geom_xmat[self.foot_geoms][:, 6:9]  # capsule axis = local z
-        points = np.stack([centre - self.half_length * axis, centre + self.half_length * axis], axis=1)
-        points = points.reshape(-1, 3)
-        points[:, 2] -= self.radius
-        return points
+        """(P, 3) the sole corners (``Humanoid.foot_points``) in ``data``'s state."""
+        ids = self.humanoid.geom_ids
+        return self.humanoid.foot_points(data.geom_xpos[ids], data.geom_xmat[ids].reshape(-1, 3, 3))
 
     def __call__(self, data: mujoco.MjData, qdd: np.ndarray) -> Control:
         """The control update for desired accelerations ``qdd`` (nv,) in ``data``'s state (``mj_step1`` done)."""
@@ -105,23 +104,22 @@ class BalanceController:
         return Control(joint_torques=joint_torques, residual=residual, forces=forces, points=points, qacc=qacc)
 
     def _solve(self, A: np.ndarray, b: np.ndarray, active: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(forces (8, 3), residual (6,)) of the module doc's QP for root rows ``A`` (6, 4 P) of the P
-        ``active`` (8,) points and the root's demand ``b`` (6,)."""
+        """(forces (P_all, 3), residual (6,)) of the module doc's QP for root rows ``A`` (6, 4 P) of the P
+        ``active`` (P_all,) points and the root's demand ``b`` (6,)."""
         cfg, E = self.cfg, self.edges
         P = int(active.sum())
         n_w = 4 * P
         N2 = 1.0 / self.weight**2  # forces over m g, torques over m g x 1 m
-        B = np.concatenate([A, np.eye(6)], axis=1)  # (6, n_w + 6): A w + r
-        H = N2 * (B.T @ B)
-        H[n_w:, n_w:] += cfg.residual_weight * N2 * np.eye(6)
-        point_block = (cfg.force_weight + cfg.continuity_weight) * N2 * (E.T @ E)
-        for k in range(P):
-            H[4 * k: 4 * k + 4, 4 * k: 4 * k + 4] += point_block
-        g = -N2 * (B.T @ b)
-        g[:n_w] -= cfg.continuity_weight * N2 * (self.previous[active] @ E).reshape(-1)
-        upper = np.concatenate([np.full(n_w, np.inf), self.residual_bound])
-        lower = np.concatenate([np.zeros(n_w), -self.residual_bound])
-        x, _, exitflag, _ = daqp.solve(2 * H, 2 * g, np.zeros((0, n_w + 6)), upper, lower)
+        H = np.empty((n_w + 6, n_w + 6))  # N2 (B^T B) for B = [A, I] (A w + r), plus the costs
+        H[:n_w, :n_w] = N2 * (A.T @ A) + self._force_cost[:n_w, :n_w]
+        H[:n_w, n_w:] = N2 * A.T
+        H[n_w:, :n_w] = N2 * A
+        H[n_w:, n_w:] = (1.0 + cfg.residual_weight) * N2 * np.eye(6)
+        g = np.empty(n_w + 6)
+        g[:n_w] = -N2 * (A.T @ b) - cfg.continuity_weight * N2 * (self.previous[active] @ E).reshape(-1)
+        g[n_w:] = -N2 * b
+        skip = len(self._upper) - 6 - n_w  # the bounds of the inactive points' weights
+        x, _, exitflag, _ = daqp.solve(2 * H, 2 * g, np.zeros((0, n_w + 6)), self._upper[skip:], self._lower[skip:])
         if exitflag < 1:  # w = 0, r = 0 is always feasible: numerical trouble only; then no support (it falls)
             x = np.zeros(n_w + 6)
         forces = np.zeros_like(self.previous)

@@ -13,13 +13,13 @@ and whatever contact cannot supply is the **root residual** r (force in N, torqu
 residual in the least-squares sense, over contact forces in a linearized friction cone (4 edges
 per point, ``mu`` from the humanoid's config), by non-negative least squares per frame.
 
-Contact candidates are the bottoms of both ends of the two capsules of each foot
-(``Humanoid.foot_points``: heel, toe joint, toe joint, toe tip) that lie within
+Contact candidates are the bottom corners of the two sole boxes of each foot
+(``Humanoid.foot_points``: heel to toe joint, toe joint to toe tip, each edge) within
 ``contact_height_m`` of the floor z = 0. A force f at world point p gives the free root the
 generalized force (f, R_root^T ((p - p_root) x f)) (linear in the world frame, angular in the
 pelvis frame, as MuJoCo orders a free joint's dofs); the joints' share of the contact forces
 (J^T f, ``mj_applyFT``) is only computed when joint torques are asked for. With more than two
-supporting points the contact forces that reach the smallest residual are not unique (32 cone
+supporting points the contact forces that reach the smallest residual are not unique (up to 64 cone
 edges for 6 root components): the residual is well defined, but the split of the load between
 the feet, and so the joint torques, is the one NNLS happens to pick.
 
@@ -40,7 +40,7 @@ from scipy.optimize import nnls
 from scipy.signal import savgol_filter
 
 from ..body.geometry import NUM_BODY_JOINTS
-from .humanoid import FOOT_BODIES, JOINT_NAMES, Humanoid
+from .humanoid import Humanoid
 
 
 @dataclass(frozen=True)
@@ -170,8 +170,8 @@ def inverse_dynamics(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: Inve
         raise ValueError(f"qpos must be a finite (T, {model.nq}) array from Humanoid.qpos, got shape {qpos.shape}.")
     qvel, qacc = finite_difference_velocities(model, qpos, fps)
     T = qpos.shape[0]
-    points = humanoid.foot_points(*(geom_poses or humanoid.geom_poses(qpos)))  # (T, 8, 3)
-    point_bodies = np.repeat(humanoid.body_ids[[JOINT_NAMES.index(b) for b in FOOT_BODIES]], 2)  # (8,)
+    points = humanoid.foot_points(*(geom_poses or humanoid.geom_poses(qpos)))  # (T, P, 3)
+    point_bodies = humanoid.foot_point_bodies  # (P,)
     edges = friction_cone_edges(humanoid.config.friction)  # (3, 4)
     data = mujoco.MjData(model)
     pelvis = humanoid.body_ids[0]
@@ -182,8 +182,8 @@ def inverse_dynamics(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: Inve
         mujoco.mj_inverse(model, data)
         tau[t], root_pos[t], R_world_root[t] = data.qfrc_inverse, data.xpos[pelvis], data.xmat[pelvis].reshape(3, 3)
     num_edges = edges.shape[1]
-    bases = root_contact_basis(points, root_pos, R_world_root, edges)  # (T, 6, 8 E), every candidate point
-    supporting = points[:, :, 2] <= cfg.contact_height_m  # (T, 8)
+    bases = root_contact_basis(points, root_pos, R_world_root, edges)  # (T, 6, P E), every candidate point
+    supporting = points[:, :, 2] <= cfg.contact_height_m  # (T, P)
     residual = tau[:, :6].copy()  # (T, 6)
     forces = np.zeros((T, points.shape[1], 3))  # world contact force at each candidate point
     for t in np.flatnonzero(supporting.any(axis=1)):

@@ -14,8 +14,9 @@ Structure (22 bodies, one per metric joint: pelvis + SMPL-H joints 1..21):
 - body frames are aligned with the SMPL model frame at rest (+Y up, facing +Z, left on +X), so a
   body's world rotation is R_world_parent @ R_local and its position is
   p_parent + R_world_parent @ (J_child - J_parent): SMPL-H forward kinematics exactly;
-- one collision geom per body (capsules, a sphere for the head, a heel-to-toe capsule for each
-  foot whose lowest point lies ``sole_below_toe_m`` under the toe joint), with the segment mass
+- one collision geom per body (capsules, a sphere for the head, and for each foot two boxes, a
+  heel-to-toe-joint sole on the ankle body and a toe sole on the toes body, ``2 x sole_half_width_m``
+  wide, whose bottom face lies ``sole_below_toe_m`` under the toe joint), with the segment mass
   fractions of de Leva (1996), "Adjustments to Zatsiorsky-Seluyanov's segment inertia
   parameters", J. Biomech. 29(9), Table 4 (males), times ``body_mass_kg``; inertias follow
   from the geom shapes;
@@ -42,7 +43,9 @@ from ..body.geometry import NUM_BODY_JOINTS, SMPLH_PARENTS, matrix_to_quaternion
 
 NUM_HUMANOID_BODIES = NUM_BODY_JOINTS + 1  # pelvis + 21 body joints
 FOOT_BODIES: tuple[str, ...] = ("left_ankle", "left_foot", "right_ankle", "right_foot")
-"""Bodies whose capsules are the feet: their ends' bottoms are the floor-contact candidates."""
+"""Bodies whose box soles are the feet: the 4 corners of each sole's bottom face are the floor-contact candidates."""
+POINTS_PER_SOLE = 4
+"""Contact candidates per foot body: the bottom corners of its sole box (heel/toe end x inner/outer edge)."""
 GRAVITY_M_PER_S2 = 9.81
 
 JOINT_NAMES: tuple[str, ...] = (
@@ -93,14 +96,19 @@ class HumanoidConfig:
     """Total mass, split over the segments by de Leva's fractions."""
     friction: float = 1.0
     """Sliding friction coefficient between the feet (any geom) and the floor."""
-    timestep_s: float = 1.0 / 60.0
-    """Simulation step of the tracker (2 steps per 30 fps frame, each with its own control update). On 30
-    post-train windows, 1/90 s gave ground-truth success 0.73 against 0.70 at 1.7 times the cost; a control
-    update held over a whole frame (30 Hz) made the humanoid hop and fall (success 0.20 at 1/90 s)."""
+    timestep_s: float = 1.0 / 120.0
+    """Simulation step of the tracker (4 steps per 30 fps frame; the control update every 2). MuJoCo keeps a
+    contact's time constant at least 2 steps (its default 0.02 s becomes 0.033 s at 1/60 s), and its soft contact
+    scales with the effective mass it acts on: at 1/60 s a leg torque that pushes the light foot down sank the
+    sole 5-10 cm into the floor. On the 130 floor-contact post-train windows (the other defaults as they are),
+    ground-truth success was 0.74 at 1/60 s, 0.95 at 1/120 s and 0.92 at 1/180 s (docs/ego_motion_rlpf.md)."""
     sole_below_toe_m: float = 0.025
-    """Height of the toe joint above the sole: the foot capsules' radius and axis height."""
+    """Height of the toe joint above the sole: the sole boxes' half height (their centre is at toe-joint height)."""
+    sole_half_width_m: float = 0.04
+    """Half the width of the sole boxes (m). A foot with width resists a roll moment on one foot: a heel-to-toe
+    line (the earlier capsule foot) cannot, so single stance could not balance sideways without root help."""
     heel_behind_ankle_m: float = 0.06
-    """How far the heel end of the foot capsule sits behind the ankle joint."""
+    """How far the heel end of the ankle's sole box sits behind the ankle joint."""
     tracker_frequency_hz: float = 6.0
     """Natural frequency of each joint's PD loop: kp = I w^2, kd = 2 zeta I w with I the joint's
     subtree mass times its squared distance to the subtree's centre of mass at rest."""
@@ -114,7 +122,8 @@ class HumanoidConfig:
     """Capsule radii per segment (metres), an assumption sized for an adult."""
 
     def __post_init__(self) -> None:
-        for name in ("body_mass_kg", "timestep_s", "sole_below_toe_m", "tracker_frequency_hz", "tracker_damping_ratio"):
+        for name in ("body_mass_kg", "timestep_s", "sole_below_toe_m", "sole_half_width_m", "tracker_frequency_hz",
+                     "tracker_damping_ratio"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"HumanoidConfig.{name} must be a finite number > 0, got {value!r}.")
@@ -162,6 +171,10 @@ class Humanoid:
         self.qpos_adr = np.array([self.model.jnt_qposadr[j] for j in joint_ids])
         self.dof_adr = np.array([self.model.jnt_dofadr[j] for j in joint_ids])
         self.geom_ids = np.array([self.model.geom(name).id for name in JOINT_NAMES])
+        index = [JOINT_NAMES.index(name) for name in FOOT_BODIES]
+        half = self.model.geom_size[self.geom_ids[index]]  # (4, 3): half width, half height, half length
+        signs = np.array([[-1, -1, -1], [1, -1, -1], [-1, -1, 1], [1, -1, 1]], dtype=float)  # (4 corners, 3)
+        self._soles = (index, signs[None] * half[:, None])
 
     @property
     def weight_n(self) -> float:
@@ -202,28 +215,46 @@ class Humanoid:
         return positions, rotations.reshape(-1, NUM_HUMANOID_BODIES, 3, 3)
 
     def lowest_points(self, geom_xpos: np.ndarray, geom_xmat: np.ndarray) -> np.ndarray:
-        """(..., 22) height (m) of the lowest point of each geom, from :meth:`geom_poses`' arrays."""
-        radius = self.model.geom_size[self.geom_ids, 0]
-        half_length = np.where(self.model.geom_type[self.geom_ids] == mujoco.mjtGeom.mjGEOM_CAPSULE,
-                               self.model.geom_size[self.geom_ids, 1], 0.0)
-        return geom_xpos[..., 2] - np.abs(geom_xmat[..., 2, 2]) * half_length - radius
+        """(..., 22) height (m) of the lowest point of each geom, from :meth:`geom_poses`' arrays (capsules,
+        the head sphere, the sole boxes)."""
+        kind, size = self.model.geom_type[self.geom_ids], self.model.geom_size[self.geom_ids]
+        is_box, is_capsule = kind == mujoco.mjtGeom.mjGEOM_BOX, kind == mujoco.mjtGeom.mjGEOM_CAPSULE
+        vertical = np.abs(geom_xmat[..., 2, :])  # (..., 22, 3): |z component| of each local axis
+        box_extent = (vertical * size).sum(axis=-1)
+        round_extent = np.where(is_capsule, size[:, 1], 0.0) * vertical[..., 2] + size[:, 0]
+        return geom_xpos[..., 2] - np.where(is_box, box_extent, round_extent)
+
+    @property
+    def foot_point_bodies(self) -> np.ndarray:
+        """(16,) MuJoCo body id of each of :meth:`foot_points`' points."""
+        return np.repeat(self.body_ids[[JOINT_NAMES.index(name) for name in FOOT_BODIES]], POINTS_PER_SOLE)
 
     def foot_points(self, geom_xpos: np.ndarray, geom_xmat: np.ndarray) -> np.ndarray:
-        """(..., 8, 3) world points at the bottom of both ends of the four foot capsules, from
-        :meth:`geom_poses`' arrays: for each of ``FOOT_BODIES`` (left ankle, left toes, right ankle,
-        right toes) its capsule's two ends in MuJoCo's fromto-axis order (ankle capsule: toe joint,
-        heel; toes capsule: toe tip, toe joint)."""
-        feet = [JOINT_NAMES.index(name) for name in FOOT_BODIES]
-        centre, axis = geom_xpos[..., feet, :], geom_xmat[..., feet, :, :][..., 2]  # (..., 4, 3); axis = local z
-        half_length = self.model.geom_size[self.geom_ids[feet], 1][:, None]
-        radius = self.model.geom_size[self.geom_ids[feet], 0]
-        ends = np.stack([centre - half_length * axis, centre + half_length * axis], axis=-2)  # (..., 4, 2, 3)
-        ends[..., 2] -= radius[:, None]
-        return ends.reshape(*ends.shape[:-3], 2 * len(feet), 3)
+        """(..., 16, 3) world positions of the bottom corners of the four sole boxes, from :meth:`geom_poses`'
+        arrays (or one state's (22, 3) and (22, 3, 3)): for each of ``FOOT_BODIES`` (left ankle, left toes, right
+        ankle, right toes) the corners (back, -x), (back, +x), (front, -x), (front, +x) of its bottom face (local
+        -y; local z points from heel to toe, local x across the foot)."""
+        index, local = self._soles  # (4,) SMPL-H joints of the soles, (4 soles, 4 corners, 3) corners in geom frames
+        centre, R = geom_xpos[..., index, :], geom_xmat[..., index, :, :]  # (..., 4, 3), (..., 4, 3, 3)
+        corners = centre[..., None, :] + local @ np.swapaxes(R, -1, -2)  # (..., 4, 4, 3): R @ corner per sole
+        return corners.reshape(*corners.shape[:-3], POINTS_PER_SOLE * len(FOOT_BODIES), 3)
+
+
+def _sole_box(heel: np.ndarray, toe: np.ndarray, cfg: HumanoidConfig) -> dict:
+    """``add_geom`` arguments of a sole box from ``heel`` to ``toe`` (body frame, model axes: +Y up), its centre
+    at their height: local z along the foot, local y up (the bottom face is local -y), local x across."""
+    z = (toe - heel) / np.linalg.norm(toe - heel)
+    y = np.array([0.0, 1.0, 0.0]) - z[1] * z
+    y /= np.linalg.norm(y)
+    quat = np.empty(4)
+    mujoco.mju_mat2Quat(quat, np.stack([np.cross(y, z), y, z], axis=1).reshape(-1))
+    return dict(type=mujoco.mjtGeom.mjGEOM_BOX, pos=((heel + toe) / 2).tolist(), quat=quat.tolist(),
+                size=[cfg.sole_half_width_m, cfg.sole_below_toe_m, float(np.linalg.norm(toe - heel)) / 2])
 
 
 def _capsule_spec(name: str, offsets: np.ndarray, cfg: HumanoidConfig) -> tuple[str, list[float], float]:
-    """(geom type, fromto or pos, radius) of joint ``name``'s geom in its body frame (model axes)."""
+    """(geom type, fromto or pos, radius) of joint ``name``'s geom in its body frame (model axes); the feet's
+    (``_sole_box``) are "sole" with (heel, toe) points."""
     i = JOINT_NAMES.index(name)
     children = [c for c in range(1, NUM_HUMANOID_BODIES) if SMPLH_PARENTS[c] == i]
     r = cfg.radii_m
@@ -235,9 +266,9 @@ def _capsule_spec(name: str, offsets: np.ndarray, cfg: HumanoidConfig) -> tuple[
     if name.endswith("_ankle"):
         toe = offsets[children[0]]
         heel = [0.0, float(toe[1]), -cfg.heel_behind_ankle_m]
-        return "capsule", [*heel, *toe], cfg.sole_below_toe_m
+        return "sole", [*heel, *toe], cfg.sole_below_toe_m
     if name.endswith("_foot"):
-        return "capsule", [*zero, 0.0, 0.0, 0.05], cfg.sole_below_toe_m
+        return "sole", [*zero, 0.0, 0.0, 0.05], cfg.sole_below_toe_m
     if name.endswith("_wrist"):
         forearm = offsets[i]  # wrist relative to elbow
         tip = 0.08 * forearm / max(np.linalg.norm(forearm), 1e-9)
@@ -298,7 +329,10 @@ def build_humanoid(rest_joints: Float[Tensor, "22 3"] | np.ndarray, cfg: Humanoi
         kind, where, radius = _capsule_spec(name, offsets, cfg)
         geom = dict(name=name, size=[radius, 0, 0], mass=masses[i], contype=1, conaffinity=0,
                     friction=[cfg.friction, 0.005, 0.0001])
-        if kind == "sphere":
+        if kind == "sole":
+            geom.update(_sole_box(np.array(where[:3]), np.array(where[3:]), cfg))
+            body.add_geom(**geom)
+        elif kind == "sphere":
             body.add_geom(type=mujoco.mjtGeom.mjGEOM_SPHERE, pos=where, **geom)
         else:
             body.add_geom(type=mujoco.mjtGeom.mjGEOM_CAPSULE, fromto=where, **geom)

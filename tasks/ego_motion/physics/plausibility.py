@@ -3,12 +3,12 @@
 The definitions follow PhysDiff (Yuan et al., ICCV 2023, section 5 "Metrics"), which measures
 them on the lowest SMPL mesh vertices; the body here has no mesh (the bundled SMPL-H stand-in is
 skeleton-level), so the "vertices" are the lowest points of the humanoid's collision geoms
-(``humanoid.py``: capsules and the head sphere), the same surfaces the simulator puts on the floor.
+(``humanoid.py``: capsules, the head sphere and the sole boxes), the same surfaces the simulator puts on the floor.
 Per frame t, z_min(t) is the lowest point of all 22 geoms (m, floor at z = 0):
 
 - penetration (m): mean over frames of max(0, -z_min(t));
 - floating (m): mean over frames of max(0, z_min(t) - ``float_tolerance_m``), PhysDiff's 5 mm;
-- skating (m per frame): over the 8 foot points (``Humanoid.foot_points``) and the
+- skating (m per frame): over the 16 foot points (the sole corners, ``Humanoid.foot_points``) and the
   adjacent frame pairs in which the point is within ``skate_contact_height_m`` of the floor in
   both frames, the mean horizontal displacement; 0 when no point is ever in contact.
 
@@ -67,10 +67,10 @@ def plausibility(humanoid: Humanoid, qpos: np.ndarray, cfg: PlausibilityConfig |
         raise ValueError(f"qpos must be a finite (T, {model.nq}) array with T >= 2, got shape {qpos.shape}.")
     geom_xpos, geom_xmat = geom_poses or humanoid.geom_poses(qpos)
     lowest = humanoid.lowest_points(geom_xpos, geom_xmat).min(axis=-1)  # (T,)
-    feet = humanoid.foot_points(geom_xpos, geom_xmat)  # (T, 8, 3)
-    in_contact = feet[:, :, 2] <= cfg.skate_contact_height_m  # (T, 8)
+    feet = humanoid.foot_points(geom_xpos, geom_xmat)  # (T, 16, 3)
+    in_contact = feet[:, :, 2] <= cfg.skate_contact_height_m  # (T, 16)
     both = in_contact[1:] & in_contact[:-1]
-    steps = np.linalg.norm(feet[1:, :, :2] - feet[:-1, :, :2], axis=-1)  # (T-1, 8)
+    steps = np.linalg.norm(feet[1:, :, :2] - feet[:-1, :, :2], axis=-1)  # (T-1, 16)
     return PlausibilityResult(
         penetration_m=float(np.clip(-lowest, 0, None).mean()),
         floating_m=float(np.clip(lowest - cfg.float_tolerance_m, 0, None).mean()),
