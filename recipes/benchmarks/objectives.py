@@ -163,7 +163,7 @@ def update_gradient(task: Task, model: nn.Module, chain: SamplingChain, data: Ro
     """The gradient of one update's loss on all of ``data``'s rows, at the current weights, as a flat float32 vector.
 
     'ratio' / 'x0_regression': ``policy_gradients`` per trained step (``cfg.steps``, drawn by ``generator``),
-    summed with the update's step weights. 'nft' / 'awm': the mean over ``cfg.loss.timesteps_per_sample``
+    averaged with the update's step weights. 'nft' / 'awm': the mean over ``cfg.loss.timesteps_per_sample``
     forward-noise draws (``generator``) of ``forward_terms_loss``; NFT's old policy is the current weights (its
     first update). Nothing is accumulated in ``.grad``.
     """
@@ -185,8 +185,8 @@ def update_gradient(task: Task, model: nn.Module, chain: SamplingChain, data: Ro
     steps = trained.nonzero().flatten().tolist()
     per_step = policy_gradients(task, model, chain, data, cfg=cfg, row_sets=[torch.arange(rows.stop)],
                                 steps=steps)[0]
-    weight = step_weights(traj, steps, cfg.step_weighting)
-    return sum(weight[k] * per_step[k] for k in steps)
+    weight = step_weights(traj, steps, cfg.step_weighting)  # mean 1 over the steps, as the update weighs them
+    return sum(weight[k] * per_step[k] for k in steps) / len(steps)
 
 
 def same_condition_cosine(setup: Setup, rewards: RewardSet, seed: int) -> float:
