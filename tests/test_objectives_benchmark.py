@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,3 +86,11 @@ def test_the_verdict_compares_against_a_third_of_the_best_existing_objectives_ti
     assert "| ego-motion | all | 0 | not measured this round" in block
     text = doc.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old table" not in text
+
+
+def test_docs_table_is_the_one_generated_from_the_results_files():
+    root = Path(__file__).resolve().parents[1]
+    doc = (root / "docs" / "objectives.md").read_text()
+    block = doc.split(table.BEGIN, 1)[1].split(table.END, 1)[0]
+    expected = table.render(table.load(root / "docs" / "data"), "docs/data/objectives_*_seed*.json")
+    assert block == "\n" + expected, "docs/objectives.md is out of date: python -m recipes.benchmarks.objectives_table"
