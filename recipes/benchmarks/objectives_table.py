@@ -49,11 +49,11 @@ class Interval:
         half = t_quantile_975(n - 1) * statistics.stdev(values) / math.sqrt(n) if n > 1 else math.nan
         return Interval(statistics.fmean(values), half, n)
 
-    def text(self, digits: int = 3) -> str:
+    def text(self, digits: int = 3, sign: str = "+") -> str:
+        form = f"{sign}.{digits}f"
         if math.isnan(self.half_width):
-            return f"{self.mean:+.{digits}f}"
-        return (f"{self.mean:+.{digits}f} [{self.mean - self.half_width:+.{digits}f}, "
-                f"{self.mean + self.half_width:+.{digits}f}]")
+            return f"{self.mean:{form}}"
+        return f"{self.mean:{form}} [{self.mean - self.half_width:{form}}, {self.mean + self.half_width:{form}}]"
 
 
 def load(folder: Path) -> dict[tuple[str, str], list[dict]]:
@@ -112,7 +112,7 @@ def task_section(task: str, runs: dict[tuple[str, str], list[dict]]) -> tuple[li
         gains = [next(g for f, _, g in curve if math.isclose(f, fraction)).text() for fraction in SHOWN_MARKS]
         reach = seeds_reaching(results, target)
         reached = [c for c in reach if c is not None]
-        reach_text = (f"{Interval.of(reached).text(0)} ({len(reached)}/{len(reach)} seeds)" if reached
+        reach_text = (f"{Interval.of(reached).text(0, sign='')} ({len(reached)}/{len(reach)} seeds)" if reached
                       else f"not by {curve[-1][1].mean:.0f} s (0/{len(reach)} seeds)")
         cosine = Interval.of([r["grad_cosine"] for r in results]).text()
         iterations = statistics.fmean(mark_row(r, 1.0)["iteration"] for r in results)
@@ -129,14 +129,14 @@ def task_section(task: str, runs: dict[tuple[str, str], list[dict]]) -> tuple[li
     met = any(first_reach(curves[o], target) is not None and first_reach(curves[o], target) <= best_cpu / 3
               for o in NEW if o in present)
     verdict = (f"**{TASKS[task]}: criterion {'met' if met else 'not met'}.** The best existing objective is {best}, "
-               f"final gain {final[best].text()}, first reached (mean over seeds) at {best_cpu:.0f} training CPU s; "
-               + "; ".join(verdicts) + ".")
+               f"final gain {final[best].text()}, first reached (mean over seeds) at {best_cpu:.0f} training CPU s"
+               + "".join(f"; {v}" for v in verdicts) + ".")
     return rows, verdict
 
 
 def render(runs: dict[tuple[str, str], list[dict]], source: str) -> str:
     """The markdown block: the table, the tasks not measured, and one verdict per task."""
-    header = ("| task | objective | seeds | gradient cosine at the prior | budget (CPU s) | iterations | "
+    header = ("| task | objective | seeds | gradient cosine at the prior | CPU s at the full budget | iterations | "
               + " | ".join(f"gain at {fraction_text(f)} budget" for f in SHOWN_MARKS)
               + " | CPU s to reach the best existing objective's final gain |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
