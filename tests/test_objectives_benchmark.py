@@ -79,8 +79,8 @@ def test_the_verdict_compares_against_a_third_of_the_best_existing_objectives_ti
     doc.write_text(f"intro\n{table.BEGIN}\nold table\n{table.END}\noutro\n")
     block = table.main(tmp_path, doc)
     assert "**shapes: criterion met.**" in block
-    assert "nft reaches it at 30 s, 0.33 of ratio's time (within a third)" in block
-    assert "awm reaches it at 40 s, 0.44 of ratio's time (more than a third)" in block
+    assert "nft reaches it at 30 s, 0.33 of ratio's time (within a third; 1.0 times as many iterations" in block
+    assert "awm reaches it at 40 s, 0.44 of ratio's time (more than a third;" in block
     assert "**text-to-image (tiny SD3): criterion not met.**" in block
     assert "met on 1 of 2 measured tasks" in block and "is **not met**" in block
     assert "| ego-motion | all | 0 | not measured this round" in block

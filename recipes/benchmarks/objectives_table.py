@@ -106,6 +106,8 @@ def task_section(task: str, runs: dict[tuple[str, str], list[dict]]) -> tuple[li
     best = max(existing, key=lambda obj: final[obj].mean)
     target = final[best].mean
     best_cpu = first_reach(curves[best], target)
+    iterations = {obj: statistics.fmean(mark_row(r, 1.0)["iteration"] for r in results)
+                  for obj, results in present.items()}
     rows = []
     for obj, results in present.items():
         curve = curves[obj]
@@ -115,17 +117,17 @@ def task_section(task: str, runs: dict[tuple[str, str], list[dict]]) -> tuple[li
         reach_text = (f"{Interval.of(reached).text(0, sign='')} ({len(reached)}/{len(reach)} seeds)" if reached
                       else f"not by {curve[-1][1].mean:.0f} s (0/{len(reach)} seeds)")
         cosine = Interval.of([r["grad_cosine"] for r in results]).text()
-        iterations = statistics.fmean(mark_row(r, 1.0)["iteration"] for r in results)
         rows.append(f"| {TASKS[task]} | {obj} | {len(results)} | {cosine} | {curve[-1][1].mean:.0f} | "
-                    f"{iterations:.0f} | " + " | ".join(gains) + f" | {reach_text} |")
+                    f"{iterations[obj]:.0f} | " + " | ".join(gains) + f" | {reach_text} |")
     verdicts = []
     for obj in (o for o in NEW if o in present):
         cpu = first_reach(curves[obj], target)
+        speed = f"{iterations[obj] / iterations[best]:.1f} times as many iterations as {best} in the budget"
         if cpu is None:
-            verdicts.append(f"{obj} does not reach it within the budget (final gain {final[obj].text()})")
+            verdicts.append(f"{obj} does not reach it within the budget (final gain {final[obj].text()}; {speed})")
         else:
             verdicts.append(f"{obj} reaches it at {cpu:.0f} s, {cpu / best_cpu:.2f} of {best}'s time "
-                            f"({'within' if cpu <= best_cpu / 3 else 'more than'} a third)")
+                            f"({'within' if cpu <= best_cpu / 3 else 'more than'} a third; {speed})")
     met = any(first_reach(curves[o], target) is not None and first_reach(curves[o], target) <= best_cpu / 3
               for o in NEW if o in present)
     verdict = (f"**{TASKS[task]}: criterion {'met' if met else 'not met'}.** The best existing objective is {best}, "
