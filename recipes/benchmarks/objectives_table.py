@@ -1,0 +1,186 @@
+"""The objectives comparison table of docs/objectives.md, generated from the results files of
+``recipes/benchmarks/objectives.py`` (``docs/data/objectives_<task>_<objective>_seed<seed>.json``).
+
+    python -m recipes.benchmarks.objectives_table     # rewrites the marked block of docs/objectives.md
+
+Per task and objective, over seeds: the probe reward's paired gain over the prior at fixed fractions of the
+training CPU budget, the same-condition gradient cosine at the prior, and the CPU seconds to reach the best
+existing objective's final gain, each as the mean with a 95 % t-interval over seeds. Then the verdict of
+issue 21's criterion: a new objective (NFT, AWM) reaches the best existing objective's (ratio, x0
+regression) final probe gain in at most a third of the CPU seconds that objective needed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import tyro
+
+from diffgrpo.probe import t_quantile_975
+
+EXISTING = ("ratio", "x0_regression")
+NEW = ("nft", "awm")
+TASKS = {"shapes": "shapes", "text_to_image": "text-to-image (tiny SD3)"}
+NOT_MEASURED = {"ego-motion": "not measured this round (no CPU time for it in this session)"}
+GAIN = "probe_diff/reward/train/total"
+SHOWN_MARKS = (1 / 9, 1 / 3, 2 / 3, 1.0)
+BEGIN, END = "<!-- objectives-table:begin -->", "<!-- objectives-table:end -->"
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Mean over seeds and its 95 % t-interval (the half-width is nan for one seed)."""
+
+    mean: float
+    half_width: float
+    n: int
+
+    @staticmethod
+    def of(values: list[float]) -> Interval:
+        if not values:
+            raise ValueError("an interval needs at least one value")
+        n = len(values)
+        half = t_quantile_975(n - 1) * statistics.stdev(values) / math.sqrt(n) if n > 1 else math.nan
+        return Interval(statistics.fmean(values), half, n)
+
+    def text(self, digits: int = 3, sign: str = "+") -> str:
+        form = f"{sign}.{digits}f"
+        if math.isnan(self.half_width):
+            return f"{self.mean:{form}}"
+        return f"{self.mean:{form}} [{self.mean - self.half_width:{form}}, {self.mean + self.half_width:{form}}]"
+
+
+def load(folder: Path) -> dict[tuple[str, str], list[dict]]:
+    """Results files by (task, objective), each list sorted by seed."""
+    runs: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for path in sorted(folder.glob("objectives_*_seed*.json")):
+        result = json.loads(path.read_text())
+        runs[result["task"], result["objective"]].append(result)
+    for results in runs.values():
+        results.sort(key=lambda r: r["seed"])
+    return dict(runs)
+
+
+def mark_row(result: dict, fraction: float) -> dict:
+    rows = [m for m in result["probe"]["marks"] if math.isclose(m["fraction"], fraction, rel_tol=1e-9)]
+    if len(rows) != 1:
+        raise ValueError(f"{result['task']} {result['objective']} seed {result['seed']} has no probe at fraction "
+                         f"{fraction:.4f} of its budget; rerun it with the default --marks")
+    return rows[0]
+
+
+def gain_curve(results: list[dict]) -> list[tuple[float, Interval, Interval]]:
+    """Per mark of the first result: (fraction, training CPU seconds over seeds, gain over seeds)."""
+    out = []
+    for mark in results[0]["probe"]["marks"]:
+        rows = [mark_row(r, mark["fraction"]) for r in results]
+        out.append((mark["fraction"], Interval.of([r["train_cpu_s"] for r in rows]),
+                    Interval.of([r[GAIN] for r in rows])))
+    return out
+
+
+def first_reach(curve: list[tuple[float, Interval, Interval]], target: float) -> float | None:
+    """Mean training CPU seconds of the first mark whose mean gain reaches ``target`` (None: never)."""
+    return next((cpu.mean for _, cpu, gain in curve if gain.mean >= target), None)
+
+
+def seeds_reaching(results: list[dict], target: float) -> list[float | None]:
+    """Per seed, the training CPU seconds of its first mark with gain >= ``target`` (None: not by the budget)."""
+    return [next((m["train_cpu_s"] for m in r["probe"]["marks"] if m[GAIN] >= target), None) for r in results]
+
+
+def task_section(task: str, runs: dict[tuple[str, str], list[dict]]) -> tuple[list[str], str]:
+    """The table rows of one task and its verdict sentence."""
+    present = {obj: runs[task, obj] for obj in (*EXISTING, *NEW) if (task, obj) in runs}
+    curves = {obj: gain_curve(results) for obj, results in present.items()}
+    final = {obj: curve[-1][2] for obj, curve in curves.items()}
+    existing = [obj for obj in EXISTING if obj in present]
+    if not existing:
+        raise ValueError(f"{task}: no results of an existing objective ({', '.join(EXISTING)}) to compare with")
+    best = max(existing, key=lambda obj: final[obj].mean)
+    target = final[best].mean
+    best_cpu = first_reach(curves[best], target)
+    iterations = {obj: statistics.fmean(mark_row(r, 1.0)["iteration"] for r in results)
+                  for obj, results in present.items()}
+    rows = []
+    for obj, results in present.items():
+        curve = curves[obj]
+        gains = [next(g for f, _, g in curve if math.isclose(f, fraction)).text() for fraction in SHOWN_MARKS]
+        reach = seeds_reaching(results, target)
+        reached = [c for c in reach if c is not None]
+        reach_text = (f"{Interval.of(reached).text(0, sign='')} ({len(reached)}/{len(reach)} seeds)" if reached
+                      else f"not by {curve[-1][1].mean:.0f} s (0/{len(reach)} seeds)")
+        cosine = Interval.of([r["grad_cosine"] for r in results]).text()
+        rows.append(f"| {TASKS[task]} | {obj} | {len(results)} | {cosine} | {curve[-1][1].mean:.0f} | "
+                    f"{iterations[obj]:.0f} | " + " | ".join(gains) + f" | {reach_text} |")
+    verdicts = []
+    for obj in (o for o in NEW if o in present):
+        cpu = first_reach(curves[obj], target)
+        speed = f"{iterations[obj] / iterations[best]:.1f} times as many iterations as {best} in the budget"
+        if cpu is None:
+            verdicts.append(f"{obj} does not reach it within the budget (final gain {final[obj].text()}; {speed})")
+        else:
+            verdicts.append(f"{obj} reaches it at {cpu:.0f} s, {cpu / best_cpu:.2f} of {best}'s time "
+                            f"({'within' if cpu <= best_cpu / 3 else 'more than'} a third; {speed})")
+    met = any(first_reach(curves[o], target) is not None and first_reach(curves[o], target) <= best_cpu / 3
+              for o in NEW if o in present)
+    verdict = (f"**{TASKS[task]}: criterion {'met' if met else 'not met'}.** The best existing objective is {best}, "
+               f"final gain {final[best].text()}, first reached (mean over seeds) at {best_cpu:.0f} training CPU s"
+               + "".join(f"; {v}" for v in verdicts) + ".")
+    return rows, verdict
+
+
+def render(runs: dict[tuple[str, str], list[dict]], source: str) -> str:
+    """The markdown block: the table, the tasks not measured, and one verdict per task."""
+    header = ("| task | objective | seeds | gradient cosine at the prior | CPU s at the full budget | iterations | "
+              + " | ".join(f"gain at {fraction_text(f)} budget" for f in SHOWN_MARKS)
+              + " | CPU s to reach the best existing objective's final gain |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    verdicts = []
+    for task in TASKS:
+        if any(key[0] == task for key in runs):
+            rows, verdict = task_section(task, runs)
+            lines += rows
+            verdicts.append(verdict)
+    for task, why in NOT_MEASURED.items():
+        lines.append(f"| {task} | all | 0 | {why} |" + " |" * (header.count("|") - 5))
+    tasks_met = sum("criterion met" in v for v in verdicts)
+    summary = (f"Issue 21's criterion (on at least two tasks a new objective reaches the best existing objective's "
+               f"probe gain in at most a third of its CPU time) is **{'met' if tasks_met >= 2 else 'not met'}**: "
+               f"met on {tasks_met} of {len(verdicts)} measured tasks.")
+    return (f"Generated by `python -m recipes.benchmarks.objectives_table` from `{source}`. Gains: the probe's "
+            "paired difference to the prior (train-split reward), mean over seeds [95 % t-interval over seeds]; "
+            "CPU s: training CPU seconds of one thread, probes excluded. Last column: per seed, the CPU seconds of "
+            "its first probe at or above the best existing objective's mean final gain, averaged over the seeds "
+            "that reach it by the budget; the verdicts use the curves of the means over seeds.\n\n"
+            + "\n".join(lines) + "\n\n" + "\n\n".join(verdicts) + "\n\n" + summary + "\n")
+
+
+def fraction_text(fraction: float) -> str:
+    return "the full" if fraction == 1 else f"{Fraction(fraction).limit_denominator(9)} of the"
+
+
+def write_block(doc: Path, block: str) -> None:
+    """Replace the text between the BEGIN and END markers of ``doc`` with ``block``."""
+    text = doc.read_text()
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"{doc} lacks the markers {BEGIN} ... {END} that delimit the generated table")
+    head, rest = text.split(BEGIN, 1)
+    doc.write_text(head + BEGIN + "\n" + block + END + rest.split(END, 1)[1])
+
+
+def main(data: Path = Path("docs/data"), doc: Path = Path("docs/objectives.md")) -> str:
+    """Rewrite the generated block of ``doc`` from the results files in ``data``."""
+    block = render(load(data), f"{data}/objectives_*_seed*.json")
+    write_block(doc, block)
+    return block
+
+
+if __name__ == "__main__":
+    print(tyro.cli(main))

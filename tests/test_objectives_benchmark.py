@@ -1,0 +1,96 @@
+"""The equal-CPU-time objectives benchmark: its gradient is the update's, and its table computes what it says."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from diffgrpo.config import GRPOConfig, OptimConfig
+from diffgrpo.ema import ParameterEMA
+from diffgrpo.loss import LossConfig
+from diffgrpo.rewards import RewardSet
+from diffgrpo.rng import make_generator
+from diffgrpo.train_step import collect, make_perturber, policy_update
+from recipes.benchmarks import objectives_table as table
+from recipes.benchmarks.objectives import Config, update_gradient
+from tests.toy_task import ToyNet, ToyTask, toy_chain
+
+
+@pytest.mark.parametrize("objective", ["ratio", "x0_regression", "nft", "awm"])
+def test_the_measured_gradient_is_the_update_gradient(objective):
+    """One plain-SGD step of lr 1 moves the weights by minus the gradient that the cosine is taken of: the
+    benchmark measures the signal of the very update it times (same step selection and forward noise)."""
+    torch.manual_seed(0)
+    task, model = ToyTask("flow"), ToyNet()
+    chain = toy_chain(task)
+    cfg = GRPOConfig(conditions_per_iteration=4, group_size=4, micro_batch_size=8, rewards=("toy_closeness",),
+                     optim=OptimConfig(learning_rate=1.0, max_grad_norm=0.0), loss=LossConfig(objective=objective))
+    data = collect(task, model, chain, task.load_examples("train", torch.arange(4)), cfg=cfg,
+                   rewards=RewardSet.from_specs({"toy_closeness": 1.0}), perturber=make_perturber(cfg),
+                   generator=make_generator(0, "rollout", 0), group_id_offset=0)
+    gradient = update_gradient(task, model, chain, data, cfg=cfg, generator=make_generator(0, "select"))
+    trained = copy.deepcopy(model)
+    before = torch.cat([p.detach().flatten().clone() for p in trained.parameters()])
+    policy_update(task, trained, chain, data, torch.optim.SGD(trained.parameters(), lr=1.0), cfg=cfg,
+                  generator=make_generator(0, "select"), accelerator=Accelerator(cpu=True),
+                  old_policy=ParameterEMA(trained, 0.0) if objective == "nft" else None)
+    step = torch.cat([p.detach().flatten() for p in trained.parameters()]) - before
+    assert float(gradient.norm()) > 0
+    torch.testing.assert_close(step, -gradient, rtol=1e-4, atol=1e-6)
+
+
+def test_config_refuses_marks_that_do_not_end_at_the_budget(tmp_path):
+    with pytest.raises(ValueError, match="--marks"):
+        Config(task="shapes", objective="nft", seed=0, output=tmp_path / "r.json", marks=(0.5, 0.9))
+
+
+def _result(task: str, objective: str, seed: int, gains: list[float], cosine: float = 0.5) -> dict:
+    fractions = [1 / 9, 2 / 9, 1 / 3, 4 / 9, 2 / 3, 1.0]
+    return {"task": task, "objective": objective, "seed": seed, "grad_cosine": cosine,
+            "probe": {"marks": [{"fraction": f, "iteration": round(90 * f), "train_cpu_s": 90 * f, table.GAIN: g}
+                                for f, g in zip(fractions, gains, strict=True)]}}
+
+
+def test_interval_is_the_t_interval_over_seeds():
+    interval = table.Interval.of([0.1, 0.2, 0.3])
+    assert interval.mean == pytest.approx(0.2)
+    assert interval.half_width == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-4)  # t_{0.975, 2} sd / sqrt(n)
+    assert math.isnan(table.Interval.of([0.4]).half_width)
+
+
+def test_the_verdict_compares_against_a_third_of_the_best_existing_objectives_time(tmp_path):
+    ratio = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]  # reaches its final 0.6 at the full budget, 90 s
+    x0 = [0.0, 0.1, 0.1, 0.2, 0.2, 0.3]
+    fast = [0.3, 0.5, 0.6, 0.6, 0.6, 0.7]  # reaches 0.6 at a third of the budget: 30 s
+    slow = [0.2, 0.3, 0.4, 0.6, 0.6, 0.6]  # reaches it at 40 s, more than a third
+    files = {("shapes", "ratio"): ratio, ("shapes", "x0_regression"): x0, ("shapes", "nft"): fast,
+             ("shapes", "awm"): slow, ("text_to_image", "ratio"): ratio, ("text_to_image", "nft"): slow}
+    for (task, objective), gains in files.items():
+        for seed in range(3):
+            path = tmp_path / f"objectives_{task}_{objective}_seed{seed}.json"
+            path.write_text(json.dumps(_result(task, objective, seed, gains)))
+    doc = tmp_path / "objectives.md"
+    doc.write_text(f"intro\n{table.BEGIN}\nold table\n{table.END}\noutro\n")
+    block = table.main(tmp_path, doc)
+    assert "**shapes: criterion met.**" in block
+    assert "nft reaches it at 30 s, 0.33 of ratio's time (within a third; 1.0 times as many iterations" in block
+    assert "awm reaches it at 40 s, 0.44 of ratio's time (more than a third;" in block
+    assert "**text-to-image (tiny SD3): criterion not met.**" in block
+    assert "met on 1 of 2 measured tasks" in block and "is **not met**" in block
+    assert "| ego-motion | all | 0 | not measured this round" in block
+    text = doc.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old table" not in text
+
+
+def test_docs_table_is_the_one_generated_from_the_results_files():
+    root = Path(__file__).resolve().parents[1]
+    doc = (root / "docs" / "objectives.md").read_text()
+    block = doc.split(table.BEGIN, 1)[1].split(table.END, 1)[0]
+    expected = table.render(table.load(root / "docs" / "data"), "docs/data/objectives_*_seed*.json")
+    assert block == "\n" + expected, "docs/objectives.md is out of date: python -m recipes.benchmarks.objectives_table"
