@@ -50,11 +50,22 @@ def test_config_refuses_marks_that_do_not_end_at_the_budget(tmp_path):
         Config(task="shapes", objective="nft", seed=0, output=tmp_path / "r.json", marks=(0.5, 0.9))
 
 
-def _result(task: str, objective: str, seed: int, gains: list[float], cosine: float = 0.5) -> dict:
-    fractions = [1 / 9, 2 / 9, 1 / 3, 4 / 9, 2 / 3, 1.0]
-    return {"task": task, "objective": objective, "seed": seed, "grad_cosine": cosine,
-            "probe": {"marks": [{"fraction": f, "iteration": round(90 * f), "train_cpu_s": 90 * f, table.GAIN: g}
-                                for f, g in zip(fractions, gains, strict=True)]}}
+FRACTIONS = [1 / 9, 2 / 9, 1 / 3, 4 / 9, 2 / 3, 1.0]
+
+
+def _result(task: str, objective: str, seed: int, gains: list[float], cosine: float = 0.5,
+            cpu: list[float] | None = None) -> dict:
+    """A results file of a 90 CPU s run; ``cpu``: the snapshots' CPU seconds (default: exactly at the marks)."""
+    cpu = cpu or [90 * f for f in FRACTIONS]
+    return {"task": task, "objective": objective, "seed": seed, "grad_cosine": cosine, "budget_cpu_s": 90.0,
+            "probe": {"marks": [{"fraction": f, "iteration": round(c), "train_cpu_s": c, table.GAIN: g}
+                                for f, c, g in zip(FRACTIONS, cpu, gains, strict=True)]}}
+
+
+def _write(folder: Path, task: str, objective: str, results: list[dict]) -> None:
+    for result in results:
+        path = folder / f"objectives_{task}_{objective}_seed{result['seed']}.json"
+        path.write_text(json.dumps(result))
 
 
 def test_interval_is_the_t_interval_over_seeds():
@@ -72,15 +83,14 @@ def test_the_verdict_compares_against_a_third_of_the_best_existing_objectives_ti
     files = {("shapes", "ratio"): ratio, ("shapes", "x0_regression"): x0, ("shapes", "nft"): fast,
              ("shapes", "awm"): slow, ("text_to_image", "ratio"): ratio, ("text_to_image", "nft"): slow}
     for (task, objective), gains in files.items():
-        for seed in range(3):
-            path = tmp_path / f"objectives_{task}_{objective}_seed{seed}.json"
-            path.write_text(json.dumps(_result(task, objective, seed, gains)))
+        _write(tmp_path, task, objective, [_result(task, objective, seed, gains) for seed in range(3)])
     doc = tmp_path / "objectives.md"
     doc.write_text(f"intro\n{table.BEGIN}\nold table\n{table.END}\noutro\n")
     block = table.main(tmp_path, doc)
     assert "**shapes: criterion met.**" in block
-    assert "nft reaches it at 30 s, 0.33 of ratio's time (within a third; 1.0 times as many iterations" in block
-    assert "awm reaches it at 40 s, 0.44 of ratio's time (more than a third;" in block
+    assert ("nft reaches it at the 1/3 mark (30 of 90 CPU s), 0.33 of ratio's time (within a third; 1.0 times as "
+            "many iterations") in block
+    assert "awm reaches it at the 4/9 mark (40 of 90 CPU s), 0.44 of ratio's time (more than a third;" in block
     assert "**text-to-image (tiny SD3): criterion not met.**" in block
     assert "met on 1 of 2 measured tasks" in block and "is **not met**" in block
     assert "| ego-motion | all | 0 | not measured this round" in block
@@ -94,3 +104,39 @@ def test_docs_table_is_the_one_generated_from_the_results_files():
     block = doc.split(table.BEGIN, 1)[1].split(table.END, 1)[0]
     expected = table.render(table.load(root / "docs" / "data"), "docs/data/objectives_*_seed*.json")
     assert block == "\n" + expected, "docs/objectives.md is out of date: python -m recipes.benchmarks.objectives_table"
+
+
+def test_the_verdict_compares_marks_not_the_snapshots_cpu_seconds(tmp_path):
+    """Each mark's snapshot is the iteration nearest the mark, so its CPU seconds straddle a third of the best
+    objective's: ratio first reaches its final gain at the full-budget snapshot, taken at 88.5 s (a third: 29.5 s),
+    NFT at the 1/3 snapshot, taken at 31 s. By CPU seconds NFT would miss the third; by marks (1/3 <= 1 / 3) it
+    is within it, which is the criterion at equal CPU budgets."""
+    ratio_cpu = [10.5, 19.0, 29.0, 41.0, 59.5, 88.5]
+    nft_cpu = [9.5, 21.0, 31.0, 39.0, 61.0, 90.5]
+    ratio = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    nft = [0.2, 0.4, 0.6, 0.6, 0.6, 0.7]
+    _write(tmp_path, "shapes", "ratio", [_result("shapes", "ratio", seed, ratio, cpu=ratio_cpu) for seed in range(3)])
+    _write(tmp_path, "shapes", "nft", [_result("shapes", "nft", seed, nft, cpu=nft_cpu) for seed in range(3)])
+    assert nft_cpu[2] > ratio_cpu[-1] / 3  # the nearest snapshots' CPU seconds say "more than a third"
+    rows, verdict = table.task_section("shapes", table.load(tmp_path))
+    assert verdict.startswith("**shapes: criterion met.**")
+    assert "nft reaches it at the 1/3 mark (30 of 90 CPU s), 0.33 of ratio's time (within a third;" in verdict
+    assert rows[1].endswith("| 31, 31, 31 |")  # the per-seed column shows the snapshots' own CPU seconds
+    assert table.within_a_third(1 / 9, 1 / 3) and table.within_a_third(2 / 9, 2 / 3)  # float marks, exact thirds
+    assert not table.within_a_third(4 / 9, 1.0) and not table.within_a_third(None, 1.0)
+
+
+def test_per_seed_reach_and_clipped_cosine_interval(tmp_path):
+    """The reach column lists every seed (a dash for a seed that never reaches the target) instead of a mean over
+    the seeds that reach it; a cosine's interval is clipped to [-1, 1]."""
+    ratio = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    awm = [([0.1, 0.1, 0.1, 0.1, 0.1, 0.1], 0.95), ([0.2, 0.3, 0.4, 0.6, 0.6, 0.6], 0.85),
+           ([0.1, 0.1, 0.1, 0.1, 0.1, 0.6], 0.3)]  # per seed: gains, gradient cosine
+    _write(tmp_path, "shapes", "ratio", [_result("shapes", "ratio", seed, ratio) for seed in range(3)])
+    _write(tmp_path, "shapes", "awm",
+           [_result("shapes", "awm", seed, gains, cosine=c) for seed, (gains, c) in enumerate(awm)])
+    rows, verdict = table.task_section("shapes", table.load(tmp_path))
+    assert rows[1].endswith("| —, 40, 90 |")  # seed 0 never reaches 0.6; seed 1 at the 4/9 mark; seed 2 at the end
+    half = 4.302653 * 0.35 / math.sqrt(3)  # t_{0.975, 2} sd / sqrt(n) of (0.95, 0.85, 0.3): mean 0.7, sd 0.35
+    assert 0.7 + half > 1 and f"| +0.700 [{0.7 - half:+.3f}, +1.000] |" in rows[1]
+

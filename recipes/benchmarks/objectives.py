@@ -13,14 +13,15 @@ writes one results file; ``recipes/benchmarks/objectives_table.py`` turns the fi
 What is measured, per run:
 
 - **CPU seconds of training** (``time.process_time`` of this single-threaded process, summed over the GRPO
-  iterations: rollouts, rewards and updates). Wall-clock time misleads on a shared machine; CPU time does
-  not. The probe evaluations and the weight snapshots they need are excluded: they cost every objective
-  alike and are measurement, not training.
-- **Probe reward**: the weights are snapshotted when the training CPU first crosses each fraction in
-  ``--marks`` of the budget, and every snapshot is evaluated afterwards on the probe set (16 conditions of
-  the *train* split x 4 fixed noises, the same tuples for every snapshot; ``diffgrpo.probe``): the paired
-  difference to the prior with its 95 % interval over conditions. The probe is drawn from the training
-  distribution, never from the test split.
+  iterations: rollouts, rewards and updates). Wall-clock time misleads on a shared machine; CPU time much
+  less, though not entirely (other jobs share caches and memory bandwidth; docs/objectives.md). The probe
+  evaluations and the weight snapshots they need are excluded: they cost every objective alike and are
+  measurement, not training.
+- **Probe reward**: at each fraction in ``--marks`` of the budget, the weights of the iteration whose training
+  CPU seconds are nearest it (the one crossing it or the one before) are snapshotted, and every snapshot is
+  evaluated afterwards on the probe set (16 conditions of the *train* split x 4 fixed noises, the same tuples
+  for every snapshot; ``diffgrpo.probe``): the paired difference to the prior with its 95 % interval over
+  conditions. The probe is drawn from the training distribution, never from the test split.
 - **Same-condition gradient cosine** at the prior: two independent rollouts (other initial noise, step
   noise and, for NFT and AWM, forward noise) of the same B conditions, the objective's update gradient of
   each, and their cosine. Two estimates of one expected gradient have cosine ~ SNR^2 / (1 + SNR^2)
@@ -67,8 +68,8 @@ Objective = Literal["ratio", "x0_regression", "nft", "awm"]
 TaskName = Literal["shapes", "text_to_image"]
 
 DEFAULT_BUDGET_CPU_S = {"shapes": 90.0, "text_to_image": 75.0}
-"""Training CPU seconds per run (one thread), by task: about 26 ratio iterations on shapes; about 150 on the
-tiny text-to-image pipeline, the length of its CPU demonstration (docs/text_to_image.md)."""
+"""Training CPU seconds per run (one thread), by task. How many iterations each objective gets in it is measured,
+not fixed: the iterations column of the table in docs/objectives.md."""
 DEFAULT_MARKS = (1 / 9, 2 / 9, 1 / 3, 4 / 9, 2 / 3, 1.0)
 """Fractions of the budget at which the probe is taken; 1/3 is the "a third of the CPU time" of issue 21."""
 PROBE = ProbeConfig(splits=("train",), conditions_per_split=16, noises_per_condition=4, eval_every=1)
