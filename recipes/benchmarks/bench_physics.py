@@ -349,11 +349,12 @@ def sweep_table(records: list[dict]) -> str:
         failing = " / ".join(str(r["failing"][k]) for k in ("fell", "residual", "pelvis"))
         lines.append(f"| {change} | {r['success']:.3f} | {r['survival']:.3f} | {r['residual_per_weight']:.3f} | "
                      f"{failing} | {r['ms_per_motion']:.0f} |")
-    counted = {"motions" if "motions" in record["result"] else "windows" for record in records}
-    unit = ("motions (unmirrored windows)" if counted == {"motions"} else
-            "windows (each motion with its mirror: counts are even)" if counted == {"windows"} else
-            "motions where the record has them, else windows (each motion with its mirror)")
-    return "\n".join(lines) + f"\n\nFailing counts are of {unit}.\n"
+    if all("motions" in record["result"] for record in records):
+        note = "Failing counts are of motions (the unmirrored windows)."
+    else:  # records from before --sweep ran one window per motion
+        note = ("Failing counts are of windows where a record predates one window per motion: on post_train each "
+                "motion with its mirror (even counts); test windows are not mirrored.")
+    return "\n".join(lines) + f"\n\n{note}\n"
 
 
 if __name__ == "__main__":
