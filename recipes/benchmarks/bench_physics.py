@@ -177,11 +177,12 @@ def _touching_counts(task: EgoMotionTask, split: str) -> dict:
             "on_the_floor": task.num_examples(split), "motions_on_the_floor": len(_unmirrored(task, split))}
 
 
-def floor_rule(task: EgoMotionTask, split: str) -> list[dict]:
+def floor_rule(task: EgoMotionTask, split: str) -> dict:
     """The windows of ``split`` the earlier floor filter (``EARLIER_FLOOR_CONTACT_M`` at one frame or more) keeps and
-    the current one (``task.cfg``) drops: index into ``windows(split)``, clip, mirrored, the fraction of frames whose
-    lowest foot joint is within ``task.cfg.floor_contact_m`` of z = 0, and the current tracker's ground-truth success
-    (None for a mirrored copy, not simulated)."""
+    the current one (``task.cfg``) drops ("dropped": index into ``windows(split)``, clip, mirrored, the fraction of
+    frames whose lowest foot joint is within ``task.cfg.floor_contact_m`` of z = 0, and the current tracker's
+    ground-truth success, None for a mirrored copy, not simulated); the lowest such fraction among the windows kept;
+    and the count of windows the current filter keeps that the earlier one did not."""
     windows = task.windows(split)
     everything = windows.get(torch.arange(len(windows)))
     lowest = everything["joints_world"][:, :, list(FOOT_JOINTS), 2].amin(dim=2)  # (N, T)
@@ -197,7 +198,9 @@ def floor_rule(task: EgoMotionTask, split: str) -> list[dict]:
             success = bool(track(h, h.qpos(everything["T_world_root"][i], everything["body_rotmats"][i]), FPS).success)
         rows.append({"window": i, "sequence": name, "mirrored": bool(everything["mirrored"][i]),
                      "floor_frame_fraction": float(fraction[i]), "success": success})
-    return rows
+    kept = task.kept_windows(split)
+    return {"dropped": rows, "lowest_kept_fraction": float(fraction[kept].min()),
+            "kept_not_earlier": len(set(kept.tolist()) - set(earlier))}
 
 
 def separation(task: EgoMotionTask, split: str, limit: int) -> dict:
