@@ -15,7 +15,7 @@ from a physics simulator plus an alignment check that keeps the motion faithful 
    MotionGRPO's metrics plus the physics measures (``physics/evaluator.py``).
 
 Only windows that stand on the world's floor z = 0 are used (``--base.task.floor-contact-m 0.15``: a foot
-joint within 0.15 m of z = 0 in at least 90 % of the frames, ``task.FLOOR_FRAME_FRACTION``): the bundled
+joint within 0.15 m of z = 0 in at least 90 % of the frames, ``--base.task.floor-frame-fraction``): the bundled
 captures include climbing and standing on boxes, which the simulation (a floor and nothing else) cannot
 execute. 0.15 m leaves room for the toe joint (2.5 cm above the sole) and the ankle in heel strikes and
 toe-offs.

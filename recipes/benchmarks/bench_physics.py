@@ -6,7 +6,9 @@ motion on one core, so that a group of 64 takes about a second), and RLPF's succ
 worth its cost if the ground truth succeeds and non-physical motion does not. Motions are the
 ground-truth windows that stand on the floor (``floor_contact_m = 0.15``: a foot joint within 0.15 m
 of z = 0 in at least 90 % of the frames, as the RLPF recipe serves them) of the test split and of the
-post-train split (where the tracker's defaults were chosen).
+post-train split (where the tracker's defaults were chosen). The post-train windows are motions plus their left/right
+mirrored copies, which the tracker executes alike (results equal to ~1e-14): ``--sweep`` runs the unmirrored windows
+only, one per motion, and the separation counts the motions behind its windows.
 
 - Speed: each stage's time is the median over the test windows of the best of ``--repeats`` runs;
   "build" compiles a new humanoid (paid once per body shape; the evaluator caches humanoids).
@@ -16,10 +18,14 @@ post-train split (where the tracker's defaults were chosen).
   plus the ground truth's residual distribution (quantiles over windows) and, per window, the success
   criteria it failed (``--failures`` prints them), and the filter's counts against the earlier
   definition (a foot joint within 0.1 m of z = 0 at some frame).
+- Floor rule (``--floor-rule``): per split, the windows the earlier definition keeps and the current one drops, with
+  their clip, mirroring and fraction of frames near the floor, and the current tracker's outcome on their ground
+  truth (unmirrored windows only: a handful of simulations).
 
     python recipes/benchmarks/bench_physics.py --repeats 3 --output docs/data/bench_physics.json
     python recipes/benchmarks/bench_physics.py --table-from docs/data/bench_physics.json --failures  # doc tables
     python recipes/benchmarks/bench_physics.py --strips-only --strips-dir docs   # the RLPF page's PNG strips
+    python recipes/benchmarks/bench_physics.py --floor-rule   # the windows the floor filter drops, and why
 """
 
 from __future__ import annotations
@@ -51,7 +57,10 @@ FPS = 30.0
 SPLITS = ("test", "post_train")
 FLOOR_CONTACT_M = 0.15
 """The floor filter the RLPF recipe serves (``--base.task.floor-contact-m``): a foot joint within this of z = 0 in
-at least ``task.FLOOR_FRAME_FRACTION`` of the frames."""
+at least ``EgoMotionTaskConfig.floor_frame_fraction`` (0.9) of the frames."""
+EARLIER_FLOOR_CONTACT_M = 0.1
+"""The floor filter before ``floor_frame_fraction`` (commit 7fcf2a5): a foot joint within this of z = 0 at one frame
+or more."""
 
 
 def _best_ms(fn, repeats: int) -> float:
@@ -66,6 +75,12 @@ def _best_ms(fn, repeats: int) -> float:
 def _windows(task: EgoMotionTask, split: str, limit: int):
     n = min(task.num_examples(split), limit)
     return task.load_examples(split, torch.arange(n)), n
+
+
+def _unmirrored(task: EgoMotionTask, split: str) -> torch.Tensor:
+    """(m,) positions among the split's served windows of those that are not a mirrored copy: one per motion."""
+    mirrored = task.windows(split).get(task.kept_windows(split))["mirrored"]
+    return torch.nonzero(~mirrored).flatten()
 
 
 def _rest_joints(task: EgoMotionTask, betas: torch.Tensor) -> torch.Tensor:
@@ -125,11 +140,18 @@ def speed(task: EgoMotionTask, repeats: int, limit: int, baseline: str | None = 
 
 def sweep(task: EgoMotionTask, split: str, tracking: TrackingConfig, humanoid: HumanoidConfig,
           baseline: str | None = None) -> dict:
-    """The ground truth alone of every floor-contact window of ``split`` under one tracker configuration: how the
-    defaults were chosen (on post_train). Means, the count of windows failing each criterion, ms per motion. With
-    ``baseline`` (a package name, ``_baseline``), an older checkout's tracker at its own defaults instead (the
-    overrides are not applied)."""
-    batch, n = _windows(task, split, 10**9)
+    """The ground truth alone of every unmirrored floor-contact window of ``split`` (one per motion: a mirrored copy
+    gives the same result) under one tracker configuration: how the defaults were chosen (on post_train). Means, the
+    count of motions failing each criterion, ms per motion. With ``baseline`` (a package name, ``_baseline``), an
+    older checkout's tracker at its own defaults instead.
+
+    Raises ValueError if ``baseline`` is given with ``tracking`` or ``humanoid`` other than the defaults (the older
+    tracker has its own configuration classes; overrides would not apply to it)."""
+    if baseline is not None and (tracking != TrackingConfig() or humanoid != HumanoidConfig()):
+        raise ValueError(f"--baseline {baseline} runs the older tracker at its own defaults: --tracking / --humanoid "
+                         "overrides cannot apply to it; drop them, or drop --baseline to sweep the current tracker.")
+    positions = _unmirrored(task, split)
+    batch, n = task.load_examples(split, positions), len(positions)
     build, run = (build_humanoid, lambda h, q: track(h, q, FPS, tracking)) if baseline is None else (
         lambda rest, _: _baseline(baseline)[0](rest), lambda h, q: _baseline(baseline)[1](h, q, FPS))
     rows = []
@@ -141,7 +163,7 @@ def sweep(task: EgoMotionTask, split: str, tracking: TrackingConfig, humanoid: H
         rows.append((tr.success, tr.survival, tr.assist_n / h.weight_n, (time.perf_counter() - t0) * 1e3,
                      _failed_criteria(tr, h.weight_n, tracking)))
     success, survival, residual, ms, failed = zip(*rows, strict=True)
-    return {"split": split, "windows": n, "success": float(np.mean(success)), "survival": float(np.mean(survival)),
+    return {"split": split, "motions": n, "success": float(np.mean(success)), "survival": float(np.mean(survival)),
             "residual_per_weight": float(np.mean(residual)), "ms_per_motion": float(np.median(ms)),
             "failing": {k: sum(any(f.startswith(k) for f in fs) for fs in failed)
                         for k in ("fell", "residual", "pelvis")}}
@@ -153,6 +175,32 @@ def _touching_counts(task: EgoMotionTask, split: str) -> dict:
     feet_z = task.windows(split).get(torch.arange(len(task.windows(split))))["joints_world"][:, :, list(FOOT_JOINTS), 2]
     return {"all_windows": int(feet_z.shape[0]), "touching_at_some_frame": int((feet_z.amin(dim=(1, 2)) <= 0.1).sum()),
             "on_the_floor": task.num_examples(split)}
+
+
+def floor_rule(task: EgoMotionTask, split: str) -> dict:
+    """The windows of ``split`` the earlier floor filter (``EARLIER_FLOOR_CONTACT_M`` at one frame or more) keeps and
+    the current one (``task.cfg``) drops ("dropped": index into ``windows(split)``, clip, mirrored, the fraction of
+    frames whose lowest foot joint is within ``task.cfg.floor_contact_m`` of z = 0, and the current tracker's
+    ground-truth success, None for a mirrored copy, not simulated); the lowest such fraction among the windows kept;
+    and the count of windows the current filter keeps that the earlier one did not."""
+    windows = task.windows(split)
+    everything = windows.get(torch.arange(len(windows)))
+    lowest = everything["joints_world"][:, :, list(FOOT_JOINTS), 2].amin(dim=2)  # (N, T)
+    fraction = (lowest <= task.cfg.floor_contact_m).double().mean(dim=1)
+    earlier = torch.nonzero(lowest.amin(dim=1) <= EARLIER_FLOOR_CONTACT_M).flatten().tolist()
+    dropped = sorted(set(earlier) - set(task.kept_windows(split).tolist()))
+    names = windows.sequence_names(dropped)
+    rows = []
+    for i, name in zip(dropped, names, strict=True):
+        success = None
+        if not bool(everything["mirrored"][i]):
+            h = _humanoid(task, everything["betas"][i])
+            success = bool(track(h, h.qpos(everything["T_world_root"][i], everything["body_rotmats"][i]), FPS).success)
+        rows.append({"window": i, "sequence": name, "mirrored": bool(everything["mirrored"][i]),
+                     "floor_frame_fraction": float(fraction[i]), "success": success})
+    kept = task.kept_windows(split)
+    return {"dropped": rows, "lowest_kept_fraction": float(fraction[kept].min()),
+            "kept_not_earlier": len(set(kept.tolist()) - set(earlier))}
 
 
 def separation(task: EgoMotionTask, split: str, limit: int) -> dict:
@@ -177,14 +225,16 @@ def separation(task: EgoMotionTask, split: str, limit: int) -> dict:
             row["residual_force_per_weight"].append(float(needed.mean()))
             if edit is None:
                 speed = float((motion[0][1:, :2, 3] - motion[0][:-1, :2, 3]).norm(dim=-1).mean()) * FPS
+                net = float((motion[0][-1, :2, 3] - motion[0][0, :2, 3]).norm()) * FPS / (len(motion[0]) - 1)
                 windows.append({"window": i, "sequence": names[i], "success": bool(tr.success),
                                 "survival": tr.survival, "residual_per_weight": tr.assist_n / h.weight_n,
                                 "inverse_dynamics_residual_per_weight": float(needed.mean()),
                                 "inverse_dynamics_residual_max_per_weight": float(needed.max()),
-                                "pelvis_speed_m_per_s": speed,
+                                "pelvis_speed_m_per_s": speed, "pelvis_net_speed_m_per_s": net,
                                 "pelvis_rise_m": tr.pelvis_rise_m, "failed": _failed_criteria(tr, h.weight_n)})
     truth = np.array(rows["ground truth"]["tracking_residual_per_weight"])
-    return {"windows": n, "rows": {name: {k: statistics.mean(v) for k, v in row.items()} for name, row in rows.items()},
+    return {"windows": n, "motions": len(_unmirrored(task, split)),
+            "rows": {name: {k: statistics.mean(v) for k, v in row.items()} for name, row in rows.items()},
             "floor_filter": _touching_counts(task, split), "ground_truth_windows": windows,
             "ground_truth_residual_quantiles": {f"q{int(q * 100)}": float(np.quantile(truth, q))
                                                 for q in (0.1, 0.5, 0.9, 1.0)}}
@@ -256,7 +306,9 @@ def table(result: dict) -> str:
                            for name, v in sep["rows"].items())
         counts = sep["floor_filter"]
         quantiles = ", ".join(f"{k} {v:.3f}" for k, v in sep["ground_truth_residual_quantiles"].items())
-        text += (f"\nSeparation on the {sep['windows']} floor-contact {split} windows (of {counts['all_windows']}; "
+        motions = f", {sep['motions']} motions" if "motions" in sep else ""
+        text += (f"\nSeparation on the {sep['windows']} floor-contact {split} windows{motions} (of "
+                 f"{counts['all_windows']}; "
                  f"{counts['touching_at_some_frame']} touch the floor at some frame), means:\n\n| motion | tracking "
                  f"success | survival | tracker residual / (m g) | inverse-dynamics residual / (m g) |\n"
                  f"|---|---:|---:|---:|---:|\n{checks}\n\nGround truth's tracker residual / (m g) over windows: "
@@ -264,17 +316,25 @@ def table(result: dict) -> str:
     return text
 
 
+def _number(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
 def failures(result: dict) -> str:
-    """The ground-truth windows that fail, with the criterion and the clip (the docs' diagnosis table)."""
+    """The ground-truth windows that fail, with the criterion and the clip (the docs' diagnosis table). Pelvis speed:
+    "path" is the mean frame-to-frame horizontal speed (capture jitter inflates it), "net" the horizontal
+    displacement from the first to the last frame over the window's duration ("—" in results that predate it)."""
     lines = ["| split | window | clip | survival | residual / (m g) | pelvis rise (cm) | inverse-dynamics residual, "
-             "mean / max (m g) | pelvis speed (m/s) | failed |", "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+             "mean / max (m g) | pelvis speed (m/s): path / net | failed |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---|"]
     for split, sep in result["separation"].items():
         for w in sep["ground_truth_windows"]:
             if not w["success"]:
                 lines.append(f"| {split} | {w['window']} | {w['sequence']} | {w['survival']:.2f} | "
                              f"{w['residual_per_weight']:.3f} | {w['pelvis_rise_m'] * 100:.1f} | "
                              f"{w['inverse_dynamics_residual_per_weight']:.2f} / "
-                             f"{w['inverse_dynamics_residual_max_per_weight']:.2f} | {w['pelvis_speed_m_per_s']:.2f} | "
+                             f"{w['inverse_dynamics_residual_max_per_weight']:.2f} | {w['pelvis_speed_m_per_s']:.2f} / "
+                             f"{_number(w.get('pelvis_net_speed_m_per_s'))} | "
                              f"{'; '.join(w['failed'])} |")
     return "\n".join(lines) + "\n"
 
@@ -292,7 +352,12 @@ def sweep_table(records: list[dict]) -> str:
         failing = " / ".join(str(r["failing"][k]) for k in ("fell", "residual", "pelvis"))
         lines.append(f"| {change} | {r['success']:.3f} | {r['survival']:.3f} | {r['residual_per_weight']:.3f} | "
                      f"{failing} | {r['ms_per_motion']:.0f} |")
-    return "\n".join(lines) + "\n"
+    if all("motions" in record["result"] for record in records):
+        note = "Failing counts are of motions (the unmirrored windows)."
+    else:  # records from before --sweep ran one window per motion
+        note = ("Failing counts are of windows where a record predates one window per motion: on post_train each "
+                "motion with its mirror (even counts); test windows are not mirrored.")
+    return "\n".join(lines) + f"\n\n{note}\n"
 
 
 if __name__ == "__main__":
@@ -313,7 +378,12 @@ if __name__ == "__main__":
     parser.add_argument("--tracking", type=json.loads, default={},
                         help='TrackingConfig overrides, JSON: {"control_hz": 120}')
     parser.add_argument("--humanoid", type=json.loads, default={}, help='HumanoidConfig overrides, JSON')
+    parser.add_argument("--floor-rule", action="store_true",
+                        help="only the windows the earlier floor filter keeps and the current one drops, and stop")
     args = parser.parse_args()
+    if (args.tracking or args.humanoid) and (args.sweep is None or args.baseline is not None):
+        parser.error("--tracking / --humanoid apply to --sweep of the current tracker only: add --sweep SPLIT, and "
+                     "drop --baseline (the older tracker runs at its own defaults).")
     if args.table_from is not None:
         loaded = json.loads(args.table_from.read_text())
         if isinstance(loaded, list):  # --sweep records
@@ -323,6 +393,9 @@ if __name__ == "__main__":
         raise SystemExit(0)
     torch.set_num_threads(1)
     task = EgoMotionTask(dataclasses.replace(EgoMotionTaskConfig(), floor_contact_m=FLOOR_CONTACT_M))
+    if args.floor_rule:
+        print(json.dumps({split: floor_rule(task, split) for split in SPLITS}, indent=1))
+        raise SystemExit(0)
     if args.sweep is not None:
         print(json.dumps(sweep(task, args.sweep, TrackingConfig(**args.tracking), HumanoidConfig(**args.humanoid),
                                args.baseline)))

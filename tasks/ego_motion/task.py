@@ -54,10 +54,6 @@ from tasks.ego_motion.model.prior import make_scheduler
 
 logger = logging.getLogger(__name__)
 
-FLOOR_FRAME_FRACTION = 0.9
-"""The floor filter (``floor_contact_m``) keeps a window whose feet are near z = 0 in at least this fraction of
-its frames: brief flights (hops, jumps) stay, captures standing on a box or a step for longer do not."""
-
 DEMO_PRIOR_PATH = Path(__file__).resolve().parent / "assets" / "demo_prior.safetensors"
 """The shipped demo prior (``DenoiserConfig.demo()`` trained on the bundled CMU clips, 64-frame windows)."""
 METRIC_UNITS: dict[str, str] = {
@@ -109,9 +105,14 @@ class EgoMotionTaskConfig:
     """Per-step log-density over the T x D entries: 'mean' (GRPO default, size-independent) or 'sum'."""
     floor_contact_m: float | None = None
     """Keep only the windows whose lowest foot joint (ankles, toes) is within this many metres of z = 0 in at
-    least ``FLOOR_FRAME_FRACTION`` of their frames, in every split: the windows that stand on the world's floor,
+    least ``floor_frame_fraction`` of their frames, in every split: the windows that stand on the world's floor,
     for rewards that assume it (the physics rewards). None: every window. The bundled data has captures on
     boxes and stairs."""
+    floor_frame_fraction: float = 0.9
+    """The fraction of a window's frames, in (0, 1], whose lowest foot joint must be within ``floor_contact_m``
+    of z = 0 for the window to stay: at 0.9 brief flights (hops, jumps) stay, captures standing on a box or a
+    step for longer do not. A value at or below 1 / T (e.g. 1e-6) keeps a window that is near the floor at
+    any one frame, the filter before this option existed (commit 7fcf2a5)."""
 
     extra_post_train_dir: Path | None = None
     """A folder of AMASS-layout clips added to the post_train split (``windows.DataSource.extra_post_train_dir``),
@@ -126,6 +127,9 @@ class EgoMotionTaskConfig:
         if self.floor_contact_m is not None and not (math.isfinite(self.floor_contact_m) and self.floor_contact_m >= 0):
             raise ValueError(f"--task.floor-contact-m {self.floor_contact_m}: must be a finite number >= 0 (metres) "
                              "or unset.")
+        if not 0 < self.floor_frame_fraction <= 1:
+            raise ValueError(f"--task.floor-frame-fraction {self.floor_frame_fraction}: must be in (0, 1] (the "
+                             "fraction of frames near the floor); pass 0.9 (the default) or 1e-6 for any one frame.")
         if self.window_frames < 4:
             raise ValueError(f"window_frames={self.window_frames}: jitter needs at least 4 frames per window; "
                              "pass --task.window-frames 32 or more.")
@@ -251,7 +255,7 @@ class EgoMotionTask:
             else:
                 feet_z = windows.get(everything)["joints_world"][:, :, list(FOOT_JOINTS), 2]
                 on_floor = (feet_z.amin(dim=2) <= self.cfg.floor_contact_m).double().mean(dim=1)  # (N,) of frames
-                self._kept[split] = torch.nonzero(on_floor >= FLOOR_FRAME_FRACTION).flatten()
+                self._kept[split] = torch.nonzero(on_floor >= self.cfg.floor_frame_fraction).flatten()
                 if len(self._kept[split]) == 0:
                     raise ValueError(f"no {split} window stays within --task.floor-contact-m "
                                      f"{self.cfg.floor_contact_m} of the floor z = 0; raise it or unset it.")

@@ -182,6 +182,25 @@ def test_floor_contact_keeps_exactly_the_windows_whose_feet_stay_on_the_floor(ta
         EgoMotionTask(dataclasses.replace(task.cfg, floor_contact_m=-0.5), body=task.body)
 
 
+def test_floor_frame_fraction_sets_how_many_frames_must_be_near_the_floor(task):
+    """At a fraction <= 1 / T the filter keeps a window near the floor at any one frame (the earlier rule); a larger
+    fraction keeps a subset of those; the config rejects fractions outside (0, 1]."""
+    everything = task.load_examples("post_train", torch.arange(task.num_examples("post_train")))
+    lowest = everything["joints_world"][:, :, [7, 8, 10, 11], 2].amin(dim=2)  # (N, T)
+    any_frame = torch.nonzero(lowest.amin(dim=1) <= 0.1).flatten()
+    loose = EgoMotionTask(dataclasses.replace(task.cfg, floor_contact_m=0.1, floor_frame_fraction=1e-6),
+                          body=task.body)
+    torch.testing.assert_close(loose.kept_windows("post_train"), any_frame)
+    strict = EgoMotionTask(dataclasses.replace(task.cfg, floor_contact_m=0.1, floor_frame_fraction=1.0),
+                           body=task.body)
+    expected = torch.nonzero((lowest <= 0.1).all(dim=1)).flatten()
+    torch.testing.assert_close(strict.kept_windows("post_train"), expected)
+    assert set(expected.tolist()) <= set(any_frame.tolist())
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="floor-frame-fraction"):
+            dataclasses.replace(task.cfg, floor_frame_fraction=bad)
+
+
 def test_perturbing_the_raw_condition_moves_the_head_translation_only(task, batch):
     """MotionGRPO section 8: the head position is perturbed, its orientation kept."""
     from diffgrpo.perturb import get_perturber

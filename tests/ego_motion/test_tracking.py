@@ -202,3 +202,23 @@ def _random_rotation(rng: np.random.Generator, max_angle_rad: float) -> np.ndarr
     angle = rng.uniform(0.2, 1.0) * max_angle_rad
     K = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
     return np.eye(3) + math.sin(angle) * K + (1 - math.cos(angle)) * K @ K
+
+
+def test_physics_sweep_refuses_overrides_with_a_baseline_and_runs_one_window_per_motion():
+    """The older tracker runs at its own defaults, so overrides with --baseline are an error, not silently ignored;
+    the sweep's windows are the unmirrored ones, one per motion, whose mirrors are the remaining served windows."""
+    import dataclasses
+
+    from recipes.benchmarks import bench_physics
+    from tasks.ego_motion.physics.humanoid import HumanoidConfig
+    from tasks.ego_motion.task import EgoMotionTask, EgoMotionTaskConfig
+
+    task = EgoMotionTask(dataclasses.replace(EgoMotionTaskConfig(), floor_contact_m=bench_physics.FLOOR_CONTACT_M))
+    for tracking, humanoid in ((TrackingConfig(control_hz=120.0), HumanoidConfig()),
+                               (TrackingConfig(), HumanoidConfig(timestep_s=1 / 60))):
+        with pytest.raises(ValueError, match="--baseline"):
+            bench_physics.sweep(task, "post_train", tracking, humanoid, baseline="baseline_tasks")
+    kept = task.kept_windows("post_train")
+    mirrored = task.windows("post_train").get(kept)["mirrored"]
+    motions = bench_physics._unmirrored(task, "post_train")
+    assert not mirrored[motions].any() and 0 < 2 * len(motions) == len(kept)  # each served motion with its mirror
