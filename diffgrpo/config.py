@@ -155,6 +155,36 @@ class ProbeConfig:
 
 
 @dataclass(frozen=True)
+class SelectionConfig:
+    """Which probe quantity picks the checkpoint a run reports beside its last one (``diffgrpo.checkpoint_selection``).
+
+    Why: the last iteration is not the best one when a run drifts after a peak, and choosing by the test
+    split's numbers would bias the test numbers reported; the probe of a validation split (data neither
+    trained on nor tested) decides instead. The probe's value is the mean over its C x M samples."""
+
+    metric: str | None = None
+    """A probe key ``reward/<split>/<name>`` or ``metric/<split>/<name>`` (e.g. ``metric/validation/mpjpe_mm``);
+    None: no selection. Its split must be among ``probe.splits``."""
+    mode: Literal["min", "max"] = "min"
+    """'min': lower is better (an error such as MPJPE); 'max': higher is better (a reward)."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"selection.mode={self.mode!r} is not one of 'min' (lower is better), 'max'")
+        if self.metric is not None and (len(self.metric.split("/")) != 3
+                                        or self.metric.split("/")[0] not in ("reward", "metric")):
+            raise ValueError(f"selection.metric={self.metric!r} must read reward/<split>/<name> or "
+                             "metric/<split>/<name>, e.g. --grpo.selection.metric metric/validation/mpjpe_mm")
+        if self.metric is None and self.mode != "min":
+            raise ValueError("--grpo.selection.mode was given without --grpo.selection.metric; add it or drop it")
+
+    @property
+    def split(self) -> str | None:
+        """The probe split the metric is read on."""
+        return None if self.metric is None else self.metric.split("/")[1]
+
+
+@dataclass(frozen=True)
 class OptimConfig:
     """AdamW with linear warm-up and gradient clipping."""
 
@@ -251,6 +281,9 @@ class GRPOConfig:
     """Rewards as 'name' or 'name:weight' (e.g. shapes_iou:1.0); names from the reward registry."""
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     """Fixed probe set evaluated every ``probe.eval_every`` iterations (``diffgrpo.probe``)."""
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    """Keep the checkpoint whose probe value of ``selection.metric`` is best in ``<output_dir>/best/`` (the probe
+    before training included, so the starting weights are selected when no iteration beats them)."""
     checkpoint_every: int = 10
     """Iterations between checkpoints (0 = only at the end)."""
     diagnostics_every: int = 0
@@ -294,6 +327,16 @@ class GRPOConfig:
             raise ValueError(f"diagnostics_every must be >= 0 (0 = never), got {self.diagnostics_every}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0 (0 = only at the end), got {self.checkpoint_every}")
+        if self.selection.metric is not None:
+            if not self.probe.eval_every or self.selection.split not in self.probe.splits:
+                raise ValueError(f"selection.metric={self.selection.metric!r} is read on the probe of split "
+                                 f"{self.selection.split!r}, but the probe evaluates {list(self.probe.splits)} every "
+                                 f"{self.probe.eval_every} iterations; pass --grpo.probe.eval-every N and a "
+                                 "--grpo.probe.splits that holds it")
+            if self.checkpoint_every and self.probe.eval_every % self.checkpoint_every:
+                raise ValueError(f"selection keeps a probed checkpoint and must be able to resume from it: "
+                                 f"probe.eval_every={self.probe.eval_every} must be a multiple of "
+                                 f"checkpoint_every={self.checkpoint_every}; change --grpo.checkpoint-every")
         if self.mixed_precision not in ("no", "fp16", "bf16", "auto"):
             raise ValueError(f"mixed_precision={self.mixed_precision!r} is not one of 'no', 'fp16', 'bf16', 'auto'")
         if self.step_weighting not in ("uniform", "unit_score"):

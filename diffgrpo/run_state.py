@@ -29,6 +29,7 @@ from diffgrpo.awm import AWMConfig
 from diffgrpo.chain import SamplingChain
 from diffgrpo.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from diffgrpo.checkpoint_discovery import checkpoint_dir, checkpoint_steps
+from diffgrpo.checkpoint_selection import SELECTED_FOLDER
 from diffgrpo.config import GRPOConfig
 from diffgrpo.ema import ParameterEMA
 from diffgrpo.finite_update import FiniteUpdateGuard
@@ -243,8 +244,11 @@ def start_over(accelerator, output_dir: str | Path, *, overwrite: bool) -> None:
                          "run does not resume: pass --resume to continue that run, --grpo.overwrite-output-dir to "
                          "delete them and start over, or another --output-dir")
     if accelerator.is_main_process:
-        logger.warning("--grpo.overwrite-output-dir: deleting %s and starting over", root)
+        logger.warning("--grpo.overwrite-output-dir: deleting %s (and the run's selected checkpoint) and starting "
+                       "over", root)
         shutil.rmtree(root)
+        for name in (SELECTED_FOLDER, SELECTED_FOLDER + ".old"):
+            shutil.rmtree(Path(output_dir) / name, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
@@ -290,7 +294,7 @@ FIELDS_ADDED_LATER = {("sampler", "guidance_scale"): 1.0, ("rollout_chunks",): 1
                       **{("loss", name): json.loads(json.dumps(asdict(value)))
                          for name, value in (("nft", NFTConfig()), ("old_policy", OldPolicySchedule()),
                                              ("awm", AWMConfig()), ("forward_timesteps", TimestepSampling()))},
-                      ("loss", "timesteps_per_sample"): 1}
+                      ("loss", "timesteps_per_sample"): 1, ("selection",): {"metric": None, "mode": "min"}}
 """Config fields newer than some checkpoints, with the value that reproduces the older behaviour: a
 checkpoint without one resumes when the current run keeps that value. (The non-finite policy: a run whose
 updates are all finite, as every resumable older one is, steps the same under 'skip'.)"""

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from diffgrpo.chain import SamplingChain
 from diffgrpo.checkpoint import Checkpoint
+from diffgrpo.checkpoint_selection import Selected, best_in_history, needs_repair, save_selected
 from diffgrpo.config import GRPOConfig, SamplerConfig
 from diffgrpo.diagnostics import gradient_agreement, parameter_vector, policy_movement, step_means
 from diffgrpo.guidance import check_guidance
@@ -200,6 +201,11 @@ def train_grpo(
     evaluation chain when rollouts use a shorter one) with ``probe_rewards`` (default ``rewards``;
     pass fixed rewards when a reward is learned during the run).
 
+    Selection (``cfg.selection.metric``, e.g. ``metric/validation/mpjpe_mm`` with ``mode='min'``): after each
+    probe evaluation that beats every earlier one (the one before training included), the probed weights are
+    written to ``<output_dir>/best/`` (``diffgrpo.checkpoint_selection``); a resume continues the same choice
+    (the best so far is read from the checkpoint's history).
+
     ``fingerprint``: the job's own settings that feed the rewards, the chain or the data (JSON-able); every
     checkpoint records them with the GRPO config, the chain, the task and its data, and a resume under
     other ones is refused naming them (``diffgrpo.run_state.run_record``). Without ``resume`` an output
@@ -221,16 +227,34 @@ def train_grpo(
     policy = accelerator.unwrap_model(run.model)  # the module itself (DDP shares its parameters)
     every = cfg.probe.eval_every
 
-    def probe(done: int) -> None:
-        weights = run.ema.swapped_in(policy) if run.ema is not None and cfg.ema.use_for_eval else nullcontext()
-        with weights:
+    def probed_weights():
+        return run.ema.swapped_in(policy) if run.ema is not None and cfg.ema.use_for_eval else nullcontext()
+
+    def probe(done: int) -> Selected | None:
+        """Evaluate the probe set; returns the new selection when this evaluation beats the best so far."""
+        with probed_weights():
             values = evaluate_probe(task, policy, probe_chain, cfg.probe, rewards=probe_rewards,
                                     micro_batch_size=cfg.micro_batch_size, device=accelerator.device)
         logs = run.log_probe(done, values)
         accelerator.log({k: v for k, v in logs.items() if "/ci_" not in k}, step=done)
+        if not cfg.selection.metric:
+            return None
+        best = best_in_history(run.history, cfg.selection)  # raises naming the probe's keys for an unknown metric
+        return best if best is not None and best.iteration == done else None
 
+    def keep(selected: Selected | None) -> None:
+        """Write the selected checkpoint (after the checkpoint of its iteration: ``diffgrpo.checkpoint_selection``)."""
+        if selected is not None:
+            if accelerator.is_main_process:
+                with probed_weights():
+                    save_selected(policy, output_dir, selected, run.run_id)
+            accelerator.wait_for_everyone()
+
+    if cfg.selection.metric and ckpt is not None:  # a crash between a checkpoint and its selected folder
+        best = best_in_history(run.history, cfg.selection)
+        keep(best if needs_repair(output_dir, best, run.start, run.run_id) else None)
     if every and run.start == 0:
-        probe(0)
+        keep(probe(0))
     theta_start = parameter_vector(policy) if cfg.diagnostics_every else None
     end = cfg.num_iterations if stop_after is None else min(cfg.num_iterations, run.start + stop_after)
     bar = tqdm(range(run.start, end), desc="GRPO", disable=not accelerator.is_main_process, initial=run.start,
@@ -263,11 +287,13 @@ def train_grpo(
         stats["time/iteration_seconds"] = time.perf_counter() - tick
         logs = run.log(accelerator, it, iteration_logs(data, stats, run.lr_schedule.get_last_lr()[0]))
         bar.set_postfix({k.split("/")[-1]: f"{logs[k]:.3g}" for k in logs if k.startswith("reward/")})
+        selected = None
         if every and ((it + 1) % every == 0 or it + 1 == cfg.num_iterations):
-            probe(it + 1)
+            selected = probe(it + 1)
         if should_checkpoint(cfg, it + 1):
             tensors, meta = hooks.shared_state() if hooks.shared_state is not None else ({}, {})
             run.save(accelerator, output_dir, it + 1, record, shared_tensors=tensors, meta=meta)
+        keep(selected)
     return run.history
 
 

@@ -72,9 +72,10 @@ class Config:
     """Deprecated alias of --prior (the flag's former name)."""
     output_dir: Path = Path("runs/ego_eval")
     """results.json, results.md and the best/worst pictures go here."""
-    split: Literal["train", "prior_train", "post_train", "test"] = "test"
+    split: Literal["train", "prior_train", "post_train", "validation", "test"] = "test"
     """Windows to evaluate: 'test' is the held-out split; 'prior_train' the prior's own clips, 'post_train' the
-    clips held out from the prior for GRPO (training splits include their mirrored copies)."""
+    clips held out from the prior for GRPO (training splits include their mirrored copies), 'validation' the
+    clips neither trains on, which select the main job's checkpoint (docs/ego_motion_data.md, section 4)."""
     seeds: tuple[int, ...] = (0, 1, 2)
     """One full pass per seed; the table reports the mean over windows and seeds, +/- the std over seeds."""
     batch_size: int = 64

@@ -50,7 +50,7 @@ import tasks.ego_motion.rewards.registered  # noqa: F401  (registers the ego_* a
 from diffgrpo import cli
 from diffgrpo.checkpoint import latest_checkpoint, load_checkpoint
 from diffgrpo.cli import flags_spelled
-from diffgrpo.config import PerturbConfig, ProbeConfig
+from diffgrpo.config import PerturbConfig, ProbeConfig, SelectionConfig
 from diffgrpo.launch import make_accelerator
 from diffgrpo.loss import LossConfig
 from diffgrpo.rewards import RewardSet, RewardSpec
@@ -99,7 +99,7 @@ def default_base() -> ego.Config:
     # measured with (the main job's defaults moved to x0 regression and a larger lambda since;
     # --base.grpo.loss.objective x0_regression is the option measured there)
     grpo = dataclasses.replace(ego.default_grpo(), rewards=PHYSICS_REWARDS, probe=ProbeConfig(),
-                               diagnostics_every=0, loss=LossConfig(objective="ratio"),
+                               selection=SelectionConfig(), diagnostics_every=0, loss=LossConfig(objective="ratio"),
                                perturb=PerturbConfig(name="perlin", scale=0.03, frequency=1.0 / 32.0))
     task = dataclasses.replace(ego.EgoMotionTaskConfig(), floor_contact_m=0.15)  # the physics assumes floor z = 0
     # K = 10 rollout steps: the physics rewards read only the final sample, and it triples the updates per

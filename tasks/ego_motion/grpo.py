@@ -10,8 +10,10 @@ K = 30), the learned perceptual model, and the held-out evaluation before and af
 Loads the demo prior (shipped in ``tasks/ego_motion/assets``; or ``--prior``), evaluates it on
 the held-out CMU windows, post-trains it with GRPO on the post-train clips (which the prior never
 saw) and evaluates again, with and without test-time optimisation. A fixed probe set (post-train
-and test windows x fixed noises) is evaluated every ``--grpo.probe.eval-every`` iterations, with
-paired differences against the prior and their 95 % intervals. Per iteration (the one GRPO loop,
+and validation windows x fixed noises) is evaluated every ``--grpo.probe.eval-every`` iterations, with
+paired differences against the prior and their 95 % intervals; the weights with the lowest validation
+MPJPE (``--grpo.selection.metric``) are kept in ``best/``. The test windows are read once, at the end:
+the prior, the last weights and the selected ones. Per iteration (the one GRPO loop,
 ``diffgrpo.trainer.train_grpo``): perturb each group member's head translation with Perlin noise,
 sample G motions per head trajectory from one shared initial noise, score them with the
 joint-level rewards and the learned perceptual reward, normalise each sub-reward within its
@@ -24,9 +26,10 @@ group, update the policy, then train the perceptual model on this iteration's ha
     accelerate launch recipes/ego_motion.py --prior egoallo_checkpoint_april13 --task.include-hands  # EgoAllo's
                                           # released prior on AMASS: docs/egoallo_checkpoint.md has the flags
 
-Writes into ``--output-dir``: prior.safetensors (the post-trained denoiser, which ``--prior`` of every
-recipe reads; an EgoAllo prior becomes the folder prior/: ``model.prior_export``), results.json ({"base",
-"grpo", "base+tto", "grpo+tto", "prior", "config"}), results.md, curves.png (sub-rewards, group std per
+Writes into ``--output-dir``: prior.safetensors (the last weights, which ``--prior`` of every recipe reads;
+an EgoAllo prior becomes the folder prior/: ``model.prior_export``), best/ (the selected weights and
+best/prior.safetensors), results.json ({"base", "grpo", "grpo_selected", "base+tto", "grpo+tto",
+"grpo_selected+tto", "prior", "selected", "config"}), results.md, curves.png (sub-rewards, group std per
 sub-reward, zero-std fraction, diversity), checkpoints/ and TensorBoard logs/.
 """
 
@@ -45,7 +48,8 @@ import torch
 import tasks.ego_motion.rewards.registered  # noqa: F401  (registers the ego_* rewards)
 from diffgrpo.chain import SamplingChain
 from diffgrpo.checkpoint import latest_checkpoint
-from diffgrpo.config import GRPOConfig, OptimConfig, PerturbConfig, ProbeConfig, StepSelectionConfig
+from diffgrpo.checkpoint_selection import load_selected
+from diffgrpo.config import GRPOConfig, OptimConfig, PerturbConfig, ProbeConfig, SelectionConfig, StepSelectionConfig
 from diffgrpo.launch import make_accelerator
 from diffgrpo.loss import LossConfig
 from diffgrpo.plots import plot_history
@@ -104,8 +108,9 @@ def default_grpo() -> GRPOConfig:
         checkpoint_every=5,
         diagnostics_every=10,
         train_split="post_train",
-        probe=ProbeConfig(splits=("post_train", "test"), conditions_per_split=16, noises_per_condition=4,
+        probe=ProbeConfig(splits=("post_train", "validation"), conditions_per_split=16, noises_per_condition=4,
                           eval_every=10),
+        selection=SelectionConfig(metric="metric/validation/mpjpe_mm", mode="min"),
     )
 
 
@@ -220,6 +225,9 @@ class Config:
                                  f"{', '.join(reads_body)} need them; post-train with rewards that read no ground "
                                  "truth (physics_*, e.g. recipes/rlpf_ego_motion.py), probe other splits, or drop "
                                  "the flag.")
+        if "test" in (self.grpo.probe.splits if self.grpo.probe.eval_every else ()):
+            raise ValueError("--grpo.probe.splits holds test: the test windows are read once, after training, so "
+                             "that nothing is chosen on them; probe post_train and validation instead.")
         if self.eval_max_windows is not None and self.eval_max_windows < 1:
             raise ValueError(f"eval_max_windows={self.eval_max_windows} must be >= 1 or unset (all windows)")
         self.rollout_chain()  # built and checked once (memoised): K, SDE window, exploration subspace
@@ -325,7 +333,6 @@ def main(cfg: Config) -> dict:
                                               "omega": cfg.perceptual_omega})] if perceptual else [])
     rewards = RewardSet.from_specs(joint_rewards + visual)
 
-    base = evaluate_all(task, model, cfg) if accelerator.is_main_process else {}
     start_time = time.perf_counter()
     warmup = {}
     resuming = cfg.resume and latest_checkpoint(cfg.output_dir)
@@ -341,13 +348,24 @@ def main(cfg: Config) -> dict:
     if not accelerator.is_main_process:
         return {}
 
+    # The test windows, read once: the last weights, the selected ones and the prior.
     post = evaluate_all(task, model, cfg)  # the raw weights (an EMA is swapped in only for the probe): export those
     prior = export_prior(model, cfg.output_dir, cfg.prior, grpo.num_iterations)
-    results = {"base": base[""], "grpo": post[""], "prior": str(prior), "train_seconds": train_seconds,
+    evaluated = {"grpo": post}
+    results = {"prior": str(prior), "train_seconds": train_seconds,
                "seconds_per_iteration": _mean(history.get("time/iteration_seconds", [])),
                "num_processes": accelerator.num_processes, "critic_warmup": warmup, "config": cfg.effective()}
-    if cfg.use_tto:
-        results.update({"base+tto": base["+tto"], "grpo+tto": post["+tto"]})
+    if grpo.selection.metric:
+        selected = load_selected(model, cfg.output_dir)
+        evaluated["grpo_selected"] = evaluate_all(task, model, cfg)
+        results["selected"] = {**dataclasses.asdict(selected), "prior": str(
+            export_prior(model, cfg.output_dir / "best", cfg.prior, selected.iteration))}
+    evaluated["base"] = evaluate_all(task, load_denoiser(cfg.prior, device=accelerator.device), cfg)
+    for name in ("base", "grpo", "grpo_selected"):
+        if name in evaluated:
+            results[name] = evaluated[name][""]
+            if cfg.use_tto:
+                results[f"{name}+tto"] = evaluated[name]["+tto"]
     write_results(cfg.output_dir, results, history)
     return results
 
@@ -361,7 +379,8 @@ def write_results(output_dir: Path, results: dict, history: dict[str, list[float
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     (output_dir / "history.json").write_text(json.dumps(history))
-    variants = [v for v in ("base", "grpo", "base+tto", "grpo+tto") if v in results]
+    variants = [v for v in ("base", "grpo", "grpo_selected", "base+tto", "grpo+tto", "grpo_selected+tto")
+                if v in results]
     lines = ["| metric (held-out CMU windows) | " + " | ".join(variants) + " |",
              "|---|" + "---:|" * len(variants)]
     for name, unit in METRIC_UNITS.items():

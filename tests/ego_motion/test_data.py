@@ -350,16 +350,36 @@ def test_get_equals_torch_formatted_dataset_rows_across_chunks(moving):
         windows.get([len(windows)])
 
 
-def test_three_way_split_is_clip_disjoint_and_post_train_is_held_out_of_the_prior():
+def test_four_way_split_is_clip_disjoint_and_validation_is_held_out_of_grpo_and_the_prior():
+    """Issue 22 item 3: validation clips are neither trained on (by the prior or by GRPO) nor tested."""
     from tasks.ego_motion.data.splits import DataSource
 
     source = DataSource()
-    files = {split: {p.stem for p in source.files(split)} for split in ("train", "prior_train", "post_train", "test")}
-    assert files["prior_train"] | files["post_train"] == files["train"]
-    assert not files["prior_train"] & files["post_train"] and not files["train"] & files["test"]
-    assert len(files["post_train"]) == 14 and len(files["test"]) == 13
+    splits = ("train", "prior_train", "post_train", "validation", "test")
+    files = {split: {p.stem for p in source.files(split)} for split in splits}
+    assert files["prior_train"] | files["post_train"] | files["validation"] == files["train"]
+    parts = ("prior_train", "post_train", "validation", "test")
+    assert all(not files[a] & files[b] for i, a in enumerate(parts) for b in parts[i + 1:])
+    assert len(files["post_train"]) == 11 and len(files["test"]) == 13 and len(files["prior_train"]) == 38
+    # the stated rule: per activity group with two or more post-training clips, the highest clip id
+    assert files["validation"] == {"005_17", "006_12", "007_09"}
     # The same CMU trial on both rigs stays on one side.
     assert ("001_01" in files["prior_train"]) == ("001_01_orig" in files["prior_train"])
+
+
+def test_egoallo_rule_carves_validation_out_of_the_post_training_files(tmp_path):
+    from tasks.ego_motion.data.splits import DataSource
+
+    for i in range(60):
+        (tmp_path / "CMU" / f"{i:03d}.npz").parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "CMU" / f"{i:03d}.npz").write_bytes(b"")
+    (tmp_path / "Transitions_mocap").mkdir()
+    (tmp_path / "Transitions_mocap" / "t.npz").write_bytes(b"")
+    source = DataSource(root=tmp_path, split_rule="egoallo", post_train_fraction=0.3, validation_fraction=0.3)
+    files = {s: set(source.files(s)) for s in ("train", "prior_train", "post_train", "validation", "test")}
+    assert files["prior_train"] | files["post_train"] | files["validation"] == files["train"]
+    assert not files["post_train"] & files["validation"] and not files["validation"] & files["test"]
+    assert len(files["validation"]) < len(files["post_train"])
 
 
 def test_split_file_without_post_train_names_the_fix(tmp_path):
@@ -377,6 +397,13 @@ def test_split_file_without_post_train_names_the_fix(tmp_path):
     path.write_text(json.dumps({"train": split["train"][:3], "post_train": split["test"][:1], "test": split["test"]}))
     with pytest.raises(ValueError, match="must also be listed under 'train'"):
         source.files("prior_train")
+    path.write_text(json.dumps({"train": split["train"], "post_train": split["post_train"],
+                                "validation": split["post_train"][:1], "test": split["test"]}))
+    with pytest.raises(ValueError, match="both 'post_train' and 'validation'"):
+        source.files("validation")
+    path.write_text(json.dumps({"train": split["train"], "post_train": split["post_train"], "test": split["test"]}))
+    with pytest.raises(ValueError, match="no 'validation' list"):
+        source.files("validation")
 
 
 def test_extra_prior_train_dir_adds_windows_to_prior_train_only(tmp_path, body_path):

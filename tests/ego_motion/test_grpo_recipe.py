@@ -22,7 +22,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("ego_grpo")
     prior = write_tiny_prior(root / "prior.safetensors")
     task = recipe.EgoMotionTaskConfig(window_frames=32)
-    probe = recipe.ProbeConfig(splits=("post_train", "test"), conditions_per_split=2, noises_per_condition=1,
+    probe = recipe.ProbeConfig(splits=("post_train", "validation"), conditions_per_split=2, noises_per_condition=1,
                                eval_every=1)
     grpo = dataclasses.replace(recipe.default_grpo(), num_iterations=2, conditions_per_iteration=2, group_size=3,
                                micro_batch_size=6, checkpoint_every=1, probe=probe, diagnostics_every=1)
@@ -41,7 +41,12 @@ def test_one_run_writes_every_result(tiny):
     assert on_disk["config"]["grpo"]["group_size"] == 3
     assert on_disk["config"]["grpo"]["sampler"]["method"] == "egoallo"  # the sampler the run really used
     history = json.loads((cfg.output_dir / "history.json").read_text())
-    assert history["probe/iteration"] == [0.0, 1.0, 2.0] and "probe_diff/metric/test/mpjpe_mm/ci_low" in history
+    assert history["probe/iteration"] == [0.0, 1.0, 2.0] and "probe_diff/metric/validation/mpjpe_mm/ci_low" in history
+    # the selected checkpoint: the lowest validation MPJPE of the probe, evaluated on test beside the last one
+    values = history["probe/metric/validation/mpjpe_mm"]
+    assert results["selected"]["iteration"] == values.index(min(values)) and results["selected"]["value"] == min(values)
+    assert set(on_disk["grpo_selected"]) == set(recipe.METRIC_UNITS)
+    assert (cfg.output_dir / "best" / "prior.safetensors").exists() and (cfg.output_dir / "prior.safetensors").exists()
     assert len(history["grad/cos_halves"]) == 2 and "perceptual/loss" in history
     assert results["grpo"] == on_disk["grpo"]
     assert (cfg.output_dir / "results.md").exists() and (cfg.output_dir / "curves.png").stat().st_size > 1000

@@ -89,20 +89,26 @@ POST_TRAIN_CLIPS: tuple[str, ...] = (
     "007_09",
     "131_03_orig",
 )
+# Validation clips: taken out of the post-training clips (GRPO never trains on them) to select GRPO's checkpoint
+# and defaults without the test clips. Rule: per activity group with two or more post-training clips, the one
+# with the highest clip id (dance 005_17, basketball 006_12, walks 007_09).
+VALIDATION_CLIPS: tuple[str, ...] = ("005_17", "006_12", "007_09")
 
 
 def make_split(mocap_root: Path, clip_ids: list[str]) -> dict:
     """Fixed split by clip (listed in docs/ego_motion_data.md): train (of which post_train) and test."""
-    unknown = [c for c in TEST_CLIPS + POST_TRAIN_CLIPS if c not in clip_ids]
+    unknown = [c for c in TEST_CLIPS + POST_TRAIN_CLIPS + VALIDATION_CLIPS if c not in clip_ids]
     if unknown:
         raise ValueError(f"split clips {unknown} were not converted; fix TEST_CLIPS / POST_TRAIN_CLIPS or the mocap "
                          "folder.")
     return {
         "description": "CMU clips in the AMASS layout at 30 fps; split by clip, held-out clips cover every "
-        "subject and activity group. post_train is a subset of train held out from the prior (prior_train = "
-        "train minus post_train).",
+        "subject and activity group. post_train and validation are disjoint subsets of train held out from the "
+        "prior (prior_train = train minus both): GRPO post-trains on post_train; validation (per activity group with "
+        "two or more post-training clips, the one with the highest clip id) selects the GRPO checkpoint and defaults.",
         "train": [c for c in clip_ids if c not in TEST_CLIPS],
-        "post_train": [c for c in clip_ids if c in POST_TRAIN_CLIPS],
+        "post_train": [c for c in clip_ids if c in POST_TRAIN_CLIPS and c not in VALIDATION_CLIPS],
+        "validation": [c for c in clip_ids if c in VALIDATION_CLIPS],
         "test": [c for c in clip_ids if c in TEST_CLIPS],
         "clips": describe_clips(mocap_root, clip_ids),
     }

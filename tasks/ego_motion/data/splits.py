@@ -1,8 +1,11 @@
-"""The ego-motion splits: which AMASS-layout files are "train", "prior_train", "post_train" and "test".
+"""The ego-motion splits: which AMASS-layout files are "train", "prior_train", "post_train", "validation"
+and "test".
 
-All clip-disjoint: "test" (held out), "train" (everything else), and "train" cut in two for
-post-training: "post_train" (clips the prior never sees; GRPO post-trains on them) and "prior_train"
-(train minus post_train; the prior trains on it). The bundled CMU clips use ``assets/split.json``; a
+All clip-disjoint: "test" (held out), "train" (everything else), and "train" cut in three for
+post-training: "post_train" (clips the prior never sees; GRPO post-trains on them), "validation" (clips
+neither the prior nor GRPO trains on, drawn from the post-training clips: the probe that selects a GRPO
+checkpoint and its defaults reads them, never the test clips) and "prior_train" (train minus both; the
+prior trains on it). The bundled CMU clips use ``assets/split.json``; a
 directory of AMASS files can instead use EgoAllo's rule (test = top-level folders ``Transitions_mocap``
 and ``SSM_synced``). Extra folders may add clips to "prior_train" or "post_train" only
 (``DataSource.extra_prior_train_dir`` / ``extra_post_train_dir``). The whole account is in the module
@@ -21,10 +24,11 @@ EGOALLO_TEST_SUBSETS: tuple[str, ...] = ("Transitions_mocap", "SSM_synced")
 AMASS_SHAPE_FILE = "shape.npz"
 BUNDLED_CMU_DIR = Path(__file__).resolve().parents[1] / "assets" / "cmu"
 BUNDLED_SPLIT_FILE = BUNDLED_CMU_DIR.parent / "split.json"
-Split = Literal["train", "prior_train", "post_train", "test"]
-SPLITS: tuple[str, ...] = ("train", "prior_train", "post_train", "test")
+Split = Literal["train", "prior_train", "post_train", "validation", "test"]
+SPLITS: tuple[str, ...] = ("train", "prior_train", "post_train", "validation", "test")
 TRAINING_SPLITS: tuple[str, ...] = ("train", "prior_train", "post_train")
-"""Splits that get the training stride and mirrored copies."""
+"""Splits that get the training stride and mirrored copies ("validation" is windowed like "test": it
+measures, so it gets the test stride and no mirrored copies)."""
 
 
 @dataclass(frozen=True)
@@ -37,11 +41,15 @@ class DataSource:
     """'split_json': clip names listed in ``split_file``; 'egoallo': test = top folders
     Transitions_mocap and SSM_synced under root, train = the rest."""
     split_file: Path | None = BUNDLED_SPLIT_FILE
-    """JSON with "train" and "test" lists of file stems, and optionally "post_train" (a subset of "train");
-    read only with split_rule='split_json'."""
+    """JSON with "train" and "test" lists of file stems, and optionally "post_train" and "validation"
+    (disjoint subsets of "train"); read only with split_rule='split_json'."""
     post_train_fraction: float = 0.1
-    """split_rule='egoallo' only: share of the train files that form post_train (by a SHA-256 of the
-    file's path relative to root, so the choice is fixed and clip-disjoint)."""
+    """split_rule='egoallo' only: share of the train files held out of the prior for post-training, as
+    post_train and validation (by a SHA-256 of the file's path relative to root, so the choice is fixed
+    and clip-disjoint)."""
+    validation_fraction: float = 0.2
+    """split_rule='egoallo' only: share of those post-training files that form validation instead of
+    post_train (the same hash: files whose share lies below post_train_fraction x validation_fraction)."""
     extra_prior_train_dir: Path | None = None
     """A folder of AMASS-layout ``*.npz`` clips (searched recursively) added to the 'prior_train' split
     only, e.g. the converted ReActIdle idle clips; 'train', 'post_train' and 'test' never see them.
@@ -55,6 +63,8 @@ class DataSource:
     def __post_init__(self) -> None:
         if not 0.0 < self.post_train_fraction < 1.0:
             raise ValueError(f"post_train_fraction={self.post_train_fraction} must be in (0, 1).")
+        if not 0.0 < self.validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction={self.validation_fraction} must be in (0, 1).")
 
     def extra_dir(self, split: str) -> Path | None:
         """The extra folder added to ``split`` (None for 'train', 'test' and splits without one)."""
@@ -77,9 +87,8 @@ class DataSource:
         elif self.split_rule == "egoallo":
             is_test = [p.relative_to(root).parts[0] in EGOALLO_TEST_SUBSETS for p in all_files]
             chosen = [p for p, t in zip(all_files, is_test, strict=True) if t == (split == "test")]
-            if split in ("prior_train", "post_train"):
-                post = [self._hash_share(p.relative_to(root)) < self.post_train_fraction for p in chosen]
-                chosen = [p for p, is_post in zip(chosen, post, strict=True) if is_post == (split == "post_train")]
+            if split in ("prior_train", "post_train", "validation"):
+                chosen = [p for p in chosen if self._hash_split(p.relative_to(root)) == split]
         else:
             raise ValueError(f"split_rule must be 'split_json' or 'egoallo', got {self.split_rule!r}.")
         if not chosen:
@@ -94,6 +103,13 @@ class DataSource:
             chosen = chosen + extra_split_files(extra_root, split)
         return chosen
 
+    def _hash_split(self, relative: Path) -> str:
+        """'validation', 'post_train' or 'prior_train' for a train file under split_rule='egoallo'."""
+        share = self._hash_share(relative)
+        if share < self.post_train_fraction * self.validation_fraction:
+            return "validation"
+        return "post_train" if share < self.post_train_fraction else "prior_train"
+
     @staticmethod
     def _hash_share(relative: Path) -> float:
         """A fixed number in [0, 1) per relative path (first 8 bytes of its SHA-256)."""
@@ -106,17 +122,24 @@ class DataSource:
             raise FileNotFoundError(f"split file {split_path} not found; pass DataSource(split_file=...) "
                                     f'with {{"train": [...], "test": [...]}} or split_rule="egoallo".')
         lists = json.loads(split_path.read_text())
-        if "post_train" in lists and not {Path(n).stem for n in lists["post_train"]} <= {
-                Path(n).stem for n in lists["train"]}:
-            raise ValueError(f"{split_path}: every 'post_train' clip must also be listed under 'train'.")
+        stems = {name: {Path(n).stem for n in lists[name]} for name in ("train", "post_train", "validation", "test")
+                 if name in lists}
+        for name in ("post_train", "validation"):
+            if name in stems and not stems[name] <= stems["train"]:
+                raise ValueError(f"{split_path}: every {name!r} clip must also be listed under 'train'.")
+        if both := stems.get("post_train", set()) & stems.get("validation", set()):
+            raise ValueError(f"{split_path}: clips {sorted(both)} are listed under "
+                             "both 'post_train' and 'validation'; a clip GRPO trains on cannot validate it.")
         if split in ("train", "test"):
-            wanted = {Path(n).stem for n in lists[split]}
-        elif "post_train" not in lists:
-            raise ValueError(f"{split_path} has no 'post_train' list, so split {split!r} is undefined; add "
-                             '"post_train": [clip names, a subset of "train"] or use split "train".')
+            wanted = stems[split]
+        elif (needed := "post_train" if split == "prior_train" else split) not in stems:
+            raise ValueError(f"{split_path} has no {needed!r} list, so split {split!r} is undefined; add "
+                             '"post_train" and "validation": [clip names, disjoint subsets of "train"] or use split '
+                             '"train".')
+        elif split == "prior_train":
+            wanted = stems["train"] - stems["post_train"] - stems.get("validation", set())
         else:
-            post = {Path(n).stem for n in lists["post_train"]}
-            wanted = post if split == "post_train" else {Path(n).stem for n in lists["train"]} - post
+            wanted = stems[split]
         chosen = [p for p in all_files if p.stem in wanted]
         missing = wanted - {p.stem for p in chosen}
         if missing:
