@@ -332,10 +332,13 @@ def render(runs: dict[str, list[dict]], cfg: Config) -> str:
             + "\n\n## Training diagnostics (means over iterations)\n\n" + "\n".join(diag) + "\n")
 
 
-PROBE_KEYS = {"reward sum, post-train": "reward/post_train/total", "reward sum, test": "reward/test/total",
-              "MPJPE, post-train (mm)": "metric/post_train/mpjpe_mm", "MPJPE, test (mm)": "metric/test/mpjpe_mm",
-              "PA-MPJPE, test (mm)": "metric/test/pa_mpjpe_mm", "foot skating, test (m)": "metric/test/foot_skating_m"}
-"""Probe quantities reported per seed: ``probe_diff/<key>`` of history.json, with its 95 % interval."""
+PROBE_KEYS = {"reward sum, post-train": "reward/post_train/total", "reward sum, validation": "reward/validation/total",
+              "MPJPE, post-train (mm)": "metric/post_train/mpjpe_mm",
+              "MPJPE, validation (mm)": "metric/validation/mpjpe_mm",
+              "PA-MPJPE, validation (mm)": "metric/validation/pa_mpjpe_mm",
+              "foot skating, validation (m)": "metric/validation/foot_skating_m"}
+"""Probe quantities reported per seed: ``probe_diff/<key>`` of history.json, with its 95 % interval. The probe
+reads post_train and validation only (the job's defaults); the test split is read once, at the end of each run."""
 
 
 def probe_table(runs: dict[str, list[dict]], cfg: Config) -> str:
