@@ -375,7 +375,7 @@ def test_both_recipes_parse_prior_folder(tiny_folder, tmp_path):
 def test_one_grpo_iteration_and_the_evaluation_on_an_egoallo_folder(tiny_folder, tmp_path):
     recipe = ego_job
     task = recipe.EgoMotionTaskConfig(window_frames=32, include_hands=True, num_sampling_steps=6)
-    probe = recipe.ProbeConfig(splits=("test",), conditions_per_split=2, noises_per_condition=1, eval_every=1)
+    probe = recipe.ProbeConfig(splits=("validation",), conditions_per_split=2, noises_per_condition=1, eval_every=1)
     grpo = dataclasses.replace(recipe.default_grpo(), num_iterations=1, conditions_per_iteration=2, group_size=3,
                                micro_batch_size=6, checkpoint_every=1, probe=probe, diagnostics_every=0)
     cfg = recipe.Config(output_dir=tmp_path / "grpo", prior=tiny_folder, eval_max_windows=2, use_tto=False,
