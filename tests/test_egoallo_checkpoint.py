@@ -41,14 +41,6 @@ TINY = {"d_latent": 32, "d_feedforward": 64, "d_noise_emb": 16, "num_heads": 2, 
 """The released layout at a width that trains on 2 CPU cores (same keys, smaller shapes)."""
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def egoallo_yaml(**fields) -> str:
     """model_config.yaml as EgoAllo writes it: ``yaml.dump`` of its frozen ``egoallo.network.EgoDenoiserConfig``."""
     cls = dataclasses.make_dataclass(

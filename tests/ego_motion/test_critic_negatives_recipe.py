@@ -23,7 +23,6 @@ def test_group_correlations_match_a_hand_computation():
 
 
 def test_tiny_measurement_pairs_every_variant_against_the_papers(tmp_path):
-    torch.set_num_threads(1)
     recipe = critic_negatives_ego_motion_recipe
     job = recipe.main_job
     grpo = dataclasses.replace(job.default_grpo(), conditions_per_iteration=2, group_size=3, micro_batch_size=6)

@@ -17,7 +17,6 @@ from tests.ego_motion.tiny_prior import write_tiny_prior
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    torch.set_num_threads(1)
     recipe = ego_job
     root = tmp_path_factory.mktemp("ego_grpo")
     prior = write_tiny_prior(root / "prior.safetensors")

@@ -128,15 +128,6 @@ def test_bf16_autocast():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and far faster when the CPU cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_overfits_a_single_window():
     torch.manual_seed(0)
     cfg = dataclasses.replace(TINY, width=64, ff_dim=128, num_heads=4)

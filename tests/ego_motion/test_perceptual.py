@@ -35,16 +35,6 @@ TINY = PerceptualConfig(width=32, num_heads=4, num_blocks=2, ff_dim=64, learning
 DISTAL_JOINTS = (7, 8, 10, 11, 20, 21)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run each test on one intra-op thread: on 2 cores shared with other processes, two OpenMP
-    threads that wait on each other made a training step ~10x slower than one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def body() -> BodyModel:
     return load_body_model(dtype=torch.float32)

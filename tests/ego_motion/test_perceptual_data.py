@@ -25,7 +25,6 @@ B, G = 2, 3
 def rollouts(tmp_path_factory):
     """One iteration's rollouts of a tiny prior on 2 post-train windows x 3 members, heads Perlin-perturbed
     per member, and the same without perturbation."""
-    torch.set_num_threads(1)
     task = EgoMotionTask(dataclasses.replace(EgoMotionTaskConfig(window_frames=32), num_sampling_steps=10))
     model = load_denoiser(write_tiny_prior(tmp_path_factory.mktemp("critic") / "prior.safetensors"))
     batch = task.load_examples("post_train", torch.tensor([0, 5]))

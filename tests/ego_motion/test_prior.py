@@ -21,15 +21,6 @@ REPO = Path(__file__).resolve().parents[2]
 WINDOW = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small CPU models on shared cores run several times faster with one intra-op thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def windows():
     return load_windows("train", config=WindowConfig(window_frames=WINDOW))

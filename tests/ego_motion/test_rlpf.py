@@ -69,7 +69,6 @@ def test_alignment_warm_up_names_mismatched_windows():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    torch.set_num_threads(1)
     recipe = rlpf_ego_motion_recipe
     root = tmp_path_factory.mktemp("rlpf")
     prior = write_tiny_prior(root / "prior.safetensors")

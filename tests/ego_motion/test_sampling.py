@@ -34,14 +34,6 @@ REPO = Path(__file__).resolve().parents[2]
 SHORT_TEST_CLIP = BUNDLED_CMU_DIR / "002_02.npz"  # 74 frames at 30 fps: 73 motion frames, two 64-frame windows
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_config() -> DenoiserConfig:
     return DenoiserConfig(width=16, ff_dim=32, num_heads=2, num_encoder_layers=1, num_decoder_layers=1,
                           timestep_features=8)

@@ -18,14 +18,6 @@ from tasks.ego_motion.task import METRIC_UNITS, EgoMotionTask, EgoMotionTaskConf
 T = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the suite shares 2 cores: one thread is several times faster
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def task(tmp_path_factory) -> EgoMotionTask:
     return EgoMotionTask(EgoMotionTaskConfig(window_frames=T, cache_dir=tmp_path_factory.mktemp("cache")),

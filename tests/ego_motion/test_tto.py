@@ -27,16 +27,6 @@ T = 36
 LEFT_HIP = 0  # index among the 21 body joints (SMPL-H joint 1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """TTO runs thousands of tiny (3x3) ops; on a shared 2-core box extra threads only contend
-    (measured: ~1 s per optimisation with 1 thread, 12-58 s with 2 under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def body() -> BodyModel:
     return load_body_model()

@@ -35,19 +35,6 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY_MODEL = ShapesModelConfig(block_out_channels=(8, 16), norm_num_groups=4, use_mid_block=False)
 
 
-@pytest.fixture
-def one_thread():
-    """Run a test on one torch thread, then restore the count.
-
-    Why: on a CPU shared with other jobs, two spinning OpenMP threads per process slow these tiny
-    convolutions tenfold; one thread keeps the pretraining test within seconds.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # -- data ----------------------------------------------------------------------------------------
 def test_examples_are_deterministic_from_seed_and_splits_differ():
     indices = torch.arange(16)
@@ -179,7 +166,7 @@ def test_task_satisfies_protocol_and_perturbation_keeps_target():
         task.num_examples("val")
 
 
-def test_sample_images_is_deterministic_for_eta_zero(one_thread):
+def test_sample_images_is_deterministic_for_eta_zero():
     torch.manual_seed(0)
     task = ShapesTask()
     model = build_model(TINY_MODEL).eval()
@@ -203,7 +190,7 @@ def test_config_errors_name_the_flag():
 
 
 # -- pretraining -----------------------------------------------------------------------------------
-def test_tiny_pretraining_reduces_loss_and_saves_a_loadable_prior(tmp_path, one_thread):
+def test_tiny_pretraining_reduces_loss_and_saves_a_loadable_prior(tmp_path):
     recipe = shapes_pretrain
     cfg = recipe.Config(steps=60, batch_size=32, warmup_steps=5, log_every=10, output_dir=tmp_path / "prior",
                         use_eval=False, use_progress_bar=False, model=TINY_MODEL)
