@@ -9,7 +9,7 @@ Where the best-so-far lives: in the run's history (``probe/iteration`` and ``pro
 checkpoint carries, so a resume knows it without a second record (:func:`best_in_history`). The folder is
 written after the checkpoint of the same iteration (``GRPOConfig`` requires a checkpoint at every probed
 iteration), so a crash between the two leaves a checkpoint whose own weights are the selected ones:
-:func:`repair_selected` rewrites the folder from them on resume.
+:func:`needs_repair` tells the resumed run to rewrite the folder from them.
 
 Atomic: the folder is written as ``best.tmp/``, the previous one moved to ``best.old/``, the new one renamed
 to ``best/``, then ``best.old/`` removed; a crash between the two renames leaves ``best.old/``, which

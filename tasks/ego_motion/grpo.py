@@ -348,8 +348,20 @@ def main(cfg: Config) -> dict:
     if not accelerator.is_main_process:
         return {}
 
-    # The test windows, read once: the last weights, the selected ones and the prior.
-    post = evaluate_all(task, model, cfg)  # the raw weights (an EMA is swapped in only for the probe): export those
+    # The test windows, read once: the last weights, the selected ones and the prior (weights equal to ones
+    # already scored, e.g. a selection at the last iteration or at 0, reuse that score: evaluation is seeded)
+    scored: list[tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]] = []
+
+    def evaluate_once(policy: torch.nn.Module) -> dict[str, dict[str, float]]:
+        state = policy.state_dict()
+        for seen, result in scored:
+            if seen.keys() == state.keys() and all(torch.equal(seen[k], v) for k, v in state.items()):
+                return result
+        result = evaluate_all(task, policy, cfg)
+        scored.append(({k: v.detach().clone() for k, v in state.items()}, result))
+        return result
+
+    post = evaluate_once(model)  # the raw weights (an EMA is swapped in only for the probe): export those
     prior = export_prior(model, cfg.output_dir, cfg.prior, grpo.num_iterations)
     evaluated = {"grpo": post}
     results = {"prior": str(prior), "train_seconds": train_seconds,
@@ -357,10 +369,10 @@ def main(cfg: Config) -> dict:
                "num_processes": accelerator.num_processes, "critic_warmup": warmup, "config": cfg.effective()}
     if grpo.selection.metric:
         selected = load_selected(model, cfg.output_dir)
-        evaluated["grpo_selected"] = evaluate_all(task, model, cfg)
+        evaluated["grpo_selected"] = evaluate_once(model)
         results["selected"] = {**dataclasses.asdict(selected), "prior": str(
             export_prior(model, cfg.output_dir / "best", cfg.prior, selected.iteration))}
-    evaluated["base"] = evaluate_all(task, load_denoiser(cfg.prior, device=accelerator.device), cfg)
+    evaluated["base"] = evaluate_once(load_denoiser(cfg.prior, device=accelerator.device))
     for name in ("base", "grpo", "grpo_selected"):
         if name in evaluated:
             results[name] = evaluated[name][""]
