@@ -29,6 +29,7 @@ only, one per motion, and the separation counts the motions behind its windows.
     python recipes/benchmarks/bench_physics.py --table-from docs/data/bench_physics.json --failures  # doc tables
     python recipes/benchmarks/bench_physics.py --separation-only --output docs/data/bench_physics_separation.json
     python recipes/benchmarks/bench_physics.py --table-from docs/data/bench_physics_separation.json --failures
+    python recipes/benchmarks/bench_physics.py --table-from docs/data/bench_physics_separation.json --criterion-study
     python recipes/benchmarks/bench_physics.py --strips-only --strips-dir docs   # the RLPF page's PNG strips
     python recipes/benchmarks/bench_physics.py --floor-rule   # the windows the floor filter drops, and why
 """
@@ -215,9 +216,11 @@ def floor_rule(task: EgoMotionTask, split: str) -> dict:
 
 def separation(task: EgoMotionTask, split: str, limit: int) -> dict:
     """Per motion kind (ground truth, each edit): the mean of each measure over the split's windows; and per window,
-    the ground truth's outcome and the criterion it failed (the docs' failure diagnosis)."""
+    the ground truth's outcome and the criterion it failed (the docs' failure diagnosis), whether it is a mirrored
+    copy, and every kind's success measures (``kinds``: what ``criterion_study`` recounts)."""
     batch, n = _windows(task, split, limit)
     names = task.windows(split).sequence_names(task.kept_windows(split)[:n].tolist())
+    mirrored = task.windows(split).get(task.kept_windows(split)[:n])["mirrored"]
     rows: dict[str, dict[str, list[float]]] = {}
     windows = []
     for i in range(n):
@@ -225,7 +228,7 @@ def separation(task: EgoMotionTask, split: str, limit: int) -> dict:
         motion = (batch["T_world_root"][i], batch["body_rotmats"][i])
         contact = contact_height_m(reference_kinematics(h, h.qpos(*motion))[1])
         edits = {**EDITS, SUNK_BELOW_CONTACT: lambda root, rotmats, c=contact: sunk_below_contact(root, rotmats, c)}
-        succeeded = []
+        kinds = {}
         for name, edit in {"ground truth": None, **edits}.items():
             qpos = h.qpos(*(motion if edit is None else edit(*motion)))
             tr = track(h, qpos, FPS)
@@ -239,15 +242,15 @@ def separation(task: EgoMotionTask, split: str, limit: int) -> dict:
             row["unexecuted_speed_m_per_s"].append(tr.unexecuted_speed_m_per_s)
             needed = inverse_dynamics(h, qpos, FPS).residual_force_n / h.weight_n  # (T,)
             row["residual_force_per_weight"].append(float(needed.mean()))
-            if edit is not None and tr.success:
-                succeeded.append({"edit": name, "pelvis_rise_m": tr.pelvis_rise_m,
-                                  "residual_per_weight": tr.assist_n / h.weight_n,
-                                  "planted_foot_speed_m_per_s": tr.planted_foot_speed_m_per_s,
-                                  "unexecuted_speed_m_per_s": tr.unexecuted_speed_m_per_s})
+            kinds[name] = {"success": bool(tr.success), "survival": tr.survival, "pelvis_rise_m": tr.pelvis_rise_m,
+                           "residual_per_weight": tr.assist_n / h.weight_n,
+                           "planted_foot_speed_m_per_s": tr.planted_foot_speed_m_per_s,
+                           "unexecuted_speed_m_per_s": tr.unexecuted_speed_m_per_s}
             if edit is None:
                 speed = float((motion[0][1:, :2, 3] - motion[0][:-1, :2, 3]).norm(dim=-1).mean()) * FPS
                 net = float((motion[0][-1, :2, 3] - motion[0][0, :2, 3]).norm()) * FPS / (len(motion[0]) - 1)
-                windows.append({"window": i, "sequence": names[i], "success": bool(tr.success),
+                windows.append({"window": i, "sequence": names[i], "mirrored": bool(mirrored[i]),
+                                "success": bool(tr.success),
                                 "survival": tr.survival, "residual_per_weight": tr.assist_n / h.weight_n,
                                 "inverse_dynamics_residual_per_weight": float(needed.mean()),
                                 "inverse_dynamics_residual_max_per_weight": float(needed.max()),
@@ -256,7 +259,7 @@ def separation(task: EgoMotionTask, split: str, limit: int) -> dict:
                                 "planted_foot_speed_m_per_s": tr.planted_foot_speed_m_per_s,
                                 "unexecuted_speed_m_per_s": tr.unexecuted_speed_m_per_s,
                                 "failed": _failed_criteria(tr, h.weight_n)})
-        windows[-1]["edits_succeeded"] = succeeded
+        windows[-1]["kinds"] = kinds
     truth = np.array(rows["ground truth"]["tracking_residual_per_weight"])
     return {"windows": n, "motions": len(_unmirrored(task, split)),
             "rows": {name: {k: statistics.mean(v) for k, v in row.items()} for name, row in rows.items()},
@@ -387,17 +390,73 @@ def failures(result: dict) -> str:
 def edit_successes(result: dict) -> str:
     """The edited windows that succeed, with the ground truth's contact height (how far its feet float above z = 0:
     a capture floating 5 cm is sunk by "sunk 5 cm" back to the floor) and the edit's criteria measures. Results that
-    predate ``edits_succeeded`` give no rows."""
+    predate the per-window ``kinds`` give no rows."""
     lines = ["| split | window | clip | edit | ground truth's contact height (cm) | pelvis rise (cm) | "
              "residual / (m g) | planted feet's speed (m/s) | unexecuted motion (m/s) |",
              "|---|---:|---|---|---:|---:|---:|---:|---:|"]
     for split, sep in result["separation"].items():
         for w in sep["ground_truth_windows"]:
-            for e in w.get("edits_succeeded", []):
-                lines.append(f"| {split} | {w['window']} | {w['sequence']} | {e['edit']} | "
+            for name, e in w.get("kinds", {}).items():
+                if name == "ground truth" or not e["success"]:
+                    continue
+                lines.append(f"| {split} | {w['window']} | {w['sequence']} | {name} | "
                              f"{w['contact_height_m'] * 100:.1f} | {e['pelvis_rise_m'] * 100:.1f} | "
                              f"{e['residual_per_weight']:.3f} | {e['planted_foot_speed_m_per_s']:.2f} | "
                              f"{e['unexecuted_speed_m_per_s']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+STUDY_RESIDUAL_BOUNDS = (0.1, 0.12, 0.15, 0.2, 0.3, 1.0)
+"""The residual bounds (/ m g) ``criterion_study`` recounts successes at."""
+
+
+def _succeeds(m: dict, cfg: TrackingConfig, max_residual_per_weight: float | None = None) -> bool:
+    """Success from one run's recorded measures (``separation``'s per-window ``kinds``) under ``cfg``'s criterion:
+    the thresholds only decide success, not the simulation, so they can be recounted without simulating again."""
+    bound = cfg.max_residual_per_weight if max_residual_per_weight is None else max_residual_per_weight
+    return (m["survival"] == 1.0 and m["residual_per_weight"] <= bound and m["pelvis_rise_m"] <= cfg.max_pelvis_rise_m
+            and m["planted_foot_speed_m_per_s"] <= cfg.max_planted_foot_speed_m_per_s
+            and m["unexecuted_speed_m_per_s"] <= cfg.max_unexecuted_speed_m_per_s)
+
+
+def criterion_study(result: dict, split: str = "post_train") -> str:
+    """How the success criterion's thresholds were chosen, from a ``separation`` result (one window per motion: the
+    unmirrored ones): per motion kind, the range over motions of the planted feet's speed and of the unexecuted
+    motion, over all motions and over those that pass every other criterion (survival, residual, pelvis rise); and the
+    motions that succeed at other residual bounds. Raises ValueError for results that predate the per-window
+    ``kinds``, or if a recount at the defaults disagrees with a recorded success (the defaults changed since)."""
+    cfg = TrackingConfig()
+    windows = [w for w in result["separation"][split]["ground_truth_windows"] if not w.get("mirrored", False)]
+    if not windows or "kinds" not in windows[0]:
+        raise ValueError("--criterion-study needs a result written by --separation-only from this revision on "
+                         "(per-window 'kinds').")
+    kinds = list(windows[0]["kinds"])
+    for w in windows:
+        for name, m in w["kinds"].items():
+            if _succeeds(m, cfg) != m["success"]:
+                raise ValueError(f"window {w['window']} {name}: recorded success {m['success']} differs from the "
+                                 "current TrackingConfig's criterion; rerun --separation-only.")
+    others = dataclasses.replace(cfg, max_planted_foot_speed_m_per_s=1e9, max_unexecuted_speed_m_per_s=1e9)  # off
+    lines = [f"{split}, {len(windows)} motions (unmirrored windows). Range over motions (min - max):", "",
+             "| motion | motions passing the other criteria | planted feet's speed, all (m/s) | the same, passing "
+             "the other criteria | unexecuted motion, all (m/s) | the same, passing the other criteria |",
+             "|---|---:|---:|---:|---:|---:|"]
+
+    def span(values: list[float]) -> str:
+        return f"{min(values):.3f} - {max(values):.3f}" if values else "—"
+
+    for name in kinds:
+        ms = [w["kinds"][name] for w in windows]
+        passing = [m for m in ms if _succeeds(m, others)]
+        lines.append(f"| {name} | {len(passing)} | {span([m['planted_foot_speed_m_per_s'] for m in ms])} | "
+                     f"{span([m['planted_foot_speed_m_per_s'] for m in passing])} | "
+                     f"{span([m['unexecuted_speed_m_per_s'] for m in ms])} | "
+                     f"{span([m['unexecuted_speed_m_per_s'] for m in passing])} |")
+    lines += ["", "Motions that succeed at other residual bounds (the other thresholds at their defaults):", "",
+              "| residual bound / (m g) | " + " | ".join(kinds) + " |", "|---:|" + "---:|" * len(kinds)]
+    for bound in STUDY_RESIDUAL_BOUNDS:
+        counts = [sum(_succeeds(w["kinds"][name], cfg, bound) for w in windows) for name in kinds]
+        lines.append(f"| {bound:g} | " + " | ".join(str(c) for c in counts) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -431,6 +490,9 @@ if __name__ == "__main__":
                         help="print the tables of this JSON result only (a list: --sweep records)")
     parser.add_argument("--strips-dir", type=Path, default=None, help="also write the reference-vs-simulated PNGs here")
     parser.add_argument("--failures", action="store_true", help="with --table-from: also the failing windows")
+    parser.add_argument("--criterion-study", action="store_true",
+                        help="with --table-from a --separation-only result: how the criterion's thresholds were "
+                             "chosen (post_train motions only)")
     parser.add_argument("--strips-only", action="store_true", help="write the PNGs (--strips-dir) and stop")
     parser.add_argument("--baseline", default=None,
                         help="package name of an older checkout's tasks on PYTHONPATH: its tracker side by side "
@@ -452,6 +514,8 @@ if __name__ == "__main__":
         loaded = json.loads(args.table_from.read_text())
         if isinstance(loaded, list):  # --sweep records
             print(sweep_table(loaded))
+        elif args.criterion_study:
+            print(criterion_study(loaded))
         else:
             print(table(loaded) + ("\n" + failures(loaded) + "\n" + edit_successes(loaded) if args.failures else ""))
         raise SystemExit(0)

@@ -116,3 +116,22 @@ def test_tracking_config_rejects_negative_criterion_thresholds():
     for name in ("max_planted_foot_speed_m_per_s", "planted_band_m", "max_unexecuted_speed_m_per_s"):
         with pytest.raises(ValueError, match=name):
             TrackingConfig(**{name: -0.1})
+
+
+def test_the_docs_separation_results_agree_with_the_criterion_defaults():
+    """``docs/data/bench_physics_separation.json`` records every kind's measures per window: recounting success
+    under the current ``TrackingConfig`` thresholds gives each recorded success (a threshold changed without
+    regenerating the results, or the recount drifting from ``track``'s own rule, fails here), and no slid motion of
+    the post-train split passes."""
+    import json
+    from pathlib import Path
+
+    from recipes.benchmarks import bench_physics
+
+    result = json.loads((Path(__file__).resolve().parents[2] / "docs/data/bench_physics_separation.json").read_text())
+    study = bench_physics.criterion_study(result)  # raises on a disagreement
+    assert "| slid 1 m/s | 6 |" in study  # the 6 slid motions that pass the other criteria, all failed by the new one
+    cfg = TrackingConfig()
+    for split in ("test", "post_train"):
+        for w in result["separation"][split]["ground_truth_windows"]:
+            assert not bench_physics._succeeds(w["kinds"]["slid 1 m/s"], cfg)
