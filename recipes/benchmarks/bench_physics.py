@@ -13,17 +13,23 @@ only, one per motion, and the separation counts the motions behind its windows.
 - Speed: each stage's time is the median over the test windows of the best of ``--repeats`` runs;
   "build" compiles a new humanoid (paid once per body shape; the evaluator caches humanoids).
 - Separation: per split, the ground truth and the edits of ``physics/edits.py`` (lifted 0.3 m,
-  leaned 0 -> 60 deg, frames shuffled, 1 m/s sliding, sunk 5 cm): tracking success, survival, the
-  tracker's root residual (mean over the survived frames, / m g), and the inverse-dynamics residual;
-  plus the ground truth's residual distribution (quantiles over windows) and, per window, the success
-  criteria it failed (``--failures`` prints them), and the filter's counts against the earlier
-  definition (a foot joint within 0.1 m of z = 0 at some frame).
+  leaned 0 -> 60 deg, frames shuffled, 1 m/s sliding, sunk 5 cm; and sunk 5 cm below each window's own
+  contact height, ``edits.sunk_below_contact``): tracking success, survival, the tracker's root residual
+  (mean over the survived frames, / m g), the inverse-dynamics residual, and the success criterion's
+  planted-foot speed and unexecuted motion (``physics/criterion.py``); plus the ground truth's residual
+  distribution (quantiles over windows), per window the success criteria it failed and the edits that
+  succeeded on it, with its contact height (``--failures`` prints them), and the filter's counts
+  against the earlier definition (a foot joint within 0.1 m of z = 0 at some frame). ``--separation-only``
+  skips the speed stages.
 - Floor rule (``--floor-rule``): per split, the windows the earlier definition keeps and the current one drops, with
   their clip, mirroring and fraction of frames near the floor, and the current tracker's outcome on their ground
   truth (unmirrored windows only: a handful of simulations).
 
     python recipes/benchmarks/bench_physics.py --repeats 3 --output docs/data/bench_physics.json
     python recipes/benchmarks/bench_physics.py --table-from docs/data/bench_physics.json --failures  # doc tables
+    python recipes/benchmarks/bench_physics.py --separation-only --output docs/data/bench_physics_separation.json
+    python recipes/benchmarks/bench_physics.py --table-from docs/data/bench_physics_separation.json --failures
+    python recipes/benchmarks/bench_physics.py --table-from docs/data/bench_physics_separation.json --criterion-study
     python recipes/benchmarks/bench_physics.py --strips-only --strips-dir docs   # the RLPF page's PNG strips
     python recipes/benchmarks/bench_physics.py --floor-rule   # the windows the floor filter drops, and why
 """
@@ -45,8 +51,9 @@ import torch
 from diffgrpo.rng import make_generator
 from tasks.ego_motion.body.geometry import FOOT_JOINTS
 from tasks.ego_motion.model.network import load_denoiser
+from tasks.ego_motion.physics.criterion import contact_height_m, reference_kinematics
 from tasks.ego_motion.physics.dynamics import inverse_dynamics
-from tasks.ego_motion.physics.edits import EDITS
+from tasks.ego_motion.physics.edits import EDITS, sunk_below_contact
 from tasks.ego_motion.physics.humanoid import HumanoidConfig, build_humanoid
 from tasks.ego_motion.physics.plausibility import plausibility
 from tasks.ego_motion.physics.tracking import TrackingConfig, track
@@ -61,6 +68,11 @@ at least ``EgoMotionTaskConfig.floor_frame_fraction`` (0.9) of the frames."""
 EARLIER_FLOOR_CONTACT_M = 0.1
 """The floor filter before ``floor_frame_fraction`` (commit 7fcf2a5): a foot joint within this of z = 0 at one frame
 or more."""
+SUNK_BELOW_CONTACT = "sunk 5 cm below contact"
+"""The separation's extra row: ``edits.sunk_below_contact`` at 5 cm, from each window's own contact height (the literal
+"sunk 5 cm" row sinks from z = 0, which returns a capture that floats 5 cm to the floor)."""
+FAILING = ("fell", "residual", "pelvis", "planted", "unexecuted")
+"""The success criteria ``--sweep`` counts failures of, by the first word ``_failed_criteria`` gives them."""
 
 
 def _best_ms(fn, repeats: int) -> float:
@@ -165,8 +177,7 @@ def sweep(task: EgoMotionTask, split: str, tracking: TrackingConfig, humanoid: H
     success, survival, residual, ms, failed = zip(*rows, strict=True)
     return {"split": split, "motions": n, "success": float(np.mean(success)), "survival": float(np.mean(survival)),
             "residual_per_weight": float(np.mean(residual)), "ms_per_motion": float(np.median(ms)),
-            "failing": {k: sum(any(f.startswith(k) for f in fs) for fs in failed)
-                        for k in ("fell", "residual", "pelvis")}}
+            "failing": {k: sum(any(f.startswith(k) for f in fs) for fs in failed) for k in FAILING}}
 
 
 def _touching_counts(task: EgoMotionTask, split: str) -> dict:
@@ -205,33 +216,50 @@ def floor_rule(task: EgoMotionTask, split: str) -> dict:
 
 def separation(task: EgoMotionTask, split: str, limit: int) -> dict:
     """Per motion kind (ground truth, each edit): the mean of each measure over the split's windows; and per window,
-    the ground truth's outcome and the criterion it failed (the docs' failure diagnosis)."""
+    the ground truth's outcome and the criterion it failed (the docs' failure diagnosis), whether it is a mirrored
+    copy, and every kind's success measures (``kinds``: what ``criterion_study`` recounts)."""
     batch, n = _windows(task, split, limit)
     names = task.windows(split).sequence_names(task.kept_windows(split)[:n].tolist())
+    mirrored = task.windows(split).get(task.kept_windows(split)[:n])["mirrored"]
     rows: dict[str, dict[str, list[float]]] = {}
     windows = []
     for i in range(n):
         h = _humanoid(task, batch["betas"][i])
         motion = (batch["T_world_root"][i], batch["body_rotmats"][i])
-        for name, edit in {"ground truth": None, **EDITS}.items():
+        contact = contact_height_m(reference_kinematics(h, h.qpos(*motion))[1])
+        edits = {**EDITS, SUNK_BELOW_CONTACT: lambda root, rotmats, c=contact: sunk_below_contact(root, rotmats, c)}
+        kinds = {}
+        for name, edit in {"ground truth": None, **edits}.items():
             qpos = h.qpos(*(motion if edit is None else edit(*motion)))
             tr = track(h, qpos, FPS)
             row = rows.setdefault(name, {"success": [], "survival": [], "tracking_residual_per_weight": [],
-                                         "residual_force_per_weight": []})
+                                         "residual_force_per_weight": [], "planted_foot_speed_m_per_s": [],
+                                         "unexecuted_speed_m_per_s": []})
             row["success"].append(float(tr.success))
             row["survival"].append(tr.survival)
             row["tracking_residual_per_weight"].append(tr.assist_n / h.weight_n)
+            row["planted_foot_speed_m_per_s"].append(tr.planted_foot_speed_m_per_s)
+            row["unexecuted_speed_m_per_s"].append(tr.unexecuted_speed_m_per_s)
             needed = inverse_dynamics(h, qpos, FPS).residual_force_n / h.weight_n  # (T,)
             row["residual_force_per_weight"].append(float(needed.mean()))
+            kinds[name] = {"success": bool(tr.success), "survival": tr.survival, "pelvis_rise_m": tr.pelvis_rise_m,
+                           "residual_per_weight": tr.assist_n / h.weight_n,
+                           "planted_foot_speed_m_per_s": tr.planted_foot_speed_m_per_s,
+                           "unexecuted_speed_m_per_s": tr.unexecuted_speed_m_per_s}
             if edit is None:
                 speed = float((motion[0][1:, :2, 3] - motion[0][:-1, :2, 3]).norm(dim=-1).mean()) * FPS
                 net = float((motion[0][-1, :2, 3] - motion[0][0, :2, 3]).norm()) * FPS / (len(motion[0]) - 1)
-                windows.append({"window": i, "sequence": names[i], "success": bool(tr.success),
+                windows.append({"window": i, "sequence": names[i], "mirrored": bool(mirrored[i]),
+                                "success": bool(tr.success),
                                 "survival": tr.survival, "residual_per_weight": tr.assist_n / h.weight_n,
                                 "inverse_dynamics_residual_per_weight": float(needed.mean()),
                                 "inverse_dynamics_residual_max_per_weight": float(needed.max()),
                                 "pelvis_speed_m_per_s": speed, "pelvis_net_speed_m_per_s": net,
-                                "pelvis_rise_m": tr.pelvis_rise_m, "failed": _failed_criteria(tr, h.weight_n)})
+                                "pelvis_rise_m": tr.pelvis_rise_m, "contact_height_m": contact,
+                                "planted_foot_speed_m_per_s": tr.planted_foot_speed_m_per_s,
+                                "unexecuted_speed_m_per_s": tr.unexecuted_speed_m_per_s,
+                                "failed": _failed_criteria(tr, h.weight_n)})
+        windows[-1]["kinds"] = kinds
     truth = np.array(rows["ground truth"]["tracking_residual_per_weight"])
     return {"windows": n, "motions": len(_unmirrored(task, split)),
             "rows": {name: {k: statistics.mean(v) for k, v in row.items()} for name, row in rows.items()},
@@ -250,6 +278,10 @@ def _failed_criteria(tr, weight_n: float, cfg: TrackingConfig | None = None) -> 
         failed.append(f"residual {tr.assist_n / weight_n:.3f} m g")
     if tr.pelvis_rise_m > cfg.max_pelvis_rise_m:
         failed.append(f"pelvis rise {tr.pelvis_rise_m * 100:.1f} cm")
+    if tr.planted_foot_speed_m_per_s > cfg.max_planted_foot_speed_m_per_s:
+        failed.append(f"planted feet slide {tr.planted_foot_speed_m_per_s:.2f} m/s")
+    if tr.unexecuted_speed_m_per_s > cfg.max_unexecuted_speed_m_per_s:
+        failed.append(f"unexecuted motion {tr.unexecuted_speed_m_per_s:.2f} m/s")
     return failed
 
 
@@ -297,12 +329,19 @@ def strips(task: EgoMotionTask, out_dir: Path) -> list[Path]:
 
 
 def table(result: dict) -> str:
-    rows = "\n".join(f"| {k} | {v:.1f} |" for k, v in result["median_ms"].items())
-    text = (f"{result['motions']} floor-contact test windows of {result['frames']} frames, best of "
-            f"{result['repeats']}, median over windows, 1 thread.\n\n| stage | ms per motion |\n|---|---:|\n{rows}\n")
+    """The speed table (when ``result`` has one: not with ``--separation-only``) and each split's separation table;
+    the planted-foot and unexecuted-motion columns show "—" in results that predate them."""
+    text = ""
+    if "median_ms" in result:
+        rows = "\n".join(f"| {k} | {v:.1f} |" for k, v in result["median_ms"].items())
+        text = (f"{result['motions']} floor-contact test windows of {result['frames']} frames, best of "
+                f"{result['repeats']}, median over windows, 1 thread.\n\n| stage | ms per motion |\n|---|---:|\n"
+                f"{rows}\n")
     for split, sep in result["separation"].items():
-        checks = "\n".join(f"| {name} | {v['success']:.2f} | {v['survival']:.2f} | "
-                           f"{v['tracking_residual_per_weight']:.3f} | {v['residual_force_per_weight']:.2f} |"
+        checks = "\n".join(f"| {name} | {_count(v['success'], sep)} | {v['survival']:.2f} | "
+                           f"{v['tracking_residual_per_weight']:.3f} | {v['residual_force_per_weight']:.2f} | "
+                           f"{_number(v.get('planted_foot_speed_m_per_s'))} | "
+                           f"{_number(v.get('unexecuted_speed_m_per_s'))} |"
                            for name, v in sep["rows"].items())
         counts = sep["floor_filter"]
         quantiles = ", ".join(f"{k} {v:.3f}" for k, v in sep["ground_truth_residual_quantiles"].items())
@@ -310,10 +349,19 @@ def table(result: dict) -> str:
         text += (f"\nSeparation on the {sep['windows']} floor-contact {split} windows{motions} (of "
                  f"{counts['all_windows']}; "
                  f"{counts['touching_at_some_frame']} touch the floor at some frame), means:\n\n| motion | tracking "
-                 f"success | survival | tracker residual / (m g) | inverse-dynamics residual / (m g) |\n"
-                 f"|---|---:|---:|---:|---:|\n{checks}\n\nGround truth's tracker residual / (m g) over windows: "
-                 f"{quantiles}.\n")
+                 f"success | survival | tracker residual / (m g) | inverse-dynamics residual / (m g) | planted feet's "
+                 f"speed (m/s) | unexecuted motion (m/s) |\n"
+                 f"|---|---:|---:|---:|---:|---:|---:|\n{checks}\n\nGround truth's tracker residual / (m g) over "
+                 f"windows: {quantiles}.\n")
     return text
+
+
+def _count(success: float, sep: dict) -> str:
+    """A success rate with its count of motions where the split's windows are motions plus mirrors (post_train:
+    twice as many windows as motions, each executed like its mirror), of windows otherwise."""
+    windows, motions = sep["windows"], sep.get("motions", sep["windows"])
+    per = "motions" if motions != windows else "windows"
+    return f"{success:.2f} ({round(success * motions)} of {motions} {per})"
 
 
 def _number(value: float | None) -> str:
@@ -339,17 +387,90 @@ def failures(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def edit_successes(result: dict) -> str:
+    """The edited windows that succeed, with the ground truth's contact height (how far its feet float above z = 0:
+    a capture floating 5 cm is sunk by "sunk 5 cm" back to the floor) and the edit's criteria measures. Results that
+    predate the per-window ``kinds`` give no rows."""
+    lines = ["| split | window | clip | edit | ground truth's contact height (cm) | pelvis rise (cm) | "
+             "residual / (m g) | planted feet's speed (m/s) | unexecuted motion (m/s) |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|"]
+    for split, sep in result["separation"].items():
+        for w in sep["ground_truth_windows"]:
+            for name, e in w.get("kinds", {}).items():
+                if name == "ground truth" or not e["success"]:
+                    continue
+                lines.append(f"| {split} | {w['window']} | {w['sequence']} | {name} | "
+                             f"{w['contact_height_m'] * 100:.1f} | {e['pelvis_rise_m'] * 100:.1f} | "
+                             f"{e['residual_per_weight']:.3f} | {e['planted_foot_speed_m_per_s']:.2f} | "
+                             f"{e['unexecuted_speed_m_per_s']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+STUDY_RESIDUAL_BOUNDS = (0.1, 0.12, 0.15, 0.2, 0.3, 1.0)
+"""The residual bounds (/ m g) ``criterion_study`` recounts successes at."""
+
+
+def _succeeds(m: dict, cfg: TrackingConfig, max_residual_per_weight: float | None = None) -> bool:
+    """Success from one run's recorded measures (``separation``'s per-window ``kinds``) under ``cfg``'s criterion:
+    the thresholds only decide success, not the simulation, so they can be recounted without simulating again."""
+    bound = cfg.max_residual_per_weight if max_residual_per_weight is None else max_residual_per_weight
+    return (m["survival"] == 1.0 and m["residual_per_weight"] <= bound and m["pelvis_rise_m"] <= cfg.max_pelvis_rise_m
+            and m["planted_foot_speed_m_per_s"] <= cfg.max_planted_foot_speed_m_per_s
+            and m["unexecuted_speed_m_per_s"] <= cfg.max_unexecuted_speed_m_per_s)
+
+
+def criterion_study(result: dict, split: str = "post_train") -> str:
+    """How the success criterion's thresholds were chosen, from a ``separation`` result (one window per motion: the
+    unmirrored ones): per motion kind, the range over motions of the planted feet's speed and of the unexecuted
+    motion, over all motions and over those that pass every other criterion (survival, residual, pelvis rise); and the
+    motions that succeed at other residual bounds. Raises ValueError for results that predate the per-window
+    ``kinds``, or if a recount at the defaults disagrees with a recorded success (the defaults changed since)."""
+    cfg = TrackingConfig()
+    windows = [w for w in result["separation"][split]["ground_truth_windows"] if not w.get("mirrored", False)]
+    if not windows or "kinds" not in windows[0]:
+        raise ValueError("--criterion-study needs a result written by --separation-only from this revision on "
+                         "(per-window 'kinds').")
+    kinds = list(windows[0]["kinds"])
+    for w in windows:
+        for name, m in w["kinds"].items():
+            if _succeeds(m, cfg) != m["success"]:
+                raise ValueError(f"window {w['window']} {name}: recorded success {m['success']} differs from the "
+                                 "current TrackingConfig's criterion; rerun --separation-only.")
+    others = dataclasses.replace(cfg, max_planted_foot_speed_m_per_s=1e9, max_unexecuted_speed_m_per_s=1e9)  # off
+    lines = [f"{split}, {len(windows)} motions (unmirrored windows). Range over motions (min - max):", "",
+             "| motion | motions passing the other criteria | planted feet's speed, all (m/s) | the same, passing "
+             "the other criteria | unexecuted motion, all (m/s) | the same, passing the other criteria |",
+             "|---|---:|---:|---:|---:|---:|"]
+
+    def span(values: list[float]) -> str:
+        return f"{min(values):.3f} - {max(values):.3f}" if values else "—"
+
+    for name in kinds:
+        ms = [w["kinds"][name] for w in windows]
+        passing = [m for m in ms if _succeeds(m, others)]
+        lines.append(f"| {name} | {len(passing)} | {span([m['planted_foot_speed_m_per_s'] for m in ms])} | "
+                     f"{span([m['planted_foot_speed_m_per_s'] for m in passing])} | "
+                     f"{span([m['unexecuted_speed_m_per_s'] for m in ms])} | "
+                     f"{span([m['unexecuted_speed_m_per_s'] for m in passing])} |")
+    lines += ["", "Motions that succeed at other residual bounds (the other thresholds at their defaults):", "",
+              "| residual bound / (m g) | " + " | ".join(kinds) + " |", "|---:|" + "---:|" * len(kinds)]
+    for bound in STUDY_RESIDUAL_BOUNDS:
+        counts = [sum(_succeeds(w["kinds"][name], cfg, bound) for w in windows) for name in kinds]
+        lines.append(f"| {bound:g} | " + " | ".join(str(c) for c in counts) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def sweep_table(records: list[dict]) -> str:
     """The docs' table of ``--sweep`` results: records {"tracking": {...}, "humanoid": {...}, "result": {...}}, or
     {"label": ..., "result": {...}} for a baseline."""
     lines = ["| change from the defaults | success | survival | residual / (m g) | failing: fell / residual / "
-             "pelvis rise | ms per motion |", "|---|---:|---:|---:|---:|---:|"]
+             "pelvis rise / planted feet / unexecuted | ms per motion |", "|---|---:|---:|---:|---:|---:|"]
     for record in records:
         change = record.get("label") or ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in
                                                   {**record["humanoid"], **record["tracking"]}.items())
         change = change or "none (the defaults)"
         r = record["result"]
-        failing = " / ".join(str(r["failing"][k]) for k in ("fell", "residual", "pelvis"))
+        failing = " / ".join(str(r["failing"].get(k, "—")) for k in FAILING)  # "—": a record before the criterion
         lines.append(f"| {change} | {r['success']:.3f} | {r['survival']:.3f} | {r['residual_per_weight']:.3f} | "
                      f"{failing} | {r['ms_per_motion']:.0f} |")
     if all("motions" in record["result"] for record in records):
@@ -369,6 +490,9 @@ if __name__ == "__main__":
                         help="print the tables of this JSON result only (a list: --sweep records)")
     parser.add_argument("--strips-dir", type=Path, default=None, help="also write the reference-vs-simulated PNGs here")
     parser.add_argument("--failures", action="store_true", help="with --table-from: also the failing windows")
+    parser.add_argument("--criterion-study", action="store_true",
+                        help="with --table-from a --separation-only result: how the criterion's thresholds were "
+                             "chosen (post_train motions only)")
     parser.add_argument("--strips-only", action="store_true", help="write the PNGs (--strips-dir) and stop")
     parser.add_argument("--baseline", default=None,
                         help="package name of an older checkout's tasks on PYTHONPATH: its tracker side by side "
@@ -378,6 +502,8 @@ if __name__ == "__main__":
     parser.add_argument("--tracking", type=json.loads, default={},
                         help='TrackingConfig overrides, JSON: {"control_hz": 120}')
     parser.add_argument("--humanoid", type=json.loads, default={}, help='HumanoidConfig overrides, JSON')
+    parser.add_argument("--separation-only", action="store_true",
+                        help="the separation alone (no speed table): the success criterion's results")
     parser.add_argument("--floor-rule", action="store_true",
                         help="only the windows the earlier floor filter keeps and the current one drops, and stop")
     args = parser.parse_args()
@@ -388,8 +514,10 @@ if __name__ == "__main__":
         loaded = json.loads(args.table_from.read_text())
         if isinstance(loaded, list):  # --sweep records
             print(sweep_table(loaded))
+        elif args.criterion_study:
+            print(criterion_study(loaded))
         else:
-            print(table(loaded) + ("\n" + failures(loaded) if args.failures else ""))
+            print(table(loaded) + ("\n" + failures(loaded) + "\n" + edit_successes(loaded) if args.failures else ""))
         raise SystemExit(0)
     torch.set_num_threads(1)
     task = EgoMotionTask(dataclasses.replace(EgoMotionTaskConfig(), floor_contact_m=FLOOR_CONTACT_M))
@@ -404,7 +532,7 @@ if __name__ == "__main__":
         print("\n".join(str(p) for p in strips(task, args.strips_dir)))
     if args.strips_only:
         raise SystemExit(0)
-    result = speed(task, args.repeats, args.limit, args.baseline)
+    result = {} if args.separation_only else speed(task, args.repeats, args.limit, args.baseline)
     result["separation"] = {split: separation(task, split, args.limit) for split in SPLITS}
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)

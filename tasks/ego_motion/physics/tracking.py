@@ -26,9 +26,12 @@ formulation). At every control update (``control_hz``, PD servos in between):
 **Success** (RLPF's binary signal) needs: every frame executed with the pelvis and the head within
 ``fail_distance_m`` of the reference's; the mean residual force at most ``max_residual_per_weight``
 x m g (bounded and costly as it is, the residual could otherwise hold up a floating motion for as
-long as its feet find no floor: success means the feet carried the motion); and the simulated pelvis
+long as its feet find no floor: success means the feet carried the motion); the simulated pelvis
 on average at most ``max_pelvis_rise_m`` above the reference's (a reference whose feet go into the
-floor lifts the simulated body, as the floor does not give way). Failures are falls, not errors: a
+floor lifts the simulated body, as the floor does not give way); the reference's planted feet sliding
+at most ``max_planted_foot_speed_m_per_s`` (friction); and the humanoid reproducing the reference's
+motion, not only staying near it (``max_unexecuted_speed_m_per_s``): ``criterion.py`` says why the last
+two, which the pelvis and head tolerance misses. Failures are falls, not errors: a
 non-finite simulated state also counts as a fall, and a run takes at most T x (steps per frame) steps.
 """
 
@@ -42,6 +45,7 @@ import numpy as np
 
 from ..body.geometry import HEAD_JOINT
 from .balance import BalanceController
+from .criterion import planted_foot_speed, reference_kinematics, unexecuted_speed
 from .dynamics import smoothed_derivatives
 from .humanoid import Humanoid
 
@@ -61,6 +65,21 @@ class TrackingConfig:
     max_pelvis_rise_m: float = 0.01
     """Success also needs the simulated pelvis to sit on average at most this much above the reference's (m):
     a reference whose feet go into the floor lifts the simulated body (the floor does not give way)."""
+    max_planted_foot_speed_m_per_s: float = 0.5
+    """Success also needs the reference's planted feet to slide at most this fast (m/s,
+    :func:`criterion.planted_foot_speed`): a foot that stands on the floor does not slide. Chosen on the 53
+    floor-contact post-train motions (1/120 s steps, 60 Hz control): the ground truth's planted feet slide at 0.03 to
+    0.23 m/s (median 0.06), the 1 m/s slid edit's at 0.95 to 1.06; 0.5 is about the geometric mean of 0.23 and 0.95.
+    Measures on the simulated feet overlapped (``criterion`` module doc)."""
+    planted_band_m: float = 0.02
+    """A reference foot point is planted when it is at most this far above the motion's contact height (m,
+    :func:`criterion.contact_height_m`): the ``PlausibilityConfig.skate_contact_height_m`` of skating."""
+    max_unexecuted_speed_m_per_s: float = 0.1
+    """Success also needs the humanoid to reproduce the reference's motion, not only to stay near it: the reference's
+    path length minus the simulated one, per joint and second, at most this (m/s, :func:`criterion.unexecuted_speed`).
+    Chosen on the 53 floor-contact post-train motions: at most 0.03 on the ground truth; the frames-shuffled edits the
+    humanoid executed within the pelvis and head tolerance (4 of 53: windows that move little) at least 0.45; 0.1 is
+    about their geometric mean."""
     control_hz: float = 60.0
     """Control updates per second (the QP); the joint PD springs act at every simulation step. One update per
     30 fps frame made the humanoid hop and fall; at 1/120 s steps, 120 Hz succeeded on one post-train motion fewer
@@ -95,7 +114,8 @@ class TrackingConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"TrackingConfig.{name} must be finite and > 0, got {value!r}.")
-        for name in ("max_residual_per_weight", "max_pelvis_rise_m", "contact_band_m",
+        for name in ("max_residual_per_weight", "max_pelvis_rise_m", "max_planted_foot_speed_m_per_s", "planted_band_m",
+                     "max_unexecuted_speed_m_per_s", "contact_band_m",
                      "root_rotation_frequency_hz", "residual_bound", "residual_weight", "force_weight",
                      "continuity_weight"):
             value = getattr(self, name)
@@ -125,6 +145,10 @@ class TrackingResult:
         contact_force_n: (T,) total vertical contact force the QP planned (N).
         simulated_joints: (T, 22, 3) world joint positions of the humanoid per frame (frames after a
             fall repeat the state at the fall).
+        planted_foot_speed_m_per_s: how fast the reference's planted feet slide (m/s,
+            :func:`criterion.planted_foot_speed`).
+        unexecuted_speed_m_per_s: the reference's path length minus the humanoid's, per joint and second, over the
+            executed frames (m/s, :func:`criterion.unexecuted_speed`).
     """
 
     success: bool
@@ -136,6 +160,8 @@ class TrackingResult:
     residual_torque_nm: np.ndarray
     contact_force_n: np.ndarray
     simulated_joints: np.ndarray
+    planted_foot_speed_m_per_s: float
+    unexecuted_speed_m_per_s: float
 
     @property
     def assist_n(self) -> float:
@@ -252,10 +278,16 @@ def track(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: TrackingConfig 
     alive = max(1, failed_at)
     rise = float(np.mean(rises)) if rises else float("nan")
     slip = float(np.mean(slips)) if slips else 0.0
+    reference_joints, reference_feet = reference_kinematics(humanoid, qpos)
+    planted_speed = planted_foot_speed(reference_feet, fps, cfg.planted_band_m)
+    executed = max(2, failed_at)  # frames compared; those after a fall repeat the fallen state
+    unexecuted = unexecuted_speed(reference_joints[:executed], simulated[:executed], fps)
     success = (failed_at == T and residual_force[:alive].mean() <= cfg.max_residual_per_weight * humanoid.weight_n
-               and rise <= cfg.max_pelvis_rise_m)
+               and rise <= cfg.max_pelvis_rise_m and planted_speed <= cfg.max_planted_foot_speed_m_per_s
+               and unexecuted <= cfg.max_unexecuted_speed_m_per_s)
     return TrackingResult(success=bool(success), survival=survival,
                           tracking_error_m=float(np.mean(errors)) if errors else float("nan"), pelvis_rise_m=rise,
                           foot_slip_m_per_s=slip,
                           residual_force_n=residual_force, residual_torque_nm=residual_torque,
-                          contact_force_n=contact_force, simulated_joints=simulated)
+                          contact_force_n=contact_force, simulated_joints=simulated,
+                          planted_foot_speed_m_per_s=planted_speed, unexecuted_speed_m_per_s=unexecuted)
