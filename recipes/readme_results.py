@@ -1,14 +1,16 @@
 """The README's "Results so far" table, generated from the results files under ``docs/data``.
 
     python recipes/readme_results.py            # print the table
-    python recipes/readme_results.py --write    # put it into README.md, between the two markers
+    python recipes/readme_results.py --write    # put it into README.md, between the two markers, and
+                                                # write docs/results_main_job.md (the main job per seed)
 
 Every row names the file its numbers come from; ``tests/test_docs.py`` fails when README.md does not hold
 exactly what this prints, so a results file and the README cannot drift apart. The files:
 
 - ``docs/data/shapes_seed0.json``: ``accelerate launch recipes/shapes.py --threads 1`` (results.json);
-- the ego-motion main job over seeds 0, 1, 2 (``EGO_MOTION``): per variant, the list of per-seed
-  results.json that ``recipes/ablation_ego_motion.py`` writes to its ``ablation.json``;
+- the ego-motion main job over seeds 0, 1, 2 (``EGO_MOTION``): one file per seed, holding the job's
+  ``results.json`` (``accelerate launch recipes/ego_motion.py --grpo.seed S``) under ``results``; the table
+  reports the weights the job selects on its validation probe (``grpo_selected``);
 - ``docs/data/text_to_image_cpu.json``: the command stored in the file itself.
 """
 
@@ -27,8 +29,11 @@ END = "<!-- end of the generated results table -->"
 
 SHAPES = Path("docs/data/shapes_seed0.json")
 SHAPES_METRICS = {"iou": ("IoU with the requested disc", 3), "centroid_error_px": ("centroid error (px)", 2)}
-EGO_MOTION = (Path("docs/data/main_job_v4_3seeds.json"), "+Perlin (full, lambda=0.3)")
-"""The main job's default over 3 seeds: the results file and the variant in it."""
+EGO_MOTION = "docs/data/main_job_v5_default_seed{seed}.json"
+"""The main job's default, one results file per seed of ``EGO_SEEDS``."""
+EGO_SEEDS = (0, 1, 2)
+EGO_WEIGHTS = "grpo_selected"
+"""Which weights of each run the table reports: those selected on the validation probe."""
 EGO_METRICS = {"mpjpe_mm": ("MPJPE (mm)", 2), "pa_mpjpe_mm": ("PA-MPJPE (mm)", 2), "mpjre_deg": ("MPJRE (deg)", 2),
                "mpjve_mm_per_s": ("MPJVE (mm/s)", 2), "foot_skating_m": ("foot skating (m)", 3)}
 TEXT_TO_IMAGE = Path("docs/data/text_to_image_cpu.json")
@@ -52,12 +57,12 @@ def _load(path: Path):
 def results_table() -> str:
     """The markdown table: one row per (task, metric), prior against after GRPO.
 
-    Ego-motion rows are mean ± sample std over the seeds in the file (the prior is evaluated with the same
+    Ego-motion rows are mean ± sample std over the seeds (the prior is evaluated with the same
     held-out noise in every run, so its value is the same in each).
 
     Raises:
         FileNotFoundError: a results file is missing (run the command named in this module's docstring).
-        KeyError: the ego-motion file has no run of the variant ``EGO_MOTION`` names.
+        KeyError: an ego-motion file has no ``EGO_WEIGHTS`` results (a run from before selection on validation).
         ValueError: the ego-motion runs disagree on the prior's metrics, so they are not one experiment.
     """
     rows = ["| task | metric | prior | after GRPO | from |", "|---|---|---:|---:|---|"]
@@ -66,24 +71,73 @@ def results_table() -> str:
         task = "shapes ([page](docs/task_shapes.md))" if i == 0 else "shapes"
         rows.append(f"| {task} | {label} | {shapes['base'][key]:.{digits}f} | {shapes['grpo'][key]:.{digits}f} "
                     f"| `{SHAPES}` |")
-    path, variant = EGO_MOTION
-    by_variant = _load(path)
-    if variant not in by_variant:
-        raise KeyError(f"{path} has no runs of {variant!r} (it has {', '.join(by_variant)}); fix EGO_MOTION")
-    runs = by_variant[variant]
+    runs = [_load(Path(EGO_MOTION.format(seed=seed)))["results"] for seed in EGO_SEEDS]
+    source = "`" + EGO_MOTION.format(seed="{" + ",".join(map(str, EGO_SEEDS)) + "}") + "`"
     if any(run["base"] != runs[0]["base"] for run in runs):
-        raise ValueError(f"the runs of {variant!r} in {path} report different priors")
+        raise ValueError(f"the runs in {source} report different priors")
     for i, (key, (label, digits)) in enumerate(EGO_METRICS.items()):
         task = "ego-motion ([page](docs/ego_motion_grpo.md))" if i == 0 else "ego-motion"
-        after = [run["grpo"][key] for run in runs]
+        after = [run[EGO_WEIGHTS][key] for run in runs]
         spread = f" ± {statistics.stdev(after):.{digits}f}" if len(after) > 1 else ""
         rows.append(f"| {task} | {label} | {runs[0]['base'][key]:.{digits}f} | {statistics.mean(after):.{digits}f}"
-                    f"{spread} | `{path}` ({len(runs)} seed{'s' if len(runs) > 1 else ''}) |")
+                    f"{spread} | {source} ({len(runs)} seed{'s' if len(runs) > 1 else ''}) |")
     probe = _load(TEXT_TO_IMAGE)["probe"][TEXT_TO_IMAGE_KEY]
     rows.append("| text-to-image, tiny SD3-layout pipeline on CPU ([page](docs/text_to_image.md)) | JPEG "
                 f"compressibility (-kB), held-out prompts | {probe['before']:.4f} | {probe['after']:.4f} "
                 f"| `{TEXT_TO_IMAGE}` |")
     return "\n".join(rows) + "\n"
+
+
+MAIN_JOB_PAGE = ROOT / "docs/results_main_job.md"
+"""The page ``main_job_page`` writes (``--write``)."""
+PAGE_METRICS = {**EGO_METRICS, "jitter_m_per_s3": ("jitter (m/s^3)", 1)}
+
+
+def _row(label: str, prior: float, values: list[float], digits: int) -> str:
+    cells = " | ".join(f"{v:.{digits}f} ({100 * (v / prior - 1):+.2f} %)" for v in values)
+    spread = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
+    return f"| {label} | {prior:.{digits}f} | {cells} | {statistics.mean(values):.{digits}f}{spread} |"
+
+
+def main_job_page() -> str:
+    """``docs/results_main_job.md``: the main job's default per seed (``EGO_MOTION``), held out and on validation.
+
+    Raises:
+        FileNotFoundError: a results file is missing.
+    """
+    files = [EGO_MOTION.format(seed=seed) for seed in EGO_SEEDS]
+    data = [_load(Path(f)) for f in files]
+    runs = [d["results"] for d in data]
+    seeds = " | ".join(f"seed {s}" for s in EGO_SEEDS)
+    lines = ["# The MotionGRPO main job over 3 seeds", "",
+             "Generated by `python recipes/readme_results.py --write` from "
+             + ", ".join(f"`{f}`" for f in files) + " (each holds the run's `results.json`, its command and "
+             "commit, and its probe history). Each run:", "", "```bash"]
+    lines += [d["command"] for d in data]
+    lines += ["```", "",
+              "GRPO post-trains on the post_train clips, probes post_train and validation windows every 10 "
+              "iterations, keeps the weights with the lowest validation MPJPE, and reads the test clips once, at "
+              "the end (the prior, the last weights and the selected ones, with the same evaluation noise).", ""]
+    for weights, title in (("grpo_selected", "selected on validation"), ("grpo", "last iteration")):
+        iterations = ", ".join(str(run["selected"]["iteration"]) if weights == "grpo_selected"
+                               else str(run["config"]["grpo"]["num_iterations"]) for run in runs)
+        lines += [f"## Held-out test clips, weights {title} (iterations: {iterations})", "",
+                  f"| metric | prior | {seeds} | mean ± sd |", "|---|---:|" + "---:|" * (len(runs) + 1)]
+        lines += [_row(label, runs[0]["base"][key], [run[weights][key] for run in runs], digits)
+                  for key, (label, digits) in PAGE_METRICS.items()]
+        lines.append("")
+    lines += ["## Validation probe MPJPE (mm) and its paired change from iteration 0 (95 % interval)", "",
+              f"| iteration | {seeds} |", "|---:|" + "---:|" * len(runs)]
+    histories = [d["history_probe_and_diagnostics"] for d in data]
+    key = "metric/validation/mpjpe_mm"
+    for i, iteration in enumerate(histories[0]["probe/iteration"]):
+        cells = [f"{h['probe/' + key][i]:.2f} ({h['probe_diff/' + key][i]:+.2f} "
+                 f"[{h['probe_diff/' + key + '/ci_low'][i]:+.2f}, {h['probe_diff/' + key + '/ci_high'][i]:+.2f}])"
+                 for h in histories]
+        lines.append(f"| {int(iteration)} | " + " | ".join(cells) + " |")
+    minutes = ", ".join(f"{run['train_seconds'] / 60:.1f}" for run in runs)
+    lines += ["", f"Training took {minutes} min (1 thread; the cores were shared with other jobs).", ""]
+    return "\n".join(lines)
 
 
 def replace_table(readme: str, table: str) -> str:
@@ -99,10 +153,12 @@ def replace_table(readme: str, table: str) -> str:
 
 
 def main(cfg: Config) -> str:
-    """Print the table, or with ``cfg.write`` put it into ``cfg.readme``; returns the table."""
+    """Print the table, or with ``cfg.write`` put it into ``cfg.readme`` and write ``MAIN_JOB_PAGE``; returns
+    the table."""
     table = results_table()
     if cfg.write:
         cfg.readme.write_text(replace_table(cfg.readme.read_text(), table))
+        MAIN_JOB_PAGE.write_text(main_job_page())
     else:
         print(table, end="")
     return table

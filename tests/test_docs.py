@@ -38,6 +38,13 @@ def test_readme_results_table_is_the_one_generated_from_the_results_files():
     assert table.count("\n| ego-motion") == len(readme_results.EGO_METRICS)
 
 
+def test_main_job_page_is_the_one_generated_from_the_results_files():
+    page = readme_results_recipe.main_job_page()
+    assert readme_results_recipe.MAIN_JOB_PAGE.read_text() == page, (
+        "docs/results_main_job.md differs from the results files: run `python recipes/readme_results.py --write`")
+    assert page.count("| MPJPE (mm) |") == 2  # the selected and the last weights
+
+
 def test_replace_table_needs_both_markers_in_order():
     import pytest
 
