@@ -79,8 +79,9 @@ class RewardParams:
 
     residual_omega: float = OMEGA_RESIDUAL
     contact_omega: float = OMEGA_CONTACT
-    tracking_mode: Literal["survival", "success"] = "survival"
-    """'survival' (fraction of frames tracked) or 'success' (RLPF's binary signal)."""
+    tracking_mode: Literal["survival", "success", "graded"] = "survival"
+    """'survival' (fraction of frames tracked), 'success' (RLPF's binary signal) or 'graded' (survival x
+    min(1, bound / measure) over the success criteria: 1 iff success, partial credit below)."""
     alignment_omega: float = OMEGA_PERCEPTUAL
     """omega of R_align = exp(omega * s), s the frozen perceptual model's score in [-1, 1]."""
 
@@ -136,8 +137,8 @@ class Config:
                              f"{VARIANTS}.")
         if not self.seeds:
             raise ValueError("give at least one seed (--seeds 0 1 2).")
-        if self.rewards.tracking_mode not in ("survival", "success"):
-            raise ValueError(f"--rewards.tracking-mode must be 'survival' or 'success', got "
+        if self.rewards.tracking_mode not in ("survival", "success", "graded"):
+            raise ValueError(f"--rewards.tracking-mode must be 'survival', 'success' or 'graded', got "
                              f"{self.rewards.tracking_mode!r}.")
         for name in ("residual_omega", "contact_omega", "alignment_omega"):
             value = getattr(self.rewards, name)

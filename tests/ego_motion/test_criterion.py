@@ -10,6 +10,7 @@ import torch
 from tasks.ego_motion.body.geometry import axis_angle_to_matrix
 from tasks.ego_motion.physics.criterion import (
     contact_height_m,
+    graded_success,
     planted_foot_speed,
     reference_kinematics,
     unexecuted_speed,
@@ -110,6 +111,45 @@ def test_a_reference_that_jumps_between_poses_is_not_executed(humanoid):
     result = track(humanoid, humanoid.qpos(root, rotmats), FPS)
     assert result.survival == 1.0 and not result.success
     assert result.unexecuted_speed_m_per_s > TrackingConfig().max_unexecuted_speed_m_per_s
+
+
+def test_graded_success_is_survival_times_the_bound_ratios_of_the_criteria_missed():
+    """Hand-worked: survival 0.8, a residual of 0.2 against 0.1 (ratio 0.5), a planted foot at 1.0 against 0.5
+    (ratio 0.5), a negative pelvis rise and a measure at its bound (ratio 1): 0.8 x 0.5 x 0.5 = 0.2."""
+    measures = [(0.2, 0.1), (1.0, 0.5), (-0.01, 0.01), (0.1, 0.1)]
+    assert graded_success(0.8, measures) == pytest.approx(0.2, rel=1e-12)
+    assert graded_success(1.0, [(0.05, 0.1), (0.0, 0.5)]) == 1.0  # every criterion met: success
+    assert graded_success(1.0, [(float("nan"), 0.1)]) == 0.0
+    assert graded_success(1.0, [(float("inf"), 0.1)]) == 0.0
+    assert graded_success(1.0, [(0.01, 0.0)]) == 0.0
+    with pytest.raises(ValueError, match="survival"):
+        graded_success(1.5, measures)
+    with pytest.raises(ValueError, match="bounds"):
+        graded_success(1.0, [(0.1, -1.0)])
+
+
+def test_the_evaluator_grades_a_success_1_and_a_slid_motion_by_its_sliding(humanoid, body):
+    """Through PhysicsEvaluator: quiet standing succeeds (graded 1); drifting at 1 m/s survives but its planted feet
+    slide at 1 m/s against the 0.5 m/s bound, so its graded score is at most 0.5 and equals survival x the product
+    of the bound ratios the evaluator reports."""
+    from tasks.ego_motion.physics.evaluator import PhysicsEvaluator
+
+    cfg = TrackingConfig()
+    evaluator = PhysicsEvaluator(body)
+    root, rotmats = _standing(humanoid, 64)
+    slid_root, slid_rotmats = EDITS["slid 1 m/s"](root, rotmats)
+    betas = torch.zeros(2, 16, dtype=root.dtype)
+    out = evaluator.evaluate({"T_world_root": torch.stack([root, slid_root]),
+                              "body_rotmats": torch.stack([rotmats, slid_rotmats]), "betas": betas})
+    assert out["tracking_success"].tolist() == [1.0, 0.0] and out["tracking_graded"][0] == 1.0
+    slid = {k: float(v[1]) for k, v in out.items()}
+    expected = slid["tracking_survival"] * min(1.0, cfg.max_planted_foot_speed_m_per_s
+                                               / slid["tracking_planted_foot_speed_m_per_s"])
+    for key, bound in (("tracking_residual_per_weight", cfg.max_residual_per_weight),
+                       ("tracking_pelvis_rise_m", cfg.max_pelvis_rise_m),
+                       ("tracking_unexecuted_speed_m_per_s", cfg.max_unexecuted_speed_m_per_s)):
+        expected *= min(1.0, bound / slid[key]) if slid[key] > bound else 1.0
+    assert slid["tracking_graded"] == pytest.approx(expected, rel=1e-5) and slid["tracking_graded"] <= 0.5 + 1e-6
 
 
 def test_tracking_config_rejects_negative_criterion_thresholds():

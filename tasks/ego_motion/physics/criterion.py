@@ -123,3 +123,29 @@ def unexecuted_speed(reference_joints: np.ndarray, simulated_joints: np.ndarray,
 
     duration_s = (len(reference_joints) - 1) / fps
     return float((path(reference_joints) - path(simulated_joints)).mean() / duration_s)
+
+
+def graded_success(survival: float, measures: list[tuple[float, float]]) -> float:
+    """A graded form of RLPF's binary success, in [0, 1]: ``survival`` x the product over the criteria of
+    min(1, bound / measure), for (measure, bound) pairs of non-negative bounds (``TrackingConfig``'s maxima).
+
+    It is 1 exactly when the motion succeeds (executed to the end, every measure within its bound) and falls in
+    proportion as a measure exceeds its bound (a planted foot sliding at twice the allowed speed halves it), so a
+    group of samples that all fail still ranks them: what a policy-gradient update needs when almost every sample
+    of the prior fails (a binary reward then gives all-zero groups and no advantage). A measure at or below its bound
+    (negative ones included) contributes 1; a NaN measure or a positive measure over a zero bound contributes 0.
+
+    Raises:
+        ValueError: ``survival`` outside [0, 1] or a negative or non-finite bound.
+    """
+    if not 0.0 <= survival <= 1.0:
+        raise ValueError(f"survival must be in [0, 1], got {survival!r}.")
+    score = survival
+    for measure, bound in measures:
+        if not (math.isfinite(bound) and bound >= 0):
+            raise ValueError(f"bounds must be finite and >= 0, got {bound!r}.")
+        if math.isnan(measure):
+            return 0.0
+        if measure > bound:
+            score *= bound / measure  # 0 for a zero bound, and for an infinite measure
+    return score

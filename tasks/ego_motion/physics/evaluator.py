@@ -28,6 +28,7 @@ from torch import Tensor
 
 from ..body.body_model import BodyModel
 from ..data.windows import NUM_BETAS, TARGET_FPS
+from .criterion import graded_success
 from .dynamics import InverseDynamicsConfig, inverse_dynamics
 from .humanoid import NUM_HUMANOID_BODIES, HumanoidCache, HumanoidConfig
 from .plausibility import PlausibilityConfig, plausibility
@@ -39,6 +40,10 @@ PHYSICS_METRIC_UNITS: dict[str, str] = {
     "residual_force_per_weight": "mean root residual force / (m g), unitless",
     "residual_torque_per_weight": "mean root residual torque / (m g x 1 m), unitless",
     "tracking_success": "1 if the balancing tracker executed every frame with little residual, else 0",
+    "tracking_graded": "survival x prod over the success criteria of min(1, bound / measure), in [0, 1]; 1 iff success",
+    "tracking_pelvis_rise_m": "mean height of the simulated pelvis above the reference's, m",
+    "tracking_planted_foot_speed_m_per_s": "median horizontal speed of the reference's planted foot points, m/s",
+    "tracking_unexecuted_speed_m_per_s": "the reference's path length minus the simulated one, per joint, m/s",
     "tracking_survival": "fraction of frames tracked before falling",
     "tracking_error_m": "mean joint position error while tracking, m",
     "tracking_residual_per_weight": "mean root residual force the tracker applied / (m g), unitless",
@@ -140,7 +145,7 @@ class PhysicsEvaluator:
                 return self.evaluate_one(T_world_root, body_rotmats, betas)
         logger.warning("physics evaluation: row %d scored as invalid (worst values): %s", n, reason)
         worst = {name: math.inf for name in PHYSICS_METRIC_UNITS}
-        worst.update(tracking_success=0.0, tracking_survival=0.0, invalid=1.0)
+        worst.update(tracking_success=0.0, tracking_survival=0.0, tracking_graded=0.0, invalid=1.0)
         return worst
 
     def evaluate_one(self, T_world_root: Float[Tensor, "T 4 4"], body_rotmats: Float[Tensor, "T 21 3 3"],
@@ -161,8 +166,16 @@ class PhysicsEvaluator:
             "invalid": 0.0,
         }
         if self.cfg.simulate:
-            tr = track(humanoid, qpos, self.fps, self.cfg.tracking)
-            out.update(tracking_success=float(tr.success), tracking_survival=tr.survival,
+            cfg = self.cfg.tracking
+            tr = track(humanoid, qpos, self.fps, cfg)
+            graded = graded_success(tr.survival, [(tr.assist_n / weight, cfg.max_residual_per_weight),
+                                                  (tr.pelvis_rise_m, cfg.max_pelvis_rise_m),
+                                                  (tr.planted_foot_speed_m_per_s, cfg.max_planted_foot_speed_m_per_s),
+                                                  (tr.unexecuted_speed_m_per_s, cfg.max_unexecuted_speed_m_per_s)])
+            out.update(tracking_success=float(tr.success), tracking_survival=tr.survival, tracking_graded=graded,
+                       tracking_pelvis_rise_m=tr.pelvis_rise_m,
+                       tracking_planted_foot_speed_m_per_s=tr.planted_foot_speed_m_per_s,
+                       tracking_unexecuted_speed_m_per_s=tr.unexecuted_speed_m_per_s,
                        tracking_error_m=tr.tracking_error_m, tracking_residual_per_weight=tr.assist_n / weight,
                        tracking_residual_torque_per_weight=tr.assist_torque_nm / weight,
                        tracking_assist_per_weight=tr.assist_n / weight)

@@ -370,12 +370,14 @@ def physics_residual(omega: float = OMEGA_RESIDUAL, evaluator: PhysicsEvaluator 
 
 
 @register_reward("physics_tracking")
-def physics_tracking(mode: Literal["survival", "success"] = "survival",
+def physics_tracking(mode: Literal["survival", "success", "graded"] = "survival",
                      evaluator: PhysicsEvaluator | None = None) -> Reward:
-    """R = the fraction of frames a simulated PD tracker follows before falling (``mode="survival"``),
-    or 1/0 for following all of them (``mode="success"``, RLPF's binary signal); ``physics/tracking.py``."""
-    if mode not in ("survival", "success"):
-        raise ValueError(f"mode must be 'survival' or 'success', got {mode!r}.")
+    """R = the fraction of frames the simulated balancing tracker follows before falling (``mode="survival"``),
+    1/0 for RLPF's success criterion (``mode="success"``, RLPF's binary signal), or its graded form (``"graded"``:
+    survival x the product of min(1, bound / measure) over the criteria, 1 iff success;
+    ``physics/criterion.py``'s ``graded_success``); ``physics/tracking.py``."""
+    if mode not in ("survival", "success", "graded"):
+        raise ValueError(f"mode must be 'survival', 'success' or 'graded', got {mode!r}.")
     if evaluator is not None and not getattr(getattr(evaluator, "cfg", None), "simulate", True):
         raise ValueError("physics_tracking needs the tracker, but the evaluator was built with "
                          "PhysicsConfig(simulate=False); build it with simulate=True (--physics.simulate).")
