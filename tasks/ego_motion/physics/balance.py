@@ -77,14 +77,18 @@ class BalanceController:
         self._M, self._M_rr, self._contact = np.empty((nv, nv)), np.empty((6, 6)), np.empty(nv)
         self._delta, self._no_torque = np.empty(6), np.zeros(3)
         self._pelvis = humanoid.body_ids[0]
-        # the QP's pieces that do not change between updates, for all P points (sliced to the active ones):
+        # the QP's pieces that do not change between updates, for all P points (sliced to the active ones), as
+        # daqp takes them (1/2 x^T H x + g^T x: twice the module doc's cost, so the scale factors carry a 2):
         # per-point force cost blocks, and the bounds of [w (4 P), r (6)]
         self.edges = friction_cone_edges(cfg.friction)  # (3, 4)
+        N2 = 1.0 / self.weight**2  # forces over m g, torques over m g x 1 m
         per_point = (cfg.force_weight + cfg.continuity_weight) / self.weight**2 * (self.edges.T @ self.edges)  # (4, 4)
-        self._force_cost = np.kron(np.eye(P), per_point)
-        self._residual_cost = (1.0 + cfg.residual_weight) * (1.0 / self.weight**2) * np.eye(6)
+        self._force_cost2 = 2 * np.kron(np.eye(P), per_point)
+        self._residual_cost2 = 2 * ((1.0 + cfg.residual_weight) * N2 * np.eye(6))
+        self._N2_2, self._continuity2 = 2 * N2, 2 * (cfg.continuity_weight * N2)
         self._upper = np.concatenate([np.full(4 * P, np.inf), self.residual_bound])
         self._lower = np.concatenate([np.zeros(4 * P), -self.residual_bound])
+        self._no_rows = [np.zeros((0, 4 * p + 6)) for p in range(P + 1)]  # daqp's (empty) general constraints
 
     def foot_points(self, data: mujoco.MjData) -> np.ndarray:
         """(P, 3) the sole corners (``Humanoid.foot_points``) in ``data``'s state (the model's sites: positions from
@@ -123,17 +127,17 @@ class BalanceController:
         pelvis = self._pelvis
         A = root_contact_basis(points[active], data.xpos[pelvis], data.xmat[pelvis].reshape(3, 3), E)  # (6, 4 P)
         n_w = 4 * P
-        N2 = 1.0 / self.weight**2  # forces over m g, torques over m g x 1 m
-        H = np.empty((n_w + 6, n_w + 6))  # N2 (B^T B) for B = [A, I] (A w + r), plus the costs
-        H[:n_w, :n_w] = N2 * (A.T @ A) + self._force_cost[:n_w, :n_w]
-        H[:n_w, n_w:] = N2 * A.T
-        H[n_w:, :n_w] = N2 * A
-        H[n_w:, n_w:] = self._residual_cost
+        N2_2 = self._N2_2
+        H = np.empty((n_w + 6, n_w + 6))  # 2 N2 (B^T B) for B = [A, I] (A w + r), plus the costs
+        H[:n_w, :n_w] = N2_2 * (A.T @ A) + self._force_cost2[:n_w, :n_w]
+        H[:n_w, n_w:] = N2_2 * A.T
+        H[n_w:, :n_w] = N2_2 * A
+        H[n_w:, n_w:] = self._residual_cost2
         g = np.empty(n_w + 6)
-        g[:n_w] = -N2 * (A.T @ b) - cfg.continuity_weight * N2 * (previous[active] @ E).reshape(-1)
-        g[n_w:] = -N2 * b
+        g[:n_w] = -N2_2 * (A.T @ b) - self._continuity2 * (previous[active] @ E).reshape(-1)
+        g[n_w:] = -N2_2 * b
         skip = len(self._upper) - 6 - n_w  # the bounds of the inactive points' weights
-        x, _, exitflag, _ = daqp.solve(2 * H, 2 * g, np.zeros((0, n_w + 6)), self._upper[skip:], self._lower[skip:])
+        x, _, exitflag, _ = daqp.solve(H, g, self._no_rows[P], self._upper[skip:], self._lower[skip:])
         if exitflag < 1:  # w = 0, r = 0 is always feasible: numerical trouble only; then no support (it falls)
             x = np.zeros(n_w + 6)
         forces[active] = x[:n_w].reshape(P, 4) @ E.T

@@ -154,13 +154,11 @@ def root_contact_basis(points: np.ndarray, root_pos: np.ndarray, R_world_root: n
     skew = np.zeros((*arm.shape, 3))  # (..., P, 3, 3): [arm]_x f = arm x f
     skew[..., 0, 1], skew[..., 0, 2], skew[..., 1, 2] = -z, y, -x
     skew[..., 1, 0], skew[..., 2, 0], skew[..., 2, 1] = z, -y, x
-    angular = np.swapaxes(np.asarray(R_world_root), -1, -2)[..., None, :, :] @ skew  # (..., P, 3, 3): R^T [arm]_x
-    if edges is None:
-        linear = np.broadcast_to(np.eye(3), angular.shape)
-    else:
-        angular = angular @ edges  # (..., P, 3, E)
-        linear = np.broadcast_to(edges, angular.shape)
-    generalized = np.concatenate([linear, angular], axis=-2)  # (..., P, 6, E)
+    edges = np.eye(3) if edges is None else edges
+    generalized = np.empty((*arm.shape[:-1], 6, edges.shape[1]))  # (..., P, 6, E)
+    generalized[..., :3, :] = edges
+    np.matmul(np.swapaxes(np.asarray(R_world_root), -1, -2)[..., None, :, :] @ skew, edges,
+              out=generalized[..., 3:, :])  # R^T [arm]_x E
     return np.swapaxes(generalized, -2, -3).reshape(*generalized.shape[:-3], 6, -1)
 
 
