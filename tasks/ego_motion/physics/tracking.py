@@ -233,6 +233,7 @@ def track(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: TrackingConfig 
         mujoco.mj_kinematics(model, data)
         reference[t] = data.xpos[ids]
     data.qpos[:], data.qvel[:] = qpos[0], qvel_ref[0]
+    xpos, qpos_sim, qvel_sim, applied = data.xpos, data.qpos, data.qvel, data.qfrc_applied  # views of data's buffers
     error = np.empty(model.nv)
     simulated = np.zeros((T, len(ids), 3))
     feet = np.zeros((T, len(controller.point_bodies), 3))  # the simulated sole corners per frame
@@ -242,33 +243,32 @@ def track(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: TrackingConfig 
     try:
         mujoco.mj_kinematics(model, data)
         for t in range(T):
-            simulated[t] = data.xpos[ids]
+            simulated[t] = xpos[ids]
             drift = simulated[t, checked] - reference[t, checked]
-            drift_sq = (drift * drift).sum(axis=-1)
-            if not drift_sq.max() <= fail_sq:  # NaN included
+            if not (drift * drift).sum(axis=-1).max() <= fail_sq:  # NaN included
                 failed_at = t
                 simulated[t:] = simulated[t]
                 break
             feet[t] = controller.foot_points(data)
             if t == T - 1:
                 break
-            for step in range(substeps):
+            for u in range(updates):
+                step = u * steps_per_update  # the update's step, then steps_per_update - 1 without an update
                 spring[7:] = spring_targets[t, step]
-                if step % steps_per_update:
-                    mujoco.mj_step(model, data)
-                    continue
                 mujoco.mj_step1(model, data)  # positions, velocities, M, bias, contacts at the current state
                 vel = vel_sub[t, step]
-                mujoco.mj_differentiatePos(model, error, 1.0, data.qpos, qpos[t])
+                mujoco.mj_differentiatePos(model, error, 1.0, qpos_sim, qpos[t])
                 qdd = acc_sub[t, step].copy()
-                qdd[:6] += kp_root * (error[:6] + lead[t, step]) + kd_root * (vel[:6] - data.qvel[:6])
+                qdd[:6] += kp_root * (error[:6] + lead[t, step]) + kd_root * (vel[:6] - qvel_sim[:6])
                 control = controller(data, qdd)
-                data.qfrc_applied[6:] = control.joint_torques + damping[t, step]
-                data.qfrc_applied[:6] = control.residual
-                u = step // steps_per_update
+                applied[6:] = control.joint_torques + damping[t, step]
+                applied[:6] = control.residual
                 residuals[t, u] = control.residual
                 vertical[t, u] = control.forces[:, 2].sum()
                 mujoco.mj_step2(model, data)
+                for plain in range(step + 1, step + steps_per_update):  # the joint PD alone until the next update
+                    spring[7:] = spring_targets[t, plain]
+                    mujoco.mj_step(model, data)
     finally:
         spring[:] = saved_spring
     n = failed_at  # the frames executed: their errors, rises and slips
