@@ -185,26 +185,34 @@ def inverse_dynamics(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: Inve
         raise ValueError(f"qpos must be a finite (T, {model.nq}) array from Humanoid.qpos, got shape {qpos.shape}.")
     qvel, qacc = finite_difference_velocities(model, qpos, fps)
     T = qpos.shape[0]
-    points = humanoid.foot_points(*(geom_poses or humanoid.geom_poses(qpos)))  # (T, P, 3)
     point_bodies = humanoid.foot_point_bodies  # (P,)
     edges = friction_cone_edges(humanoid.config.friction)  # (3, 4)
     data = mujoco.MjData(model)
-    pelvis = humanoid.body_ids[0]
+    pelvis, geoms = humanoid.body_ids[0], humanoid.geom_ids
     tau = np.empty((T, model.nv))  # needed generalized force per frame, contacts disabled
     root_pos, R_world_root = np.empty((T, 3)), np.empty((T, 3, 3))
+    geom_xpos, geom_xmat = (None, None) if geom_poses is not None else (np.empty((T, len(geoms), 3)),
+                                                                         np.empty((T, len(geoms), 9)))
+    q, v, a, frc, xpos, xmat = data.qpos, data.qvel, data.qacc, data.qfrc_inverse, data.xpos, data.xmat  # views
     for t in range(T):
-        data.qpos[:], data.qvel[:], data.qacc[:] = qpos[t], qvel[t], qacc[t]
-        mujoco.mj_inverse(model, data)
-        tau[t], root_pos[t], R_world_root[t] = data.qfrc_inverse, data.xpos[pelvis], data.xmat[pelvis].reshape(3, 3)
+        q[:], v[:], a[:] = qpos[t], qvel[t], qacc[t]
+        mujoco.mj_inverse(model, data)  # its kinematics give the geoms' poses too
+        tau[t], root_pos[t], R_world_root[t] = frc, xpos[pelvis], xmat[pelvis].reshape(3, 3)
+        if geom_poses is None:
+            geom_xpos[t], geom_xmat[t] = data.geom_xpos[geoms], data.geom_xmat[geoms]
+    if geom_poses is None:
+        geom_poses = geom_xpos, geom_xmat.reshape(T, len(geoms), 3, 3)
+    points = humanoid.foot_points(*geom_poses)  # (T, P, 3)
     num_edges = edges.shape[1]
     bases = root_contact_basis(points, root_pos, R_world_root, edges)  # (T, 6, P E), every candidate point
     supporting = points[:, :, 2] <= cfg.contact_height_m  # (T, P)
+    columns = np.repeat(supporting, num_edges, axis=1)  # (T, P E): the supporting points' edges
     residual = tau[:, :6].copy()  # (T, 6)
     forces = np.zeros((T, points.shape[1], 3))  # world contact force at each candidate point
     for t in np.flatnonzero(supporting.any(axis=1)):
-        columns = np.repeat(supporting[t], num_edges)  # the active points' edges
-        weights, _ = nnls(bases[t][:, columns], tau[t, :6])
-        residual[t] -= bases[t][:, columns] @ weights
+        basis = bases[t][:, columns[t]]
+        weights, _ = nnls(basis, tau[t, :6])
+        residual[t] -= basis @ weights
         forces[t, supporting[t]] = weights.reshape(-1, num_edges) @ edges.T
     torques = np.full((T, NUM_BODY_JOINTS, 3), np.nan)
     if joint_torques:
