@@ -216,11 +216,12 @@ class Humanoid:
         data = mujoco.MjData(self.model)
         positions = np.empty((qpos.shape[0], NUM_HUMANOID_BODIES, 3))
         rotations = np.empty((qpos.shape[0], NUM_HUMANOID_BODIES, 9))
+        q, geom_xpos, geom_xmat, ids = data.qpos, data.geom_xpos, data.geom_xmat, self.geom_ids  # views
         for t in range(qpos.shape[0]):
-            data.qpos[:] = qpos[t]
+            q[:] = qpos[t]
             mujoco.mj_kinematics(self.model, data)
-            positions[t] = data.geom_xpos[self.geom_ids]
-            rotations[t] = data.geom_xmat[self.geom_ids]
+            positions[t] = geom_xpos[ids]
+            rotations[t] = geom_xmat[ids]
         return positions, rotations.reshape(-1, NUM_HUMANOID_BODIES, 3, 3)
 
     def lowest_points(self, geom_xpos: np.ndarray, geom_xmat: np.ndarray) -> np.ndarray:
