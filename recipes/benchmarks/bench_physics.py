@@ -40,6 +40,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -54,6 +55,7 @@ from tasks.ego_motion.model.network import load_denoiser
 from tasks.ego_motion.physics.criterion import contact_height_m, reference_kinematics
 from tasks.ego_motion.physics.dynamics import inverse_dynamics
 from tasks.ego_motion.physics.edits import EDITS, sunk_below_contact
+from tasks.ego_motion.physics.evaluator import PhysicsEvaluator
 from tasks.ego_motion.physics.humanoid import HumanoidConfig, build_humanoid
 from tasks.ego_motion.physics.plausibility import plausibility
 from tasks.ego_motion.physics.tracking import TrackingConfig, track
@@ -115,39 +117,73 @@ def _steps_alone(h, qpos) -> None:
 
 
 def _baseline(package: str):
-    """(build_humanoid, track) of an older checkout's ``tasks`` package, importable under the name ``package``: e.g.
-    ``git archive 7fcf2a5 tasks | tar -x -C /tmp/baseline && mv /tmp/baseline/tasks /tmp/baseline/baseline_tasks``,
-    then ``PYTHONPATH=/tmp/baseline python recipes/benchmarks/bench_physics.py --baseline baseline_tasks``."""
+    """(build_humanoid, track, PhysicsEvaluator) of an older checkout's ``tasks`` package, importable under the name
+    ``package``: e.g. ``git archive 6bb19d9 tasks | tar -x -C /tmp/baseline && mv /tmp/baseline/tasks
+    /tmp/baseline/baseline_tasks``, then ``PYTHONPATH=/tmp/baseline python recipes/benchmarks/bench_physics.py
+    --baseline baseline_tasks``."""
     humanoid = importlib.import_module(f"{package}.ego_motion.physics.humanoid")
     tracking = importlib.import_module(f"{package}.ego_motion.physics.tracking")
-    return humanoid.build_humanoid, tracking.track
+    evaluator = importlib.import_module(f"{package}.ego_motion.physics.evaluator")
+    return humanoid.build_humanoid, tracking.track, evaluator.PhysicsEvaluator
+
+
+def _interleaved_best_ms(runs: dict, repeats: int) -> dict[str, float]:
+    """Per named callable, the best of ``repeats`` runs (ms), the callables taking turns within each repeat, so that
+    an A/B pair sees the same load on a shared machine."""
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return {name: value * 1e3 for name, value in best.items()}
 
 
 def speed(task: EgoMotionTask, repeats: int, limit: int, baseline: str | None = None) -> dict:
-    """Per stage, the median over the test windows of the best of ``repeats`` (ms); with ``baseline`` (a package name,
-    ``_baseline``), an older checkout's tracker timed on the same windows, alternating with this one."""
+    """Per stage, the median over the test windows of the best of ``repeats`` (ms). "evaluator, whole motion" is
+    ``PhysicsEvaluator.evaluate_one`` with its humanoid cached: the pose conversion, the geoms' poses (computed once,
+    shared), inverse dynamics, plausibility and tracking, what a physics reward pays per sample. With ``baseline`` (a
+    package name, ``_baseline``), an older checkout's tracker and evaluator on the same windows, taking turns with this
+    checkout's within each repeat; "ratios" are medians over windows of the per-window ratio. The load average
+    (1 minute) is recorded at the start and the end."""
+    load_start = os.getloadavg()[0]
     batch, n = _windows(task, "test", limit)
     stages: dict[str, list[float]] = {"build": [], "inverse_dynamics": [], "plausibility": [], "tracking": [],
-                                      "tracking's simulation steps alone": []}
+                                      "tracking's simulation steps alone": [], "evaluator, whole motion": []}
+    evaluator = PhysicsEvaluator(task.body)
     if baseline is not None:
-        baseline_build, baseline_track = _baseline(baseline)
-        stages["baseline tracking"] = []
+        baseline_build, baseline_track, baseline_evaluator_class = _baseline(baseline)
+        baseline_evaluator = baseline_evaluator_class(task.body)
+        stages["baseline tracking"], stages["baseline evaluator, whole motion"] = [], []
     for i in range(n):
         rest = _rest_joints(task, batch["betas"][i])
-        if baseline is not None:
-            hb = baseline_build(rest)
-            qb = hb.qpos(batch["T_world_root"][i], batch["body_rotmats"][i])
-            stages["baseline tracking"].append(_best_ms(lambda h=hb, q=qb: baseline_track(h, q, FPS), repeats))
+        motion = (batch["T_world_root"][i], batch["body_rotmats"][i], batch["betas"][i])
         stages["build"].append(_best_ms(lambda rest=rest: build_humanoid(rest), repeats))
         h = build_humanoid(rest)
         qpos = h.qpos(batch["T_world_root"][i], batch["body_rotmats"][i])
         stages["inverse_dynamics"].append(_best_ms(lambda h=h, q=qpos: inverse_dynamics(h, q, FPS), repeats))
         stages["plausibility"].append(_best_ms(lambda h=h, q=qpos: plausibility(h, q), repeats))
-        stages["tracking"].append(_best_ms(lambda h=h, q=qpos: track(h, q, FPS), repeats))
         stages["tracking's simulation steps alone"].append(_best_ms(lambda h=h, q=qpos: _steps_alone(h, q), repeats))
+        runs = {"tracking": lambda h=h, q=qpos: track(h, q, FPS),
+                "evaluator, whole motion": lambda m=motion: evaluator.evaluate_one(*m)}
+        evaluator.evaluate_one(*motion)  # compiles and caches the humanoid of these betas
+        if baseline is not None:
+            hb = baseline_build(rest)
+            qb = hb.qpos(batch["T_world_root"][i], batch["body_rotmats"][i])
+            runs.update({"baseline tracking": lambda h=hb, q=qb: baseline_track(h, q, FPS),
+                         "baseline evaluator, whole motion": lambda m=motion: baseline_evaluator.evaluate_one(*m)})
+            baseline_evaluator.evaluate_one(*motion)
+        for name, ms in _interleaved_best_ms(runs, repeats).items():
+            stages[name].append(ms)
     medians = {k: statistics.median(v) for k, v in stages.items()}
     medians["total, cached humanoid"] = medians["inverse_dynamics"] + medians["plausibility"] + medians["tracking"]
-    return {"motions": n, "frames": int(batch["T_world_root"].shape[1]), "repeats": repeats, "median_ms": medians}
+    result = {"motions": n, "frames": int(batch["T_world_root"].shape[1]), "repeats": repeats, "median_ms": medians,
+              "load_average": {"start": load_start, "end": os.getloadavg()[0]}}
+    if baseline is not None:
+        result["ratios"] = {f"{name} / baseline {name}": statistics.median(
+            a / b for a, b in zip(stages[name], stages[f"baseline {name}"], strict=True))
+            for name in ("tracking", "evaluator, whole motion")}
+    return result
 
 
 def sweep(task: EgoMotionTask, split: str, tracking: TrackingConfig, humanoid: HumanoidConfig,
@@ -329,14 +365,20 @@ def strips(task: EgoMotionTask, out_dir: Path) -> list[Path]:
 
 
 def table(result: dict) -> str:
-    """The speed table (when ``result`` has one: not with ``--separation-only``) and each split's separation table;
-    the planted-foot and unexecuted-motion columns show "—" in results that predate them."""
+    """The speed table (when ``result`` has one: not with ``--separation-only``) with the side-by-side ratios and the
+    load average where recorded, and each split's separation table; the planted-foot and unexecuted-motion columns show
+    "—" in results that predate them."""
     text = ""
     if "median_ms" in result:
         rows = "\n".join(f"| {k} | {v:.1f} |" for k, v in result["median_ms"].items())
+        load = result.get("load_average")  # absent in results that predate it
+        load = f", load average {load['start']:.1f} at the start and {load['end']:.1f} at the end" if load else ""
         text = (f"{result['motions']} floor-contact test windows of {result['frames']} frames, best of "
-                f"{result['repeats']}, median over windows, 1 thread.\n\n| stage | ms per motion |\n|---|---:|\n"
+                f"{result['repeats']}, median over windows, 1 thread{load}.\n\n| stage | ms per motion |\n|---|---:|\n"
                 f"{rows}\n")
+        if "ratios" in result:
+            ratios = "\n".join(f"| {k} | {v:.3f} |" for k, v in result["ratios"].items())
+            text += f"\n| side by side, median over windows | ratio |\n|---|---:|\n{ratios}\n"
     for split, sep in result["separation"].items():
         checks = "\n".join(f"| {name} | {_count(v['success'], sep)} | {v['survival']:.2f} | "
                            f"{v['tracking_residual_per_weight']:.3f} | {v['residual_force_per_weight']:.2f} | "
