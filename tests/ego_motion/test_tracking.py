@@ -200,6 +200,25 @@ def test_sole_corners_are_where_the_simulator_touches_the_floor(humanoid):
         assert np.linalg.norm(touching[0][:2] - corner[:2]) < 2e-3
 
 
+def test_sole_corner_sites_are_the_foot_points(humanoid):
+    """The controller reads the sole corners from MuJoCo's sites (``Humanoid.foot_site_ids``); the inverse dynamics
+    and the plausibility compute them from the geoms' poses (``Humanoid.foot_points``): in poses with every joint
+    turned, the two agree on all 16 points, in both compiled models."""
+    T_world_root, rotmats = _standing(humanoid, 1)
+    rng = np.random.default_rng(2)
+    for _ in range(3):
+        for j in range(rotmats.shape[1]):
+            rotmats[0, j] = torch.as_tensor(_random_rotation(rng, max_angle_rad=1.0))
+        qpos = humanoid.qpos(T_world_root, rotmats)[0]
+        for model in (humanoid.model, humanoid.tracker_model):
+            data = mujoco.MjData(model)
+            data.qpos[:] = qpos
+            mujoco.mj_kinematics(model, data)
+            ids = humanoid.geom_ids
+            expected = humanoid.foot_points(data.geom_xpos[ids], data.geom_xmat[ids].reshape(-1, 3, 3))
+            np.testing.assert_allclose(data.site_xpos[humanoid.foot_site_ids], expected, atol=1e-12)
+
+
 def _random_rotation(rng: np.random.Generator, max_angle_rad: float) -> np.ndarray:
     """A rotation matrix about a random axis by an angle of up to ``max_angle_rad`` (Rodrigues' formula)."""
     axis = rng.normal(size=3)
