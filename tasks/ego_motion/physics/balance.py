@@ -18,14 +18,14 @@ the foot points (sole corners) touching the floor (within ``contact_band_m``), e
 1 / (m g x 1 m); F w stacks the points' forces; f_prev is the previous update's force at each point, zero for a
 point that was not in contact), solved by ``daqp`` (Arnstrom, Bemporad and Axehill 2022, a dual active-set solver
 for small dense QPs). The Hessian is singular in w (E has a null direction per point), so daqp solves it by proximal
-iterations (its automatic ``eps_prox``), which stop short of the optimum: on test windows the forces differ from the
-exact optimum's by a median 1.3 % of m g (docs/ego_motion_rlpf.md, "Speed"). The tracker's defaults were chosen
-with this solve, and solving exactly changes which ground-truth motions succeed, so it is kept as it is. With no
-point in contact the QP is diagonal and solved in closed form, r = clip(b / (1 + residual_weight), +-bound) (what
-daqp returns for it, without the call). What the contacts and residual leave unmet changes the root's
-acceleration: qacc = qdd + [delta; 0] with delta = M_rr^-1 ((J_c^T f)_root + r - b), and the joint torques follow
-from the actuated rows: tau = (M qacc + c)_joints - (J_c^T f)_joints (J_c^T f by ``mj_applyFT`` at each loaded
-point).
+iterations (its automatic ``eps_prox``), which stop short of the exact optimum. The tracker's defaults were chosen
+with this solve; solving the same QP exactly (in force variables, where the Hessian is positive definite) moves the
+planned forces by about 1 % of m g and changes which ground-truth motions succeed, a few each way, so it is kept as
+it is until the defaults are chosen again. With no point in contact the QP is diagonal and solved in closed form,
+r = clip(b / (1 + residual_weight), +-bound) (what daqp returns for it, without the call). What the contacts and
+residual leave unmet changes the root's acceleration: qacc = qdd + [delta; 0] with
+delta = M_rr^-1 ((J_c^T f)_root + r - b), and the joint torques follow from the actuated rows:
+tau = (M qacc + c)_joints - (J_c^T f)_joints (J_c^T f by ``mj_applyFT`` at each loaded point).
 """
 
 from __future__ import annotations
