@@ -11,7 +11,9 @@ mirrored copies, which the tracker executes alike (results equal to ~1e-14): ``-
 only, one per motion, and the separation counts the motions behind its windows.
 
 - Speed: each stage's time is the median over the test windows of the best of ``--repeats`` runs;
-  "build" compiles a new humanoid (paid once per body shape; the evaluator caches humanoids).
+  "build" compiles a new humanoid (paid once per body shape; the evaluator caches humanoids); "evaluator, whole
+  motion" is what a physics reward pays per sample. With ``--baseline``, an older checkout's tracker and evaluator
+  take turns with this one's within each repeat (ratios per window); ``--speed-only`` skips the separation.
 - Separation: per split, the ground truth and the edits of ``physics/edits.py`` (lifted 0.3 m,
   leaned 0 -> 60 deg, frames shuffled, 1 m/s sliding, sunk 5 cm; and sunk 5 cm below each window's own
   contact height, ``edits.sunk_below_contact``): tracking success, survival, the tracker's root residual
@@ -25,8 +27,8 @@ only, one per motion, and the separation counts the motions behind its windows.
   their clip, mirroring and fraction of frames near the floor, and the current tracker's outcome on their ground
   truth (unmirrored windows only: a handful of simulations).
 
-    python recipes/benchmarks/bench_physics.py --repeats 3 --output docs/data/bench_physics.json
-    python recipes/benchmarks/bench_physics.py --table-from docs/data/bench_physics.json --failures  # doc tables
+    python recipes/benchmarks/bench_physics.py --repeats 3 --speed-only --output docs/data/bench_physics.json
+    python recipes/benchmarks/bench_physics.py --table-from docs/data/bench_physics.json  # the speed table
     python recipes/benchmarks/bench_physics.py --separation-only --output docs/data/bench_physics_separation.json
     python recipes/benchmarks/bench_physics.py --table-from docs/data/bench_physics_separation.json --failures
     python recipes/benchmarks/bench_physics.py --table-from docs/data/bench_physics_separation.json --criterion-study
@@ -379,7 +381,7 @@ def table(result: dict) -> str:
         if "ratios" in result:
             ratios = "\n".join(f"| {k} | {v:.3f} |" for k, v in result["ratios"].items())
             text += f"\n| side by side, median over windows | ratio |\n|---|---:|\n{ratios}\n"
-    for split, sep in result["separation"].items():
+    for split, sep in result.get("separation", {}).items():  # absent with --speed-only
         checks = "\n".join(f"| {name} | {_count(v['success'], sep)} | {v['survival']:.2f} | "
                            f"{v['tracking_residual_per_weight']:.3f} | {v['residual_force_per_weight']:.2f} | "
                            f"{_number(v.get('planted_foot_speed_m_per_s'))} | "
@@ -546,6 +548,8 @@ if __name__ == "__main__":
     parser.add_argument("--humanoid", type=json.loads, default={}, help='HumanoidConfig overrides, JSON')
     parser.add_argument("--separation-only", action="store_true",
                         help="the separation alone (no speed table): the success criterion's results")
+    parser.add_argument("--speed-only", action="store_true",
+                        help="the speed table alone (no separation): the evaluator's cost per motion")
     parser.add_argument("--floor-rule", action="store_true",
                         help="only the windows the earlier floor filter keeps and the current one drops, and stop")
     args = parser.parse_args()
@@ -574,8 +578,11 @@ if __name__ == "__main__":
         print("\n".join(str(p) for p in strips(task, args.strips_dir)))
     if args.strips_only:
         raise SystemExit(0)
+    if args.separation_only and args.speed_only:
+        parser.error("--separation-only and --speed-only exclude each other; drop one (neither: both parts).")
     result = {} if args.separation_only else speed(task, args.repeats, args.limit, args.baseline)
-    result["separation"] = {split: separation(task, split, args.limit) for split in SPLITS}
+    if not args.speed_only:
+        result["separation"] = {split: separation(task, split, args.limit) for split in SPLITS}
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(result, indent=2))

@@ -226,12 +226,8 @@ def track(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: TrackingConfig 
     # per update (frame interval, update): root residual (6,) and the QP's total vertical contact force
     residuals, vertical = np.zeros((T, updates, 6)), np.zeros((T, updates))
 
+    reference, reference_feet = reference_kinematics(humanoid, qpos)  # (T, 22, 3) joints, (T, 16, 3) sole corners
     data = mujoco.MjData(model)
-    reference = np.empty((T, len(ids), 3))  # the reference's body positions per frame
-    for t in range(T):
-        data.qpos[:] = qpos[t]
-        mujoco.mj_kinematics(model, data)
-        reference[t] = data.xpos[ids]
     data.qpos[:], data.qvel[:] = qpos[0], qvel_ref[0]
     xpos, qpos_sim, qvel_sim, applied = data.xpos, data.qpos, data.qvel, data.qfrc_applied  # views of data's buffers
     error = np.empty(model.nv)
@@ -284,10 +280,9 @@ def track(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: TrackingConfig 
     alive = max(1, failed_at)
     rise = float(np.mean(rises)) if rises else float("nan")
     slip = float(np.mean(slips)) if slips else 0.0
-    reference_joints, reference_feet = reference_kinematics(humanoid, qpos)
     planted_speed = planted_foot_speed(reference_feet, fps, cfg.planted_band_m)
     executed = max(2, failed_at)  # frames compared; those after a fall repeat the fallen state
-    unexecuted = unexecuted_speed(reference_joints[:executed], simulated[:executed], fps)
+    unexecuted = unexecuted_speed(reference[:executed], simulated[:executed], fps)
     success = (failed_at == T and residual_force[:alive].mean() <= cfg.max_residual_per_weight * humanoid.weight_n
                and rise <= cfg.max_pelvis_rise_m and planted_speed <= cfg.max_planted_foot_speed_m_per_s
                and unexecuted <= cfg.max_unexecuted_speed_m_per_s)
