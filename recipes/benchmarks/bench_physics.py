@@ -45,6 +45,7 @@ import json
 import os
 import statistics
 import time
+import types
 from pathlib import Path
 
 import mujoco
@@ -107,15 +108,46 @@ def _humanoid(task: EgoMotionTask, betas: torch.Tensor, cfg: HumanoidConfig | No
     return build_humanoid(_rest_joints(task, betas), cfg)
 
 
-def _steps_alone(h, qpos) -> None:
-    """The MuJoCo steps one tracking takes (``mj_step1`` + ``mj_step2`` per step, 4 per frame), with no control:
-    the part of the tracker's cost that is not the controller's Python."""
-    model = h.tracker_model
-    data = mujoco.MjData(model)
-    data.qpos[:] = qpos[0]
-    for _ in range(round((len(qpos) - 1) / (FPS * model.opt.timestep))):
-        mujoco.mj_step1(model, data)
-        mujoco.mj_step2(model, data)
+def _tracking_parts(h, qpos, repeats: int) -> dict[str, float]:
+    """Where one tracking run's time goes (ms, the run with the least total of ``repeats``): MuJoCo's simulation steps
+    (``mj_step``, ``mj_step1``, ``mj_step2``: 252 per 64-frame motion) and the control updates' ``daqp`` solves, timed
+    by handing ``tracking.py`` and ``balance.py`` stand-ins for the ``mujoco`` and ``daqp`` modules that time those
+    calls (restored afterwards), and the rest of the run (the controller's Python and its other MuJoCo calls)."""
+    from tasks.ego_motion.physics import balance, tracking
+
+    spent = {}
+
+    def timed(fn, part):
+        def call(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[part] += time.perf_counter() - t0
+        return call
+
+    mujoco_stand_in = types.ModuleType("mujoco")
+    mujoco_stand_in.__dict__.update(vars(mujoco))
+    for name in ("mj_step", "mj_step1", "mj_step2"):
+        setattr(mujoco_stand_in, name, timed(getattr(mujoco, name), "MuJoCo steps"))
+    daqp_stand_in = types.ModuleType("daqp")
+    daqp_stand_in.solve = timed(balance.daqp.solve, "daqp solves")
+    best: dict[str, float] = {}
+    saved = tracking.mujoco, balance.daqp
+    tracking.mujoco, balance.daqp = mujoco_stand_in, daqp_stand_in
+    try:
+        for _ in range(repeats):
+            spent.update({"MuJoCo steps": 0.0, "daqp solves": 0.0})
+            t0 = time.perf_counter()
+            track(h, qpos, FPS)
+            total = time.perf_counter() - t0
+            if not best or total < best["total"]:
+                best = {"total": total, **spent}
+    finally:
+        tracking.mujoco, balance.daqp = saved
+    parts = {f"tracking: {name}": best[name] * 1e3 for name in ("MuJoCo steps", "daqp solves")}
+    parts["tracking: the rest"] = (best["total"] - best["MuJoCo steps"] - best["daqp solves"]) * 1e3
+    return parts
 
 
 def _baseline(package: str):
@@ -142,7 +174,8 @@ def _interleaved_best_ms(runs: dict, repeats: int) -> dict[str, float]:
 
 
 def speed(task: EgoMotionTask, repeats: int, limit: int, baseline: str | None = None) -> dict:
-    """Per stage, the median over the test windows of the best of ``repeats`` (ms). "evaluator, whole motion" is
+    """Per stage, the median over the test windows of the best of ``repeats`` (ms); the tracking's parts from one
+    instrumented run per window (``_tracking_parts``; medians of parts need not add up). "evaluator, whole motion" is
     ``PhysicsEvaluator.evaluate_one`` with its humanoid cached: the pose conversion, the geoms' poses (computed once,
     shared), inverse dynamics, plausibility and tracking, what a physics reward pays per sample. With ``baseline`` (a
     package name, ``_baseline``), an older checkout's tracker and evaluator on the same windows, taking turns with this
@@ -151,7 +184,8 @@ def speed(task: EgoMotionTask, repeats: int, limit: int, baseline: str | None = 
     load_start = os.getloadavg()[0]
     batch, n = _windows(task, "test", limit)
     stages: dict[str, list[float]] = {"build": [], "inverse_dynamics": [], "plausibility": [], "tracking": [],
-                                      "tracking's simulation steps alone": [], "evaluator, whole motion": []}
+                                      "tracking: MuJoCo steps": [], "tracking: daqp solves": [],
+                                      "tracking: the rest": [], "evaluator, whole motion": []}
     evaluator = PhysicsEvaluator(task.body)
     if baseline is not None:
         baseline_build, baseline_track, baseline_evaluator_class = _baseline(baseline)
@@ -165,7 +199,8 @@ def speed(task: EgoMotionTask, repeats: int, limit: int, baseline: str | None = 
         qpos = h.qpos(batch["T_world_root"][i], batch["body_rotmats"][i])
         stages["inverse_dynamics"].append(_best_ms(lambda h=h, q=qpos: inverse_dynamics(h, q, FPS), repeats))
         stages["plausibility"].append(_best_ms(lambda h=h, q=qpos: plausibility(h, q), repeats))
-        stages["tracking's simulation steps alone"].append(_best_ms(lambda h=h, q=qpos: _steps_alone(h, q), repeats))
+        for name, ms in _tracking_parts(h, qpos, repeats).items():
+            stages[name].append(ms)
         runs = {"tracking": lambda h=h, q=qpos: track(h, q, FPS),
                 "evaluator, whole motion": lambda m=motion: evaluator.evaluate_one(*m)}
         evaluator.evaluate_one(*motion)  # compiles and caches the humanoid of these betas
