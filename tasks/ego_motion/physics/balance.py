@@ -83,17 +83,25 @@ class BalanceController:
         self.edges = friction_cone_edges(cfg.friction)  # (3, 4)
         N2 = 1.0 / self.weight**2  # forces over m g, torques over m g x 1 m
         per_point = (cfg.force_weight + cfg.continuity_weight) / self.weight**2 * (self.edges.T @ self.edges)  # (4, 4)
-        self._force_cost2 = 2 * np.kron(np.eye(P), per_point)
-        self._residual_cost2 = 2 * ((1.0 + cfg.residual_weight) * N2 * np.eye(6))
         self._N2_2, self._continuity2 = 2 * N2, 2 * (cfg.continuity_weight * N2)
         self._upper = np.concatenate([np.full(4 * P, np.inf), self.residual_bound])
         self._lower = np.concatenate([np.zeros(4 * P), -self.residual_bound])
-        self._no_rows = [np.zeros((0, 4 * p + 6)) for p in range(P + 1)]  # daqp's (empty) general constraints
+        # per number of active points p: B = [A, I] (6, 4 p + 6) with its identity block in place, the costs beyond
+        # 2 N2 B^T B (force blocks, then the residual's), daqp's (empty) general constraints and the bounds of [w, r]
+        self._B = [np.concatenate([np.zeros((6, 4 * p)), np.eye(6)], axis=1) for p in range(P + 1)]
+        self._costs = [np.diag(np.concatenate([np.zeros(4 * p), np.full(6, 2 * cfg.residual_weight * N2)]))
+                       for p in range(P + 1)]
+        for p in range(P + 1):
+            self._costs[p][:4 * p, :4 * p] = 2 * np.kron(np.eye(p), per_point)
+        self._no_rows = [np.zeros((0, 4 * p + 6)) for p in range(P + 1)]
+        self._bounds = [(self._upper[4 * (P - p):].copy(), self._lower[4 * (P - p):].copy()) for p in range(P + 1)]
+        self._edges_T = np.ascontiguousarray(self.edges.T)  # (4, 3)
+        self._site_ids, self._bodies = humanoid.foot_site_ids, self.point_bodies.tolist()
 
     def foot_points(self, data: mujoco.MjData) -> np.ndarray:
         """(P, 3) the sole corners (``Humanoid.foot_points``) in ``data``'s state (the model's sites: positions from
         the last kinematics)."""
-        return data.site_xpos[self.humanoid.foot_site_ids]
+        return data.site_xpos[self._site_ids]
 
     def __call__(self, data: mujoco.MjData, qdd: np.ndarray) -> Control:
         """The control update for desired accelerations ``qdd`` (nv,) in ``data``'s state (``mj_step1`` done)."""
@@ -104,8 +112,8 @@ class BalanceController:
         demand = M @ qdd + data.qfrc_bias  # the generalized force the desired accelerations need
         forces, residual = self._solve(data, points, active, demand[:6])
         contact[:] = 0.0
-        for k in active:  # J_c^T f, every row
-            mujoco.mj_applyFT(model, data, forces[k], self._no_torque, points[k], self.point_bodies[k], contact)
+        for k in active.tolist():  # J_c^T f, every row
+            mujoco.mj_applyFT(model, data, forces[k], self._no_torque, points[k], self._bodies[k], contact)
         self._M_rr[:] = M[:6, :6]
         mujoco.mju_cholFactor(self._M_rr, 0.0)
         mujoco.mju_cholSolve(self._delta, self._M_rr, contact[:6] + residual - demand[:6])
@@ -119,7 +127,7 @@ class BalanceController:
         """(forces (P_all, 3), residual (6,)) of the module doc's QP for the ``active`` (indices) of the P_all
         ``points`` (P_all, 3) and the root's demand ``b`` (6,)."""
         cfg, E = self.cfg, self.edges
-        forces = np.zeros_like(self.previous)
+        forces = np.zeros(self.previous.shape)
         self.previous, previous = forces, self.previous
         P = len(active)
         if P == 0:  # a diagonal QP: each residual component is its own 1-D problem, clipped to its box
@@ -127,18 +135,16 @@ class BalanceController:
         pelvis = self._pelvis
         A = root_contact_basis(points[active], data.xpos[pelvis], data.xmat[pelvis].reshape(3, 3), E)  # (6, 4 P)
         n_w = 4 * P
-        N2_2 = self._N2_2
-        H = np.empty((n_w + 6, n_w + 6))  # 2 N2 (B^T B) for B = [A, I] (A w + r), plus the costs
-        H[:n_w, :n_w] = N2_2 * (A.T @ A) + self._force_cost2[:n_w, :n_w]
-        H[:n_w, n_w:] = N2_2 * A.T
-        H[n_w:, :n_w] = N2_2 * A
-        H[n_w:, n_w:] = self._residual_cost2
-        g = np.empty(n_w + 6)
-        g[:n_w] = -N2_2 * (A.T @ b) - self._continuity2 * (previous[active] @ E).reshape(-1)
-        g[n_w:] = -N2_2 * b
-        skip = len(self._upper) - 6 - n_w  # the bounds of the inactive points' weights
-        x, _, exitflag, _ = daqp.solve(H, g, self._no_rows[P], self._upper[skip:], self._lower[skip:])
+        B = self._B[P]
+        B[:, :n_w] = A
+        H = B.T @ B  # 2 N2 (B^T B) (A w + r = B [w; r]), plus the costs: twice the module doc's Hessian over 1/2
+        H *= self._N2_2
+        H += self._costs[P]
+        g = B.T @ b
+        g *= -self._N2_2
+        g[:n_w] -= self._continuity2 * (previous[active] @ E).reshape(-1)
+        x, _, exitflag, _ = daqp.solve(H, g, self._no_rows[P], *self._bounds[P])
         if exitflag < 1:  # w = 0, r = 0 is always feasible: numerical trouble only; then no support (it falls)
             x = np.zeros(n_w + 6)
-        forces[active] = x[:n_w].reshape(P, 4) @ E.T
+        forces[active] = x[:n_w].reshape(P, 4) @ self._edges_T
         return forces, x[n_w:]
