@@ -20,7 +20,10 @@ Structure (22 bodies, one per metric joint: pelvis + SMPL-H joints 1..21):
   fractions of de Leva (1996), "Adjustments to Zatsiorsky-Seluyanov's segment inertia
   parameters", J. Biomech. 29(9), Table 4 (males), times ``body_mass_kg``; inertias follow
   from the geom shapes;
-- a floor plane at z = 0 (the data's floor, ``data/windows.py``); bodies collide with the floor only.
+- a floor plane at z = 0 (the data's floor, ``data/windows.py``); bodies collide with the floor only;
+- a site (no mass, no collision) at each bottom corner of the four sole boxes, so that the simulator computes the
+  16 contact candidates with the kinematics (``Humanoid.foot_site_ids``; ``Humanoid.foot_points`` is the same from
+  the geoms' poses, for batches of frames).
 
 Two compiled models per shape: ``model`` (no joint springs, contacts disabled: inverse dynamics
 and kinematics) and ``tracker_model`` (joint springs and dampers that act as the PD tracker of
