@@ -81,27 +81,44 @@ class BalanceController:
         # daqp takes them (1/2 x^T H x + g^T x: twice the module doc's cost, so the scale factors carry a 2):
         # per-point force cost blocks, and the bounds of [w (4 P), r (6)]
         self.edges = friction_cone_edges(cfg.friction)  # (3, 4)
+        self._edges_T = np.ascontiguousarray(self.edges.T)  # (4, 3)
         N2 = 1.0 / self.weight**2  # forces over m g, torques over m g x 1 m
         per_point = (cfg.force_weight + cfg.continuity_weight) / self.weight**2 * (self.edges.T @ self.edges)  # (4, 4)
+        self._force_costs2 = 2 * np.kron(np.eye(P), per_point)  # (4 P, 4 P), sliced to the active points
+        self._residual_cost2 = 2 * cfg.residual_weight * N2  # the residual's cost beyond the root rows' term
         self._N2_2, self._continuity2 = 2 * N2, 2 * (cfg.continuity_weight * N2)
         self._upper = np.concatenate([np.full(4 * P, np.inf), self.residual_bound])
         self._lower = np.concatenate([np.zeros(4 * P), -self.residual_bound])
-        # per number of active points p: B = [A, I] (6, 4 p + 6) with its identity block in place, the costs beyond
-        # 2 N2 B^T B (force blocks, then the residual's), daqp's (empty) general constraints and the bounds of [w, r]
-        self._B = [np.concatenate([np.zeros((6, 4 * p)), np.eye(6)], axis=1) for p in range(P + 1)]
-        self._costs = [np.diag(np.concatenate([np.zeros(4 * p), np.full(6, 2 * cfg.residual_weight * N2)]))
-                       for p in range(P + 1)]
-        for p in range(P + 1):
-            self._costs[p][:4 * p, :4 * p] = 2 * np.kron(np.eye(p), per_point)
-        self._no_rows = [np.zeros((0, 4 * p + 6)) for p in range(P + 1)]
-        self._bounds = [(self._upper[4 * (P - p):].copy(), self._lower[4 * (P - p):].copy()) for p in range(P + 1)]
-        self._edges_T = np.ascontiguousarray(self.edges.T)  # (4, 3)
+        self._sized: dict[int, tuple] = {}  # per number of active points: ``_pieces``
         self._site_ids, self._bodies = humanoid.foot_site_ids, self.point_bodies.tolist()
+        self._bound = None  # the MjData whose arrays ``_bind`` holds
+
+    def _pieces(self, p: int) -> tuple:
+        """The QP's pieces for ``p`` active points, made on first use: B = [A, I] (6, 4 p + 6) with its identity block
+        in place, the costs beyond 2 N2 B^T B (the force blocks, then the residual's), daqp's (empty) general
+        constraints, and the bounds of [w (4 p), r (6)]."""
+        if p not in self._sized:
+            n_w = 4 * p
+            costs = np.zeros((n_w + 6, n_w + 6))
+            costs[:n_w, :n_w] = self._force_costs2[:n_w, :n_w]
+            costs[n_w:, n_w:] = self._residual_cost2 * np.eye(6)
+            skip = len(self._upper) - 6 - n_w  # the bounds of the inactive points' weights
+            self._sized[p] = (np.concatenate([np.zeros((6, n_w)), np.eye(6)], axis=1), costs, np.zeros((0, n_w + 6)),
+                              (self._upper[skip:].copy(), self._lower[skip:].copy()))
+        return self._sized[p]
+
+    def _bind(self, data: mujoco.MjData) -> None:
+        """Hold the views of ``data``'s arrays an update reads (MjData's arrays are views of its buffers: fixed for
+        its lifetime), so that each update does not fetch them again."""
+        self._bound = data
+        self._site_xpos, self._qfrc_bias, self._xpos, self._xmat = data.site_xpos, data.qfrc_bias, data.xpos, data.xmat
 
     def foot_points(self, data: mujoco.MjData) -> np.ndarray:
         """(P, 3) the sole corners (``Humanoid.foot_points``) in ``data``'s state (the model's sites: positions from
         the last kinematics)."""
-        return data.site_xpos[self._site_ids]
+        if data is not self._bound:
+            self._bind(data)
+        return self._site_xpos[self._site_ids]
 
     def __call__(self, data: mujoco.MjData, qdd: np.ndarray) -> Control:
         """The control update for desired accelerations ``qdd`` (nv,) in ``data``'s state (``mj_step1`` done)."""
@@ -109,8 +126,8 @@ class BalanceController:
         points = self.foot_points(data)
         active = np.flatnonzero(points[:, 2] <= self.cfg.contact_band_m)
         mujoco.mj_fullM(model, data, M)
-        demand = M @ qdd + data.qfrc_bias  # the generalized force the desired accelerations need
-        forces, residual = self._solve(data, points, active, demand[:6])
+        demand = M @ qdd + self._qfrc_bias  # the generalized force the desired accelerations need
+        forces, residual = self._solve(points, active, demand[:6])
         contact[:] = 0.0
         for k in active.tolist():  # J_c^T f, every row
             mujoco.mj_applyFT(model, data, forces[k], self._no_torque, points[k], self._bodies[k], contact)
@@ -122,10 +139,9 @@ class BalanceController:
         qacc[:6] += self._delta
         return Control(joint_torques=joint_torques, residual=residual, forces=forces, points=points, qacc=qacc)
 
-    def _solve(self, data: mujoco.MjData, points: np.ndarray, active: np.ndarray,
-               b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _solve(self, points: np.ndarray, active: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(forces (P_all, 3), residual (6,)) of the module doc's QP for the ``active`` (indices) of the P_all
-        ``points`` (P_all, 3) and the root's demand ``b`` (6,)."""
+        ``points`` (P_all, 3) and the root's demand ``b`` (6,), in the bound data's state."""
         cfg, E = self.cfg, self.edges
         forces = np.zeros(self.previous.shape)
         self.previous, previous = forces, self.previous
@@ -133,17 +149,17 @@ class BalanceController:
         if P == 0:  # a diagonal QP: each residual component is its own 1-D problem, clipped to its box
             return forces, np.clip(b / (1.0 + cfg.residual_weight), -self.residual_bound, self.residual_bound)
         pelvis = self._pelvis
-        A = root_contact_basis(points[active], data.xpos[pelvis], data.xmat[pelvis].reshape(3, 3), E)  # (6, 4 P)
+        A = root_contact_basis(points[active], self._xpos[pelvis], self._xmat[pelvis].reshape(3, 3), E)  # (6, 4 P)
         n_w = 4 * P
-        B = self._B[P]
+        B, costs, no_rows, bounds = self._pieces(P)
         B[:, :n_w] = A
         H = B.T @ B  # 2 N2 (B^T B) (A w + r = B [w; r]), plus the costs: twice the module doc's Hessian over 1/2
         H *= self._N2_2
-        H += self._costs[P]
+        H += costs
         g = B.T @ b
         g *= -self._N2_2
         g[:n_w] -= self._continuity2 * (previous[active] @ E).reshape(-1)
-        x, _, exitflag, _ = daqp.solve(H, g, self._no_rows[P], *self._bounds[P])
+        x, _, exitflag, _ = daqp.solve(H, g, no_rows, *bounds)
         if exitflag < 1:  # w = 0, r = 0 is always feasible: numerical trouble only; then no support (it falls)
             x = np.zeros(n_w + 6)
         forces[active] = x[:n_w].reshape(P, 4) @ self._edges_T
