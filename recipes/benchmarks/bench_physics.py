@@ -32,6 +32,9 @@ only, one per motion, and the separation counts the motions behind its windows.
     python recipes/benchmarks/bench_physics.py --separation-only --output docs/data/bench_physics_separation.json
     python recipes/benchmarks/bench_physics.py --table-from docs/data/bench_physics_separation.json --failures
     python recipes/benchmarks/bench_physics.py --table-from docs/data/bench_physics_separation.json --criterion-study
+    python recipes/benchmarks/bench_physics.py --separation-only --output /tmp/sep.json   # then, per window:
+    python recipes/benchmarks/bench_physics.py --table-from /tmp/sep.json \
+        --same-as docs/data/bench_physics_separation.json
     python recipes/benchmarks/bench_physics.py --strips-only --strips-dir docs   # the RLPF page's PNG strips
     python recipes/benchmarks/bench_physics.py --floor-rule   # the windows the floor filter drops, and why
 """
@@ -443,6 +446,29 @@ def _count(success: float, sep: dict) -> str:
     return f"{success:.2f} ({round(success * motions)} of {motions} {per})"
 
 
+def separation_changes(result: dict, other: dict) -> str:
+    """How two separation results differ per window (e.g. a revision meant to be faster, not different, against the
+    docs' results file): the (split, window, kind) whose success differs, and the largest differences of the tracker's
+    residual and survival over every window and kind. Raises ValueError if their windows are not the same."""
+    flips, residual, survival = [], 0.0, 0.0
+    for split, sep in result["separation"].items():
+        mine, theirs = sep["ground_truth_windows"], other["separation"][split]["ground_truth_windows"]
+        if [w["window"] for w in mine] != [w["window"] for w in theirs]:
+            raise ValueError(f"the two results hold different {split} windows; compare results of the same windows.")
+        for w, v in zip(mine, theirs, strict=True):
+            for kind, a in w["kinds"].items():
+                b = v["kinds"][kind]
+                if a["success"] != b["success"]:
+                    flips.append(f"{split} window {w['window']} ({w['sequence']}), {kind}: {b['success']} -> "
+                                 f"{a['success']}")
+                residual = max(residual, abs(a["residual_per_weight"] - b["residual_per_weight"]))
+                survival = max(survival, abs(a["survival"] - b["survival"]))
+    count = sum(len(sep["ground_truth_windows"]) * len(sep["rows"]) for sep in result["separation"].values())
+    return (f"{len(flips)} of {count} (window, kind) runs change success"
+            + "".join(f"\n- {flip}" for flip in flips)
+            + f"\nlargest change of the tracker residual {residual:.4f} m g, of survival {survival:.4f}\n")
+
+
 def _number(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}"
 
@@ -572,6 +598,9 @@ if __name__ == "__main__":
     parser.add_argument("--criterion-study", action="store_true",
                         help="with --table-from a --separation-only result: how the criterion's thresholds were "
                              "chosen (post_train motions only)")
+    parser.add_argument("--same-as", type=Path, default=None,
+                        help="with --table-from a separation result: the windows whose success differs from this "
+                             "other separation result's, instead of the tables")
     parser.add_argument("--strips-only", action="store_true", help="write the PNGs (--strips-dir) and stop")
     parser.add_argument("--baseline", default=None,
                         help="package name of an older checkout's tasks on PYTHONPATH: its tracker side by side "
@@ -595,6 +624,8 @@ if __name__ == "__main__":
         loaded = json.loads(args.table_from.read_text())
         if isinstance(loaded, list):  # --sweep records
             print(sweep_table(loaded))
+        elif args.same_as is not None:
+            print(separation_changes(loaded, json.loads(args.same_as.read_text())))
         elif args.criterion_study:
             print(criterion_study(loaded))
         else:

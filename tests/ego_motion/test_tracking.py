@@ -246,3 +246,22 @@ def test_physics_sweep_refuses_overrides_with_a_baseline_and_runs_one_window_per
     mirrored = task.windows("post_train").get(kept)["mirrored"]
     motions = bench_physics._unmirrored(task, "post_train")
     assert not mirrored[motions].any() and 0 < 2 * len(motions) == len(kept)  # each served motion with its mirror
+
+
+def test_separation_changes_names_each_flipped_window_and_kind():
+    """The benchmark's per-window comparison of two separation results (a faster revision against the docs' results)
+    counts every (window, kind), names those whose success differs, and refuses results of different windows."""
+    from recipes.benchmarks.bench_physics import separation_changes
+
+    def result(success: bool, residual: float, window: int = 3) -> dict:
+        kinds = {"ground truth": {"success": True, "survival": 1.0, "residual_per_weight": 0.05},
+                 "slid 1 m/s": {"success": success, "survival": 1.0, "residual_per_weight": residual}}
+        return {"separation": {"test": {"rows": dict.fromkeys(kinds), "ground_truth_windows": [
+            {"window": window, "sequence": "007_12", "kinds": kinds}]}}}
+
+    assert separation_changes(result(False, 0.1), result(False, 0.1)).startswith("0 of 2 (window, kind) runs")
+    changed = separation_changes(result(True, 0.13), result(False, 0.1))
+    assert changed.startswith("1 of 2") and "test window 3 (007_12), slid 1 m/s: False -> True" in changed
+    assert "residual 0.0300 m g" in changed
+    with pytest.raises(ValueError, match="different test windows"):
+        separation_changes(result(False, 0.1), result(False, 0.1, window=4))
