@@ -75,6 +75,8 @@ class BalanceController:
         self.residual_bound = np.full(6, cfg.residual_bound * self.weight)
         nv, P = self.model.nv, len(self.point_bodies)
         self._M, self._M_rr, self._contact = np.empty((nv, nv)), np.empty((6, 6)), np.empty(nv)
+        self._M_root, self._M_joints_root = self._M[:6, :6], self._M[6:, :6]  # views of M's blocks
+        self._contact_root, self._contact_joints = self._contact[:6], self._contact[6:]
         self._delta, self._no_torque = np.empty(6), np.zeros(3)
         self._pelvis = humanoid.body_ids[0]
         # the QP's pieces that do not change between updates, for all P points (sliced to the active ones), as
@@ -131,10 +133,10 @@ class BalanceController:
         contact[:] = 0.0
         for k in active.tolist():  # J_c^T f, every row
             mujoco.mj_applyFT(model, data, forces[k], self._no_torque, points[k], self._bodies[k], contact)
-        self._M_rr[:] = M[:6, :6]
+        self._M_rr[:] = self._M_root
         mujoco.mju_cholFactor(self._M_rr, 0.0)
-        mujoco.mju_cholSolve(self._delta, self._M_rr, contact[:6] + residual - demand[:6])
-        joint_torques = demand[6:] + M[6:, :6] @ self._delta - contact[6:]
+        mujoco.mju_cholSolve(self._delta, self._M_rr, self._contact_root + residual - demand[:6])
+        joint_torques = demand[6:] + self._M_joints_root @ self._delta - self._contact_joints
         qacc = qdd.copy()
         qacc[:6] += self._delta
         return Control(joint_torques=joint_torques, residual=residual, forces=forces, points=points, qacc=qacc)

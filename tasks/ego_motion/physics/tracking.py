@@ -229,8 +229,10 @@ def track(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: TrackingConfig 
     reference, reference_feet = reference_kinematics(humanoid, qpos)  # (T, 22, 3) joints, (T, 16, 3) sole corners
     data = mujoco.MjData(model)
     data.qpos[:], data.qvel[:] = qpos[0], qvel_ref[0]
-    xpos, qpos_sim, qvel_sim, applied = data.xpos, data.qpos, data.qvel, data.qfrc_applied  # views of data's buffers
-    error = np.empty(model.nv)
+    xpos, qpos_sim, qvel_root = data.xpos, data.qpos, data.qvel[:6]  # views of data's buffers
+    applied_root, applied_joints = data.qfrc_applied[:6], data.qfrc_applied[6:]
+    error, qdd = np.empty(model.nv), np.empty(model.nv)
+    error_root, qdd_root, vel_root = error[:6], qdd[:6], vel_sub[:, :, :6]
     simulated = np.zeros((T, len(ids), 3))
     feet = np.zeros((T, len(controller.point_bodies), 3))  # the simulated sole corners per frame
     checked = [0, HEAD_JOINT]
@@ -252,13 +254,12 @@ def track(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: TrackingConfig 
                 step = u * steps_per_update  # the update's step, then steps_per_update - 1 without an update
                 spring[7:] = spring_targets[t, step]
                 mujoco.mj_step1(model, data)  # positions, velocities, M, bias, contacts at the current state
-                vel = vel_sub[t, step]
                 mujoco.mj_differentiatePos(model, error, 1.0, qpos_sim, qpos[t])
-                qdd = acc_sub[t, step].copy()
-                qdd[:6] += kp_root * (error[:6] + lead[t, step]) + kd_root * (vel[:6] - qvel_sim[:6])
+                qdd[:] = acc_sub[t, step]
+                qdd_root += kp_root * (error_root + lead[t, step]) + kd_root * (vel_root[t, step] - qvel_root)
                 control = controller(data, qdd)
-                applied[6:] = control.joint_torques + damping[t, step]
-                applied[:6] = control.residual
+                applied_joints[:] = control.joint_torques + damping[t, step]
+                applied_root[:] = control.residual
                 residuals[t, u] = control.residual
                 vertical[t, u] = control.forces[:, 2].sum()
                 mujoco.mj_step2(model, data)
