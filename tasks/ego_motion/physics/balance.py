@@ -125,7 +125,9 @@ class BalanceController:
     def __call__(self, data: mujoco.MjData, qdd: np.ndarray) -> Control:
         """The control update for desired accelerations ``qdd`` (nv,) in ``data``'s state (``mj_step1`` done)."""
         model, M, contact = self.model, self._M, self._contact
-        points = self.foot_points(data)
+        if data is not self._bound:
+            self._bind(data)
+        points = self._site_xpos[self._site_ids]  # (P, 3) the sole corners
         active = np.flatnonzero(points[:, 2] <= self.cfg.contact_band_m)
         mujoco.mj_fullM(model, data, M)
         demand = M @ qdd + self._qfrc_bias  # the generalized force the desired accelerations need
@@ -155,7 +157,9 @@ class BalanceController:
         n_w = 4 * P
         B, costs, no_rows, bounds = self._pieces(P)
         B[:, :n_w] = A
-        H = B.T @ B  # 2 N2 (B^T B) (A w + r = B [w; r]), plus the costs: twice the module doc's Hessian over 1/2
+        # daqp minimises 1/2 x^T H x + g^T x: the module doc's cost times 2, for x = [w; r] (A w + r = B x), so
+        # H = 2 N2 B^T B + the force and residual costs, g = -2 N2 B^T b - 2 continuity_weight N2 (F^T f_prev)
+        H = B.T @ B
         H *= self._N2_2
         H += costs
         g = B.T @ b
