@@ -11,7 +11,9 @@ mirrored copies, which the tracker executes alike (results equal to ~1e-14): ``-
 only, one per motion, and the separation counts the motions behind its windows.
 
 - Speed: each stage's time is the median over the test windows of the best of ``--repeats`` runs;
-  "build" compiles a new humanoid (paid once per body shape; the evaluator caches humanoids).
+  "build" compiles a new humanoid (paid once per body shape; the evaluator caches humanoids); "evaluator, whole
+  motion" is what a physics reward pays per sample. With ``--baseline``, an older checkout's tracker and evaluator
+  take turns with this one's within each repeat (ratios per window); ``--speed-only`` skips the separation.
 - Separation: per split, the ground truth and the edits of ``physics/edits.py`` (lifted 0.3 m,
   leaned 0 -> 60 deg, frames shuffled, 1 m/s sliding, sunk 5 cm; and sunk 5 cm below each window's own
   contact height, ``edits.sunk_below_contact``): tracking success, survival, the tracker's root residual
@@ -25,11 +27,14 @@ only, one per motion, and the separation counts the motions behind its windows.
   their clip, mirroring and fraction of frames near the floor, and the current tracker's outcome on their ground
   truth (unmirrored windows only: a handful of simulations).
 
-    python recipes/benchmarks/bench_physics.py --repeats 3 --output docs/data/bench_physics.json
-    python recipes/benchmarks/bench_physics.py --table-from docs/data/bench_physics.json --failures  # doc tables
+    python recipes/benchmarks/bench_physics.py --repeats 3 --speed-only --output docs/data/bench_physics.json
+    python recipes/benchmarks/bench_physics.py --table-from docs/data/bench_physics.json  # the speed table
     python recipes/benchmarks/bench_physics.py --separation-only --output docs/data/bench_physics_separation.json
     python recipes/benchmarks/bench_physics.py --table-from docs/data/bench_physics_separation.json --failures
     python recipes/benchmarks/bench_physics.py --table-from docs/data/bench_physics_separation.json --criterion-study
+    python recipes/benchmarks/bench_physics.py --separation-only --output /tmp/sep.json   # then, per window:
+    python recipes/benchmarks/bench_physics.py --table-from /tmp/sep.json \
+        --same-as docs/data/bench_physics_separation.json
     python recipes/benchmarks/bench_physics.py --strips-only --strips-dir docs   # the RLPF page's PNG strips
     python recipes/benchmarks/bench_physics.py --floor-rule   # the windows the floor filter drops, and why
 """
@@ -40,8 +45,10 @@ import argparse
 import dataclasses
 import importlib
 import json
+import os
 import statistics
 import time
+import types
 from pathlib import Path
 
 import mujoco
@@ -54,6 +61,7 @@ from tasks.ego_motion.model.network import load_denoiser
 from tasks.ego_motion.physics.criterion import contact_height_m, reference_kinematics
 from tasks.ego_motion.physics.dynamics import inverse_dynamics
 from tasks.ego_motion.physics.edits import EDITS, sunk_below_contact
+from tasks.ego_motion.physics.evaluator import PhysicsEvaluator
 from tasks.ego_motion.physics.humanoid import HumanoidConfig, build_humanoid
 from tasks.ego_motion.physics.plausibility import plausibility
 from tasks.ego_motion.physics.tracking import TrackingConfig, track
@@ -103,51 +111,119 @@ def _humanoid(task: EgoMotionTask, betas: torch.Tensor, cfg: HumanoidConfig | No
     return build_humanoid(_rest_joints(task, betas), cfg)
 
 
-def _steps_alone(h, qpos) -> None:
-    """The MuJoCo steps one tracking takes (``mj_step1`` + ``mj_step2`` per step, 4 per frame), with no control:
-    the part of the tracker's cost that is not the controller's Python."""
-    model = h.tracker_model
-    data = mujoco.MjData(model)
-    data.qpos[:] = qpos[0]
-    for _ in range(round((len(qpos) - 1) / (FPS * model.opt.timestep))):
-        mujoco.mj_step1(model, data)
-        mujoco.mj_step2(model, data)
+def _tracking_parts(h, qpos, repeats: int) -> dict[str, float]:
+    """Where one tracking run's time goes (ms, the run with the least total of ``repeats``): MuJoCo's simulation steps
+    (``mj_step``, ``mj_step1``, ``mj_step2``: 252 per 64-frame motion) and the control updates' ``daqp`` solves, timed
+    by handing ``tracking.py`` and ``balance.py`` stand-ins for the ``mujoco`` and ``daqp`` modules that time those
+    calls (restored afterwards), and the rest of the run (the controller's Python and its other MuJoCo calls)."""
+    from tasks.ego_motion.physics import balance, tracking
+
+    spent = {}
+
+    def timed(fn, part):
+        def call(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[part] += time.perf_counter() - t0
+        return call
+
+    mujoco_stand_in = types.ModuleType("mujoco")
+    mujoco_stand_in.__dict__.update(vars(mujoco))
+    for name in ("mj_step", "mj_step1", "mj_step2"):
+        setattr(mujoco_stand_in, name, timed(getattr(mujoco, name), "MuJoCo steps"))
+    daqp_stand_in = types.ModuleType("daqp")
+    daqp_stand_in.solve = timed(balance.daqp.solve, "daqp solves")
+    best: dict[str, float] = {}
+    saved = tracking.mujoco, balance.daqp
+    tracking.mujoco, balance.daqp = mujoco_stand_in, daqp_stand_in
+    try:
+        for _ in range(repeats):
+            spent.update({"MuJoCo steps": 0.0, "daqp solves": 0.0})
+            t0 = time.perf_counter()
+            track(h, qpos, FPS)
+            total = time.perf_counter() - t0
+            if not best or total < best["total"]:
+                best = {"total": total, **spent}
+    finally:
+        tracking.mujoco, balance.daqp = saved
+    parts = {f"tracking: {name}": best[name] * 1e3 for name in ("MuJoCo steps", "daqp solves")}
+    parts["tracking: the rest"] = (best["total"] - best["MuJoCo steps"] - best["daqp solves"]) * 1e3
+    return parts
 
 
 def _baseline(package: str):
-    """(build_humanoid, track) of an older checkout's ``tasks`` package, importable under the name ``package``: e.g.
-    ``git archive 7fcf2a5 tasks | tar -x -C /tmp/baseline && mv /tmp/baseline/tasks /tmp/baseline/baseline_tasks``,
-    then ``PYTHONPATH=/tmp/baseline python recipes/benchmarks/bench_physics.py --baseline baseline_tasks``."""
+    """(build_humanoid, track, PhysicsEvaluator) of an older checkout's ``tasks`` package, importable under the name
+    ``package``: e.g. ``git archive 6bb19d9 tasks | tar -x -C /tmp/baseline && mv /tmp/baseline/tasks
+    /tmp/baseline/baseline_tasks``, then ``PYTHONPATH=/tmp/baseline python recipes/benchmarks/bench_physics.py
+    --baseline baseline_tasks``."""
     humanoid = importlib.import_module(f"{package}.ego_motion.physics.humanoid")
     tracking = importlib.import_module(f"{package}.ego_motion.physics.tracking")
-    return humanoid.build_humanoid, tracking.track
+    evaluator = importlib.import_module(f"{package}.ego_motion.physics.evaluator")
+    return humanoid.build_humanoid, tracking.track, evaluator.PhysicsEvaluator
+
+
+def _interleaved_best_ms(runs: dict, repeats: int) -> dict[str, float]:
+    """Per named callable, the best of ``repeats`` runs (ms), the callables taking turns within each repeat, so that
+    an A/B pair sees the same load on a shared machine."""
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return {name: value * 1e3 for name, value in best.items()}
 
 
 def speed(task: EgoMotionTask, repeats: int, limit: int, baseline: str | None = None) -> dict:
-    """Per stage, the median over the test windows of the best of ``repeats`` (ms); with ``baseline`` (a package name,
-    ``_baseline``), an older checkout's tracker timed on the same windows, alternating with this one."""
+    """Per stage, the median over the test windows of the best of ``repeats`` (ms); the tracking's parts from one
+    instrumented run per window (``_tracking_parts``; medians of parts need not add up). "evaluator, whole motion" is
+    ``PhysicsEvaluator.evaluate_one`` with its humanoid cached: the pose conversion, the geoms' poses (computed once,
+    shared), inverse dynamics, plausibility and tracking, what a physics reward pays per sample. With ``baseline`` (a
+    package name, ``_baseline``), an older checkout's tracker and evaluator on the same windows, taking turns with this
+    checkout's within each repeat; "ratios" are medians over windows of the per-window ratio. The load average
+    (1 minute) is recorded at the start and the end."""
+    load_start = os.getloadavg()[0]
     batch, n = _windows(task, "test", limit)
     stages: dict[str, list[float]] = {"build": [], "inverse_dynamics": [], "plausibility": [], "tracking": [],
-                                      "tracking's simulation steps alone": []}
+                                      "tracking: MuJoCo steps": [], "tracking: daqp solves": [],
+                                      "tracking: the rest": [], "evaluator, whole motion": []}
+    evaluator = PhysicsEvaluator(task.body)
     if baseline is not None:
-        baseline_build, baseline_track = _baseline(baseline)
-        stages["baseline tracking"] = []
+        baseline_build, baseline_track, baseline_evaluator_class = _baseline(baseline)
+        baseline_evaluator = baseline_evaluator_class(task.body)
+        stages["baseline tracking"], stages["baseline evaluator, whole motion"] = [], []
     for i in range(n):
         rest = _rest_joints(task, batch["betas"][i])
-        if baseline is not None:
-            hb = baseline_build(rest)
-            qb = hb.qpos(batch["T_world_root"][i], batch["body_rotmats"][i])
-            stages["baseline tracking"].append(_best_ms(lambda h=hb, q=qb: baseline_track(h, q, FPS), repeats))
+        motion = (batch["T_world_root"][i], batch["body_rotmats"][i], batch["betas"][i])
         stages["build"].append(_best_ms(lambda rest=rest: build_humanoid(rest), repeats))
         h = build_humanoid(rest)
         qpos = h.qpos(batch["T_world_root"][i], batch["body_rotmats"][i])
         stages["inverse_dynamics"].append(_best_ms(lambda h=h, q=qpos: inverse_dynamics(h, q, FPS), repeats))
         stages["plausibility"].append(_best_ms(lambda h=h, q=qpos: plausibility(h, q), repeats))
-        stages["tracking"].append(_best_ms(lambda h=h, q=qpos: track(h, q, FPS), repeats))
-        stages["tracking's simulation steps alone"].append(_best_ms(lambda h=h, q=qpos: _steps_alone(h, q), repeats))
+        for name, ms in _tracking_parts(h, qpos, repeats).items():
+            stages[name].append(ms)
+        runs = {"tracking": lambda h=h, q=qpos: track(h, q, FPS),
+                "evaluator, whole motion": lambda m=motion: evaluator.evaluate_one(*m)}
+        evaluator.evaluate_one(*motion)  # compiles and caches the humanoid of these betas
+        if baseline is not None:
+            hb = baseline_build(rest)
+            qb = hb.qpos(batch["T_world_root"][i], batch["body_rotmats"][i])
+            runs.update({"baseline tracking": lambda h=hb, q=qb: baseline_track(h, q, FPS),
+                         "baseline evaluator, whole motion": lambda m=motion: baseline_evaluator.evaluate_one(*m)})
+            baseline_evaluator.evaluate_one(*motion)
+        for name, ms in _interleaved_best_ms(runs, repeats).items():
+            stages[name].append(ms)
     medians = {k: statistics.median(v) for k, v in stages.items()}
     medians["total, cached humanoid"] = medians["inverse_dynamics"] + medians["plausibility"] + medians["tracking"]
-    return {"motions": n, "frames": int(batch["T_world_root"].shape[1]), "repeats": repeats, "median_ms": medians}
+    result = {"motions": n, "frames": int(batch["T_world_root"].shape[1]), "repeats": repeats, "median_ms": medians,
+              "load_average": {"start": load_start, "end": os.getloadavg()[0]}}
+    if baseline is not None:
+        result["ratios"] = {f"{name} / baseline {name}": statistics.median(
+            a / b for a, b in zip(stages[name], stages[f"baseline {name}"], strict=True))
+            for name in ("tracking", "evaluator, whole motion")}
+    return result
 
 
 def sweep(task: EgoMotionTask, split: str, tracking: TrackingConfig, humanoid: HumanoidConfig,
@@ -329,15 +405,21 @@ def strips(task: EgoMotionTask, out_dir: Path) -> list[Path]:
 
 
 def table(result: dict) -> str:
-    """The speed table (when ``result`` has one: not with ``--separation-only``) and each split's separation table;
-    the planted-foot and unexecuted-motion columns show "—" in results that predate them."""
+    """The speed table (when ``result`` has one: not with ``--separation-only``) with the side-by-side ratios and the
+    load average where recorded, and each split's separation table; the planted-foot and unexecuted-motion columns show
+    "—" in results that predate them."""
     text = ""
     if "median_ms" in result:
         rows = "\n".join(f"| {k} | {v:.1f} |" for k, v in result["median_ms"].items())
+        load = result.get("load_average")  # absent in results that predate it
+        load = f", load average {load['start']:.1f} at the start and {load['end']:.1f} at the end" if load else ""
         text = (f"{result['motions']} floor-contact test windows of {result['frames']} frames, best of "
-                f"{result['repeats']}, median over windows, 1 thread.\n\n| stage | ms per motion |\n|---|---:|\n"
+                f"{result['repeats']}, median over windows, 1 thread{load}.\n\n| stage | ms per motion |\n|---|---:|\n"
                 f"{rows}\n")
-    for split, sep in result["separation"].items():
+        if "ratios" in result:
+            ratios = "\n".join(f"| {k} | {v:.3f} |" for k, v in result["ratios"].items())
+            text += f"\n| side by side, median over windows | ratio |\n|---|---:|\n{ratios}\n"
+    for split, sep in result.get("separation", {}).items():  # absent with --speed-only
         checks = "\n".join(f"| {name} | {_count(v['success'], sep)} | {v['survival']:.2f} | "
                            f"{v['tracking_residual_per_weight']:.3f} | {v['residual_force_per_weight']:.2f} | "
                            f"{_number(v.get('planted_foot_speed_m_per_s'))} | "
@@ -362,6 +444,29 @@ def _count(success: float, sep: dict) -> str:
     windows, motions = sep["windows"], sep.get("motions", sep["windows"])
     per = "motions" if motions != windows else "windows"
     return f"{success:.2f} ({round(success * motions)} of {motions} {per})"
+
+
+def separation_changes(result: dict, other: dict) -> str:
+    """How two separation results differ per window (e.g. a revision meant to be faster, not different, against the
+    docs' results file): the (split, window, kind) whose success differs, and the largest differences of the tracker's
+    residual and survival over every window and kind. Raises ValueError if their windows are not the same."""
+    flips, residual, survival = [], 0.0, 0.0
+    for split, sep in result["separation"].items():
+        mine, theirs = sep["ground_truth_windows"], other["separation"][split]["ground_truth_windows"]
+        if [w["window"] for w in mine] != [w["window"] for w in theirs]:
+            raise ValueError(f"the two results hold different {split} windows; compare results of the same windows.")
+        for w, v in zip(mine, theirs, strict=True):
+            for kind, a in w["kinds"].items():
+                b = v["kinds"][kind]
+                if a["success"] != b["success"]:
+                    flips.append(f"{split} window {w['window']} ({w['sequence']}), {kind}: {b['success']} -> "
+                                 f"{a['success']}")
+                residual = max(residual, abs(a["residual_per_weight"] - b["residual_per_weight"]))
+                survival = max(survival, abs(a["survival"] - b["survival"]))
+    count = sum(len(sep["ground_truth_windows"]) * len(sep["rows"]) for sep in result["separation"].values())
+    return (f"{len(flips)} of {count} (window, kind) runs change success"
+            + "".join(f"\n- {flip}" for flip in flips)
+            + f"\nlargest change of the tracker residual {residual:.4f} m g, of survival {survival:.4f}\n")
 
 
 def _number(value: float | None) -> str:
@@ -493,6 +598,9 @@ if __name__ == "__main__":
     parser.add_argument("--criterion-study", action="store_true",
                         help="with --table-from a --separation-only result: how the criterion's thresholds were "
                              "chosen (post_train motions only)")
+    parser.add_argument("--same-as", type=Path, default=None,
+                        help="with --table-from a separation result: the windows whose success differs from this "
+                             "other separation result's, instead of the tables")
     parser.add_argument("--strips-only", action="store_true", help="write the PNGs (--strips-dir) and stop")
     parser.add_argument("--baseline", default=None,
                         help="package name of an older checkout's tasks on PYTHONPATH: its tracker side by side "
@@ -504,6 +612,8 @@ if __name__ == "__main__":
     parser.add_argument("--humanoid", type=json.loads, default={}, help='HumanoidConfig overrides, JSON')
     parser.add_argument("--separation-only", action="store_true",
                         help="the separation alone (no speed table): the success criterion's results")
+    parser.add_argument("--speed-only", action="store_true",
+                        help="the speed table alone (no separation): the evaluator's cost per motion")
     parser.add_argument("--floor-rule", action="store_true",
                         help="only the windows the earlier floor filter keeps and the current one drops, and stop")
     args = parser.parse_args()
@@ -514,6 +624,8 @@ if __name__ == "__main__":
         loaded = json.loads(args.table_from.read_text())
         if isinstance(loaded, list):  # --sweep records
             print(sweep_table(loaded))
+        elif args.same_as is not None:
+            print(separation_changes(loaded, json.loads(args.same_as.read_text())))
         elif args.criterion_study:
             print(criterion_study(loaded))
         else:
@@ -532,8 +644,11 @@ if __name__ == "__main__":
         print("\n".join(str(p) for p in strips(task, args.strips_dir)))
     if args.strips_only:
         raise SystemExit(0)
+    if args.separation_only and args.speed_only:
+        parser.error("--separation-only and --speed-only exclude each other; drop one (neither: both parts).")
     result = {} if args.separation_only else speed(task, args.repeats, args.limit, args.baseline)
-    result["separation"] = {split: separation(task, split, args.limit) for split in SPLITS}
+    if not args.speed_only:
+        result["separation"] = {split: separation(task, split, args.limit) for split in SPLITS}
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(result, indent=2))

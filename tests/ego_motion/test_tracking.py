@@ -200,6 +200,25 @@ def test_sole_corners_are_where_the_simulator_touches_the_floor(humanoid):
         assert np.linalg.norm(touching[0][:2] - corner[:2]) < 2e-3
 
 
+def test_sole_corner_sites_are_the_foot_points(humanoid):
+    """The controller reads the sole corners from MuJoCo's sites (``Humanoid.foot_site_ids``); the inverse dynamics
+    and the plausibility compute them from the geoms' poses (``Humanoid.foot_points``): in poses with every joint
+    turned, the two agree on all 16 points, in both compiled models."""
+    T_world_root, rotmats = _standing(humanoid, 1)
+    rng = np.random.default_rng(2)
+    for _ in range(3):
+        for j in range(rotmats.shape[1]):
+            rotmats[0, j] = torch.as_tensor(_random_rotation(rng, max_angle_rad=1.0))
+        qpos = humanoid.qpos(T_world_root, rotmats)[0]
+        for model in (humanoid.model, humanoid.tracker_model):
+            data = mujoco.MjData(model)
+            data.qpos[:] = qpos
+            mujoco.mj_kinematics(model, data)
+            ids = humanoid.geom_ids
+            expected = humanoid.foot_points(data.geom_xpos[ids], data.geom_xmat[ids].reshape(-1, 3, 3))
+            np.testing.assert_allclose(data.site_xpos[humanoid.foot_site_ids], expected, atol=1e-12)
+
+
 def _random_rotation(rng: np.random.Generator, max_angle_rad: float) -> np.ndarray:
     """A rotation matrix about a random axis by an angle of up to ``max_angle_rad`` (Rodrigues' formula)."""
     axis = rng.normal(size=3)
@@ -227,3 +246,22 @@ def test_physics_sweep_refuses_overrides_with_a_baseline_and_runs_one_window_per
     mirrored = task.windows("post_train").get(kept)["mirrored"]
     motions = bench_physics._unmirrored(task, "post_train")
     assert not mirrored[motions].any() and 0 < 2 * len(motions) == len(kept)  # each served motion with its mirror
+
+
+def test_separation_changes_names_each_flipped_window_and_kind():
+    """The benchmark's per-window comparison of two separation results (a faster revision against the docs' results)
+    counts every (window, kind), names those whose success differs, and refuses results of different windows."""
+    from recipes.benchmarks.bench_physics import separation_changes
+
+    def result(success: bool, residual: float, window: int = 3) -> dict:
+        kinds = {"ground truth": {"success": True, "survival": 1.0, "residual_per_weight": 0.05},
+                 "slid 1 m/s": {"success": success, "survival": 1.0, "residual_per_weight": residual}}
+        return {"separation": {"test": {"rows": dict.fromkeys(kinds), "ground_truth_windows": [
+            {"window": window, "sequence": "007_12", "kinds": kinds}]}}}
+
+    assert separation_changes(result(False, 0.1), result(False, 0.1)).startswith("0 of 2 (window, kind) runs")
+    changed = separation_changes(result(True, 0.13), result(False, 0.1))
+    assert changed.startswith("1 of 2") and "test window 3 (007_12), slid 1 m/s: False -> True" in changed
+    assert "residual 0.0300 m g" in changed
+    with pytest.raises(ValueError, match="different test windows"):
+        separation_changes(result(False, 0.1), result(False, 0.1, window=4))

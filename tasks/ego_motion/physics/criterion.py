@@ -45,14 +45,14 @@ def reference_kinematics(humanoid: Humanoid, qpos: np.ndarray) -> tuple[np.ndarr
         raise ValueError(f"qpos must be a (T, {model.nq}) array from Humanoid.qpos, got shape {qpos.shape}.")
     data = mujoco.MjData(model)
     joints = np.empty((qpos.shape[0], len(humanoid.body_ids), 3))
-    geom_xpos = np.empty((qpos.shape[0], len(humanoid.geom_ids), 3))
-    geom_xmat = np.empty((qpos.shape[0], len(humanoid.geom_ids), 9))
+    feet = np.empty((qpos.shape[0], len(humanoid.foot_site_ids), 3))
+    q, xpos, site_xpos = data.qpos, data.xpos, data.site_xpos  # views of data's buffers
     for t in range(qpos.shape[0]):
-        data.qpos[:] = qpos[t]
+        q[:] = qpos[t]
         mujoco.mj_kinematics(model, data)
-        joints[t] = data.xpos[humanoid.body_ids]
-        geom_xpos[t], geom_xmat[t] = data.geom_xpos[humanoid.geom_ids], data.geom_xmat[humanoid.geom_ids]
-    return joints, humanoid.foot_points(geom_xpos, geom_xmat.reshape(*geom_xmat.shape[:2], 3, 3))
+        joints[t] = xpos[humanoid.body_ids]
+        feet[t] = site_xpos[humanoid.foot_site_ids]  # the sole corners, Humanoid.foot_points' (sites of the model)
+    return joints, feet
 
 
 def contact_height_m(foot_points: np.ndarray) -> float:

@@ -31,6 +31,7 @@ frames qvel is the one-sided v(1/2) / v(T-3/2) and qacc repeats its neighbour's.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -122,9 +123,20 @@ def smoothed_derivatives(model: mujoco.MjModel, qpos: np.ndarray, fps: float,
     for t in range(1, T):
         mujoco.mj_differentiatePos(model, steps[t], 1.0, qpos[t - 1], qpos[t])
     developed = np.cumsum(steps, axis=0)
-    qvel = savgol_filter(developed, window_frames, polyorder, deriv=1, delta=1.0 / fps, axis=0, mode="interp")
-    qacc = savgol_filter(developed, window_frames, polyorder, deriv=2, delta=1.0 / fps, axis=0, mode="interp")
+    qvel = _savgol_operator(T, window_frames, polyorder, 1, 1.0 / fps) @ developed
+    qacc = _savgol_operator(T, window_frames, polyorder, 2, 1.0 / fps) @ developed
     return qvel, qacc
+
+
+@functools.lru_cache(maxsize=32)
+def _savgol_operator(frames: int, window_frames: int, polyorder: int, deriv: int, delta: float) -> np.ndarray:
+    """(T, T) the Savitzky-Golay derivative as a matrix: ``savgol_filter(x, ..., axis=0, mode="interp")`` is linear in
+    x, so it equals this matrix (the filter applied to the identity's columns) times x. Why: fitting the window's
+    polynomials costs about 0.3 ms per call, the matrix product a few microseconds, and every motion of a batch has
+    the same T; cached per argument set (a pure function of them), read-only."""
+    operator = savgol_filter(np.eye(frames), window_frames, polyorder, deriv=deriv, delta=delta, axis=0, mode="interp")
+    operator.flags.writeable = False
+    return operator
 
 
 def friction_cone_edges(mu: float) -> np.ndarray:
@@ -140,13 +152,16 @@ def root_contact_basis(points: np.ndarray, root_pos: np.ndarray, R_world_root: n
     (e.g. frames) broadcast over ``points`` (..., P, 3), ``root_pos`` (..., 3), ``R_world_root`` (..., 3, 3);
     columns are ordered point-major (point 0's E edges first)."""
     points = np.asarray(points)
-    batch = points.shape[:-2]
-    num_points, num_edges = points.shape[-2], edges.shape[1]
-    linear = np.broadcast_to(edges.T, (*batch, num_points, num_edges, 3))  # (..., P, E, 3)
-    arm = (points - np.asarray(root_pos)[..., None, :])[..., :, None, :]  # (..., P, 1, 3)
-    angular = np.cross(arm, linear) @ np.asarray(R_world_root)[..., None, :, :]  # rows: R^T (arm x f)
-    generalized = np.concatenate([linear, angular], axis=-1)  # (..., P, E, 6)
-    return np.swapaxes(generalized.reshape(*batch, num_points * num_edges, 6), -1, -2)
+    arm = points - np.asarray(root_pos)[..., None, :]  # (..., P, 3)
+    x, y, z = arm[..., 0], arm[..., 1], arm[..., 2]
+    skew = np.zeros((*arm.shape, 3))  # (..., P, 3, 3): [arm]_x f = arm x f
+    skew[..., 0, 1], skew[..., 0, 2], skew[..., 1, 2] = -z, y, -x
+    skew[..., 1, 0], skew[..., 2, 0], skew[..., 2, 1] = z, -y, x
+    generalized = np.empty((*arm.shape[:-1], 6, edges.shape[1]))  # (..., P, 6, E)
+    generalized[..., :3, :] = edges
+    np.matmul(np.swapaxes(np.asarray(R_world_root), -1, -2)[..., None, :, :] @ skew, edges,
+              out=generalized[..., 3:, :])  # R^T [arm]_x E
+    return np.swapaxes(generalized, -2, -3).reshape(*generalized.shape[:-3], 6, -1)
 
 
 def inverse_dynamics(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: InverseDynamicsConfig | None = None,
@@ -170,26 +185,34 @@ def inverse_dynamics(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: Inve
         raise ValueError(f"qpos must be a finite (T, {model.nq}) array from Humanoid.qpos, got shape {qpos.shape}.")
     qvel, qacc = finite_difference_velocities(model, qpos, fps)
     T = qpos.shape[0]
-    points = humanoid.foot_points(*(geom_poses or humanoid.geom_poses(qpos)))  # (T, P, 3)
     point_bodies = humanoid.foot_point_bodies  # (P,)
     edges = friction_cone_edges(humanoid.config.friction)  # (3, 4)
     data = mujoco.MjData(model)
-    pelvis = humanoid.body_ids[0]
+    pelvis, geoms = humanoid.body_ids[0], humanoid.geom_ids
     tau = np.empty((T, model.nv))  # needed generalized force per frame, contacts disabled
     root_pos, R_world_root = np.empty((T, 3)), np.empty((T, 3, 3))
+    geom_xpos, geom_xmat = (None, None) if geom_poses is not None else (np.empty((T, len(geoms), 3)),
+                                                                         np.empty((T, len(geoms), 9)))
+    q, v, a, frc, xpos, xmat = data.qpos, data.qvel, data.qacc, data.qfrc_inverse, data.xpos, data.xmat  # views
     for t in range(T):
-        data.qpos[:], data.qvel[:], data.qacc[:] = qpos[t], qvel[t], qacc[t]
-        mujoco.mj_inverse(model, data)
-        tau[t], root_pos[t], R_world_root[t] = data.qfrc_inverse, data.xpos[pelvis], data.xmat[pelvis].reshape(3, 3)
+        q[:], v[:], a[:] = qpos[t], qvel[t], qacc[t]
+        mujoco.mj_inverse(model, data)  # its kinematics give the geoms' poses too
+        tau[t], root_pos[t], R_world_root[t] = frc, xpos[pelvis], xmat[pelvis].reshape(3, 3)
+        if geom_poses is None:
+            geom_xpos[t], geom_xmat[t] = data.geom_xpos[geoms], data.geom_xmat[geoms]
+    if geom_poses is None:
+        geom_poses = geom_xpos, geom_xmat.reshape(T, len(geoms), 3, 3)
+    points = humanoid.foot_points(*geom_poses)  # (T, P, 3)
     num_edges = edges.shape[1]
     bases = root_contact_basis(points, root_pos, R_world_root, edges)  # (T, 6, P E), every candidate point
     supporting = points[:, :, 2] <= cfg.contact_height_m  # (T, P)
+    columns = np.repeat(supporting, num_edges, axis=1)  # (T, P E): the supporting points' edges
     residual = tau[:, :6].copy()  # (T, 6)
     forces = np.zeros((T, points.shape[1], 3))  # world contact force at each candidate point
     for t in np.flatnonzero(supporting.any(axis=1)):
-        columns = np.repeat(supporting[t], num_edges)  # the active points' edges
-        weights, _ = nnls(bases[t][:, columns], tau[t, :6])
-        residual[t] -= bases[t][:, columns] @ weights
+        basis = bases[t][:, columns[t]]
+        weights, _ = nnls(basis, tau[t, :6])
+        residual[t] -= basis @ weights
         forces[t, supporting[t]] = weights.reshape(-1, num_edges) @ edges.T
     torques = np.full((T, NUM_BODY_JOINTS, 3), np.nan)
     if joint_torques:

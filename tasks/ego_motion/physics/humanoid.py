@@ -20,7 +20,10 @@ Structure (22 bodies, one per metric joint: pelvis + SMPL-H joints 1..21):
   fractions of de Leva (1996), "Adjustments to Zatsiorsky-Seluyanov's segment inertia
   parameters", J. Biomech. 29(9), Table 4 (males), times ``body_mass_kg``; inertias follow
   from the geom shapes;
-- a floor plane at z = 0 (the data's floor, ``data/windows.py``); bodies collide with the floor only.
+- a floor plane at z = 0 (the data's floor, ``data/windows.py``); bodies collide with the floor only;
+- a site (no mass, no collision) at each bottom corner of the four sole boxes, so that the simulator computes the
+  16 contact candidates with the kinematics (``Humanoid.foot_site_ids``; ``Humanoid.foot_points`` is the same from
+  the geoms' poses, for batches of frames).
 
 Two compiled models per shape: ``model`` (no joint springs, contacts disabled: inverse dynamics
 and kinematics) and ``tracker_model`` (joint springs and dampers that act as the PD tracker of
@@ -46,6 +49,9 @@ FOOT_BODIES: tuple[str, ...] = ("left_ankle", "left_foot", "right_ankle", "right
 """Bodies whose box soles are the feet: the 4 corners of each sole's bottom face are the floor-contact candidates."""
 POINTS_PER_SOLE = 4
 """Contact candidates per foot body: the bottom corners of its sole box (heel/toe end x inner/outer edge)."""
+SOLE_CORNER_SIGNS = np.array([[-1, -1, -1], [1, -1, -1], [-1, -1, 1], [1, -1, 1]], dtype=float)
+"""(4 corners, 3) the bottom corners of a sole box in units of its half sizes, in its geom frame (local -y is down, z
+from heel to toe, x across): (back, -x), (back, +x), (front, -x), (front, +x)."""
 GRAVITY_M_PER_S2 = 9.81
 
 JOINT_NAMES: tuple[str, ...] = (
@@ -164,6 +170,10 @@ class Humanoid:
     """(21,) first dof address of SMPL-H joint i + 1 (3 dofs each)."""
     geom_ids: np.ndarray = field(init=False)
     """(22,) collision geom id of body i."""
+    foot_site_ids: np.ndarray = field(init=False)
+    """(16,) MuJoCo site id of each of :meth:`foot_points`' points (the same ids in both models): the simulator
+    computes the sole corners' world positions (``MjData.site_xpos``) with the kinematics, so a control update
+    reads them instead of recomputing them from the geoms' poses."""
 
     def __post_init__(self) -> None:
         # Compiled bodies and joints are numbered depth-first, not in SMPL-H order: look them up by name.
@@ -174,8 +184,9 @@ class Humanoid:
         self.geom_ids = np.array([self.model.geom(name).id for name in JOINT_NAMES])
         index = [JOINT_NAMES.index(name) for name in FOOT_BODIES]
         half = self.model.geom_size[self.geom_ids[index]]  # (4, 3): half width, half height, half length
-        signs = np.array([[-1, -1, -1], [1, -1, -1], [-1, -1, 1], [1, -1, 1]], dtype=float)  # (4 corners, 3)
-        self._soles = (index, signs[None] * half[:, None])
+        self._soles = (index, SOLE_CORNER_SIGNS[None] * half[:, None])
+        self.foot_site_ids = np.array([self.tracker_model.site(_corner_site(name, c)).id for name in FOOT_BODIES
+                                       for c in range(POINTS_PER_SOLE)])
 
     @property
     def weight_n(self) -> float:
@@ -208,11 +219,12 @@ class Humanoid:
         data = mujoco.MjData(self.model)
         positions = np.empty((qpos.shape[0], NUM_HUMANOID_BODIES, 3))
         rotations = np.empty((qpos.shape[0], NUM_HUMANOID_BODIES, 9))
+        q, geom_xpos, geom_xmat, ids = data.qpos, data.geom_xpos, data.geom_xmat, self.geom_ids  # views
         for t in range(qpos.shape[0]):
-            data.qpos[:] = qpos[t]
+            q[:] = qpos[t]
             mujoco.mj_kinematics(self.model, data)
-            positions[t] = data.geom_xpos[self.geom_ids]
-            rotations[t] = data.geom_xmat[self.geom_ids]
+            positions[t] = geom_xpos[ids]
+            rotations[t] = geom_xmat[ids]
         return positions, rotations.reshape(-1, NUM_HUMANOID_BODIES, 3, 3)
 
     def lowest_points(self, geom_xpos: np.ndarray, geom_xmat: np.ndarray) -> np.ndarray:
@@ -251,6 +263,20 @@ def _sole_box(heel: np.ndarray, toe: np.ndarray, cfg: HumanoidConfig) -> dict:
     mujoco.mju_mat2Quat(quat, np.stack([np.cross(y, z), y, z], axis=1).reshape(-1))
     return dict(type=mujoco.mjtGeom.mjGEOM_BOX, pos=((heel + toe) / 2).tolist(), quat=quat.tolist(),
                 size=[cfg.sole_half_width_m, cfg.sole_below_toe_m, float(np.linalg.norm(toe - heel)) / 2])
+
+
+def _sole_corners(box: dict) -> np.ndarray:
+    """(4, 3) the bottom corners (:data:`SOLE_CORNER_SIGNS` order) of the sole box ``box`` (``_sole_box``'s
+    arguments) in its body's frame: centre + R(quat) (signs x half sizes)."""
+    corners = np.empty((POINTS_PER_SOLE, 3))
+    for c, signs in enumerate(SOLE_CORNER_SIGNS):
+        mujoco.mju_rotVecQuat(corners[c], signs * np.asarray(box["size"]), np.asarray(box["quat"]))
+    return corners + np.asarray(box["pos"])
+
+
+def _corner_site(body: str, corner: int) -> str:
+    """Name of the site at corner ``corner`` (:data:`SOLE_CORNER_SIGNS` order) of ``body``'s sole."""
+    return f"{body}_sole_corner{corner}"
 
 
 def _capsule_spec(name: str, offsets: np.ndarray, cfg: HumanoidConfig) -> tuple[str, list[float], float]:
@@ -333,6 +359,8 @@ def build_humanoid(rest_joints: Float[Tensor, "22 3"] | np.ndarray, cfg: Humanoi
         if kind == "sole":
             geom.update(_sole_box(np.array(where[:3]), np.array(where[3:]), cfg))
             body.add_geom(**geom)
+            for c, corner in enumerate(_sole_corners(geom)):  # no mass, no collision: positions only
+                body.add_site(name=_corner_site(name, c), pos=corner.tolist())
         elif kind == "sphere":
             body.add_geom(type=mujoco.mjtGeom.mjGEOM_SPHERE, pos=where, **geom)
         else:

@@ -204,84 +204,86 @@ def track(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: TrackingConfig 
         raise ValueError(f"TrackingConfig.control_hz={cfg.control_hz} must divide the {substeps} simulation steps of "
                          f"a frame at {fps:g} fps evenly (e.g. {fps:g} or {fps * substeps:g}).")
     qvel_ref, qacc_ref = smoothed_derivatives(model, qpos, fps, cfg.smoothing_frames)
-    nv = model.nv
     omega = 2 * math.pi * np.repeat([cfg.root_frequency_hz, cfg.root_rotation_frequency_hz], 3)
     kp_root, kd_root = omega**2, 2 * cfg.root_damping_ratio * omega
-    quat_adr = np.concatenate([np.arange(a, a + 4) for a in humanoid.qpos_adr])
     joint_damping = model.dof_damping[6:]
     spring = model.qpos_spring  # edited per step; restored below
     saved_spring = spring.copy()
     ids = humanoid.body_ids
-    checked = ids[[0, HEAD_JOINT]]
     controller = BalanceController(humanoid, cfg)
     # the reference at each simulation step of each frame interval, linear between frames: accelerations and
     # velocities at the step's start, the root's lead over frame t's pose (to first order), spring targets
-    # at the step's end (ball-joint springs normalise their quaternion)
+    # (the joints' quaternions, qpos[7:]) at the step's end (ball-joint springs normalise their quaternion)
     start = (np.arange(substeps) / substeps)[None, :, None]  # (1, S, 1)
     acc_sub = (1 - start) * qacc_ref[:-1, None] + start * qacc_ref[1:, None]  # (T - 1, S, nv)
     vel_sub = (1 - start) * qvel_ref[:-1, None] + start * qvel_ref[1:, None]
     lead = start / fps * qvel_ref[:-1, None, :6]  # (T - 1, S, 6)
     end = start + 1.0 / substeps
-    spring_targets = (1 - end) * qpos[:-1, None, quat_adr] + end * qpos[1:, None, quat_adr]  # (T - 1, S, 84)
+    spring_targets = (1 - end) * qpos[:-1, None, 7:] + end * qpos[1:, None, 7:]  # (T - 1, S, nq - 7)
+    damping = joint_damping * vel_sub[:, :, 6:]  # (T - 1, S, nv - 6): the dampers act on the velocity error
+    updates = substeps // steps_per_update  # per frame interval
     share = steps_per_update / substeps  # of a frame's interval, per control update
+    # per update (frame interval, update): root residual (6,) and the QP's total vertical contact force
+    residuals, vertical = np.zeros((T, updates, 6)), np.zeros((T, updates))
 
-    reference = mujoco.MjData(model)
+    reference, reference_feet = reference_kinematics(humanoid, qpos)  # (T, 22, 3) joints, (T, 16, 3) sole corners
     data = mujoco.MjData(model)
     data.qpos[:], data.qvel[:] = qpos[0], qvel_ref[0]
-    error = np.empty(nv)
+    xpos, qpos_sim, qvel_root = data.xpos, data.qpos, data.qvel[:6]  # views of data's buffers
+    applied_root, applied_joints = data.qfrc_applied[:6], data.qfrc_applied[6:]
+    error, qdd = np.empty(model.nv), np.empty(model.nv)
+    error_root, qdd_root, vel_root = error[:6], qdd[:6], vel_sub[:, :, :6]
     simulated = np.zeros((T, len(ids), 3))
-    residual_force, residual_torque, contact_force = np.zeros(T), np.zeros(T), np.zeros(T)
-    errors, rises, slips, failed_at = [], [], [], T
+    feet = np.zeros((T, len(controller.point_bodies), 3))  # the simulated sole corners per frame
+    checked = [0, HEAD_JOINT]
+    fail_sq = cfg.fail_distance_m**2
+    failed_at = T
     try:
         mujoco.mj_kinematics(model, data)
-        previous_feet = controller.foot_points(data)
-        previous_planted = np.zeros(len(previous_feet), dtype=bool)
         for t in range(T):
-            reference.qpos[:] = qpos[t]
-            mujoco.mj_kinematics(model, reference)
-            simulated[t] = data.xpos[ids]
-            drift = np.linalg.norm(data.xpos[checked] - reference.xpos[checked], axis=-1)
-            if not np.isfinite(drift).all() or drift.max() > cfg.fail_distance_m:
+            simulated[t] = xpos[ids]
+            drift = simulated[t, checked] - reference[t, checked]
+            if not (drift * drift).sum(axis=-1).max() <= fail_sq:  # NaN included
                 failed_at = t
                 simulated[t:] = simulated[t]
                 break
-            errors.append(np.linalg.norm(data.xpos[ids] - reference.xpos[ids], axis=-1).mean())
-            rises.append(data.xpos[ids[0], 2] - reference.xpos[ids[0], 2])
-            feet = controller.foot_points(data)
-            planted = feet[:, 2] <= TOUCHING_M
-            both = planted & previous_planted
-            slips.extend(np.linalg.norm(feet[both, :2] - previous_feet[both, :2], axis=-1) * fps)
-            previous_feet, previous_planted = feet, planted
+            feet[t] = controller.foot_points(data)
             if t == T - 1:
                 break
-            for step in range(substeps):
-                spring[quat_adr] = spring_targets[t, step]
-                if step % steps_per_update:
-                    mujoco.mj_step(model, data)
-                    continue
+            for u in range(updates):
+                step = u * steps_per_update  # the update's step, then steps_per_update - 1 without an update
+                spring[7:] = spring_targets[t, step]
                 mujoco.mj_step1(model, data)  # positions, velocities, M, bias, contacts at the current state
-                vel = vel_sub[t, step]
-                mujoco.mj_differentiatePos(model, error, 1.0, data.qpos, qpos[t])
-                qdd = acc_sub[t, step].copy()
-                qdd[:6] += kp_root * (error[:6] + lead[t, step]) + kd_root * (vel[:6] - data.qvel[:6])
+                mujoco.mj_differentiatePos(model, error, 1.0, qpos_sim, qpos[t])
+                qdd[:] = acc_sub[t, step]
+                qdd_root += kp_root * (error_root + lead[t, step]) + kd_root * (vel_root[t, step] - qvel_root)
                 control = controller(data, qdd)
-                data.qfrc_applied[6:] = control.joint_torques + joint_damping * vel[6:]  # dampers: velocity error
-                data.qfrc_applied[:6] = control.residual
-                residual = control.residual
-                residual_force[t] += math.sqrt(residual[:3] @ residual[:3]) * share
-                residual_torque[t] += math.sqrt(residual[3:] @ residual[3:]) * share
-                contact_force[t] += control.forces[:, 2].sum() * share
+                applied_joints[:] = control.joint_torques + damping[t, step]
+                applied_root[:] = control.residual
+                residuals[t, u] = control.residual
+                vertical[t, u] = control.forces[:, 2].sum()
                 mujoco.mj_step2(model, data)
+                for plain in range(step + 1, step + steps_per_update):  # the joint PD alone until the next update
+                    spring[7:] = spring_targets[t, plain]
+                    mujoco.mj_step(model, data)
     finally:
         spring[:] = saved_spring
+    n = failed_at  # the frames executed: their errors, rises and slips
+    errors = np.linalg.norm(simulated[:n] - reference[:n], axis=-1).mean(axis=-1).tolist()
+    rises = (simulated[:n, 0, 2] - reference[:n, 0, 2]).tolist()
+    planted = feet[:n, :, 2] <= TOUCHING_M  # (n, P)
+    both = planted[1:] & planted[:-1]  # a point touching in two consecutive frames
+    slips = (np.linalg.norm(feet[1:n, :, :2] - feet[:n - 1, :, :2], axis=-1)[both] * fps).tolist()
+    residual_force = np.linalg.norm(residuals[:, :, :3], axis=-1).sum(axis=1) * share  # (T,): over frame t's interval
+    residual_torque = np.linalg.norm(residuals[:, :, 3:], axis=-1).sum(axis=1) * share
+    contact_force = vertical.sum(axis=1) * share
     survival = failed_at / T
     alive = max(1, failed_at)
     rise = float(np.mean(rises)) if rises else float("nan")
     slip = float(np.mean(slips)) if slips else 0.0
-    reference_joints, reference_feet = reference_kinematics(humanoid, qpos)
     planted_speed = planted_foot_speed(reference_feet, fps, cfg.planted_band_m)
     executed = max(2, failed_at)  # frames compared; those after a fall repeat the fallen state
-    unexecuted = unexecuted_speed(reference_joints[:executed], simulated[:executed], fps)
+    unexecuted = unexecuted_speed(reference[:executed], simulated[:executed], fps)
     success = (failed_at == T and residual_force[:alive].mean() <= cfg.max_residual_per_weight * humanoid.weight_n
                and rise <= cfg.max_pelvis_rise_m and planted_speed <= cfg.max_planted_foot_speed_m_per_s
                and unexecuted <= cfg.max_unexecuted_speed_m_per_s)
