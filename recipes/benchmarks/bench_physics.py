@@ -80,7 +80,7 @@ SUNK_BELOW_CONTACT = "sunk 5 cm below contact"
 """The separation's extra row: ``edits.sunk_below_contact`` at 5 cm, from each window's own contact height (the literal
 "sunk 5 cm" row sinks from z = 0, which returns a capture that floats 5 cm to the floor)."""
 FAILING = ("fell", "residual", "pelvis", "planted", "unexecuted")
-"""The success criteria ``--sweep`` counts failures of, by the first word ``_failed_criteria`` gives them."""
+"""The success criteria ``--sweep`` counts failures of, by the first word ``failed_criteria`` gives them."""
 
 
 def _best_ms(fn, repeats: int) -> float:
@@ -249,7 +249,7 @@ def sweep(task: EgoMotionTask, split: str, tracking: TrackingConfig, humanoid: H
         t0 = time.perf_counter()
         tr = run(h, qpos)
         rows.append((tr.success, tr.survival, tr.assist_n / h.weight_n, (time.perf_counter() - t0) * 1e3,
-                     _failed_criteria(tr, h.weight_n, tracking)))
+                     failed_criteria(tr, h.weight_n, tracking)))
     success, survival, residual, ms, failed = zip(*rows, strict=True)
     return {"split": split, "motions": n, "success": float(np.mean(success)), "survival": float(np.mean(survival)),
             "residual_per_weight": float(np.mean(residual)), "ms_per_motion": float(np.median(ms)),
@@ -334,7 +334,7 @@ def separation(task: EgoMotionTask, split: str, limit: int) -> dict:
                                 "pelvis_rise_m": tr.pelvis_rise_m, "contact_height_m": contact,
                                 "planted_foot_speed_m_per_s": tr.planted_foot_speed_m_per_s,
                                 "unexecuted_speed_m_per_s": tr.unexecuted_speed_m_per_s,
-                                "failed": _failed_criteria(tr, h.weight_n)})
+                                "failed": failed_criteria(tr, h.weight_n)})
         windows[-1]["kinds"] = kinds
     truth = np.array(rows["ground truth"]["tracking_residual_per_weight"])
     return {"windows": n, "motions": len(_unmirrored(task, split)),
@@ -344,7 +344,7 @@ def separation(task: EgoMotionTask, split: str, limit: int) -> dict:
                                                 for q in (0.1, 0.5, 0.9, 1.0)}}
 
 
-def _failed_criteria(tr, weight_n: float, cfg: TrackingConfig | None = None) -> list[str]:
+def failed_criteria(tr, weight_n: float, cfg: TrackingConfig | None = None) -> list[str]:
     """The success criteria (``TrackingConfig``) a tracking result misses, in words."""
     cfg, T = cfg or TrackingConfig(), len(tr.residual_force_n)
     failed = []
