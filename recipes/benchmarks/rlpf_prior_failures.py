@@ -5,8 +5,9 @@ The prior (``--prior``, default the shipped demo prior) samples ``--noises`` mot
 rolls out (K = ``--steps``), and the balancing tracker (``physics/tracking.py``) runs each. For every sample it
 records the outcome, the criterion's measures and the criteria it misses (``bench_physics.failed_criteria``);
 the summary counts samples per missed criterion. It reads no test window unless asked (``--split test``).
+Run it as a module (it imports ``recipes.benchmarks.bench_physics``):
 
-    python recipes/benchmarks/rlpf_prior_failures.py --output docs/data/rlpf_prior_failures_post_train.json
+    python -m recipes.benchmarks.rlpf_prior_failures --output docs/data/rlpf_prior_failures_post_train.json
 """
 
 from __future__ import annotations
