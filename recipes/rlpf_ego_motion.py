@@ -68,7 +68,8 @@ from tasks.ego_motion.task import EgoMotionTask
 VARIANTS = ("physics", "physics+alignment", "physics+alignment+joint")
 PHYSICS_REWARDS = ("physics_residual", "physics_tracking", "physics_contact")
 
-REPORTED = ("tracking_success", "tracking_survival", "residual_force_per_weight", "skating_m", "penetration_m",
+REPORTED = ("tracking_success", "tracking_graded", "tracking_survival", "tracking_planted_foot_speed_m_per_s",
+            "tracking_residual_per_weight", "residual_force_per_weight", "skating_m", "penetration_m",
             "floating_m", "foot_skating_m", "ground_penetration_m", "jitter_m_per_s3", "mpjpe_mm", "pa_mpjpe_mm")
 """Columns of the results table: physics measures (physics/evaluator.py), then MotionGRPO's metrics."""
 
