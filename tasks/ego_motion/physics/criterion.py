@@ -71,8 +71,8 @@ def contact_height_m(foot_points: np.ndarray) -> float:
 
 def planted_foot_speed(foot_points: np.ndarray, fps: float, band_m: float) -> float:
     """How fast the motion's planted feet slide (m/s): over the foot points and adjacent frame pairs in which the point
-    is within ``band_m`` of the motion's :func:`contact_height_m` in both frames, the median horizontal speed; 0 when
-    no point is planted in two consecutive frames.
+    is at most ``band_m`` above the motion's :func:`contact_height_m` (or below it) in both frames, the median
+    horizontal speed; 0 when no point is planted in two consecutive frames.
 
     Relative to the motion's own contact height, so a capture that floats or sinks a few centimetres is judged on
     its sliding alone (the floor's height is the pelvis-rise and residual criteria's business). The median, not the

@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 PHYSICS_METRIC_UNITS: dict[str, str] = {
     "residual_force_per_weight": "mean root residual force / (m g), unitless",
     "residual_torque_per_weight": "mean root residual torque / (m g x 1 m), unitless",
-    "tracking_success": "1 if the balancing tracker executed every frame with little residual, else 0",
+    "tracking_success": "1 if the balancing tracker executed every frame and every success criterion held, else 0",
     "tracking_graded": "survival x prod over the success criteria of min(1, bound / measure), in [0, 1]; 1 iff success",
     "tracking_pelvis_rise_m": "mean height of the simulated pelvis above the reference's, m",
     "tracking_planted_foot_speed_m_per_s": "median horizontal speed of the reference's planted foot points, m/s",

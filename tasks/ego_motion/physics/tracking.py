@@ -148,7 +148,9 @@ class TrackingResult:
         planted_foot_speed_m_per_s: how fast the reference's planted feet slide (m/s,
             :func:`criterion.planted_foot_speed`).
         unexecuted_speed_m_per_s: the reference's path length minus the humanoid's, per joint and second, over the
-            executed frames (m/s, :func:`criterion.unexecuted_speed`).
+            executed frames, at least frames 0 and 1 (so a fall at frame 1 compares the fallen state: a large
+            negative value, harmless to the criterion, which bounds it from above) (m/s,
+            :func:`criterion.unexecuted_speed`).
     """
 
     success: bool
