@@ -28,7 +28,6 @@ from torch import Tensor
 
 from ..body.body_model import BodyModel
 from ..data.windows import NUM_BETAS, TARGET_FPS
-from .criterion import graded_success
 from .dynamics import InverseDynamicsConfig, inverse_dynamics
 from .humanoid import NUM_HUMANOID_BODIES, HumanoidCache, HumanoidConfig
 from .plausibility import PlausibilityConfig, plausibility
@@ -166,13 +165,8 @@ class PhysicsEvaluator:
             "invalid": 0.0,
         }
         if self.cfg.simulate:
-            cfg = self.cfg.tracking
-            tr = track(humanoid, qpos, self.fps, cfg)
-            graded = graded_success(tr.survival, [(tr.assist_n / weight, cfg.max_residual_per_weight),
-                                                  (tr.pelvis_rise_m, cfg.max_pelvis_rise_m),
-                                                  (tr.planted_foot_speed_m_per_s, cfg.max_planted_foot_speed_m_per_s),
-                                                  (tr.unexecuted_speed_m_per_s, cfg.max_unexecuted_speed_m_per_s)])
-            out.update(tracking_success=float(tr.success), tracking_survival=tr.survival, tracking_graded=graded,
+            tr = track(humanoid, qpos, self.fps, self.cfg.tracking)
+            out.update(tracking_success=float(tr.success), tracking_survival=tr.survival, tracking_graded=tr.graded,
                        tracking_pelvis_rise_m=tr.pelvis_rise_m,
                        tracking_planted_foot_speed_m_per_s=tr.planted_foot_speed_m_per_s,
                        tracking_unexecuted_speed_m_per_s=tr.unexecuted_speed_m_per_s,

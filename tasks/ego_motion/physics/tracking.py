@@ -45,7 +45,7 @@ import numpy as np
 
 from ..body.geometry import HEAD_JOINT
 from .balance import BalanceController
-from .criterion import planted_foot_speed, reference_kinematics, unexecuted_speed
+from .criterion import graded_success, planted_foot_speed, reference_kinematics, unexecuted_speed
 from .dynamics import smoothed_derivatives
 from .humanoid import Humanoid
 
@@ -133,7 +133,8 @@ class TrackingResult:
     """Outcome of tracking one motion.
 
     Attributes:
-        success: every frame executed within ``fail_distance_m``, with mean residual force <= the bound.
+        success: every frame executed within ``fail_distance_m``, and every success criterion within its bound.
+        graded: :func:`criterion.graded_success` of the same criteria, in [0, 1]; 1 iff ``success``.
         survival: fraction of the T frames before the first fall, in [0, 1].
         tracking_error_m: mean joint position error over the survived frames, frame 0 included (m).
         pelvis_rise_m: mean height of the simulated pelvis above the reference's over the survived frames (m).
@@ -154,6 +155,7 @@ class TrackingResult:
     """
 
     success: bool
+    graded: float
     survival: float
     tracking_error_m: float
     pelvis_rise_m: float
@@ -286,10 +288,11 @@ def track(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: TrackingConfig 
     planted_speed = planted_foot_speed(reference_feet, fps, cfg.planted_band_m)
     executed = max(2, failed_at)  # frames compared; those after a fall repeat the fallen state
     unexecuted = unexecuted_speed(reference[:executed], simulated[:executed], fps)
-    success = (failed_at == T and residual_force[:alive].mean() <= cfg.max_residual_per_weight * humanoid.weight_n
-               and rise <= cfg.max_pelvis_rise_m and planted_speed <= cfg.max_planted_foot_speed_m_per_s
-               and unexecuted <= cfg.max_unexecuted_speed_m_per_s)
-    return TrackingResult(success=bool(success), survival=survival,
+    criteria = [(residual_force[:alive].mean() / humanoid.weight_n, cfg.max_residual_per_weight),  # (measure, bound)
+                (rise, cfg.max_pelvis_rise_m), (planted_speed, cfg.max_planted_foot_speed_m_per_s),
+                (unexecuted, cfg.max_unexecuted_speed_m_per_s)]
+    success = failed_at == T and all(measure <= bound for measure, bound in criteria)  # NaN fails
+    return TrackingResult(success=bool(success), graded=graded_success(survival, criteria), survival=survival,
                           tracking_error_m=float(np.mean(errors)) if errors else float("nan"), pelvis_rise_m=rise,
                           foot_slip_m_per_s=slip,
                           residual_force_n=residual_force, residual_torque_nm=residual_torque,
