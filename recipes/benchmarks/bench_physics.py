@@ -64,7 +64,7 @@ from tasks.ego_motion.physics.edits import EDITS, sunk_below_contact
 from tasks.ego_motion.physics.evaluator import PhysicsEvaluator
 from tasks.ego_motion.physics.humanoid import HumanoidConfig, build_humanoid
 from tasks.ego_motion.physics.plausibility import plausibility
-from tasks.ego_motion.physics.tracking import TrackingConfig, track
+from tasks.ego_motion.physics.tracking import TrackingConfig, success_criteria, track
 from tasks.ego_motion.sampling.sampler import sample_motion
 from tasks.ego_motion.task import DEMO_PRIOR_PATH, EgoMotionTask, EgoMotionTaskConfig
 
@@ -518,10 +518,11 @@ STUDY_RESIDUAL_BOUNDS = (0.1, 0.12, 0.15, 0.2, 0.3, 1.0)
 def _succeeds(m: dict, cfg: TrackingConfig, max_residual_per_weight: float | None = None) -> bool:
     """Success from one run's recorded measures (``separation``'s per-window ``kinds``) under ``cfg``'s criterion:
     the thresholds only decide success, not the simulation, so they can be recounted without simulating again."""
-    bound = cfg.max_residual_per_weight if max_residual_per_weight is None else max_residual_per_weight
-    return (m["survival"] == 1.0 and m["residual_per_weight"] <= bound and m["pelvis_rise_m"] <= cfg.max_pelvis_rise_m
-            and m["planted_foot_speed_m_per_s"] <= cfg.max_planted_foot_speed_m_per_s
-            and m["unexecuted_speed_m_per_s"] <= cfg.max_unexecuted_speed_m_per_s)
+    if max_residual_per_weight is not None:
+        cfg = dataclasses.replace(cfg, max_residual_per_weight=max_residual_per_weight)
+    criteria = success_criteria(cfg, m["residual_per_weight"], m["pelvis_rise_m"], m["planted_foot_speed_m_per_s"],
+                                m["unexecuted_speed_m_per_s"])
+    return m["survival"] == 1.0 and all(measure <= bound for measure, bound in criteria)
 
 
 def criterion_study(result: dict, split: str = "post_train") -> str:

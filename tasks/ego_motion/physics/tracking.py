@@ -182,6 +182,16 @@ class TrackingResult:
         return max(1, round(self.survival * len(self.residual_force_n)))
 
 
+def success_criteria(cfg: TrackingConfig, residual_per_weight: float, pelvis_rise_m: float,
+                     planted_foot_speed_m_per_s: float, unexecuted_speed_m_per_s: float) -> list[tuple[float, float]]:
+    """The success criteria beyond surviving every frame, as (measure, bound) pairs with ``cfg``'s bounds: the mean
+    root residual force / (m g), the mean pelvis rise (m), the planted feet's speed and the unexecuted motion (m/s).
+    A motion that survives succeeds when every measure is at most its bound (module doc)."""
+    return [(residual_per_weight, cfg.max_residual_per_weight), (pelvis_rise_m, cfg.max_pelvis_rise_m),
+            (planted_foot_speed_m_per_s, cfg.max_planted_foot_speed_m_per_s),
+            (unexecuted_speed_m_per_s, cfg.max_unexecuted_speed_m_per_s)]
+
+
 def track(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: TrackingConfig | None = None) -> TrackingResult:
     """Simulate the balancing tracker (module doc) on the reference motion ``qpos`` (T, nq) sampled at ``fps``.
 
@@ -288,9 +298,7 @@ def track(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: TrackingConfig 
     planted_speed = planted_foot_speed(reference_feet, fps, cfg.planted_band_m)
     executed = max(2, failed_at)  # frames compared; those after a fall repeat the fallen state
     unexecuted = unexecuted_speed(reference[:executed], simulated[:executed], fps)
-    criteria = [(residual_force[:alive].mean() / humanoid.weight_n, cfg.max_residual_per_weight),  # (measure, bound)
-                (rise, cfg.max_pelvis_rise_m), (planted_speed, cfg.max_planted_foot_speed_m_per_s),
-                (unexecuted, cfg.max_unexecuted_speed_m_per_s)]
+    criteria = success_criteria(cfg, residual_force[:alive].mean() / humanoid.weight_n, rise, planted_speed, unexecuted)
     success = failed_at == T and all(measure <= bound for measure, bound in criteria)  # NaN fails
     return TrackingResult(success=bool(success), graded=graded_success(survival, criteria), survival=survival,
                           tracking_error_m=float(np.mean(errors)) if errors else float("nan"), pelvis_rise_m=rise,
