@@ -7,7 +7,9 @@ and no held-out number moves. These measurements say so directly:
 - gradient agreement: the cosine between the policy gradients of two disjoint sets of groups.
   Two independent estimates of the same expected gradient have cosine ~ SNR^2 / (1 + SNR^2) for a
   per-estimate signal-to-noise ratio SNR (||E g||^2 / E||g - E g||^2), so ~0 means noise. Taken per
-  bucket of sampling steps (early / middle / late) to see which steps carry signal.
+  bucket of sampling steps (early / middle / late) to see which steps carry signal for the objectives
+  that re-score the stored steps (ratio, x0 regression); on the update's own loss terms for the
+  forward-process objectives (DiffusionNFT, AWM: :func:`forward_gradient_agreement`).
 - per-step gradient norms ||grad of the step-k loss||.
 - policy movement: the mean per-step KL between the step Gaussians before and after an update on
   the same stored states (equal stds, so KL = ||mu_new - mu_old||^2 / (2 std^2)), and ||delta theta||.
@@ -25,7 +27,9 @@ from torch import Tensor, nn
 
 from diffgrpo.chain import SamplingChain
 from diffgrpo.config import GRPOConfig
-from diffgrpo.loss import gaussian_step_kl
+from diffgrpo.ema import ParameterEMA
+from diffgrpo.forward_update import forward_terms_loss, plain_model_fn, prepare_forward_terms
+from diffgrpo.loss import FORWARD_OBJECTIVES, gaussian_step_kl
 from diffgrpo.modes import evaluation_mode
 from diffgrpo.rollout import score_step
 from diffgrpo.task import Task
@@ -95,13 +99,7 @@ def gradient_agreement(
     bucket, and the norm of each step's gradient (whole batch). Keys ``grad/cos_halves[/<bucket>]``,
     ``grad/norm/step_<k>``. Steps are weighted as the update weighs them (``cfg.step_weighting``);
     every step in ``steps`` is included, whatever ``cfg.steps`` selects in a given update."""
-    group_ids = data.trajectory.group_ids
-    unique = torch.unique(group_ids)
-    if unique.numel() < 2:
-        raise ValueError("gradient agreement needs at least 2 groups (conditions) in the batch")
-    first = torch.isin(group_ids, unique[: unique.numel() // 2])
-    row_sets = [first.nonzero().flatten(), (~first).nonzero().flatten()]
-    halves = policy_gradients(task, model, chain, data, cfg=cfg, row_sets=row_sets, steps=steps)
+    halves = policy_gradients(task, model, chain, data, cfg=cfg, row_sets=group_halves(data), steps=steps)
     logs: dict[str, float] = {}
     num_steps = data.trajectory.num_steps
     weight = step_weights(data.trajectory, list(steps), cfg.step_weighting)  # as the update weighs its steps
@@ -115,6 +113,62 @@ def gradient_agreement(
         # mean of the two halves' gradients (each averaged over its own rows) ~ the whole batch's
         logs[f"grad/norm/step_{k:02d}"] = float((0.5 * (halves[0][k] + halves[1][k])).norm())
     return logs
+
+
+def group_halves(data: RolloutBatch) -> list[Tensor]:
+    """(n_i,) row indices of the first and the second half of the batch's groups (whole groups each)."""
+    group_ids = data.trajectory.group_ids
+    unique = torch.unique(group_ids)
+    if unique.numel() < 2:
+        raise ValueError("gradient agreement needs at least 2 groups (conditions) in the batch")
+    first = torch.isin(group_ids, unique[: unique.numel() // 2])
+    return [first.nonzero().flatten(), (~first).nonzero().flatten()]
+
+
+def forward_gradient_agreement(
+    task: Task,
+    model: nn.Module,
+    chain: SamplingChain,
+    data: RolloutBatch,
+    *,
+    cfg: GRPOConfig,
+    generator: torch.Generator,
+    old_policy: ParameterEMA | None = None,
+    reference: nn.Module | None = None,
+) -> dict[str, float]:
+    """Gradient agreement of the forward-process objectives (DiffusionNFT, AWM), at the current weights.
+
+    The cosine between the update-loss gradients of the first and the second half of the groups
+    (``grad/cos_halves``) and the norm of their mean (``grad/norm``). The loss is the update's own
+    (``diffgrpo.forward_update``): ``cfg.loss.timesteps_per_sample`` forward noisings of the rollout's final
+    samples drawn from ``generator`` (pass one of its own, not a run stream, so that a run with diagnostics
+    samples what one without them does), with the run's ``old_policy`` (objective 'nft') and the guard's
+    ``reference`` (``kl_coef > 0``). Each half runs in micro-batches of ``cfg.micro_batch_size`` rows, weighted
+    by their row counts. Raises ValueError for a step objective (use :func:`gradient_agreement`) or fewer than
+    2 groups. Nothing is accumulated in ``.grad``.
+    """
+    if cfg.loss.objective not in FORWARD_OBJECTIVES:
+        raise ValueError(f"objective={cfg.loss.objective!r} trains the stored steps: use gradient_agreement")
+    params = [p for p in model.parameters() if p.requires_grad]
+    traj = data.trajectory
+    n = traj.samples.shape[0]
+    step = cfg.micro_batch_size
+    terms = prepare_forward_terms(task, model, chain, traj.samples, traj.cond,
+                                  [slice(i, min(i + step, n)) for i in range(0, n, step)], cfg=cfg,
+                                  generator=generator, reference=reference, old_policy=old_policy)
+    model_fn = plain_model_fn(task, model)
+    draws = range(cfg.loss.timesteps_per_sample)
+    halves = []
+    with evaluation_mode(model):
+        for rows in group_halves(data):
+            rows = rows.to(traj.samples.device)
+            grad = torch.zeros(sum(p.numel() for p in params))
+            for chunk in rows.split(step):
+                loss = sum(forward_terms_loss(model_fn, terms, traj.cond, data.advantages.advantages,
+                                              data.advantages.mask, j, chunk, cfg=cfg)[0] for j in draws)
+                grad += flat_grad(loss / len(draws), params).cpu() * (chunk.numel() / rows.numel())
+            halves.append(grad)
+    return {"grad/cos_halves": cosine(*halves), "grad/norm": float((0.5 * (halves[0] + halves[1])).norm())}
 
 
 @torch.no_grad()

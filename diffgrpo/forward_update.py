@@ -111,12 +111,13 @@ def prepare_forward_terms(
 
 
 def forward_terms_loss(
-    model_fn, terms: ForwardTerms, cond, advantages: Tensor, mask: Tensor, draw: int, rows: slice, *,
+    model_fn, terms: ForwardTerms, cond, advantages: Tensor, mask: Tensor, draw: int, rows: slice | Tensor, *,
     cfg: GRPOConfig,
 ) -> tuple[Tensor, NFTStats | AWMStats]:
     """The nft / awm loss of one (micro-batch ``rows``, noise draw ``draw``) term and its stats.
 
-    ``model_fn``: :func:`plain_model_fn` of the trained model; ``advantages``, ``mask``: (N,) of the rollout.
+    ``model_fn``: :func:`plain_model_fn` of the trained model; ``advantages``, ``mask``: (N,) of the rollout;
+    ``rows``: a slice or (n,) row indices.
     The loss averages over the kept samples of ``rows``; the guard's weight is ``cfg.loss.kl_coef``.
     """
     full = terms.noised[draw]

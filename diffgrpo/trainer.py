@@ -23,14 +23,21 @@ from diffgrpo.chain import SamplingChain
 from diffgrpo.checkpoint import Checkpoint
 from diffgrpo.checkpoint_selection import Selected, best_in_history, needs_repair, save_selected
 from diffgrpo.config import GRPOConfig, SamplerConfig
-from diffgrpo.diagnostics import gradient_agreement, parameter_vector, policy_movement, step_means
+from diffgrpo.diagnostics import (
+    forward_gradient_agreement,
+    gradient_agreement,
+    parameter_vector,
+    policy_movement,
+    step_means,
+)
 from diffgrpo.guidance import check_guidance
 from diffgrpo.loss import FORWARD_OBJECTIVES
 from diffgrpo.nft import update_old_policy
 from diffgrpo.probe import evaluate_probe
 from diffgrpo.rewards import RewardSet, available_rewards
+from diffgrpo.rng import make_generator
 from diffgrpo.rollout import resolve_steps
-from diffgrpo.run_state import run_record, start_run
+from diffgrpo.run_state import GRPORun, run_record, start_run
 from diffgrpo.task import Batch, Task, batch_to, x0_pred_steps_of
 from diffgrpo.train_step import RolloutBatch, collect, diversity, make_perturber, policy_update
 
@@ -70,10 +77,6 @@ def check_run(task: Task, cfg: GRPOConfig, chain: SamplingChain) -> None:
                          "sampler)")
     if replays_steps:  # nft and awm train on fresh forward noise: the chain's own noise is not trained on
         check_stochastic_steps(chain)
-    if cfg.diagnostics_every and not replays_steps:
-        raise ValueError(f"--grpo.diagnostics-every measures the gradients of the rollout's step terms, which "
-                         f"objective={cfg.loss.objective!r} does not train; set it to 0 (the iteration logs carry "
-                         "policy/relative_step and, for nft, loss/old_deviation)")
     several = cfg.inner_epochs * cfg.num_minibatches > 1
     if replays_steps and several and chain.sampler.log_prob_reduction == "sum" and cfg.loss.clip_range is None:
         raise ValueError(
@@ -268,7 +271,7 @@ def train_grpo(
                        group_id_offset=group_id_offset(it, rank, world, cfg.conditions_per_iteration),
                        autocast=accelerator.autocast)
         diagnose = bool(cfg.diagnostics_every) and it % cfg.diagnostics_every == 0
-        before = update_diagnostics_before(task, policy, chain, data, cfg) if diagnose else None
+        before = update_diagnostics_before(task, policy, chain, data, cfg, it, run) if diagnose else None
         theta_before = parameter_vector(policy)
         stats = policy_update(task, run.model, chain, data, run.optimizer, cfg=cfg,       # l.7-9
                               generator=run.streams.step_selection, accelerator=accelerator,
@@ -298,10 +301,17 @@ def train_grpo(
 
 
 def update_diagnostics_before(task: Task, policy: nn.Module, chain: SamplingChain, data: RolloutBatch,
-                              cfg: GRPOConfig) -> dict:
-    """Gradient agreement of the two halves of the groups (per step bucket), per-step gradient norms,
-    and the state needed to measure the update's step KL (``diffgrpo.diagnostics``). Draws nothing
-    from the run's random streams, so a run with diagnostics samples what one without them does."""
+                              cfg: GRPOConfig, iteration: int, run: GRPORun) -> dict:
+    """Gradient agreement of the two halves of the groups and the state needed to measure the update's
+    movement (``diffgrpo.diagnostics``). Ratio and x0 regression: per step bucket, per-step gradient norms and
+    the step means for the update's step KL; DiffusionNFT and AWM: on the update's own forward-process loss
+    (with the run's old policy and guard reference), whose noisings come from a generator of their own
+    (seed, "diagnostics", iteration). Draws nothing from the run's random streams, so a run with diagnostics
+    samples what one without them does."""
+    if cfg.loss.objective in FORWARD_OBJECTIVES:
+        generator = make_generator(cfg.seed, "diagnostics", iteration, device=data.trajectory.samples.device)
+        return {"logs": forward_gradient_agreement(task, policy, chain, data, cfg=cfg, generator=generator,
+                                                   old_policy=run.old_policy, reference=run.reference)}
     steps = data.trajectory.is_stochastic.nonzero().flatten().tolist()
     rows = slice(0, min(cfg.micro_batch_size, 16, data.trajectory.states.shape[0]))
     return {"logs": gradient_agreement(task, policy, chain, data, cfg=cfg, steps=steps),
@@ -311,12 +321,13 @@ def update_diagnostics_before(task: Task, policy: nn.Module, chain: SamplingChai
 
 def update_diagnostics_after(task: Task, policy: nn.Module, chain: SamplingChain, data: RolloutBatch, cfg: GRPOConfig,
                              before: dict, theta_start) -> dict[str, float]:
-    """Add the update's movement: per-step KL(new || old) on up to 16 stored chains and
-    ||theta - theta_start|| / ||theta_start|| (theta_start: the weights when this call began)."""
-    after = step_means(task, policy, chain, data, cfg=cfg, rows=before["rows"], steps=before["steps"])
-    theta = parameter_vector(policy)
-    return {**before["logs"], **policy_movement(before["means"], after, reduction=chain.sampler.log_prob_reduction),
-            "policy/drift_since_start": relative_change(theta, theta_start)}
+    """Add the update's movement: ||theta - theta_start|| / ||theta_start|| (theta_start: the weights when this
+    call began) and, for the step objectives, the per-step KL(new || old) on up to 16 stored chains."""
+    logs = {**before["logs"], "policy/drift_since_start": relative_change(parameter_vector(policy), theta_start)}
+    if "means" in before:
+        after = step_means(task, policy, chain, data, cfg=cfg, rows=before["rows"], steps=before["steps"])
+        logs.update(policy_movement(before["means"], after, reduction=chain.sampler.log_prob_reduction))
+    return logs
 
 
 def relative_change(theta, theta_before) -> float:

@@ -12,7 +12,9 @@ from accelerate import Accelerator
 
 from diffgrpo.cli import flags_spelled
 from diffgrpo.config import GRPOConfig, OptimConfig, PerturbConfig, StepSelectionConfig
+from diffgrpo.diagnostics import flat_grad, forward_gradient_agreement
 from diffgrpo.ema import ParameterEMA
+from diffgrpo.forward_update import forward_terms_loss, plain_model_fn, prepare_forward_terms
 from diffgrpo.loss import LossConfig
 from diffgrpo.nft import NFTConfig, OldPolicySchedule
 from diffgrpo.rewards import RewardSet
@@ -187,3 +189,51 @@ def test_resume_is_bit_identical_with_old_policy_and_reference(objective, tmp_pa
     if objective == "nft":
         assert hist_a["loss/old_deviation"] == hist_b["loss/old_deviation"]
         assert hist_a["old_policy/decay"] == [0.0, 0.2, 0.4, 0.5]
+
+
+@pytest.mark.parametrize("objective", ["nft", "awm"])
+def test_forward_objectives_gradient_agreement_is_the_updates_own_gradient(objective):
+    """The halves' mean gradient is the whole batch's update gradient (the loss averages over rows, halves of
+    equal size), for the same forward noisings; with several micro-batches per half the result is unchanged."""
+    torch.manual_seed(0)
+    task, model = ToyTask("flow"), ToyNet()
+    cfg = _cfg(objective, loss=LossConfig(objective=objective, kl_coef=0.1))
+    chain = toy_chain(task)
+    data = _rollout(task, model, chain, cfg)
+    old = ParameterEMA(model, 0.0) if objective == "nft" else None
+    reference = reference_policy(model)
+    logs = forward_gradient_agreement(task, model, chain, data, cfg=cfg, generator=make_generator(0, "d"),
+                                      old_policy=old, reference=reference)
+    n = data.trajectory.samples.shape[0]
+    terms = prepare_forward_terms(task, model, chain, data.trajectory.samples, data.trajectory.cond, [slice(0, n)],
+                                  cfg=cfg, generator=make_generator(0, "d"), reference=reference, old_policy=old)
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss, _ = forward_terms_loss(plain_model_fn(task, model), terms, data.trajectory.cond,
+                                 data.advantages.advantages, data.advantages.mask, 0, slice(0, n), cfg=cfg)
+    assert logs["grad/norm"] == pytest.approx(float(flat_grad(loss, params).norm()), rel=1e-5)
+    assert -1 <= logs["grad/cos_halves"] <= 1
+    chunked = forward_gradient_agreement(task, model, chain, data, cfg=dataclasses.replace(cfg, micro_batch_size=3),
+                                         generator=make_generator(0, "d"), old_policy=old, reference=reference)
+    assert chunked == pytest.approx(logs, rel=1e-5)
+    with pytest.raises(ValueError, match="use gradient_agreement"):
+        forward_gradient_agreement(task, model, chain, data, cfg=_cfg("ratio"), generator=make_generator(0, "d"))
+
+
+@pytest.mark.parametrize("objective", ["nft", "awm"])
+def test_forward_objectives_run_with_diagnostics_without_changing_the_run(objective, tmp_path):
+    """--grpo.diagnostics-every with DiffusionNFT or AWM: the gradient agreement and the drift are logged, and
+    the weights end where those of the same run without diagnostics do (the diagnostics draw no run noise)."""
+    task = ToyTask("flow")
+    cfg = _cfg(objective, num_iterations=3, checkpoint_every=0)
+    ends = []
+    for every in (0, 1):
+        torch.manual_seed(0)
+        model = ToyNet()
+        history = train_grpo(task, model, dataclasses.replace(cfg, diagnostics_every=every),
+                             accelerator=Accelerator(cpu=True), output_dir=tmp_path / str(every))
+        ends.append(_params(model))
+    assert len(history["grad/cos_halves"]) == 3 and all(-1 <= c <= 1 for c in history["grad/cos_halves"])
+    drift = history["policy/drift_since_start"]
+    assert 0 < drift[0] < drift[-1]
+    for key, value in ends[0].items():
+        assert torch.equal(value, ends[1][key]), key
