@@ -186,11 +186,15 @@ class SelectionConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with linear warm-up and gradient clipping."""
+    """AdamW with linear warm-up, an optional decay of the learning rate, and gradient clipping."""
 
     learning_rate: float = 1e-5
     weight_decay: float = 1e-4
     warmup_steps: int = 0
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """After the warm-up: constant, or decaying to 0 at the run's last optimiser step (num_iterations x
+    inner_epochs x num_minibatches), linearly or as a half cosine (Loshchilov and Hutter 2017, SGDR, without
+    restarts). A decaying schedule is tied to the run's length: a resume may not change num_iterations."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (0 = no clipping)."""
     betas: tuple[float, float] = (0.9, 0.999)
@@ -213,6 +217,8 @@ class OptimConfig:
             raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         if self.warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.lr_schedule not in ("constant", "linear", "cosine"):
+            raise ValueError(f"optim.lr_schedule={self.lr_schedule!r} is not one of 'constant', 'linear', 'cosine'")
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
             raise ValueError(f"optim.max_grad_norm must be >= 0 (0 = no clipping), got {self.max_grad_norm}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

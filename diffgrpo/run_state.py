@@ -12,6 +12,7 @@ holding checkpoints unless ``GRPOConfig.overwrite_output_dir`` says to start ove
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -46,12 +47,29 @@ logger = logging.getLogger(__name__)
 
 
 def make_optimizer(model: nn.Module, cfg: GRPOConfig):
-    """AdamW and a linear warm-up schedule (constant afterwards)."""
+    """AdamW and its learning-rate schedule (``OptimConfig.lr_schedule``), stepped once per optimiser step."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.learning_rate,
                                   weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas)
-    warmup = max(cfg.optim.warmup_steps, 0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+    total = cfg.num_iterations * cfg.inner_epochs * cfg.num_minibatches
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_factor, warmup=cfg.optim.warmup_steps, total=total,
+                                     shape=cfg.optim.lr_schedule))
     return optimizer, schedule
+
+
+def lr_factor(step: int, *, warmup: int, total: int, shape: str) -> float:
+    """The learning rate of optimiser step ``step`` (0-based) over the configured one.
+
+    Warm-up: (step + 1) / (warmup + 1) for the first ``warmup`` steps. Then, with p = (step - warmup) / (total -
+    warmup) the fraction of the decay done: 1 ('constant'), 1 - p ('linear') or (1 + cos(pi p)) / 2 ('cosine',
+    SGDR's half cosine to 0), so the last of ``total`` steps runs at 1 / (total - warmup) of the rate ('linear').
+    """
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if shape == "constant" or total <= warmup:
+        return 1.0
+    done = min((step - warmup) / (total - warmup), 1.0)
+    return 1.0 - done if shape == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
 
 
 @dataclass
@@ -291,6 +309,7 @@ FIELDS_ADDED_LATER = {("sampler", "guidance_scale"): 1.0, ("rollout_chunks",): 1
                       ("sampler", "noise_frequencies"): None, ("sampler", "noise_features"): None,
                       ("ema",): {"use_ema": False, "decay": 0.9, "use_for_eval": False}, ("perturb", "params"): [],
                       ("optim", "on_nonfinite"): "skip", ("optim", "max_consecutive_nonfinite"): 3,
+                      ("optim", "lr_schedule"): "constant",
                       **{("loss", name): json.loads(json.dumps(asdict(value)))
                          for name, value in (("nft", NFTConfig()), ("old_policy", OldPolicySchedule()),
                                              ("awm", AWMConfig()), ("forward_timesteps", TimestepSampling()))},
@@ -323,6 +342,12 @@ def check_resumable(saved: dict, current: dict, path) -> None:
     unrecorded = [k for k in FINGERPRINT_ADDED_LATER if k in current and k not in saved]
     if unrecorded:
         logger.warning("%s predates the run fingerprint's %s: resuming without comparing them", path, unrecorded)
+    schedule = (current.get("optim") or {}).get("lr_schedule", "constant")
+    if schedule != "constant" and saved.get("num_iterations") != current.get("num_iterations"):
+        raise ValueError(f"--resume with num_iterations {current.get('num_iterations')} where {path} was written with "
+                         f"{saved.get('num_iterations')}: the learning rate decays ('{schedule}') over the run's "
+                         "iterations, so the iterations already run would have had another rate; resume with "
+                         f"--grpo.num-iterations {saved.get('num_iterations')}, or start a new --output-dir")
     changed = {k: _difference(saved.get(k), current[k]) for k in current
                if k not in RESUMABLE_CHANGES and k not in unrecorded and saved.get(k) != current[k]}
     if changed:

@@ -251,3 +251,48 @@ def test_rollout_chunks_must_divide_the_batch():
         collect(task, model, toy_chain(task), task.load_examples("train", torch.arange(3)), cfg=cfg,
                 rewards=RewardSet.from_specs({"toy_closeness": 1.0}), perturber=make_perturber(cfg),
                 generator=make_generator(0), group_id_offset=0)
+
+
+def test_learning_rate_schedules_follow_their_formulas_and_resume_bit_identically(tmp_path):
+    """OptimConfig.lr_schedule: the rates of a 2-step warm-up then 4 decaying optimiser steps, by hand; a cosine
+    run resumed halfway ends on the straight run's weights; a decaying run refuses to be extended."""
+    rates = {}
+    for shape in ("constant", "linear", "cosine"):
+        cfg = _cfg(num_iterations=3, num_minibatches=2, optim=OptimConfig(learning_rate=1.0, warmup_steps=2,
+                                                                          lr_schedule=shape))
+        optimizer, schedule = make_optimizer(ToyNet(), cfg)
+        rates[shape] = []
+        for _ in range(6):
+            rates[shape].append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+    warm = [1 / 3, 2 / 3]
+    assert rates["constant"] == pytest.approx(warm + [1, 1, 1, 1])
+    assert rates["linear"] == pytest.approx(warm + [1, 3 / 4, 1 / 2, 1 / 4])
+    assert rates["cosine"] == pytest.approx(warm + [1, (1 + 2 ** -0.5) / 2, 1 / 2, (1 - 2 ** -0.5) / 2])
+
+    cfg = _cfg(num_iterations=4, checkpoint_every=2, optim=OptimConfig(learning_rate=1e-3, lr_schedule="cosine"))
+    torch.manual_seed(0)
+    straight = ToyNet()
+    init = _params(straight)
+    train_grpo(ToyTask("ddim"), straight, cfg, accelerator=Accelerator(cpu=True), output_dir=tmp_path / "a")
+    resumed = ToyNet()
+    resumed.load_state_dict(init)
+    train_grpo(ToyTask("ddim"), resumed, cfg, accelerator=Accelerator(cpu=True), output_dir=tmp_path / "b",
+               stop_after=2)
+    fresh = ToyNet()
+    history = train_grpo(ToyTask("ddim"), fresh, cfg, accelerator=Accelerator(cpu=True), output_dir=tmp_path / "b",
+                         resume=True)
+    for key, value in _params(straight).items():
+        assert torch.equal(value, fresh.state_dict()[key]), key
+    # logged after each iteration's update: the rate of the next optimiser step, 0 after the last
+    assert history["lr"] == pytest.approx([1e-3 * f for f in ((1 + 2 ** -0.5) / 2, 1 / 2, (1 - 2 ** -0.5) / 2, 0)])
+    with pytest.raises(ValueError, match="decays .'cosine'. over the run's iterations.*--grpo.num-iterations 4"):
+        train_grpo(ToyTask("ddim"), ToyNet(), dataclasses.replace(cfg, num_iterations=6),
+                   accelerator=Accelerator(cpu=True), output_dir=tmp_path / "b", resume=True)
+
+
+@pytest.mark.unchecked_annotations
+def test_an_unknown_learning_rate_schedule_is_refused():
+    with pytest.raises(ValueError, match="lr_schedule='step' is not one of"):
+        OptimConfig(lr_schedule="step")
