@@ -61,7 +61,13 @@ from tasks.ego_motion.model.network import load_denoiser
 from tasks.ego_motion.physics.evaluator import PHYSICS_METRIC_UNITS, PhysicsConfig, PhysicsEvaluator
 from tasks.ego_motion.rewards.perceptual import PerceptualConfig, PerceptualTrainer
 from tasks.ego_motion.rewards.perceptual_data import prior_joints, warm_up_perceptual
-from tasks.ego_motion.rewards.registered import GROUND_TRUTH_REWARDS, OMEGA_CONTACT, OMEGA_PERCEPTUAL, OMEGA_RESIDUAL
+from tasks.ego_motion.rewards.registered import (
+    GROUND_TRUTH_REWARDS,
+    OMEGA_CONTACT,
+    OMEGA_PERCEPTUAL,
+    OMEGA_PLANTED,
+    OMEGA_RESIDUAL,
+)
 from tasks.ego_motion.sampling.sampler import evaluate_windows, sample_motion
 from tasks.ego_motion.task import EgoMotionTask
 
@@ -85,6 +91,10 @@ class RewardParams:
     min(1, bound / measure) over the success criteria: 1 iff success, partial credit below)."""
     alignment_omega: float = OMEGA_PERCEPTUAL
     """omega of R_align = exp(omega * s), s the frozen perceptual model's score in [-1, 1]."""
+    planted: bool = False
+    """Add ``physics_planted`` (how little the planted feet slide, the criterion the prior misses most) to every
+    variant's physics rewards, as a sub-reward normalised on its own."""
+    planted_omega: float = OMEGA_PLANTED
 
 
 @dataclass(frozen=True)
@@ -141,7 +151,7 @@ class Config:
         if self.rewards.tracking_mode not in ("survival", "success", "graded"):
             raise ValueError(f"--rewards.tracking-mode must be 'survival', 'success' or 'graded', got "
                              f"{self.rewards.tracking_mode!r}.")
-        for name in ("residual_omega", "contact_omega", "alignment_omega"):
+        for name in ("residual_omega", "contact_omega", "alignment_omega", "planted_omega"):
             value = getattr(self.rewards, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"--rewards.{name.replace('_', '-')} must be finite and > 0, got {value!r}.")
@@ -164,6 +174,8 @@ def reward_specs(variant: str, cfg: Config, evaluator: PhysicsEvaluator,
     specs = [RewardSpec("physics_residual", 1.0, {"omega": r.residual_omega, "evaluator": evaluator}),
              RewardSpec("physics_tracking", 1.0, {"mode": r.tracking_mode, "evaluator": evaluator}),
              RewardSpec("physics_contact", 1.0, {"omega": r.contact_omega, "evaluator": evaluator})]
+    if r.planted:
+        specs.append(RewardSpec("physics_planted", 1.0, {"omega": r.planted_omega, "evaluator": evaluator}))
     if "alignment" in variant:
         specs.append(RewardSpec("ego_perceptual", 1.0, {"scorer": perceptual, "omega": r.alignment_omega}))
     if variant.endswith("+joint"):

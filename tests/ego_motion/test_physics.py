@@ -177,6 +177,26 @@ def test_physics_reward_rejects_bad_parameters():
         get_reward("physics_contact", omega=-1.0)
 
 
+def test_planted_reward_is_exp_of_the_planted_foot_speed(body, humanoid):
+    """physics_planted = exp(-omega v): 1 standing still, exp(-2) at 1 m/s of sliding, from the evaluator's
+    planted-foot speed (the success criterion's measure); a NaN row scores 0."""
+    T_world_root, rotmats = _standing(humanoid)
+    slid = T_world_root.clone()
+    slid[:, 0, 3] += 1.0 * torch.arange(T, dtype=torch.float64) / FPS
+    broken = T_world_root.clone()
+    broken[3, 0, 3] = float("nan")
+    decoded = {"T_world_root": torch.stack([T_world_root, slid, broken]),
+               "body_rotmats": torch.stack([rotmats] * 3), "betas": torch.zeros(3, 16, dtype=torch.float64)}
+    evaluator = PhysicsEvaluator(body)
+    speed = evaluator.evaluate(decoded)["tracking_planted_foot_speed_m_per_s"]
+    assert float(speed[0]) == pytest.approx(0.0, abs=1e-6) and float(speed[1]) == pytest.approx(1.0, abs=1e-3)
+    reward = get_reward("physics_planted", evaluator=evaluator)(decoded, {})
+    assert reward.dtype == torch.float32
+    assert reward.tolist() == pytest.approx([1.0, math.exp(-2.0), 0.0], abs=1e-3)
+    with pytest.raises(ValueError, match="omega"):
+        get_reward("physics_planted", omega=0.0)
+
+
 def test_root_contact_basis_equals_mujocos_generalized_contact_force(humanoid):
     """For random poses, points and cone weights, the analytic root rows equal mj_applyFT's (forces and
     torques), so the residual's torque about the pelvis is MuJoCo's."""

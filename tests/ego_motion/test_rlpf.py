@@ -125,6 +125,19 @@ def test_rlpf_config_refuses_what_it_would_ignore():
         recipe.Config(base=dataclasses.replace(recipe.default_base(), use_perceptual_reward=True))
     with pytest.raises(ValueError, match="tracking-mode"):
         recipe.Config(rewards=recipe.RewardParams(tracking_mode="binary"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="--rewards.planted-omega"):
+        recipe.Config(rewards=recipe.RewardParams(planted=True, planted_omega=0.0))
+
+
+def test_the_planted_reward_joins_every_variant_when_asked():
+    recipe = rlpf_ego_motion_recipe
+    for planted in (False, True):
+        cfg = recipe.Config(rewards=recipe.RewardParams(planted=planted, planted_omega=3.0))
+        for variant in recipe.VARIANTS:
+            specs = {spec.name: spec for spec in recipe.reward_specs(variant, cfg, evaluator=None, perceptual=None)}
+            assert ("physics_planted" in specs) == planted, variant
+            if planted:
+                assert specs["physics_planted"].params["omega"] == 3.0
 
 
 def test_heads_only_post_training_reads_no_body(tiny, monkeypatch):

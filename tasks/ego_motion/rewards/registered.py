@@ -71,6 +71,8 @@ OMEGA_RESIDUAL = 1.0
 """Default omega of ``physics_residual`` (unitless: the error is a fraction of body weight)."""
 OMEGA_CONTACT = 5.0
 """Default omega of ``physics_contact`` (1/m)."""
+OMEGA_PLANTED = 2.0
+"""Default omega of ``physics_planted`` (s/m): a planted foot sliding at the success bound, 0.5 m/s, scores exp(-1)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -400,5 +402,25 @@ def physics_contact(omega: float = OMEGA_CONTACT, evaluator: PhysicsEvaluator | 
     def reward(decoded: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
         m = _physics(evaluator).evaluate(decoded)
         return torch.exp(-w * (m["penetration_m"] + m["floating_m"] + m["skating_m"])).float()
+
+    return reward
+
+
+@register_reward("physics_planted")
+def physics_planted(omega: float = OMEGA_PLANTED, evaluator: PhysicsEvaluator | None = None) -> Reward:
+    """R = exp(-omega * v_planted): how little the sample's planted feet slide, v_planted the median horizontal
+    speed of its foot points within ``TrackingConfig.planted_band_m`` of its own contact height (m/s,
+    ``physics/criterion.py``'s ``planted_foot_speed``, the success criterion the prior's samples miss most;
+    docs/ego_motion_rlpf.md).
+
+    Why a reward of its own: inside the graded tracking reward this criterion is one factor of a product, so
+    its group-normalised advantage is mixed with the others'; as a sub-reward it is normalised on its own
+    (``diffgrpo.advantages``). Ground-truth free; read from the shared evaluator's result (no extra simulation).
+    """
+    w = _check_omega(omega)
+
+    @torch.no_grad()
+    def reward(decoded: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
+        return torch.exp(-w * _physics(evaluator).evaluate(decoded)["tracking_planted_foot_speed_m_per_s"]).float()
 
     return reward
