@@ -73,9 +73,9 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("rlpf")
     prior = write_tiny_prior(root / "prior.safetensors")
     base = recipe.default_base()
+    probe = dataclasses.replace(base.grpo.probe, conditions_per_split=2, noises_per_condition=1)
     grpo = dataclasses.replace(base.grpo, num_iterations=1, conditions_per_iteration=2, group_size=3,
-                               micro_batch_size=6, checkpoint_every=1,
-                               probe=dataclasses.replace(base.grpo.probe, conditions_per_split=2, noises_per_condition=1))
+                               micro_batch_size=6, checkpoint_every=1, probe=probe)
     base = dataclasses.replace(base, prior=prior, eval_max_windows=2, grpo=grpo, rollout_sampling_steps=10,
                                task=dataclasses.replace(base.task, window_frames=32))
     alignment = recipe.AlignmentConfig(warmup_steps=2, batch_size=4, perceptual=dataclasses.replace(
