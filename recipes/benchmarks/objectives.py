@@ -9,6 +9,8 @@ writes one results file; ``recipes/benchmarks/objectives_table.py`` turns the fi
         --output docs/data/objectives_shapes_nft_seed0.json
     python -m recipes.benchmarks.objectives --task text_to_image --objective awm --seed 2 \\
         --output docs/data/objectives_text_to_image_awm_seed2.json
+    python -m recipes.benchmarks.objectives --task ego_motion --objective ratio --seed 0 \\
+        --output docs/data/objectives_ego_motion_ratio_seed0.json
 
 What is measured, per run:
 
@@ -21,7 +23,9 @@ What is measured, per run:
   CPU seconds are nearest it (the one crossing it or the one before) are snapshotted, and every snapshot is
   evaluated afterwards on the probe set (16 conditions of the *train* split x 4 fixed noises, the same tuples
   for every snapshot; ``diffgrpo.probe``): the paired difference to the prior with its 95 % interval over
-  conditions. The probe is drawn from the training distribution, never from the test split.
+  conditions. The probe is drawn from the training distribution, never from the test split. The ego task
+  probes as its main job does: 16 post_train windows (its training split) and the 9 validation windows x 4
+  noises on the evaluation chain (K = 30), which adds the validation MPJPE the job selects on.
 - **Same-condition gradient cosine** at the prior: two independent rollouts (other initial noise, step
   noise and, for NFT and AWM, forward noise) of the same B conditions, the objective's update gradient of
   each, and their cosine. Two estimates of one expected gradient have cosine ~ SNR^2 / (1 + SNR^2)
