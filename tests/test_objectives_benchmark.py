@@ -18,7 +18,7 @@ from diffgrpo.rewards import RewardSet
 from diffgrpo.rng import make_generator
 from diffgrpo.train_step import collect, make_perturber, policy_update
 from recipes.benchmarks import objectives_table as table
-from recipes.benchmarks.objectives import Config, update_gradient
+from recipes.benchmarks.objectives import Config, ego_motion_setup, update_gradient
 from tests.toy_task import ToyNet, ToyTask, toy_chain
 
 
@@ -54,12 +54,19 @@ FRACTIONS = [1 / 9, 2 / 9, 1 / 3, 4 / 9, 2 / 3, 1.0]
 
 
 def _result(task: str, objective: str, seed: int, gains: list[float], cosine: float = 0.5,
-            cpu: list[float] | None = None) -> dict:
-    """A results file of a 90 CPU s run; ``cpu``: the snapshots' CPU seconds (default: exactly at the marks)."""
+            cpu: list[float] | None = None, validation: list[float] | None = None) -> dict:
+    """A results file of a 90 CPU s run; ``cpu``: the snapshots' CPU seconds (default: exactly at the marks);
+    ``validation``: the paired change of the validation MPJPE at the marks (default: none recorded)."""
     cpu = cpu or [90 * f for f in FRACTIONS]
+    marks = [{"fraction": f, "iteration": round(c), "train_cpu_s": c, table.gain_key(task): g}
+             for f, c, g in zip(FRACTIONS, cpu, gains, strict=True)]
+    prior = {}
+    if validation is not None:
+        prior = {"probe/" + table.VALIDATION: 120.0 + seed}
+        for mark, change in zip(marks, validation, strict=True):
+            mark["probe_diff/" + table.VALIDATION] = change
     return {"task": task, "objective": objective, "seed": seed, "grad_cosine": cosine, "budget_cpu_s": 90.0,
-            "probe": {"marks": [{"fraction": f, "iteration": round(c), "train_cpu_s": c, table.GAIN: g}
-                                for f, c, g in zip(FRACTIONS, cpu, gains, strict=True)]}}
+            "probe": {"prior": prior, "marks": marks}}
 
 
 def _write(folder: Path, task: str, objective: str, results: list[dict]) -> None:
@@ -93,7 +100,7 @@ def test_the_verdict_compares_against_a_third_of_the_best_existing_objectives_ti
     assert "awm reaches it at the 4/9 mark (40 of 90 CPU s), 0.44 of ratio's time (more than a third;" in block
     assert "**text-to-image (tiny SD3): criterion not met.**" in block
     assert "met on 1 of 2 measured tasks" in block and "is **not met**" in block
-    assert "| ego-motion | all | 0 | not measured this round" in block
+    assert "| ego-motion | all | 0 | not measured (no results files) |" in block
     text = doc.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old table" not in text
 
@@ -140,3 +147,50 @@ def test_per_seed_reach_and_clipped_cosine_interval(tmp_path):
     half = 4.302653 * 0.35 / math.sqrt(3)  # t_{0.975, 2} sd / sqrt(n) of (0.95, 0.85, 0.3): mean 0.7, sd 0.35
     assert 0.7 + half > 1 and f"| +0.700 [{0.7 - half:+.3f}, +1.000] |" in rows[1]
 
+
+
+def test_ego_rows_read_the_post_train_gain_and_the_validation_table(tmp_path):
+    """The ego task trains and probes post_train: its gain is that split's reward, not a 'train' key it lacks;
+    its validation MPJPE changes get their own table, mean [t-interval] over seeds at the shown marks."""
+    assert table.gain_key("ego_motion") == "probe_diff/reward/post_train/total"
+    assert table.gain_key("shapes") == table.GAIN
+    x0 = [0.01, 0.02, 0.03, 0.04, 0.05, 0.06]
+    nft = [0.02, 0.04, 0.06, 0.06, 0.07, 0.08]
+    changes = [[-0.1, -0.2, -0.3, -0.4, -0.5, -0.6 + 0.1 * seed] for seed in range(3)]
+    _write(tmp_path, "ego_motion", "x0_regression",
+           [_result("ego_motion", "x0_regression", seed, x0, validation=changes[seed]) for seed in range(3)])
+    _write(tmp_path, "ego_motion", "nft", [_result("ego_motion", "nft", seed, nft) for seed in range(3)])
+    runs = table.load(tmp_path)
+    rows, verdict = table.task_section("ego_motion", runs)
+    assert verdict.startswith("**ego-motion: criterion met.**")  # nft reaches 0.06 at 1/3, x0 at the full budget
+    assert "| +0.030 [+0.030, +0.030] |" in rows[0] and "+0.020" not in rows[0]  # the 2/9 mark is not shown
+    validation = table.validation_table(runs)
+    final = table.Interval.of([-0.6, -0.5, -0.4])
+    assert "| ego-motion | x0_regression | 3 | 121.00 | -0.10 [-0.10, -0.10] |" in validation
+    assert validation.rstrip().endswith(f"{final.text(digits=2)} |") and "| nft |" not in validation  # nft: none
+    assert table.validation_table(table.load(tmp_path / "missing")) == ""
+
+
+def test_ego_setup_is_the_main_jobs_run():
+    """The ego benchmark trains what the main job trains (its GRPO settings, rollout chain and prior) with the
+    joint rewards, probes the job's probe sets on the evaluation chain, and every objective passes the job's
+    run checks (the step objectives need the rollout chain's stochastic steps)."""
+    import dataclasses
+
+    from diffgrpo.trainer import check_run
+    from tasks.ego_motion.grpo import Config as JobConfig
+    from tasks.ego_motion.grpo import default_grpo
+
+    job = default_grpo()
+    for objective in ("ratio", "x0_regression", "nft", "awm"):
+        setup = ego_motion_setup(objective, seed=3)
+        assert setup.grpo.loss == LossConfig(objective=objective) and setup.grpo.seed == 3
+        same = ("conditions_per_iteration", "group_size", "micro_batch_size", "steps", "perturb", "optim", "rewards",
+                "train_split", "inner_epochs", "num_minibatches")
+        assert {k: getattr(setup.grpo, k) for k in same} == {k: getattr(job, k) for k in same}
+        assert setup.grpo.diagnostics_every == 0 and setup.grpo.probe.eval_every == 0
+        assert setup.chain == JobConfig(use_perceptual_reward=False).rollout_chain() and setup.chain.num_steps == 10
+        assert setup.probe_chain == setup.task.sampling_chain() and setup.probe_chain.num_steps == 30
+        assert dataclasses.replace(setup.probe, eval_every=job.probe.eval_every) == job.probe
+        assert "ego_perceptual" not in setup.grpo.rewards
+        check_run(setup.task, setup.grpo, setup.chain)

@@ -9,6 +9,8 @@ writes one results file; ``recipes/benchmarks/objectives_table.py`` turns the fi
         --output docs/data/objectives_shapes_nft_seed0.json
     python -m recipes.benchmarks.objectives --task text_to_image --objective awm --seed 2 \\
         --output docs/data/objectives_text_to_image_awm_seed2.json
+    python -m recipes.benchmarks.objectives --task ego_motion --objective ratio --seed 0 \\
+        --output docs/data/objectives_ego_motion_ratio_seed0.json
 
 What is measured, per run:
 
@@ -21,7 +23,9 @@ What is measured, per run:
   CPU seconds are nearest it (the one crossing it or the one before) are snapshotted, and every snapshot is
   evaluated afterwards on the probe set (16 conditions of the *train* split x 4 fixed noises, the same tuples
   for every snapshot; ``diffgrpo.probe``): the paired difference to the prior with its 95 % interval over
-  conditions. The probe is drawn from the training distribution, never from the test split.
+  conditions. The probe is drawn from the training distribution, never from the test split. The ego task
+  probes as its main job does: 16 post_train windows (its training split) and the 9 validation windows x 4
+  noises on the evaluation chain (K = 30), which adds the validation MPJPE the job selects on.
 - **Same-condition gradient cosine** at the prior: two independent rollouts (other initial noise, step
   noise and, for NFT and AWM, forward noise) of the same B conditions, the objective's update gradient of
   each, and their cosine. Two estimates of one expected gradient have cosine ~ SNR^2 / (1 + SNR^2)
@@ -41,7 +45,7 @@ import json
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -51,7 +55,7 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 
 from diffgrpo.chain import SamplingChain
-from diffgrpo.config import GRPOConfig, OptimConfig, PerturbConfig, ProbeConfig, SamplerConfig
+from diffgrpo.config import GRPOConfig, OptimConfig, PerturbConfig, ProbeConfig, SamplerConfig, SelectionConfig
 from diffgrpo.diagnostics import cosine, flat_grad, policy_gradients
 from diffgrpo.ema import ParameterEMA
 from diffgrpo.forward_update import forward_terms_loss, plain_model_fn, prepare_forward_terms
@@ -65,9 +69,9 @@ from diffgrpo.train_step import RolloutBatch, collect, make_perturber, step_weig
 from diffgrpo.trainer import LoopHooks, parse_reward_specs, train_grpo
 
 Objective = Literal["ratio", "x0_regression", "nft", "awm"]
-TaskName = Literal["shapes", "text_to_image"]
+TaskName = Literal["shapes", "text_to_image", "ego_motion"]
 
-DEFAULT_BUDGET_CPU_S = {"shapes": 90.0, "text_to_image": 75.0}
+DEFAULT_BUDGET_CPU_S = {"shapes": 90.0, "text_to_image": 75.0, "ego_motion": 135.0}
 """Training CPU seconds per run (one thread), by task. How many iterations each objective gets in it is measured,
 not fixed: the iterations column of the table in docs/objectives.md."""
 DEFAULT_MARKS = (1 / 9, 2 / 9, 1 / 3, 4 / 9, 2 / 3, 1.0)
@@ -101,10 +105,15 @@ class Config:
 
 @dataclass(frozen=True)
 class Setup:
+    """What one run trains and probes: the task, the model, the rollout chain, the GRPO settings, and the probe
+    set with the chain it samples (None: the rollout chain)."""
+
     task: Task
     model: nn.Module
     chain: SamplingChain
     grpo: GRPOConfig
+    probe: ProbeConfig = PROBE
+    probe_chain: SamplingChain | None = None
 
 
 def shapes_setup(objective: str, seed: int) -> Setup:
@@ -157,6 +166,31 @@ def text_to_image_setup(objective: str, seed: int, work_dir: Path) -> Setup:
                       micro_batch_size=16, optim=OptimConfig(learning_rate=1e-2, weight_decay=0.0),
                       rewards=("jpeg_compressibility",), checkpoint_every=0, loss=LossConfig(objective=objective))
     return Setup(task, model, chain, grpo)
+
+
+def ego_motion_setup(objective: str, seed: int) -> Setup:
+    """The ego-motion main job's run (``tasks/ego_motion/grpo.py``) with the joint rewards only: the shipped demo
+    prior (``DEMO_PRIOR_PATH``), ``default_grpo()`` (B = 8 post-train windows x G = 8, Adam lr 2e-5, Perlin head
+    perturbation 0.3 m, every rollout step trained by the step objectives), the job's rollout chain (EgoAllo's
+    sampler at eta 0.8, K = 10) and its probe (16 post-train and the 9 validation windows x 4 fixed noises on the
+    evaluation chain, K = 30). Rewards: ego_rot, ego_pos, ego_pa_pos and ego_vel. The perceptual reward is left
+    out: its model trains online on each iteration's samples, so the reward would move during the comparison
+    (and differently per objective). ``diagnostics_every`` is 0 for every objective (NFT and AWM refuse it, and
+    for the step objectives it is measurement, not training); the job's in-loop probe, checkpoints and
+    selection are off (this benchmark probes its snapshots afterwards)."""
+    import tasks.ego_motion.rewards.registered  # noqa: F401  (registers the ego_* rewards)
+    from tasks.ego_motion.grpo import Config as JobConfig
+    from tasks.ego_motion.model.network import load_denoiser
+    from tasks.ego_motion.task import EgoMotionTask
+
+    job = JobConfig(use_perceptual_reward=False)
+    task = EgoMotionTask(job.task)
+    model = load_denoiser(job.prior, device="cpu")
+    grpo = replace(job.grpo, seed=seed, num_iterations=100_000, loss=LossConfig(objective=objective),
+                               diagnostics_every=0, checkpoint_every=0, probe=ProbeConfig(eval_every=0),
+                               selection=SelectionConfig())
+    probe = replace(job.grpo.probe, eval_every=1)  # eval_every unused here; the job's sets and seed
+    return Setup(task, model, job.rollout_chain(), grpo, probe=probe, probe_chain=task.sampling_chain())
 
 
 def update_gradient(task: Task, model: nn.Module, chain: SamplingChain, data: RolloutBatch, *, cfg: GRPOConfig,
@@ -253,7 +287,7 @@ def train_for_cpu_budget(setup: Setup, rewards: RewardSet, budget_s: float, mark
 def probe_at(setup: Setup, rewards: RewardSet, weights: list[dict[str, Tensor]]) -> tuple[dict, list[dict]]:
     """Probe values of the current (prior) weights, then the paired differences of each of ``weights``."""
     def evaluate() -> dict[str, Tensor]:
-        return evaluate_probe(setup.task, setup.model, setup.chain, PROBE, rewards=rewards,
+        return evaluate_probe(setup.task, setup.model, setup.probe_chain or setup.chain, setup.probe, rewards=rewards,
                               micro_batch_size=setup.grpo.micro_batch_size)
 
     baseline = evaluate()
@@ -265,12 +299,18 @@ def probe_at(setup: Setup, rewards: RewardSet, weights: list[dict[str, Tensor]])
     return prior_logs, out
 
 
+def build_setup(cfg: Config) -> Setup:
+    """The setup of ``cfg.task`` for ``cfg.objective`` and ``cfg.seed``."""
+    if cfg.task == "shapes":
+        return shapes_setup(cfg.objective, cfg.seed)
+    if cfg.task == "text_to_image":
+        return text_to_image_setup(cfg.objective, cfg.seed, cfg.work_dir)
+    return ego_motion_setup(cfg.objective, cfg.seed)
+
+
 def main(cfg: Config) -> dict:
     torch.set_num_threads(1)
-    if cfg.task == "shapes":
-        setup = shapes_setup(cfg.objective, cfg.seed)
-    else:
-        setup = text_to_image_setup(cfg.objective, cfg.seed, cfg.work_dir)
+    setup = build_setup(cfg)
     rewards = RewardSet.from_specs(parse_reward_specs(setup.grpo.rewards))
     budget = cfg.budget_cpu_s or DEFAULT_BUDGET_CPU_S[cfg.task]
     tick = time.process_time()
@@ -288,7 +328,7 @@ def main(cfg: Config) -> dict:
         "task": cfg.task, "objective": cfg.objective, "seed": cfg.seed, "budget_cpu_s": budget,
         "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
         "grad_cosine": grad_cosine, "grad_cosine_cpu_s": cosine_cpu_s,
-        "probe": {"config": asdict(PROBE), "prior": prior_logs,
+        "probe": {"config": asdict(setup.probe), "prior": prior_logs,
                   "marks": [{"fraction": mark, "iteration": iteration, "train_cpu_s": spent, **logs}
                             for mark, (iteration, spent, _), logs in zip(cfg.marks, snapshots, probes, strict=True)]},
         "iterations": iterations,
