@@ -175,8 +175,8 @@ def ego_motion_setup(objective: str, seed: int) -> Setup:
     sampler at eta 0.8, K = 10) and its probe (16 post-train and the 9 validation windows x 4 fixed noises on the
     evaluation chain, K = 30). Rewards: ego_rot, ego_pos, ego_pa_pos and ego_vel. The perceptual reward is left
     out: its model trains online on each iteration's samples, so the reward would move during the comparison
-    (and differently per objective). ``diagnostics_every`` is 0 for every objective (NFT and AWM refuse it, and
-    for the step objectives it is measurement, not training); the job's in-loop probe, checkpoints and
+    (and differently per objective). ``diagnostics_every`` is 0 for every objective (the in-loop diagnostics
+    are measurement, not training, and would cost each objective differently); the job's in-loop probe, checkpoints and
     selection are off (this benchmark probes its snapshots afterwards)."""
     import tasks.ego_motion.rewards.registered  # noqa: F401  (registers the ego_* rewards)
     from tasks.ego_motion.grpo import Config as JobConfig
