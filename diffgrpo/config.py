@@ -192,9 +192,11 @@ class OptimConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = 0
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
-    """After the warm-up: constant, or decaying to 0 at the run's last optimiser step (num_iterations x
+    """After the warm-up: constant, or decaying to 0 at the run's last planned optimiser step (num_iterations x
     inner_epochs x num_minibatches), linearly or as a half cosine (Loshchilov and Hutter 2017, SGDR, without
-    restarts). A decaying schedule is tied to the run's length: a resume may not change num_iterations."""
+    restarts). The schedule advances on the optimiser steps taken: a step skipped (non-finite, or no kept rows) or
+    not taken (an iteration with fewer terms than minibatches) leaves it where it is, so such a run ends above 0.
+    A decaying schedule is tied to the run's length: a resume may not change num_iterations."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (0 = no clipping)."""
     betas: tuple[float, float] = (0.9, 0.999)
@@ -294,9 +296,10 @@ class GRPOConfig:
     """Iterations between checkpoints (0 = only at the end)."""
     diagnostics_every: int = 0
     """Every this many iterations (0: never), measure the update (``diffgrpo.diagnostics``): gradient
-    agreement of two halves of the groups per step bucket, per-step gradient norms, the KL between the
-    step distributions before and after the update, and the relative weight change. Costs about one
-    extra forward and backward pass over the batch on those iterations."""
+    agreement of two halves of the groups and the weights' relative change since the run began; for ratio and
+    x0 regression per step bucket, with per-step gradient norms and the KL between the step distributions
+    before and after the update; for nft and awm on the update's own forward-process loss, with noisings of
+    its own. Costs about one extra forward and backward pass over the batch on those iterations."""
     mixed_precision: Literal["no", "fp16", "bf16", "auto"] = "no"
     """accelerate's mixed precision. "auto": bf16 where it pays (CUDA with native bf16, a CPU with AMX-BF16),
     fp32 elsewhere (``diffgrpo.precision``; on a CPU with AVX512-BF16 alone bf16 measured slower than fp32,

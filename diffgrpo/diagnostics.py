@@ -144,8 +144,9 @@ def forward_gradient_agreement(
     samples drawn from ``generator`` (pass one of its own, not a run stream, so that a run with diagnostics
     samples what one without them does), with the run's ``old_policy`` (objective 'nft') and the guard's
     ``reference`` (``kl_coef > 0``). Each half runs in micro-batches of ``cfg.micro_batch_size`` rows, weighted
-    by their row counts. Raises ValueError for a step objective (use :func:`gradient_agreement`) or fewer than
-    2 groups. Nothing is accumulated in ``.grad``.
+    by their kept rows (``data.advantages.mask``) as the update weighs them; a half with no kept row has
+    gradient 0. Raises ValueError for a step objective (use :func:`gradient_agreement`) or fewer than 2 groups.
+    Nothing is accumulated in ``.grad``.
     """
     if cfg.loss.objective not in FORWARD_OBJECTIVES:
         raise ValueError(f"objective={cfg.loss.objective!r} trains the stored steps: use gradient_agreement")
@@ -153,20 +154,25 @@ def forward_gradient_agreement(
     traj = data.trajectory
     n = traj.samples.shape[0]
     step = cfg.micro_batch_size
-    terms = prepare_forward_terms(task, model, chain, traj.samples, traj.cond,
-                                  [slice(i, min(i + step, n)) for i in range(0, n, step)], cfg=cfg,
-                                  generator=generator, reference=reference, old_policy=old_policy)
     model_fn = plain_model_fn(task, model)
     draws = range(cfg.loss.timesteps_per_sample)
+    mask = data.advantages.mask
     halves = []
     with evaluation_mode(model):
+        terms = prepare_forward_terms(task, model, chain, traj.samples, traj.cond,
+                                      [slice(i, min(i + step, n)) for i in range(0, n, step)], cfg=cfg,
+                                      generator=generator, reference=reference, old_policy=old_policy)
         for rows in group_halves(data):
             rows = rows.to(traj.samples.device)
+            kept = float(mask[rows].sum())
             grad = torch.zeros(sum(p.numel() for p in params))
             for chunk in rows.split(step):
+                share = float(mask[chunk].sum()) / kept if kept > 0 else 0.0  # each term averages its kept rows
+                if share == 0:
+                    continue
                 loss = sum(forward_terms_loss(model_fn, terms, traj.cond, data.advantages.advantages,
-                                              data.advantages.mask, j, chunk, cfg=cfg)[0] for j in draws)
-                grad += flat_grad(loss / len(draws), params).cpu() * (chunk.numel() / rows.numel())
+                                              mask, j, chunk, cfg=cfg)[0] for j in draws)
+                grad += flat_grad(loss / len(draws), params).cpu() * share
             halves.append(grad)
     return {"grad/cos_halves": cosine(*halves), "grad/norm": float((0.5 * (halves[0] + halves[1])).norm())}
 

@@ -66,6 +66,8 @@ def lr_factor(step: int, *, warmup: int, total: int, shape: str) -> float:
     """
     if step < warmup:
         return (step + 1) / (warmup + 1)
+    if shape not in ("constant", "linear", "cosine"):
+        raise ValueError(f"lr_schedule={shape!r} is not one of 'constant', 'linear', 'cosine'")
     if shape == "constant" or total <= warmup:
         return 1.0
     done = min((step - warmup) / (total - warmup), 1.0)

@@ -217,6 +217,14 @@ def test_forward_objectives_gradient_agreement_is_the_updates_own_gradient(objec
     assert chunked == pytest.approx(logs, rel=1e-5)
     with pytest.raises(ValueError, match="use gradient_agreement"):
         forward_gradient_agreement(task, model, chain, data, cfg=_cfg("ratio"), generator=make_generator(0, "d"))
+    # rows dropped from the loss (zero_std_policy 'drop'): micro-batches weigh by their kept rows, as the update does
+    mask = data.advantages.mask.clone()
+    mask[[0, 1, 2, 9]] = False
+    dropped = dataclasses.replace(data, advantages=dataclasses.replace(data.advantages, mask=mask))
+    whole, split = (forward_gradient_agreement(task, model, chain, dropped, old_policy=old, reference=reference,
+                                               cfg=dataclasses.replace(cfg, micro_batch_size=m),
+                                               generator=make_generator(0, "d")) for m in (16, 3))
+    assert split == pytest.approx(whole, rel=1e-5) and whole != pytest.approx(logs, rel=1e-3)
 
 
 @pytest.mark.parametrize("objective", ["nft", "awm"])
