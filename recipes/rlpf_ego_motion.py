@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import statistics
 import sys
@@ -70,6 +71,8 @@ from tasks.ego_motion.rewards.registered import (
 )
 from tasks.ego_motion.sampling.sampler import evaluate_windows, sample_motion
 from tasks.ego_motion.task import EgoMotionTask
+
+logger = logging.getLogger(__name__)
 
 VARIANTS = ("physics", "physics+alignment", "physics+alignment+joint")
 PHYSICS_REWARDS = ("physics_residual", "physics_tracking", "physics_contact")
@@ -211,11 +214,42 @@ def run_dir(cfg: Config, variant: str, seed: int) -> Path:
     return cfg.output_dir / f"{variant.replace('+', '_')}_seed{seed}"
 
 
+def run_fingerprint(cfg: Config, variant: str, seed: int) -> dict:
+    """What a run's rewards, data and updates depend on: the variant, the reward and physics parameters, the
+    alignment model's warm-up, the main job's settings and the GRPO config (JSON-able). A resumed run
+    (``train_grpo(fingerprint=...)``) and a finished run read back must match it."""
+    values = {"variant": variant, "rewards": dataclasses.asdict(cfg.rewards),
+              "physics": dataclasses.asdict(cfg.physics), "alignment": dataclasses.asdict(cfg.alignment),
+              "job": cfg.base.fingerprint(),
+              "grpo": dataclasses.asdict(dataclasses.replace(cfg.base.grpo, seed=seed))}
+    return json.loads(json.dumps(values, default=str))
+
+
+def read_finished(out_dir: Path, fingerprint: dict) -> dict | None:
+    """The results of a finished run in ``out_dir``, or None if it has none. Raises ValueError when they were
+    written under other settings (``fingerprint``); results without one (written before it was recorded) are
+    read back with a warning."""
+    path = out_dir / "results.json"
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    saved = result.get("fingerprint")
+    if saved is None:
+        logger.warning("%s records no settings (written before they were recorded): read back unchecked", path)
+    elif saved != fingerprint:
+        changed = sorted(k for k in fingerprint.keys() | saved.keys() if fingerprint.get(k) != saved.get(k))
+        raise ValueError(f"{path} was written with other settings (differing: {changed}); pass the flags it was run "
+                         "with, or another --output-dir")
+    return result
+
+
 def run_variant(task, evaluator, perceptual, variant: str, seed: int, cfg: Config) -> dict:
     """One GRPO run of ``variant`` (read back if finished, resumed if interrupted) and its held-out metrics."""
     out_dir = run_dir(cfg, variant, seed)
-    if (out_dir / "results.json").exists():
-        return json.loads((out_dir / "results.json").read_text())
+    fingerprint = run_fingerprint(cfg, variant, seed)
+    finished = read_finished(out_dir, fingerprint)
+    if finished is not None:
+        return finished
     grpo = dataclasses.replace(cfg.base.grpo, seed=seed)
     chain = cfg.base.rollout_chain()
     check_run(task, grpo, chain)
@@ -224,12 +258,13 @@ def run_variant(task, evaluator, perceptual, variant: str, seed: int, cfg: Confi
     rewards = RewardSet.from_specs(reward_specs(variant, cfg, evaluator, perceptual))
     start = time.perf_counter()
     history = train_grpo(task, model, grpo, accelerator=accelerator, output_dir=out_dir, resume=True,
-                         rewards=rewards, chain=chain)
+                         rewards=rewards, chain=chain, fingerprint=fingerprint)
     train_seconds = time.perf_counter() - start
     result = {"variant": variant, "seed": seed, "rewards": sorted(rewards.rewards),
               "metrics": evaluate(task, model, evaluator, cfg),
               "train_seconds": train_seconds, "final_rewards": {k: v[-1] for k, v in history.items()
-                                                                if k.startswith("reward/")}}
+                                                                if k.startswith("reward/")},
+              "fingerprint": fingerprint}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "history.json").write_text(json.dumps(history))
     (out_dir / "results.json").write_text(json.dumps(result, indent=2))

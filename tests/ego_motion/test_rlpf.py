@@ -130,6 +130,23 @@ def test_rlpf_config_refuses_what_it_would_ignore():
         recipe.Config(rewards=recipe.RewardParams(planted=True, planted_omega=0.0))
 
 
+def test_a_finished_run_is_read_back_only_under_its_own_settings(tmp_path, caplog):
+    recipe = rlpf_ego_motion_recipe
+    cfg = recipe.Config()
+    fingerprint = recipe.run_fingerprint(cfg, "physics", 0)
+    assert recipe.read_finished(tmp_path, fingerprint) is None  # nothing there yet
+    (tmp_path / "results.json").write_text(json.dumps({"metrics": {"mpjpe_mm": 1.0}, "fingerprint": fingerprint}))
+    assert recipe.read_finished(tmp_path, fingerprint)["metrics"] == {"mpjpe_mm": 1.0}
+    planted = recipe.run_fingerprint(recipe.Config(rewards=recipe.RewardParams(planted=True)), "physics", 0)
+    with pytest.raises(ValueError, match=r"other settings \(differing: \['rewards'\]\)"):
+        recipe.read_finished(tmp_path, planted)
+    assert recipe.run_fingerprint(cfg, "physics", 1) != fingerprint  # the seed is part of the run
+    (tmp_path / "results.json").write_text(json.dumps({"metrics": {}}))  # written before settings were recorded
+    with caplog.at_level("WARNING"):
+        assert recipe.read_finished(tmp_path, planted) == {"metrics": {}}
+    assert "records no settings" in caplog.text
+
+
 def test_the_planted_reward_joins_every_variant_when_asked():
     recipe = rlpf_ego_motion_recipe
     for planted in (False, True):

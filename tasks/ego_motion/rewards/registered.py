@@ -41,6 +41,7 @@ from tasks.ego_motion.body.geometry import NUM_BODY_JOINTS
 from tasks.ego_motion.data.amass import TARGET_FPS
 from tasks.ego_motion.evaluation import metrics
 from tasks.ego_motion.physics.evaluator import PhysicsEvaluator
+from tasks.ego_motion.physics.tracking import TrackingConfig
 from tasks.ego_motion.rewards.perceptual import perceptual_reward
 
 logger = logging.getLogger(__name__)
@@ -71,8 +72,9 @@ OMEGA_RESIDUAL = 1.0
 """Default omega of ``physics_residual`` (unitless: the error is a fraction of body weight)."""
 OMEGA_CONTACT = 5.0
 """Default omega of ``physics_contact`` (1/m)."""
-OMEGA_PLANTED = 2.0
-"""Default omega of ``physics_planted`` (s/m): a planted foot sliding at the success bound, 0.5 m/s, scores exp(-1)."""
+OMEGA_PLANTED = 1.0 / TrackingConfig.max_planted_foot_speed_m_per_s
+"""Default omega of ``physics_planted`` (s/m): 1 / the success criterion's bound on the planted feet's speed
+(2 s/m at its 0.5 m/s), so a motion whose planted feet slide at the bound scores exp(-1)."""
 
 
 # ----------------------------------------------------------------------------------------------
