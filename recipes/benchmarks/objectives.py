@@ -187,8 +187,8 @@ def ego_motion_setup(objective: str, seed: int) -> Setup:
     task = EgoMotionTask(job.task)
     model = load_denoiser(job.prior, device="cpu")
     grpo = replace(job.grpo, seed=seed, num_iterations=100_000, loss=LossConfig(objective=objective),
-                               diagnostics_every=0, checkpoint_every=0, probe=ProbeConfig(eval_every=0),
-                               selection=SelectionConfig())
+                   diagnostics_every=0, checkpoint_every=0, probe=ProbeConfig(eval_every=0),
+                   selection=SelectionConfig())
     probe = replace(job.grpo.probe, eval_every=1)  # eval_every unused here; the job's sets and seed
     return Setup(task, model, job.rollout_chain(), grpo, probe=probe, probe_chain=task.sampling_chain())
 
