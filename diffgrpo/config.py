@@ -336,6 +336,11 @@ class GRPOConfig:
             raise ValueError(f"diagnostics_every must be >= 0 (0 = never), got {self.diagnostics_every}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0 (0 = only at the end), got {self.checkpoint_every}")
+        planned = self.num_iterations * self.inner_epochs * self.num_minibatches
+        if self.optim.lr_schedule != "constant" and self.optim.warmup_steps >= planned:
+            raise ValueError(f"optim.lr_schedule={self.optim.lr_schedule!r} decays after the warm-up, but "
+                             f"optim.warmup_steps={self.optim.warmup_steps} covers all {planned} optimiser steps of "
+                             "the run; lower --grpo.optim.warmup-steps or keep --grpo.optim.lr-schedule constant")
         if self.selection.metric is not None:
             if not self.probe.eval_every or self.selection.split not in self.probe.splits:
                 raise ValueError(f"selection.metric={self.selection.metric!r} is read on the probe of split "

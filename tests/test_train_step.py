@@ -293,6 +293,9 @@ def test_learning_rate_schedules_follow_their_formulas_and_resume_bit_identicall
 
 
 @pytest.mark.unchecked_annotations
-def test_an_unknown_learning_rate_schedule_is_refused():
+def test_bad_learning_rate_schedules_are_refused():
     with pytest.raises(ValueError, match="lr_schedule='step' is not one of"):
         OptimConfig(lr_schedule="step")
+    with pytest.raises(ValueError, match="warmup_steps=8 covers all 8 optimiser steps"):
+        _cfg(num_iterations=4, num_minibatches=2, optim=OptimConfig(warmup_steps=8, lr_schedule="cosine"))
+    assert _cfg(num_iterations=4, optim=OptimConfig(warmup_steps=8)).optim.warmup_steps == 8  # constant: allowed
