@@ -308,6 +308,12 @@ class GRPOConfig:
     """Start over in an output directory that already holds checkpoints, deleting them; without it a run that
     does not resume refuses such a directory (``diffgrpo.run_state.start_run``). Ignored by a run that resumes."""
 
+    @property
+    def planned_optimizer_steps(self) -> int:
+        """Optimiser steps the run plans: num_iterations x inner_epochs x num_minibatches (what a decaying
+        learning rate spans, ``OptimConfig.lr_schedule``)."""
+        return self.num_iterations * self.inner_epochs * self.num_minibatches
+
     def __post_init__(self) -> None:
         for name in ("num_iterations", "conditions_per_iteration", "group_size", "inner_epochs",
                      "micro_batch_size", "num_minibatches"):
@@ -336,7 +342,7 @@ class GRPOConfig:
             raise ValueError(f"diagnostics_every must be >= 0 (0 = never), got {self.diagnostics_every}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0 (0 = only at the end), got {self.checkpoint_every}")
-        planned = self.num_iterations * self.inner_epochs * self.num_minibatches
+        planned = self.planned_optimizer_steps
         if self.optim.lr_schedule != "constant" and self.optim.warmup_steps >= planned:
             raise ValueError(f"optim.lr_schedule={self.optim.lr_schedule!r} decays after the warm-up, but "
                              f"optim.warmup_steps={self.optim.warmup_steps} covers all {planned} optimiser steps of "

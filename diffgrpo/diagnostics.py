@@ -125,6 +125,57 @@ def group_halves(data: RolloutBatch) -> list[Tensor]:
     return [first.nonzero().flatten(), (~first).nonzero().flatten()]
 
 
+def forward_gradients(
+    task: Task,
+    model: nn.Module,
+    chain: SamplingChain,
+    data: RolloutBatch,
+    *,
+    cfg: GRPOConfig,
+    generator: torch.Generator,
+    row_sets: Sequence[Tensor],
+    old_policy: ParameterEMA | None = None,
+    reference: nn.Module | None = None,
+) -> list[Tensor]:
+    """Per row set, the gradient of a forward-process update's loss (DiffusionNFT, AWM) at the current weights.
+
+    The loss is the update's own (``diffgrpo.forward_update``): ``cfg.loss.timesteps_per_sample`` forward
+    noisings of the rollout's final samples, drawn from ``generator`` (pass one of its own inside a run, not a
+    run stream, so that the run samples what it would without the measurement), with ``old_policy`` (objective
+    'nft') and the guard's ``reference`` (``kl_coef > 0``). ``row_sets``: (n_i,) row indices; each set runs in
+    micro-batches of ``cfg.micro_batch_size`` rows weighted by their kept rows (``data.advantages.mask``) as the
+    update weighs them (a set with no kept row has gradient 0). Returns flat float32 CPU vectors. Raises
+    ValueError for a step objective (use :func:`policy_gradients`). Nothing is accumulated in ``.grad``.
+    """
+    if cfg.loss.objective not in FORWARD_OBJECTIVES:
+        raise ValueError(f"objective={cfg.loss.objective!r} trains the stored steps: use policy_gradients")
+    params = [p for p in model.parameters() if p.requires_grad]
+    traj = data.trajectory
+    n = traj.samples.shape[0]
+    step = cfg.micro_batch_size
+    model_fn = plain_model_fn(task, model)
+    draws = range(cfg.loss.timesteps_per_sample)
+    mask = data.advantages.mask
+    out = []
+    with evaluation_mode(model):
+        terms = prepare_forward_terms(task, model, chain, traj.samples, traj.cond,
+                                      [slice(i, min(i + step, n)) for i in range(0, n, step)], cfg=cfg,
+                                      generator=generator, reference=reference, old_policy=old_policy)
+        for rows in row_sets:
+            rows = rows.to(traj.samples.device)
+            kept = float(mask[rows].sum())
+            grad = torch.zeros(sum(p.numel() for p in params))
+            for chunk in rows.split(step):
+                share = float(mask[chunk].sum()) / kept if kept > 0 else 0.0  # each term averages its kept rows
+                if share == 0:
+                    continue
+                loss = sum(forward_terms_loss(model_fn, terms, traj.cond, data.advantages.advantages,
+                                              mask, j, chunk, cfg=cfg)[0] for j in draws)
+                grad += flat_grad(loss / len(draws), params).cpu() * share
+            out.append(grad)
+    return out
+
+
 def forward_gradient_agreement(
     task: Task,
     model: nn.Module,
@@ -136,44 +187,14 @@ def forward_gradient_agreement(
     old_policy: ParameterEMA | None = None,
     reference: nn.Module | None = None,
 ) -> dict[str, float]:
-    """Gradient agreement of the forward-process objectives (DiffusionNFT, AWM), at the current weights.
-
-    The cosine between the update-loss gradients of the first and the second half of the groups
-    (``grad/cos_halves``) and the norm of their mean (``grad/norm``). The loss is the update's own
-    (``diffgrpo.forward_update``): ``cfg.loss.timesteps_per_sample`` forward noisings of the rollout's final
-    samples drawn from ``generator`` (pass one of its own, not a run stream, so that a run with diagnostics
-    samples what one without them does), with the run's ``old_policy`` (objective 'nft') and the guard's
-    ``reference`` (``kl_coef > 0``). Each half runs in micro-batches of ``cfg.micro_batch_size`` rows, weighted
-    by their kept rows (``data.advantages.mask``) as the update weighs them; a half with no kept row has
-    gradient 0. Raises ValueError for a step objective (use :func:`gradient_agreement`) or fewer than 2 groups.
-    Nothing is accumulated in ``.grad``.
-    """
+    """Gradient agreement of the forward-process objectives (DiffusionNFT, AWM), at the current weights: the
+    cosine between the update-loss gradients of the first and the second half of the groups
+    (``grad/cos_halves``) and the norm of their mean (``grad/norm``), from :func:`forward_gradients` (its
+    arguments). Raises ValueError for a step objective (use :func:`gradient_agreement`) or fewer than 2 groups."""
     if cfg.loss.objective not in FORWARD_OBJECTIVES:
         raise ValueError(f"objective={cfg.loss.objective!r} trains the stored steps: use gradient_agreement")
-    params = [p for p in model.parameters() if p.requires_grad]
-    traj = data.trajectory
-    n = traj.samples.shape[0]
-    step = cfg.micro_batch_size
-    model_fn = plain_model_fn(task, model)
-    draws = range(cfg.loss.timesteps_per_sample)
-    mask = data.advantages.mask
-    halves = []
-    with evaluation_mode(model):
-        terms = prepare_forward_terms(task, model, chain, traj.samples, traj.cond,
-                                      [slice(i, min(i + step, n)) for i in range(0, n, step)], cfg=cfg,
-                                      generator=generator, reference=reference, old_policy=old_policy)
-        for rows in group_halves(data):
-            rows = rows.to(traj.samples.device)
-            kept = float(mask[rows].sum())
-            grad = torch.zeros(sum(p.numel() for p in params))
-            for chunk in rows.split(step):
-                share = float(mask[chunk].sum()) / kept if kept > 0 else 0.0  # each term averages its kept rows
-                if share == 0:
-                    continue
-                loss = sum(forward_terms_loss(model_fn, terms, traj.cond, data.advantages.advantages,
-                                              mask, j, chunk, cfg=cfg)[0] for j in draws)
-                grad += flat_grad(loss / len(draws), params).cpu() * share
-            halves.append(grad)
+    halves = forward_gradients(task, model, chain, data, cfg=cfg, generator=generator, row_sets=group_halves(data),
+                               old_policy=old_policy, reference=reference)
     return {"grad/cos_halves": cosine(*halves), "grad/norm": float((0.5 * (halves[0] + halves[1])).norm())}
 
 

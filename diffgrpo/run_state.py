@@ -50,15 +50,15 @@ def make_optimizer(model: nn.Module, cfg: GRPOConfig):
     """AdamW and its learning-rate schedule (``OptimConfig.lr_schedule``), stepped once per optimiser step."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.learning_rate,
                                   weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas)
-    total = cfg.num_iterations * cfg.inner_epochs * cfg.num_minibatches
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, functools.partial(lr_factor, warmup=cfg.optim.warmup_steps, total=total,
+        optimizer, functools.partial(lr_factor, warmup=cfg.optim.warmup_steps, total=cfg.planned_optimizer_steps,
                                      shape=cfg.optim.lr_schedule))
     return optimizer, schedule
 
 
 def lr_factor(step: int, *, warmup: int, total: int, shape: str) -> float:
-    """The learning rate of optimiser step ``step`` (0-based) over the configured one.
+    """The learning rate of optimiser step ``step`` (0-based) over the configured one; ``shape``: a checked
+    ``OptimConfig.lr_schedule``.
 
     Warm-up: (step + 1) / (warmup + 1) for the first ``warmup`` steps. Then, with p = (step - warmup) / (total -
     warmup) the fraction of the decay done: 1 ('constant'), 1 - p ('linear') or (1 + cos(pi p)) / 2 ('cosine',
@@ -66,8 +66,6 @@ def lr_factor(step: int, *, warmup: int, total: int, shape: str) -> float:
     """
     if step < warmup:
         return (step + 1) / (warmup + 1)
-    if shape not in ("constant", "linear", "cosine"):
-        raise ValueError(f"lr_schedule={shape!r} is not one of 'constant', 'linear', 'cosine'")
     if shape == "constant" or total <= warmup:
         return 1.0
     done = min((step - warmup) / (total - warmup), 1.0)

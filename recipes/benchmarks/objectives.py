@@ -31,8 +31,8 @@ What is measured, per run:
   each, and their cosine. Two estimates of one expected gradient have cosine ~ SNR^2 / (1 + SNR^2)
   (``diffgrpo.diagnostics``), so it says how much of one update is signal. The ratio and x0-regression
   gradients are ``diffgrpo.diagnostics.policy_gradients`` weighted over the trained steps as the update
-  weighs them; the library has no gradient helper for the forward-process objectives, so
-  :func:`update_gradient` builds theirs from the update's own terms (``diffgrpo.forward_update``).
+  weighs them; the NFT and AWM gradients are ``diffgrpo.diagnostics.forward_gradients``, on the update's own
+  forward-process terms (``diffgrpo.forward_update``).
 
 Every objective runs with its own library defaults and the task's GRPO settings (learning rate included),
 untuned; the KL guards are off (``kl_coef = 0``, the default). DiffusionNFT's gradient at the prior is
@@ -56,11 +56,9 @@ from torch import Tensor, nn
 
 from diffgrpo.chain import SamplingChain
 from diffgrpo.config import GRPOConfig, OptimConfig, PerturbConfig, ProbeConfig, SamplerConfig, SelectionConfig
-from diffgrpo.diagnostics import cosine, flat_grad, policy_gradients
+from diffgrpo.diagnostics import cosine, forward_gradients, policy_gradients
 from diffgrpo.ema import ParameterEMA
-from diffgrpo.forward_update import forward_terms_loss, plain_model_fn, prepare_forward_terms
 from diffgrpo.loss import FORWARD_OBJECTIVES, LossConfig, select_steps
-from diffgrpo.modes import evaluation_mode
 from diffgrpo.probe import evaluate_probe, probe_indices, probe_logs
 from diffgrpo.rewards import RewardSet
 from diffgrpo.rng import RandomStreams
@@ -198,23 +196,15 @@ def update_gradient(task: Task, model: nn.Module, chain: SamplingChain, data: Ro
     """The gradient of one update's loss on all of ``data``'s rows, at the current weights, as a flat float32 vector.
 
     'ratio' / 'x0_regression': ``policy_gradients`` per trained step (``cfg.steps``, drawn by ``generator``),
-    averaged with the update's step weights. 'nft' / 'awm': the mean over ``cfg.loss.timesteps_per_sample``
-    forward-noise draws (``generator``) of ``forward_terms_loss``; NFT's old policy is the current weights (its
-    first update). Nothing is accumulated in ``.grad``.
+    averaged with the update's step weights. 'nft' / 'awm': ``forward_gradients`` with its forward noise drawn
+    by ``generator``; NFT's old policy is the current weights (its first update). Nothing is accumulated in ``.grad``.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
     traj = data.trajectory
     rows = slice(0, traj.states.shape[0])
     if cfg.loss.objective in FORWARD_OBJECTIVES:
         old = ParameterEMA(model, 0.0) if cfg.loss.objective == "nft" else None
-        terms = prepare_forward_terms(task, model, chain, traj.samples, traj.cond, [rows], cfg=cfg,
-                                      generator=generator, old_policy=old)
-        model_fn = plain_model_fn(task, model)
-        with evaluation_mode(model):
-            draws = range(cfg.loss.timesteps_per_sample)
-            loss = sum(forward_terms_loss(model_fn, terms, traj.cond, data.advantages.advantages,
-                                          data.advantages.mask, j, rows, cfg=cfg)[0] for j in draws)
-            return flat_grad(loss / len(draws), params)
+        return forward_gradients(task, model, chain, data, cfg=cfg, generator=generator,
+                                 row_sets=[torch.arange(rows.stop)], old_policy=old)[0]
     trained = select_steps(traj.num_steps, cfg.steps.mode, fraction=cfg.steps.fraction, window=cfg.steps.window,
                            generator=generator, is_stochastic=traj.is_stochastic.cpu())
     steps = trained.nonzero().flatten().tolist()
