@@ -12,7 +12,12 @@ from a physics simulator plus an alignment check that keeps the motion faithful 
    variant's rewards. The physics and alignment rewards read no ground truth: they score the
    generated body against the floor, the simulator and the head trajectory only.
 3. **Held-out evaluation** on the test windows, prior and post-trained with the same noise:
-   MotionGRPO's metrics plus the physics measures (``physics/evaluator.py``).
+   MotionGRPO's metrics plus the physics measures (``physics/evaluator.py``), of the samples as they
+   are and after the paper's test-time optimisation (``sampling/tto.py``; metrics ``tto/<name>``).
+
+With ``--rewards.refine tto`` the physics rewards score each sample after that test-time optimisation
+(the motion the MotionGRPO evaluation reports as "tto", feet held while the prior says they touch):
+the generator is then trained for the motion a deployed pipeline outputs.
 
 Only windows that stand on the world's floor z = 0 are used (``--base.task.floor-contact-m 0.15``: a foot
 joint within 0.15 m of z = 0 in at least 90 % of the frames, ``--base.task.floor-frame-fraction``): the bundled
@@ -69,7 +74,7 @@ from tasks.ego_motion.rewards.registered import (
     OMEGA_PLANTED,
     OMEGA_RESIDUAL,
 )
-from tasks.ego_motion.sampling.sampler import evaluate_windows, sample_motion
+from tasks.ego_motion.sampling.sampler import evaluate_windows, refine_decoded, sample_motion
 from tasks.ego_motion.task import EgoMotionTask
 
 logger = logging.getLogger(__name__)
@@ -99,6 +104,10 @@ class RewardParams:
     """Add ``physics_planted`` (how little the planted feet slide, the criterion the prior misses most) to every
     variant's physics rewards, as a sub-reward normalised on its own."""
     planted_omega: float = OMEGA_PLANTED
+    refine: Literal["none", "tto"] = "none"
+    """'tto': the physics rewards score each sample after the paper's test-time optimisation
+    (``sampler.refine_decoded`` with ``TTOConfig()``: 30 L-BFGS iterations, about 0.3 s per sample on one core);
+    the alignment reward scores the sample as it is. 'none': the samples as they are."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +164,8 @@ class Config:
                              f"{VARIANTS}.")
         if not self.seeds:
             raise ValueError("give at least one seed (--seeds 0 1 2).")
+        if self.rewards.refine not in ("none", "tto"):
+            raise ValueError(f"--rewards.refine must be 'none' or 'tto', got {self.rewards.refine!r}.")
         if self.rewards.tracking_mode not in ("survival", "success", "graded"):
             raise ValueError(f"--rewards.tracking-mode must be 'survival', 'success' or 'graded', got "
                              f"{self.rewards.tracking_mode!r}.")
@@ -204,10 +215,27 @@ def alignment_perceptual_model(task: EgoMotionTask, prior: torch.nn.Module, cfg:
 
 
 def evaluate(task: EgoMotionTask, model: torch.nn.Module, evaluator: PhysicsEvaluator, cfg: Config) -> dict[str, float]:
-    """Held-out test windows, seeded noise: MotionGRPO's metrics and the physics measures (means)."""
+    """Held-out test windows, seeded noise: MotionGRPO's metrics and the physics measures (means) of the samples
+    (``<name>``) and of the same samples after test-time optimisation (``tto/<name>``). ``evaluator`` must not refine
+    (the 'tto' variant is refined here)."""
+    if evaluator.refine is not None:
+        raise ValueError("the held-out evaluation refines its own 'tto' variant: pass an evaluator without refine.")
     result = evaluate_windows(task, model, "test", seed=cfg.base.eval_seed, max_windows=cfg.base.eval_max_windows,
-                              chain=task.sampling_chain(), extra_metrics=evaluator.evaluate, progress=False)
-    return {name: float(torch.nanmean(values)) for name, values in result.metrics["base"].items()}
+                              chain=task.sampling_chain(), extra_metrics=evaluator.evaluate, progress=False,
+                              use_tto=True)
+    return {f"{prefix}{name}": float(torch.nanmean(values)) for variant, prefix in (("base", ""), ("tto", "tto/"))
+            for name, values in result.metrics[variant].items()}
+
+
+def training_evaluator(task: EgoMotionTask, cfg: Config, held_out: PhysicsEvaluator) -> PhysicsEvaluator:
+    """The physics rewards' evaluator: ``held_out`` itself, or with ``--rewards.refine tto`` one that refines each
+    batch by test-time optimisation first (sharing ``held_out``'s humanoids)."""
+    if cfg.rewards.refine == "none":
+        return held_out
+    evaluator = PhysicsEvaluator(task.body, cfg.physics,
+                                 refine=lambda decoded: refine_decoded(task, decoded, decoded["T_world_cpf"]))
+    evaluator.humanoids = held_out.humanoids
+    return evaluator
 
 
 def run_dir(cfg: Config, variant: str, seed: int) -> Path:
@@ -218,7 +246,10 @@ def run_fingerprint(cfg: Config, variant: str, seed: int) -> dict:
     """What a run's rewards, data and updates depend on: the variant, the reward and physics parameters, the
     alignment model's warm-up, the main job's settings and the GRPO config (JSON-able). A resumed run
     (``train_grpo(fingerprint=...)``) and a finished run read back must match it."""
-    values = {"variant": variant, "rewards": dataclasses.asdict(cfg.rewards),
+    rewards = dataclasses.asdict(cfg.rewards)
+    if rewards["refine"] == "none":  # the setting before it existed: runs written then still read back
+        del rewards["refine"]
+    values = {"variant": variant, "rewards": rewards,
               "physics": dataclasses.asdict(cfg.physics), "alignment": dataclasses.asdict(cfg.alignment),
               "job": cfg.base.fingerprint(),
               "grpo": dataclasses.asdict(dataclasses.replace(cfg.base.grpo, seed=seed))}
@@ -244,7 +275,8 @@ def read_finished(out_dir: Path, fingerprint: dict) -> dict | None:
 
 
 def run_variant(task, evaluator, perceptual, variant: str, seed: int, cfg: Config) -> dict:
-    """One GRPO run of ``variant`` (read back if finished, resumed if interrupted) and its held-out metrics."""
+    """One GRPO run of ``variant`` (read back if finished, resumed if interrupted) and its held-out metrics
+    (``evaluator``: the held-out one, without refinement; the rewards get ``training_evaluator``'s)."""
     out_dir = run_dir(cfg, variant, seed)
     fingerprint = run_fingerprint(cfg, variant, seed)
     finished = read_finished(out_dir, fingerprint)
@@ -255,7 +287,7 @@ def run_variant(task, evaluator, perceptual, variant: str, seed: int, cfg: Confi
     check_run(task, grpo, chain)
     model = load_denoiser(cfg.base.prior)
     accelerator = make_accelerator(out_dir, mixed_precision=grpo.mixed_precision)
-    rewards = RewardSet.from_specs(reward_specs(variant, cfg, evaluator, perceptual))
+    rewards = RewardSet.from_specs(reward_specs(variant, cfg, training_evaluator(task, cfg, evaluator), perceptual))
     start = time.perf_counter()
     history = train_grpo(task, model, grpo, accelerator=accelerator, output_dir=out_dir, resume=True,
                          rewards=rewards, chain=chain, fingerprint=fingerprint)
@@ -272,19 +304,27 @@ def run_variant(task, evaluator, perceptual, variant: str, seed: int, cfg: Confi
 
 
 def table(prior: dict[str, float], runs: list[dict], cfg: Config) -> str:
-    """Markdown: the prior, then each variant's mean +- sd over seeds, and its paired change from the prior."""
-    lines = ["| model | " + " | ".join(REPORTED) + " |", "|---|" + "---:|" * len(REPORTED),
-             "| prior | " + " | ".join(f"{prior[k]:.4g}" for k in REPORTED) + " |"]
-    for variant in cfg.variants:
-        results = [r["metrics"] for r in runs if r["variant"] == variant]
-        if not results:
-            continue
-        cells = []
-        for k in REPORTED:
-            values = [m[k] for m in results]
-            sd = f" ± {statistics.stdev(values):.2g}" if len(values) > 1 else ""
-            cells.append(f"{statistics.mean(values):.4g}{sd}")
-        lines.append(f"| {variant} ({len(results)} seeds) | " + " | ".join(cells) + " |")
+    """Markdown: the prior, then each variant's mean +- sd over seeds; then the same after test-time optimisation
+    (``tto/`` metrics) for the prior and the runs that recorded them."""
+    def block(prefix: str) -> list[str]:
+        lines = [f"| model{' (after TTO)' if prefix else ''} | " + " | ".join(REPORTED) + " |",
+                 "|---|" + "---:|" * len(REPORTED),
+                 "| prior | " + " | ".join(f"{prior[prefix + k]:.4g}" for k in REPORTED) + " |"]
+        for variant in cfg.variants:
+            results = [r["metrics"] for r in runs if r["variant"] == variant and prefix + REPORTED[0] in r["metrics"]]
+            if not results:
+                continue
+            cells = []
+            for k in REPORTED:
+                values = [m[prefix + k] for m in results]
+                sd = f" ± {statistics.stdev(values):.2g}" if len(values) > 1 else ""
+                cells.append(f"{statistics.mean(values):.4g}{sd}")
+            lines.append(f"| {variant} ({len(results)} seeds) | " + " | ".join(cells) + " |")
+        return lines
+
+    lines = block("")
+    if "tto/" + REPORTED[0] in prior:
+        lines += [""] + block("tto/")
     return "\n".join(lines) + "\n"
 
 
@@ -336,9 +376,8 @@ def main(cfg: Config) -> dict:
     evaluator = PhysicsEvaluator(task.body, cfg.physics)
     prior = load_denoiser(cfg.base.prior)
     prior_file = cfg.output_dir / "prior.json"
-    if prior_file.exists():
-        prior_metrics = json.loads(prior_file.read_text())
-    else:
+    prior_metrics = json.loads(prior_file.read_text()) if prior_file.exists() else {}
+    if "tto/" + REPORTED[0] not in prior_metrics:  # none yet, or written before the 'tto' rows
         prior_metrics = evaluate(task, prior, evaluator, cfg)
         prior_file.parent.mkdir(parents=True, exist_ok=True)
         prior_file.write_text(json.dumps(prior_metrics, indent=2))

@@ -278,3 +278,34 @@ def test_memoised_evaluation_is_redone_after_an_in_place_edit(body, humanoid):
     assert before == pytest.approx(0.0, abs=1e-9) and after == pytest.approx(0.495, abs=1e-6)
     with pytest.raises(ValueError, match="simulate=True"):
         get_reward("physics_tracking", evaluator=evaluator)
+
+
+def test_a_refined_evaluation_scores_the_refined_motion_and_isolates_rows_it_refuses(body, humanoid, caplog):
+    """``refine`` sees the finite rows only; what it returns is scored; a row it refuses is invalid, not a crash."""
+    T_world_root, rotmats = _standing(humanoid, frames=12)
+    decoded = {"T_world_root": torch.stack([T_world_root] * 3).clone(), "body_rotmats": torch.stack([rotmats] * 3),
+               "betas": torch.zeros(3, 16, dtype=torch.float64)}
+    decoded["body_rotmats"][1, 4, 0, 0, 0] = float("nan")  # row 1 cannot be scored at all
+    seen = []
+
+    def lift(rows):  # stands in for the test-time optimisation: lifts every row 0.3 m, refuses a row marked 9
+        seen.append(len(rows["T_world_root"]))
+        if (rows["marker"] == 9).any():
+            raise ValueError("not a rotation")
+        lifted = rows["T_world_root"].clone()
+        lifted[..., 2, 3] += 0.3
+        return {"T_world_root": lifted, "body_rotmats": rows["body_rotmats"]}
+
+    evaluator = PhysicsEvaluator(body, PhysicsConfig(simulate=False), refine=lift)
+    decoded["marker"] = torch.tensor([0, 0, 0])
+    measures = evaluator.evaluate(decoded)
+    assert seen == [2]  # rows 0 and 2, together; never row 1
+    assert measures["floating_m"][[0, 2]].tolist() == pytest.approx([0.295, 0.295], abs=1e-6)
+    assert measures["invalid"].tolist() == [0.0, 1.0, 0.0]
+    assert decoded["T_world_root"][0, 0, 2, 3] == T_world_root[0, 2, 3]  # the caller's batch is not edited
+    decoded = {**decoded, "marker": torch.tensor([0, 0, 9])}
+    with caplog.at_level("WARNING"):
+        measures = evaluator.evaluate(decoded)
+    assert measures["invalid"].tolist() == [0.0, 1.0, 1.0]  # row 2 refused on its own, row 0 still refined
+    assert measures["floating_m"][0].item() == pytest.approx(0.295, abs=1e-6)
+    assert "row 2 cannot be refined" in caplog.text

@@ -12,8 +12,11 @@ import torch
 import recipes.rlpf_ego_motion as rlpf_ego_motion_recipe
 import tasks.ego_motion.grpo as ego_job
 from tasks.ego_motion.body.geometry import make_transform
+from tasks.ego_motion.physics.evaluator import PhysicsEvaluator
 from tasks.ego_motion.rewards.perceptual import PerceptualConfig, PerceptualTrainer
 from tasks.ego_motion.rewards.perceptual_data import transplant, warm_up_perceptual, yaw_free_head_frame
+from tasks.ego_motion.sampling.tto import TTOConfig
+from tasks.ego_motion.task import EgoMotionTask
 from tests.ego_motion.tiny_prior import write_tiny_prior
 
 
@@ -108,6 +111,7 @@ def test_rlpf_recipe_runs_every_variant_with_its_rewards_and_leaves_the_perceptu
                        k.removeprefix("reward/") for k in run["final_rewards"]), run["final_rewards"]
         for name in recipe.REPORTED:
             assert math.isfinite(run["metrics"][name]), (run["variant"], name)
+            assert math.isfinite(run["metrics"]["tto/" + name]), (run["variant"], name)  # after test-time optimisation
     critic, before = critics[0]
     for k, v in critic.model.state_dict().items():
         assert torch.equal(v, before[k]), k  # GRPO scored with the perceptual model but never trained it
@@ -115,6 +119,7 @@ def test_rlpf_recipe_runs_every_variant_with_its_rewards_and_leaves_the_perceptu
         assert (cfg.output_dir.parent / f"before_after_{variant.replace('+', '_')}.png").stat().st_size > 1000
     table = (cfg.table_output).read_text()
     assert "| prior |" in table and "| physics+alignment+joint (1 seeds) |" in table
+    assert table.count("| physics (1 seeds) |") == 2 and "| model (after TTO) |" in table
     assert json.loads(cfg.results.read_text())["prior"]["mpjpe_mm"] == summary["prior"]["mpjpe_mm"]
 
 
@@ -128,6 +133,8 @@ def test_rlpf_config_refuses_what_it_would_ignore():
         recipe.Config(rewards=recipe.RewardParams(tracking_mode="binary"))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="--rewards.planted-omega"):
         recipe.Config(rewards=recipe.RewardParams(planted=True, planted_omega=0.0))
+    with pytest.raises(ValueError, match="--rewards.refine"):
+        recipe.Config(rewards=recipe.RewardParams(refine="guidance"))  # type: ignore[arg-type]
 
 
 def test_a_finished_run_is_read_back_only_under_its_own_settings(tmp_path, caplog):
@@ -141,6 +148,9 @@ def test_a_finished_run_is_read_back_only_under_its_own_settings(tmp_path, caplo
     with pytest.raises(ValueError, match=r"other settings \(differing: \['rewards'\]\)"):
         recipe.read_finished(tmp_path, planted)
     assert recipe.run_fingerprint(cfg, "physics", 1) != fingerprint  # the seed is part of the run
+    assert "refine" not in fingerprint["rewards"]  # at 'none', runs written before the option still read back
+    refined = recipe.run_fingerprint(recipe.Config(rewards=recipe.RewardParams(refine="tto")), "physics", 0)
+    assert refined["rewards"]["refine"] == "tto" and refined != fingerprint
     (tmp_path / "results.json").write_text(json.dumps({"metrics": {}}))  # written before settings were recorded
     with caplog.at_level("WARNING"):
         assert recipe.read_finished(tmp_path, planted) == {"metrics": {}}
@@ -156,6 +166,33 @@ def test_the_planted_reward_joins_every_variant_when_asked():
             assert ("physics_planted" in specs) == planted, variant
             if planted:
                 assert specs["physics_planted"].params["omega"] == 3.0
+
+
+def test_refined_physics_rewards_score_the_test_time_optimised_motion(tiny, monkeypatch):
+    """--rewards.refine tto: the rewards' evaluator refines each batch (here: a stand-in that counts its rows), the
+    held-out evaluator does not (it scores both variants itself)."""
+    recipe, cfg = tiny
+    refined_rows = []
+    original = recipe.refine_decoded
+
+    def counting(task, decoded, T_world_cpf, tto_cfg=None):
+        refined_rows.append(len(decoded["T_world_root"]))
+        return original(task, decoded, T_world_cpf, dataclasses.replace(TTOConfig(), num_iterations=2))
+
+    monkeypatch.setattr(recipe, "refine_decoded", counting)
+    cfg = dataclasses.replace(cfg, output_dir=cfg.output_dir.parent / "refined", variants=("physics",),
+                              rewards=recipe.RewardParams(refine="tto"), figure=None, table_output=None)
+    task = EgoMotionTask(cfg.base.task)
+    held_out = PhysicsEvaluator(task.body, cfg.physics)
+    training = recipe.training_evaluator(task, cfg, held_out)
+    assert training.refine is not None and training.humanoids is held_out.humanoids
+    run = recipe.run_variant(task, held_out, None, "physics", 0, cfg)
+    grpo = cfg.base.grpo
+    rollout_rows = grpo.conditions_per_iteration * grpo.group_size
+    assert rollout_rows in refined_rows  # the rollouts' rewards were computed on refined motion
+    assert math.isfinite(run["metrics"]["tto/tracking_graded"]) and run["fingerprint"]["rewards"]["refine"] == "tto"
+    with pytest.raises(ValueError, match="without refine"):
+        recipe.evaluate(task, None, training, cfg)
 
 
 def test_heads_only_post_training_reads_no_body(tiny, monkeypatch):

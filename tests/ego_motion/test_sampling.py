@@ -19,6 +19,7 @@ from tasks.ego_motion.sampling.sampler import (
     StitchConfig,
     evaluate_windows,
     load_clip,
+    refine_decoded,
     sample_clip,
     sample_motion,
     sample_sequence,
@@ -145,6 +146,23 @@ def test_evaluate_windows_matches_the_core_evaluation_and_tto_refines_the_same_s
                           atol=0.01)
     assert ours.metrics["tto"]["jitter_m_per_s3"].mean() < ours.metrics["base"]["jitter_m_per_s3"].mean()
     assert ours.joints_world["base"].shape == (3, T, 22, 3)
+
+
+def test_refine_decoded_takes_the_window_head_or_the_frame_aligned_one(task, model):
+    """The physics evaluator refines decoded rows on ``decoded["T_world_cpf"]`` (T poses, aligned with the frames):
+    the same body as on the window's T+1 poses, and on the head (not one frame off)."""
+    batch = task.load_examples("test", torch.arange(2))
+    trajectory = sample_motion(task, model, batch, generator=make_generator(3, "refine"))
+    decoded = task.decode(trajectory.samples, batch)
+    cfg = TTOConfig(num_iterations=3)
+    window = refine_decoded(task, decoded, batch["T_world_cpf"], cfg)
+    aligned = refine_decoded(task, decoded, decoded["T_world_cpf"], cfg)
+    for key in ("T_world_root", "joints_world", "body_rotmats"):
+        torch.testing.assert_close(aligned[key], window[key])
+    head = task.evaluate(aligned, batch)["head_position_error_mm"]
+    assert head.max() < 0.01, head  # still worn under the headset, frame by frame
+    with pytest.raises(ValueError, match="poses for"):
+        refine_decoded(task, decoded, batch["T_world_cpf"][:, 2:], cfg)
 
 
 def test_evaluate_windows_adds_ground_truth_free_measures_of_every_variant(task, model):

@@ -12,13 +12,17 @@ logged (the row, the input key and the reason), marked ``invalid = 1``, and gets
 every measure (success and survival 0, residuals and distances inf), so the physics rewards score
 it 0 and a training loop goes on. Batch-level mistakes (a missing key, wrong shapes, a window too
 short for the reference's derivatives) raise.
+
+With ``refine`` (e.g. the ego prior's test-time optimisation, ``sampling.sampler.refine_decoded``) the measures grade
+the motion a deployed pipeline outputs: the decoded batch is refined first, its finite rows only; a row the
+refinement refuses (it raises ``ValueError``) is logged and scored invalid like a non-finite one.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -77,8 +81,12 @@ class PhysicsConfig:
 class PhysicsEvaluator:
     """Physics measures of decoded motions for one body model (SMPL-H through ``BodyModel``)."""
 
-    def __init__(self, body: BodyModel, cfg: PhysicsConfig | None = None, fps: float = TARGET_FPS) -> None:
-        self.body, self.cfg, self.fps = body, cfg or PhysicsConfig(), float(fps)
+    def __init__(self, body: BodyModel, cfg: PhysicsConfig | None = None, fps: float = TARGET_FPS,
+                 refine: Callable[[dict[str, Tensor]], Mapping[str, Tensor]] | None = None) -> None:
+        """``refine(decoded) -> decoded``: applied to the batch's finite rows (a dict of their (n, ...) slices of
+        every per-row tensor) before they are scored; it must return ``T_world_root`` and ``body_rotmats`` for those
+        rows (module doc). None: the decoded motion is scored as it is."""
+        self.body, self.cfg, self.fps, self.refine = body, cfg or PhysicsConfig(), float(fps), refine
         self.humanoids = HumanoidCache(self._rest_joints, self.cfg.humanoid, decimals=self.cfg.betas_decimals)
         self._memo: tuple[tuple[Tensor, ...], tuple[int, ...], dict[str, Tensor]] | None = None
 
@@ -120,15 +128,51 @@ class PhysicsEvaluator:
                              "windows or a smaller --physics.tracking.smoothing-frames, odd and >= 5).")
         # the very same tensors, unmodified since (in-place edits bump a tensor's version): the last batch again
         inputs = (T_world_root, rotmats, betas)
+        if self.refine is not None:  # which may read any of the batch's tensors
+            inputs += tuple(value for _, value in sorted(decoded.items()) if isinstance(value, Tensor))
         versions = tuple(t._version for t in inputs)
-        if (self._memo is not None and all(a is b for a, b in zip(self._memo[0], inputs, strict=True))
+        if (self._memo is not None and len(self._memo[0]) == len(inputs)
+                and all(a is b for a, b in zip(self._memo[0], inputs, strict=True))
                 and self._memo[1] == versions):
             return self._memo[2]
+        if self.refine is not None:
+            T_world_root, rotmats = self._refined(decoded)
         rows = [self._evaluate_row(n, T_world_root[n], rotmats[n], betas[n]) for n in range(T_world_root.shape[0])]
         out = {name: torch.tensor([row[name] for row in rows], dtype=torch.float32, device=T_world_root.device)
                for name in PHYSICS_METRIC_UNITS}  # on the batch's device, like every other reward
         self._memo = (inputs, versions, out)
         return out
+
+    def _refined(self, decoded: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(T_world_root, body_rotmats) of ``decoded`` with its finite rows refined by ``self.refine`` (all at once;
+        if that raises ``ValueError``, one row at a time, and a row that still raises is set to NaN: invalid)."""
+        T_world_root, rotmats, betas = decoded["T_world_root"], decoded["body_rotmats"], decoded["betas"]
+        N = T_world_root.shape[0]
+        finite = torch.ones(N, dtype=torch.bool, device=T_world_root.device)
+        for value in (T_world_root, rotmats, betas):
+            finite &= torch.isfinite(value.reshape(N, -1)).all(dim=1)
+        T_world_root, rotmats = T_world_root.clone(), rotmats.clone()
+        per_row = {key: value for key, value in decoded.items()
+                   if isinstance(value, Tensor) and value.ndim >= 1 and value.shape[0] == N}
+
+        def refine(rows: Tensor) -> None:
+            out = self.refine({key: value[rows] for key, value in per_row.items()})
+            T_world_root[rows], rotmats[rows] = out["T_world_root"].to(T_world_root), out["body_rotmats"].to(rotmats)
+
+        rows = torch.nonzero(finite).flatten()
+        if len(rows):
+            try:
+                refine(rows)
+            except ValueError as error:
+                logger.warning("physics evaluation: refining the batch failed (%s); refining row by row", error)
+                for n in rows.tolist():
+                    try:
+                        refine(torch.tensor([n], device=rows.device))
+                    except ValueError as row_error:
+                        logger.warning("physics evaluation: row %d cannot be refined (%s): scored as invalid", n,
+                                       row_error)
+                        T_world_root[n] = float("nan")
+        return T_world_root, rotmats
 
     def _evaluate_row(self, n: int, T_world_root: Tensor, body_rotmats: Tensor, betas: Tensor) -> dict[str, float]:
         """Row ``n``'s measures, or the worst values with ``invalid = 1`` when it cannot be evaluated."""

@@ -277,12 +277,17 @@ def refine_decoded(task: EgoMotionTask, decoded: dict[str, Tensor], T_world_cpf:
                    tto_cfg: TTOConfig | None = None) -> dict[str, Tensor]:
     """``decoded`` with its rotations refined by ``tto.optimize_motion`` and the body re-posed from the head.
 
-    T_world_cpf: (B, T+1, 4, 4) the head the sample was decoded on. Betas and contacts are kept.
+    T_world_cpf: the head the sample was decoded on: the window's (B, T+1, 4, 4) poses (the first only conditions
+    frame 0) or the (B, T, 4, 4) poses aligned with the motion frames (``decoded["T_world_cpf"]``). Betas and
+    contacts are kept.
+
+    Raises:
+        ValueError: ``T_world_cpf`` has neither T+1 nor T frames (from ``tto.optimize_motion``).
     """
     betas = torch.nn.functional.pad(decoded["betas"], (0, task.body.num_betas - decoded["betas"].shape[-1]))
     result = optimize_motion(task.body, T_world_cpf, betas, decoded["body_rotmats"], decoded["contacts"], tto_cfg)
-    posed = pose_from_head(task.body, T_world_cpf[:, 1:].to(betas), result.body_rotmats, betas,
-                           decoded.get("hand_rotmats"))
+    aligned = T_world_cpf[:, -decoded["body_rotmats"].shape[1]:]  # the last T poses: motion frame t is pose t+1
+    posed = pose_from_head(task.body, aligned.to(betas), result.body_rotmats, betas, decoded.get("hand_rotmats"))
     return {**decoded, **posed, "body_rotmats": result.body_rotmats}
 
 
