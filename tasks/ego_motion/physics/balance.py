@@ -44,6 +44,13 @@ if TYPE_CHECKING:
     from .tracking import TrackingConfig
 
 
+_CROSS_ENTRIES = np.array([1, 2, 3, 5, 6, 7])
+"""The off-diagonal entries of a flattened 3 x 3 cross-product matrix [a]_x (a x f = [a]_x f): (0, 1), (0, 2), (1, 0),
+(1, 2), (2, 0), (2, 1) ..."""
+_CROSS_SOURCES = np.array([5, 1, 2, 3, 4, 0])
+"""... and where each comes from in [a, -a] (6,): -a_z, a_y, a_z, -a_x, -a_y, a_x."""
+
+
 @dataclass(frozen=True)
 class Control:
     """One control update (SI units, world frame for points and forces).
@@ -84,6 +91,7 @@ class BalanceController:
         self._demand, self._delta, self._no_torque = np.empty(nv), np.empty(6), np.zeros(3)
         self._demand_root, self._demand_joints = self._demand[:6], self._demand[6:]
         self._unmet, self._lever = np.empty(6), np.empty(nv - 6)
+        self._arms = np.empty((P, 6))
         self._pelvis = humanoid.body_ids[0]
         # the update's outputs (``update``): forces alternate between two buffers, the previous update's being kept
         self.joint_torques, self.residual = np.empty(nv - 6), np.empty(6)
@@ -166,7 +174,7 @@ class BalanceController:
             self._bind(data)
         points = self.points
         np.take(self._site_xpos, self._site_ids, axis=0, out=points)  # (P, 3) the sole corners
-        active = np.flatnonzero(points[:, 2] <= self.cfg.contact_band_m)
+        active = (points[:, 2] <= self.cfg.contact_band_m).nonzero()[0]
         mujoco.mj_fullM(model, data, M)
         demand = np.matmul(M, qdd, out=self._demand)
         demand += self._qfrc_bias  # the generalized force the desired accelerations need
@@ -201,10 +209,10 @@ class BalanceController:
         B, torque_rows, cross, rotated, costs, no_rows, bounds = self._pieces(P)
         # B's torque rows: the root's pelvis-frame torque of a unit force along each cone edge at each point,
         # R^T ((p - p_pelvis) x e) (``dynamics.root_contact_basis``, computed here into B with the same products)
-        arm = points[active] - self._pelvis_pos  # (P, 3)
-        x, y, z = arm.T
-        cross[:, 0, 1], cross[:, 0, 2], cross[:, 1, 2] = -z, y, -x
-        cross[:, 1, 0], cross[:, 2, 0], cross[:, 2, 1] = z, -y, x
+        arms = self._arms[:P]  # (P, 6): the lever arm p - p_pelvis, then its negative
+        np.subtract(points[active], self._pelvis_pos, out=arms[:, :3])
+        np.negative(arms[:, :3], out=arms[:, 3:])
+        cross.reshape(P, 9)[:, _CROSS_ENTRIES] = arms[:, _CROSS_SOURCES]  # [arm]_x, its diagonal left at zero
         np.matmul(np.matmul(self._R_world_pelvis.T, cross, out=rotated), E, out=torque_rows)
         # daqp minimises 1/2 x^T H x + g^T x: the module doc's cost times 2, for x = [w; r] (A w + r = B x), so
         # H = 2 N2 B^T B + the force and residual costs, g = -2 N2 B^T b - 2 continuity_weight N2 (F^T f_prev)

@@ -193,7 +193,7 @@ def success_criteria(cfg: TrackingConfig, residual_per_weight: float, pelvis_ris
 
 
 def track(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: TrackingConfig | None = None,
-          reference: tuple[np.ndarray, np.ndarray] | None = None) -> TrackingResult:
+          reference: tuple[np.ndarray, np.ndarray] | None = None, data: mujoco.MjData | None = None) -> TrackingResult:
     """Simulate the balancing tracker (module doc) on the reference motion ``qpos`` (T, nq) sampled at ``fps``.
 
     Args:
@@ -204,10 +204,13 @@ def track(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: TrackingConfig 
         reference: :func:`criterion.reference_kinematics` of ``humanoid`` and ``qpos`` ((T, 22, 3) joints, (T, 16, 3)
             foot points) when the caller has them (the evaluator takes them from the inverse dynamics' kinematics);
             computed here otherwise.
+        data: an ``MjData`` of ``humanoid.tracker_model`` to simulate in, reset here (``mj_resetData``: the run is
+            the same as in a new one), so that a caller tracking many motions of one humanoid does not allocate one
+            per motion (about 0.6 ms each); a new one otherwise.
 
     Raises:
         ValueError: bad shapes, non-finite values, too few frames, time steps that do not divide, or a
-            ``reference`` of the wrong shapes.
+            ``reference`` of the wrong shapes, or ``data`` of another model.
     """
     cfg = cfg or TrackingConfig()
     model = humanoid.tracker_model
@@ -242,8 +245,8 @@ def track(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: TrackingConfig 
     damping = joint_damping * vel_sub[:, :, 6:]  # (T - 1, S, nv - 6): the dampers act on the velocity error
     updates = substeps // steps_per_update  # per frame interval
     share = steps_per_update / substeps  # of a frame's interval, per control update
-    # per update (frame interval, update): root residual (6,) and the QP's total vertical contact force
-    residuals, vertical = np.zeros((T, updates, 6)), np.zeros((T, updates))
+    # per update (frame interval, update): root residual (6,) and the QP's vertical contact force per foot point
+    residuals, vertical = np.zeros((T, updates, 6)), np.zeros((T, updates, len(humanoid.foot_site_ids)))
 
     if reference is None:
         reference, reference_feet = reference_kinematics(humanoid, qpos)  # (T, 22, 3) joints, (T, 16, 3) sole corners
@@ -253,7 +256,12 @@ def track(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: TrackingConfig 
             raise ValueError(f"reference must be reference_kinematics(humanoid, qpos)'s (T, {len(ids)}, 3) joints and "
                              f"(T, {len(controller.point_bodies)}, 3) foot points for T = {T}, got "
                              f"{reference.shape} and {reference_feet.shape}.")
-    data = mujoco.MjData(model)
+    if data is None:
+        data = mujoco.MjData(model)
+    elif data.model is not model:
+        raise ValueError("data must be an MjData of humanoid.tracker_model (mujoco.MjData(humanoid.tracker_model)).")
+    else:
+        mujoco.mj_resetData(model, data)
     data.qpos[:], data.qvel[:] = qpos[0], qvel_ref[0]
     xpos, qpos_sim, qvel_root = data.xpos, data.qpos, data.qvel[:6]  # views of data's buffers
     applied_root, applied_joints = data.qfrc_applied[:6], data.qfrc_applied[6:]
@@ -296,7 +304,7 @@ def track(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: TrackingConfig 
                 np.add(torques, damping[t, step], out=applied_joints)
                 applied_root[:] = residual
                 residuals[t, u] = residual
-                vertical[t, u] = controller.forces[:, 2].sum()
+                vertical[t, u] = controller.forces[:, 2]
                 mujoco.mj_step2(model, data)
                 for plain in range(step + 1, step + steps_per_update):  # the joint PD alone until the next update
                     joint_springs[:] = spring_targets[t, plain]
@@ -311,7 +319,7 @@ def track(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: TrackingConfig 
     slips = (np.linalg.norm(feet[1:n, :, :2] - feet[:n - 1, :, :2], axis=-1)[both] * fps).tolist()
     residual_force = np.linalg.norm(residuals[:, :, :3], axis=-1).sum(axis=1) * share  # (T,): over frame t's interval
     residual_torque = np.linalg.norm(residuals[:, :, 3:], axis=-1).sum(axis=1) * share
-    contact_force = vertical.sum(axis=1) * share
+    contact_force = vertical.sum(axis=-1).sum(axis=1) * share
     survival = failed_at / T
     alive = max(1, failed_at)
     rise = float(np.mean(rises)) if rises else float("nan")
