@@ -173,7 +173,7 @@ class BalanceController:
         if data is not self._bound:
             self._bind(data)
         points = self.points
-        np.take(self._site_xpos, self._site_ids, axis=0, out=points)  # (P, 3) the sole corners
+        self._site_xpos.take(self._site_ids, axis=0, out=points)  # (P, 3) the sole corners
         active = (points[:, 2] <= self.cfg.contact_band_m).nonzero()[0]
         mujoco.mj_fullM(model, data, M)
         demand = np.matmul(M, qdd, out=self._demand)
