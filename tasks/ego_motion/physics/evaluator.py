@@ -3,7 +3,9 @@
 ``PhysicsEvaluator.evaluate(decoded)`` builds (or reuses) the humanoid of each sample's body
 shape, converts its pose to MuJoCo coordinates and runs inverse dynamics (``dynamics.py``),
 simulated tracking (``tracking.py``) and the plausibility measures (``plausibility.py``), on CPU,
-one motion after another. The three physics rewards read the same result, so it is computed once
+one motion after another. The motion's forward kinematics are computed once, by the inverse
+dynamics, and handed to the plausibility and the tracker; the MuJoCo data of recent humanoids are
+reused (reset by each run). The three physics rewards read the same result, so it is computed once
 per decoded batch (the last batch is memoised).
 
 Rows are scored independently: a row with NaN or inf in ``T_world_root``, ``body_rotmats`` or
