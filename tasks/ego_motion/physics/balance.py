@@ -83,8 +83,8 @@ class BalanceController:
         self.weight = humanoid.weight_n
         self.humanoid = humanoid
         self.point_bodies = humanoid.foot_point_bodies  # (P,)
-        nv, P = self.model.nv, len(self.point_bodies)
         self.residual_bound = np.full(6, cfg.residual_bound * self.weight)
+        nv, P = self.model.nv, len(self.point_bodies)
         self._M, self._M_rr, self._contact = np.empty((nv, nv)), np.empty((6, 6)), np.empty(nv)
         self._M_root, self._M_joints_root = self._M[:6, :6], self._M[6:, :6]  # views of M's blocks
         self._contact_root, self._contact_joints = self._contact[:6], self._contact[6:]
@@ -116,11 +116,6 @@ class BalanceController:
         self._sized: dict[int, tuple] = {}  # per number of active points: ``_pieces``
         self._site_ids, self._bodies = humanoid.foot_site_ids, self.point_bodies.tolist()
         self._bound = None  # the MjData whose arrays ``_bind`` holds
-
-    def reset(self) -> None:
-        """Forget the previous update's forces (a new motion starts with no contact force to continue)."""
-        for buffer in self._force_buffers:
-            buffer.fill(0.0)
 
     def _pieces(self, p: int) -> tuple:
         """The QP's pieces for ``p`` active points, made on first use: B = [A, I] (6, 4 p + 6) with the force rows of A
