@@ -61,7 +61,8 @@ PHYSICS_METRIC_UNITS: dict[str, str] = {
 
 SCRATCH_HUMANOIDS = 16
 """How many recently evaluated humanoids keep their simulation data (two ``MjData``, about 0.6 MB resident each after a
-run) for their next motions."""
+run) for their next motions. Like the tracker model's spring targets, which every tracking run edits, this data is the
+evaluator's own: one evaluator is not for several threads at once."""
 
 
 @dataclass(frozen=True)
