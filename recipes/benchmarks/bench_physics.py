@@ -13,7 +13,8 @@ only, one per motion, and the separation counts the motions behind its windows.
 - Speed: each stage's time is the median over the test windows of the best of ``--repeats`` runs;
   "build" compiles a new humanoid (paid once per body shape; the evaluator caches humanoids); "evaluator, whole
   motion" is what a physics reward pays per sample. With ``--baseline``, an older checkout's tracker and evaluator
-  take turns with this one's within each repeat (ratios per window); ``--speed-only`` skips the separation.
+  take turns with this one's within each repeat (ratios per window), timed by the wall clock and by the process's CPU
+  time (which a machine shared with other jobs inflates less); ``--speed-only`` skips the separation.
 - Separation: per split, the ground truth and the edits of ``physics/edits.py`` (lifted 0.3 m,
   leaned 0 -> 60 deg, frames shuffled, 1 m/s sliding, sunk 5 cm; and sunk 5 cm below each window's own
   contact height, ``edits.sunk_below_contact``): tracking success, survival, the tracker's root residual
@@ -164,16 +165,19 @@ def _baseline(package: str):
     return humanoid.build_humanoid, tracking.track, evaluator.PhysicsEvaluator
 
 
-def _interleaved_best_ms(runs: dict, repeats: int) -> dict[str, float]:
+def _interleaved_best_ms(runs: dict, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
     """Per named callable, the best of ``repeats`` runs (ms), the callables taking turns within each repeat, so that
-    an A/B pair sees the same load on a shared machine."""
-    best = dict.fromkeys(runs, float("inf"))
+    an A/B pair sees the same load on a shared machine: wall-clock time, and the process's CPU time
+    (``time.process_time``: without the time other jobs hold the core, which a loaded machine adds to wall-clock
+    time; not without their cache contention)."""
+    best, best_cpu = dict.fromkeys(runs, float("inf")), dict.fromkeys(runs, float("inf"))
     for _ in range(repeats):
         for name, fn in runs.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             best[name] = min(best[name], time.perf_counter() - t0)
-    return {name: value * 1e3 for name, value in best.items()}
+            best_cpu[name] = min(best_cpu[name], time.process_time() - c0)
+    return {name: value * 1e3 for name, value in best.items()}, {name: value * 1e3 for name, value in best_cpu.items()}
 
 
 def speed(task: EgoMotionTask, repeats: int, limit: int, baseline: str | None = None) -> dict:
@@ -189,6 +193,7 @@ def speed(task: EgoMotionTask, repeats: int, limit: int, baseline: str | None = 
     stages: dict[str, list[float]] = {"build": [], "inverse_dynamics": [], "plausibility": [], "tracking": [],
                                       "tracking: MuJoCo steps": [], "tracking: daqp solves": [],
                                       "tracking: the rest": [], "evaluator, whole motion": []}
+    cpu_stages: dict[str, list[float]] = {}  # the side-by-side runs' CPU times
     evaluator = PhysicsEvaluator(task.body)
     if baseline is not None:
         baseline_build, baseline_track, baseline_evaluator_class = _baseline(baseline)
@@ -213,16 +218,21 @@ def speed(task: EgoMotionTask, repeats: int, limit: int, baseline: str | None = 
             runs.update({"baseline tracking": lambda h=hb, q=qb: baseline_track(h, q, FPS),
                          "baseline evaluator, whole motion": lambda m=motion: baseline_evaluator.evaluate_one(*m)})
             baseline_evaluator.evaluate_one(*motion)
-        for name, ms in _interleaved_best_ms(runs, repeats).items():
+        wall, cpu = _interleaved_best_ms(runs, repeats)
+        for name, ms in wall.items():
             stages[name].append(ms)
+        for name, ms in cpu.items():
+            cpu_stages.setdefault(name, []).append(ms)
     medians = {k: statistics.median(v) for k, v in stages.items()}
     medians["total, cached humanoid"] = medians["inverse_dynamics"] + medians["plausibility"] + medians["tracking"]
     result = {"motions": n, "frames": int(batch["T_world_root"].shape[1]), "repeats": repeats, "median_ms": medians,
               "load_average": {"start": load_start, "end": os.getloadavg()[0]}}
+    result["cpu_median_ms"] = {k: statistics.median(v) for k, v in cpu_stages.items()}
     if baseline is not None:
-        result["ratios"] = {f"{name} / baseline {name}": statistics.median(
-            a / b for a, b in zip(stages[name], stages[f"baseline {name}"], strict=True))
-            for name in ("tracking", "evaluator, whole motion")}
+        for key, times in (("ratios", stages), ("cpu_ratios", cpu_stages)):
+            result[key] = {f"{name} / baseline {name}": statistics.median(
+                a / b for a, b in zip(times[name], times[f"baseline {name}"], strict=True))
+                for name in ("tracking", "evaluator, whole motion")}
     return result
 
 
@@ -416,9 +426,15 @@ def table(result: dict) -> str:
         text = (f"{result['motions']} floor-contact test windows of {result['frames']} frames, best of "
                 f"{result['repeats']}, median over windows, 1 thread{load}.\n\n| stage | ms per motion |\n|---|---:|\n"
                 f"{rows}\n")
+        if "cpu_median_ms" in result:  # absent in results that predate it
+            rows = "\n".join(f"| {k} | {v:.1f} |" for k, v in result["cpu_median_ms"].items())
+            text += f"\n| side by side, CPU time of the process | ms per motion |\n|---|---:|\n{rows}\n"
         if "ratios" in result:
-            ratios = "\n".join(f"| {k} | {v:.3f} |" for k, v in result["ratios"].items())
-            text += f"\n| side by side, median over windows | ratio |\n|---|---:|\n{ratios}\n"
+            cpu = result.get("cpu_ratios", {})
+            ratios = "\n".join(f"| {k} | {v:.3f} | {cpu[k]:.3f} |" if k in cpu else f"| {k} | {v:.3f} | — |"
+                                for k, v in result["ratios"].items())
+            text += (f"\n| side by side, median over windows of the per-window ratio | wall clock | CPU time |\n"
+                     f"|---|---:|---:|\n{ratios}\n")
     for split, sep in result.get("separation", {}).items():  # absent with --speed-only
         checks = "\n".join(f"| {name} | {_count(v['success'], sep)} | {v['survival']:.2f} | "
                            f"{v['tracking_residual_per_weight']:.3f} | {v['residual_force_per_weight']:.2f} | "

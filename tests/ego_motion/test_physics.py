@@ -222,6 +222,32 @@ def test_root_contact_basis_equals_mujocos_generalized_contact_force(humanoid):
         np.testing.assert_allclose(basis @ weights, qfrc[:6], atol=1e-10)
 
 
+def test_inverse_dynamics_kinematics_are_the_reference_and_geom_kinematics(humanoid):
+    """``inverse_dynamics(..., kinematics=True)`` records the forward kinematics of its own ``mj_inverse`` calls for the
+    plausibility and the tracker: bit for bit ``Humanoid.geom_poses`` and ``criterion.reference_kinematics``; the
+    inverse dynamics itself is the same with or without them, and in reused data."""
+    from tasks.ego_motion.physics.criterion import reference_kinematics
+
+    T_world_root, rotmats = _standing(humanoid, 8)
+    T_world_root[:, 0, 3] += torch.linspace(0.0, 0.2, 8, dtype=torch.float64)  # moving, so frames differ
+    qpos = humanoid.qpos(T_world_root, rotmats)
+    plain = inverse_dynamics(humanoid, qpos, 30.0)
+    data = mujoco.MjData(humanoid.model)
+    inverse_dynamics(humanoid, qpos[::-1].copy(), 30.0, data=data)  # another motion first
+    recorded = inverse_dynamics(humanoid, qpos, 30.0, kinematics=True, data=data)
+    assert plain.kinematics is None
+    np.testing.assert_array_equal(recorded.residual_force_n, plain.residual_force_n)
+    np.testing.assert_array_equal(recorded.residual_torque_nm, plain.residual_torque_nm)
+    geom_xpos, geom_xmat = humanoid.geom_poses(qpos)
+    joints, feet = reference_kinematics(humanoid, qpos)
+    kinematics = recorded.kinematics
+    for got, expected in ((kinematics.geom_xpos, geom_xpos), (kinematics.geom_xmat, geom_xmat),
+                          (kinematics.joints, joints), (kinematics.foot_points, feet)):
+        np.testing.assert_array_equal(got, expected)
+    with pytest.raises(ValueError, match="humanoid.model"):
+        inverse_dynamics(humanoid, qpos, 30.0, data=mujoco.MjData(humanoid.tracker_model))
+
+
 def test_leaning_past_the_feet_needs_a_residual_torque(humanoid):
     T_world_root, rotmats = _standing(humanoid, frames=3)
     lean = axis_angle_to_matrix(torch.tensor([0.35, 0.1, 0.0], dtype=torch.float64))

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from tasks.ego_motion.physics.balance import BalanceController
-from tasks.ego_motion.physics.dynamics import smoothed_derivatives
+from tasks.ego_motion.physics.criterion import reference_kinematics
+from tasks.ego_motion.physics.dynamics import root_contact_basis, smoothed_derivatives
 from tasks.ego_motion.physics.edits import EDITS
 from tasks.ego_motion.physics.evaluator import PhysicsEvaluator, summarize
 from tasks.ego_motion.physics.humanoid import build_humanoid
@@ -59,6 +60,53 @@ def test_control_update_meets_the_equations_of_motion_inside_friction_cones(huma
         lifted = control.points[:, 2] > cfg.contact_band_m
         assert np.all(control.forces[lifted] == 0)
         assert np.all(np.abs(control.residual) <= cfg.residual_bound * humanoid.weight_n + 1e-6)
+
+
+def test_the_qps_contact_rows_are_root_contact_basis_and_update_equals_call(humanoid):
+    """The controller computes the QP's contact rows B[:, :4 P] in place (no ``root_contact_basis`` call per update):
+    they must be ``dynamics.root_contact_basis`` of the loaded points, bit for bit; and ``update`` (the tracking loop's
+    path, into the controller's buffers) must give what ``__call__`` (a ``Control``) gives, bit for bit."""
+    cfg = TrackingConfig()
+    qpos = humanoid.qpos(*_standing(humanoid, 1))[0]
+    rng = np.random.default_rng(2)
+    for seed in range(3):
+        data = _state(humanoid, qpos, seed)
+        qdd = rng.normal(size=humanoid.tracker_model.nv)
+        called, updated = BalanceController(humanoid, cfg), BalanceController(humanoid, cfg)
+        for _ in range(2):  # the second update has a previous force (the continuity term)
+            control = called(data, qdd)
+            updated.update(data, qdd)
+            for name in ("joint_torques", "residual", "forces", "points"):
+                np.testing.assert_array_equal(getattr(updated, name), getattr(control, name), err_msg=name)
+        active = np.flatnonzero(control.points[:, 2] <= cfg.contact_band_m)
+        assert len(active) > 0
+        pelvis = humanoid.body_ids[0]
+        expected = root_contact_basis(control.points[active], data.xpos[pelvis], data.xmat[pelvis].reshape(3, 3),
+                                      called.edges)
+        np.testing.assert_array_equal(called._pieces(len(active))[0][:, :4 * len(active)], expected)
+
+
+def test_a_run_in_reused_data_with_a_given_reference_is_the_same_run(humanoid):
+    """``track`` with a reused ``MjData`` (after another motion's run) and the reference kinematics handed in (as the
+    evaluator does) gives the very same result as a run of its own; data of another model and a reference of the
+    wrong shape are refused."""
+    standing = humanoid.qpos(*_standing(humanoid, 16))
+    T_world_root, rotmats = _standing(humanoid, 16)
+    T_world_root[:, 2, 3] += 0.3
+    lifted = humanoid.qpos(T_world_root, rotmats)
+    alone = track(humanoid, standing, FPS)
+    data = mujoco.MjData(humanoid.tracker_model)
+    track(humanoid, lifted, FPS, data=data)  # leaves a fallen state, forces and warm starts behind
+    again = track(humanoid, standing, FPS, reference=reference_kinematics(humanoid, standing), data=data)
+    for name in ("success", "graded", "survival", "tracking_error_m", "pelvis_rise_m", "foot_slip_m_per_s",
+                 "residual_force_n", "residual_torque_nm", "contact_force_n", "simulated_joints",
+                 "planted_foot_speed_m_per_s", "unexecuted_speed_m_per_s"):
+        np.testing.assert_array_equal(getattr(again, name), getattr(alone, name), err_msg=name)
+    with pytest.raises(ValueError, match="tracker_model"):
+        track(humanoid, standing, FPS, data=mujoco.MjData(humanoid.model))
+    joints, feet = reference_kinematics(humanoid, standing)
+    with pytest.raises(ValueError, match="reference"):
+        track(humanoid, standing, FPS, reference=(joints[1:], feet[1:]))
 
 
 def test_a_floating_body_gets_only_the_bounded_residual(humanoid):

@@ -37,11 +37,18 @@ import daqp
 import mujoco
 import numpy as np
 
-from .dynamics import friction_cone_edges, root_contact_basis
+from .dynamics import friction_cone_edges
 from .humanoid import Humanoid
 
 if TYPE_CHECKING:
     from .tracking import TrackingConfig
+
+
+_CROSS_ENTRIES = np.array([1, 2, 3, 5, 6, 7])
+"""The off-diagonal entries of a flattened 3 x 3 cross-product matrix [a]_x (a x f = [a]_x f): (0, 1), (0, 2), (1, 0),
+(1, 2), (2, 0), (2, 1) ..."""
+_CROSS_SOURCES = np.array([5, 1, 2, 3, 4, 0])
+"""... and where each comes from in [a, -a] (6,): -a_z, a_y, a_z, -a_x, -a_y, a_x."""
 
 
 @dataclass(frozen=True)
@@ -64,21 +71,36 @@ class Control:
 
 
 class BalanceController:
-    """Control updates for one humanoid; keeps the previous update's forces (continuity)."""
+    """Control updates for one humanoid; keeps the previous update's forces (continuity).
+
+    :meth:`__call__` returns a :class:`Control`; :meth:`update` computes the same update into buffers the controller
+    owns (``joint_torques``, ``residual``, ``forces``, ``points``), which the tracking loop reads without allocating a
+    ``Control`` or the accelerations ``qacc`` it does not need. Both compute with the same arithmetic (the same
+    numpy and MuJoCo calls on the same operands): the QP and its solve are the module doc's."""
 
     def __init__(self, humanoid: Humanoid, cfg: TrackingConfig) -> None:
         self.cfg, self.model = cfg, humanoid.tracker_model
         self.weight = humanoid.weight_n
         self.humanoid = humanoid
         self.point_bodies = humanoid.foot_point_bodies  # (P,)
-        self.previous = np.zeros((len(self.point_bodies), 3))
         self.residual_bound = np.full(6, cfg.residual_bound * self.weight)
         nv, P = self.model.nv, len(self.point_bodies)
         self._M, self._M_rr, self._contact = np.empty((nv, nv)), np.empty((6, 6)), np.empty(nv)
         self._M_root, self._M_joints_root = self._M[:6, :6], self._M[6:, :6]  # views of M's blocks
         self._contact_root, self._contact_joints = self._contact[:6], self._contact[6:]
-        self._delta, self._no_torque = np.empty(6), np.zeros(3)
+        self._demand, self._delta, self._no_torque = np.empty(nv), np.empty(6), np.zeros(3)
+        self._demand_root, self._demand_joints = self._demand[:6], self._demand[6:]
+        self._unmet, self._lever = np.empty(6), np.empty(nv - 6)
+        self._arms = np.empty((P, 6))
         self._pelvis = humanoid.body_ids[0]
+        # the update's outputs (``update``): forces alternate between two buffers, the previous update's being kept
+        self.joint_torques, self.residual = np.empty(nv - 6), np.empty(6)
+        self.points = np.empty((P, 3))
+        self._force_buffers = (np.zeros((P, 3)), np.zeros((P, 3)))
+        self.forces = self._force_buffers[0]
+        self.previous = self._force_buffers[1]
+        self._point_rows = list(self.points)  # (3,) views, one per point, for mj_applyFT
+        self._force_rows = {id(buffer): list(buffer) for buffer in self._force_buffers}
         # the QP's pieces that do not change between updates, for all P points (sliced to the active ones), as
         # daqp takes them (1/2 x^T H x + g^T x: twice the module doc's cost, so the scale factors carry a 2):
         # per-point force cost blocks, and the bounds of [w (4 P), r (6)]
@@ -96,17 +118,23 @@ class BalanceController:
         self._bound = None  # the MjData whose arrays ``_bind`` holds
 
     def _pieces(self, p: int) -> tuple:
-        """The QP's pieces for ``p`` active points, made on first use: B = [A, I] (6, 4 p + 6) with its identity block
-        in place, the costs beyond 2 N2 B^T B (the force blocks, then the residual's), daqp's (empty) general
-        constraints, and the bounds of [w (4 p), r (6)]."""
+        """The QP's pieces for ``p`` active points, made on first use: B = [A, I] (6, 4 p + 6) with the force rows of A
+        (the cone edges, the same at every point: ``dynamics.root_contact_basis``) and the identity block in place;
+        a (p, 3, 4) view of B's torque rows (point, row, edge) for the points' torques; a (p, 3, 3) cross-product
+        matrix buffer and its product with R^T; the costs beyond 2 N2 B^T B (the force blocks, then the residual's);
+        daqp's (empty) general constraints; and the bounds of [w (4 p), r (6)]."""
         if p not in self._sized:
             n_w = 4 * p
             costs = np.zeros((n_w + 6, n_w + 6))
             costs[:n_w, :n_w] = self._force_costs2[:n_w, :n_w]
             costs[n_w:, n_w:] = self._residual_cost2 * np.eye(6)
             skip = len(self._upper) - 6 - n_w  # the bounds of the inactive points' weights
-            self._sized[p] = (np.concatenate([np.zeros((6, n_w)), np.eye(6)], axis=1), costs, np.zeros((0, n_w + 6)),
-                              (self._upper[skip:].copy(), self._lower[skip:].copy()))
+            B = np.concatenate([np.tile(self.edges, (2, p)), np.eye(6)], axis=1)  # torque rows overwritten per update
+            torque_rows = B[3:, :n_w].reshape(3, p, 4).transpose(1, 0, 2)  # (p, 3, 4): a view of B
+            if not np.shares_memory(torque_rows, B):
+                raise AssertionError("the torque rows' (p, 3, 4) view must write into B")
+            self._sized[p] = (B, torque_rows, np.zeros((p, 3, 3)), np.empty((p, 3, 3)), costs,
+                              np.zeros((0, n_w + 6)), (self._upper[skip:].copy(), self._lower[skip:].copy()))
         return self._sized[p]
 
     def _bind(self, data: mujoco.MjData) -> None:
@@ -114,6 +142,8 @@ class BalanceController:
         its lifetime), so that each update does not fetch them again."""
         self._bound = data
         self._site_xpos, self._qfrc_bias, self._xpos, self._xmat = data.site_xpos, data.qfrc_bias, data.xpos, data.xmat
+        self._R_world_pelvis = data.xmat[self._pelvis].reshape(3, 3)  # a view
+        self._pelvis_pos = data.xpos[self._pelvis]
 
     def foot_points(self, data: mujoco.MjData) -> np.ndarray:
         """(P, 3) the sole corners (``Humanoid.foot_points``) in ``data``'s state (the model's sites: positions from
@@ -124,39 +154,61 @@ class BalanceController:
 
     def __call__(self, data: mujoco.MjData, qdd: np.ndarray) -> Control:
         """The control update for desired accelerations ``qdd`` (nv,) in ``data``'s state (``mj_step1`` done)."""
+        self.update(data, qdd)
+        qacc = qdd.copy()
+        qacc[:6] += self._delta
+        return Control(joint_torques=self.joint_torques.copy(), residual=self.residual.copy(),
+                       forces=self.forces.copy(), points=self.points.copy(), qacc=qacc)
+
+    def update(self, data: mujoco.MjData, qdd: np.ndarray) -> None:
+        """The control update for desired accelerations ``qdd`` (nv,) in ``data``'s state (``mj_step1`` done), into
+        ``joint_torques`` (nv - 6,), ``residual`` (6,), ``forces`` (P, 3) and ``points`` (P, 3), overwritten by the
+        next update (``forces`` alternates between two buffers: the previous update's is the QP's continuity term)."""
         model, M, contact = self.model, self._M, self._contact
         if data is not self._bound:
             self._bind(data)
-        points = self._site_xpos[self._site_ids]  # (P, 3) the sole corners
-        active = np.flatnonzero(points[:, 2] <= self.cfg.contact_band_m)
+        points = self.points
+        self._site_xpos.take(self._site_ids, axis=0, out=points)  # (P, 3) the sole corners
+        active = (points[:, 2] <= self.cfg.contact_band_m).nonzero()[0]
         mujoco.mj_fullM(model, data, M)
-        demand = M @ qdd + self._qfrc_bias  # the generalized force the desired accelerations need
-        forces, residual = self._solve(points, active, demand[:6])
-        contact[:] = 0.0
+        demand = np.matmul(M, qdd, out=self._demand)
+        demand += self._qfrc_bias  # the generalized force the desired accelerations need
+        forces = self._solve(points, active, self._demand_root)
+        contact.fill(0.0)
+        rows, point_rows, bodies = self._force_rows[id(forces)], self._point_rows, self._bodies
         for k in active.tolist():  # J_c^T f, every row
-            mujoco.mj_applyFT(model, data, forces[k], self._no_torque, points[k], self._bodies[k], contact)
+            mujoco.mj_applyFT(model, data, rows[k], self._no_torque, point_rows[k], bodies[k], contact)
         self._M_rr[:] = self._M_root
         mujoco.mju_cholFactor(self._M_rr, 0.0)
-        mujoco.mju_cholSolve(self._delta, self._M_rr, self._contact_root + residual - demand[:6])
-        joint_torques = demand[6:] + self._M_joints_root @ self._delta - self._contact_joints
-        qacc = qdd.copy()
-        qacc[:6] += self._delta
-        return Control(joint_torques=joint_torques, residual=residual, forces=forces, points=points, qacc=qacc)
+        unmet = np.add(self._contact_root, self.residual, out=self._unmet)
+        unmet -= self._demand_root
+        mujoco.mju_cholSolve(self._delta, self._M_rr, unmet)
+        joint_torques = np.add(self._demand_joints, np.matmul(self._M_joints_root, self._delta, out=self._lever),
+                               out=self.joint_torques)
+        joint_torques -= self._contact_joints
 
-    def _solve(self, points: np.ndarray, active: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(forces (P_all, 3), residual (6,)) of the module doc's QP for the ``active`` (indices) of the P_all
-        ``points`` (P_all, 3) and the root's demand ``b`` (6,), in the bound data's state."""
+    def _solve(self, points: np.ndarray, active: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """The module doc's QP for the ``active`` (indices) of the P_all ``points`` (P_all, 3) and the root's demand
+        ``b`` (6,), in the bound data's state: the residual into ``residual`` (6,), the forces (P_all, 3) into the
+        force buffer the previous update did not use, which becomes ``forces`` and is returned."""
         cfg, E = self.cfg, self.edges
-        forces = np.zeros(self.previous.shape)
-        self.previous, previous = forces, self.previous
+        self.previous, forces = self.forces, self.previous
+        self.forces = forces
+        previous = self.previous
+        forces.fill(0.0)
         P = len(active)
         if P == 0:  # a diagonal QP: each residual component is its own 1-D problem, clipped to its box
-            return forces, np.clip(b / (1.0 + cfg.residual_weight), -self.residual_bound, self.residual_bound)
-        pelvis = self._pelvis
-        A = root_contact_basis(points[active], self._xpos[pelvis], self._xmat[pelvis].reshape(3, 3), E)  # (6, 4 P)
+            np.clip(b / (1.0 + cfg.residual_weight), -self.residual_bound, self.residual_bound, out=self.residual)
+            return forces
         n_w = 4 * P
-        B, costs, no_rows, bounds = self._pieces(P)
-        B[:, :n_w] = A
+        B, torque_rows, cross, rotated, costs, no_rows, bounds = self._pieces(P)
+        # B's torque rows: the root's pelvis-frame torque of a unit force along each cone edge at each point,
+        # R^T ((p - p_pelvis) x e) (``dynamics.root_contact_basis``, computed here into B with the same products)
+        arms = self._arms[:P]  # (P, 6): the lever arm p - p_pelvis, then its negative
+        np.subtract(points[active], self._pelvis_pos, out=arms[:, :3])
+        np.negative(arms[:, :3], out=arms[:, 3:])
+        cross.reshape(P, 9)[:, _CROSS_ENTRIES] = arms[:, _CROSS_SOURCES]  # [arm]_x, its diagonal left at zero
+        np.matmul(np.matmul(self._R_world_pelvis.T, cross, out=rotated), E, out=torque_rows)
         # daqp minimises 1/2 x^T H x + g^T x: the module doc's cost times 2, for x = [w; r] (A w + r = B x), so
         # H = 2 N2 B^T B + the force and residual costs, g = -2 N2 B^T b - 2 continuity_weight N2 (F^T f_prev)
         H = B.T @ B
@@ -169,4 +221,5 @@ class BalanceController:
         if exitflag < 1:  # w = 0, r = 0 is always feasible: numerical trouble only; then no support (it falls)
             x = np.zeros(n_w + 6)
         forces[active] = x[:n_w].reshape(P, 4) @ self._edges_T
-        return forces, x[n_w:]
+        self.residual[:] = x[n_w:]
+        return forces

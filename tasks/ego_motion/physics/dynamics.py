@@ -74,6 +74,28 @@ class InverseDynamicsResult:
     joint_torques_nm: np.ndarray
     contact_force_n: np.ndarray
     num_contacts: np.ndarray
+    kinematics: MotionKinematics | None = None
+    """The motion's forward kinematics, when asked for (``inverse_dynamics(..., kinematics=True)``)."""
+
+
+@dataclass(frozen=True)
+class MotionKinematics:
+    """World poses of a motion's parts per frame (T frames; metres, +Z up), from the forward kinematics that
+    ``inverse_dynamics`` runs anyway (``mj_inverse``'s position stage: the same numbers as ``mj_kinematics``), so that
+    the plausibility measures and the tracker need no kinematics pass of their own.
+
+    Attributes:
+        geom_xpos: (T, 22, 3) positions of the 22 collision geoms, SMPL-H joint order (``Humanoid.geom_poses``).
+        geom_xmat: (T, 22, 3, 3) their rotations.
+        joints: (T, 22, 3) positions of the 22 joints (``criterion.reference_kinematics``' joints).
+        foot_points: (T, 16, 3) the sole corners from the model's sites (``criterion.reference_kinematics``' foot
+            points).
+    """
+
+    geom_xpos: np.ndarray
+    geom_xmat: np.ndarray
+    joints: np.ndarray
+    foot_points: np.ndarray
 
 
 def finite_difference_velocities(model: mujoco.MjModel, qpos: np.ndarray, fps: float) -> tuple[np.ndarray, np.ndarray]:
@@ -165,8 +187,8 @@ def root_contact_basis(points: np.ndarray, root_pos: np.ndarray, R_world_root: n
 
 
 def inverse_dynamics(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: InverseDynamicsConfig | None = None,
-                     joint_torques: bool = False,
-                     geom_poses: tuple[np.ndarray, np.ndarray] | None = None) -> InverseDynamicsResult:
+                     joint_torques: bool = False, geom_poses: tuple[np.ndarray, np.ndarray] | None = None,
+                     kinematics: bool = False, data: mujoco.MjData | None = None) -> InverseDynamicsResult:
     """Root residual, contact forces and (optionally) joint torques of the motion ``qpos`` (T, nq) at ``fps``.
 
     Args:
@@ -175,9 +197,13 @@ def inverse_dynamics(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: Inve
         fps: frame rate of the motion (frames per second).
         joint_torques: also compute the joints' torques (``joint_torques_nm``; NaN otherwise).
         geom_poses: ``humanoid.geom_poses(qpos)`` when the caller has it already (computed otherwise).
+        kinematics: also return the motion's forward kinematics (``kinematics``, :class:`MotionKinematics`), recorded
+            from the frames' ``mj_inverse`` calls; its geom poses are ``geom_poses`` when given.
+        data: an ``MjData`` of ``humanoid.model`` to compute in, reset here (``mj_resetData``), so that a caller
+            scoring many motions of one humanoid does not allocate one per motion; a new one otherwise.
 
     Raises:
-        ValueError: wrong ``qpos`` width, non-finite values, fewer than 3 frames.
+        ValueError: wrong ``qpos`` width, non-finite values, fewer than 3 frames, ``data`` of another model.
     """
     cfg = cfg or InverseDynamicsConfig()
     model = humanoid.model
@@ -187,20 +213,30 @@ def inverse_dynamics(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: Inve
     T = qpos.shape[0]
     point_bodies = humanoid.foot_point_bodies  # (P,)
     edges = friction_cone_edges(humanoid.config.friction)  # (3, 4)
-    data = mujoco.MjData(model)
+    if data is None:
+        data = mujoco.MjData(model)
+    elif data.model is not model:
+        raise ValueError("data must be an MjData of humanoid.model (mujoco.MjData(humanoid.model)).")
+    else:
+        mujoco.mj_resetData(model, data)
     pelvis, geoms = humanoid.body_ids[0], humanoid.geom_ids
     tau = np.empty((T, model.nv))  # needed generalized force per frame, contacts disabled
     root_pos, R_world_root = np.empty((T, 3)), np.empty((T, 3, 3))
-    geom_xpos, geom_xmat = (None, None) if geom_poses is not None else (np.empty((T, len(geoms), 3)),
-                                                                         np.empty((T, len(geoms), 9)))
+    record_geoms = geom_poses is None
+    if record_geoms:
+        geom_xpos, geom_xmat = np.empty((T, len(geoms), 3)), np.empty((T, len(geoms), 9))
+    if kinematics:
+        joints, sites = np.empty((T, len(humanoid.body_ids), 3)), np.empty((T, len(humanoid.foot_site_ids), 3))
     q, v, a, frc, xpos, xmat = data.qpos, data.qvel, data.qacc, data.qfrc_inverse, data.xpos, data.xmat  # views
     for t in range(T):
         q[:], v[:], a[:] = qpos[t], qvel[t], qacc[t]
         mujoco.mj_inverse(model, data)  # its kinematics give the geoms' poses too
         tau[t], root_pos[t], R_world_root[t] = frc, xpos[pelvis], xmat[pelvis].reshape(3, 3)
-        if geom_poses is None:
+        if record_geoms:
             geom_xpos[t], geom_xmat[t] = data.geom_xpos[geoms], data.geom_xmat[geoms]
-    if geom_poses is None:
+        if kinematics:
+            joints[t], sites[t] = xpos[humanoid.body_ids], data.site_xpos[humanoid.foot_site_ids]
+    if record_geoms:
         geom_poses = geom_xpos, geom_xmat.reshape(T, len(geoms), 3, 3)
     points = humanoid.foot_points(*geom_poses)  # (T, P, 3)
     num_edges = edges.shape[1]
@@ -232,4 +268,5 @@ def inverse_dynamics(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: Inve
     num_contacts = supporting.sum(axis=1).astype(np.int64)
     return InverseDynamicsResult(residual_force_n=residual_force, residual_torque_nm=residual_torque,
                                  joint_torques_nm=torques, contact_force_n=contact_force,
-                                 num_contacts=num_contacts)
+                                 num_contacts=num_contacts,
+                                 kinematics=MotionKinematics(*geom_poses, joints, sites) if kinematics else None)

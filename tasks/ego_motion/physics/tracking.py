@@ -192,7 +192,8 @@ def success_criteria(cfg: TrackingConfig, residual_per_weight: float, pelvis_ris
             (unexecuted_speed_m_per_s, cfg.max_unexecuted_speed_m_per_s)]
 
 
-def track(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: TrackingConfig | None = None) -> TrackingResult:
+def track(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: TrackingConfig | None = None,
+          reference: tuple[np.ndarray, np.ndarray] | None = None, data: mujoco.MjData | None = None) -> TrackingResult:
     """Simulate the balancing tracker (module doc) on the reference motion ``qpos`` (T, nq) sampled at ``fps``.
 
     Args:
@@ -200,9 +201,16 @@ def track(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: TrackingConfig 
         qpos: (T, nq) reference configurations (:meth:`Humanoid.qpos`), T >= ``cfg.smoothing_frames``.
         fps: frame rate (frames per second); ``humanoid.config.timestep_s`` must divide 1 / fps into
             whole steps and ``cfg.control_hz`` must divide ``fps``'s steps evenly.
+        reference: :func:`criterion.reference_kinematics` of ``humanoid`` and ``qpos`` ((T, 22, 3) joints, (T, 16, 3)
+            foot points) when the caller has them (the evaluator takes them from the inverse dynamics' kinematics);
+            computed here otherwise.
+        data: an ``MjData`` of ``humanoid.tracker_model`` to simulate in, reset here (``mj_resetData``: the run is
+            the same as in a new one), so that a caller tracking many motions of one humanoid does not allocate one
+            per motion (about 0.6 ms each); a new one otherwise.
 
     Raises:
-        ValueError: bad shapes, non-finite values, too few frames, or time steps that do not divide.
+        ValueError: bad shapes, non-finite values, too few frames, time steps that do not divide, or a
+            ``reference`` of the wrong shapes, or ``data`` of another model.
     """
     cfg = cfg or TrackingConfig()
     model = humanoid.tracker_model
@@ -237,26 +245,46 @@ def track(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: TrackingConfig 
     damping = joint_damping * vel_sub[:, :, 6:]  # (T - 1, S, nv - 6): the dampers act on the velocity error
     updates = substeps // steps_per_update  # per frame interval
     share = steps_per_update / substeps  # of a frame's interval, per control update
-    # per update (frame interval, update): root residual (6,) and the QP's total vertical contact force
-    residuals, vertical = np.zeros((T, updates, 6)), np.zeros((T, updates))
+    # per update (frame interval, update): root residual (6,) and the QP's vertical contact force per foot point
+    residuals, vertical = np.zeros((T, updates, 6)), np.zeros((T, updates, len(humanoid.foot_site_ids)))
 
-    reference, reference_feet = reference_kinematics(humanoid, qpos)  # (T, 22, 3) joints, (T, 16, 3) sole corners
-    data = mujoco.MjData(model)
+    if reference is None:
+        reference, reference_feet = reference_kinematics(humanoid, qpos)  # (T, 22, 3) joints, (T, 16, 3) sole corners
+    else:
+        reference, reference_feet = reference
+        if reference.shape != (T, len(ids), 3) or reference_feet.shape != (T, len(controller.point_bodies), 3):
+            raise ValueError(f"reference must be reference_kinematics(humanoid, qpos)'s (T, {len(ids)}, 3) joints and "
+                             f"(T, {len(controller.point_bodies)}, 3) foot points for T = {T}, got "
+                             f"{reference.shape} and {reference_feet.shape}.")
+    if data is None:
+        data = mujoco.MjData(model)
+    elif data.model is not model:
+        raise ValueError("data must be an MjData of humanoid.tracker_model (mujoco.MjData(humanoid.tracker_model)).")
+    else:
+        mujoco.mj_resetData(model, data)
     data.qpos[:], data.qvel[:] = qpos[0], qvel_ref[0]
     xpos, qpos_sim, qvel_root = data.xpos, data.qpos, data.qvel[:6]  # views of data's buffers
     applied_root, applied_joints = data.qfrc_applied[:6], data.qfrc_applied[6:]
-    error, qdd = np.empty(model.nv), np.empty(model.nv)
-    error_root, qdd_root, vel_root = error[:6], qdd[:6], vel_sub[:, :, :6]
+    # the root rows of mj_differentiatePos(qpos_sim, q_ref) (dt = 1), computed alone: the free joint's position
+    # difference and mju_subQuat of its quaternions (what mj_differentiatePos does for a free joint; the joints' rows
+    # are not used: their PD is the springs)
+    error_root, qdd = np.empty(6), np.empty(model.nv)
+    error_pos, error_rot, qdd_root, vel_root = error_root[:3], error_root[3:], qdd[:6], vel_sub[:, :, :6]
+    reference_pos, reference_quat = qpos[:, :3], qpos[:, 3:7]
+    simulated_pos, simulated_quat = qpos_sim[:3], qpos_sim[3:7]
+    joint_springs = spring[7:]
+    torques, residual = controller.joint_torques, controller.residual  # the controller's output buffers
     simulated = np.zeros((T, len(ids), 3))
     feet = np.zeros((T, len(controller.point_bodies), 3))  # the simulated sole corners per frame
     checked = [0, HEAD_JOINT]
+    reference_checked = reference[:, checked]  # (T, 2, 3)
     fail_sq = cfg.fail_distance_m**2
     failed_at = T
     try:
         mujoco.mj_kinematics(model, data)
         for t in range(T):
             simulated[t] = xpos[ids]
-            drift = simulated[t, checked] - reference[t, checked]
+            drift = simulated[t, checked] - reference_checked[t]
             if not (drift * drift).sum(axis=-1).max() <= fail_sq:  # NaN included
                 failed_at = t
                 simulated[t:] = simulated[t]
@@ -266,19 +294,20 @@ def track(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: TrackingConfig 
                 break
             for u in range(updates):
                 step = u * steps_per_update  # the update's step, then steps_per_update - 1 without an update
-                spring[7:] = spring_targets[t, step]
+                joint_springs[:] = spring_targets[t, step]
                 mujoco.mj_step1(model, data)  # positions, velocities, M, bias, contacts at the current state
-                mujoco.mj_differentiatePos(model, error, 1.0, qpos_sim, qpos[t])
+                np.subtract(reference_pos[t], simulated_pos, out=error_pos)
+                mujoco.mju_subQuat(error_rot, reference_quat[t], simulated_quat)
                 qdd[:] = acc_sub[t, step]
                 qdd_root += kp_root * (error_root + lead[t, step]) + kd_root * (vel_root[t, step] - qvel_root)
-                control = controller(data, qdd)
-                applied_joints[:] = control.joint_torques + damping[t, step]
-                applied_root[:] = control.residual
-                residuals[t, u] = control.residual
-                vertical[t, u] = control.forces[:, 2].sum()
+                controller.update(data, qdd)
+                np.add(torques, damping[t, step], out=applied_joints)
+                applied_root[:] = residual
+                residuals[t, u] = residual
+                vertical[t, u] = controller.forces[:, 2]
                 mujoco.mj_step2(model, data)
                 for plain in range(step + 1, step + steps_per_update):  # the joint PD alone until the next update
-                    spring[7:] = spring_targets[t, plain]
+                    joint_springs[:] = spring_targets[t, plain]
                     mujoco.mj_step(model, data)
     finally:
         spring[:] = saved_spring
@@ -290,7 +319,7 @@ def track(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: TrackingConfig 
     slips = (np.linalg.norm(feet[1:n, :, :2] - feet[:n - 1, :, :2], axis=-1)[both] * fps).tolist()
     residual_force = np.linalg.norm(residuals[:, :, :3], axis=-1).sum(axis=1) * share  # (T,): over frame t's interval
     residual_torque = np.linalg.norm(residuals[:, :, 3:], axis=-1).sum(axis=1) * share
-    contact_force = vertical.sum(axis=1) * share
+    contact_force = vertical.sum(axis=-1).sum(axis=1) * share
     survival = failed_at / T
     alive = max(1, failed_at)
     rise = float(np.mean(rises)) if rises else float("nan")
