@@ -227,11 +227,14 @@ def speed(task: EgoMotionTask, repeats: int, limit: int, baseline: str | None = 
 
 
 def sweep(task: EgoMotionTask, split: str, tracking: TrackingConfig, humanoid: HumanoidConfig,
-          baseline: str | None = None) -> dict:
+          baseline: str | None = None, edits: bool = False) -> dict:
     """The ground truth alone of every unmirrored floor-contact window of ``split`` (one per motion: a mirrored copy
     gives the same result) under one tracker configuration: how the defaults were chosen (on post_train). Means, the
-    count of motions failing each criterion, ms per motion. With ``baseline`` (a package name, ``_baseline``), an
-    older checkout's tracker at its own defaults instead.
+    count of motions failing each criterion, the residual's quantiles over motions, the median and 90 % quantile of
+    the mean joint position error (mm) and the median pelvis rise (cm), ms per motion. With ``edits``, also how many
+    of the motions each edit of the separation (``EDITS`` and ``SUNK_BELOW_CONTACT``) executes under the same
+    configuration. With ``baseline`` (a package name, ``_baseline``), an older checkout's tracker at its own defaults
+    instead.
 
     Raises ValueError if ``baseline`` is given with ``tracking`` or ``humanoid`` other than the defaults (the older
     tracker has its own configuration classes; overrides would not apply to it)."""
@@ -242,18 +245,30 @@ def sweep(task: EgoMotionTask, split: str, tracking: TrackingConfig, humanoid: H
     batch, n = task.load_examples(split, positions), len(positions)
     build, run = (build_humanoid, lambda h, q: track(h, q, FPS, tracking)) if baseline is None else (
         lambda rest, _: _baseline(baseline)[0](rest), lambda h, q: _baseline(baseline)[1](h, q, FPS))
-    rows = []
+    rows, edited = [], {}
     for i in range(n):
         h = build(_rest_joints(task, batch["betas"][i]), humanoid)
-        qpos = h.qpos(batch["T_world_root"][i], batch["body_rotmats"][i])
+        motion = (batch["T_world_root"][i], batch["body_rotmats"][i])
+        qpos = h.qpos(*motion)
         t0 = time.perf_counter()
         tr = run(h, qpos)
         rows.append((tr.success, tr.survival, tr.assist_n / h.weight_n, (time.perf_counter() - t0) * 1e3,
-                     failed_criteria(tr, h.weight_n, tracking)))
-    success, survival, residual, ms, failed = zip(*rows, strict=True)
-    return {"split": split, "motions": n, "success": float(np.mean(success)), "survival": float(np.mean(survival)),
-            "residual_per_weight": float(np.mean(residual)), "ms_per_motion": float(np.median(ms)),
-            "failing": {k: sum(any(f.startswith(k) for f in fs) for fs in failed) for k in FAILING}}
+                     failed_criteria(tr, h.weight_n, tracking), tr.tracking_error_m, tr.pelvis_rise_m))
+        if edits:
+            contact = contact_height_m(reference_kinematics(h, qpos)[1])
+            for name, edit in {**EDITS, SUNK_BELOW_CONTACT: lambda root, rotmats, c=contact:
+                               sunk_below_contact(root, rotmats, c)}.items():
+                edited[name] = edited.get(name, 0) + int(run(h, h.qpos(*edit(*motion))).success)
+    success, survival, residual, ms, failed, error, rise = zip(*rows, strict=True)
+    result = {"split": split, "motions": n, "success": float(np.mean(success)), "survival": float(np.mean(survival)),
+              "residual_per_weight": float(np.mean(residual)), "ms_per_motion": float(np.median(ms)),
+              "failing": {k: sum(any(f.startswith(k) for f in fs) for fs in failed) for k in FAILING},
+              "residual_quantiles": {f"q{int(q * 100)}": float(np.quantile(residual, q)) for q in (0.5, 0.9, 1.0)},
+              "tracking_error_mm": {q: float(np.quantile(error, v)) * 1e3 for q, v in (("q50", 0.5), ("q90", 0.9))},
+              "pelvis_rise_cm_q50": float(np.nanmedian(rise)) * 1e2}
+    if edits:
+        result["edits_executed"] = edited
+    return result
 
 
 def _touching_counts(task: EgoMotionTask, split: str) -> dict:
@@ -608,6 +623,8 @@ if __name__ == "__main__":
                              "(see _baseline)")
     parser.add_argument("--sweep", choices=SPLITS, default=None,
                         help="only the ground truth of this split under --tracking / --humanoid overrides, and stop")
+    parser.add_argument("--sweep-edits", action="store_true",
+                        help="with --sweep: also count the motions whose edits (the separation's) are executed")
     parser.add_argument("--tracking", type=json.loads, default={},
                         help='TrackingConfig overrides, JSON: {"control_hz": 120}')
     parser.add_argument("--humanoid", type=json.loads, default={}, help='HumanoidConfig overrides, JSON')
@@ -618,6 +635,8 @@ if __name__ == "__main__":
     parser.add_argument("--floor-rule", action="store_true",
                         help="only the windows the earlier floor filter keeps and the current one drops, and stop")
     args = parser.parse_args()
+    if args.sweep_edits and args.sweep is None:
+        parser.error("--sweep-edits counts edits of a --sweep: add --sweep SPLIT.")
     if (args.tracking or args.humanoid) and (args.sweep is None or args.baseline is not None):
         parser.error("--tracking / --humanoid apply to --sweep of the current tracker only: add --sweep SPLIT, and "
                      "drop --baseline (the older tracker runs at its own defaults).")
@@ -639,7 +658,7 @@ if __name__ == "__main__":
         raise SystemExit(0)
     if args.sweep is not None:
         print(json.dumps(sweep(task, args.sweep, TrackingConfig(**args.tracking), HumanoidConfig(**args.humanoid),
-                               args.baseline)))
+                               args.baseline, args.sweep_edits)))
         raise SystemExit(0)
     if args.strips_dir is not None:
         print("\n".join(str(p) for p in strips(task, args.strips_dir)))
