@@ -584,16 +584,30 @@ def criterion_study(result: dict, split: str = "post_train") -> str:
 def sweep_table(records: list[dict]) -> str:
     """The docs' table of ``--sweep`` results: records {"tracking": {...}, "humanoid": {...}, "result": {...}}, or
     {"label": ..., "result": {...}} for a baseline."""
+    detailed = all("residual_quantiles" in record["result"] for record in records)  # records from sweep's later form
+    edits = detailed and all("edits_executed" in record["result"] for record in records)
+    extra = (" residual q50 / q90 / max | joint error q50 / q90 (mm) | pelvis rise q50 (cm) |" if detailed else "") + (
+        f" edits executed: {' / '.join(EDITS)} / {SUNK_BELOW_CONTACT} |" if edits else "")
     lines = ["| change from the defaults | success | survival | residual / (m g) | failing: fell / residual / "
-             "pelvis rise / planted feet / unexecuted | ms per motion |", "|---|---:|---:|---:|---:|---:|"]
+             f"pelvis rise / planted feet / unexecuted | ms per motion |{extra}",
+             "|---|---:|---:|---:|---:|---:|" + "---:|" * (detailed * 3 + edits)]
     for record in records:
         change = record.get("label") or ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in
                                                   {**record["humanoid"], **record["tracking"]}.items())
         change = change or "none (the defaults)"
         r = record["result"]
+        if detailed and len({record["result"]["split"] for record in records}) > 1:  # both splits: say which
+            change = f"{r['split']}: {change}"
         failing = " / ".join(str(r["failing"].get(k, "—")) for k in FAILING)  # "—": a record before the criterion
-        lines.append(f"| {change} | {r['success']:.3f} | {r['survival']:.3f} | {r['residual_per_weight']:.3f} | "
-                     f"{failing} | {r['ms_per_motion']:.0f} |")
+        line = (f"| {change} | {r['success']:.3f} | {r['survival']:.3f} | {r['residual_per_weight']:.3f} | "
+                f"{failing} | {r['ms_per_motion']:.0f} |")
+        if detailed:
+            q, error = r["residual_quantiles"], r["tracking_error_mm"]
+            line += (f" {q['q50']:.3f} / {q['q90']:.3f} / {q['q100']:.3f} | {error['q50']:.1f} / {error['q90']:.1f} | "
+                     f"{r['pelvis_rise_cm_q50']:.2f} |")
+        if edits:
+            line += " " + " / ".join(str(r["edits_executed"][name]) for name in (*EDITS, SUNK_BELOW_CONTACT)) + " |"
+        lines.append(line)
     if all("motions" in record["result"] for record in records):
         note = "Failing counts are of motions (the unmirrored windows)."
     else:  # records from before --sweep ran one window per motion
