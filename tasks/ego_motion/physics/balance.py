@@ -37,30 +37,11 @@ import daqp
 import mujoco
 import numpy as np
 
-from .centroidal import centroidal_momentum, com_rotational_inertia, root_to_com_wrench
 from .dynamics import friction_cone_edges, root_contact_basis
 from .humanoid import Humanoid
 
 if TYPE_CHECKING:
     from .tracking import TrackingConfig
-
-
-@dataclass(frozen=True)
-class CentroidalTarget:
-    """The reference's centroidal state at a control update, and the pelvis orientation's tracking errors (SI units).
-
-    Attributes:
-        com: (3,) the reference's centre of mass (world, m).
-        com_velocity: (3,) its velocity (world, m/s).
-        angular_momentum: (3,) the reference's angular momentum about its centre of mass (world, kg m^2/s).
-        orientation_error: (3,) the rotation vector from the simulated pelvis's orientation to the reference's
-            (root frame, rad; ``mj_differentiatePos``).
-    """
-
-    com: np.ndarray
-    com_velocity: np.ndarray
-    angular_momentum: np.ndarray
-    orientation_error: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -110,10 +91,6 @@ class BalanceController:
         self._N2_2, self._continuity2 = 2 * N2, 2 * (cfg.continuity_weight * N2)
         self._upper = np.concatenate([np.full(4 * P, np.inf), self.residual_bound])
         self._lower = np.concatenate([np.zeros(4 * P), -self.residual_bound])
-        omega_com = 2 * np.pi * cfg.com_frequency_hz
-        self._kp_com, self._kd_com = omega_com**2, 2 * cfg.com_damping_ratio * omega_com
-        self._kp_rot = (2 * np.pi * cfg.orientation_frequency_hz)**2
-        self._row_weights = np.repeat([1.0, np.sqrt(cfg.angular_weight)], 3)  # unmet force, unmet torque at the CoM
         self._sized: dict[int, tuple] = {}  # per number of active points: ``_pieces``
         self._site_ids, self._bodies = humanoid.foot_site_ids, self.point_bodies.tolist()
         self._bound = None  # the MjData whose arrays ``_bind`` holds
@@ -145,10 +122,8 @@ class BalanceController:
             self._bind(data)
         return self._site_xpos[self._site_ids]
 
-    def __call__(self, data: mujoco.MjData, qdd: np.ndarray, target: CentroidalTarget | None = None) -> Control:
-        """The control update for desired accelerations ``qdd`` (nv,) in ``data``'s state (``mj_step1`` done); with
-        ``target``, the root's demand gets the centroidal feedback of :meth:`centroidal_feedback` and the QP weighs
-        what is left unmet at the centre of mass (``qdd``'s root part is then the reference's, no feedback)."""
+    def __call__(self, data: mujoco.MjData, qdd: np.ndarray) -> Control:
+        """The control update for desired accelerations ``qdd`` (nv,) in ``data``'s state (``mj_step1`` done)."""
         model, M, contact = self.model, self._M, self._contact
         if data is not self._bound:
             self._bind(data)
@@ -156,12 +131,7 @@ class BalanceController:
         active = np.flatnonzero(points[:, 2] <= self.cfg.contact_band_m)
         mujoco.mj_fullM(model, data, M)
         demand = M @ qdd + self._qfrc_bias  # the generalized force the desired accelerations need
-        if target is None:
-            forces, residual = self._solve(points, active, demand[:6])
-        else:
-            feedback, to_com = self.centroidal_feedback(data, target)
-            demand[:6] += feedback
-            forces, residual = self._solve(points, active, demand[:6], self._row_weights[:, None] * to_com)
+        forces, residual = self._solve(points, active, demand[:6])
         contact[:] = 0.0
         for k in active.tolist():  # J_c^T f, every row
             mujoco.mj_applyFT(model, data, forces[k], self._no_torque, points[k], self._bodies[k], contact)
@@ -173,49 +143,20 @@ class BalanceController:
         qacc[:6] += self._delta
         return Control(joint_torques=joint_torques, residual=residual, forces=forces, points=points, qacc=qacc)
 
-    def centroidal_feedback(self, data: mujoco.MjData, target: CentroidalTarget) -> tuple[np.ndarray, np.ndarray]:
-        """(the root's generalized force (6,) the centroidal feedback adds to the demand, X (6, 6)) in ``data``'s state
-        (``mj_fullM`` done into the controller's M): the desired change of the centroidal momentum's rate,
-
-            m (Kp_c (c_ref - c) + Kd_c (c_dot_ref - c_dot))           (force, world)
-            k_L (L_ref - L_G) + I_G R (Kp_o e_o + Kd_o e_w)           (torque about the CoM, world)
-
-        (Macchietto et al. 2009; Lee and Goswami 2012: the linear momentum follows the reference's centre of mass,
-        the angular momentum is damped towards the reference's, and a soft pelvis-orientation PD, with the body's
-        rotational inertia I_G about its CoM, keeps the posture from drifting), mapped to the root's coordinates
-        by X^-1; X (:func:`centroidal.root_to_com_wrench`) maps the root's generalized forces to wrenches at the CoM."""
-        cfg, M = self.cfg, self._M
-        pelvis = self._pelvis
-        p, R = self._xpos[pelvis], self._xmat[pelvis].reshape(3, 3)
-        c = data.subtree_com[0]  # the whole body's centre of mass (the world body's subtree)
-        momentum, angular = centroidal_momentum(M[:6] @ data.qvel, c, p, R)
-        mass = self.humanoid.total_mass_kg
-        force = mass * (self._kp_com * (target.com - c) + self._kd_com * (target.com_velocity - momentum / mass))
-        inertia = com_rotational_inertia(M[:6, :6], mass, c, p, R)
-        torque = (cfg.angular_momentum_gain_per_s * (target.angular_momentum - angular)
-                  + self._kp_rot * (inertia @ (R @ target.orientation_error)))
-        X = root_to_com_wrench(c, p, R)
-        return np.concatenate([force, R.T @ (torque + np.cross(c - p, force))]), X
-
-    def _solve(self, points: np.ndarray, active: np.ndarray, b: np.ndarray,
-               rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def _solve(self, points: np.ndarray, active: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(forces (P_all, 3), residual (6,)) of the module doc's QP for the ``active`` (indices) of the P_all
-        ``points`` (P_all, 3) and the root's demand ``b`` (6,), in the bound data's state; ``rows`` (6, 6), if given,
-        maps the unmet generalized force before it is costed (the centroidal weighting)."""
+        ``points`` (P_all, 3) and the root's demand ``b`` (6,), in the bound data's state."""
         cfg, E = self.cfg, self.edges
         forces = np.zeros(self.previous.shape)
         self.previous, previous = forces, self.previous
         P = len(active)
-        if P == 0 and rows is None:  # a diagonal QP: each residual component is its own 1-D problem, clipped
+        if P == 0:  # a diagonal QP: each residual component is its own 1-D problem, clipped to its box
             return forces, np.clip(b / (1.0 + cfg.residual_weight), -self.residual_bound, self.residual_bound)
         pelvis = self._pelvis
+        A = root_contact_basis(points[active], self._xpos[pelvis], self._xmat[pelvis].reshape(3, 3), E)  # (6, 4 P)
         n_w = 4 * P
         B, costs, no_rows, bounds = self._pieces(P)
-        if P:
-            B[:, :n_w] = root_contact_basis(points[active], self._xpos[pelvis], self._xmat[pelvis].reshape(3, 3),
-                                            E)  # (6, 4 P)
-        if rows is not None:
-            B, b = rows @ B, rows @ b
+        B[:, :n_w] = A
         # daqp minimises 1/2 x^T H x + g^T x: the module doc's cost times 2, for x = [w; r] (A w + r = B x), so
         # H = 2 N2 B^T B + the force and residual costs, g = -2 N2 B^T b - 2 continuity_weight N2 (F^T f_prev)
         H = B.T @ B

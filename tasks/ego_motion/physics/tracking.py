@@ -44,7 +44,7 @@ import mujoco
 import numpy as np
 
 from ..body.geometry import HEAD_JOINT
-from .balance import BalanceController, CentroidalTarget
+from .balance import BalanceController
 from .criterion import graded_success, planted_foot_speed, reference_kinematics, unexecuted_speed
 from .dynamics import smoothed_derivatives
 from .humanoid import Humanoid
@@ -94,33 +94,6 @@ class TrackingConfig:
     root_rotation_frequency_hz: float = 3.0
     """The same for the pelvis orientation (0: none, which on post-train windows made every ground truth fall)."""
     root_damping_ratio: float = 1.0
-    balance_target: str = "root_pose"
-    """What the balance feedback tracks. "root_pose" (the default): a PD on the pelvis's position and orientation in
-    the desired accelerations (``root_frequency_hz``, ``root_rotation_frequency_hz``, ``root_damping_ratio``; the
-    unmet demand costed at the pelvis). "centre_of_mass" (tried, not adopted: docs/ego_motion_rlpf.md, "Tried after
-    this revision and not adopted"): the whole body's centre of mass (a PD for the linear momentum's rate), the
-    centroidal angular momentum (damped towards the reference's) and, softly, the pelvis orientation, as the
-    centroidal wrench the contacts and residual should supply (``balance.py``; Macchietto, Zordan and Shelton 2009;
-    Lee and Goswami 2012), the unmet demand costed at the centre of mass. Its gains below are the best of about 110
-    settings on the 53 floor-contact post-train motions."""
-    com_frequency_hz: float = 0.75
-    """"centre_of_mass": natural frequency of the centre of mass's PD (damping ratio ``com_damping_ratio``)."""
-    com_damping_ratio: float = 1.0
-    """"centre_of_mass": damping ratio of the centre of mass's PD."""
-    orientation_frequency_hz: float = 2.5
-    """"centre_of_mass": the soft pelvis-orientation task, a torque about the centre of mass I_G (2 pi f)^2 e (I_G
-    the body's rotational inertia about its centre of mass, e the pelvis's orientation error); its damping is
-    ``angular_momentum_gain_per_s`` on the whole body's angular momentum, not the pelvis's angular velocity (damping
-    on the pelvis's angular velocity, which the joints shake, oscillated at the control rate and made every ground
-    truth fall at 3 Hz)."""
-    angular_momentum_gain_per_s: float = 25.0
-    """"centre_of_mass": gain k_L of the torque k_L (L_ref - L_G) that damps the centroidal angular momentum towards
-    the reference's (1/s)."""
-    angular_weight: float = 3.0
-    """"centre_of_mass": weight of the unmet torque about the centre of mass (over m g x 1 m, squared) relative to
-    the unmet force (over m g, squared) in the QP. Below 1 (linear momentum first, the priority of momentum-based
-    balance controllers) the body turned away from the reference and fell (0.5: 24-40 of 53 succeeded): with the
-    joints held to the reference by springs, an unmet torque can only turn the whole body."""
     contact_band_m: float = 0.02
     """A foot point of the simulated humanoid can carry force when its bottom is at most this high (m)."""
     friction: float = 0.8
@@ -137,21 +110,17 @@ class TrackingConfig:
     """Savitzky-Golay window (odd, frames) of the reference's velocities and accelerations."""
 
     def __post_init__(self) -> None:
-        for name in ("fail_distance_m", "control_hz", "root_frequency_hz", "root_damping_ratio", "friction",
-                     "com_frequency_hz", "com_damping_ratio", "orientation_frequency_hz"):
+        for name in ("fail_distance_m", "control_hz", "root_frequency_hz", "root_damping_ratio", "friction"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"TrackingConfig.{name} must be finite and > 0, got {value!r}.")
         for name in ("max_residual_per_weight", "max_pelvis_rise_m", "max_planted_foot_speed_m_per_s", "planted_band_m",
                      "max_unexecuted_speed_m_per_s", "contact_band_m",
                      "root_rotation_frequency_hz", "residual_bound", "residual_weight", "force_weight",
-                     "continuity_weight", "angular_momentum_gain_per_s", "angular_weight"):
+                     "continuity_weight"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"TrackingConfig.{name} must be finite and >= 0, got {value!r}.")
-        if self.balance_target not in ("root_pose", "centre_of_mass"):
-            raise ValueError(f"TrackingConfig.balance_target must be 'root_pose' or 'centre_of_mass', got "
-                             f"{self.balance_target!r}.")
         if self.force_weight + self.continuity_weight <= 0:
             raise ValueError("TrackingConfig.force_weight + continuity_weight must be > 0 (the QP needs a "
                              "strictly convex cost in the contact forces).")
@@ -223,23 +192,6 @@ def success_criteria(cfg: TrackingConfig, residual_per_weight: float, pelvis_ris
             (unexecuted_speed_m_per_s, cfg.max_unexecuted_speed_m_per_s)]
 
 
-def reference_centroidal_state(model: mujoco.MjModel, qpos: np.ndarray,
-                               qvel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(c, c_dot, L_G), each (T, 3), of the motion ``qpos`` (T, nq) with velocities ``qvel`` (T, nv): the centre of
-    mass (m), its velocity (m/s) and the angular momentum about it (kg m^2/s), world frame, by MuJoCo
-    (``subtree_com``, ``subtree_linvel``, ``subtree_angmom`` of the world body, whose subtree is the whole body)."""
-    data = mujoco.MjData(model)
-    out = np.empty((3, len(qpos), 3))
-    for t in range(len(qpos)):
-        data.qpos[:], data.qvel[:] = qpos[t], qvel[t]
-        mujoco.mj_kinematics(model, data)
-        mujoco.mj_comPos(model, data)
-        mujoco.mj_comVel(model, data)
-        mujoco.mj_subtreeVel(model, data)
-        out[:, t] = data.subtree_com[0], data.subtree_linvel[0], data.subtree_angmom[0]
-    return out[0], out[1], out[2]
-
-
 def track(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: TrackingConfig | None = None) -> TrackingResult:
     """Simulate the balancing tracker (module doc) on the reference motion ``qpos`` (T, nq) sampled at ``fps``.
 
@@ -283,10 +235,6 @@ def track(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: TrackingConfig 
     end = start + 1.0 / substeps
     spring_targets = (1 - end) * qpos[:-1, None, 7:] + end * qpos[1:, None, 7:]  # (T - 1, S, nq - 7)
     damping = joint_damping * vel_sub[:, :, 6:]  # (T - 1, S, nv - 6): the dampers act on the velocity error
-    centroidal = cfg.balance_target == "centre_of_mass"
-    if centroidal:  # the reference's centre of mass, its velocity and centroidal angular momentum per step
-        com_sub = [(1 - start) * x[:-1, None] + start * x[1:, None]
-                   for x in reference_centroidal_state(model, qpos, qvel_ref)]  # 3 x (T - 1, S, 3)
     updates = substeps // steps_per_update  # per frame interval
     share = steps_per_update / substeps  # of a frame's interval, per control update
     # per update (frame interval, update): root residual (6,) and the QP's total vertical contact force
@@ -322,13 +270,8 @@ def track(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: TrackingConfig 
                 mujoco.mj_step1(model, data)  # positions, velocities, M, bias, contacts at the current state
                 mujoco.mj_differentiatePos(model, error, 1.0, qpos_sim, qpos[t])
                 qdd[:] = acc_sub[t, step]
-                if centroidal:
-                    target = CentroidalTarget(com_sub[0][t, step], com_sub[1][t, step], com_sub[2][t, step],
-                                              error_root[3:] + lead[t, step, 3:])
-                    control = controller(data, qdd, target)
-                else:
-                    qdd_root += kp_root * (error_root + lead[t, step]) + kd_root * (vel_root[t, step] - qvel_root)
-                    control = controller(data, qdd)
+                qdd_root += kp_root * (error_root + lead[t, step]) + kd_root * (vel_root[t, step] - qvel_root)
+                control = controller(data, qdd)
                 applied_joints[:] = control.joint_torques + damping[t, step]
                 applied_root[:] = control.residual
                 residuals[t, u] = control.residual
