@@ -23,6 +23,10 @@ only, one per motion, and the separation counts the motions behind its windows.
   succeeded on it, with its contact height (``--failures`` prints them), and the filter's counts
   against the earlier definition (a foot joint within 0.1 m of z = 0 at some frame). ``--separation-only``
   skips the speed stages.
+- Sweep (``--sweep SPLIT``, with ``--tracking`` / ``--humanoid`` overrides): the ground truth alone under one
+  configuration, how the tracker's defaults are chosen (on post_train): success, failing criteria, the residual's
+  quantiles, the joint position error and pelvis rise; ``--sweep-edits`` also counts the motions whose edits (the
+  separation's) the same configuration executes.
 - Floor rule (``--floor-rule``): per split, the windows the earlier definition keeps and the current one drops, with
   their clip, mirroring and fraction of frames near the floor, and the current tracker's outcome on their ground
   truth (unmirrored windows only: a handful of simulations).
@@ -37,6 +41,7 @@ only, one per motion, and the separation counts the motions behind its windows.
         --same-as docs/data/bench_physics_separation.json
     python recipes/benchmarks/bench_physics.py --strips-only --strips-dir docs   # the RLPF page's PNG strips
     python recipes/benchmarks/bench_physics.py --floor-rule   # the windows the floor filter drops, and why
+    python recipes/benchmarks/bench_physics.py --sweep post_train --sweep-edits --tracking '{"residual_weight": 4}'
 """
 
 from __future__ import annotations
