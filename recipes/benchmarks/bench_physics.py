@@ -24,6 +24,10 @@ only, one per motion, and the separation counts the motions behind its windows.
   succeeded on it, with its contact height (``--failures`` prints them), and the filter's counts
   against the earlier definition (a foot joint within 0.1 m of z = 0 at some frame). ``--separation-only``
   skips the speed stages.
+- Sweep (``--sweep SPLIT``, with ``--tracking`` / ``--humanoid`` overrides): the ground truth alone under one
+  configuration, how the tracker's defaults are chosen (on post_train): success, failing criteria, the residual's
+  quantiles, the joint position error and pelvis rise; ``--sweep-edits`` also counts the motions whose edits (the
+  separation's) the same configuration executes.
 - Floor rule (``--floor-rule``): per split, the windows the earlier definition keeps and the current one drops, with
   their clip, mirroring and fraction of frames near the floor, and the current tracker's outcome on their ground
   truth (unmirrored windows only: a handful of simulations).
@@ -38,6 +42,7 @@ only, one per motion, and the separation counts the motions behind its windows.
         --same-as docs/data/bench_physics_separation.json
     python recipes/benchmarks/bench_physics.py --strips-only --strips-dir docs   # the RLPF page's PNG strips
     python recipes/benchmarks/bench_physics.py --floor-rule   # the windows the floor filter drops, and why
+    python recipes/benchmarks/bench_physics.py --sweep post_train --sweep-edits --tracking '{"residual_weight": 4}'
 """
 
 from __future__ import annotations
@@ -237,11 +242,14 @@ def speed(task: EgoMotionTask, repeats: int, limit: int, baseline: str | None = 
 
 
 def sweep(task: EgoMotionTask, split: str, tracking: TrackingConfig, humanoid: HumanoidConfig,
-          baseline: str | None = None) -> dict:
+          baseline: str | None = None, edits: bool = False) -> dict:
     """The ground truth alone of every unmirrored floor-contact window of ``split`` (one per motion: a mirrored copy
     gives the same result) under one tracker configuration: how the defaults were chosen (on post_train). Means, the
-    count of motions failing each criterion, ms per motion. With ``baseline`` (a package name, ``_baseline``), an
-    older checkout's tracker at its own defaults instead.
+    count of motions failing each criterion, the residual's quantiles over motions, the median and 90 % quantile of
+    the mean joint position error (mm) and the median pelvis rise (cm), ms per motion. With ``edits``, also how many
+    of the motions each edit of the separation (``EDITS`` and ``SUNK_BELOW_CONTACT``) executes under the same
+    configuration. With ``baseline`` (a package name, ``_baseline``), an older checkout's tracker at its own defaults
+    instead.
 
     Raises ValueError if ``baseline`` is given with ``tracking`` or ``humanoid`` other than the defaults (the older
     tracker has its own configuration classes; overrides would not apply to it)."""
@@ -252,18 +260,30 @@ def sweep(task: EgoMotionTask, split: str, tracking: TrackingConfig, humanoid: H
     batch, n = task.load_examples(split, positions), len(positions)
     build, run = (build_humanoid, lambda h, q: track(h, q, FPS, tracking)) if baseline is None else (
         lambda rest, _: _baseline(baseline)[0](rest), lambda h, q: _baseline(baseline)[1](h, q, FPS))
-    rows = []
+    rows, edited = [], {}
     for i in range(n):
         h = build(_rest_joints(task, batch["betas"][i]), humanoid)
-        qpos = h.qpos(batch["T_world_root"][i], batch["body_rotmats"][i])
+        motion = (batch["T_world_root"][i], batch["body_rotmats"][i])
+        qpos = h.qpos(*motion)
         t0 = time.perf_counter()
         tr = run(h, qpos)
         rows.append((tr.success, tr.survival, tr.assist_n / h.weight_n, (time.perf_counter() - t0) * 1e3,
-                     failed_criteria(tr, h.weight_n, tracking)))
-    success, survival, residual, ms, failed = zip(*rows, strict=True)
-    return {"split": split, "motions": n, "success": float(np.mean(success)), "survival": float(np.mean(survival)),
-            "residual_per_weight": float(np.mean(residual)), "ms_per_motion": float(np.median(ms)),
-            "failing": {k: sum(any(f.startswith(k) for f in fs) for fs in failed) for k in FAILING}}
+                     failed_criteria(tr, h.weight_n, tracking), tr.tracking_error_m, tr.pelvis_rise_m))
+        if edits:
+            contact = contact_height_m(reference_kinematics(h, qpos)[1])
+            for name, edit in {**EDITS, SUNK_BELOW_CONTACT: lambda root, rotmats, c=contact:
+                               sunk_below_contact(root, rotmats, c)}.items():
+                edited[name] = edited.get(name, 0) + int(run(h, h.qpos(*edit(*motion))).success)
+    success, survival, residual, ms, failed, error, rise = zip(*rows, strict=True)
+    result = {"split": split, "motions": n, "success": float(np.mean(success)), "survival": float(np.mean(survival)),
+              "residual_per_weight": float(np.mean(residual)), "ms_per_motion": float(np.median(ms)),
+              "failing": {k: sum(any(f.startswith(k) for f in fs) for fs in failed) for k in FAILING},
+              "residual_quantiles": {f"q{int(q * 100)}": float(np.quantile(residual, q)) for q in (0.5, 0.9, 1.0)},
+              "tracking_error_mm": {q: float(np.quantile(error, v)) * 1e3 for q, v in (("q50", 0.5), ("q90", 0.9))},
+              "pelvis_rise_cm_q50": float(np.nanmedian(rise)) * 1e2}
+    if edits:
+        result["edits_executed"] = edited
+    return result
 
 
 def _touching_counts(task: EgoMotionTask, split: str) -> dict:
@@ -585,16 +605,30 @@ def criterion_study(result: dict, split: str = "post_train") -> str:
 def sweep_table(records: list[dict]) -> str:
     """The docs' table of ``--sweep`` results: records {"tracking": {...}, "humanoid": {...}, "result": {...}}, or
     {"label": ..., "result": {...}} for a baseline."""
+    detailed = all("residual_quantiles" in record["result"] for record in records)  # records from sweep's later form
+    edits = detailed and all("edits_executed" in record["result"] for record in records)
+    extra = (" residual q50 / q90 / max | joint error q50 / q90 (mm) | pelvis rise q50 (cm) |" if detailed else "") + (
+        f" edits executed: {' / '.join(EDITS)} / {SUNK_BELOW_CONTACT} |" if edits else "")
     lines = ["| change from the defaults | success | survival | residual / (m g) | failing: fell / residual / "
-             "pelvis rise / planted feet / unexecuted | ms per motion |", "|---|---:|---:|---:|---:|---:|"]
+             f"pelvis rise / planted feet / unexecuted | ms per motion |{extra}",
+             "|---|---:|---:|---:|---:|---:|" + "---:|" * (detailed * 3 + edits)]
     for record in records:
         change = record.get("label") or ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in
                                                   {**record["humanoid"], **record["tracking"]}.items())
         change = change or "none (the defaults)"
         r = record["result"]
+        if detailed and len({record["result"]["split"] for record in records}) > 1:  # both splits: say which
+            change = f"{r['split']}: {change}"
         failing = " / ".join(str(r["failing"].get(k, "—")) for k in FAILING)  # "—": a record before the criterion
-        lines.append(f"| {change} | {r['success']:.3f} | {r['survival']:.3f} | {r['residual_per_weight']:.3f} | "
-                     f"{failing} | {r['ms_per_motion']:.0f} |")
+        line = (f"| {change} | {r['success']:.3f} | {r['survival']:.3f} | {r['residual_per_weight']:.3f} | "
+                f"{failing} | {r['ms_per_motion']:.0f} |")
+        if detailed:
+            q, error = r["residual_quantiles"], r["tracking_error_mm"]
+            line += (f" {q['q50']:.3f} / {q['q90']:.3f} / {q['q100']:.3f} | {error['q50']:.1f} / {error['q90']:.1f} | "
+                     f"{r['pelvis_rise_cm_q50']:.2f} |")
+        if edits:
+            line += " " + " / ".join(str(r["edits_executed"][name]) for name in (*EDITS, SUNK_BELOW_CONTACT)) + " |"
+        lines.append(line)
     if all("motions" in record["result"] for record in records):
         note = "Failing counts are of motions (the unmirrored windows)."
     else:  # records from before --sweep ran one window per motion
@@ -624,6 +658,8 @@ if __name__ == "__main__":
                              "(see _baseline)")
     parser.add_argument("--sweep", choices=SPLITS, default=None,
                         help="only the ground truth of this split under --tracking / --humanoid overrides, and stop")
+    parser.add_argument("--sweep-edits", action="store_true",
+                        help="with --sweep: also count the motions whose edits (the separation's) are executed")
     parser.add_argument("--tracking", type=json.loads, default={},
                         help='TrackingConfig overrides, JSON: {"control_hz": 120}')
     parser.add_argument("--humanoid", type=json.loads, default={}, help='HumanoidConfig overrides, JSON')
@@ -634,6 +670,8 @@ if __name__ == "__main__":
     parser.add_argument("--floor-rule", action="store_true",
                         help="only the windows the earlier floor filter keeps and the current one drops, and stop")
     args = parser.parse_args()
+    if args.sweep_edits and args.sweep is None:
+        parser.error("--sweep-edits counts edits of a --sweep: add --sweep SPLIT.")
     if (args.tracking or args.humanoid) and (args.sweep is None or args.baseline is not None):
         parser.error("--tracking / --humanoid apply to --sweep of the current tracker only: add --sweep SPLIT, and "
                      "drop --baseline (the older tracker runs at its own defaults).")
@@ -655,7 +693,7 @@ if __name__ == "__main__":
         raise SystemExit(0)
     if args.sweep is not None:
         print(json.dumps(sweep(task, args.sweep, TrackingConfig(**args.tracking), HumanoidConfig(**args.humanoid),
-                               args.baseline)))
+                               args.baseline, args.sweep_edits)))
         raise SystemExit(0)
     if args.strips_dir is not None:
         print("\n".join(str(p) for p in strips(task, args.strips_dir)))

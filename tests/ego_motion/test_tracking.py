@@ -313,3 +313,26 @@ def test_separation_changes_names_each_flipped_window_and_kind():
     assert "residual 0.0300 m g" in changed
     with pytest.raises(ValueError, match="different test windows"):
         separation_changes(result(False, 0.1), result(False, 0.1, window=4))
+
+
+def test_sweep_table_adds_the_detailed_columns_only_when_every_record_has_them():
+    """``--table-from`` of ``--sweep`` records: the residual's quantiles, joint error, pelvis rise and edit counts are
+    columns when every record carries them (split named when records of both splits are mixed); older records keep
+    the older table."""
+    from recipes.benchmarks.bench_physics import EDITS, SUNK_BELOW_CONTACT, sweep_table
+
+    def record(split: str, detailed: bool) -> dict:
+        result = {"split": split, "motions": 53, "success": 0.5, "survival": 0.9, "residual_per_weight": 0.04,
+                  "ms_per_motion": 50.0, "failing": {"fell": 1}}
+        if detailed:
+            result.update(residual_quantiles={"q50": 0.021, "q90": 0.082, "q100": 0.153},
+                          tracking_error_mm={"q50": 22.4, "q90": 46.5}, pelvis_rise_cm_q50=-0.3,
+                          edits_executed={name: i for i, name in enumerate((*EDITS, SUNK_BELOW_CONTACT))})
+        return {"tracking": {"residual_weight": 4.0}, "humanoid": {}, "result": result}
+
+    detailed = sweep_table([record("post_train", True), record("test", True)]).splitlines()
+    assert "| post_train: residual_weight 4 |" in detailed[2] and detailed[3].startswith("| test: residual_weight 4 |")
+    assert detailed[2].endswith("| 0.021 / 0.082 / 0.153 | 22.4 / 46.5 | -0.30 | 0 / 1 / 2 / 3 / 4 / 5 |")
+    assert detailed[0].count("|") == detailed[1].count("|") == detailed[2].count("|")
+    plain = sweep_table([record("post_train", True), record("post_train", False)]).splitlines()
+    assert plain[2].endswith("| 50 |") and "post_train:" not in plain[2] and plain[0].count("|") == 7
