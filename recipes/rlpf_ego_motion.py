@@ -231,7 +231,10 @@ def evaluate(task: EgoMotionTask, model: torch.nn.Module, evaluator: PhysicsEval
 
 def training_evaluator(task: EgoMotionTask, cfg: Config, held_out: PhysicsEvaluator) -> PhysicsEvaluator:
     """The physics rewards' evaluator: ``held_out`` itself, or with ``--rewards.refine tto`` one that refines each
-    batch by test-time optimisation first (sharing ``held_out``'s humanoids)."""
+    batch by test-time optimisation first (sharing ``held_out``'s humanoids). ``held_out`` must not refine: it scores
+    the held-out evaluation after training (:func:`evaluate`), so it is refused here, before training."""
+    if held_out.refine is not None:
+        raise ValueError("the held-out evaluation refines its own 'tto' variant: pass an evaluator without refine.")
     if cfg.rewards.refine == "none":
         return held_out
     evaluator = PhysicsEvaluator(task.body, cfg.physics,
