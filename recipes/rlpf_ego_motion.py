@@ -106,8 +106,10 @@ class RewardParams:
     planted_omega: float = OMEGA_PLANTED
     refine: Literal["none", "tto"] = "none"
     """'tto': the physics rewards score each sample after the paper's test-time optimisation
-    (``sampler.refine_decoded`` with ``TTOConfig()``: 30 L-BFGS iterations, about 0.3 s per sample on one core);
-    the alignment reward scores the sample as it is. 'none': the samples as they are."""
+    (``sampler.refine_decoded`` with ``TTOConfig()``: 30 L-BFGS iterations, about 0.3 s per sample on one core), each
+    rollout chunk's samples in one optimisation (whose L-BFGS shares its line search across them: a sample's refined
+    motion depends on the chunk it is in); the alignment reward and the ground-truth rewards (``+joint``) score the
+    sample as it is. 'none': the samples as they are."""
 
 
 @dataclass(frozen=True)
@@ -229,7 +231,10 @@ def evaluate(task: EgoMotionTask, model: torch.nn.Module, evaluator: PhysicsEval
 
 def training_evaluator(task: EgoMotionTask, cfg: Config, held_out: PhysicsEvaluator) -> PhysicsEvaluator:
     """The physics rewards' evaluator: ``held_out`` itself, or with ``--rewards.refine tto`` one that refines each
-    batch by test-time optimisation first (sharing ``held_out``'s humanoids)."""
+    batch by test-time optimisation first (sharing ``held_out``'s humanoids). ``held_out`` must not refine: it scores
+    the held-out evaluation after training (:func:`evaluate`), so it is refused here, before training."""
+    if held_out.refine is not None:
+        raise ValueError("the held-out evaluation refines its own 'tto' variant: pass an evaluator without refine.")
     if cfg.rewards.refine == "none":
         return held_out
     evaluator = PhysicsEvaluator(task.body, cfg.physics,

@@ -37,7 +37,14 @@ from tasks.ego_motion.task import EgoMotionTask
 
 
 def prior_failures(split: str, noises: int, steps: int, prior: Path | None, seed: int, refine: str = "none") -> dict:
-    """Per-sample outcomes and per-criterion failure counts of the prior's samples (module doc)."""
+    """Per-sample outcomes and per-criterion failure counts of the prior's samples (module doc); ``refine``: 'none'
+    (the samples as they are) or 'tto' (refined by test-time optimisation, all windows of a noise in one batch).
+
+    Raises:
+        ValueError: ``refine`` is neither 'none' nor 'tto'.
+    """
+    if refine not in ("none", "tto"):
+        raise ValueError(f"refine must be 'none' or 'tto', got {refine!r}.")
     cfg = ego.Config()
     task = EgoMotionTask(dataclasses.replace(cfg.task, floor_contact_m=0.15))
     model = load_denoiser(prior or cfg.prior)

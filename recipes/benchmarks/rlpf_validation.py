@@ -27,7 +27,7 @@ import tasks.ego_motion.grpo as ego
 from diffgrpo.checkpoint import latest_checkpoint, load_checkpoint
 from diffgrpo.launch import make_accelerator
 from tasks.ego_motion.model.network import load_denoiser
-from tasks.ego_motion.physics.evaluator import PhysicsEvaluator
+from tasks.ego_motion.physics.evaluator import PhysicsEvaluator, summarize
 from tasks.ego_motion.sampling.sampler import evaluate_windows
 from tasks.ego_motion.task import EgoMotionTask
 
@@ -60,8 +60,11 @@ def per_sample(task: EgoMotionTask, model: torch.nn.Module, evaluator: PhysicsEv
 
 
 def paired(after: list[float], before: list[float]) -> dict[str, float]:
-    """Mean of after - before over finite pairs, with a 95 % normal interval."""
+    """Mean of after - before over finite pairs (a pair with an invalid sample, whose measures are inf, is left out),
+    with a 95 % normal interval; NaN when no pair is finite."""
     d = [a - b for a, b in zip(after, before, strict=True) if math.isfinite(a - b)]
+    if not d:
+        return {"mean": math.nan, "low": math.nan, "high": math.nan, "pairs": 0}
     mean = sum(d) / len(d)
     sd = math.sqrt(sum((x - mean) ** 2 for x in d) / max(1, len(d) - 1))
     half = 1.96 * sd / math.sqrt(len(d))
@@ -87,8 +90,9 @@ def main() -> None:
     evaluator = PhysicsEvaluator(task.body)
     models = {"prior": load_denoiser(cfg.prior), **{name: load_run(path, cfg.prior) for name, path in runs.items()}}
     samples = {name: per_sample(task, model, evaluator, args.noises, args.split) for name, model in models.items()}
-    means = {name: {variant: {k: sum(v) / len(v) for k, v in per.items()} for variant, per in s.items()}
-             for name, s in samples.items()}
+    # invalid samples (``invalid`` = 1, every physics measure inf) are left out of every mean but ``invalid``'s own
+    means = {name: {variant: summarize({k: torch.tensor(v, dtype=torch.float64) for k, v in per.items()})
+                    for variant, per in s.items()} for name, s in samples.items()}
     differences = {name: {variant: {k: paired(samples[name][variant][k], samples["prior"][variant][k])
                                     for k in COMPARED} for variant in ("base", "tto")} for name in runs}
     result = {"split": args.split, "windows": task.num_examples(args.split), "noises": args.noises,

@@ -335,3 +335,30 @@ def test_a_refined_evaluation_scores_the_refined_motion_and_isolates_rows_it_ref
     assert measures["invalid"].tolist() == [0.0, 1.0, 1.0]  # row 2 refused on its own, row 0 still refined
     assert measures["floating_m"][0].item() == pytest.approx(0.295, abs=1e-6)
     assert "row 2 cannot be refined" in caplog.text
+
+
+def test_a_row_not_finite_in_another_tensor_is_not_refined_and_the_rest_are_refined_together(body, humanoid, caplog):
+    """A row whose body is finite but whose other inputs to the refinement are not (e.g. NaN contacts, which the
+    test-time optimisation refuses) is scored invalid without being refined; the other rows are still refined in one
+    call, not row by row (the test-time optimisation's result for a row depends on its batch)."""
+    T_world_root, rotmats = _standing(humanoid, frames=12)
+    decoded = {"T_world_root": torch.stack([T_world_root] * 3), "body_rotmats": torch.stack([rotmats] * 3),
+               "betas": torch.zeros(3, 16, dtype=torch.float64), "contacts": torch.zeros(3, 12, 21)}
+    decoded["contacts"][1, 3, 7] = float("nan")
+    seen = []
+
+    def lift(rows):
+        seen.append(len(rows["T_world_root"]))
+        if not torch.isfinite(rows["contacts"]).all():
+            raise ValueError("contacts contains NaN or infinite values")
+        lifted = rows["T_world_root"].clone()
+        lifted[..., 2, 3] += 0.3
+        return {"T_world_root": lifted, "body_rotmats": rows["body_rotmats"]}
+
+    evaluator = PhysicsEvaluator(body, PhysicsConfig(simulate=False), refine=lift)
+    with caplog.at_level("WARNING"):
+        measures = evaluator.evaluate(decoded)
+    assert seen == [2]  # rows 0 and 2, in one call
+    assert measures["invalid"].tolist() == [0.0, 1.0, 0.0]
+    assert measures["floating_m"][[0, 2]].tolist() == pytest.approx([0.295, 0.295], abs=1e-6)
+    assert "row 1 cannot be refined (decoded['contacts'][1] has NaN or inf)" in caplog.text

@@ -193,6 +193,8 @@ def test_refined_physics_rewards_score_the_test_time_optimised_motion(tiny, monk
     assert math.isfinite(run["metrics"]["tto/tracking_graded"]) and run["fingerprint"]["rewards"]["refine"] == "tto"
     with pytest.raises(ValueError, match="without refine"):
         recipe.evaluate(task, None, training, cfg)
+    with pytest.raises(ValueError, match="without refine"):  # refused before a run trains, not after
+        recipe.training_evaluator(task, cfg, training)
 
 
 def test_heads_only_post_training_reads_no_body(tiny, monkeypatch):

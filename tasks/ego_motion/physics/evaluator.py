@@ -16,8 +16,12 @@ it 0 and a training loop goes on. Batch-level mistakes (a missing key, wrong sha
 short for the reference's derivatives) raise.
 
 With ``refine`` (e.g. the ego prior's test-time optimisation, ``sampling.sampler.refine_decoded``) the measures grade
-the motion a deployed pipeline outputs: the decoded batch is refined first, its finite rows only; a row the
-refinement refuses (it raises ``ValueError``) is logged and scored invalid like a non-finite one.
+the motion a deployed pipeline outputs: the decoded batch is refined first, its finite rows only (finite in every
+per-row tensor, e.g. the contacts the test-time optimisation reads too); a row with a non-finite value anywhere, or one
+the refinement refuses (it raises ``ValueError``), is logged and scored invalid like a non-finite one. The rows are
+refined in one call, so that a batch gets what the refinement gives that batch (the test-time optimisation's L-BFGS
+shares its line search across the batch's rows, so a row's result depends on its batch); only when that call raises
+``ValueError`` is each row refined on its own.
 """
 
 from __future__ import annotations
@@ -169,16 +173,27 @@ class PhysicsEvaluator:
         return out
 
     def _refined(self, decoded: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """(T_world_root, body_rotmats) of ``decoded`` with its finite rows refined by ``self.refine`` (all at once;
-        if that raises ``ValueError``, one row at a time, and a row that still raises is set to NaN: invalid)."""
-        T_world_root, rotmats, betas = decoded["T_world_root"], decoded["body_rotmats"], decoded["betas"]
+        """(T_world_root, body_rotmats) of ``decoded`` with its finite rows (finite in every per-row tensor) refined by
+        ``self.refine`` (all at once; if that raises ``ValueError``, one row at a time). A row with a non-finite value
+        in any per-row tensor, or one that still raises, is set to NaN: invalid."""
+        T_world_root, rotmats = decoded["T_world_root"], decoded["body_rotmats"]
         N = T_world_root.shape[0]
-        finite = torch.ones(N, dtype=torch.bool, device=T_world_root.device)
-        for value in (T_world_root, rotmats, betas):
-            finite &= torch.isfinite(value.reshape(N, -1)).all(dim=1)
-        T_world_root, rotmats = T_world_root.clone(), rotmats.clone()
         per_row = {key: value for key, value in decoded.items()
                    if isinstance(value, Tensor) and value.ndim >= 1 and value.shape[0] == N}
+
+        def finite_rows(value: Tensor) -> Tensor:
+            return torch.isfinite(value.reshape(N, -1)).all(dim=1).to(T_world_root.device)
+
+        scored = ("T_world_root", "body_rotmats", "betas")
+        finite = finite_rows(T_world_root) & finite_rows(rotmats) & finite_rows(decoded["betas"])  # else logged later
+        T_world_root, rotmats = T_world_root.clone(), rotmats.clone()
+        for key, value in sorted(per_row.items()):
+            if key not in scored and value.is_floating_point():
+                for n in torch.nonzero(finite & ~finite_rows(value)).flatten().tolist():
+                    logger.warning("physics evaluation: row %d cannot be refined (decoded[%r][%d] has NaN or inf): "
+                                   "scored as invalid", n, key, n)
+                    T_world_root[n] = float("nan")
+                    finite[n] = False
 
         def refine(rows: Tensor) -> None:
             out = self.refine({key: value[rows] for key, value in per_row.items()})

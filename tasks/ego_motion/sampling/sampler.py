@@ -282,7 +282,8 @@ def refine_decoded(task: EgoMotionTask, decoded: dict[str, Tensor], T_world_cpf:
     contacts are kept.
 
     Raises:
-        ValueError: ``T_world_cpf`` has neither T+1 nor T frames (from ``tto.optimize_motion``).
+        ValueError: from ``tto.optimize_motion``: ``T_world_cpf`` has neither T+1 nor T frames, a row has NaN or inf
+            in the head, betas, rotations or contacts, or the rotations are not rotations.
     """
     betas = torch.nn.functional.pad(decoded["betas"], (0, task.body.num_betas - decoded["betas"].shape[-1]))
     result = optimize_motion(task.body, T_world_cpf, betas, decoded["body_rotmats"], decoded["contacts"], tto_cfg)
