@@ -163,6 +163,12 @@ def test_refine_decoded_takes_the_window_head_or_the_frame_aligned_one(task, mod
     assert head.max() < 0.01, head  # still worn under the headset, frame by frame
     with pytest.raises(ValueError, match="poses for"):
         refine_decoded(task, decoded, batch["T_world_cpf"][:, 2:], cfg)
+    broken = {**decoded, "contacts": decoded["contacts"].clone()}
+    broken["contacts"][1, 5, 0] = float("nan")  # row 1 cannot be refined; row 0 alone is
+    partly = refine_decoded(task, broken, batch["T_world_cpf"], cfg)
+    alone = refine_decoded(task, {k: v[:1] for k, v in decoded.items()}, batch["T_world_cpf"][:1], cfg)
+    torch.testing.assert_close(partly["joints_world"][:1], alone["joints_world"])
+    torch.testing.assert_close(partly["joints_world"][1], decoded["joints_world"][1])  # returned as it is
 
 
 def test_evaluate_windows_adds_ground_truth_free_measures_of_every_variant(task, model):

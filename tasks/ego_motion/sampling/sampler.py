@@ -279,15 +279,32 @@ def refine_decoded(task: EgoMotionTask, decoded: dict[str, Tensor], T_world_cpf:
 
     T_world_cpf: the head the sample was decoded on: the window's (B, T+1, 4, 4) poses (the first only conditions
     frame 0) or the (B, T, 4, 4) poses aligned with the motion frames (``decoded["T_world_cpf"]``). Betas and
-    contacts are kept.
+    contacts are kept. A row with NaN or inf in its head, betas, rotations or contacts is returned as it is (its
+    metrics are then non-finite too); the finite rows are refined together (with L-BFGS, a row's result depends on
+    its batch mates: ``TTOConfig.optimizer``).
 
     Raises:
-        ValueError: from ``tto.optimize_motion``: ``T_world_cpf`` has neither T+1 nor T frames, a row has NaN or inf
-            in the head, betas, rotations or contacts, or the rotations are not rotations.
+        ValueError: from ``tto.optimize_motion``: ``T_world_cpf`` has neither T+1 nor T frames, or the rotations are
+            not rotations.
     """
+    rotmats, contacts = decoded["body_rotmats"], decoded["contacts"]
+    B = rotmats.shape[0]
+    finite = torch.ones(B, dtype=torch.bool, device=rotmats.device)
+    for value in (T_world_cpf, decoded["betas"], rotmats, contacts):
+        finite &= torch.isfinite(value.reshape(B, -1)).all(dim=1)
+    if not finite.all():
+        rows = torch.nonzero(finite).flatten()
+        out = {key: value.clone() if isinstance(value, Tensor) else value for key, value in decoded.items()}
+        if len(rows):
+            part = {key: value[rows] if isinstance(value, Tensor) and value.shape[:1] == (B,) else value
+                    for key, value in decoded.items()}
+            for key, value in refine_decoded(task, part, T_world_cpf[rows], tto_cfg).items():
+                if isinstance(value, Tensor) and key in out and out[key].shape[:1] == (B,):
+                    out[key][rows] = value.to(out[key])
+        return out
     betas = torch.nn.functional.pad(decoded["betas"], (0, task.body.num_betas - decoded["betas"].shape[-1]))
-    result = optimize_motion(task.body, T_world_cpf, betas, decoded["body_rotmats"], decoded["contacts"], tto_cfg)
-    aligned = T_world_cpf[:, -decoded["body_rotmats"].shape[1]:]  # the last T poses: motion frame t is pose t+1
+    result = optimize_motion(task.body, T_world_cpf, betas, rotmats, contacts, tto_cfg)
+    aligned = T_world_cpf[:, -rotmats.shape[1]:]  # the last T poses: motion frame t is pose t+1
     posed = pose_from_head(task.body, aligned.to(betas), result.body_rotmats, betas, decoded.get("hand_rotmats"))
     return {**decoded, **posed, "body_rotmats": result.body_rotmats}
 
