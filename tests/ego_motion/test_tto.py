@@ -188,6 +188,21 @@ def test_adam_option_descends_and_is_batch_independent(body, smooth_case):
     torch.testing.assert_close(single.body_rotmats, batch.body_rotmats[:1], atol=1e-5, rtol=0)
 
 
+def test_per_sequence_lbfgs_is_batch_independent_where_batched_lbfgs_is_not(body, smooth_case):
+    rotmats, betas, T_world_cpf, contacts, _ = smooth_case
+    noisy = rotmats @ axis_angle_to_matrix(0.05 * torch.randn(*rotmats.shape[:3], 3, generator=torch.Generator()))
+    results = {}
+    for optimizer in ("lbfgs", "lbfgs_per_sequence"):
+        cfg = TTOConfig(optimizer=optimizer, num_iterations=10)
+        batch = optimize_motion(body, T_world_cpf, betas, noisy, contacts, cfg)
+        single = optimize_motion(body, T_world_cpf[:1], betas[:1], noisy[:1], contacts[:1], cfg)
+        assert (batch.final_objective < batch.initial_objective).all()
+        results[optimizer] = (single.joints_world - batch.joints_world[:1]).abs().max().item()
+    # the first sequence alone: the same optimisation, up to float32 rounding of batched and single kinematics (m)
+    assert results["lbfgs_per_sequence"] < 1e-4
+    assert results["lbfgs"] > 1e-3  # batched: its batch mate moves its joints by millimetres (16 mm here)
+
+
 @pytest.mark.unchecked_annotations
 def test_bad_inputs_are_rejected_with_a_fix(body, smooth_case):
     rotmats, betas, T_world_cpf, contacts, _ = smooth_case

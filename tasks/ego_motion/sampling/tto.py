@@ -101,11 +101,14 @@ class TTOConfig:
     """Contact-weighted squared horizontal step of the ankles and toes (m^2)."""
     position_smoothness_of: Literal["correction", "motion"] = "correction"
     """'correction': first differences of p - p_sampled (no pull on real motion); 'motion': of p itself."""
-    optimizer: Literal["lbfgs", "adam"] = "lbfgs"
-    """'lbfgs': torch.optim.LBFGS with strong-Wolfe line search: the objective never goes up, but one
-    line search is shared by the batch, so a sequence's result depends slightly on its batch mates.
-    'adam': torch.optim.Adam, each sequence independent of the batch, but its fixed-size first steps
-    can make an already smooth sample worse; it needs ~100 steps (set learning_rate=0.01)."""
+    optimizer: Literal["lbfgs", "lbfgs_per_sequence", "adam"] = "lbfgs"
+    """'lbfgs': torch.optim.LBFGS with strong-Wolfe line search on the batch's summed objective: the objective
+    never goes up, but the curvature history and the line search are shared by the batch, so a sequence's result
+    depends on its batch mates (centimetres of joint position: docs/ego_motion_rlpf.md, "Post-training for the
+    refined motion"). 'lbfgs_per_sequence': the same, one optimisation per sequence: independent of the batch, at
+    several times the time of one batched run. 'adam': torch.optim.Adam, each sequence independent of the batch,
+    but its fixed-size first steps can make an already smooth sample worse; it needs ~100 steps (set
+    learning_rate=0.01)."""
     num_iterations: int = 30
     """L-BFGS iterations (about 1.1 objective evaluations each) or Adam steps."""
     learning_rate: float = 1.0
@@ -122,8 +125,8 @@ class TTOConfig:
             raise ValueError(
                 f"position_smoothness_of must be 'correction' or 'motion', got {self.position_smoothness_of!r}."
             )
-        if self.optimizer not in ("lbfgs", "adam"):
-            raise ValueError(f"optimizer must be 'lbfgs' or 'adam', got {self.optimizer!r}.")
+        if self.optimizer not in ("lbfgs", "lbfgs_per_sequence", "adam"):
+            raise ValueError(f"optimizer must be 'lbfgs', 'lbfgs_per_sequence' or 'adam', got {self.optimizer!r}.")
         if self.num_iterations < 0:
             raise ValueError(f"num_iterations must be >= 0 (0 returns the sample), got {self.num_iterations}.")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
@@ -307,7 +310,9 @@ def optimize_motion(
     delta = torch.zeros(*body_rotmats.shape[:3], 3, dtype=dtype, device=body_rotmats.device)
     with torch.no_grad():
         initial_losses = _loss_terms(problem, delta)[0]
-    if cfg.num_iterations > 0:
+    if cfg.num_iterations > 0 and cfg.optimizer == "lbfgs_per_sequence":
+        delta = torch.cat([_run_optimizer(_row(problem, b), delta[b:b + 1]) for b in range(len(delta))])
+    elif cfg.num_iterations > 0:
         delta = _run_optimizer(problem, delta)
     with torch.no_grad():
         final_losses, R, T_world_root, joints = _loss_terms(problem, delta)
@@ -322,12 +327,21 @@ def optimize_motion(
     )
 
 
+def _row(problem: _Problem, b: int) -> _Problem:
+    """The problem of sequence ``b`` alone (batch of one)."""
+    return _Problem(body=problem.body, T_world_cpf=problem.T_world_cpf[b:b + 1], betas=problem.betas[b:b + 1],
+                    rotmats_sampled=problem.rotmats_sampled[b:b + 1], joints_sampled=problem.joints_sampled[b:b + 1],
+                    pair_contacts=problem.pair_contacts[b:b + 1], cfg=problem.cfg)
+
+
 def _run_optimizer(problem: _Problem, delta0: Tensor) -> Tensor:
     """Minimise the summed (over the batch) objective over ``delta``; returns the detached optimum.
 
     The sequences are independent, so summing their objectives gives each its own gradient; Adam's
     per-coordinate steps keep them fully independent, L-BFGS shares its curvature history and line
-    search across the batch (a block-diagonal problem, so this only changes step lengths).
+    search across the batch (the two-loop recursion's scalars and the step length are the batch's), so a
+    sequence's optimum depends on its batch mates; ``optimize_motion`` runs 'lbfgs_per_sequence' one sequence at a
+    time through here.
     """
     cfg = problem.cfg
     with torch.enable_grad():
@@ -340,7 +354,7 @@ def _run_optimizer(problem: _Problem, delta0: Tensor) -> Tensor:
             return loss
 
         match cfg.optimizer:
-            case "lbfgs":
+            case "lbfgs" | "lbfgs_per_sequence":
                 optimizer: torch.optim.Optimizer = torch.optim.LBFGS(
                     [delta],
                     lr=cfg.learning_rate,
