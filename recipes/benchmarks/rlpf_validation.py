@@ -5,7 +5,9 @@ The RLPF recipe's held-out table reads the test windows once per run; choices be
 post-train activities, ``floor_contact_m = 0.15`` as the recipe serves them). For the prior and each run directory
 given (its newest checkpoint), every window is sampled with ``--noises`` seeded noises (the same for every model:
 common random numbers) on the evaluation chain, scored as sampled ("base") and after the paper's test-time
-optimisation ("tto", ``sampler.evaluate_windows(use_tto=True)``): MotionGRPO's metrics and the physics measures.
+optimisation ("tto", ``sampler.evaluate_windows(use_tto=True)``, by default one L-BFGS per sample,
+``--tto-optimizer lbfgs_per_sequence``, so that a sample's refinement does not depend on the others in its batch):
+MotionGRPO's metrics and the physics measures.
 Each run's paired difference from the prior (mean over the window x noise pairs, with a 95 % normal interval) is
 reported for the tracking success, the graded tracking score, the planted feet's speed and MPJPE.
 
@@ -29,6 +31,7 @@ from diffgrpo.launch import make_accelerator
 from tasks.ego_motion.model.network import load_denoiser
 from tasks.ego_motion.physics.evaluator import PhysicsEvaluator, summarize
 from tasks.ego_motion.sampling.sampler import evaluate_windows
+from tasks.ego_motion.sampling.tto import TTOConfig
 from tasks.ego_motion.task import EgoMotionTask
 
 COMPARED = ("tracking_success", "tracking_graded", "tracking_planted_foot_speed_m_per_s",
@@ -47,12 +50,12 @@ def load_run(run_dir: Path, prior: Path) -> torch.nn.Module:
 
 
 def per_sample(task: EgoMotionTask, model: torch.nn.Module, evaluator: PhysicsEvaluator, noises: int,
-               split: str) -> dict[str, dict[str, list[float]]]:
+               split: str, tto_cfg: TTOConfig) -> dict[str, dict[str, list[float]]]:
     """variant ('base', 'tto') -> measure -> values over (noise, window), noise-major."""
     out: dict[str, dict[str, list[float]]] = {"base": {}, "tto": {}}
     for noise in range(noises):
-        result = evaluate_windows(task, model, split, seed=noise, use_tto=True, chain=task.sampling_chain(),
-                                  extra_metrics=evaluator.evaluate, progress=False)
+        result = evaluate_windows(task, model, split, seed=noise, use_tto=True, tto_cfg=tto_cfg,
+                                  chain=task.sampling_chain(), extra_metrics=evaluator.evaluate, progress=False)
         for variant, metrics in result.metrics.items():
             for name, values in metrics.items():
                 out[variant].setdefault(name, []).extend(values.tolist())
@@ -76,6 +79,8 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", default=[], help="NAME=RUN_DIR pairs (the recipe's run directories)")
     parser.add_argument("--noises", type=int, default=4, help="seeded noises per window")
     parser.add_argument("--split", default="validation")
+    parser.add_argument("--tto-optimizer", choices=("lbfgs_per_sequence", "lbfgs"), default="lbfgs_per_sequence",
+                        help="TTOConfig.optimizer of the 'tto' variant ('lbfgs': batched, as the recipe's rewards)")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -89,13 +94,16 @@ def main() -> None:
     task = EgoMotionTask(dataclasses.replace(cfg.task, floor_contact_m=0.15))
     evaluator = PhysicsEvaluator(task.body)
     models = {"prior": load_denoiser(cfg.prior), **{name: load_run(path, cfg.prior) for name, path in runs.items()}}
-    samples = {name: per_sample(task, model, evaluator, args.noises, args.split) for name, model in models.items()}
+    tto_cfg = TTOConfig(optimizer=args.tto_optimizer)
+    samples = {name: per_sample(task, model, evaluator, args.noises, args.split, tto_cfg)
+               for name, model in models.items()}
     # invalid samples (``invalid`` = 1, every physics measure inf) are left out of every mean but ``invalid``'s own
     means = {name: {variant: summarize({k: torch.tensor(v, dtype=torch.float64) for k, v in per.items()})
                     for variant, per in s.items()} for name, s in samples.items()}
     differences = {name: {variant: {k: paired(samples[name][variant][k], samples["prior"][variant][k])
                                     for k in COMPARED} for variant in ("base", "tto")} for name in runs}
-    result = {"split": args.split, "windows": task.num_examples(args.split), "noises": args.noises,
+    result = {"split": args.split, "tto_optimizer": args.tto_optimizer, "windows": task.num_examples(args.split),
+              "noises": args.noises,
               "runs": {name: str(path) for name, path in runs.items()}, "means": means,
               "paired_differences_from_prior": differences}
     for name in models:
