@@ -218,3 +218,13 @@ def test_heads_only_post_training_reads_no_body(tiny, monkeypatch):
     main_job = ego_job
     with pytest.raises(ValueError, match=r"ego_pos.*need them"):
         dataclasses.replace(main_job.Config(), task=heads_only)
+
+
+def test_rlpf_validation_pairs_differences_by_hand():
+    from recipes.benchmarks.rlpf_validation import paired
+
+    d = paired([1.0, 2.0, 4.0, float("inf")], [0.0, 1.0, 1.0, 3.0])  # differences 1, 1, 3; the inf pair left out
+    half = 1.96 * (4.0 / 3.0) ** 0.5 / 3.0**0.5  # sd of (1, 1, 3) is sqrt(4/3)
+    assert d["pairs"] == 3 and d["mean"] == pytest.approx(5.0 / 3.0)
+    assert (d["low"], d["high"]) == pytest.approx((5.0 / 3.0 - half, 5.0 / 3.0 + half))
+    assert math.isnan(paired([float("nan")], [0.0])["mean"])
