@@ -106,10 +106,11 @@ class RewardParams:
     planted_omega: float = OMEGA_PLANTED
     refine: Literal["none", "tto"] = "none"
     """'tto': the physics rewards score each sample after the paper's test-time optimisation
-    (``sampler.refine_decoded`` with ``TTOConfig()``: 30 L-BFGS iterations, about 0.3 s per sample on one core), each
-    rollout chunk's samples in one optimisation (whose L-BFGS shares its line search across them: a sample's refined
-    motion depends on the chunk it is in); the alignment reward and the ground-truth rewards (``+joint``) score the
-    sample as it is. 'none': the samples as they are."""
+    (``sampler.refine_decoded`` with ``TTOConfig()``: 30 L-BFGS iterations, which make a run about three times as long:
+    docs/ego_motion_rlpf.md, "Post-training for the refined motion"), each rollout chunk's samples in one optimisation
+    (whose L-BFGS shares its curvature history and line search across them: a sample's refined motion depends on the
+    chunk it is in); the alignment reward and the ground-truth rewards (``+joint``) score the sample as it is.
+    'none': the samples as they are."""
 
 
 @dataclass(frozen=True)
