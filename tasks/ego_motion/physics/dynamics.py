@@ -41,7 +41,7 @@ from scipy.optimize import nnls
 from scipy.signal import savgol_filter
 
 from ..body.geometry import NUM_BODY_JOINTS
-from .humanoid import Humanoid
+from .humanoid import Humanoid, fresh_data
 
 
 @dataclass(frozen=True)
@@ -213,12 +213,7 @@ def inverse_dynamics(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: Inve
     T = qpos.shape[0]
     point_bodies = humanoid.foot_point_bodies  # (P,)
     edges = friction_cone_edges(humanoid.config.friction)  # (3, 4)
-    if data is None:
-        data = mujoco.MjData(model)
-    elif data.model is not model:
-        raise ValueError("data must be an MjData of humanoid.model (mujoco.MjData(humanoid.model)).")
-    else:
-        mujoco.mj_resetData(model, data)
+    data = fresh_data(model, data, "humanoid.model")
     pelvis, geoms = humanoid.body_ids[0], humanoid.geom_ids
     tau = np.empty((T, model.nv))  # needed generalized force per frame, contacts disabled
     root_pos, R_world_root = np.empty((T, 3)), np.empty((T, 3, 3))

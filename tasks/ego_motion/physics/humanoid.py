@@ -253,6 +253,22 @@ class Humanoid:
         return corners.reshape(*corners.shape[:-3], POINTS_PER_SOLE * len(FOOT_BODIES), 3)
 
 
+def fresh_data(model: mujoco.MjModel, data: mujoco.MjData | None, name: str) -> mujoco.MjData:
+    """``data`` reset to ``model``'s initial state (``mj_resetData``), or a new ``MjData`` when None: a run that reuses
+    one starts as a run with a new one would.
+
+    Raises:
+        ValueError: ``data`` belongs to another model (``name`` says which one it should be: e.g.
+            "humanoid.tracker_model").
+    """
+    if data is None:
+        return mujoco.MjData(model)
+    if data.model is not model:
+        raise ValueError(f"data must be an MjData of {name} (mujoco.MjData({name})).")
+    mujoco.mj_resetData(model, data)
+    return data
+
+
 def _sole_box(heel: np.ndarray, toe: np.ndarray, cfg: HumanoidConfig) -> dict:
     """``add_geom`` arguments of a sole box from ``heel`` to ``toe`` (body frame, model axes: +Y up), its centre
     at their height: local z along the foot, local y up (the bottom face is local -y), local x across."""

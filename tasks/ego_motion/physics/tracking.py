@@ -47,7 +47,7 @@ from ..body.geometry import HEAD_JOINT
 from .balance import BalanceController
 from .criterion import graded_success, planted_foot_speed, reference_kinematics, unexecuted_speed
 from .dynamics import smoothed_derivatives
-from .humanoid import Humanoid
+from .humanoid import Humanoid, fresh_data
 
 TOUCHING_M = 0.005
 """A simulated foot point touches the floor when its bottom is at most this high (m): MuJoCo's soft contacts
@@ -256,12 +256,7 @@ def track(humanoid: Humanoid, qpos: np.ndarray, fps: float, cfg: TrackingConfig 
             raise ValueError(f"reference must be reference_kinematics(humanoid, qpos)'s (T, {len(ids)}, 3) joints and "
                              f"(T, {len(controller.point_bodies)}, 3) foot points for T = {T}, got "
                              f"{reference.shape} and {reference_feet.shape}.")
-    if data is None:
-        data = mujoco.MjData(model)
-    elif data.model is not model:
-        raise ValueError("data must be an MjData of humanoid.tracker_model (mujoco.MjData(humanoid.tracker_model)).")
-    else:
-        mujoco.mj_resetData(model, data)
+    data = fresh_data(model, data, "humanoid.tracker_model")
     data.qpos[:], data.qvel[:] = qpos[0], qvel_ref[0]
     xpos, qpos_sim, qvel_root = data.xpos, data.qpos, data.qvel[:6]  # views of data's buffers
     applied_root, applied_joints = data.qfrc_applied[:6], data.qfrc_applied[6:]
