@@ -64,7 +64,7 @@ from diffgrpo.rng import make_generator
 from diffgrpo.trainer import check_run, train_grpo
 from tasks.ego_motion.evaluation.render import render_frames_png
 from tasks.ego_motion.model.network import load_denoiser
-from tasks.ego_motion.physics.evaluator import PHYSICS_METRIC_UNITS, PhysicsConfig, PhysicsEvaluator
+from tasks.ego_motion.physics.evaluator import PHYSICS_METRIC_UNITS, PhysicsConfig, PhysicsEvaluator, summarize
 from tasks.ego_motion.rewards.perceptual import PerceptualConfig, PerceptualTrainer
 from tasks.ego_motion.rewards.perceptual_data import prior_joints, warm_up_perceptual
 from tasks.ego_motion.rewards.registered import (
@@ -218,7 +218,8 @@ def alignment_perceptual_model(task: EgoMotionTask, prior: torch.nn.Module, cfg:
 
 
 def evaluate(task: EgoMotionTask, model: torch.nn.Module, evaluator: PhysicsEvaluator, cfg: Config) -> dict[str, float]:
-    """Held-out test windows, seeded noise: MotionGRPO's metrics and the physics measures (means) of the samples
+    """Held-out test windows, seeded noise: MotionGRPO's metrics and the physics measures (means over the valid samples,
+    ``physics.evaluator.summarize``) of the samples
     (``<name>``) and of the same samples after test-time optimisation (``tto/<name>``). ``evaluator`` must not refine
     (the 'tto' variant is refined here)."""
     if evaluator.refine is not None:
@@ -226,8 +227,9 @@ def evaluate(task: EgoMotionTask, model: torch.nn.Module, evaluator: PhysicsEval
     result = evaluate_windows(task, model, "test", seed=cfg.base.eval_seed, max_windows=cfg.base.eval_max_windows,
                               chain=task.sampling_chain(), extra_metrics=evaluator.evaluate, progress=False,
                               use_tto=True)
-    return {f"{prefix}{name}": float(torch.nanmean(values)) for variant, prefix in (("base", ""), ("tto", "tto/"))
-            for name, values in result.metrics[variant].items()}
+    # means over the valid samples (an invalid one scores inf on every physics measure); ``invalid``: the share left out
+    return {f"{prefix}{name}": value for variant, prefix in (("base", ""), ("tto", "tto/"))
+            for name, value in summarize(result.metrics[variant]).items()}
 
 
 def training_evaluator(task: EgoMotionTask, cfg: Config, held_out: PhysicsEvaluator) -> PhysicsEvaluator:

@@ -228,3 +228,22 @@ def test_rlpf_validation_pairs_differences_by_hand():
     assert d["pairs"] == 3 and d["mean"] == pytest.approx(5.0 / 3.0)
     assert (d["low"], d["high"]) == pytest.approx((5.0 / 3.0 - half, 5.0 / 3.0 + half))
     assert math.isnan(paired([float("nan")], [0.0])["mean"])
+
+
+def test_held_out_means_leave_invalid_samples_out(monkeypatch):
+    """An invalid test sample (every physics measure inf) is left out of the means, and counted in ``invalid``."""
+    recipe = rlpf_ego_motion_recipe
+    per_sample = {"mpjpe_mm": torch.tensor([100.0, 500.0, 200.0]),
+                  "tracking_residual_per_weight": torch.tensor([0.1, math.inf, 0.3]),
+                  "invalid": torch.tensor([0.0, 1.0, 0.0])}
+
+    class Evaluated:
+        metrics = {"base": per_sample, "tto": {k: v / 2 for k, v in per_sample.items()}}
+
+    monkeypatch.setattr(recipe, "evaluate_windows", lambda *args, **kwargs: Evaluated())
+    cfg = recipe.Config()
+    evaluator = type("Plain", (), {"refine": None, "evaluate": None})()
+    task = type("Task", (), {"sampling_chain": lambda self: None})()
+    means = recipe.evaluate(task, None, evaluator, cfg)
+    assert means["mpjpe_mm"] == pytest.approx(150.0) and means["tracking_residual_per_weight"] == pytest.approx(0.2)
+    assert means["invalid"] == pytest.approx(1 / 3) and means["tto/mpjpe_mm"] == pytest.approx(75.0)
