@@ -39,3 +39,7 @@ except RuntimeError as err:
     drift_error = str(err)
 torch.save({"world": world, "initial": initial, "state": state.tensors, "losses": losses,
             "drift_error": drift_error}, out / f"rank{rank}.pt")
+# both ranks saved; then an orderly teardown (exiting with the process group alive once aborted a rank at exit:
+# "terminate called without an active exception")
+accelerator.wait_for_everyone()
+torch.distributed.destroy_process_group()
