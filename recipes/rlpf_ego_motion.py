@@ -54,7 +54,6 @@ import torch
 import tasks.ego_motion.grpo as ego
 import tasks.ego_motion.rewards.registered  # noqa: F401  (registers the ego_* and physics_* rewards)
 from diffgrpo import cli
-from diffgrpo.checkpoint import latest_checkpoint, load_checkpoint
 from diffgrpo.cli import flags_spelled
 from diffgrpo.config import PerturbConfig, ProbeConfig, SelectionConfig
 from diffgrpo.launch import make_accelerator
@@ -338,13 +337,7 @@ def table(prior: dict[str, float], runs: list[dict], cfg: Config) -> str:
 
 def post_trained(cfg: Config, variant: str, seed: int) -> torch.nn.Module:
     """The policy of a finished run, from its newest checkpoint."""
-    model = load_denoiser(cfg.base.prior)
-    accelerator = make_accelerator(run_dir(cfg, variant, seed), log_with=None)
-    path = latest_checkpoint(run_dir(cfg, variant, seed))
-    if path is None:
-        raise FileNotFoundError(f"no checkpoint in {run_dir(cfg, variant, seed)}; run the variant first.")
-    load_checkpoint(accelerator, path, model=model)
-    return model
+    return ego.post_trained_policy(run_dir(cfg, variant, seed), cfg.base.prior)
 
 
 @torch.no_grad()

@@ -26,8 +26,6 @@ from pathlib import Path
 import torch
 
 import tasks.ego_motion.grpo as ego
-from diffgrpo.checkpoint import latest_checkpoint, load_checkpoint
-from diffgrpo.launch import make_accelerator
 from tasks.ego_motion.model.network import load_denoiser
 from tasks.ego_motion.physics.evaluator import PhysicsEvaluator, summarize
 from tasks.ego_motion.sampling.sampler import evaluate_windows
@@ -37,16 +35,6 @@ from tasks.ego_motion.task import EgoMotionTask
 COMPARED = ("tracking_success", "tracking_graded", "tracking_planted_foot_speed_m_per_s",
             "tracking_residual_per_weight", "foot_skating_m", "mpjpe_mm")
 """The measures whose paired differences from the prior are reported."""
-
-
-def load_run(run_dir: Path, prior: Path) -> torch.nn.Module:
-    """The policy of a run directory's newest checkpoint (the prior's architecture)."""
-    path = latest_checkpoint(run_dir)
-    if path is None:
-        raise FileNotFoundError(f"no checkpoint in {run_dir}; give a directory the RLPF recipe trained in.")
-    model = load_denoiser(prior)
-    load_checkpoint(make_accelerator(run_dir, log_with=None), path, model=model)
-    return model
 
 
 def per_sample(task: EgoMotionTask, model: torch.nn.Module, evaluator: PhysicsEvaluator, noises: int,
@@ -93,7 +81,8 @@ def main() -> None:
     cfg = ego.Config()
     task = EgoMotionTask(dataclasses.replace(cfg.task, floor_contact_m=0.15))
     evaluator = PhysicsEvaluator(task.body)
-    models = {"prior": load_denoiser(cfg.prior), **{name: load_run(path, cfg.prior) for name, path in runs.items()}}
+    models = {"prior": load_denoiser(cfg.prior),
+              **{name: ego.post_trained_policy(path, cfg.prior) for name, path in runs.items()}}
     tto_cfg = TTOConfig(optimizer=args.tto_optimizer)
     samples = {name: per_sample(task, model, evaluator, args.noises, args.split, tto_cfg)
                for name, model in models.items()}

@@ -47,7 +47,7 @@ import torch
 
 import tasks.ego_motion.rewards.registered  # noqa: F401  (registers the ego_* rewards)
 from diffgrpo.chain import SamplingChain
-from diffgrpo.checkpoint import latest_checkpoint
+from diffgrpo.checkpoint import latest_checkpoint, load_checkpoint
 from diffgrpo.checkpoint_selection import load_selected
 from diffgrpo.config import GRPOConfig, OptimConfig, PerturbConfig, ProbeConfig, SelectionConfig, StepSelectionConfig
 from diffgrpo.launch import make_accelerator
@@ -380,6 +380,21 @@ def main(cfg: Config) -> dict:
                 results[f"{name}+tto"] = evaluated[name]["+tto"]
     write_results(cfg.output_dir, results, history)
     return results
+
+
+def post_trained_policy(run_dir: Path, prior: Path) -> torch.nn.Module:
+    """The policy of a run directory's newest checkpoint, in ``prior``'s architecture (``network.load_denoiser``).
+
+    Raises:
+        FileNotFoundError: ``run_dir`` holds no checkpoint.
+    """
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        raise FileNotFoundError(f"no checkpoint in {run_dir}; train a run there first, or give a run directory "
+                                "that holds one.")
+    model = load_denoiser(prior)
+    load_checkpoint(make_accelerator(run_dir, log_with=None), path, model=model)
+    return model
 
 
 def _mean(values: list[float]) -> float:
